@@ -1,0 +1,2 @@
+//! The destination side of ferry.
+pub mod store;

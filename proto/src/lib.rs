@@ -1,0 +1,102 @@
+//! The ferry wire protocol, with no I/O in it.
+//!
+//! A migration is one QUIC connection: a control stream carrying
+//! length-delimited [`pb::Control`] messages and several unidirectional data
+//! streams carrying page batches. This crate holds everything about that
+//! protocol that can be decided without a socket or a clock, so it is tested
+//! in memory, deterministically:
+//!
+//! - [`pb`]: the messages and the image model, generated from
+//!   `schema/ferry.proto` (compiled by `protox` at build time, no `protoc`).
+//! - [`frame`]: framing of both stream kinds, with hard size limits checked
+//!   before anything is allocated.
+//! - [`batch`]: page batches: runs of data and zero pages, zstd when it pays,
+//!   and the digests that prove a layer arrived whole.
+//! - [`session`]: the sender (source) and receiver (destination) state
+//!   machines, and the protocol's sequence diagram.
+//! - [`vma`]: address-range checks shared by both ends.
+
+pub mod batch;
+pub mod frame;
+pub mod session;
+pub mod vma;
+
+/// Generated protobuf types (`package ferry.v1`).
+#[allow(clippy::all, missing_docs)]
+pub mod pb {
+    include!(concat!(env!("OUT_DIR"), "/ferry.v1.rs"));
+}
+
+/// Protocol version spoken by this build. A peer with another version is
+/// refused at the handshake, by name.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// ALPN protocol id of a ferry connection.
+pub const ALPN: &[u8] = b"ferry/1";
+
+/// A session id: 16 random bytes chosen by the source.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SessionId(pub [u8; 16]);
+
+impl SessionId {
+    /// Parses the id from the wire; anything but 16 bytes is refused.
+    pub fn from_slice(b: &[u8]) -> Option<Self> {
+        Some(Self(b.try_into().ok()?))
+    }
+
+    /// Parses the 32-digit hex form used in directory names and the CLI.
+    pub fn from_hex(s: &str) -> Option<Self> {
+        if s.len() != 32 || !s.is_ascii() {
+            return None;
+        }
+        let mut out = [0u8; 16];
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
+        }
+        Some(Self(out))
+    }
+
+    pub fn to_hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+impl std::fmt::Display for SessionId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+impl std::fmt::Debug for SessionId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SessionId({})", self.to_hex())
+    }
+}
+
+/// Page sizes a session may use: powers of two from 4 KiB to 64 KiB.
+pub fn valid_page_size(page_size: u32) -> bool {
+    page_size.is_power_of_two() && (4096..=65536).contains(&page_size)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_id_hex_round_trip() {
+        let id = SessionId([0xab; 16]);
+        assert_eq!(SessionId::from_hex(&id.to_hex()), Some(id));
+        assert_eq!(SessionId::from_hex("zz"), None);
+        assert_eq!(SessionId::from_hex(&"g".repeat(32)), None);
+        assert_eq!(SessionId::from_slice(&[1, 2, 3]), None);
+    }
+
+    #[test]
+    fn page_sizes() {
+        assert!(valid_page_size(4096));
+        assert!(valid_page_size(65536));
+        assert!(!valid_page_size(0));
+        assert!(!valid_page_size(4097));
+        assert!(!valid_page_size(1 << 20));
+    }
+}
