@@ -1,1 +1,19 @@
-//! ferry
+//! ferry: live migration of Linux processes by iterative, disk-less
+//! pre-copy over QUIC.
+//!
+//! Map of the crate:
+//! - [`client`]: the source's QUIC client; streams layers of pages to a
+//!   page server over several data streams.
+//! - [`certs`]: `ferry certs init`, the CA and identities for mutual TLS.
+//! - [`demo`]: `ferry demo`, the transfer path end to end on loopback.
+//!
+//! The wire protocol lives in `ferry-proto`, the destination in
+//! `ferry-page-server`.
+
+pub mod certs;
+pub mod client;
+pub mod demo;
+pub mod synthetic;
+
+pub use ferry_page_server as page_server;
+pub use ferry_proto as proto;

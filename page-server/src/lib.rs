@@ -1,2 +1,14 @@
-//! The destination side of ferry.
+//! The destination side of ferry: a QUIC page server that receives a
+//! migration's rounds as layers and keeps them in memory or on disk.
+//!
+//! - [`tls`]: mutual TLS; no peer without a certificate from the
+//!   configured CA reaches a session.
+//! - [`server`]: the endpoint and the per-connection session driver around
+//!   `ferry_proto::session::Receiver`.
+//! - [`store`]: layered images, `mem` and `disk`, behind one trait.
+
+pub mod server;
 pub mod store;
+pub mod tls;
+
+pub use server::{Config, PageServer, Restorer};

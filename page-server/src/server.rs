@@ -1,0 +1,453 @@
+//! The page server: a QUIC endpoint (mutual TLS, see [`crate::tls`]) that
+//! runs one session per connection against the shared [`Store`].
+//!
+//! Per connection, one task owns the session's [`Receiver`] and store handle
+//! and is the only one to touch them; data streams are read and their
+//! batches decompressed by one task each, in parallel, and handed to it over
+//! a bounded channel, so a fast sender cannot make the server buffer more
+//! than the channel and the receiver's early-batch limit. Anything wrong
+//! with a session (a protocol error, a malformed frame, a store failure)
+//! ends that session only: the peer gets an `Abort` with the reason and a
+//! connection close carrying it too, its unsealed layer is dropped, and the
+//! server goes on serving the others.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use ferry_proto::batch::{self, BatchError, DecodedBatch};
+use ferry_proto::frame::{self, FrameError};
+use ferry_proto::pb;
+use ferry_proto::session::{Action, Outcome, ProtocolError, Receiver};
+use tokio::sync::{mpsc, Semaphore};
+use tokio::task::JoinSet;
+use tracing::{debug, info, warn};
+
+use crate::store::{SessionStore, Store, StoreError};
+
+/// Restores a committed image (hooked in by the `ferry` crate, which owns
+/// restore).
+pub trait Restorer: Send + Sync + 'static {
+    /// Restores the session's image and returns the pid of the process,
+    /// running; or why it could not.
+    fn restore(&self, session: &mut dyn SessionStore) -> Result<i32, String>;
+}
+
+pub struct Config {
+    pub tls: quinn::ServerConfig,
+    pub store: Arc<dyn Store>,
+    pub restorer: Option<Arc<dyn Restorer>>,
+    /// Sessions served at once; further connections are refused.
+    pub max_sessions: usize,
+    /// How long a new connection may take to open its control stream.
+    pub handshake_timeout: Duration,
+}
+
+impl Config {
+    pub fn new(tls: quinn::ServerConfig, store: Arc<dyn Store>) -> Self {
+        Self {
+            tls,
+            store,
+            restorer: None,
+            max_sessions: 32,
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Why one session ended badly.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("connection: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("reading a stream: {0}")]
+    Read(#[from] quinn::ReadError),
+    #[error("writing the control stream: {0}")]
+    Write(#[from] quinn::WriteError),
+    #[error("{0}")]
+    Frame(#[from] FrameError),
+    #[error("bad page batch: {0}")]
+    Batch(#[from] BatchError),
+    #[error("{0}")]
+    Protocol(#[from] ProtocolError),
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error("peer opened no control stream within {0:?}")]
+    NoControl(Duration),
+    #[error("peer closed the control stream mid-session")]
+    ControlClosed,
+}
+
+impl SessionError {
+    /// QUIC application close code: 1 for the peer's fault, 2 for ours.
+    fn code(&self) -> u32 {
+        match self {
+            SessionError::Store(_) => 2,
+            _ => 1,
+        }
+    }
+}
+
+/// A bound page server; [`PageServer::run`] serves until shut down.
+pub struct PageServer {
+    endpoint: quinn::Endpoint,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    store: Arc<dyn Store>,
+    restorer: Option<Arc<dyn Restorer>>,
+    max_sessions: usize,
+    handshake_timeout: Duration,
+}
+
+impl PageServer {
+    pub fn bind(addr: SocketAddr, cfg: Config) -> Result<Self, ServerError> {
+        let endpoint = quinn::Endpoint::server(cfg.tls, addr)
+            .map_err(|source| ServerError::Bind { addr, source })?;
+        Ok(Self {
+            endpoint,
+            shared: Arc::new(Shared {
+                store: cfg.store,
+                restorer: cfg.restorer,
+                max_sessions: cfg.max_sessions,
+                handshake_timeout: cfg.handshake_timeout,
+            }),
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    /// Serves connections until `shutdown` resolves, then closes them.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let sessions = Arc::new(Semaphore::new(self.shared.max_sessions));
+        let mut tasks = JoinSet::new();
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                incoming = self.endpoint.accept() => {
+                    let Some(incoming) = incoming else { break };
+                    let Ok(permit) = sessions.clone().try_acquire_owned() else {
+                        warn!(peer = %incoming.remote_address(),
+                              "refusing connection: {} sessions already running",
+                              self.shared.max_sessions);
+                        incoming.refuse();
+                        continue;
+                    };
+                    let shared = self.shared.clone();
+                    tasks.spawn(async move {
+                        serve_connection(incoming, shared).await;
+                        drop(permit);
+                    });
+                }
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            }
+        }
+        self.endpoint.close(0u32.into(), b"page server shutting down");
+        tasks.shutdown().await;
+        self.endpoint.wait_idle().await;
+    }
+}
+
+async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
+    let peer = incoming.remote_address();
+    let conn = match incoming.await {
+        Ok(c) => c,
+        Err(e) => {
+            // A failed handshake is how an unauthenticated peer ends.
+            info!(%peer, "connection refused: {e}");
+            return;
+        }
+    };
+    debug!(%peer, "connection accepted");
+    let mut s = Session {
+        conn: conn.clone(),
+        shared,
+        rx: Receiver::new(64 << 20),
+        handle: None,
+        data: None,
+        readers: JoinSet::new(),
+        control: None,
+    };
+    match s.run().await {
+        Ok(()) => info!(%peer, session = ?s.rx.session(), "session finished"),
+        Err(e) => {
+            warn!(%peer, session = ?s.rx.session(), "session failed: {e}");
+            let reason = e.to_string();
+            let abort = s.rx.fail(&reason);
+            if let Some(h) = s.handle.as_mut() {
+                if let Err(e) = h.discard_open() {
+                    warn!(%peer, "discarding the unsealed layer: {e}");
+                }
+            }
+            s.send_last(abort).await;
+            let mut r = reason.into_bytes();
+            r.truncate(1000);
+            conn.close(e.code().into(), &r);
+        }
+    }
+    s.readers.shutdown().await;
+}
+
+type BatchResult = Result<DecodedBatch, SessionError>;
+
+struct Session {
+    conn: quinn::Connection,
+    shared: Arc<Shared>,
+    rx: Receiver,
+    handle: Option<Box<dyn SessionStore>>,
+    data: Option<mpsc::Receiver<BatchResult>>,
+    readers: JoinSet<()>,
+    control: Option<quinn::SendStream>,
+}
+
+/// Runs a store operation that may block (file writes, `fsync`) without
+/// stalling the other tasks of a multi-threaded runtime.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
+impl Session {
+    async fn run(&mut self) -> Result<(), SessionError> {
+        let timeout = self.shared.handshake_timeout;
+        let (mut send, mut recv) = tokio::time::timeout(timeout, self.conn.accept_bi())
+            .await
+            .map_err(|_| SessionError::NoControl(timeout))??;
+        let mut cbuf = BytesMut::with_capacity(64 << 10);
+        let result: Result<(), SessionError> = async {
+            loop {
+                self.act(&mut send).await?;
+                if self.rx.is_finished() {
+                    return Ok(());
+                }
+                tokio::select! {
+                    msg = read_control(&mut recv, &mut cbuf) => {
+                        let msg = msg?.ok_or(SessionError::ControlClosed)?;
+                        self.rx.handle_control(msg)?;
+                    }
+                    Some(b) = recv_batch(&mut self.data) => self.rx.handle_batch(b?)?,
+                }
+            }
+        }
+        .await;
+        self.control = Some(send);
+        result?;
+        // Let the last answer reach the source before the connection goes:
+        // closing discards unsent stream data.
+        if let Some(mut s) = self.control.take() {
+            let _ = s.finish();
+            let _ = tokio::time::timeout(Duration::from_secs(5), self.conn.closed()).await;
+        }
+        Ok(())
+    }
+
+    /// Carries out everything the receiver asked for.
+    async fn act(&mut self, send: &mut quinn::SendStream) -> Result<(), SessionError> {
+        while let Some(a) = self.rx.poll_action() {
+            match a {
+                Action::Send(c) => write_control(send, &c).await?,
+                Action::OpenSession { id, hello } => {
+                    let store = &self.shared.store;
+                    let h = if hello.resume {
+                        store.open(id)?
+                    } else {
+                        store.create(pb::SessionMeta {
+                            session: hello.session.clone(),
+                            page_size: hello.page_size,
+                            arch: hello.arch.clone(),
+                            kernel: hello.kernel.clone(),
+                            label: hello.label.clone(),
+                            created_unix_ms: std::time::SystemTime::now()
+                                .duration_since(std::time::UNIX_EPOCH)
+                                .map(|d| d.as_millis() as i64)
+                                .unwrap_or(0),
+                        })?
+                    };
+                    info!(peer = %self.conn.remote_address(), session = %id,
+                          label = %hello.label, resume = hello.resume, "session opened");
+                    self.rx.session_ready(h.sealed_layers())?;
+                    self.handle = Some(h);
+                    self.start_data(hello.page_size);
+                }
+                Action::BeginLayer { layer, vmas } => {
+                    self.store()?.begin_layer(layer, vmas)?;
+                }
+                Action::Store(b) => {
+                    let h = self.store()?;
+                    blocking(|| h.put(&b))?;
+                }
+                Action::Seal { layer, pages } => {
+                    let h = self.store()?;
+                    let s = blocking(|| h.seal())?;
+                    debug!(layer, pages, bytes = s.bytes, "layer sealed");
+                    self.rx.sealed(layer)?;
+                }
+                Action::StoreState(tree) => {
+                    let h = self.store()?;
+                    blocking(|| h.put_state(&tree))?;
+                }
+                Action::Commit { restore } => {
+                    let outcome = self.commit(restore);
+                    self.rx.finished(outcome)?;
+                }
+                Action::Aborted { reason } => {
+                    info!(session = ?self.rx.session(), "source aborted: {reason}");
+                    if let Some(h) = self.handle.as_mut() {
+                        h.discard_open()?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn store(&mut self) -> Result<&mut Box<dyn SessionStore>, SessionError> {
+        self.handle
+            .as_mut()
+            .ok_or(SessionError::Protocol(ProtocolError::Misuse("no session")))
+    }
+
+    fn commit(&mut self, restore: bool) -> Outcome {
+        let Some(h) = self.handle.as_mut() else {
+            return Outcome::Failed {
+                reason: "no session".into(),
+            };
+        };
+        if !restore {
+            let s = h.summary();
+            return Outcome::Stored {
+                layers: s.layers,
+                pages: s.pages,
+            };
+        }
+        match &self.shared.restorer {
+            None => Outcome::Failed {
+                reason: format!(
+                    "this page server does not restore (start it with --restore); \
+                     the image is kept as session {}",
+                    h.summary().id
+                ),
+            },
+            Some(r) => {
+                let r = r.clone();
+                match blocking(|| r.restore(h.as_mut())) {
+                    Ok(pid) => Outcome::Restored { pid },
+                    Err(reason) => Outcome::Failed { reason },
+                }
+            }
+        }
+    }
+
+    /// Accepts the data streams of the session and reads each in a task.
+    fn start_data(&mut self, page_size: u32) {
+        let (tx, rx) = mpsc::channel(16);
+        self.data = Some(rx);
+        let conn = self.conn.clone();
+        self.readers.spawn(async move {
+            let mut streams = JoinSet::new();
+            while let Ok(recv) = conn.accept_uni().await {
+                streams.spawn(read_data(recv, page_size, tx.clone()));
+            }
+            streams.shutdown().await;
+        });
+    }
+
+    /// Sends a last control message on a failed session, best effort.
+    async fn send_last(&mut self, msg: pb::Control) {
+        if let Some(mut s) = self.control.take() {
+            let write = async {
+                write_control(&mut s, &msg).await?;
+                let _ = s.finish();
+                // Give the peer a moment to read it before the close.
+                let _ = tokio::time::timeout(Duration::from_millis(500), s.stopped()).await;
+                Ok::<_, SessionError>(())
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(1), write).await;
+        }
+    }
+}
+
+async fn recv_batch(rx: &mut Option<mpsc::Receiver<BatchResult>>) -> Option<BatchResult> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn write_control(send: &mut quinn::SendStream, msg: &pb::Control) -> Result<(), SessionError> {
+    let mut buf = BytesMut::new();
+    frame::encode_control(msg, &mut buf);
+    send.write_all(&buf).await?;
+    Ok(())
+}
+
+/// Appends what the stream has next to `buf`; false at its end.
+async fn read_more(recv: &mut quinn::RecvStream, buf: &mut BytesMut) -> Result<bool, SessionError> {
+    match recv.read_chunk(1 << 20, true).await? {
+        Some(c) => {
+            buf.extend_from_slice(&c.bytes);
+            Ok(true)
+        }
+        None => Ok(false),
+    }
+}
+
+/// Reads until one whole control message is buffered; `None` at a clean end
+/// of stream.
+async fn read_control(
+    recv: &mut quinn::RecvStream,
+    buf: &mut BytesMut,
+) -> Result<Option<pb::Control>, SessionError> {
+    loop {
+        if let Some(m) = frame::decode_control(buf)? {
+            return Ok(Some(m));
+        }
+        if !read_more(recv, buf).await? {
+            frame::check_eof(buf)?;
+            return Ok(None);
+        }
+    }
+}
+
+/// Reads one data stream: frames, then batches checked and decompressed.
+async fn read_data(mut recv: quinn::RecvStream, page_size: u32, tx: mpsc::Sender<BatchResult>) {
+    let mut buf = BytesMut::with_capacity(1 << 20);
+    loop {
+        let r = match frame::decode_batch(&mut buf) {
+            Ok(Some(w)) => Some(batch::decode(w, page_size).map_err(SessionError::from)),
+            Ok(None) => match read_more(&mut recv, &mut buf).await {
+                Ok(false) => match frame::check_eof(&buf) {
+                    Ok(()) => return,
+                    Err(e) => Some(Err(e.into())),
+                },
+                Ok(true) => None,
+                Err(e) => Some(Err(e.into())),
+            },
+            Err(e) => Some(Err(e.into())),
+        };
+        if let Some(r) = r {
+            let fatal = r.is_err();
+            if tx.send(r).await.is_err() || fatal {
+                return;
+            }
+        }
+    }
+}
