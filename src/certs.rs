@@ -78,8 +78,10 @@ pub fn init(dir: &Path, extra_names: &[String], force: bool) -> Result<Written, 
     let mut server_names = vec![SERVER_NAME.to_string()];
     server_names.extend(extra_names.iter().cloned());
     let (server_pem, server_key) = leaf(server_names, ExtendedKeyUsagePurpose::ServerAuth)?;
-    let (client_pem, client_key) =
-        leaf(vec![CLIENT_NAME.to_string()], ExtendedKeyUsagePurpose::ClientAuth)?;
+    let (client_pem, client_key) = leaf(
+        vec![CLIENT_NAME.to_string()],
+        ExtendedKeyUsagePurpose::ClientAuth,
+    )?;
 
     let files = [
         ("ca.pem", ca_cert.pem(), 0o644),
@@ -123,7 +125,10 @@ mod tests {
         let w = init(dir.path(), &["dst.example".into()], false).unwrap();
         assert_eq!(w.files.len(), 6);
         for k in ["ca.key", "server.key", "client.key"] {
-            let mode = fs::metadata(dir.path().join(k)).unwrap().permissions().mode();
+            let mode = fs::metadata(dir.path().join(k))
+                .unwrap()
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o777, 0o600, "{k}");
         }
         assert!(matches!(

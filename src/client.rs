@@ -375,13 +375,17 @@ impl Client {
                 if let Some(m) = frame::decode_control(&mut self.cbuf)? {
                     return Ok::<_, ClientError>(m);
                 }
-                let chunk = self.crecv.read_chunk(1 << 16, true).await.map_err(|e| match e {
-                    quinn::ReadError::ConnectionLost(source) => ClientError::Connection {
-                        addr: self.addr,
-                        source,
-                    },
-                    e => ClientError::Read(e),
-                })?;
+                let chunk = self
+                    .crecv
+                    .read_chunk(1 << 16, true)
+                    .await
+                    .map_err(|e| match e {
+                        quinn::ReadError::ConnectionLost(source) => ClientError::Connection {
+                            addr: self.addr,
+                            source,
+                        },
+                        e => ClientError::Read(e),
+                    })?;
                 let n = match chunk {
                     Some(c) => {
                         self.cbuf.extend_from_slice(&c.bytes);
@@ -426,7 +430,9 @@ async fn lane(
 ) {
     let mut encoder = Some(Encoder::new(page_size, compress));
     while let Some(job) = jobs.recv().await {
-        let Some(mut enc) = encoder.take() else { return };
+        let Some(mut enc) = encoder.take() else {
+            return;
+        };
         let joined = tokio::task::spawn_blocking(move || {
             let t = job.ticket;
             let r = enc.encode(t.layer, t.seq, job.ranges.iter().map(|(a, b)| (*a, &b[..])));

@@ -88,7 +88,12 @@ pub async fn run(opts: &DemoOptions, out: &mut dyn Write) -> Result<DemoReport, 
     let dir = tempfile::tempdir().map_err(DemoError::TempDir)?;
     let o = |e| DemoError::Output(e);
     certs::init(dir.path(), &[], false)?;
-    writeln!(out, "certificates: {} (fresh CA, mutual TLS)", dir.path().display()).map_err(o)?;
+    writeln!(
+        out,
+        "certificates: {} (fresh CA, mutual TLS)",
+        dir.path().display()
+    )
+    .map_err(o)?;
 
     let store: Arc<dyn Store> = Arc::new(MemStore::new());
     let server = PageServer::bind(
@@ -104,7 +109,13 @@ pub async fn run(opts: &DemoOptions, out: &mut dyn Write) -> Result<DemoReport, 
 
     let mut workload = Workload::new(opts.mib, Mix::TYPICAL, 1);
     let mut rng = Rng::new(7);
-    let session = SessionId(rng.next_u64().to_le_bytes().repeat(2).try_into().expect("16"));
+    let session = SessionId(
+        rng.next_u64()
+            .to_le_bytes()
+            .repeat(2)
+            .try_into()
+            .expect("16"),
+    );
     let mut connect = Connect::new(addr, client_config(&TlsFiles::client(dir.path()))?);
     connect.streams = opts.streams;
     connect.compress = opts.compress;

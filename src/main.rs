@@ -182,7 +182,7 @@ async fn run(command: Command) -> Result<()> {
             }
             let store = open_store(&store)?;
             let mut sessions = store.list()?;
-            sessions.sort_by(|a, b| a.id.cmp(&b.id));
+            sessions.sort_by_key(|s| s.id);
             println!(
                 "{:<32}  {:>6}  {:>10}  {:>12}  {:>5}  label",
                 "session", "layers", "pages", "bytes", "state"

@@ -118,10 +118,7 @@ impl Workload {
         let a = 0x7f00_0000_0000u64;
         let half = pages / 2 * ps;
         let b = a + half + 16 * ps;
-        let vmas = vec![
-            vma(a, a + half),
-            vma(b, b + (pages * ps - half)),
-        ];
+        let vmas = vec![vma(a, a + half), vma(b, b + (pages * ps - half))];
         let mut rng = Rng::new(seed);
         let mut memory = BTreeMap::new();
         for v in &vmas {

@@ -158,7 +158,8 @@ impl PageServer {
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
             }
         }
-        self.endpoint.close(0u32.into(), b"page server shutting down");
+        self.endpoint
+            .close(0u32.into(), b"page server shutting down");
         tasks.shutdown().await;
         self.endpoint.wait_idle().await;
     }
@@ -183,11 +184,12 @@ async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
         data: None,
         readers: JoinSet::new(),
         control: None,
+        created: false,
     };
     match s.run().await {
-        Ok(()) => info!(%peer, session = ?s.rx.session(), "session finished"),
+        Ok(()) => info!(%peer, session = %s.session_name(), "session finished"),
         Err(e) => {
-            warn!(%peer, session = ?s.rx.session(), "session failed: {e}");
+            warn!(%peer, session = %s.session_name(), "session failed: {e}");
             let reason = e.to_string();
             let abort = s.rx.fail(&reason);
             if let Some(h) = s.handle.as_mut() {
@@ -195,6 +197,7 @@ async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
                     warn!(%peer, "discarding the unsealed layer: {e}");
                 }
             }
+            s.forget_if_empty();
             s.send_last(abort).await;
             let mut r = reason.into_bytes();
             r.truncate(1000);
@@ -214,6 +217,8 @@ struct Session {
     data: Option<mpsc::Receiver<BatchResult>>,
     readers: JoinSet<()>,
     control: Option<quinn::SendStream>,
+    /// This connection created the session (it did not resume it).
+    created: bool,
 }
 
 /// Runs a store operation that may block (file writes, `fsync`) without
@@ -283,6 +288,7 @@ impl Session {
                     };
                     info!(peer = %self.conn.remote_address(), session = %id,
                           label = %hello.label, resume = hello.resume, "session opened");
+                    self.created = !hello.resume;
                     self.rx.session_ready(h.sealed_layers())?;
                     self.handle = Some(h);
                     self.start_data(hello.page_size);
@@ -309,10 +315,11 @@ impl Session {
                     self.rx.finished(outcome)?;
                 }
                 Action::Aborted { reason } => {
-                    info!(session = ?self.rx.session(), "source aborted: {reason}");
+                    info!(session = %self.session_name(), "source aborted: {reason}");
                     if let Some(h) = self.handle.as_mut() {
                         h.discard_open()?;
                     }
+                    self.forget_if_empty();
                 }
             }
         }
@@ -370,6 +377,27 @@ impl Session {
         });
     }
 
+    fn session_name(&self) -> String {
+        self.rx
+            .session()
+            .map(|s| s.to_hex())
+            .unwrap_or_else(|| "-".into())
+    }
+
+    /// A session this connection created that never sealed a layer holds
+    /// nothing worth keeping: remove it rather than leave an empty entry.
+    fn forget_if_empty(&mut self) {
+        let Some(h) = self.handle.take() else { return };
+        let id = h.summary().id;
+        let keep = !self.created || h.sealed_layers() > 0;
+        drop(h);
+        if !keep {
+            if let Err(e) = self.shared.store.remove(id) {
+                warn!(session = %id, "removing an empty failed session: {e}");
+            }
+        }
+    }
+
     /// Sends a last control message on a failed session, best effort.
     async fn send_last(&mut self, msg: pb::Control) {
         if let Some(mut s) = self.control.take() {
@@ -392,7 +420,10 @@ async fn recv_batch(rx: &mut Option<mpsc::Receiver<BatchResult>>) -> Option<Batc
     }
 }
 
-async fn write_control(send: &mut quinn::SendStream, msg: &pb::Control) -> Result<(), SessionError> {
+async fn write_control(
+    send: &mut quinn::SendStream,
+    msg: &pb::Control,
+) -> Result<(), SessionError> {
     let mut buf = BytesMut::new();
     frame::encode_control(msg, &mut buf);
     send.write_all(&buf).await?;
@@ -439,7 +470,7 @@ async fn read_data(mut recv: quinn::RecvStream, page_size: u32, tx: mpsc::Sender
                     Err(e) => Some(Err(e.into())),
                 },
                 Ok(true) => None,
-                Err(e) => Some(Err(e.into())),
+                Err(e) => Some(Err(e)),
             },
             Err(e) => Some(Err(e.into())),
         };

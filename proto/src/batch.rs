@@ -474,7 +474,7 @@ mod tests {
 
     #[test]
     fn compression_only_when_it_pays() {
-        let text: Vec<u8> = (0..32).flat_map(|i| text_page(i)).collect();
+        let text: Vec<u8> = (0..32).flat_map(text_page).collect();
         let random: Vec<u8> = (0..32).flat_map(random_page).collect();
         let mut enc = Encoder::new(PS, Compress::default());
         let t = enc.encode(0, 0, [(0, &text[..])]).unwrap();
@@ -552,7 +552,7 @@ mod tests {
                 0,
                 &[],
             ),
-            wire(vec![run(u64::MAX & !0xfff, 2, Zero)], None, 0, &[]),
+            wire(vec![run(!0xfff, 2, Zero)], None, 0, &[]),
             wire(vec![run(0x1000, 1, Data)], None, 10, &[0; 10]),
             wire(vec![run(0x1000, 1, Data)], None, PS, &[0; 10]),
             wire(vec![run(0x1000, 1, Data)], Zstd, PS, b"not zstd"),

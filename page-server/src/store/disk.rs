@@ -187,8 +187,8 @@ impl DiskStore {
 /// sealed layers 0..n. Unsealed layer directories and layers after a gap
 /// are deleted; an unreadable meta or index fails the whole session.
 fn recover_session(dir: &Path, id: SessionId) -> Result<DiskSession, StoreError> {
-    let meta: pb::SessionMeta = read_record(&dir.join("meta"), Kind::Meta)?
-        .ok_or_else(|| corrupt(dir, "no meta file"))?;
+    let meta: pb::SessionMeta =
+        read_record(&dir.join("meta"), Kind::Meta)?.ok_or_else(|| corrupt(dir, "no meta file"))?;
     let meta_id = check_meta(&meta)?;
     if meta_id != id {
         return Err(corrupt(dir, format!("meta names session {meta_id}")));
@@ -205,7 +205,10 @@ fn recover_session(dir: &Path, id: SessionId) -> Result<DiskSession, StoreError>
             if let Err(e) = fs::remove_file(&p) {
                 tracing::warn!(path = %p.display(), error = %e, "cannot delete");
             }
-        } else if let Some(n) = name.strip_prefix("layer-").and_then(|n| n.parse::<u32>().ok()) {
+        } else if let Some(n) = name
+            .strip_prefix("layer-")
+            .and_then(|n| n.parse::<u32>().ok())
+        {
             layer_dirs.push((n, entry.path()));
         }
     }
@@ -231,9 +234,7 @@ fn recover_session(dir: &Path, id: SessionId) -> Result<DiskSession, StoreError>
         }
     }
     let state = dir.join("state");
-    let has_state = state
-        .try_exists()
-        .map_err(io_err("stat", &state))?;
+    let has_state = state.try_exists().map_err(io_err("stat", &state))?;
     Ok(DiskSession {
         meta,
         dir: dir.to_path_buf(),
@@ -248,7 +249,10 @@ fn recover_session(dir: &Path, id: SessionId) -> Result<DiskSession, StoreError>
 fn load_layer(dir: &Path, n: u32, ix: pb::LayerIndex, ps: u32) -> Result<DiskLayer, StoreError> {
     let path = dir.join("index");
     if ix.layer != n {
-        return Err(corrupt(&path, format!("index of layer {} in the directory of layer {n}", ix.layer)));
+        return Err(corrupt(
+            &path,
+            format!("index of layer {} in the directory of layer {n}", ix.layer),
+        ));
     }
     check_vmas(n, &ix.vmas, ps)?;
     let ps64 = ps as u64;
@@ -262,14 +266,20 @@ fn load_layer(dir: &Path, n: u32, ix: pb::LayerIndex, ps: u32) -> Result<DiskLay
             .checked_mul(ps64)
             .filter(|_| r.pages > 0 && r.addr % ps64 == 0 && r.addr >= next_min)
             .ok_or_else(|| bad("is empty, unaligned, out of order or too long"))?;
-        next_min = r.addr.checked_add(len).ok_or_else(|| bad("ends past the address space"))?;
+        next_min = r
+            .addr
+            .checked_add(len)
+            .ok_or_else(|| bad("ends past the address space"))?;
         pages += r.pages;
         let data = if r.zero {
             None
         } else {
             let end = r.offset.checked_add(len).filter(|&e| e <= ix.pages_len);
             data_end = data_end.max(end.ok_or_else(|| bad("points past the pages file"))?);
-            Some(Loc { buf: 0, off: r.offset })
+            Some(Loc {
+                buf: 0,
+                off: r.offset,
+            })
         };
         runs.push(SrcRun {
             addr: r.addr,
@@ -278,7 +288,10 @@ fn load_layer(dir: &Path, n: u32, ix: pb::LayerIndex, ps: u32) -> Result<DiskLay
         });
     }
     if pages != ix.pages {
-        return Err(corrupt(&path, format!("runs name {pages} pages, the index says {}", ix.pages)));
+        return Err(corrupt(
+            &path,
+            format!("runs name {pages} pages, the index says {}", ix.pages),
+        ));
     }
     let pages_path = dir.join("pages");
     let on_disk = fs::metadata(&pages_path)
@@ -287,7 +300,10 @@ fn load_layer(dir: &Path, n: u32, ix: pb::LayerIndex, ps: u32) -> Result<DiskLay
     if on_disk != ix.pages_len || data_end != ix.pages_len {
         return Err(corrupt(
             &pages_path,
-            format!("{on_disk} bytes on disk, {data_end} used by runs, index says {}", ix.pages_len),
+            format!(
+                "{on_disk} bytes on disk, {data_end} used by runs, index says {}",
+                ix.pages_len
+            ),
         ));
     }
     Ok(DiskLayer {
@@ -316,8 +332,8 @@ impl Store for DiskStore {
                 }
                 r => r.map_err(io_err("create_dir", &dir))?,
             }
-            let written = write_record(&dir, "meta", Kind::Meta, &meta)
-                .and_then(|()| sync_dir(&self.root));
+            let written =
+                write_record(&dir, "meta", Kind::Meta, &meta).and_then(|()| sync_dir(&self.root));
             if let Err(e) = written {
                 // Without its meta the directory would only be skipped at
                 // every start, and block the id for good.
@@ -433,7 +449,11 @@ impl SessionStore for DiskHandle {
     }
 
     fn begin_layer(&mut self, layer: u32, vmas: Vec<pb::Vma>) -> Result<(), StoreError> {
-        check_begin(layer, self.sealed_layers(), self.open.as_ref().map(|o| o.layer))?;
+        check_begin(
+            layer,
+            self.sealed_layers(),
+            self.open.as_ref().map(|o| o.layer),
+        )?;
         check_vmas(layer, &vmas, self.page_size())?;
         let dir = self.dir.join(layer_dir_name(layer));
         // A leftover of an earlier attempt whose delete failed.
@@ -545,7 +565,12 @@ impl SessionStore for DiskHandle {
 
     fn summary(&self) -> SessionSummary {
         let s = self.lease.get();
-        session_summary(self.id, &s.meta, s.layers.iter().map(|l| l.summary), s.has_state)
+        session_summary(
+            self.id,
+            &s.meta,
+            s.layers.iter().map(|l| l.summary),
+            s.has_state,
+        )
     }
 
     fn lookup(&self, addr: u64) -> Result<Option<Page>, StoreError> {
@@ -562,7 +587,9 @@ impl SessionStore for DiskHandle {
             let mut page = vec![0u8; ps as usize];
             file.read_exact_at(&mut page, loc.off + (addr - r.addr))
                 .map_err(|e| match e.kind() {
-                    io::ErrorKind::UnexpectedEof => corrupt(&l.pages, "shorter than its index says"),
+                    io::ErrorKind::UnexpectedEof => {
+                        corrupt(&l.pages, "shorter than its index says")
+                    }
                     _ => io_err("read", &l.pages)(e),
                 })?;
             return Ok(Some(Page::Data(Bytes::from(page))));
@@ -640,7 +667,10 @@ fn write_record<M: Message>(dir: &Path, name: &str, kind: Kind, msg: &M) -> Resu
     let path = dir.join(name);
     if body.len() as u64 > MAX_BODY {
         // It could never be read back.
-        return Err(corrupt(&path, format!("{} bytes exceed the {MAX_BODY}-byte limit", body.len())));
+        return Err(corrupt(
+            &path,
+            format!("{} bytes exceed the {MAX_BODY}-byte limit", body.len()),
+        ));
     }
     let mut buf = Vec::with_capacity(HEADER_LEN + body.len());
     buf.extend_from_slice(MAGIC);
@@ -692,12 +722,19 @@ fn read_record<M: Message + Default>(path: &Path, kind: Kind) -> Result<Option<M
     if got_kind != kind as u32 {
         return Err(corrupt(
             path,
-            format!("holds a {} record, expected {}", Kind::name(got_kind), Kind::name(kind as u32)),
+            format!(
+                "holds a {} record, expected {}",
+                Kind::name(got_kind),
+                Kind::name(kind as u32)
+            ),
         ));
     }
     let len = u64_at(16);
     if len > MAX_BODY {
-        return Err(corrupt(path, format!("body of {len} bytes exceeds the {MAX_BODY}-byte limit")));
+        return Err(corrupt(
+            path,
+            format!("body of {len} bytes exceeds the {MAX_BODY}-byte limit"),
+        ));
     }
     let mut body = Vec::with_capacity(len as usize);
     // One byte past the length, to notice trailing garbage.
@@ -706,7 +743,10 @@ fn read_record<M: Message + Default>(path: &Path, kind: Kind) -> Result<Option<M
         .read_to_end(&mut body)
         .map_err(io_err("read", path))?;
     if body.len() as u64 != len {
-        return Err(corrupt(path, format!("body is {} bytes, header says {len}", body.len())));
+        return Err(corrupt(
+            path,
+            format!("body is {} bytes, header says {len}", body.len()),
+        ));
     }
     if xxh3_64(&body) != u64_at(24) {
         return Err(corrupt(path, "checksum mismatch"));

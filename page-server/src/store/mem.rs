@@ -157,7 +157,11 @@ impl SessionStore for MemHandle {
     }
 
     fn begin_layer(&mut self, layer: u32, vmas: Vec<pb::Vma>) -> Result<(), StoreError> {
-        check_begin(layer, self.sealed_layers(), self.open.as_ref().map(|o| o.layer))?;
+        check_begin(
+            layer,
+            self.sealed_layers(),
+            self.open.as_ref().map(|o| o.layer),
+        )?;
         check_vmas(layer, &vmas, self.page_size())?;
         self.open = Some(OpenLayer {
             layer,
@@ -263,7 +267,9 @@ impl SessionStore for MemHandle {
                 let data = match p.data {
                     None => None,
                     Some((li, loc)) => {
-                        let bufs = layers.get(li as usize).and_then(|l| l.bufs.get(loc.buf as usize));
+                        let bufs = layers
+                            .get(li as usize)
+                            .and_then(|l| l.bufs.get(loc.buf as usize));
                         Some(slice_buf(bufs, loc.off, p.pages * ps as u64)?)
                     }
                 };
@@ -598,7 +604,10 @@ pub(super) fn batch_runs(
             return Err(bad(r.addr, "is empty, unaligned or out of order"));
         }
         let len = r.pages as u64 * ps64;
-        next_min = r.addr.checked_add(len).ok_or_else(|| bad(r.addr, "ends past the address space"))?;
+        next_min = r
+            .addr
+            .checked_add(len)
+            .ok_or_else(|| bad(r.addr, "ends past the address space"))?;
         out.push(SrcRun {
             addr: r.addr,
             pages: r.pages as u64,

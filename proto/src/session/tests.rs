@@ -116,10 +116,13 @@ fn encode_round(layer: u32, first_seq: u32, round: &Round, per: usize) -> Vec<De
         .collect()
 }
 
+/// A layer of the model store: its mappings and pages (`None` = zero).
+type ModelLayer = (Vec<pb::Vma>, BTreeMap<u64, Option<Vec<u8>>>);
+
 #[derive(Default)]
 struct ModelStore {
-    layers: Vec<(Vec<pb::Vma>, BTreeMap<u64, Option<Vec<u8>>>)>,
-    open: Option<(Vec<pb::Vma>, BTreeMap<u64, Option<Vec<u8>>>)>,
+    layers: Vec<ModelLayer>,
+    open: Option<ModelLayer>,
     state: bool,
     committed: bool,
     aborted: Option<String>,
