@@ -5,12 +5,11 @@ use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use ferry::synthetic::{fill, Content, Mix, Rng};
 use ferry_proto::batch::{decode, Compress, Encoder};
-use ferry_proto::frame::WireBatch;
 
 const PS: usize = 4096;
 const PAGES: usize = 1024;
 
-fn pages(kind: &str) -> Vec<u8> {
+fn pages(kind: &str) -> Bytes {
     let mut rng = Rng::new(42);
     let mut buf = vec![0u8; PS * PAGES];
     for (i, p) in buf.chunks_mut(PS).enumerate() {
@@ -22,7 +21,7 @@ fn pages(kind: &str) -> Vec<u8> {
         };
         fill(p, c, i as u64);
     }
-    buf
+    Bytes::from(buf)
 }
 
 fn bench(c: &mut Criterion) {
@@ -35,13 +34,12 @@ fn bench(c: &mut Criterion) {
             g.bench_with_input(
                 BenchmarkId::new(format!("encode/{name}"), kind),
                 &mem,
-                |b, m| b.iter(|| enc.encode(0, 0, [(0x10_0000u64, &m[..])]).unwrap()),
+                |b, m| b.iter(|| enc.encode(0, 0, [(0x10_0000u64, m.clone())]).unwrap()),
             );
-            let e = enc.encode(0, 0, [(0x10_0000u64, &mem[..])]).unwrap();
-            let wire = WireBatch {
-                header: e.header,
-                payload: Bytes::copy_from_slice(&e.payload),
-            };
+            let wire = enc
+                .encode(0, 0, [(0x10_0000u64, mem.clone())])
+                .unwrap()
+                .to_wire();
             g.bench_with_input(
                 BenchmarkId::new(format!("decode/{name}"), kind),
                 &wire,

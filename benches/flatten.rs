@@ -7,7 +7,6 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use ferry::synthetic::{Mix, Rng, Workload};
 use ferry_page_server::store::{disk::DiskStore, mem::MemStore, Store};
 use ferry_proto::batch::{decode, Compress, DecodedBatch, Encoder};
-use ferry_proto::frame::WireBatch;
 use ferry_proto::{pb, SessionId};
 
 const MIB: u64 = 256;
@@ -28,17 +27,8 @@ fn layers() -> (Workload, Vec<Vec<DecodedBatch>>) {
             .into_iter()
             .enumerate()
             .map(|(seq, ranges)| {
-                let e = enc
-                    .encode(layer, seq as u32, ranges.iter().map(|(a, b)| (*a, &b[..])))
-                    .unwrap();
-                decode(
-                    WireBatch {
-                        header: e.header,
-                        payload: e.payload,
-                    },
-                    w.page_size,
-                )
-                .unwrap()
+                let e = enc.encode(layer, seq as u32, ranges).unwrap();
+                decode(e.to_wire(), w.page_size).unwrap()
             })
             .collect();
         out.push(batches);

@@ -149,7 +149,8 @@ impl Client {
         } else {
             "0.0.0.0:0".parse().expect("literal")
         };
-        let endpoint = quinn::Endpoint::client(bind).map_err(ClientError::Endpoint)?;
+        let endpoint =
+            ferry_page_server::tls::endpoint(bind, None).map_err(ClientError::Endpoint)?;
         let addr = c.addr;
         let conn_err = |source| ClientError::Connection { addr, source };
         let conn = endpoint
@@ -435,7 +436,7 @@ async fn lane(
         };
         let joined = tokio::task::spawn_blocking(move || {
             let t = job.ticket;
-            let r = enc.encode(t.layer, t.seq, job.ranges.iter().map(|(a, b)| (*a, &b[..])));
+            let r = enc.encode(t.layer, t.seq, job.ranges);
             (enc, r)
         })
         .await;
@@ -449,15 +450,18 @@ async fn lane(
         encoder = Some(enc);
         let result = match encoded {
             Ok(b) => {
-                let prefix = frame::encode_batch_prefix(&b.header, b.payload.len());
-                let mut chunks = [prefix, b.payload.clone()];
+                let prefix = frame::encode_batch_prefix(&b.header, b.wire_bytes() as usize);
+                let (wire, raw) = (b.wire_bytes(), b.raw_bytes());
+                let mut chunks = Vec::with_capacity(1 + b.payload.len());
+                chunks.push(prefix);
+                chunks.extend(b.payload);
                 match send.write_all_chunks(&mut chunks).await {
                     Ok(()) => Ok(Done {
                         ticket: job.ticket,
                         pages: b.pages,
                         zero_pages: b.zero_pages,
-                        raw: b.raw_bytes(),
-                        wire: b.wire_bytes(),
+                        raw,
+                        wire,
                         digest: b.digest,
                     }),
                     Err(e) => Err(ClientError::Write(e)),

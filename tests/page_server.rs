@@ -276,8 +276,9 @@ impl Raw {
 fn batch_frame(layer: u32, addr: u64) -> Vec<u8> {
     let page = vec![0xa5u8; 4096];
     let e = Encoder::new(4096, Compress::Off)
-        .encode(layer, 0, [(addr, &page[..])])
-        .unwrap();
+        .encode(layer, 0, [(addr, page.into())])
+        .unwrap()
+        .to_wire();
     let mut v = frame::encode_batch_prefix(&e.header, e.payload.len()).to_vec();
     v.extend_from_slice(&e.payload);
     v

@@ -115,7 +115,7 @@ struct Shared {
 
 impl PageServer {
     pub fn bind(addr: SocketAddr, cfg: Config) -> Result<Self, ServerError> {
-        let endpoint = quinn::Endpoint::server(cfg.tls, addr)
+        let endpoint = crate::tls::endpoint(addr, Some(cfg.tls))
             .map_err(|source| ServerError::Bind { addr, source })?;
         Ok(Self {
             endpoint,

@@ -117,7 +117,39 @@ pub fn transport() -> quinn::TransportConfig {
             .expect("20 s fits a QUIC idle timeout"),
     ));
     t.datagram_receive_buffer_size(None);
+    // Loopback and jumbo-frame LANs carry far larger datagrams than the
+    // 1452-byte default; fewer packets mean less per-packet crypto and
+    // fewer syscalls. Discovery only probes upwards, so a 1500-byte path
+    // stays correct, it just stops at its own MTU.
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(MAX_UDP_PAYLOAD);
+    t.mtu_discovery_config(Some(mtu));
     t
+}
+
+/// Largest UDP payload either end accepts or probes for.
+pub const MAX_UDP_PAYLOAD: u16 = 65_527;
+
+/// Endpoint settings for both ends (see [`transport`] on datagram size).
+pub fn endpoint_config() -> quinn::EndpointConfig {
+    let mut e = quinn::EndpointConfig::default();
+    e.max_udp_payload_size(MAX_UDP_PAYLOAD)
+        .expect("65527 is within QUIC's bounds");
+    e
+}
+
+/// Binds a QUIC endpoint on `addr`, a server if `server` is given.
+pub fn endpoint(
+    addr: std::net::SocketAddr,
+    server: Option<quinn::ServerConfig>,
+) -> std::io::Result<quinn::Endpoint> {
+    let socket = std::net::UdpSocket::bind(addr)?;
+    quinn::Endpoint::new(
+        endpoint_config(),
+        server,
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
 }
 
 /// The page server's QUIC configuration: its certificate, and the CA a

@@ -118,7 +118,9 @@ impl Default for Compress {
 #[derive(Debug, Clone)]
 pub struct EncodedBatch {
     pub header: pb::BatchHeader,
-    pub payload: Bytes,
+    /// The payload in pieces: slices of the caller's buffers when sent raw
+    /// (no copy), one buffer when compressed. Written back to back.
+    pub payload: Vec<Bytes>,
     pub digest: u64,
     pub pages: u64,
     pub zero_pages: u64,
@@ -130,7 +132,16 @@ impl EncodedBatch {
     }
 
     pub fn wire_bytes(&self) -> u64 {
-        self.payload.len() as u64
+        self.payload.iter().map(|b| b.len() as u64).sum()
+    }
+
+    /// The batch as the receiver sees it after framing (copies the payload
+    /// into one buffer: for tests and benchmarks).
+    pub fn to_wire(&self) -> WireBatch {
+        WireBatch {
+            header: self.header.clone(),
+            payload: Bytes::from(self.payload.concat()),
+        }
     }
 }
 
@@ -139,7 +150,8 @@ pub struct Encoder {
     page_size: usize,
     compress: Compress,
     zstd: Option<zstd::bulk::Compressor<'static>>,
-    raw: Vec<u8>,
+    /// Gather buffer for compressing scattered data, reused.
+    gather: Vec<u8>,
 }
 
 /// Size of the sample compressed to decide whether a batch is worth
@@ -156,7 +168,7 @@ impl Encoder {
             page_size: page_size as usize,
             compress,
             zstd,
-            raw: Vec::new(),
+            gather: Vec::new(),
         }
     }
 
@@ -165,17 +177,18 @@ impl Encoder {
     }
 
     /// Encodes contiguous page ranges `(addr, bytes)`, ascending and
-    /// non-overlapping, into one batch. Zero pages become zero runs.
-    pub fn encode<'a>(
+    /// non-overlapping, into one batch. Zero pages become zero runs; data
+    /// pages stay in the caller's buffers until the payload is written.
+    pub fn encode(
         &mut self,
         layer: u32,
         seq: u32,
-        ranges: impl IntoIterator<Item = (u64, &'a [u8])>,
+        ranges: impl IntoIterator<Item = (u64, Bytes)>,
     ) -> Result<EncodedBatch, BatchError> {
         let ps = self.page_size;
-        self.raw.clear();
         let mut runs: Vec<pb::Run> = Vec::new();
-        let mut hasher = Xxh3::new();
+        let mut chunks: Vec<Bytes> = Vec::new();
+        let mut raw_len = 0usize;
         let mut next_min = 0u64;
         let (mut pages, mut zero_pages) = (0u64, 0u64);
         for (addr, bytes) in ranges {
@@ -187,23 +200,30 @@ impl Encoder {
                 });
             }
             next_min = addr + bytes.len() as u64;
+            // Start of the data span being collected in `bytes`, if any.
+            let mut span: Option<usize> = None;
             for (i, page) in bytes.chunks_exact(ps).enumerate() {
-                let a = addr + (i * ps) as u64;
+                let off = i * ps;
+                let a = addr + off as u64;
                 let zero = is_zero(page);
+                pages += 1;
+                if zero {
+                    zero_pages += 1;
+                    if let Some(s) = span.take() {
+                        chunks.push(bytes.slice(s..off));
+                    }
+                } else {
+                    if raw_len + ps > MAX_BATCH_PAYLOAD {
+                        return Err(BatchError::TooMuchData);
+                    }
+                    raw_len += ps;
+                    span.get_or_insert(off);
+                }
                 let kind = if zero {
                     pb::RunKind::Zero
                 } else {
                     pb::RunKind::Data
                 } as i32;
-                pages += 1;
-                if zero {
-                    zero_pages += 1;
-                } else {
-                    if self.raw.len() + ps > MAX_BATCH_PAYLOAD {
-                        return Err(BatchError::TooMuchData);
-                    }
-                    self.raw.extend_from_slice(page);
-                }
                 match runs.last_mut() {
                     Some(r) if r.kind == kind && r.addr + r.pages as u64 * ps as u64 == a => {
                         r.pages += 1
@@ -220,10 +240,14 @@ impl Encoder {
                     }
                 }
             }
+            if let Some(s) = span {
+                chunks.push(bytes.slice(s..));
+            }
         }
         if runs.is_empty() {
             return Err(BatchError::Empty);
         }
+        let mut hasher = Xxh3::new();
         for r in &runs {
             hash_run(
                 &mut hasher,
@@ -232,16 +256,18 @@ impl Encoder {
                 r.kind == pb::RunKind::Zero as i32,
             );
         }
-        hasher.update(&self.raw);
+        for c in &chunks {
+            hasher.update(c);
+        }
         let digest = hasher.digest();
-        let (compression, payload) = self.maybe_compress();
+        let (compression, payload) = self.maybe_compress(chunks, raw_len);
         Ok(EncodedBatch {
             header: pb::BatchHeader {
                 layer,
                 seq,
                 runs,
                 compression: compression as i32,
-                raw_len: self.raw.len() as u32,
+                raw_len: raw_len as u32,
             },
             payload,
             digest,
@@ -250,25 +276,39 @@ impl Encoder {
         })
     }
 
-    fn maybe_compress(&mut self) -> (pb::Compression, Bytes) {
-        let raw = &self.raw;
+    fn maybe_compress(
+        &mut self,
+        chunks: Vec<Bytes>,
+        raw_len: usize,
+    ) -> (pb::Compression, Vec<Bytes>) {
         let Some(z) = self.zstd.as_mut() else {
-            return (pb::Compression::None, Bytes::copy_from_slice(raw));
+            return (pb::Compression::None, chunks);
         };
-        if raw.len() >= 2 * SAMPLE {
+        if raw_len == 0 {
+            return (pb::Compression::None, chunks);
+        }
+        if raw_len >= 2 * SAMPLE && chunks[0].len() >= SAMPLE {
             // Random memory does not compress; finding out on a sample costs a
             // fraction of compressing the whole batch for nothing.
-            let sample = &raw[..SAMPLE];
-            match z.compress(sample) {
+            match z.compress(&chunks[0][..SAMPLE]) {
                 Ok(c) if c.len() < SAMPLE * 7 / 8 => {}
-                _ => return (pb::Compression::None, Bytes::copy_from_slice(raw)),
+                _ => return (pb::Compression::None, chunks),
             }
         }
-        match z.compress(raw) {
-            Ok(c) if c.len() < raw.len() - raw.len() / 16 => {
-                (pb::Compression::Zstd, Bytes::from(c))
+        let input: &[u8] = if chunks.len() == 1 {
+            &chunks[0]
+        } else {
+            self.gather.clear();
+            for c in &chunks {
+                self.gather.extend_from_slice(c);
             }
-            _ => (pb::Compression::None, Bytes::copy_from_slice(raw)),
+            &self.gather
+        };
+        match z.compress(input) {
+            Ok(c) if c.len() < raw_len - raw_len / 16 => {
+                (pb::Compression::Zstd, vec![Bytes::from(c)])
+            }
+            _ => (pb::Compression::None, chunks),
         }
     }
 }
@@ -413,6 +453,10 @@ mod tests {
 
     const PS: u32 = 4096;
 
+    fn b(x: &[u8]) -> Bytes {
+        Bytes::copy_from_slice(x)
+    }
+
     fn text_page(seed: u8) -> Vec<u8> {
         let words = ["ferry ", "page ", "layer ", "round ", "delta "];
         let mut p = Vec::with_capacity(PS as usize);
@@ -439,8 +483,9 @@ mod tests {
 
     fn through_wire(e: &EncodedBatch) -> DecodedBatch {
         let mut buf = BytesMut::new();
-        buf.extend_from_slice(&encode_batch_prefix(&e.header, e.payload.len()));
-        buf.extend_from_slice(&e.payload);
+        let w = e.to_wire();
+        buf.extend_from_slice(&encode_batch_prefix(&w.header, w.payload.len()));
+        buf.extend_from_slice(&w.payload);
         decode(decode_batch(&mut buf).unwrap().unwrap(), PS).unwrap()
     }
 
@@ -454,7 +499,7 @@ mod tests {
         for compress in [Compress::Off, Compress::default()] {
             let mut enc = Encoder::new(PS, compress);
             let e = enc
-                .encode(2, 7, [(0x10000, &mem[..]), (0x20000, &other[..])])
+                .encode(2, 7, [(0x10000, b(&mem)), (0x20000, b(&other))])
                 .unwrap();
             assert_eq!(e.pages, 5);
             assert_eq!(e.zero_pages, 2);
@@ -477,10 +522,10 @@ mod tests {
         let text: Vec<u8> = (0..32).flat_map(text_page).collect();
         let random: Vec<u8> = (0..32).flat_map(random_page).collect();
         let mut enc = Encoder::new(PS, Compress::default());
-        let t = enc.encode(0, 0, [(0, &text[..])]).unwrap();
+        let t = enc.encode(0, 0, [(0, b(&text))]).unwrap();
         assert_eq!(t.header.compression, pb::Compression::Zstd as i32);
         assert!(t.wire_bytes() * 4 < t.raw_bytes());
-        let r = enc.encode(0, 1, [(0, &random[..])]).unwrap();
+        let r = enc.encode(0, 1, [(0, b(&random))]).unwrap();
         assert_eq!(r.header.compression, pb::Compression::None as i32);
         assert_eq!(r.wire_bytes(), r.raw_bytes());
         assert_eq!(through_wire(&t).data, Bytes::from(text));
@@ -490,7 +535,7 @@ mod tests {
     fn all_zero_batch_has_no_payload() {
         let z = vec![0u8; 64 * PS as usize];
         let mut enc = Encoder::new(PS, Compress::default());
-        let e = enc.encode(0, 0, [(0x1000, &z[..])]).unwrap();
+        let e = enc.encode(0, 0, [(0x1000, b(&z))]).unwrap();
         assert_eq!(e.wire_bytes(), 0);
         assert_eq!(e.header.runs.len(), 1);
         assert_eq!(through_wire(&e).pages(), 64);
@@ -500,10 +545,10 @@ mod tests {
     fn bad_input_to_encoder() {
         let p = vec![1u8; PS as usize];
         let mut enc = Encoder::new(PS, Compress::Off);
-        assert!(enc.encode(0, 0, [(0x1001, &p[..])]).is_err());
-        assert!(enc.encode(0, 0, [(0x1000, &p[..10])]).is_err());
+        assert!(enc.encode(0, 0, [(0x1001, b(&p))]).is_err());
+        assert!(enc.encode(0, 0, [(0x1000, b(&p[..10]))]).is_err());
         assert!(enc
-            .encode(0, 0, [(0x2000, &p[..]), (0x1000, &p[..])])
+            .encode(0, 0, [(0x2000, b(&p)), (0x1000, b(&p))])
             .is_err());
         assert_eq!(
             enc.encode(0, 0, std::iter::empty()).unwrap_err(),

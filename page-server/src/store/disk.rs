@@ -31,13 +31,14 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use ferry_proto::batch::DecodedBatch;
+use ferry_proto::vma::RangeSet;
 use ferry_proto::{pb, SessionId};
 use prost::Message;
 use xxhash_rust::xxh3::{xxh3_64, Xxh3};
 
-use super::mem::{
-    batch_runs, check_begin, check_meta, check_vmas, empty_image, find_run, flatten_pieces,
-    keep_ranges, lock, session_summary, slice_buf, sort_and_check, Lease, Loc, Registry, SrcRun,
+use super::common::{
+    batch_runs, check_begin, check_meta, check_vmas, empty_image, find_run, flatten_pieces, lock,
+    session_summary, slice_buf, sort_and_check, Lease, Loc, Registry, SrcRun,
 };
 use super::{
     FlatImage, FlatRun, LayerSummary, Page, SessionStore, SessionSummary, Store, StoreError,
@@ -49,7 +50,9 @@ const FORMAT_VERSION: u32 = 1;
 const HEADER_LEN: usize = 32;
 /// Largest metadata body read; a bigger length field is damage, not data.
 const MAX_BODY: u64 = 256 << 20;
-/// Suffix of a session directory being removed (see [`DiskStore::remove`]).
+/// Pages files smaller than this are read by one thread.
+const PARALLEL_READ_MIN: usize = 64 << 20;
+/// Suffix a session directory gets while it is being removed.
 const REMOVED: &str = ".removed";
 
 /// What a metadata file holds, so one file is never read as another.
@@ -91,6 +94,7 @@ struct DiskSession {
 struct DiskLayer {
     summary: LayerSummary,
     vmas: Vec<pb::Vma>,
+    ranges: RangeSet,
     /// Ascending, non-overlapping; `Loc::off` is the offset in `pages`.
     runs: Vec<SrcRun>,
     pages: PathBuf,
@@ -101,6 +105,7 @@ struct DiskLayer {
 struct OpenLayer {
     layer: u32,
     vmas: Vec<pb::Vma>,
+    ranges: RangeSet,
     dir: PathBuf,
     pages_path: PathBuf,
     file: File,
@@ -171,15 +176,15 @@ impl DiskStore {
         self.root.join(id.to_hex())
     }
 
-    /// Deletes a session directory: renamed first, so a crash midway leaves
-    /// a name recovery knows to finish deleting, never a half-deleted
-    /// session that looks real.
-    fn destroy(&self, id: SessionId) -> Result<(), StoreError> {
+    /// Commits the removal of a session by renaming its directory, so a
+    /// crash leaves a name recovery knows to finish deleting, never a
+    /// half-deleted session that looks real. Returns the new name.
+    fn retire(&self, id: SessionId) -> Result<PathBuf, StoreError> {
         let dir = self.session_dir(id);
         let gone = self.root.join(format!("{}{REMOVED}", id.to_hex()));
         fs::rename(&dir, &gone).map_err(io_err("rename", &dir))?;
         sync_dir(&self.root)?;
-        fs::remove_dir_all(&gone).map_err(io_err("remove_dir_all", &gone))
+        Ok(gone)
     }
 }
 
@@ -254,7 +259,7 @@ fn load_layer(dir: &Path, n: u32, ix: pb::LayerIndex, ps: u32) -> Result<DiskLay
             format!("index of layer {} in the directory of layer {n}", ix.layer),
         ));
     }
-    check_vmas(n, &ix.vmas, ps)?;
+    let ranges = check_vmas(n, &ix.vmas, ps)?;
     let ps64 = ps as u64;
     let mut runs = Vec::with_capacity(ix.runs.len());
     let (mut pages, mut data_end) = (0u64, 0u64);
@@ -313,6 +318,7 @@ fn load_layer(dir: &Path, n: u32, ix: pb::LayerIndex, ps: u32) -> Result<DiskLay
             bytes: ix.pages_len,
         },
         vmas: ix.vmas,
+        ranges,
         runs,
         pages: pages_path,
         pages_len: ix.pages_len,
@@ -393,18 +399,30 @@ impl Store for DiskStore {
     }
 
     fn remove(&self, id: SessionId) -> Result<(), StoreError> {
-        if self.reg.remove(id, || self.destroy(id))? {
-            return Ok(());
-        }
-        // A damaged session can be removed too; that is how an operator
-        // clears it.
-        let mut broken = lock(&self.broken);
-        if broken.contains_key(&id) {
-            self.destroy(id)?;
+        let mut gone = None;
+        // Only the rename happens under the registry lock; deleting gigabytes
+        // of pages must not stall every other open.
+        let found = self.reg.remove(id, || {
+            gone = Some(self.retire(id)?);
+            Ok(())
+        })?;
+        if !found {
+            // A damaged session can be removed too; that is how an operator
+            // clears it.
+            let mut broken = lock(&self.broken);
+            if !broken.contains_key(&id) {
+                return Err(StoreError::UnknownSession(id));
+            }
+            gone = Some(self.retire(id)?);
             broken.remove(&id);
-            return Ok(());
         }
-        Err(StoreError::UnknownSession(id))
+        if let Some(gone) = gone {
+            if let Err(e) = fs::remove_dir_all(&gone) {
+                // The removal is committed; the next start finishes it.
+                tracing::warn!(path = %gone.display(), error = %e, "cannot delete");
+            }
+        }
+        Ok(())
     }
 }
 
@@ -454,7 +472,7 @@ impl SessionStore for DiskHandle {
             self.sealed_layers(),
             self.open.as_ref().map(|o| o.layer),
         )?;
-        check_vmas(layer, &vmas, self.page_size())?;
+        let ranges = check_vmas(layer, &vmas, self.page_size())?;
         let dir = self.dir.join(layer_dir_name(layer));
         // A leftover of an earlier attempt whose delete failed.
         match fs::remove_dir_all(&dir) {
@@ -469,6 +487,7 @@ impl SessionStore for DiskHandle {
         self.open = Some(OpenLayer {
             layer,
             vmas,
+            ranges,
             dir,
             pages_path,
             file,
@@ -537,6 +556,7 @@ impl SessionStore for DiskHandle {
         self.lease.get().layers.push(Arc::new(DiskLayer {
             summary,
             vmas: open.vmas,
+            ranges: open.ranges,
             runs: open.runs,
             pages: open.pages_path,
             pages_len: open.len,
@@ -577,6 +597,10 @@ impl SessionStore for DiskHandle {
         let ps = self.page_size();
         let addr = addr & !(ps as u64 - 1);
         for l in self.snapshot().iter().rev() {
+            // Pages under a mapping that went away in a newer round are void.
+            if !l.ranges.contains(addr, addr + ps as u64) {
+                return Ok(None);
+            }
             let Some(r) = find_run(&l.runs, addr, ps) else {
                 continue;
             };
@@ -603,9 +627,8 @@ impl SessionStore for DiskHandle {
         let Some(last) = layers.last() else {
             return Ok(empty_image(ps));
         };
-        let keep = keep_ranges(&last.vmas, ps)?;
-        let runs: Vec<&[SrcRun]> = layers.iter().map(|l| &l.runs[..]).collect();
-        let pieces = flatten_pieces(&runs, keep.ranges(), ps);
+        let runs: Vec<_> = layers.iter().map(|l| (&l.runs[..], &l.ranges)).collect();
+        let pieces = flatten_pieces(&runs, ps);
         // Only the pages files the image takes data from are read, each once
         // and whole, so its checksum can be verified.
         let mut files: Vec<Option<Bytes>> = vec![None; layers.len()];
@@ -643,17 +666,56 @@ impl SessionStore for DiskHandle {
 
 /// A layer's whole pages file, checked against its index.
 fn read_pages(l: &DiskLayer) -> Result<Bytes, StoreError> {
-    let data = fs::read(&l.pages).map_err(io_err("read", &l.pages))?;
-    if data.len() as u64 != l.pages_len {
-        return Err(corrupt(
-            &l.pages,
-            format!("{} bytes, the index says {}", data.len(), l.pages_len),
-        ));
-    }
+    let path = &l.pages;
+    let file = File::open(path).map_err(io_err("open", path))?;
+    let on_disk = file.metadata().map_err(io_err("stat", path))?.len();
+    let len = usize::try_from(l.pages_len)
+        .ok()
+        .filter(|_| on_disk == l.pages_len)
+        .ok_or_else(|| {
+            corrupt(
+                path,
+                format!("{on_disk} bytes, the index says {}", l.pages_len),
+            )
+        })?;
+    let mut data = vec![0u8; len];
+    // Reading a large image is bound by faulting in the fresh buffer, not
+    // by the (cached) file, and that parallelizes: one reader per core
+    // roughly halves a 1 GiB flatten on two cores. Small files stay on this
+    // thread.
+    let readers = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
+    let chunk = len.div_ceil(readers).max(PARALLEL_READ_MIN);
+    let read = |buf: &mut [u8], off: usize| {
+        file.read_exact_at(buf, off as u64)
+            .map_err(|e| match e.kind() {
+                io::ErrorKind::UnexpectedEof => corrupt(path, "shrank while being read"),
+                _ => io_err("read", path)(e),
+            })
+    };
+    std::thread::scope(|s| {
+        let mut chunks = data.chunks_mut(chunk).enumerate();
+        let first = chunks.next();
+        let others = chunks
+            .map(|(i, buf)| {
+                std::thread::Builder::new()
+                    .name("ferry-read".into())
+                    .spawn_scoped(s, move || read(buf, i * chunk))
+                    .map_err(io_err("spawn reader for", path))
+            })
+            .collect::<Vec<_>>();
+        if let Some((_, buf)) = first {
+            read(buf, 0)?;
+        }
+        for h in others {
+            h?.join()
+                .unwrap_or_else(|_| Err(corrupt(path, "reader thread panicked")))?;
+        }
+        Ok::<(), StoreError>(())
+    })?;
     let sum = xxh3_64(&data);
     if sum != l.checksum {
         return Err(corrupt(
-            &l.pages,
+            path,
             format!("checksum {sum:016x}, the index says {:016x}", l.checksum),
         ));
     }

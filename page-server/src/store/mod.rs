@@ -4,7 +4,11 @@
 //! and the mapping list of that round, and its parent is layer k-1. A page is
 //! looked up from the newest layer down, and zero runs count as hits.
 //! [`SessionStore::flatten`] keeps, for every page inside the last layer's
-//! mappings, its newest copy.
+//! mappings, its newest copy. A page of layer j counts only while every
+//! newer layer maps its address: a mapping that disappeared in some round
+//! and reappeared later is a new mapping, and the old contents must not show
+//! through it. (A mapping replaced *within* one round looks unchanged here;
+//! the source must resend such a range whole.)
 //!
 //! Two implementations sit behind one trait and pass one test suite:
 //! [`mem::MemStore`] (rounds kept in memory, for restore straight from RAM)
@@ -16,6 +20,7 @@ use bytes::Bytes;
 use ferry_proto::batch::DecodedBatch;
 use ferry_proto::{pb, SessionId};
 
+mod common;
 pub mod disk;
 pub mod mem;
 
@@ -158,7 +163,8 @@ pub trait SessionStore: Send {
     fn put_state(&mut self, tree: &pb::ProcessTree) -> Result<(), StoreError>;
     fn state(&self) -> Result<Option<pb::ProcessTree>, StoreError>;
     fn summary(&self) -> SessionSummary;
-    /// The newest copy of the page at `addr` over the sealed layers.
+    /// The newest copy of the page at `addr` over the sealed layers (`None`
+    /// where a newer layer no longer maps `addr`, see the module docs).
     fn lookup(&self, addr: u64) -> Result<Option<Page>, StoreError>;
     /// The sealed layers flattened (see the module docs).
     fn flatten(&self) -> Result<FlatImage, StoreError>;

@@ -112,10 +112,12 @@ fn session_with(store: &dyn Store, n: u8, specs: &[Spec]) -> Box<dyn SessionStor
     h
 }
 
-/// The model: every page ever sent, newest copy, no clipping.
+/// The model: the newest copy of every page sent, as long as every newer
+/// layer still maps it (a mapping that went away voids its old pages).
 fn model_pages(specs: &[Spec]) -> BTreeMap<u64, Page> {
     let mut m = BTreeMap::new();
     for (l, spec) in specs.iter().enumerate() {
+        m.retain(|a: &u64, _| spec.vmas.iter().any(|&(s, e)| s <= *a && *a < e));
         for &(addr, pages, zero) in spec.batches.iter().flatten() {
             for i in 0..pages as u64 {
                 let a = addr + i * P;
@@ -131,12 +133,9 @@ fn model_pages(specs: &[Spec]) -> BTreeMap<u64, Page> {
     m
 }
 
-/// The model of flatten: the above, clipped to the last layer's mappings.
+/// The model of flatten: the same (the last layer's mappings clip it).
 fn model_flat(specs: &[Spec]) -> BTreeMap<u64, Page> {
-    let mut m = model_pages(specs);
-    let last = specs.last().map(|s| s.vmas.clone()).unwrap_or_default();
-    m.retain(|a, _| last.iter().any(|&(s, e)| s <= *a && *a < e));
-    m
+    model_pages(specs)
 }
 
 /// An image page by page, after checking the shape flatten promises.
@@ -308,8 +307,8 @@ fn pages_outside_final_vmas_are_dropped(make: Make) {
             vmas: vec![(A, A + 4 * P)],
             batches: vec![],
         },
-        // c is mapped again but not resent: its layer-0 pages come back, as
-        // the contract says (newest copy of every page inside the mappings).
+        // c is mapped again but not resent: a new mapping, so its layer-0
+        // pages must not show through (they read as holes).
         Spec {
             vmas: vec![(A, A + 4 * P), (c, c + 4 * P)],
             batches: vec![vec![(A + 3 * P, 1, true)]],
@@ -319,12 +318,14 @@ fn pages_outside_final_vmas_are_dropped(make: Make) {
     let img = assert_flat(h.as_ref(), &specs);
     assert_eq!(img.page(A + 4 * P), None);
     assert_eq!(img.page(b), None);
-    assert_eq!(img.page(c), Some(Page::Zero));
-    assert_eq!(img.pages(), 8);
-    // Lookup is not clipped: it answers for any page any layer holds.
+    assert_eq!(img.page(c), None);
+    assert_eq!(img.pages(), 4);
+    // Lookup follows the same rule.
+    assert_eq!(h.lookup(b).unwrap(), None);
+    assert_eq!(h.lookup(c).unwrap(), None);
     assert_eq!(
-        h.lookup(b).unwrap(),
-        Some(Page::Data(Bytes::from(page(0, b))))
+        h.lookup(A).unwrap(),
+        Some(Page::Data(Bytes::from(page(0, A))))
     );
 }
 
@@ -666,7 +667,10 @@ fn encoded_batches_round_trip(make: Make) {
         }
     }
     let mut enc = batch::Encoder::new(PS, batch::Compress::default());
-    let e = enc.encode(0, 0, [(A, &mem[..])]).unwrap();
+    let e = enc
+        .encode(0, 0, [(A, Bytes::from(mem.clone()))])
+        .unwrap()
+        .to_wire();
     let mut buf = BytesMut::new();
     buf.extend_from_slice(&frame::encode_batch_prefix(&e.header, e.payload.len()));
     buf.extend_from_slice(&e.payload);
@@ -823,6 +827,42 @@ suite!(
     encoded_batches_round_trip,
     random_layers_match_a_page_model,
 );
+
+/// What only the mem store promises: no copies, and memory given back.
+mod mem_only {
+    use super::*;
+
+    #[test]
+    fn flatten_copies_nothing_and_superseded_batches_are_freed() {
+        let store = MemStore::new();
+        let mut h = store.create(meta(1)).unwrap();
+        h.begin_layer(0, vmas(&[(A, A + 8 * P)])).unwrap();
+        let (b0, b1) = (
+            batch(0, 0, &[(A, 4, false)]),
+            batch(0, 1, &[(A + 4 * P, 4, false)]),
+        );
+        let (d0, d1) = (b0.data.clone(), b1.data.clone());
+        h.put(&b0).unwrap();
+        h.put(&b1).unwrap();
+        drop((b0, b1));
+        h.seal().unwrap();
+        let img = h.flatten().unwrap();
+        assert_eq!(img.runs[0].data.as_ref().unwrap().as_ptr(), d0.as_ptr());
+        drop(img);
+        // Layer 1 covers all of batch 0 and half of batch 1.
+        h.begin_layer(1, vmas(&[(A, A + 8 * P)])).unwrap();
+        h.put(&batch(1, 0, &[(A, 4, true), (A + 4 * P, 2, false)]))
+            .unwrap();
+        h.seal().unwrap();
+        assert!(d0.is_unique(), "batch 0 is superseded but still held");
+        assert!(!d1.is_unique(), "batch 1 still has live pages");
+        assert_eq!(h.summary().pages, 14, "the summary counts what was sent");
+        assert_eq!(
+            h.lookup(A + 6 * P).unwrap(),
+            Some(Page::Data(Bytes::from(page(0, A + 6 * P))))
+        );
+    }
+}
 
 // ---------------------------------------------------------------------------
 // Disk store only: restart, crash leftovers, damage.

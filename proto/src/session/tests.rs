@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, VecDeque};
 
 use super::*;
 use crate::batch::{decode, Compress, Encoder};
-use crate::frame::WireBatch;
+use bytes::Bytes;
 
 const PS: u32 = 4096;
 
@@ -100,18 +100,14 @@ fn encode_round(layer: u32, first_seq: u32, round: &Round, per: usize) -> Vec<De
         .chunks(per)
         .enumerate()
         .map(|(i, chunk)| {
-            let ranges = chunk
-                .iter()
-                .map(|(a, p)| (**a, p.as_deref().unwrap_or(&zero[..])));
+            let ranges = chunk.iter().map(|(a, p)| {
+                (
+                    **a,
+                    Bytes::copy_from_slice(p.as_deref().unwrap_or(&zero[..])),
+                )
+            });
             let e = enc.encode(layer, first_seq + i as u32, ranges).unwrap();
-            decode(
-                WireBatch {
-                    header: e.header,
-                    payload: e.payload,
-                },
-                PS,
-            )
-            .unwrap()
+            decode(e.to_wire(), PS).unwrap()
         })
         .collect()
 }
@@ -307,15 +303,8 @@ fn ready_receiver() -> (Receiver, Sender, ModelStore) {
 fn one_page_batch(layer: u32, seq: u32, addr: u64) -> DecodedBatch {
     let p = page(addr);
     let mut enc = Encoder::new(PS, Compress::Off);
-    let e = enc.encode(layer, seq, [(addr, &p[..])]).unwrap();
-    decode(
-        WireBatch {
-            header: e.header,
-            payload: e.payload,
-        },
-        PS,
-    )
-    .unwrap()
+    let e = enc.encode(layer, seq, [(addr, Bytes::from(p))]).unwrap();
+    decode(e.to_wire(), PS).unwrap()
 }
 
 #[test]
