@@ -6,6 +6,11 @@
 //!   page server over several data streams.
 //! - [`certs`]: `ferry certs init`, the CA and identities for mutual TLS.
 //! - [`demo`]: `ferry demo`, the transfer path end to end on loopback.
+//! - [`procfs`]: `/proc` introspection, pure parsers over fixture text.
+//! - [`policy`]: when to stop pre-dumping, as a pure function.
+//! - [`sys`]: every raw syscall and `unsafe` block of ferry (ptrace and
+//!   syscall injection, userfaultfd, `PAGEMAP_SCAN`, `process_vm_readv`)
+//!   behind safe wrappers.
 //!
 //! The wire protocol lives in `ferry-proto`, the destination in
 //! `ferry-page-server`.
@@ -13,7 +18,10 @@
 pub mod certs;
 pub mod client;
 pub mod demo;
+pub mod policy;
+pub mod procfs;
 pub mod synthetic;
+pub mod sys;
 
 pub use ferry_page_server as page_server;
 pub use ferry_proto as proto;

@@ -1,0 +1,1 @@
+//! /proc introspection (being written).
