@@ -109,7 +109,12 @@ pub enum CommitOutcome {
 
 struct Job {
     ticket: Ticket,
-    ranges: Vec<(u64, Bytes)>,
+    pages: Pages,
+}
+
+enum Pages {
+    Data(Vec<(u64, Bytes)>),
+    Zero(Vec<(u64, u64)>),
 }
 
 struct Done {
@@ -228,13 +233,24 @@ impl Client {
     /// `ferry_proto::frame::MAX_BATCH_PAYLOAD` bytes in all. Waits while
     /// every lane is busy.
     pub async fn send_pages(&mut self, ranges: Vec<(u64, Bytes)>) -> Result<(), ClientError> {
+        self.submit(Pages::Data(ranges)).await
+    }
+
+    /// Queues one batch of page ranges `[start, end)` that read as zero
+    /// (sent as zero runs, no data): ascending, at most
+    /// `ferry_proto::batch::MAX_RUNS` of them.
+    pub async fn send_zero(&mut self, ranges: Vec<(u64, u64)>) -> Result<(), ClientError> {
+        self.submit(Pages::Zero(ranges)).await
+    }
+
+    async fn submit(&mut self, pages: Pages) -> Result<(), ClientError> {
         self.collect_done(false).await?;
         let ticket = self.sender.next_batch()?;
         let lane = self.next_lane;
         self.next_lane = (self.next_lane + 1) % self.lanes.len();
         self.outstanding += 1;
         self.lanes[lane]
-            .send(Job { ticket, ranges })
+            .send(Job { ticket, pages })
             .await
             .map_err(|_| ClientError::Lane("data stream task ended".into()))
     }
@@ -436,7 +452,10 @@ async fn lane(
         };
         let joined = tokio::task::spawn_blocking(move || {
             let t = job.ticket;
-            let r = enc.encode(t.layer, t.seq, job.ranges);
+            let r = match job.pages {
+                Pages::Data(ranges) => enc.encode(t.layer, t.seq, ranges),
+                Pages::Zero(ranges) => enc.encode_zero(t.layer, t.seq, &ranges),
+            };
             (enc, r)
         })
         .await;

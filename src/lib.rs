@@ -8,6 +8,9 @@
 //! - [`demo`]: `ferry demo`, the transfer path end to end on loopback.
 //! - [`procfs`]: `/proc` introspection, pure parsers over fixture text.
 //! - [`policy`]: when to stop pre-dumping, as a pure function.
+//! - [`track`]: dirty-page tracking backends (uffd-wp, soft-dirty,
+//!   checksum) behind one trait.
+//! - [`dump`]: `ferry dump`, rounds of pre-dump, freeze, final delta.
 //! - [`sys`]: every raw syscall and `unsafe` block of ferry (ptrace and
 //!   syscall injection, userfaultfd, `PAGEMAP_SCAN`, `process_vm_readv`)
 //!   behind safe wrappers.
@@ -18,10 +21,12 @@
 pub mod certs;
 pub mod client;
 pub mod demo;
+// pub mod dump; (enabled once sys lands)
 pub mod policy;
 pub mod procfs;
 pub mod synthetic;
 pub mod sys;
+// pub mod track; (enabled once sys lands)
 
 pub use ferry_page_server as page_server;
 pub use ferry_proto as proto;

@@ -5,7 +5,7 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,48 +14,15 @@ use ferry::client::{Client, ClientError, CommitOutcome, Connect};
 use ferry::demo::verify;
 use ferry::synthetic::{Mix, Rng, Workload};
 use ferry_page_server::store::{disk::DiskStore, mem::MemStore, Store};
-use ferry_page_server::tls::{client_config, server_config, TlsFiles, SERVER_NAME};
-use ferry_page_server::{Config, PageServer};
+use ferry_page_server::tls::{client_config, TlsFiles, SERVER_NAME};
 use ferry_proto::batch::{Compress, Encoder};
 use ferry_proto::frame;
 use ferry_proto::pb::{self, control::Msg};
 use ferry_proto::session::{control, SenderConfig};
 use ferry_proto::{SessionId, PROTOCOL_VERSION};
-use tokio::sync::oneshot;
 
-struct Server {
-    addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Server {
-    fn start(tls: &Path, store: Arc<dyn Store>) -> Server {
-        let cfg = Config::new(server_config(&TlsFiles::server(tls)).unwrap(), store);
-        let server = PageServer::bind("127.0.0.1:0".parse().unwrap(), cfg).unwrap();
-        let addr = server.local_addr().unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(server.run(async {
-            let _ = stopped.await;
-        }));
-        Server {
-            addr,
-            stop: Some(stop),
-            task,
-        }
-    }
-
-    async fn stop(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        self.task.await.unwrap();
-    }
-}
-
-fn certs() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    ferry::certs::init(dir.path(), &[], false).unwrap();
-    dir
-}
+mod common;
+use common::{certs, connect, connect_retrying, free_port, Server, ServerProcess};
 
 fn sender_config(id: u8, page_size: u32, resume: bool) -> SenderConfig {
     SenderConfig {
@@ -66,13 +33,6 @@ fn sender_config(id: u8, page_size: u32, resume: bool) -> SenderConfig {
         label: format!("test session {id}"),
         resume,
     }
-}
-
-fn connect(addr: SocketAddr, tls: &Path) -> Connect {
-    let mut c = Connect::new(addr, client_config(&TlsFiles::client(tls)).unwrap());
-    c.streams = 4;
-    c.timeout = Duration::from_secs(20);
-    c
 }
 
 /// Streams a workload in `rounds` rounds (layer 0 whole, then 10 % dirty),
@@ -388,56 +348,6 @@ async fn hostile_input_ends_only_its_own_session() {
     server.stop().await;
 }
 
-struct ServerProcess(Child);
-
-impl ServerProcess {
-    fn start(tls: &Path, store: &Path, port: u16) -> ServerProcess {
-        let child = Command::new(env!("CARGO_BIN_EXE_ferry"))
-            .args(["page-server", "--listen"])
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("--tls")
-            .arg(tls)
-            .arg("--store")
-            .arg(format!("disk:{}", store.display()))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        ServerProcess(child)
-    }
-
-    fn kill(mut self) {
-        self.0.kill().unwrap();
-        self.0.wait().unwrap();
-    }
-}
-
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-async fn connect_retrying(c: Connect, s: SenderConfig) -> Client {
-    for _ in 0..100 {
-        if let Ok(client) = Client::connect(c.clone(), s.clone()).await {
-            return client;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("page server did not come up");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disk_store_survives_a_killed_page_server_and_the_session_resumes() {
     let tls = certs();
@@ -446,7 +356,8 @@ async fn disk_store_survives_a_killed_page_server_and_the_session_resumes() {
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let mut w = Workload::new(8, Mix::TYPICAL, 4);
 
-    let server = ServerProcess::start(tls.path(), images.path(), port);
+    let store_arg = format!("disk:{}", images.path().display());
+    let server = ServerProcess::start(tls.path(), &store_arg, port);
     let mut client =
         connect_retrying(connect(addr, tls.path()), sender_config(4, 4096, false)).await;
     migrate_synthetic(&mut client, &mut w, 3, 4).await;
@@ -487,7 +398,7 @@ async fn disk_store_survives_a_killed_page_server_and_the_session_resumes() {
     drop(store);
 
     // The source resumes the session on a restarted server at layer 3.
-    let server = ServerProcess::start(tls.path(), images.path(), port);
+    let server = ServerProcess::start(tls.path(), &store_arg, port);
     let mut client =
         connect_retrying(connect(addr, tls.path()), sender_config(4, 4096, true)).await;
     assert_eq!(client.next_layer(), 3);

@@ -276,6 +276,65 @@ impl Encoder {
         })
     }
 
+    /// A batch of zero runs only, for page ranges `[start, end)` the source
+    /// knows read as zero without reading them (the holes of a mapping that
+    /// replaced an older one: they must override older layers). Ranges must
+    /// be ascending, page aligned, at most [`MAX_RUNS`] runs in all.
+    pub fn encode_zero(
+        &mut self,
+        layer: u32,
+        seq: u32,
+        ranges: &[(u64, u64)],
+    ) -> Result<EncodedBatch, BatchError> {
+        let ps = self.page_size as u64;
+        let mut runs = Vec::new();
+        let mut next_min = 0u64;
+        let mut pages = 0u64;
+        for &(start, end) in ranges {
+            if start >= end || start % ps != 0 || end % ps != 0 || start < next_min {
+                return Err(BatchError::BadInput {
+                    addr: start,
+                    len: end.saturating_sub(start) as usize,
+                });
+            }
+            next_min = end;
+            let mut a = start;
+            while a < end {
+                let n = ((end - a) / ps).min(u32::MAX as u64);
+                if runs.len() == MAX_RUNS {
+                    return Err(BatchError::TooManyRuns(runs.len() + 1));
+                }
+                runs.push(pb::Run {
+                    addr: a,
+                    pages: n as u32,
+                    kind: pb::RunKind::Zero as i32,
+                });
+                pages += n;
+                a += n * ps;
+            }
+        }
+        if runs.is_empty() {
+            return Err(BatchError::Empty);
+        }
+        let mut hasher = Xxh3::new();
+        for r in &runs {
+            hash_run(&mut hasher, r.addr, r.pages, true);
+        }
+        Ok(EncodedBatch {
+            header: pb::BatchHeader {
+                layer,
+                seq,
+                runs,
+                compression: pb::Compression::None as i32,
+                raw_len: 0,
+            },
+            payload: Vec::new(),
+            digest: hasher.digest(),
+            pages,
+            zero_pages: pages,
+        })
+    }
+
     fn maybe_compress(
         &mut self,
         chunks: Vec<Bytes>,
@@ -539,6 +598,22 @@ mod tests {
         assert_eq!(e.wire_bytes(), 0);
         assert_eq!(e.header.runs.len(), 1);
         assert_eq!(through_wire(&e).pages(), 64);
+    }
+
+    #[test]
+    fn zero_only_batches_round_trip() {
+        let mut enc = Encoder::new(PS, Compress::default());
+        let e = enc
+            .encode_zero(1, 2, &[(0x1000, 0x5000), (0x10000, 0x11000)])
+            .unwrap();
+        assert_eq!((e.pages, e.zero_pages, e.wire_bytes()), (5, 5, 0));
+        let d = through_wire(&e);
+        assert_eq!(d.digest, e.digest);
+        assert_eq!(d.pages(), 5);
+        assert!(d.runs.iter().all(|r| r.zero));
+        assert!(enc.encode_zero(0, 0, &[(0x2000, 0x1000)]).is_err());
+        assert!(enc.encode_zero(0, 0, &[(0x3000, 0x4000), (0x1000, 0x2000)]).is_err());
+        assert!(enc.encode_zero(0, 0, &[]).is_err());
     }
 
     #[test]

@@ -1,0 +1,552 @@
+//! `ferry dump`: iterative pre-dump of a live process, streamed round by
+//! round, then a freeze and the final delta — CRIU's pre-dump + dump in one
+//! command, without a disk in between.
+//!
+//! Each round: read the mappings, ask the tracker which pages changed, and
+//! push them through a pipeline (a blocking reader thread doing
+//! `process_vm_readv`, a bounded channel, the client's parallel QUIC lanes
+//! encoding and sending), so reads, compression and the network overlap and
+//! memory stays bounded by the channel and lane depths. The round policy
+//! (a pure function, [`crate::policy`]) decides after each round whether
+//! another pre-dump round pays or the process should be frozen.
+//!
+//! The target is never left stopped or traced by accident: [`Tracee`] detaches
+//! (leaving it running) when dropped, which happens on every error path,
+//! when ferry is interrupted (the future is dropped), and when the page
+//! server goes away.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use ferry_page_server::store::disk::DiskStore;
+use ferry_page_server::store::{SessionStore, Store, StoreError};
+use ferry_proto::batch::{decode, Compress, Encoder, MAX_RUNS};
+use ferry_proto::session::SenderConfig;
+use ferry_proto::{pb, SessionId};
+use tokio::sync::mpsc;
+
+use crate::client::{Client, ClientError, CommitOutcome, Connect, LayerStats};
+use crate::policy::{Decision, Policy, RoundStats, StopReason};
+use crate::procfs::{self, MapEntry, ProcError};
+use crate::sys::ptrace::{PtraceError, Tracee};
+use crate::sys::vm::{self, VmError};
+use crate::track::{self, Backend, Delta, TrackError, Tracker};
+
+/// Pages read and sent as one batch (4 MiB of 4 KiB pages).
+const BATCH_PAGES: u64 = 1024;
+/// Batches read ahead of the network.
+const READ_AHEAD: usize = 4;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DumpError {
+    #[error("{0}")]
+    Ptrace(#[from] PtraceError),
+    #[error("dirty tracking: {0}")]
+    Track(#[from] TrackError),
+    #[error("{0}")]
+    Proc(#[from] ProcError),
+    #[error("reading the target's memory: {0}")]
+    Read(#[from] VmError),
+    #[error("{0}")]
+    Client(#[from] ClientError),
+    #[error("image directory: {0}")]
+    Store(#[from] StoreError),
+    #[error("the destination did not keep the image: {0}")]
+    Commit(String),
+    #[error("the reader thread failed: {0}")]
+    Reader(String),
+}
+
+/// Where the layers go.
+pub enum Destination {
+    /// A page server, over QUIC.
+    Remote(Connect),
+    /// A local directory in the disk store's format.
+    ImagesDir(PathBuf),
+}
+
+pub struct DumpOptions {
+    pub pid: i32,
+    pub dest: Destination,
+    /// Leave the process stopped after a successful dump (else running).
+    pub leave_stopped: bool,
+    /// `None`: the best backend that works here.
+    pub track: Option<Backend>,
+    pub policy: Policy,
+    pub compress: Compress,
+}
+
+/// One round as the display and `--json` show it.
+#[derive(Debug, Clone)]
+pub struct RoundReport {
+    pub round: u32,
+    /// The final round, with the process frozen.
+    pub frozen: bool,
+    /// Pages the tracker reported (data and known-zero).
+    pub dirty_pages: u64,
+    pub stats: LayerStats,
+    /// Time to find the dirty pages.
+    pub scan: Duration,
+    /// Time of the whole round, scan included, until the layer was sealed.
+    pub total: Duration,
+    /// Policy's prediction of the downtime after this round.
+    pub predicted_downtime: Option<Duration>,
+}
+
+impl RoundReport {
+    pub fn rate_mb_s(&self) -> f64 {
+        self.stats.raw_bytes as f64 / self.total.as_secs_f64().max(1e-9) / 1e6
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct DumpReport {
+    pub pid: i32,
+    pub session: SessionId,
+    pub backend: Backend,
+    pub rounds: Vec<RoundReport>,
+    pub stop: StopReason,
+    /// From freezing the process to the destination's acknowledgement.
+    pub frozen: Duration,
+    pub total: Duration,
+}
+
+/// Runs a dump; `progress` is called after every round.
+pub async fn dump(
+    opts: DumpOptions,
+    progress: &mut (dyn FnMut(&RoundReport) + Send),
+) -> Result<DumpReport, DumpError> {
+    let t_start = Instant::now();
+    let pid = opts.pid;
+    let tracee = Tracee::seize(pid)?;
+    let mut tracker = track::choose(&tracee, opts.track)?;
+    let backend = tracker.backend();
+    let session = SessionId(random_id());
+    let mut sink = Sink::open(opts.dest, session, pid, opts.compress).await?;
+
+    let mut rounds: Vec<RoundReport> = Vec::new();
+    let mut history: Vec<RoundStats> = Vec::new();
+    let stop = loop {
+        match opts.policy.decide(&history) {
+            Decision::Freeze(reason) => break reason,
+            Decision::PreDump => {}
+        }
+        let mut r = round(pid, tracker.as_mut(), &mut sink, rounds.len() as u32, false).await?;
+        history.push(RoundStats {
+            pages: r.stats.pages,
+            raw_bytes: r.stats.raw_bytes,
+            wire_bytes: r.stats.wire_bytes,
+            seconds: r.total.as_secs_f64(),
+        });
+        r.predicted_downtime = opts.policy.predicted_downtime(&history);
+        progress(&r);
+        rounds.push(r);
+    };
+
+    let t_freeze = Instant::now();
+    tracee.freeze()?;
+    let r = round(pid, tracker.as_mut(), &mut sink, rounds.len() as u32, true).await?;
+    progress(&r);
+    rounds.push(r);
+    let state = capture_state(pid, &tracee)?;
+    sink.state(state).await?;
+    sink.commit().await?;
+    let frozen = t_freeze.elapsed();
+    drop(tracker);
+    tracee.detach(opts.leave_stopped)?;
+    Ok(DumpReport {
+        pid,
+        session,
+        backend,
+        rounds,
+        stop,
+        frozen,
+        total: t_start.elapsed(),
+    })
+}
+
+/// One round: find the dirty pages, send them as a layer, wait for the seal.
+async fn round(
+    pid: i32,
+    tracker: &mut dyn Tracker,
+    sink: &mut Sink,
+    round: u32,
+    frozen: bool,
+) -> Result<RoundReport, DumpError> {
+    let t0 = Instant::now();
+    let maps = procfs::read_maps(pid)?;
+    let delta = tokio::task::block_in_place(|| tracker.collect(&maps))?;
+    let scan = t0.elapsed();
+    let dirty_pages = delta.pages(track::page_size());
+    match send_layer(pid, &maps, &delta, sink).await {
+        Ok(stats) => Ok(RoundReport {
+            round,
+            frozen,
+            dirty_pages,
+            stats,
+            scan,
+            total: t0.elapsed(),
+            predicted_downtime: None,
+        }),
+        Err(e) => {
+            // Nothing lost: should the dump be retried, these pages are due.
+            tracker.put_back(&delta);
+            Err(e)
+        }
+    }
+}
+
+async fn send_layer(
+    pid: i32,
+    maps: &[MapEntry],
+    delta: &Delta,
+    sink: &mut Sink,
+) -> Result<LayerStats, DumpError> {
+    sink.begin(maps.iter().map(vma_of).collect()).await?;
+    let ps = track::page_size();
+    let batches = split(&delta.data, BATCH_PAGES * ps);
+    let (tx, mut rx) = mpsc::channel::<Result<Vec<(u64, Bytes)>, DumpError>>(READ_AHEAD);
+    let reader = tokio::task::spawn_blocking(move || {
+        let mut buf = Vec::new();
+        for ranges in batches {
+            let r = read_batch(pid, &ranges, &mut buf);
+            let stop = r.is_err();
+            if tx.blocking_send(r).is_err() || stop {
+                return;
+            }
+        }
+    });
+    while let Some(item) = rx.recv().await {
+        let ranges = item?;
+        if !ranges.is_empty() {
+            sink.data(ranges).await?;
+        }
+    }
+    reader
+        .await
+        .map_err(|e| DumpError::Reader(e.to_string()))?;
+    for chunk in delta.zero.chunks(MAX_RUNS / 2) {
+        sink.zero(chunk.to_vec()).await?;
+    }
+    sink.end().await
+}
+
+/// Reads one batch of ranges. A range whose memory vanished since the scan
+/// (the process unmapped it while running) has nothing left to send; any
+/// other failure is an error.
+fn read_batch(
+    pid: i32,
+    ranges: &[(u64, u64)],
+    buf: &mut Vec<u8>,
+) -> Result<Vec<(u64, Bytes)>, DumpError> {
+    match vm::read_ranges(pid, ranges, buf) {
+        Ok(()) => return Ok(slice_ranges(ranges, std::mem::take(buf))),
+        Err(VmError::Fault { .. }) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let mut out = Vec::new();
+    for &r in ranges {
+        match vm::read_ranges(pid, &[r], buf) {
+            Ok(()) => out.extend(slice_ranges(&[r], std::mem::take(buf))),
+            Err(VmError::Fault { addr }) => {
+                let maps = procfs::read_maps(pid)?;
+                if maps.iter().any(|m| m.start <= addr && addr < m.end && m.read) {
+                    return Err(VmError::Fault { addr }.into());
+                }
+                // Unmapped meanwhile; the next round's mappings show it gone.
+                let ps = track::page_size();
+                let mut a = r.0;
+                while a < r.1 {
+                    if let Ok(()) = vm::read_ranges(pid, &[(a, a + ps)], buf) {
+                        out.extend(slice_ranges(&[(a, a + ps)], std::mem::take(buf)));
+                    }
+                    a += ps;
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(out)
+}
+
+fn slice_ranges(ranges: &[(u64, u64)], buf: Vec<u8>) -> Vec<(u64, Bytes)> {
+    let all = Bytes::from(buf);
+    let mut off = 0usize;
+    ranges
+        .iter()
+        .map(|&(s, e)| {
+            let len = (e - s) as usize;
+            let b = all.slice(off..off + len);
+            off += len;
+            (s, b)
+        })
+        .collect()
+}
+
+/// Cuts ranges into batches of at most `max` bytes.
+fn split(ranges: &[(u64, u64)], max: u64) -> Vec<Vec<(u64, u64)>> {
+    let mut out = Vec::new();
+    let mut cur = Vec::new();
+    let mut size = 0;
+    for &(mut s, e) in ranges {
+        while s < e {
+            let take = (e - s).min(max - size);
+            cur.push((s, s + take));
+            size += take;
+            s += take;
+            if size == max {
+                out.push(std::mem::take(&mut cur));
+                size = 0;
+            }
+        }
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+/// The image's VMA, with the backing file's size and mtime for the
+/// destination's pre-flight check.
+fn vma_of(m: &MapEntry) -> pb::Vma {
+    let mut v = m.to_vma();
+    if let Some(f) = v.file.as_mut() {
+        if let Ok(md) = std::fs::metadata(&f.path) {
+            use std::os::unix::fs::MetadataExt;
+            f.size = md.size();
+            f.mtime_ns = md.mtime() * 1_000_000_000 + md.mtime_nsec();
+        }
+    }
+    v
+}
+
+/// The process state as far as ferry captures it today: identity, cwd,
+/// mappings, threads and file descriptors by path. Registers, signal state
+/// and the rest of DESIGN.md §6 come with restore.
+fn capture_state(pid: i32, tracee: &Tracee) -> Result<pb::ProcessTree, DumpError> {
+    let status = procfs::read_status(pid)?;
+    let maps = procfs::read_maps(pid)?;
+    let cwd = std::fs::read_link(format!("/proc/{pid}/cwd"))
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let fds = procfs::list_fds(pid)?
+        .into_iter()
+        .map(|(fd, target)| pb::FileDesc {
+            fd,
+            path: target.clone(),
+            kind: pb::FdKind::Unsupported as i32,
+            description: target,
+            ..Default::default()
+        })
+        .collect();
+    Ok(pb::ProcessTree {
+        processes: vec![pb::Process {
+            pid,
+            ppid: status.ppid,
+            comm: status.name,
+            cwd,
+            vmas: maps.iter().map(vma_of).collect(),
+            threads: tracee
+                .tids()
+                .into_iter()
+                .map(|tid| pb::Thread {
+                    tid,
+                    ..Default::default()
+                })
+                .collect(),
+            fds,
+            ..Default::default()
+        }],
+    })
+}
+
+fn random_id() -> [u8; 16] {
+    let mut id = [0u8; 16];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        use std::io::Read;
+        let _ = f.read_exact(&mut id);
+    }
+    id
+}
+
+/// The destination of the layers: a page server or a local image directory.
+enum Sink {
+    Remote(Box<Client>),
+    Local(Box<LocalSink>),
+}
+
+struct LocalSink {
+    _store: DiskStore,
+    handle: Box<dyn SessionStore>,
+    encoder: Encoder,
+    layer: u32,
+    seq: u32,
+    stats: LayerStats,
+}
+
+impl Sink {
+    async fn open(
+        dest: Destination,
+        session: SessionId,
+        pid: i32,
+        compress: Compress,
+    ) -> Result<Sink, DumpError> {
+        let comm = procfs::read_status(pid).map(|s| s.name).unwrap_or_default();
+        let label = format!("pid {pid} {comm}");
+        match dest {
+            Destination::Remote(mut connect) => {
+                connect.compress = compress;
+                let client = Client::connect(
+                    connect,
+                    SenderConfig {
+                        session,
+                        page_size: track::page_size() as u32,
+                        arch: std::env::consts::ARCH.into(),
+                        kernel: kernel_release(),
+                        label,
+                        resume: false,
+                    },
+                )
+                .await?;
+                Ok(Sink::Remote(Box::new(client)))
+            }
+            Destination::ImagesDir(dir) => {
+                let store = DiskStore::open(&dir)?;
+                let handle = store.create(pb::SessionMeta {
+                    session: session.0.to_vec().into(),
+                    page_size: track::page_size() as u32,
+                    arch: std::env::consts::ARCH.into(),
+                    kernel: kernel_release(),
+                    label,
+                    created_unix_ms: std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_millis() as i64)
+                        .unwrap_or(0),
+                })?;
+                Ok(Sink::Local(Box::new(LocalSink {
+                    _store: store,
+                    handle,
+                    encoder: Encoder::new(track::page_size() as u32, Compress::Off),
+                    layer: 0,
+                    seq: 0,
+                    stats: LayerStats::default(),
+                })))
+            }
+        }
+    }
+
+    async fn begin(&mut self, vmas: Vec<pb::Vma>) -> Result<(), DumpError> {
+        match self {
+            Sink::Remote(c) => {
+                c.begin_layer(vmas).await?;
+            }
+            Sink::Local(l) => {
+                l.layer = l.handle.sealed_layers();
+                l.seq = 0;
+                l.stats = LayerStats {
+                    layer: l.layer,
+                    ..Default::default()
+                };
+                tokio::task::block_in_place(|| l.handle.begin_layer(l.layer, vmas))?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn data(&mut self, ranges: Vec<(u64, Bytes)>) -> Result<(), DumpError> {
+        match self {
+            Sink::Remote(c) => Ok(c.send_pages(ranges).await?),
+            Sink::Local(l) => {
+                let e = l
+                    .encoder
+                    .encode(l.layer, l.seq, ranges)
+                    .map_err(ClientError::from)?;
+                l.put(e)
+            }
+        }
+    }
+
+    async fn zero(&mut self, ranges: Vec<(u64, u64)>) -> Result<(), DumpError> {
+        match self {
+            Sink::Remote(c) => Ok(c.send_zero(ranges).await?),
+            Sink::Local(l) => {
+                let e = l
+                    .encoder
+                    .encode_zero(l.layer, l.seq, &ranges)
+                    .map_err(ClientError::from)?;
+                l.put(e)
+            }
+        }
+    }
+
+    async fn end(&mut self) -> Result<LayerStats, DumpError> {
+        match self {
+            Sink::Remote(c) => {
+                let stats = c.end_layer().await?;
+                c.wait_sealed().await?;
+                Ok(stats)
+            }
+            Sink::Local(l) => {
+                tokio::task::block_in_place(|| l.handle.seal())?;
+                Ok(l.stats)
+            }
+        }
+    }
+
+    async fn state(&mut self, tree: pb::ProcessTree) -> Result<(), DumpError> {
+        match self {
+            Sink::Remote(c) => Ok(c.send_state(tree).await?),
+            Sink::Local(l) => Ok(tokio::task::block_in_place(|| l.handle.put_state(&tree))?),
+        }
+    }
+
+    async fn commit(self) -> Result<(), DumpError> {
+        match self {
+            Sink::Remote(c) => match c.commit(false).await? {
+                CommitOutcome::Stored { .. } => Ok(()),
+                other => Err(DumpError::Commit(format!("{other:?}"))),
+            },
+            Sink::Local(_) => Ok(()),
+        }
+    }
+}
+
+impl LocalSink {
+    fn put(&mut self, e: ferry_proto::batch::EncodedBatch) -> Result<(), DumpError> {
+        self.stats.batches += 1;
+        self.stats.pages += e.pages;
+        self.stats.zero_pages += e.zero_pages;
+        self.stats.raw_bytes += e.raw_bytes();
+        self.stats.wire_bytes += e.wire_bytes();
+        self.seq += 1;
+        let d = decode(e.to_wire(), track::page_size() as u32).map_err(ClientError::from)?;
+        tokio::task::block_in_place(|| self.handle.put(&d))?;
+        Ok(())
+    }
+}
+
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_cuts_at_the_byte_limit() {
+        let v = split(&[(0, 10), (20, 35)], 8);
+        assert_eq!(v, vec![vec![(0, 8)], vec![(8, 10), (20, 26)], vec![(26, 34)], vec![(34, 35)]]);
+        assert!(split(&[], 8).is_empty());
+    }
+
+    #[test]
+    fn slices_follow_the_ranges() {
+        let s = slice_ranges(&[(0x1000, 0x1002), (0x5000, 0x5001)], vec![1, 2, 3]);
+        assert_eq!(s[0], (0x1000, Bytes::from_static(&[1, 2])));
+        assert_eq!(s[1], (0x5000, Bytes::from_static(&[3])));
+    }
+}

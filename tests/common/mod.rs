@@ -1,0 +1,134 @@
+//! Helpers shared by the end-to-end tests: certificates, an in-process page
+//! server, and a page server as a child process that can be killed.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry::client::{Client, Connect};
+use ferry_page_server::store::Store;
+use ferry_page_server::tls::{client_config, server_config, TlsFiles};
+use ferry_page_server::{Config, PageServer};
+use ferry_proto::session::SenderConfig;
+use tokio::sync::oneshot;
+
+pub fn certs() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    ferry::certs::init(dir.path(), &[], false).unwrap();
+    dir
+}
+
+/// A page server running in this process.
+pub struct Server {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Server {
+    pub fn start(tls: &Path, store: Arc<dyn Store>) -> Server {
+        let cfg = Config::new(server_config(&TlsFiles::server(tls)).unwrap(), store);
+        let server = PageServer::bind("127.0.0.1:0".parse().unwrap(), cfg).unwrap();
+        let addr = server.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(server.run(async {
+            let _ = stopped.await;
+        }));
+        Server {
+            addr,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    pub async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        self.task.await.unwrap();
+    }
+}
+
+pub fn connect(addr: SocketAddr, tls: &Path) -> Connect {
+    let mut c = Connect::new(addr, client_config(&TlsFiles::client(tls)).unwrap());
+    c.streams = 4;
+    c.timeout = Duration::from_secs(20);
+    c
+}
+
+/// `ferry page-server` as a child process, killed when dropped.
+pub struct ServerProcess(pub Child);
+
+impl ServerProcess {
+    pub fn start(tls: &Path, store: &str, port: u16) -> ServerProcess {
+        let child = Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args(["page-server", "--listen"])
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--tls")
+            .arg(tls)
+            .arg("--store")
+            .arg(store)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        ServerProcess(child)
+    }
+
+    pub fn kill(mut self) {
+        self.0.kill().unwrap();
+        self.0.wait().unwrap();
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Connects once the page server is up.
+pub async fn connect_retrying(c: Connect, s: SenderConfig) -> Client {
+    for _ in 0..100 {
+        if let Ok(client) = Client::connect(c.clone(), s.clone()).await {
+            return client;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("page server did not come up");
+}
+
+/// Waits until a UDP port answers QUIC (the child page server is up), by
+/// trying a client connection.
+pub async fn wait_for_server(addr: SocketAddr, tls: &Path) {
+    for _ in 0..100 {
+        let mut c = connect(addr, tls);
+        c.timeout = Duration::from_millis(500);
+        let s = SenderConfig {
+            session: ferry_proto::SessionId([0xee; 16]),
+            page_size: 4096,
+            arch: String::new(),
+            kernel: String::new(),
+            label: "probe".into(),
+            resume: false,
+        };
+        if let Ok(client) = Client::connect(c, s).await {
+            client.abort("probe").await;
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("page server at {addr} did not come up");
+}
