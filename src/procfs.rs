@@ -1,1 +1,1052 @@
-//! /proc introspection (being written).
+//! `/proc` introspection of the process to migrate: its mappings, status,
+//! threads and file descriptors.
+//!
+//! Every format is parsed by a pure function over text (`parse_*`), tested
+//! on fixture text captured from real processes, so the parsing rules can be
+//! read and checked without a live target. The readers (`read_*`, `list_*`)
+//! only fetch the text and turn the errors of a vanished or forbidden process
+//! into [`ProcError::NoProcess`] and [`ProcError::Permission`], the two cases
+//! a caller acts on. Malformed input is an error naming the file, the line
+//! and the reason, never a panic.
+//!
+//! Files are read as bytes and converted lossily: a path that is not UTF-8
+//! keeps its shape with U+FFFD in place of the bad bytes, so it will not be
+//! found again on the destination and the file checks fail there, loudly.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use ferry_proto::pb;
+
+/// Errors of `/proc` introspection.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcError {
+    /// The text of a `/proc` file is not in the expected format. `line`
+    /// counts from 1; 0 means the file as a whole (a missing field).
+    #[error("parsing {what}, line {line}: {reason}")]
+    Parse {
+        what: &'static str,
+        line: usize,
+        reason: String,
+    },
+    /// The process does not exist (any more).
+    #[error("no process {0}")]
+    NoProcess(i32),
+    /// The process exists but has no such file descriptor (any more).
+    #[error("process {pid} has no file descriptor {fd}")]
+    NoFd { pid: i32, fd: i32 },
+    /// Not allowed to read this file of the process (another user's process
+    /// without `CAP_SYS_PTRACE`, or a Yama restriction).
+    #[error("permission denied reading {path} of process {pid}")]
+    Permission { pid: i32, path: PathBuf },
+    /// Any other I/O error, with the file it concerns.
+    #[error("reading {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn parse_err(what: &'static str, line: usize, reason: impl Into<String>) -> ProcError {
+    ProcError::Parse {
+        what,
+        line,
+        reason: reason.into(),
+    }
+}
+
+// ---------------------------------------------------------------- maps
+
+/// One line of `/proc/PID/maps`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MapEntry {
+    pub start: u64,
+    pub end: u64,
+    pub read: bool,
+    pub write: bool,
+    pub exec: bool,
+    /// `s` in the permissions: `MAP_SHARED`; `p` is private.
+    pub shared: bool,
+    pub offset: u64,
+    pub dev_major: u32,
+    pub dev_minor: u32,
+    pub inode: u64,
+    /// The last column as the kernel shows it: a path (with " (deleted)"
+    /// appended when the file was unlinked), a pseudo-name such as
+    /// `[heap]` or `[anon:name]`, or `None` for a plain anonymous mapping.
+    pub path: Option<String>,
+}
+
+/// Pseudo-names of the kernel-provided mappings.
+const SPECIAL: [&str; 4] = ["[vdso]", "[vvar]", "[vvar_vclock]", "[vsyscall]"];
+
+const DELETED: &str = " (deleted)";
+
+impl MapEntry {
+    /// Length in bytes.
+    pub fn len(&self) -> u64 {
+        self.end.saturating_sub(self.start)
+    }
+
+    /// True for an empty range (never produced by [`parse_maps`]).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// `[vdso]`, `[vvar]`, `[vvar_vclock]`, `[vsyscall]`: provided by the
+    /// kernel, so never registered for dirty tracking and never sent as
+    /// data; the restore maps the destination kernel's own.
+    pub fn is_special(&self) -> bool {
+        self.inode == 0 && self.path.as_deref().is_some_and(|p| SPECIAL.contains(&p))
+    }
+
+    /// The file was unlinked after it was mapped (" (deleted)" suffix).
+    pub fn is_deleted(&self) -> bool {
+        self.is_path() && self.path.as_deref().is_some_and(|p| p.ends_with(DELETED))
+    }
+
+    /// The path without the " (deleted)" suffix, for a path; `None` for
+    /// pseudo-names and anonymous mappings.
+    pub fn file_path(&self) -> Option<&str> {
+        let p = self.path.as_deref().filter(|p| p.starts_with('/'))?;
+        Some(p.strip_suffix(DELETED).unwrap_or(p))
+    }
+
+    fn is_path(&self) -> bool {
+        self.path.as_deref().is_some_and(|p| p.starts_with('/'))
+    }
+
+    /// Shared memory of the kernel's internal shmem mount that no file on
+    /// the destination can provide: a shared mapping of `/dev/zero` (the
+    /// kernel shows it as "/dev/zero (deleted)") and System V segments
+    /// ("/SYSV<key> (deleted)"). memfd mappings are not counted here: they
+    /// are files (see [`MapEntry::kind`]).
+    fn is_anon_shmem_path(&self) -> bool {
+        match self.path.as_deref() {
+            Some("/dev/zero (deleted)") => true,
+            Some(p) => p.starts_with("/SYSV") && p.ends_with(DELETED),
+            None => false,
+        }
+    }
+
+    /// Backed by a file: the last column is a path, the inode is not 0,
+    /// and it is not anonymous shared memory in disguise (`/dev/zero`,
+    /// `/SYSV…`). Exactly the entries whose [`MapEntry::kind`] is `File`.
+    pub fn is_file(&self) -> bool {
+        self.is_path() && self.inode != 0 && !self.is_anon_shmem_path()
+    }
+
+    /// What the mapping is, for the image.
+    ///
+    /// - `[heap]` → `Heap`; `[stack]` (and the `[stack:TID]` of old
+    ///   kernels) → `Stack`; `[vdso]` → `Vdso`; `[vvar]` and
+    ///   `[vvar_vclock]` → `Vvar`; `[vsyscall]` → `Vsyscall`.
+    /// - A file ([`MapEntry::is_file`]) → `File`, deleted or not. This
+    ///   includes memfd mappings ("/memfd:name (deleted)"): their contents
+    ///   live in a file only the source has, which the caller must treat
+    ///   like any other deleted file.
+    /// - Otherwise shared → `SharedAnon` (`MAP_SHARED|MAP_ANONYMOUS`,
+    ///   `[anon_shmem:name]`, "/dev/zero (deleted)", "/SYSV… (deleted)");
+    ///   private → `Anon` (no name, `[anon:name]`, any other pseudo-name).
+    pub fn kind(&self) -> pb::VmaKind {
+        match self.path.as_deref() {
+            Some("[heap]") => return pb::VmaKind::Heap,
+            Some(p) if p == "[stack]" || p.starts_with("[stack:") => return pb::VmaKind::Stack,
+            Some("[vdso]") => return pb::VmaKind::Vdso,
+            Some("[vvar]") | Some("[vvar_vclock]") => return pb::VmaKind::Vvar,
+            Some("[vsyscall]") => return pb::VmaKind::Vsyscall,
+            _ => {}
+        }
+        if self.is_file() {
+            pb::VmaKind::File
+        } else if self.shared {
+            pb::VmaKind::SharedAnon
+        } else {
+            pb::VmaKind::Anon
+        }
+    }
+
+    /// `PROT_*` bits.
+    pub fn prot(&self) -> u32 {
+        let mut prot = libc::PROT_NONE;
+        if self.read {
+            prot |= libc::PROT_READ;
+        }
+        if self.write {
+            prot |= libc::PROT_WRITE;
+        }
+        if self.exec {
+            prot |= libc::PROT_EXEC;
+        }
+        prot as u32
+    }
+
+    /// The image's description of this mapping.
+    ///
+    /// `flags` is `MAP_SHARED` or `MAP_PRIVATE`, plus `MAP_ANONYMOUS` for
+    /// the anonymous kinds (`Anon`, `Heap`, `Stack`, `SharedAnon`); the
+    /// kernel-provided mappings carry only `MAP_PRIVATE`. `name` is the
+    /// last column as shown. `file` is set for file mappings, with the path
+    /// as shown (a deleted file keeps its " (deleted)" suffix, so the
+    /// destination cannot mistake another file for it) and `dev` in glibc's
+    /// `makedev` encoding; `size` and `mtime_ns` are left 0 for the caller
+    /// to fill from `stat` (of `/proc/PID/map_files/…` for deleted files).
+    pub fn to_vma(&self) -> pb::Vma {
+        let kind = self.kind();
+        let mut flags = if self.shared {
+            libc::MAP_SHARED
+        } else {
+            libc::MAP_PRIVATE
+        };
+        if matches!(
+            kind,
+            pb::VmaKind::Anon | pb::VmaKind::Heap | pb::VmaKind::Stack | pb::VmaKind::SharedAnon
+        ) {
+            flags |= libc::MAP_ANONYMOUS;
+        }
+        let file = (kind == pb::VmaKind::File).then(|| pb::FileRef {
+            path: self.path.clone().unwrap_or_default(),
+            dev: libc::makedev(self.dev_major, self.dev_minor),
+            inode: self.inode,
+            size: 0,
+            mtime_ns: 0,
+        });
+        pb::Vma {
+            start: self.start,
+            end: self.end,
+            prot: self.prot(),
+            flags: flags as u32,
+            offset: self.offset,
+            kind: kind as i32,
+            file,
+            name: self.path.clone().unwrap_or_default(),
+        }
+    }
+}
+
+/// Splits off the next whitespace-separated field, returning it and the
+/// rest (which still starts with the separator).
+fn next_field(s: &str) -> Option<(&str, &str)> {
+    let s = s.trim_start_matches([' ', '\t']);
+    if s.is_empty() {
+        return None;
+    }
+    let end = s.find([' ', '\t']).unwrap_or(s.len());
+    Some((&s[..end], &s[end..]))
+}
+
+fn parse_map_line(line: &str) -> Result<MapEntry, String> {
+    let (range, rest) = next_field(line).ok_or("empty line")?;
+    let (perms, rest) = next_field(rest).ok_or("no permissions")?;
+    let (offset, rest) = next_field(rest).ok_or("no offset")?;
+    let (dev, rest) = next_field(rest).ok_or("no device")?;
+    let (inode, rest) = next_field(rest).ok_or("no inode")?;
+
+    let (start, end) = range
+        .split_once('-')
+        .ok_or_else(|| format!("address range {range:?} has no '-'"))?;
+    let hex =
+        |s: &str, name: &str| u64::from_str_radix(s, 16).map_err(|e| format!("{name} {s:?}: {e}"));
+    let start = hex(start, "start address")?;
+    let end = hex(end, "end address")?;
+    if start >= end {
+        return Err(format!("empty or reversed range {start:#x}-{end:#x}"));
+    }
+
+    let p = perms.as_bytes();
+    if p.len() != 4 {
+        return Err(format!("permissions {perms:?} are not 4 characters"));
+    }
+    let flag = |i: usize, yes: u8| match p[i] {
+        b'-' => Ok(false),
+        c if c == yes => Ok(true),
+        _ => Err(format!(
+            "permissions {perms:?}: unexpected {:?}",
+            p[i] as char
+        )),
+    };
+    let read = flag(0, b'r')?;
+    let write = flag(1, b'w')?;
+    let exec = flag(2, b'x')?;
+    let shared = match p[3] {
+        b's' => true,
+        b'p' => false,
+        c => return Err(format!("permissions {perms:?}: unexpected {:?}", c as char)),
+    };
+
+    let offset = hex(offset, "offset")?;
+    let (major, minor) = dev
+        .split_once(':')
+        .ok_or_else(|| format!("device {dev:?} has no ':'"))?;
+    let dev_num = |s: &str| u32::from_str_radix(s, 16).map_err(|e| format!("device {dev:?}: {e}"));
+    let dev_major = dev_num(major)?;
+    let dev_minor = dev_num(minor)?;
+    let inode = inode
+        .parse::<u64>()
+        .map_err(|e| format!("inode {inode:?}: {e}"))?;
+
+    // The kernel pads the path column with spaces; the path itself may hold
+    // spaces (even trailing ones), so only the padding in front goes.
+    let path = rest.trim_start_matches([' ', '\t']);
+    let path = (!path.is_empty()).then(|| path.to_owned());
+
+    Ok(MapEntry {
+        start,
+        end,
+        read,
+        write,
+        exec,
+        shared,
+        offset,
+        dev_major,
+        dev_minor,
+        inode,
+        path,
+    })
+}
+
+/// Parses `/proc/PID/maps`. Empty lines are skipped; any malformed line is
+/// a [`ProcError::Parse`] with its line number.
+pub fn parse_maps(text: &str) -> Result<Vec<MapEntry>, ProcError> {
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        out.push(parse_map_line(line).map_err(|r| parse_err("maps", i + 1, r))?);
+    }
+    Ok(out)
+}
+
+/// Bytes of the mappings whose pages may have to be sent: every anonymous
+/// mapping (private or shared, heap, stack, whatever its protection, since
+/// a page may have been written before an `mprotect`) and every writable
+/// private file mapping (its copied-on-write pages). An upper bound on
+/// round 0, for progress estimates; untouched pages are counted too.
+pub fn dumpable_bytes(maps: &[MapEntry]) -> u64 {
+    maps.iter()
+        .filter(|m| !m.is_special())
+        .filter(|m| !m.is_file() || (m.write && !m.shared))
+        .map(MapEntry::len)
+        .sum()
+}
+
+// ---------------------------------------------------------------- status
+
+/// The fields of `/proc/PID/status` ferry uses.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Status {
+    /// `comm`, as escaped by the kernel (`\n` and `\\`).
+    pub name: String,
+    /// `R`, `S`, `D`, `T`, `t`, `Z`, `X`, `I`, …
+    pub state: char,
+    pub tgid: i32,
+    pub pid: i32,
+    pub ppid: i32,
+    pub tracer_pid: i32,
+    /// Real, effective, saved, filesystem.
+    pub uid: [u32; 4],
+    pub gid: [u32; 4],
+    pub threads: u32,
+    /// `Kthread: 1` (kernels from 6.9 on say so; older ones don't, and
+    /// this stays false: check for an empty `maps` too).
+    pub kthread: bool,
+    pub sig_pnd: u64,
+    pub shd_pnd: u64,
+    pub sig_blk: u64,
+    pub sig_ign: u64,
+    pub sig_cgt: u64,
+    pub cap_eff: u64,
+    /// Absent for kernel threads and zombies.
+    pub vm_rss_kb: Option<u64>,
+}
+
+/// Parses `/proc/PID/status` (or `/proc/PID/task/TID/status`). Every field
+/// of [`Status`] is required except `Kthread` and `VmRSS`; unknown fields
+/// are ignored.
+pub fn parse_status(text: &str) -> Result<Status, ProcError> {
+    const WHAT: &str = "status";
+    #[derive(Default)]
+    struct Seen {
+        name: bool,
+        state: bool,
+        tgid: bool,
+        pid: bool,
+        ppid: bool,
+        tracer: bool,
+        uid: bool,
+        gid: bool,
+        threads: bool,
+        masks: [bool; 6],
+    }
+    let mut st = Status::default();
+    let mut seen = Seen::default();
+    for (i, line) in text.lines().enumerate() {
+        let n = i + 1;
+        let Some((key, value)) = line.split_once(':') else {
+            if line.trim().is_empty() {
+                continue;
+            }
+            return Err(parse_err(WHAT, n, format!("no ':' in {line:?}")));
+        };
+        // The name keeps its inner and trailing spaces; only the tab after
+        // the colon goes.
+        let raw = value.strip_prefix('\t').unwrap_or(value);
+        let value = value.trim();
+        let int = |v: &str| {
+            v.parse::<i32>()
+                .map_err(|e| parse_err(WHAT, n, format!("{key} {v:?}: {e}")))
+        };
+        let mask = |v: &str| {
+            u64::from_str_radix(v, 16).map_err(|e| parse_err(WHAT, n, format!("{key} {v:?}: {e}")))
+        };
+        let ids = |v: &str| -> Result<[u32; 4], ProcError> {
+            let mut out = [0u32; 4];
+            let mut it = v.split_whitespace();
+            for slot in &mut out {
+                let f = it
+                    .next()
+                    .ok_or_else(|| parse_err(WHAT, n, format!("{key}: fewer than 4 ids")))?;
+                *slot = f
+                    .parse()
+                    .map_err(|e| parse_err(WHAT, n, format!("{key} {f:?}: {e}")))?;
+            }
+            Ok(out)
+        };
+        match key {
+            "Name" => {
+                st.name = raw.to_owned();
+                seen.name = true;
+            }
+            "State" => {
+                st.state = value
+                    .chars()
+                    .next()
+                    .ok_or_else(|| parse_err(WHAT, n, "empty State"))?;
+                seen.state = true;
+            }
+            "Tgid" => {
+                st.tgid = int(value)?;
+                seen.tgid = true;
+            }
+            "Pid" => {
+                st.pid = int(value)?;
+                seen.pid = true;
+            }
+            "PPid" => {
+                st.ppid = int(value)?;
+                seen.ppid = true;
+            }
+            "TracerPid" => {
+                st.tracer_pid = int(value)?;
+                seen.tracer = true;
+            }
+            "Uid" => {
+                st.uid = ids(value)?;
+                seen.uid = true;
+            }
+            "Gid" => {
+                st.gid = ids(value)?;
+                seen.gid = true;
+            }
+            "Threads" => {
+                st.threads = value
+                    .parse()
+                    .map_err(|e| parse_err(WHAT, n, format!("Threads {value:?}: {e}")))?;
+                seen.threads = true;
+            }
+            "Kthread" => st.kthread = value == "1",
+            "SigPnd" => (st.sig_pnd, seen.masks[0]) = (mask(value)?, true),
+            "ShdPnd" => (st.shd_pnd, seen.masks[1]) = (mask(value)?, true),
+            "SigBlk" => (st.sig_blk, seen.masks[2]) = (mask(value)?, true),
+            "SigIgn" => (st.sig_ign, seen.masks[3]) = (mask(value)?, true),
+            "SigCgt" => (st.sig_cgt, seen.masks[4]) = (mask(value)?, true),
+            "CapEff" => (st.cap_eff, seen.masks[5]) = (mask(value)?, true),
+            "VmRSS" => {
+                let kb = value.strip_suffix("kB").unwrap_or(value).trim();
+                st.vm_rss_kb = Some(
+                    kb.parse()
+                        .map_err(|e| parse_err(WHAT, n, format!("VmRSS {value:?}: {e}")))?,
+                );
+            }
+            _ => {}
+        }
+    }
+    let required = [
+        ("Name", seen.name),
+        ("State", seen.state),
+        ("Tgid", seen.tgid),
+        ("Pid", seen.pid),
+        ("PPid", seen.ppid),
+        ("TracerPid", seen.tracer),
+        ("Uid", seen.uid),
+        ("Gid", seen.gid),
+        ("Threads", seen.threads),
+        ("SigPnd", seen.masks[0]),
+        ("ShdPnd", seen.masks[1]),
+        ("SigBlk", seen.masks[2]),
+        ("SigIgn", seen.masks[3]),
+        ("SigCgt", seen.masks[4]),
+        ("CapEff", seen.masks[5]),
+    ];
+    if let Some((field, _)) = required.iter().find(|(_, ok)| !ok) {
+        return Err(parse_err(WHAT, 0, format!("missing field {field}")));
+    }
+    Ok(st)
+}
+
+// ---------------------------------------------------------------- fdinfo
+
+/// The fields of `/proc/PID/fdinfo/FD` common to every kind of file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FdInfo {
+    /// File position.
+    pub pos: u64,
+    /// `O_*` open flags (octal in the file).
+    pub flags: u32,
+    /// Mount id, as in `/proc/PID/mountinfo`; 0 if the kernel does not
+    /// show it (before 3.15).
+    pub mnt_id: u32,
+}
+
+/// Parses `/proc/PID/fdinfo/FD`: `pos` and `flags` are required, the
+/// lines specific to a file kind (`eventfd-count`, `tfd`, `inotify`, …) are
+/// ignored.
+pub fn parse_fdinfo(text: &str) -> Result<FdInfo, ProcError> {
+    const WHAT: &str = "fdinfo";
+    let (mut pos, mut flags, mut mnt_id) = (None, None, 0u32);
+    for (i, line) in text.lines().enumerate() {
+        let Some((key, value)) = line.split_once(':') else {
+            continue;
+        };
+        let value = value.trim();
+        let bad =
+            |e: std::num::ParseIntError| parse_err(WHAT, i + 1, format!("{key} {value:?}: {e}"));
+        match key {
+            "pos" => pos = Some(value.parse::<u64>().map_err(bad)?),
+            "flags" => flags = Some(u32::from_str_radix(value, 8).map_err(bad)?),
+            "mnt_id" => mnt_id = value.parse::<u32>().map_err(bad)?,
+            _ => {}
+        }
+    }
+    Ok(FdInfo {
+        pos: pos.ok_or_else(|| parse_err(WHAT, 0, "missing field pos"))?,
+        flags: flags.ok_or_else(|| parse_err(WHAT, 0, "missing field flags"))?,
+        mnt_id,
+    })
+}
+
+// ---------------------------------------------------------------- stat
+
+/// Field 22 of `/proc/PID/stat`, the start time in clock ticks since boot:
+/// with the pid, it names a process unambiguously (pids are reused). The
+/// command name (field 2) may hold spaces and parentheses, so the fields
+/// are counted from the last `)`.
+pub fn parse_stat_starttime(text: &str) -> Result<u64, ProcError> {
+    let close = text
+        .rfind(')')
+        .ok_or_else(|| parse_err("stat", 1, "no ')' after the command name"))?;
+    // Fields after the name start at 3 (state); 22 is the 20th of them.
+    let field = text[close + 1..]
+        .split_whitespace()
+        .nth(22 - 3)
+        .ok_or_else(|| parse_err("stat", 1, "fewer than 22 fields"))?;
+    field
+        .parse()
+        .map_err(|e| parse_err("stat", 1, format!("starttime {field:?}: {e}")))
+}
+
+// ---------------------------------------------------------------- readers
+
+fn proc_path(pid: i32, rest: &str) -> PathBuf {
+    PathBuf::from(format!("/proc/{pid}/{rest}"))
+}
+
+fn map_io(pid: i32, path: &Path, err: io::Error) -> ProcError {
+    match err.raw_os_error() {
+        Some(libc::ENOENT) | Some(libc::ESRCH) => ProcError::NoProcess(pid),
+        Some(libc::EACCES) | Some(libc::EPERM) => ProcError::Permission {
+            pid,
+            path: path.to_owned(),
+        },
+        _ => ProcError::Io {
+            path: path.to_owned(),
+            source: err,
+        },
+    }
+}
+
+fn read_text(pid: i32, rest: &str) -> Result<String, ProcError> {
+    let path = proc_path(pid, rest);
+    let bytes = fs::read(&path).map_err(|e| map_io(pid, &path, e))?;
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// The mappings of process `pid`. A process that has exited but not been
+/// reaped (or a kernel thread) has none.
+pub fn read_maps(pid: i32) -> Result<Vec<MapEntry>, ProcError> {
+    parse_maps(&read_text(pid, "maps")?)
+}
+
+/// The status of process `pid` (its thread-group leader).
+pub fn read_status(pid: i32) -> Result<Status, ProcError> {
+    parse_status(&read_text(pid, "status")?)
+}
+
+/// The start time of `pid` (see [`parse_stat_starttime`]).
+pub fn read_starttime(pid: i32) -> Result<u64, ProcError> {
+    parse_stat_starttime(&read_text(pid, "stat")?)
+}
+
+/// The thread ids of process `pid`, sorted. Threads come and go while
+/// this runs unless the process is stopped.
+pub fn list_tasks(pid: i32) -> Result<Vec<i32>, ProcError> {
+    let path = proc_path(pid, "task");
+    let mut tids = Vec::new();
+    for entry in fs::read_dir(&path).map_err(|e| map_io(pid, &path, e))? {
+        let entry = entry.map_err(|e| map_io(pid, &path, e))?;
+        if let Some(tid) = entry.file_name().to_str().and_then(|s| s.parse().ok()) {
+            tids.push(tid);
+        }
+    }
+    tids.sort_unstable();
+    Ok(tids)
+}
+
+/// The open file descriptors of `pid` with their `readlink` targets
+/// (`/path`, `pipe:[ino]`, `socket:[ino]`, `anon_inode:[eventfd]`, …),
+/// sorted by fd. A descriptor closed while this runs is left out.
+pub fn list_fds(pid: i32) -> Result<Vec<(i32, String)>, ProcError> {
+    let path = proc_path(pid, "fd");
+    let mut fds = Vec::new();
+    for entry in fs::read_dir(&path).map_err(|e| map_io(pid, &path, e))? {
+        let entry = entry.map_err(|e| map_io(pid, &path, e))?;
+        let Some(fd) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        match fs::read_link(entry.path()) {
+            Ok(target) => fds.push((fd, target.to_string_lossy().into_owned())),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
+            Err(e) => return Err(map_io(pid, &entry.path(), e)),
+        }
+    }
+    fds.sort_unstable_by_key(|(fd, _)| *fd);
+    Ok(fds)
+}
+
+/// `/proc/PID/fdinfo/FD`. A missing file is [`ProcError::NoFd`] while the
+/// process still exists, [`ProcError::NoProcess`] once it does not.
+pub fn read_fdinfo(pid: i32, fd: i32) -> Result<FdInfo, ProcError> {
+    match read_text(pid, &format!("fdinfo/{fd}")) {
+        Ok(text) => parse_fdinfo(&text),
+        Err(ProcError::NoProcess(_)) if Path::new(&format!("/proc/{pid}")).exists() => {
+            Err(ProcError::NoFd { pid, fd })
+        }
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Captured on this project's machines (kernel 6.18): the maps of a
+    // Python process holding a file whose name has spaces and parentheses,
+    // an unlinked file, and shared `/dev/zero` mappings. The kernel here
+    // lacks CONFIG_ANON_VMA_NAME, so the `[anon:…]`, `[anon_shmem:…]`,
+    // memfd and SysV lines were written in the kernel's exact format
+    // (memfd and SysV as captured from another process).
+    const MAPS: &str = include_str!("../tests/fixtures/proc/maps");
+    const STATUS_THREADS: &str = include_str!("../tests/fixtures/proc/status_threads");
+    const STATUS_KTHREAD: &str = include_str!("../tests/fixtures/proc/status_kthread");
+    const STAT_ODD_NAME: &str = include_str!("../tests/fixtures/proc/stat_odd_name");
+    const FDINFO_FILE: &str = include_str!("../tests/fixtures/proc/fdinfo_file");
+    const FDINFO_EVENTFD: &str = include_str!("../tests/fixtures/proc/fdinfo_eventfd");
+
+    fn by_path<'a>(maps: &'a [MapEntry], path: &str) -> &'a MapEntry {
+        maps.iter()
+            .find(|m| m.path.as_deref() == Some(path))
+            .unwrap_or_else(|| panic!("{path} not in the fixture"))
+    }
+
+    #[test]
+    fn maps_fixture_parses() {
+        let maps = parse_maps(MAPS).unwrap();
+        assert_eq!(maps.len(), MAPS.lines().count());
+        let first = &maps[0];
+        assert_eq!(
+            first,
+            &MapEntry {
+                start: 0x5655_04ab_b000,
+                end: 0x5655_04ab_c000,
+                read: true,
+                write: false,
+                exec: false,
+                shared: false,
+                offset: 0,
+                dev_major: 0xfe,
+                dev_minor: 0,
+                inode: 18504,
+                path: Some("/root/.pyenv/versions/3.11.7/bin/python3.11".into()),
+            }
+        );
+        assert_eq!(first.len(), 0x1000);
+        assert_eq!(first.kind(), pb::VmaKind::File);
+        let libc_text = maps
+            .iter()
+            .find(|m| m.exec && m.path.as_deref().is_some_and(|p| p.ends_with("libc.so.6")))
+            .unwrap();
+        assert_eq!(libc_text.offset, 0x26000);
+        let vsyscall = maps.last().unwrap();
+        assert_eq!(vsyscall.start, 0xffff_ffff_ff60_0000);
+        assert!(vsyscall.exec && !vsyscall.read);
+    }
+
+    #[test]
+    fn maps_paths_with_spaces_and_deleted() {
+        let maps = parse_maps(MAPS).unwrap();
+        let spaced = by_path(&maps, "/tmp/fx/my file (v2).bin");
+        assert!(spaced.shared && spaced.is_file() && !spaced.is_deleted());
+        assert_eq!(spaced.file_path(), Some("/tmp/fx/my file (v2).bin"));
+
+        let gone = by_path(&maps, "/tmp/fx/gone.bin (deleted)");
+        assert!(gone.is_file() && gone.is_deleted());
+        assert_eq!(gone.file_path(), Some("/tmp/fx/gone.bin"));
+        assert_eq!(gone.kind(), pb::VmaKind::File);
+        let vma = gone.to_vma();
+        let file = vma.file.unwrap();
+        assert_eq!(file.path, "/tmp/fx/gone.bin (deleted)");
+        assert_eq!(file.inode, 10019154);
+        assert_eq!(file.dev, libc::makedev(0xfe, 0));
+        assert_eq!(vma.flags, libc::MAP_SHARED as u32);
+        assert_eq!(vma.prot, (libc::PROT_READ | libc::PROT_WRITE) as u32);
+
+        let memfd = by_path(&maps, "/memfd:ferry pool (deleted)");
+        assert_eq!(memfd.kind(), pb::VmaKind::File);
+        assert!(memfd.is_deleted());
+    }
+
+    #[test]
+    fn maps_kinds() {
+        let maps = parse_maps(MAPS).unwrap();
+        let kind = |p: &str| by_path(&maps, p).kind();
+        assert_eq!(kind("[heap]"), pb::VmaKind::Heap);
+        assert_eq!(kind("[stack]"), pb::VmaKind::Stack);
+        assert_eq!(kind("[vdso]"), pb::VmaKind::Vdso);
+        assert_eq!(kind("[vvar]"), pb::VmaKind::Vvar);
+        assert_eq!(kind("[vvar_vclock]"), pb::VmaKind::Vvar);
+        assert_eq!(kind("[vsyscall]"), pb::VmaKind::Vsyscall);
+        assert_eq!(kind("[anon:ferry buf]"), pb::VmaKind::Anon);
+        assert_eq!(kind("[anon_shmem:ring]"), pb::VmaKind::SharedAnon);
+        assert_eq!(kind("/dev/zero (deleted)"), pb::VmaKind::SharedAnon);
+        assert_eq!(kind("/SYSV00000000 (deleted)"), pb::VmaKind::SharedAnon);
+        assert!(!by_path(&maps, "/dev/zero (deleted)").is_file());
+
+        let specials: Vec<_> = maps
+            .iter()
+            .filter(|m| m.is_special())
+            .map(|m| m.path.clone().unwrap())
+            .collect();
+        assert_eq!(
+            specials,
+            ["[vvar]", "[vvar_vclock]", "[vdso]", "[vsyscall]"]
+        );
+
+        let anon: Vec<_> = maps.iter().filter(|m| m.path.is_none()).collect();
+        assert_eq!(anon.len(), 2);
+        for m in &anon {
+            assert_eq!(m.kind(), pb::VmaKind::Anon);
+            let vma = m.to_vma();
+            assert_eq!(vma.flags, (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u32);
+            assert!(vma.file.is_none());
+            assert_eq!(vma.name, "");
+        }
+        // is_file and kind agree everywhere.
+        for m in &maps {
+            assert_eq!(m.is_file(), m.kind() == pb::VmaKind::File, "{m:?}");
+            assert_eq!(m.to_vma().file.is_some(), m.is_file());
+        }
+    }
+
+    #[test]
+    fn to_vma_fields() {
+        let maps = parse_maps(MAPS).unwrap();
+        let heap = by_path(&maps, "[heap]").to_vma();
+        assert_eq!(heap.kind, pb::VmaKind::Heap as i32);
+        assert_eq!(heap.name, "[heap]");
+        assert_eq!(heap.flags, (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u32);
+        let shm = by_path(&maps, "[anon_shmem:ring]").to_vma();
+        assert_eq!(shm.flags, (libc::MAP_SHARED | libc::MAP_ANONYMOUS) as u32);
+        let vdso = by_path(&maps, "[vdso]").to_vma();
+        assert_eq!(vdso.flags, libc::MAP_PRIVATE as u32);
+        assert_eq!(vdso.prot, (libc::PROT_READ | libc::PROT_EXEC) as u32);
+        let data = maps
+            .iter()
+            .find(|m| m.write && m.path.as_deref().is_some_and(|p| p.ends_with("libc.so.6")))
+            .unwrap()
+            .to_vma();
+        assert_eq!(data.offset, 0x1d3000);
+        assert_eq!(data.flags, libc::MAP_PRIVATE as u32);
+        assert_eq!(data.file.unwrap().inode, 326279);
+    }
+
+    #[test]
+    fn dumpable_bytes_counts_anon_and_private_writable_files() {
+        let maps = parse_maps(
+            "1000-3000 rw-p 00000000 00:00 0 \n\
+             3000-4000 r--p 00000000 00:00 0 \n\
+             4000-5000 rw-p 00001000 fe:00 7 /lib/x.so\n\
+             5000-6000 r--p 00000000 fe:00 7 /lib/x.so\n\
+             6000-7000 rw-s 00000000 fe:00 8 /data\n\
+             7000-9000 rw-s 00000000 00:01 9 /dev/zero (deleted)\n\
+             9000-a000 r-xp 00000000 00:00 0 [vdso]\n",
+        )
+        .unwrap();
+        assert_eq!(dumpable_bytes(&maps), 0x2000 + 0x1000 + 0x1000 + 0x2000);
+    }
+
+    #[test]
+    fn maps_edge_columns() {
+        // A path ending in spaces keeps them; tabs before it are padding;
+        // a long device major; a 16-digit offset.
+        let maps = parse_maps(
+            "7f00-8f00 r--s ffffffffffff0000 103:0a 42\t  /a dir/f  \n\n\
+             1000-2000 ---p 00000000 00:00 0",
+        )
+        .unwrap();
+        assert_eq!(maps.len(), 2);
+        assert_eq!(maps[0].path.as_deref(), Some("/a dir/f  "));
+        assert_eq!((maps[0].dev_major, maps[0].dev_minor), (0x103, 0xa));
+        assert_eq!(maps[0].offset, 0xffff_ffff_ffff_0000);
+        assert_eq!(maps[1].path, None);
+        assert_eq!(maps[1].to_vma().prot, 0);
+        assert_eq!(
+            parse_maps("1000-2000 rw-p 0 00:00 0 [stack:1234]").unwrap()[0].kind(),
+            pb::VmaKind::Stack
+        );
+    }
+
+    #[test]
+    fn maps_malformed_lines_are_errors() {
+        let good = "1000-2000 rw-p 00000000 00:00 0 \n";
+        for (bad, reason) in [
+            ("1000 rw-p 00000000 00:00 0", "no '-'"),
+            ("10g0-2000 rw-p 00000000 00:00 0", "start address"),
+            ("2000-1000 rw-p 00000000 00:00 0", "reversed"),
+            ("1000-1000 rw-p 00000000 00:00 0", "reversed"),
+            ("1000-2000 rw- 00000000 00:00 0", "4 characters"),
+            ("1000-2000 rwxq 00000000 00:00 0", "unexpected 'q'"),
+            ("1000-2000 wr-p 00000000 00:00 0", "unexpected"),
+            ("1000-2000 rw-p zz 00:00 0", "offset"),
+            ("1000-2000 rw-p 0 0000 0", "no ':'"),
+            ("1000-2000 rw-p 0 0g:00 0", "device"),
+            ("1000-2000 rw-p 0 00:00 -1", "inode"),
+            ("1000-2000 rw-p 0 00:00", "no inode"),
+            ("1000-2000", "no permissions"),
+            ("1000-20000000000000000 rw-p 0 00:00 0", "end address"),
+            ("é-ü rw-p 0 00:00 0", "start address"),
+        ] {
+            let text = format!("{good}{bad}\n");
+            match parse_maps(&text) {
+                Err(ProcError::Parse {
+                    what,
+                    line,
+                    reason: r,
+                }) => {
+                    assert_eq!((what, line), ("maps", 2), "{bad}");
+                    assert!(r.contains(reason), "{bad}: {r}");
+                }
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn status_of_a_threaded_process() {
+        let st = parse_status(STATUS_THREADS).unwrap();
+        assert_eq!(st.name, "my (odd) name");
+        assert_eq!(st.state, 'R');
+        assert_eq!(
+            (st.tgid, st.pid, st.ppid, st.tracer_pid),
+            (32564, 32564, 32561, 0)
+        );
+        assert_eq!(st.uid, [0; 4]);
+        assert_eq!(st.threads, 2);
+        assert!(!st.kthread);
+        // SIGUSR2 (12) blocked; SIGUSR1 (10) caught.
+        assert_eq!(st.sig_blk, 1 << (12 - 1));
+        assert_ne!(st.sig_cgt & (1 << (10 - 1)), 0);
+        assert_eq!(st.sig_ign, 0x0100_1000);
+        assert_eq!(st.cap_eff, 0x1ff_feff_ffff);
+        assert_eq!(st.vm_rss_kb, Some(13928));
+    }
+
+    #[test]
+    fn status_of_a_kernel_thread() {
+        let st = parse_status(STATUS_KTHREAD).unwrap();
+        assert_eq!(st.name, "kthreadd");
+        assert_eq!((st.pid, st.ppid, st.state), (2, 0, 'S'));
+        assert!(st.kthread);
+        assert_eq!(st.sig_ign, u64::MAX);
+        assert_eq!(st.vm_rss_kb, None);
+    }
+
+    #[test]
+    fn status_malformed() {
+        let bad_line = |text: &str, want_line: usize, want: &str| match parse_status(text) {
+            Err(ProcError::Parse { what, line, reason }) => {
+                assert_eq!((what, line), ("status", want_line), "{text}");
+                assert!(reason.contains(want), "{reason}");
+            }
+            other => panic!("{text}: {other:?}"),
+        };
+        let with = |key: &str, value: &str| {
+            STATUS_KTHREAD
+                .lines()
+                .map(|l| {
+                    if l.starts_with(&format!("{key}:")) {
+                        format!("{key}:\t{value}")
+                    } else {
+                        l.to_owned()
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        let line_of = |key: &str| {
+            1 + STATUS_KTHREAD
+                .lines()
+                .position(|l| l.starts_with(&format!("{key}:")))
+                .unwrap()
+        };
+        bad_line(&with("Pid", "x"), line_of("Pid"), "Pid");
+        bad_line(&with("Uid", "0\t0\t0"), line_of("Uid"), "fewer than 4");
+        bad_line(&with("SigBlk", "zz"), line_of("SigBlk"), "SigBlk");
+        bad_line(&with("State", ""), line_of("State"), "empty State");
+        let bad_rss = STATUS_THREADS.replace("VmRSS:\t   13928 kB", "VmRSS:\tlots kB");
+        assert!(matches!(
+            parse_status(&bad_rss),
+            Err(ProcError::Parse { .. })
+        ));
+        let garbage = format!("{STATUS_KTHREAD}garbage line\n");
+        bad_line(&garbage, STATUS_KTHREAD.lines().count() + 1, "no ':'");
+        let no_pid: String = STATUS_KTHREAD
+            .lines()
+            .filter(|l| !l.starts_with("Pid:"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        bad_line(&no_pid, 0, "missing field Pid");
+        bad_line("", 0, "missing field Name");
+    }
+
+    #[test]
+    fn fdinfo_fixtures() {
+        let f = parse_fdinfo(FDINFO_FILE).unwrap();
+        assert_eq!(f.pos, 100);
+        assert_eq!(f.mnt_id, 27);
+        // The kernel's O_LARGEFILE (0o100000); libc's is 0 on x86_64.
+        let want = libc::O_RDWR | libc::O_APPEND | libc::O_CLOEXEC | 0o100000;
+        assert_eq!(f.flags, want as u32);
+        let e = parse_fdinfo(FDINFO_EVENTFD).unwrap();
+        assert_eq!((e.pos, e.flags, e.mnt_id), (0, 0o2000002, 17));
+
+        assert_eq!(
+            parse_fdinfo("pos:\t1\nflags:\t02\n").unwrap(),
+            FdInfo {
+                pos: 1,
+                flags: 2,
+                mnt_id: 0
+            }
+        );
+        for (bad, line) in [("pos:\t1\nflags:\t09\n", 2), ("pos:\t-1\nflags:\t0\n", 1)] {
+            assert!(
+                matches!(parse_fdinfo(bad), Err(ProcError::Parse { line: l, .. }) if l == line),
+                "{bad}"
+            );
+        }
+        assert!(matches!(
+            parse_fdinfo("flags:\t0\n"),
+            Err(ProcError::Parse { line: 0, .. })
+        ));
+    }
+
+    #[test]
+    fn stat_starttime() {
+        assert_eq!(parse_stat_starttime(STAT_ODD_NAME).unwrap(), 151216);
+        // A name that is itself a closing parenthesis followed by fields.
+        let tricky = "7 () 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20) S 1 1 1 0 -1 \
+                      0 0 0 0 0 0 0 0 0 20 0 1 0 999 0";
+        assert_eq!(parse_stat_starttime(tricky).unwrap(), 999);
+        assert!(matches!(
+            parse_stat_starttime("12 (x) S 1 2"),
+            Err(ProcError::Parse { what: "stat", .. })
+        ));
+        assert!(parse_stat_starttime("no paren").is_err());
+        assert!(parse_stat_starttime("1 (x) S 1 1 1 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 -5").is_err());
+    }
+
+    /// A pid that is not in use: a child that has been reaped (its pid
+    /// could only be reused after the whole pid space wrapped around).
+    fn dead_pid() -> i32 {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id() as i32;
+        child.wait().unwrap();
+        pid
+    }
+
+    #[test]
+    fn readers_on_self() {
+        let me = std::process::id() as i32;
+        let maps = read_maps(me).unwrap();
+        assert!(maps.iter().any(|m| m.kind() == pb::VmaKind::Stack));
+        assert!(maps.iter().any(|m| m.is_special()));
+        assert!(dumpable_bytes(&maps) > 0);
+
+        let st = read_status(me).unwrap();
+        assert_eq!((st.pid, st.tgid), (me, me));
+        assert!(st.threads >= 1);
+        assert!(!st.kthread);
+
+        let tasks = list_tasks(me).unwrap();
+        assert!(tasks.contains(&me));
+        assert!(tasks.windows(2).all(|w| w[0] < w[1]));
+
+        let file = fs::File::open("/proc/self/status").unwrap();
+        let fds = list_fds(me).unwrap();
+        assert!(fds.iter().any(|(_, t)| t.starts_with("/proc/")));
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
+        let info = read_fdinfo(me, fd).unwrap();
+        assert_eq!(info.flags & libc::O_ACCMODE as u32, libc::O_RDONLY as u32);
+        drop(file);
+
+        assert!(read_starttime(me).unwrap() > 0);
+        assert!(matches!(
+            read_fdinfo(me, 1 << 30),
+            Err(ProcError::NoFd { .. })
+        ));
+    }
+
+    #[test]
+    fn readers_on_a_dead_pid() {
+        let pid = dead_pid();
+        assert!(matches!(read_maps(pid), Err(ProcError::NoProcess(p)) if p == pid));
+        assert!(matches!(read_status(pid), Err(ProcError::NoProcess(_))));
+        assert!(matches!(list_tasks(pid), Err(ProcError::NoProcess(_))));
+        assert!(matches!(list_fds(pid), Err(ProcError::NoProcess(_))));
+        assert!(matches!(read_fdinfo(pid, 0), Err(ProcError::NoProcess(_))));
+        assert!(matches!(read_maps(-1), Err(ProcError::NoProcess(-1))));
+        // pid_max itself is never a pid.
+        let pid_max: i32 = fs::read_to_string("/proc/sys/kernel/pid_max")
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(matches!(read_status(pid_max), Err(ProcError::NoProcess(_))));
+    }
+}
