@@ -40,15 +40,15 @@ const READ_AHEAD: usize = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DumpError {
-    #[error("{0}")]
+    #[error(transparent)]
     Ptrace(#[from] PtraceError),
     #[error("dirty tracking: {0}")]
     Track(#[from] TrackError),
-    #[error("{0}")]
+    #[error(transparent)]
     Proc(#[from] ProcError),
     #[error("reading the target's memory: {0}")]
     Read(#[from] VmError),
-    #[error("{0}")]
+    #[error(transparent)]
     Client(#[from] ClientError),
     #[error("image directory: {0}")]
     Store(#[from] StoreError),
@@ -223,9 +223,7 @@ async fn send_layer(
             sink.data(ranges).await?;
         }
     }
-    reader
-        .await
-        .map_err(|e| DumpError::Reader(e.to_string()))?;
+    reader.await.map_err(|e| DumpError::Reader(e.to_string()))?;
     for chunk in delta.zero.chunks(MAX_RUNS / 2) {
         sink.zero(chunk.to_vec()).await?;
     }
@@ -251,7 +249,10 @@ fn read_batch(
             Ok(()) => out.extend(slice_ranges(&[r], std::mem::take(buf))),
             Err(VmError::Fault { addr }) => {
                 let maps = procfs::read_maps(pid)?;
-                if maps.iter().any(|m| m.start <= addr && addr < m.end && m.read) {
+                if maps
+                    .iter()
+                    .any(|m| m.start <= addr && addr < m.end && m.read)
+                {
                     return Err(VmError::Fault { addr }.into());
                 }
                 // Unmapped meanwhile; the next round's mappings show it gone.
@@ -539,7 +540,15 @@ mod tests {
     #[test]
     fn split_cuts_at_the_byte_limit() {
         let v = split(&[(0, 10), (20, 35)], 8);
-        assert_eq!(v, vec![vec![(0, 8)], vec![(8, 10), (20, 26)], vec![(26, 34)], vec![(34, 35)]]);
+        assert_eq!(
+            v,
+            vec![
+                vec![(0, 8)],
+                vec![(8, 10), (20, 26)],
+                vec![(26, 34)],
+                vec![(34, 35)]
+            ]
+        );
         assert!(split(&[], 8).is_empty());
     }
 

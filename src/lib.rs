@@ -21,12 +21,12 @@
 pub mod certs;
 pub mod client;
 pub mod demo;
-// pub mod dump; (enabled once sys lands)
+pub mod dump;
 pub mod policy;
 pub mod procfs;
 pub mod synthetic;
 pub mod sys;
-// pub mod track; (enabled once sys lands)
+pub mod track;
 
 pub use ferry_page_server as page_server;
 pub use ferry_proto as proto;

@@ -7,8 +7,11 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use ferry::demo::{self, DemoOptions};
+use ferry::dump::{self, Destination, DumpOptions, DumpReport, RoundReport};
+use ferry::policy::Policy;
+use ferry::track::Backend;
 use ferry_page_server::store::{disk::DiskStore, mem::MemStore, Store};
-use ferry_page_server::tls::{server_config, TlsFiles};
+use ferry_page_server::tls::{client_config, server_config, TlsFiles};
 use ferry_page_server::{Config, PageServer};
 use ferry_proto::batch::Compress;
 
@@ -50,6 +53,49 @@ enum Command {
         /// Sessions served at once; more connections are refused.
         #[arg(long, default_value_t = 32)]
         max_sessions: usize,
+    },
+    /// Dump a running process in rounds while it runs (iterative pre-dump),
+    /// then freeze it and send the final delta and its state. The layers go
+    /// to a page server (--to) or to a local image directory (--images-dir).
+    /// The process is left running (default) or stopped; on any failure it
+    /// is left running and untraced.
+    Dump {
+        /// The process to dump.
+        #[arg(long)]
+        pid: i32,
+        /// Page server address, e.g. 10.0.0.2:7070.
+        #[arg(long, requires = "tls", conflicts_with = "images_dir")]
+        to: Option<SocketAddr>,
+        /// Directory with ca.pem, client.pem and client.key.
+        #[arg(long)]
+        tls: Option<PathBuf>,
+        /// Write the layered image to this directory (disk store format).
+        #[arg(long, required_unless_present = "to")]
+        images_dir: Option<PathBuf>,
+        /// Leave the process running after the dump (the default).
+        #[arg(long, conflicts_with = "leave_stopped")]
+        leave_running: bool,
+        /// Leave the process stopped (SIGSTOP) after a successful dump.
+        #[arg(long)]
+        leave_stopped: bool,
+        /// Dirty tracking: auto, uffd-wp, soft-dirty or checksum.
+        #[arg(long, default_value = "auto")]
+        track: String,
+        /// Freeze once the predicted final round fits this many milliseconds.
+        #[arg(long, default_value_t = 50)]
+        max_downtime: u64,
+        /// Most pre-dump rounds; 0 freezes at once (stop-and-copy).
+        #[arg(long, default_value_t = 8)]
+        max_rounds: u32,
+        /// QUIC data streams used in parallel.
+        #[arg(long, default_value_t = 4)]
+        streams: usize,
+        /// Send pages uncompressed.
+        #[arg(long)]
+        no_zstd: bool,
+        /// Print the rounds and the summary as one JSON document on stdout.
+        #[arg(long)]
+        json: bool,
     },
     /// Certificates for mutual TLS.
     Certs {
@@ -161,6 +207,85 @@ async fn run(command: Command) -> Result<()> {
             eprintln!("ferry page server stopped");
             Ok(())
         }
+        Command::Dump {
+            pid,
+            to,
+            tls,
+            images_dir,
+            leave_running: _,
+            leave_stopped,
+            track,
+            max_downtime,
+            max_rounds,
+            streams,
+            no_zstd,
+            json,
+        } => {
+            let Some(track) = Backend::parse(&track) else {
+                bail!("unknown --track {track:?}: use auto, uffd-wp, soft-dirty or checksum");
+            };
+            let compress = if no_zstd {
+                Compress::Off
+            } else {
+                Compress::default()
+            };
+            let dest = match (to, images_dir) {
+                (Some(addr), _) => {
+                    let dir = tls.context("--to needs --tls DIR")?;
+                    let mut c =
+                        ferry::client::Connect::new(addr, client_config(&TlsFiles::client(&dir))?);
+                    c.streams = streams;
+                    Destination::Remote(c)
+                }
+                (None, Some(dir)) => Destination::ImagesDir(dir),
+                (None, None) => bail!("give --to HOST:PORT or --images-dir DIR"),
+            };
+            let opts = DumpOptions {
+                pid,
+                dest,
+                leave_stopped,
+                track,
+                policy: Policy {
+                    max_downtime: std::time::Duration::from_millis(max_downtime),
+                    max_rounds,
+                    ..Policy::default()
+                },
+                compress,
+            };
+            let mut show = |r: &RoundReport| {
+                if json {
+                    return;
+                }
+                if r.round == 0 {
+                    eprintln!(
+                        "{:>5} {:>8} {:>10} {:>10} {:>10} {:>8} {:>9} {:>10}",
+                        "round", "", "dirty pg", "raw MiB", "wire MiB", "ms", "MB/s", "predicted"
+                    );
+                }
+                eprintln!("{}", round_line(r));
+            };
+            let report = tokio::select! {
+                r = dump::dump(opts, &mut show) => r?,
+                _ = interrupted() => bail!("interrupted: the process was left running and untraced"),
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report_json(&report))?);
+            } else {
+                eprintln!(
+                    "dumped pid {} as session {} ({} tracking): {} rounds, stopped because {}; \
+                     frozen {:.1} ms, total {:.2} s; the process was left {}",
+                    report.pid,
+                    report.session,
+                    report.backend.name(),
+                    report.rounds.len(),
+                    report.stop,
+                    report.frozen.as_secs_f64() * 1e3,
+                    report.total.as_secs_f64(),
+                    if leave_stopped { "stopped" } else { "running" }
+                );
+            }
+            Ok(())
+        }
         Command::Certs {
             command: CertsCommand::Init { dir, names, force },
         } => {
@@ -222,4 +347,70 @@ async fn run(command: Command) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// Resolves on SIGINT or SIGTERM. Dropping the dump then detaches from the
+/// target, which keeps running.
+async fn interrupted() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+fn round_line(r: &RoundReport) -> String {
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    format!(
+        "{:>5} {:>8} {:>10} {:>10.1} {:>10.1} {:>8.1} {:>9.0} {:>10}",
+        r.round,
+        if r.frozen { "frozen" } else { "running" },
+        r.dirty_pages,
+        mib(r.stats.raw_bytes),
+        mib(r.stats.wire_bytes),
+        r.total.as_secs_f64() * 1e3,
+        r.rate_mb_s(),
+        r.predicted_downtime
+            .map(|d| format!("{:.1} ms", d.as_secs_f64() * 1e3))
+            .unwrap_or_else(|| "-".into()),
+    )
+}
+
+fn report_json(r: &DumpReport) -> serde_json::Value {
+    let rounds: Vec<_> = r
+        .rounds
+        .iter()
+        .map(|x| {
+            serde_json::json!({
+                "round": x.round,
+                "frozen": x.frozen,
+                "dirty_pages": x.dirty_pages,
+                "pages_sent": x.stats.pages,
+                "zero_pages": x.stats.zero_pages,
+                "batches": x.stats.batches,
+                "raw_bytes": x.stats.raw_bytes,
+                "wire_bytes": x.stats.wire_bytes,
+                "scan_ms": x.scan.as_secs_f64() * 1e3,
+                "total_ms": x.total.as_secs_f64() * 1e3,
+                "rate_mb_s": x.rate_mb_s(),
+                "predicted_downtime_ms": x.predicted_downtime.map(|d| d.as_secs_f64() * 1e3),
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "pid": r.pid,
+        "session": r.session.to_hex(),
+        "tracking": r.backend.name(),
+        "stop_reason": r.stop.to_string(),
+        "frozen_ms": r.frozen.as_secs_f64() * 1e3,
+        "total_s": r.total.as_secs_f64(),
+        "rounds": rounds,
+    })
 }

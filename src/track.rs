@@ -31,7 +31,7 @@ use std::collections::{HashMap, HashSet};
 
 use xxhash_rust::xxh3::xxh3_64;
 
-use crate::procfs::{self, MapEntry, ProcError};
+use crate::procfs::{MapEntry, ProcError};
 use crate::sys::pagemap::{self, Pagemap, PagemapError, PAGE_IS_WPALLOWED};
 use crate::sys::ptrace::{PtraceError, Tracee};
 use crate::sys::uffd::{UffdError, WriteProtect};
@@ -111,7 +111,8 @@ pub trait Tracker: Send {
 
 /// Whether a mapping's pages are sent at all.
 pub fn sendable(m: &MapEntry) -> bool {
-    !m.is_special() && !(m.shared && m.is_file()) && m.read
+    let lives_in_file = m.shared && m.is_file();
+    m.read && !m.is_special() && !lives_in_file
 }
 
 /// Private file mappings send only their copied-on-write pages.
@@ -294,11 +295,12 @@ impl Tracker for UffdWp {
         let mut delta = std::mem::take(&mut self.pending);
         let mut seen = HashSet::new();
         // Forget ranges that are gone, so a later scan never walks them.
-        let live: Vec<(u64, u64)> = maps.iter().map(|m| (m.start, m.end)).collect();
-        for (s, e) in self.wp.registered().to_vec() {
-            if !live.iter().any(|&(ls, le)| ls <= s && e <= le) {
-                self.wp.unregister(s, e);
-            }
+        let mut live: Vec<(u64, u64)> = maps.iter().map(|m| (m.start, m.end)).collect();
+        normalize(&mut live);
+        let mut registered = self.wp.registered().to_vec();
+        normalize(&mut registered);
+        for (s, e) in subtract(&registered, &live) {
+            self.wp.unregister(s, e);
         }
         for m in maps.iter().filter(|m| sendable(m)) {
             let k = key(m);
@@ -502,6 +504,14 @@ impl Tracker for Checksum {
                 }
             }
         }
+        // Pages hashed last round that no longer have content (dropped with
+        // MADV_DONTNEED, say) changed too: they read as zero now, or as the
+        // file again, and the read that follows sends exactly that.
+        for &a in self.hashes.keys() {
+            if !hashes.contains_key(&a) {
+                delta.data.push((a, a + ps));
+            }
+        }
         self.hashes = hashes;
         self.known = seen;
         self.first = false;
@@ -564,10 +574,19 @@ mod tests {
         let mut v = vec![(10, 20), (0, 5), (15, 30), (40, 40)];
         normalize(&mut v);
         assert_eq!(v, vec![(0, 5), (10, 30)]);
-        assert_eq!(subtract(&[(0, 100)], &[(10, 20), (30, 40)]), vec![(0, 10), (20, 30), (40, 100)]);
+        assert_eq!(
+            subtract(&[(0, 100)], &[(10, 20), (30, 40)]),
+            vec![(0, 10), (20, 30), (40, 100)]
+        );
         assert_eq!(subtract(&[(0, 10)], &[(0, 10)]), vec![]);
-        assert_eq!(subtract(&[(0, 10), (20, 30)], &[(5, 25)]), vec![(0, 5), (25, 30)]);
-        assert_eq!(intersect(&[(0, 10), (20, 30)], &[(5, 25)]), vec![(5, 10), (20, 25)]);
+        assert_eq!(
+            subtract(&[(0, 10), (20, 30)], &[(5, 25)]),
+            vec![(0, 5), (25, 30)]
+        );
+        assert_eq!(
+            intersect(&[(0, 10), (20, 30)], &[(5, 25)]),
+            vec![(5, 10), (20, 25)]
+        );
         assert_eq!(intersect(&[(0, 10)], &[(10, 20)]), vec![]);
     }
 }

@@ -1,5 +1,5 @@
 //! The `ferry-fixture` workload answers its protocol (see
-//! `tests/fixture/main.rs`) and is the process it claims to be.
+//! `tests/fixture/ferry_fixture.rs`) and is the process it claims to be.
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};

@@ -612,7 +612,9 @@ mod tests {
         assert_eq!(d.pages(), 5);
         assert!(d.runs.iter().all(|r| r.zero));
         assert!(enc.encode_zero(0, 0, &[(0x2000, 0x1000)]).is_err());
-        assert!(enc.encode_zero(0, 0, &[(0x3000, 0x4000), (0x1000, 0x2000)]).is_err());
+        assert!(enc
+            .encode_zero(0, 0, &[(0x3000, 0x4000), (0x1000, 0x2000)])
+            .is_err());
         assert!(enc.encode_zero(0, 0, &[]).is_err());
     }
 

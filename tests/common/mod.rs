@@ -132,3 +132,103 @@ pub async fn wait_for_server(addr: SocketAddr, tls: &Path) {
     }
     panic!("page server at {addr} did not come up");
 }
+
+/// The `ferry-fixture` workload, driven over its stdin (protocol in
+/// tests/fixture/ferry_fixture.rs). Killed when dropped.
+pub struct Fixture {
+    pub child: Child,
+    pub pid: i32,
+    pub base: u64,
+    pub len: u64,
+    pub counter: u64,
+    stdin: std::process::ChildStdin,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl Fixture {
+    pub fn start(args: &[&str]) -> Fixture {
+        use std::io::BufRead;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ferry-fixture"))
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        let field = |name: &str| -> &str {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(&format!("{name}=")))
+                .unwrap_or_else(|| panic!("no {name} in {line:?}"))
+        };
+        let hex = |s: &str| u64::from_str_radix(s.trim_start_matches("0x"), 16).unwrap();
+        let pid = field("pid").parse().unwrap();
+        let base = hex(field("base"));
+        let len = field("len").parse().unwrap();
+        let counter = hex(field("counter"));
+        Fixture {
+            child,
+            pid,
+            base,
+            len,
+            counter,
+            stdin,
+            stdout,
+        }
+    }
+
+    /// Sends one command and returns the rest of its `ok` answer.
+    pub fn cmd(&mut self, c: &str) -> String {
+        use std::io::{BufRead, Write};
+        writeln!(self.stdin, "{c}").unwrap();
+        self.stdin.flush().unwrap();
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).unwrap();
+        let line = line.trim_end();
+        match line.strip_prefix("ok") {
+            Some(rest) => rest.trim().to_string(),
+            None => panic!("fixture answered {line:?} to {c:?}"),
+        }
+    }
+
+    /// The process state letter from /proc/PID/status ('R', 'S', 'T', 't', 'Z').
+    pub fn state(&self) -> char {
+        proc_state(self.pid)
+    }
+
+    pub fn tracer(&self) -> i32 {
+        proc_field(self.pid, "TracerPid:")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(-1)
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn proc_field(pid: i32, name: &str) -> Option<String> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find_map(|l| l.strip_prefix(name))
+        .map(|v| v.trim().to_string())
+}
+
+pub fn proc_state(pid: i32) -> char {
+    proc_field(pid, "State:")
+        .and_then(|v| v.chars().next())
+        .unwrap_or('?')
+}
+
+pub fn is_root() -> bool {
+    // The effective uid, the second column of the Uid: line.
+    proc_field(std::process::id() as i32, "Uid:")
+        .and_then(|v| v.split_whitespace().nth(1).map(|u| u == "0"))
+        .unwrap_or(false)
+}

@@ -1,0 +1,1403 @@
+//! Control of the process to migrate: seize every thread with ptrace, freeze
+//! and thaw it, inject syscalls into it (x86_64).
+//!
+//! **One thread owns the tracee.** ptrace requests for a tracee are only
+//! accepted from the OS thread that attached it, so [`Tracee`] spawns a
+//! dedicated thread that makes every ptrace and wait call, and talks to it
+//! over a channel. Callers may use a `Tracee` from any thread, tokio workers
+//! included.
+//!
+//! **The target is always left as it was.** Threads are attached with
+//! `PTRACE_SEIZE` (no stop, no `SIGSTOP`) and never with
+//! `PTRACE_O_EXITKILL`: if ferry dies, the kernel detaches the threads and
+//! the process runs on. While attached, the process runs: the tracer thread
+//! polls for ptrace stops every [`POLL_INTERVAL`] while any thread runs and
+//! passes signals on at once (a signal-delivery stop is resumed with the
+//! same signal), puts job-control stops back with `PTRACE_LISTEN`, and reaps
+//! threads that exit. Polling, rather than a blocking wait, is what lets one
+//! thread serve both the channel and the tracee; the price is up to 2 ms of
+//! extra latency on a signal to the target while it is attached. `Drop`
+//! detaches, leaving the process running, also on error paths and panics.
+//!
+//! Waiting uses `waitid` with `__WALL | __WNOTHREAD` and `P_ALL`: it sees
+//! exactly the tracees of the tracer thread, never the other children of
+//! ferry. Exits are first looked at with `WNOWAIT`: when ferry is the real
+//! parent of the target (tests), the main thread's exit status is left for
+//! the code that spawned it. Every wait is bounded ([`STOP_TIMEOUT`]).
+//!
+//! **Syscall injection** (DESIGN.md §5, `probes/ptinj.h`): stop the thread,
+//! save its registers, point `rip` at a `syscall` instruction (`0f 05`, one
+//! exists in `[vdso]`), set `orig_rax = -1` so the kernel's restart logic
+//! leaves the injected registers alone, and step with `PTRACE_SYSCALL` to
+//! the syscall's entry and exit stops; `rax` holds the result; then restore
+//! the registers exactly. If the thread had been stopped inside an
+//! interrupted syscall (`rax` = `-ERESTART*`), the restored registers are
+//! rewound to re-issue it (`rax = orig_rax`, `rip -= 2`; `restart_syscall`
+//! for `-ERESTART_RESTARTBLOCK`), because after the injection the kernel's
+//! own restart logic no longer runs. A signal that arrives before the
+//! injected syscall starts is delivered with the thread's own registers, as
+//! if ferry had not been there, and the injection is retried.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use libc::user_regs_struct;
+use nix::errno::Errno;
+use nix::sys::ptrace as pt;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+/// How long a thread may take to reach a ptrace stop we asked for.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the tracer thread looks for stops while the target runs.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(2);
+/// Rounds of "list threads, seize the new ones" before giving up on a
+/// process that keeps creating threads faster than they are seized.
+const MAX_LIST_PASSES: usize = 100;
+/// Attempts at one injection when signals keep arriving first.
+const MAX_INJECT_ATTEMPTS: usize = 16;
+
+const PTRACE_EVENT_STOP: i32 = 128;
+/// `si_status` of a syscall stop with `PTRACE_O_TRACESYSGOOD`.
+const SYSCALL_STOP: i32 = libc::SIGTRAP | 0x80;
+
+const ERESTARTSYS: i64 = 512;
+const ERESTARTNOINTR: i64 = 513;
+const ERESTARTNOHAND: i64 = 514;
+const ERESTART_RESTARTBLOCK: i64 = 516;
+
+/// Errors of process control.
+#[derive(Debug, thiserror::Error)]
+pub enum PtraceError {
+    /// The process does not exist, or no longer does.
+    #[error("no process {0}")]
+    NoProcess(i32),
+    /// A kernel thread: it has no user memory to migrate.
+    #[error("process {0} is a kernel thread")]
+    KernelThread(i32),
+    /// A zombie: it has exited and only waits to be reaped.
+    #[error("process {0} is a zombie")]
+    Zombie(i32),
+    /// The kernel refused to attach; `reason` says why as far as it can be
+    /// known (another tracer, Yama, credentials).
+    #[error("not permitted to trace process {pid}: {reason}")]
+    Permission { pid: i32, reason: String },
+    /// The id names a thread, not a process.
+    #[error("{tid} is a thread of process {tgid}, not a process")]
+    NotAProcess { tid: i32, tgid: i32 },
+    /// The injected syscall returned `-errno`.
+    #[error("injected syscall {nr} failed: {errno}")]
+    SyscallFailed { nr: i64, errno: Errno },
+    /// The thread being worked on exited.
+    #[error("thread {0} exited")]
+    ThreadExited(i32),
+    /// A thread did not reach the expected stop in time.
+    #[error("thread {tid}: timed out waiting for {what}")]
+    Timeout { tid: i32, what: &'static str },
+    /// No `syscall` instruction found to inject through.
+    #[error("no `syscall` instruction found in the executable mappings of process {0}")]
+    NoSyscallInsn(i32),
+    /// More than the 6 arguments a syscall takes.
+    #[error("{0} syscall arguments given, at most 6 exist")]
+    TooManyArgs(usize),
+    /// A ptrace or wait call failed.
+    #[error("{op} on thread {tid}: {errno}")]
+    Os {
+        op: &'static str,
+        tid: i32,
+        errno: Errno,
+    },
+    /// Reading a `/proc` file failed.
+    #[error("reading {path}: {source}")]
+    Proc {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    /// A stop this code does not expect at that point.
+    #[error("thread {tid}: {what}")]
+    Unexpected { tid: i32, what: String },
+    /// The tracer thread is gone (it panicked, or the tracee was detached).
+    #[error("the tracer thread is gone")]
+    TracerGone,
+    /// The tracer thread could not be started.
+    #[error("starting the tracer thread: {0}")]
+    Spawn(#[source] io::Error),
+}
+
+type Reply<T> = SyncSender<Result<T, PtraceError>>;
+
+enum Cmd {
+    Tids(SyncSender<Vec<i32>>),
+    IsFrozen(SyncSender<bool>),
+    Freeze(Reply<()>),
+    Thaw(Reply<()>),
+    Syscall {
+        nr: i64,
+        args: [u64; 6],
+        reply: Reply<i64>,
+    },
+    Detach {
+        leave_stopped: bool,
+        reply: Reply<()>,
+    },
+}
+
+/// A process whose threads are all attached with ptrace. See the module
+/// documentation for what that means for the process.
+pub struct Tracee {
+    pid: i32,
+    tx: Option<Sender<Cmd>>,
+    worker: Option<JoinHandle<()>>,
+}
+
+impl Tracee {
+    /// `PTRACE_SEIZE`s every thread of `pid`, listing `/proc/PID/task` again
+    /// until no new thread shows up, so threads created meanwhile are caught
+    /// (threads created later are seized by [`Tracee::freeze`] and
+    /// [`Tracee::tids`]). The process keeps running.
+    pub fn seize(pid: i32) -> Result<Tracee, PtraceError> {
+        precheck(pid)?;
+        let (tx, rx) = mpsc::channel();
+        let (itx, irx) = mpsc::sync_channel(1);
+        let worker = thread::Builder::new()
+            .name(format!("ferry-ptrace-{pid}"))
+            .spawn(move || match Worker::attach(pid) {
+                Ok(w) => {
+                    let _ = itx.send(Ok(()));
+                    w.serve(rx);
+                }
+                Err(e) => {
+                    let _ = itx.send(Err(e));
+                }
+            })
+            .map_err(PtraceError::Spawn)?;
+        match irx.recv() {
+            Ok(Ok(())) => Ok(Tracee {
+                pid,
+                tx: Some(tx),
+                worker: Some(worker),
+            }),
+            Ok(Err(e)) => {
+                let _ = worker.join();
+                Err(e)
+            }
+            Err(_) => {
+                let _ = worker.join();
+                Err(PtraceError::TracerGone)
+            }
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// The live threads, seizing any created since the last look. Empty if
+    /// the process is gone.
+    pub fn tids(&self) -> Vec<i32> {
+        self.call(Cmd::Tids).unwrap_or_default()
+    }
+
+    /// Stops every thread (`PTRACE_INTERRUPT`) and waits until each is in a
+    /// ptrace stop, seizing threads created meanwhile. Idempotent.
+    pub fn freeze(&self) -> Result<(), PtraceError> {
+        self.call(Cmd::Freeze)
+            .unwrap_or(Err(PtraceError::TracerGone))
+    }
+
+    /// Resumes every stopped thread (`PTRACE_CONT` without a signal; a
+    /// thread that was in a job-control stop stays stopped). Idempotent.
+    pub fn thaw(&self) -> Result<(), PtraceError> {
+        self.call(Cmd::Thaw).unwrap_or(Err(PtraceError::TracerGone))
+    }
+
+    /// Whether every thread is in a ptrace stop.
+    pub fn is_frozen(&self) -> bool {
+        self.call(Cmd::IsFrozen).unwrap_or(false)
+    }
+
+    /// Injects syscall `nr` with `args` (at most 6) into the main thread and
+    /// returns its result. A running main thread is stopped for the
+    /// injection alone (the other threads keep running) and resumed after
+    /// it; a frozen process stays frozen. A negative result is returned as
+    /// [`PtraceError::SyscallFailed`].
+    pub fn syscall(&self, nr: i64, args: &[u64]) -> Result<i64, PtraceError> {
+        if args.len() > 6 {
+            return Err(PtraceError::TooManyArgs(args.len()));
+        }
+        let mut a = [0u64; 6];
+        a[..args.len()].copy_from_slice(args);
+        self.call(|reply| Cmd::Syscall { nr, args: a, reply })
+            .unwrap_or(Err(PtraceError::TracerGone))
+    }
+
+    /// Detaches every thread. With `leave_stopped` the process is left in a
+    /// job-control stop (`SIGSTOP`, sent while every thread is still held,
+    /// so no thread runs an instruction in between); otherwise it runs.
+    pub fn detach(mut self, leave_stopped: bool) -> Result<(), PtraceError> {
+        let r = self
+            .call(|reply| Cmd::Detach {
+                leave_stopped,
+                reply,
+            })
+            .unwrap_or(Err(PtraceError::TracerGone));
+        self.tx = None;
+        if let Some(w) = self.worker.take() {
+            let _ = w.join();
+        }
+        r
+    }
+
+    fn call<T>(&self, make: impl FnOnce(SyncSender<T>) -> Cmd) -> Option<T> {
+        let tx = self.tx.as_ref()?;
+        let (rtx, rrx) = mpsc::sync_channel(1);
+        tx.send(make(rtx)).ok()?;
+        rrx.recv().ok()
+    }
+}
+
+impl Drop for Tracee {
+    fn drop(&mut self) {
+        if self.tx.is_none() {
+            return;
+        }
+        let detached = self.call(|reply| Cmd::Detach {
+            leave_stopped: false,
+            reply,
+        });
+        if let Some(Err(e)) = &detached {
+            tracing::debug!(pid = self.pid, "detach on drop: {e}");
+        }
+        self.tx = None;
+        // The tracer thread ends right after answering (or has ended). If it
+        // did not answer, it is gone already, so joining cannot block.
+        if let Some(w) = self.worker.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+// ------------------------------------------------------------- tracer thread
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Run {
+    /// Attached and running (or on its way to a stop we asked for).
+    Running,
+    /// In a job-control stop, released with `PTRACE_LISTEN`.
+    Listening,
+    /// In a ptrace stop: registers may be read and written.
+    Stopped,
+    /// Exiting or dead, its exit not yet reaped: nothing to do with it.
+    Gone,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Thread {
+    run: Run,
+    /// A `PTRACE_INTERRUPT` was sent and its stop is to be kept.
+    want_stop: bool,
+    /// The last event stop was a job-control (group) stop.
+    group: bool,
+    /// The thread sits in a `PTRACE_EVENT_STOP`, where `PTRACE_LISTEN` works.
+    event_stop: bool,
+}
+
+impl Thread {
+    fn new() -> Thread {
+        Thread {
+            run: Run::Running,
+            want_stop: false,
+            group: false,
+            event_stop: false,
+        }
+    }
+}
+
+enum Event {
+    Stop { tid: i32, status: i32 },
+    Exit { tid: i32 },
+}
+
+impl Event {
+    fn tid(&self) -> i32 {
+        match *self {
+            Event::Stop { tid, .. } | Event::Exit { tid } => tid,
+        }
+    }
+}
+
+/// What the injected thread did after a `PTRACE_SYSCALL`.
+enum Step {
+    Syscall,
+    Signal(i32),
+}
+
+struct Worker {
+    pid: i32,
+    threads: BTreeMap<i32, Thread>,
+    want_frozen: bool,
+    /// False when ferry is the target's real parent: its exit status then
+    /// belongs to whoever spawned it.
+    reap_leader: bool,
+    dead: bool,
+    detached: bool,
+    insn: Option<u64>,
+    /// The thread being injected and the registers it must get back, for
+    /// teardown in the middle of an injection.
+    injecting: Option<(i32, user_regs_struct)>,
+}
+
+impl Worker {
+    fn attach(pid: i32) -> Result<Worker, PtraceError> {
+        let parent = read_status(pid)
+            .ok()
+            .and_then(|s| status_field(&s, "PPid:").and_then(|v| v.parse::<i32>().ok()));
+        let mut w = Worker {
+            pid,
+            threads: BTreeMap::new(),
+            want_frozen: false,
+            reap_leader: parent != Some(std::process::id() as i32),
+            dead: false,
+            detached: false,
+            insn: None,
+            injecting: None,
+        };
+        // The main thread first: its failure is the process's failure.
+        match seize_thread(pid) {
+            Ok(()) => {
+                w.threads.insert(pid, Thread::new());
+            }
+            Err(Errno::ESRCH) => return Err(PtraceError::NoProcess(pid)),
+            Err(Errno::EPERM) => return Err(diagnose_eperm(pid)),
+            Err(errno) => {
+                return Err(PtraceError::Os {
+                    op: "PTRACE_SEIZE",
+                    tid: pid,
+                    errno,
+                })
+            }
+        }
+        for _ in 0..MAX_LIST_PASSES {
+            if !w.refresh()? {
+                return Ok(w);
+            }
+        }
+        // Still growing: the rest are caught by the next freeze.
+        tracing::debug!(pid, "thread list still changing after seize");
+        Ok(w)
+    }
+
+    fn serve(mut self, rx: Receiver<Cmd>) {
+        loop {
+            let cmd = if self.needs_polling() {
+                match rx.recv_timeout(POLL_INTERVAL) {
+                    Ok(c) => c,
+                    Err(RecvTimeoutError::Timeout) => {
+                        if let Err(e) = self.service() {
+                            tracing::warn!(pid = self.pid, "tracer: {e}");
+                        }
+                        continue;
+                    }
+                    Err(RecvTimeoutError::Disconnected) => return,
+                }
+            } else {
+                match rx.recv() {
+                    Ok(c) => c,
+                    Err(_) => return,
+                }
+            };
+            match cmd {
+                Cmd::Tids(reply) => {
+                    if let Err(e) = self.service().and_then(|()| self.refresh().map(drop)) {
+                        tracing::debug!(pid = self.pid, "listing threads: {e}");
+                    }
+                    let _ = reply.send(self.live_tids());
+                }
+                Cmd::IsFrozen(reply) => {
+                    let _ = self.service();
+                    let _ = reply.send(self.is_frozen());
+                }
+                Cmd::Freeze(reply) => {
+                    let _ = reply.send(self.freeze());
+                }
+                Cmd::Thaw(reply) => {
+                    let _ = reply.send(self.thaw());
+                }
+                Cmd::Syscall { nr, args, reply } => {
+                    let _ = reply.send(self.syscall(nr, &args));
+                }
+                Cmd::Detach {
+                    leave_stopped,
+                    reply,
+                } => {
+                    let _ = reply.send(self.detach(leave_stopped));
+                    return;
+                }
+            }
+        }
+    }
+
+    fn needs_polling(&self) -> bool {
+        !self.dead
+            && self
+                .threads
+                .values()
+                .any(|t| matches!(t.run, Run::Running | Run::Listening))
+    }
+
+    fn live_tids(&self) -> Vec<i32> {
+        self.threads
+            .iter()
+            .filter(|(_, t)| t.run != Run::Gone)
+            .map(|(&tid, _)| tid)
+            .collect()
+    }
+
+    fn is_frozen(&self) -> bool {
+        !self.dead
+            && self.threads.values().any(|t| t.run == Run::Stopped)
+            && self
+                .threads
+                .values()
+                .all(|t| matches!(t.run, Run::Stopped | Run::Gone))
+    }
+
+    fn alive(&self) -> Result<(), PtraceError> {
+        if self.dead || self.threads.is_empty() {
+            Err(PtraceError::NoProcess(self.pid))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Seizes threads not seen before; true if there were any.
+    fn refresh(&mut self) -> Result<bool, PtraceError> {
+        if self.dead {
+            return Ok(false);
+        }
+        let tids = match list_tasks(self.pid) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Ok(false);
+            }
+            Err(source) => {
+                return Err(PtraceError::Proc {
+                    path: format!("/proc/{}/task", self.pid),
+                    source,
+                })
+            }
+        };
+        let mut new = false;
+        for tid in tids {
+            if self.threads.contains_key(&tid) {
+                continue;
+            }
+            match seize_thread(tid) {
+                Ok(()) => {
+                    self.threads.insert(tid, Thread::new());
+                    new = true;
+                }
+                // Exited meanwhile, or exiting (a zombie cannot be seized).
+                Err(Errno::ESRCH | Errno::EPERM) => {}
+                Err(errno) => {
+                    return Err(PtraceError::Os {
+                        op: "PTRACE_SEIZE",
+                        tid,
+                        errno,
+                    })
+                }
+            }
+        }
+        Ok(new)
+    }
+
+    fn freeze(&mut self) -> Result<(), PtraceError> {
+        self.alive()?;
+        self.want_frozen = true;
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        for _ in 0..MAX_LIST_PASSES {
+            self.refresh()?;
+            let pending: Vec<i32> = self
+                .threads
+                .iter()
+                .filter(|(_, t)| matches!(t.run, Run::Running | Run::Listening) && !t.want_stop)
+                .map(|(&tid, _)| tid)
+                .collect();
+            for tid in pending {
+                self.interrupt(tid)?;
+            }
+            self.wait_until(deadline, "every thread to stop", Worker::all_stopped)?;
+            // Stopped threads create no threads: once a fresh listing
+            // finds nothing new, the set is complete.
+            if !self.refresh()? {
+                return Ok(());
+            }
+        }
+        Err(PtraceError::Unexpected {
+            tid: self.pid,
+            what: "threads keep appearing while freezing".into(),
+        })
+    }
+
+    fn all_stopped(&self) -> bool {
+        self.threads
+            .values()
+            .all(|t| matches!(t.run, Run::Stopped | Run::Gone))
+    }
+
+    fn thaw(&mut self) -> Result<(), PtraceError> {
+        self.want_frozen = false;
+        self.alive()?;
+        let tids: Vec<i32> = self.threads.keys().copied().collect();
+        let mut first_err = None;
+        for tid in tids {
+            if let Err(e) = self.resume(tid) {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Lets a stopped thread go: `PTRACE_CONT`, or back into its job-control
+    /// stop with `PTRACE_LISTEN`.
+    fn resume(&mut self, tid: i32) -> Result<(), PtraceError> {
+        let Some(t) = self.threads.get_mut(&tid) else {
+            return Ok(());
+        };
+        t.want_stop = false;
+        if t.run != Run::Stopped {
+            return Ok(());
+        }
+        let t = *t;
+        if t.group && t.event_stop {
+            self.request(tid, Req::Listen, 0, Run::Listening)
+        } else if t.group {
+            // Left the group stop for an injection: re-trap it into an event
+            // stop, which the generic handler turns into PTRACE_LISTEN.
+            self.request(tid, Req::Interrupt, 0, Run::Stopped)?;
+            self.request(tid, Req::Cont, 0, Run::Running)
+        } else {
+            self.request(tid, Req::Cont, 0, Run::Running)
+        }
+    }
+
+    /// Sends `PTRACE_INTERRUPT` and records that its stop is to be kept.
+    fn interrupt(&mut self, tid: i32) -> Result<(), PtraceError> {
+        if let Some(t) = self.threads.get_mut(&tid) {
+            t.want_stop = true;
+        }
+        let run = self.threads.get(&tid).map_or(Run::Gone, |t| t.run);
+        self.request(tid, Req::Interrupt, 0, run)
+    }
+
+    /// One ptrace request; on success the thread's state becomes `then`. A
+    /// thread that is gone (`ESRCH`) is marked so and not an error: its
+    /// exit is reaped when it is reported.
+    fn request(&mut self, tid: i32, req: Req, data: usize, then: Run) -> Result<(), PtraceError> {
+        match ptrace_req(req, tid, data) {
+            Ok(()) => {
+                if let Some(t) = self.threads.get_mut(&tid) {
+                    t.run = then;
+                    if then != Run::Stopped {
+                        t.event_stop = false;
+                    }
+                }
+                Ok(())
+            }
+            Err(Errno::ESRCH) => {
+                // Dead or dying; or, if /proc still shows it alive, not in
+                // the stop we thought: then it runs, and a freeze stops it.
+                let alive = thread_alive(self.pid, tid);
+                if let Some(t) = self.threads.get_mut(&tid) {
+                    t.run = if alive && !matches!(req, Req::Interrupt) {
+                        Run::Running
+                    } else {
+                        Run::Gone
+                    };
+                    t.event_stop = false;
+                }
+                Ok(())
+            }
+            Err(errno) => Err(PtraceError::Os {
+                op: req.name(),
+                tid,
+                errno,
+            }),
+        }
+    }
+
+    /// Handles every event available now.
+    fn service(&mut self) -> Result<(), PtraceError> {
+        while let Some(ev) = self.next_event()? {
+            self.dispatch(ev)?;
+        }
+        Ok(())
+    }
+
+    /// The next ptrace stop or thread exit of our tracees, without blocking.
+    fn next_event(&mut self) -> Result<Option<Event>, PtraceError> {
+        const BASE: i32 = libc::WNOHANG | libc::__WALL | libc::__WNOTHREAD;
+        let os = |errno| PtraceError::Os {
+            op: "waitid",
+            tid: self.pid,
+            errno,
+        };
+        // Stops first, consumed at once: the hot path of an injection.
+        // Without WEXITED no exit is reported (nor reaped), and the kernel
+        // answers ECHILD for tracees that merely run.
+        match waitid(libc::P_ALL, 0, BASE | libc::WSTOPPED) {
+            Ok(Some(w)) => {
+                return Ok(Some(Event::Stop {
+                    tid: w.pid,
+                    status: w.status,
+                }))
+            }
+            Ok(None) | Err(Errno::ECHILD) => {}
+            Err(errno) => return Err(os(errno)),
+        }
+        // Then exits, looked at before being reaped. ptrace stops are
+        // reported whatever the flags, so one may show up here too.
+        let w = match waitid(libc::P_ALL, 0, BASE | libc::WEXITED | libc::WNOWAIT) {
+            Ok(Some(w)) => w,
+            Ok(None) => return Ok(None),
+            Err(Errno::ECHILD) => return Ok(self.no_tracees()),
+            Err(errno) => return Err(os(errno)),
+        };
+        let tid = w.pid;
+        if matches!(w.code, libc::CLD_TRAPPED | libc::CLD_STOPPED) {
+            return match waitid(libc::P_PID, tid as libc::id_t, BASE | libc::WSTOPPED) {
+                Ok(Some(w)) => Ok(Some(Event::Stop {
+                    tid,
+                    status: w.status,
+                })),
+                Ok(None) | Err(Errno::ECHILD) => Ok(None),
+                Err(errno) => Err(os(errno)),
+            };
+        }
+        if tid == self.pid && !self.reap_leader {
+            // Left for the parent: reported once, then ignored.
+            return Ok(self
+                .threads
+                .contains_key(&tid)
+                .then_some(Event::Exit { tid }));
+        }
+        let _ = waitid(libc::P_PID, tid as libc::id_t, BASE | libc::WEXITED);
+        Ok(Some(Event::Exit { tid }))
+    }
+
+    /// The kernel says this thread traces nothing (any more): whatever we
+    /// still list is gone (reaped by someone else, e.g. the real parent).
+    fn no_tracees(&mut self) -> Option<Event> {
+        if !self.threads.is_empty() {
+            self.threads.clear();
+            self.dead = true;
+        }
+        None
+    }
+
+    fn dispatch(&mut self, ev: Event) -> Result<(), PtraceError> {
+        match ev {
+            Event::Exit { tid } => {
+                self.threads.remove(&tid);
+                // The main thread is reported last, when the group is empty.
+                if tid == self.pid || self.threads.is_empty() {
+                    self.threads.clear();
+                    self.dead = true;
+                }
+                Ok(())
+            }
+            Event::Stop { tid, status } => self.on_stop(tid, status),
+        }
+    }
+
+    /// The generic handling of a stop: keep it if we asked for it, otherwise
+    /// put the thread back where it was going, passing signals on.
+    fn on_stop(&mut self, tid: i32, status: i32) -> Result<(), PtraceError> {
+        let keep = self.want_frozen;
+        let Some(t) = self.threads.get_mut(&tid) else {
+            // Not ours to hold (cannot happen without auto-attach options).
+            let _ = ptrace_req(Req::Cont, tid, 0);
+            return Ok(());
+        };
+        let sig = status & 0xff;
+        let event = status >> 8;
+        if event == PTRACE_EVENT_STOP {
+            t.group = sig != libc::SIGTRAP;
+            t.event_stop = true;
+            if t.want_stop || keep {
+                t.want_stop = false;
+                t.run = Run::Stopped;
+                Ok(())
+            } else if t.group {
+                t.run = Run::Stopped;
+                self.request(tid, Req::Listen, 0, Run::Listening)
+            } else {
+                t.run = Run::Stopped;
+                self.request(tid, Req::Cont, 0, Run::Running)
+            }
+        } else if status == SYSCALL_STOP || event != 0 {
+            t.event_stop = false;
+            t.run = Run::Stopped;
+            if t.want_stop || keep {
+                t.want_stop = false;
+                Ok(())
+            } else {
+                self.request(tid, Req::Cont, 0, Run::Running)
+            }
+        } else {
+            // Signal-delivery stop: deliver it now. A pending interrupt
+            // still traps once the signal is handled.
+            t.run = Run::Stopped;
+            t.event_stop = false;
+            self.request(tid, Req::Cont, sig as usize, Run::Running)
+        }
+    }
+
+    /// Handles events until `done` holds, backing off between polls.
+    fn wait_until(
+        &mut self,
+        deadline: Instant,
+        what: &'static str,
+        done: fn(&Worker) -> bool,
+    ) -> Result<(), PtraceError> {
+        let mut backoff = Backoff::default();
+        loop {
+            self.service()?;
+            self.alive()?;
+            if done(self) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(PtraceError::Timeout {
+                    tid: self.pid,
+                    what,
+                });
+            }
+            backoff.wait();
+        }
+    }
+
+    /// Waits for `tid` to be in a ptrace stop.
+    fn wait_stopped(&mut self, tid: i32, deadline: Instant) -> Result<(), PtraceError> {
+        let mut backoff = Backoff::default();
+        loop {
+            self.service()?;
+            self.alive()?;
+            match self.threads.get(&tid).map(|t| t.run) {
+                Some(Run::Stopped) => return Ok(()),
+                None | Some(Run::Gone) => return Err(PtraceError::ThreadExited(tid)),
+                _ => {}
+            }
+            if Instant::now() > deadline {
+                return Err(PtraceError::Timeout {
+                    tid,
+                    what: "the thread to stop",
+                });
+            }
+            backoff.wait();
+        }
+    }
+
+    /// The next event of `tid`, handling other threads' events meanwhile.
+    fn wait_own_event(&mut self, tid: i32, deadline: Instant) -> Result<Event, PtraceError> {
+        let mut backoff = Backoff::default();
+        loop {
+            while let Some(ev) = self.next_event()? {
+                if ev.tid() == tid {
+                    if let Event::Stop { .. } = ev {
+                        if let Some(t) = self.threads.get_mut(&tid) {
+                            t.run = Run::Stopped;
+                        }
+                    } else {
+                        self.dispatch(Event::Exit { tid })?;
+                    }
+                    return Ok(ev);
+                }
+                self.dispatch(ev)?;
+            }
+            if Instant::now() > deadline {
+                return Err(PtraceError::Timeout {
+                    tid,
+                    what: "a syscall stop of the injected syscall",
+                });
+            }
+            backoff.wait();
+        }
+    }
+
+    fn syscall(&mut self, nr: i64, args: &[u64; 6]) -> Result<i64, PtraceError> {
+        self.alive()?;
+        let tid = self.main_tid()?;
+        let insn = self.syscall_insn()?;
+        let was_stopped = self.threads.get(&tid).map(|t| t.run) == Some(Run::Stopped);
+        if !was_stopped {
+            self.interrupt(tid)?;
+            self.wait_stopped(tid, Instant::now() + STOP_TIMEOUT)?;
+        }
+        let result = self.inject(tid, insn, nr, args);
+        if let Err(e) = &result {
+            self.recover_injection(e);
+        }
+        if !was_stopped && !self.want_frozen {
+            let resumed = self.resume(tid);
+            if result.is_ok() {
+                resumed?;
+            }
+        }
+        result
+    }
+
+    /// The main thread, or any live thread if it has exited alone.
+    fn main_tid(&self) -> Result<i32, PtraceError> {
+        let live = |t: &Thread| t.run != Run::Gone;
+        if self.threads.get(&self.pid).is_some_and(live) {
+            return Ok(self.pid);
+        }
+        self.threads
+            .iter()
+            .find(|(_, t)| live(t))
+            .map(|(&tid, _)| tid)
+            .ok_or(PtraceError::NoProcess(self.pid))
+    }
+
+    fn inject(
+        &mut self,
+        tid: i32,
+        insn: u64,
+        nr: i64,
+        args: &[u64; 6],
+    ) -> Result<i64, PtraceError> {
+        let os = |op: &'static str| move |errno: Errno| PtraceError::Os { op, tid, errno };
+        for _ in 0..MAX_INJECT_ATTEMPTS {
+            let saved = pt::getregs(Pid::from_raw(tid)).map_err(os("PTRACE_GETREGS"))?;
+            let mut restore = saved;
+            rewind_interrupted_syscall(&mut restore);
+            let mut regs = saved;
+            regs.rip = insn;
+            regs.rax = nr as u64;
+            regs.orig_rax = u64::MAX;
+            regs.rdi = args[0];
+            regs.rsi = args[1];
+            regs.rdx = args[2];
+            regs.r10 = args[3];
+            regs.r8 = args[4];
+            regs.r9 = args[5];
+            pt::setregs(Pid::from_raw(tid), regs).map_err(os("PTRACE_SETREGS"))?;
+            self.injecting = Some((tid, restore));
+            match self.syscall_step(tid)? {
+                Step::Syscall => {}
+                Step::Signal(sig) => {
+                    // A signal was due before our syscall ran. Deliver it on
+                    // the thread's own registers, as if we were not here
+                    // (handler frame, restart rules), then start over from
+                    // the stop that follows.
+                    pt::setregs(Pid::from_raw(tid), saved).map_err(os("PTRACE_SETREGS"))?;
+                    self.injecting = None;
+                    self.interrupt(tid)?;
+                    self.request(tid, Req::Cont, sig as usize, Run::Running)?;
+                    self.wait_stopped(tid, Instant::now() + STOP_TIMEOUT)?;
+                    continue;
+                }
+            }
+            if let Step::Signal(sig) = self.syscall_step(tid)? {
+                return Err(PtraceError::Unexpected {
+                    tid,
+                    what: format!("signal {sig} stop between syscall entry and exit"),
+                });
+            }
+            let out = pt::getregs(Pid::from_raw(tid)).map_err(os("PTRACE_GETREGS"))?;
+            pt::setregs(Pid::from_raw(tid), restore).map_err(os("PTRACE_SETREGS"))?;
+            self.injecting = None;
+            let rax = out.rax as i64;
+            return if (-4095..0).contains(&rax) {
+                Err(PtraceError::SyscallFailed {
+                    nr,
+                    errno: Errno::from_raw(-rax as i32),
+                })
+            } else {
+                Ok(rax)
+            };
+        }
+        Err(PtraceError::Unexpected {
+            tid,
+            what: "signals kept arriving before the injected syscall".into(),
+        })
+    }
+
+    /// Resumes `tid` with `PTRACE_SYSCALL` and waits for its next syscall
+    /// stop. Job-control stops on the way are stepped over (and remembered);
+    /// a signal-delivery stop is returned. If the syscall blocks past the
+    /// timeout, it is interrupted so the registers can still be restored.
+    fn syscall_step(&mut self, tid: i32) -> Result<Step, PtraceError> {
+        self.request(tid, Req::Syscall, 0, Run::Running)?;
+        let mut deadline = Instant::now() + STOP_TIMEOUT;
+        let mut timed_out = false;
+        loop {
+            let ev = match self.wait_own_event(tid, deadline) {
+                Ok(ev) => ev,
+                Err(PtraceError::Timeout { .. }) if !timed_out => {
+                    timed_out = true;
+                    let _ = ptrace_req(Req::Interrupt, tid, 0);
+                    deadline = Instant::now() + Duration::from_secs(1);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let status = match ev {
+                Event::Stop { status, .. } => status,
+                Event::Exit { .. } => {
+                    self.injecting = None;
+                    return Err(if self.dead {
+                        PtraceError::NoProcess(self.pid)
+                    } else {
+                        PtraceError::ThreadExited(tid)
+                    });
+                }
+            };
+            if status == SYSCALL_STOP {
+                if timed_out {
+                    return Err(PtraceError::Timeout {
+                        tid,
+                        what: "the injected syscall to return",
+                    });
+                }
+                return Ok(Step::Syscall);
+            }
+            let (sig, event) = (status & 0xff, status >> 8);
+            if event == 0 {
+                return Ok(Step::Signal(sig));
+            }
+            if event == PTRACE_EVENT_STOP {
+                if let Some(t) = self.threads.get_mut(&tid) {
+                    t.group = sig != libc::SIGTRAP;
+                }
+            }
+            self.request(tid, Req::Syscall, 0, Run::Running)?;
+        }
+    }
+
+    /// After a failed injection: make sure the thread has its own registers
+    /// back if it is still there.
+    fn recover_injection(&mut self, why: &PtraceError) {
+        let Some((tid, regs)) = self.injecting.take() else {
+            return;
+        };
+        if self.threads.get(&tid).map(|t| t.run) != Some(Run::Stopped) {
+            if let Some(t) = self.threads.get_mut(&tid) {
+                t.want_stop = true;
+            }
+            let _ = ptrace_req(Req::Interrupt, tid, 0);
+            if self
+                .wait_stopped(tid, Instant::now() + Duration::from_secs(1))
+                .is_err()
+            {
+                tracing::error!(tid, "injection failed ({why}) and the thread could not be stopped to restore its registers");
+                return;
+            }
+        }
+        if let Err(e) = pt::setregs(Pid::from_raw(tid), regs) {
+            tracing::error!(tid, "injection failed ({why}); restoring registers: {e}");
+        }
+    }
+
+    /// Address of a `syscall` instruction in the target: `[vdso]` first,
+    /// then any executable mapping. Found once.
+    fn syscall_insn(&mut self) -> Result<u64, PtraceError> {
+        if let Some(a) = self.insn {
+            return Ok(a);
+        }
+        let path = format!("/proc/{}/maps", self.pid);
+        let maps =
+            fs::read_to_string(&path).map_err(|source| PtraceError::Proc { path, source })?;
+        let mut exec: Vec<(u64, u64, bool)> =
+            maps.lines()
+                .filter_map(|l| {
+                    let mut f = l.split_whitespace();
+                    let (s, e) = f.next()?.split_once('-')?;
+                    let perms = f.next()?;
+                    let name = f.nth(3).unwrap_or("");
+                    let (s, e) = (
+                        u64::from_str_radix(s, 16).ok()?,
+                        u64::from_str_radix(e, 16).ok()?,
+                    );
+                    (perms.as_bytes().get(2) == Some(&b'x') && e < super::USER_ADDR_END)
+                        .then_some((s, e, name == "[vdso]"))
+                })
+                .collect();
+        exec.sort_by_key(|&(_, _, vdso)| !vdso);
+        let mut buf = Vec::new();
+        for (s, e) in exec.into_iter().map(|(s, e, _)| (s, e.min(s + (4 << 20)))) {
+            if super::vm::read_ranges(self.pid, &[(s, e)], &mut buf).is_err() {
+                continue;
+            }
+            if let Some(i) = buf.windows(2).position(|w| w == [0x0f, 0x05]) {
+                self.insn = Some(s + i as u64);
+                return Ok(s + i as u64);
+            }
+        }
+        Err(PtraceError::NoSyscallInsn(self.pid))
+    }
+
+    fn detach(&mut self, leave_stopped: bool) -> Result<(), PtraceError> {
+        self.detached = true;
+        if self.dead || self.threads.is_empty() {
+            self.threads.clear();
+            return Err(PtraceError::NoProcess(self.pid));
+        }
+        // PTRACE_DETACH needs a ptrace stop (a listening thread is not).
+        let frozen = self.freeze();
+        if leave_stopped && frozen.is_ok() {
+            // Queued while every thread is held: each one takes the group
+            // stop on its way out of the ptrace stop, before user code.
+            if let Err(errno) = kill(Pid::from_raw(self.pid), Signal::SIGSTOP) {
+                tracing::warn!(pid = self.pid, "SIGSTOP before detach: {errno}");
+            }
+        }
+        let mut first_err = frozen.err();
+        for (&tid, t) in &self.threads {
+            if t.run != Run::Stopped {
+                continue;
+            }
+            match ptrace_req(Req::Detach, tid, 0) {
+                Ok(()) | Err(Errno::ESRCH) => {}
+                Err(errno) => {
+                    first_err.get_or_insert(PtraceError::Os {
+                        op: "PTRACE_DETACH",
+                        tid,
+                        errno,
+                    });
+                }
+            }
+        }
+        // Threads that could not be stopped are released by the kernel when
+        // this thread exits.
+        self.threads.clear();
+        first_err.map_or(Ok(()), Err)
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if let Some((tid, _)) = self.injecting {
+            // Torn down mid-injection (a panic): put the registers back.
+            self.recover_injection(&PtraceError::Unexpected {
+                tid,
+                what: "teardown".into(),
+            });
+        }
+        if !self.detached && !self.dead {
+            if let Err(e) = self.detach(false) {
+                tracing::debug!(pid = self.pid, "detach on teardown: {e}");
+            }
+        }
+    }
+}
+
+/// Rewrites registers saved in an interrupted syscall so that, restored
+/// after an injection, they re-issue it: the kernel's own restart logic runs
+/// only on the way out of the original stop, which the injection replaced.
+fn rewind_interrupted_syscall(r: &mut user_regs_struct) {
+    if (r.orig_rax as i64) < 0 {
+        return;
+    }
+    match -(r.rax as i64) {
+        ERESTARTSYS | ERESTARTNOINTR | ERESTARTNOHAND => {
+            r.rax = r.orig_rax;
+            r.rip -= 2;
+        }
+        ERESTART_RESTARTBLOCK => {
+            // Continue through the restart block (remaining sleep time);
+            // injected syscalls do not touch it.
+            r.rax = libc::SYS_restart_syscall as u64;
+            r.rip -= 2;
+        }
+        _ => {}
+    }
+}
+
+#[derive(Default)]
+struct Backoff(u32);
+
+impl Backoff {
+    /// Spins with `yield` first (a stop normally takes tens of
+    /// microseconds), then sleeps, doubling up to 256 µs: on a loaded
+    /// machine a longer sleep is added to every injection.
+    fn wait(&mut self) {
+        if self.0 < 200 {
+            thread::yield_now();
+        } else {
+            let shift = ((self.0 - 200) / 8).min(3);
+            thread::sleep(Duration::from_micros(32 << shift));
+        }
+        self.0 = self.0.saturating_add(1);
+    }
+}
+
+// ------------------------------------------------------------- raw calls
+
+/// The ptrace requests whose `addr` is unused and whose `data` is an
+/// integer (options or a signal number), never a pointer.
+#[derive(Clone, Copy)]
+enum Req {
+    Seize,
+    Interrupt,
+    Cont,
+    Syscall,
+    Listen,
+    Detach,
+}
+
+impl Req {
+    fn raw(self) -> libc::c_uint {
+        match self {
+            Req::Seize => libc::PTRACE_SEIZE,
+            Req::Interrupt => libc::PTRACE_INTERRUPT,
+            Req::Cont => libc::PTRACE_CONT,
+            Req::Syscall => libc::PTRACE_SYSCALL,
+            Req::Listen => libc::PTRACE_LISTEN,
+            Req::Detach => libc::PTRACE_DETACH,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Req::Seize => "PTRACE_SEIZE",
+            Req::Interrupt => "PTRACE_INTERRUPT",
+            Req::Cont => "PTRACE_CONT",
+            Req::Syscall => "PTRACE_SYSCALL",
+            Req::Listen => "PTRACE_LISTEN",
+            Req::Detach => "PTRACE_DETACH",
+        }
+    }
+}
+
+fn ptrace_req(req: Req, tid: i32, data: usize) -> Result<(), Errno> {
+    // SAFETY: every `Req` takes no pointer: `addr` is ignored and `data` is
+    // read as an integer by the kernel, so no memory of ours is accessed.
+    let r = unsafe {
+        libc::ptrace(
+            req.raw(),
+            tid,
+            std::ptr::null_mut::<libc::c_void>(),
+            data as *mut libc::c_void,
+        )
+    };
+    if r == -1 {
+        Err(Errno::last())
+    } else {
+        Ok(())
+    }
+}
+
+fn seize_thread(tid: i32) -> Result<(), Errno> {
+    // No PTRACE_O_EXITKILL: ferry dying must not kill the target.
+    ptrace_req(Req::Seize, tid, libc::PTRACE_O_TRACESYSGOOD as usize)
+}
+
+/// What `waitid` reports about one child or tracee.
+struct Waited {
+    pid: i32,
+    /// `si_code`: `CLD_TRAPPED` for a ptrace stop, `CLD_EXITED`, ...
+    code: i32,
+    /// `si_status`: for a ptrace stop, the stop signal with the ptrace
+    /// event in bits 8-15; for an exit, the exit code or signal.
+    status: i32,
+}
+
+/// `waitid`, or `None` when `WNOHANG` found nothing. Retries on `EINTR`.
+fn waitid(idtype: libc::idtype_t, id: libc::id_t, options: i32) -> Result<Option<Waited>, Errno> {
+    // SAFETY: siginfo_t is plain data; all zeros is a valid value, and
+    // `si_pid == 0` is how an empty WNOHANG result is told apart.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    loop {
+        // SAFETY: `info` is a valid, writable siginfo_t for the call.
+        let r = unsafe { libc::waitid(idtype, id, &mut info, options) };
+        if r == 0 {
+            break;
+        }
+        match Errno::last() {
+            Errno::EINTR => continue,
+            e => return Err(e),
+        }
+    }
+    // SAFETY: a successful waitid fills the SIGCHLD member of the union
+    // (si_pid, si_status) or, with nothing to report, leaves it zeroed.
+    let (pid, status) = unsafe { (info.si_pid(), info.si_status()) };
+    Ok((pid != 0).then_some(Waited {
+        pid,
+        code: info.si_code,
+        status,
+    }))
+}
+
+// ------------------------------------------------------------- /proc checks
+
+fn read_status(pid: i32) -> io::Result<String> {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+}
+
+fn status_field<'a>(status: &'a str, name: &str) -> Option<&'a str> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name))
+        .map(str::trim)
+}
+
+/// Whether `/proc` shows the thread and it is neither a zombie nor dead.
+fn thread_alive(pid: i32, tid: i32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let state = s.rsplit_once(')')?.1.trim_start().chars().next()?;
+            Some(!matches!(state, 'Z' | 'X' | 'x'))
+        })
+        .unwrap_or(false)
+}
+
+fn list_tasks(pid: i32) -> io::Result<Vec<i32>> {
+    let mut tids: Vec<i32> = fs::read_dir(format!("/proc/{pid}/task"))?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    tids.sort_unstable();
+    Ok(tids)
+}
+
+/// Clear errors for what cannot be traced, before any ptrace call.
+fn precheck(pid: i32) -> Result<(), PtraceError> {
+    if pid <= 0 {
+        return Err(PtraceError::NoProcess(pid));
+    }
+    let status = match read_status(pid) {
+        Ok(s) => s,
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ESRCH)) => {
+            return Err(PtraceError::NoProcess(pid))
+        }
+        Err(source) => {
+            return Err(PtraceError::Proc {
+                path: format!("/proc/{pid}/status"),
+                source,
+            })
+        }
+    };
+    if let Some(tgid) = status_field(&status, "Tgid:").and_then(|v| v.parse::<i32>().ok()) {
+        if tgid != pid {
+            return Err(PtraceError::NotAProcess { tid: pid, tgid });
+        }
+    }
+    match status_field(&status, "State:").and_then(|s| s.chars().next()) {
+        Some('Z') => return Err(PtraceError::Zombie(pid)),
+        Some('X') => return Err(PtraceError::NoProcess(pid)),
+        _ => {}
+    }
+    // "Kthread:" exists since Linux 6.4; before, a kernel thread shows no mm.
+    let kthread = match status_field(&status, "Kthread:") {
+        Some(v) => v == "1",
+        None => status_field(&status, "VmSize:").is_none(),
+    };
+    if kthread {
+        return Err(PtraceError::KernelThread(pid));
+    }
+    if pid == std::process::id() as i32 {
+        return Err(PtraceError::Permission {
+            pid,
+            reason: "ferry cannot trace its own process".into(),
+        });
+    }
+    Ok(())
+}
+
+/// Why `PTRACE_SEIZE` said `EPERM`, as far as `/proc` tells.
+fn diagnose_eperm(pid: i32) -> PtraceError {
+    let status = read_status(pid).unwrap_or_default();
+    if status_field(&status, "State:").is_some_and(|s| s.starts_with('Z')) {
+        return PtraceError::Zombie(pid);
+    }
+    if let Some(tracer) = status_field(&status, "TracerPid:").and_then(|v| v.parse::<i32>().ok()) {
+        if tracer != 0 {
+            let name = read_status(tracer)
+                .ok()
+                .and_then(|s| status_field(&s, "Name:").map(str::to_owned))
+                .unwrap_or_default();
+            return PtraceError::Permission {
+                pid,
+                reason: format!("already traced by process {tracer} ({name})"),
+            };
+        }
+    }
+    if let Ok(scope) = fs::read_to_string("/proc/sys/kernel/yama/ptrace_scope") {
+        let scope = scope.trim();
+        if scope != "0" {
+            return PtraceError::Permission {
+                pid,
+                reason: format!(
+                    "kernel.yama.ptrace_scope = {scope} (1: only descendants, 2: only with \
+                     CAP_SYS_PTRACE, 3: never)"
+                ),
+            };
+        }
+    }
+    PtraceError::Permission {
+        pid,
+        reason: "the kernel refused PTRACE_SEIZE (other credentials without CAP_SYS_PTRACE, \
+                 a non-dumpable process, or a security module)"
+            .into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn regs() -> user_regs_struct {
+        // SAFETY: user_regs_struct is plain integers; zero is valid.
+        unsafe { std::mem::zeroed() }
+    }
+
+    #[test]
+    fn rewinds_restartable_syscalls() {
+        let mut r = regs();
+        r.orig_rax = 35; // nanosleep
+        r.rax = (-ERESTART_RESTARTBLOCK) as u64;
+        r.rip = 0x1002;
+        rewind_interrupted_syscall(&mut r);
+        assert_eq!((r.rax, r.rip), (libc::SYS_restart_syscall as u64, 0x1000));
+
+        let mut r = regs();
+        r.orig_rax = 0; // read
+        r.rax = (-ERESTARTSYS) as u64;
+        r.rip = 0x2002;
+        rewind_interrupted_syscall(&mut r);
+        assert_eq!((r.rax, r.rip), (0, 0x2000));
+    }
+
+    #[test]
+    fn leaves_user_code_and_finished_syscalls_alone() {
+        let mut r = regs();
+        r.orig_rax = u64::MAX;
+        r.rax = (-ERESTARTSYS) as u64;
+        r.rip = 0x3000;
+        rewind_interrupted_syscall(&mut r);
+        assert_eq!(r.rip, 0x3000);
+
+        let mut r = regs();
+        r.orig_rax = 1;
+        r.rax = (-libc::EINTR as i64) as u64;
+        r.rip = 0x4002;
+        rewind_interrupted_syscall(&mut r);
+        assert_eq!(r.rip, 0x4002);
+    }
+
+    #[test]
+    fn status_fields() {
+        let s = "Name:\tsleep\nState:\tS (sleeping)\nTgid:\t42\nTracerPid:\t0\n";
+        assert_eq!(status_field(s, "State:"), Some("S (sleeping)"));
+        assert_eq!(status_field(s, "Tgid:"), Some("42"));
+        assert_eq!(status_field(s, "Kthread:"), None);
+    }
+}

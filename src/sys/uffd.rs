@@ -1,0 +1,537 @@
+//! Dirty-page tracking of another process with userfaultfd write-protect in
+//! async mode (`UFFD_FEATURE_WP_ASYNC`, Linux 6.7), the recipe of
+//! `probes/p2_uffdwp.c`.
+//!
+//! A userfaultfd is bound to the memory of the process that creates it, so
+//! it is created *inside* the target by an injected `userfaultfd()` call,
+//! copied out with `pidfd_getfd`, and the target's own copy is closed
+//! again by injection (on every path: the target is never left with a stray
+//! fd). From then on ferry holds the only reference; closing it (dropping
+//! [`WriteProtect`]) ends tracking and the kernel unregisters everything.
+//!
+//! Each registered range is write-protected once ("armed") when it is
+//! registered. In async mode a write to a protected page does not stop the
+//! writer: the kernel just lifts the protection (about 1.2 µs on the first
+//! write of a page). `PAGEMAP_SCAN` with `PAGE_IS_WRITTEN` and
+//! `PM_SCAN_WP_MATCHING` then returns the pages written since the last scan
+//! and protects them again in the same step, so no write can fall between
+//! reporting and re-arming. Writes by `process_vm_writev` count, and pages
+//! zapped by `MADV_DONTNEED` are reported as written (they are, to zero).
+//! A write-protected transparent huge page splits on its first write, so
+//! only the written 4 KiB page is reported.
+//!
+//! The order that keeps the invariant ("a round reports every page written
+//! since the previous one"): [`WriteProtect::register`] first, which arms
+//! the range, then read its contents ([`WriteProtect::scan_present`] and
+//! [`super::vm::read_ranges`]); any write after the arming is reported by
+//! the next [`WriteProtect::scan_written`].
+//!
+//! The trap (DESIGN.md §8): with `PM_SCAN_CHECK_WPASYNC`, a scan that
+//! reaches a mapping not registered with us fails with `EPERM` *after*
+//! re-protecting what it walked before it. [`WriteProtect::scan_written`]
+//! therefore only scans inside one range registered here, and if the
+//! target replaced a mapping meanwhile (so the kernel refuses anyway), the
+//! pages reported before the failure are still appended to the output and
+//! the error ([`UffdError::Stale`]) says that the range needs a fresh look.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::OnceLock;
+
+use nix::errno::Errno;
+
+use super::pagemap::{
+    append_merged, Pagemap, PagemapError, Region, PAGE_IS_WPALLOWED, PAGE_IS_WRITTEN,
+    PM_SCAN_CHECK_WPASYNC, PM_SCAN_WP_MATCHING,
+};
+use super::ptrace::{PtraceError, Tracee};
+use super::{ior, iowr, page_size, USER_ADDR_END};
+
+/// Unpopulated pages (no pte yet) can be write-protected, so a first write
+/// to never-touched memory is reported too.
+pub const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
+/// Write faults on protected pages are resolved by the kernel, no handler.
+pub const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
+const REQUIRED: u64 = UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED;
+
+/// `userfaultfd()` flag: handle only faults from user mode, which an
+/// unprivileged process may ask for when `vm.unprivileged_userfaultfd` is 0.
+/// With async write-protect no fault is ever handed to a handler, so this
+/// changes nothing for tracking.
+const UFFD_USER_MODE_ONLY: u64 = 1;
+const UFFD_API: u64 = 0xaa;
+const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
+
+#[repr(C)]
+struct UffdioApi {
+    api: u64,
+    features: u64,
+    ioctls: u64,
+}
+
+#[repr(C)]
+struct UffdioRange {
+    start: u64,
+    len: u64,
+}
+
+#[repr(C)]
+struct UffdioRegister {
+    range: UffdioRange,
+    mode: u64,
+    ioctls: u64,
+}
+
+const UFFDIO_API: u64 = iowr::<UffdioApi>(0xaa, 0x3f);
+const UFFDIO_REGISTER: u64 = iowr::<UffdioRegister>(0xaa, 0x00);
+const UFFDIO_UNREGISTER: u64 = ior::<UffdioRange>(0xaa, 0x01);
+
+/// Errors of userfaultfd write-protect tracking.
+#[derive(Debug, thiserror::Error)]
+pub enum UffdError {
+    /// Injecting a syscall into the target failed.
+    #[error("injecting {what} into the target: {source}")]
+    Inject {
+        what: &'static str,
+        #[source]
+        source: PtraceError,
+    },
+    /// The kernel's userfaultfd lacks async write-protect.
+    #[error(
+        "this kernel's userfaultfd lacks {missing} (features {available:#x}); \
+         uffd-wp tracking needs WP_ASYNC and WP_UNPOPULATED (Linux 6.7)"
+    )]
+    Unsupported { missing: String, available: u64 },
+    /// `pidfd_open`/`pidfd_getfd` failed.
+    #[error("{op} on process {pid}: {errno}")]
+    Fd {
+        op: &'static str,
+        pid: i32,
+        errno: Errno,
+    },
+    /// `UFFDIO_API` failed.
+    #[error("UFFDIO_API: {0}")]
+    Api(Errno),
+    /// The kernel refuses to register this range for write-protect
+    /// (`[vdso]`, `[vvar]`, `VM_PFNMAP`/`VM_IO` mappings, ranges with holes
+    /// or registered elsewhere). The caller falls back for this range.
+    #[error("the kernel refuses to register {start:#x}-{end:#x} for write-protect: {errno}")]
+    Unregistrable { start: u64, end: u64, errno: Errno },
+    /// The range is not inside one range registered here: scanning it could
+    /// reach an unregistered mapping and lose pages, so it was not scanned.
+    #[error("{start:#x}-{end:#x} is not inside one registered range")]
+    NotRegistered { start: u64, end: u64 },
+    /// The scan reached a mapping that is no longer registered (the target
+    /// replaced it since). The pages found before it were appended to the
+    /// output; the rest of the range was not scanned.
+    #[error(
+        "{start:#x}-{end:#x} reached a mapping that is no longer registered (replaced \
+         since); the pages reported before it were kept"
+    )]
+    Stale { start: u64, end: u64 },
+    /// Another `PAGEMAP_SCAN` or pagemap failure.
+    #[error(transparent)]
+    Pagemap(#[from] PagemapError),
+    /// An ioctl on the userfaultfd failed.
+    #[error("{op} of {start:#x}-{end:#x}: {errno}")]
+    Ioctl {
+        op: &'static str,
+        start: u64,
+        end: u64,
+        errno: Errno,
+    },
+}
+
+/// Write-protect tracking of one process. See the module documentation.
+pub struct WriteProtect {
+    pid: i32,
+    uffd: OwnedFd,
+    pagemap: Pagemap,
+    /// Registered ranges, sorted, disjoint, adjacent ones merged.
+    ranges: Vec<(u64, u64)>,
+    regions: Vec<Region>,
+}
+
+impl WriteProtect {
+    /// Creates a userfaultfd inside the target through `tracee`, takes it
+    /// over, and enables async write-protect on it. Nothing is registered
+    /// yet.
+    pub fn arm(tracee: &Tracee) -> Result<WriteProtect, UffdError> {
+        let pid = tracee.pid();
+        // Refuse before touching the target if the kernel cannot do it.
+        if let Some(available) = kernel_features() {
+            let missing = REQUIRED & !available;
+            if missing != 0 {
+                return Err(UffdError::Unsupported {
+                    missing: feature_names(missing),
+                    available,
+                });
+            }
+        }
+        let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64;
+        let remote = match tracee.syscall(libc::SYS_userfaultfd, &[flags]) {
+            Err(PtraceError::SyscallFailed {
+                errno: Errno::EPERM,
+                ..
+            }) => tracee.syscall(libc::SYS_userfaultfd, &[flags | UFFD_USER_MODE_ONLY]),
+            r => r,
+        }
+        .map_err(|source| UffdError::Inject {
+            what: "userfaultfd()",
+            source,
+        })?;
+        let copied = take_fd(pid, remote as RawFd);
+        let closed = tracee.syscall(libc::SYS_close, &[remote as u64]);
+        let uffd = copied?;
+        closed.map_err(|source| UffdError::Inject {
+            what: "close() of the target's userfaultfd",
+            source,
+        })?;
+        let mut api = UffdioApi {
+            api: UFFD_API,
+            features: REQUIRED,
+            ioctls: 0,
+        };
+        // SAFETY: `uffd` is an open userfaultfd and `api` a valid `struct
+        // uffdio_api` that the kernel reads and writes back.
+        let r = unsafe {
+            libc::ioctl(
+                uffd.as_raw_fd(),
+                UFFDIO_API as libc::Ioctl,
+                &mut api as *mut UffdioApi,
+            )
+        };
+        if r < 0 {
+            return Err(match Errno::last() {
+                Errno::EINVAL => UffdError::Unsupported {
+                    missing: feature_names(REQUIRED),
+                    available: 0,
+                },
+                errno => UffdError::Api(errno),
+            });
+        }
+        Ok(WriteProtect {
+            pid,
+            uffd,
+            pagemap: Pagemap::open(pid)?,
+            ranges: Vec::new(),
+            regions: Vec::new(),
+        })
+    }
+
+    /// The tracked process.
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// Registers `[start, end)` (page aligned, mapped) for write-protect and
+    /// arms the part of it that was not registered before: from the return
+    /// on, every write there is reported by [`WriteProtect::scan_written`].
+    /// Parts already registered keep their pending written pages. Read the
+    /// contents after this call, not before.
+    ///
+    /// Ranges the kernel refuses give [`UffdError::Unregistrable`].
+    pub fn register(&mut self, start: u64, end: u64) -> Result<(), UffdError> {
+        let ps = page_size();
+        if start % ps != 0 || end % ps != 0 {
+            return Err(PagemapError::Unaligned { start, end }.into());
+        }
+        if start >= end {
+            return Ok(());
+        }
+        if end > USER_ADDR_END {
+            // [vsyscall] and anything else outside user space.
+            return Err(UffdError::Unregistrable {
+                start,
+                end,
+                errno: Errno::EINVAL,
+            });
+        }
+        // What the kernel does not yet track for us, whatever our list says
+        // (the target may have replaced a mapping): only that gets armed.
+        self.regions.clear();
+        self.pagemap.scan(
+            start,
+            end,
+            0,
+            PAGE_IS_WPALLOWED,
+            0,
+            PAGE_IS_WPALLOWED,
+            PAGE_IS_WPALLOWED,
+            &mut self.regions,
+        )?;
+        let mut fresh = Vec::new();
+        append_merged(&mut fresh, &self.regions);
+
+        let mut reg = UffdioRegister {
+            range: UffdioRange {
+                start,
+                len: end - start,
+            },
+            mode: UFFDIO_REGISTER_MODE_WP,
+            ioctls: 0,
+        };
+        // SAFETY: `reg` is a valid `struct uffdio_register` the kernel reads
+        // and writes back; the userfaultfd is open.
+        let r = unsafe {
+            libc::ioctl(
+                self.uffd.as_raw_fd(),
+                UFFDIO_REGISTER as libc::Ioctl,
+                &mut reg as *mut UffdioRegister,
+            )
+        };
+        if r < 0 {
+            return Err(match Errno::last() {
+                errno @ (Errno::EINVAL | Errno::ENOMEM | Errno::EBUSY | Errno::EPERM) => {
+                    UffdError::Unregistrable { start, end, errno }
+                }
+                errno => UffdError::Ioctl {
+                    op: "UFFDIO_REGISTER",
+                    start,
+                    end,
+                    errno,
+                },
+            });
+        }
+        insert_range(&mut self.ranges, start, end);
+        for (s, e) in fresh {
+            // The arming scan reports every page not yet protected (all of
+            // them, touched or not): that is the contents the caller reads
+            // next, so the report is dropped.
+            self.regions.clear();
+            let armed = self.pagemap.scan(
+                s,
+                e,
+                PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
+                PAGE_IS_WRITTEN,
+                0,
+                0,
+                PAGE_IS_WRITTEN,
+                &mut self.regions,
+            );
+            match armed {
+                Ok(()) => {}
+                Err(PagemapError::NotWpAsync { .. }) => {
+                    return Err(UffdError::Stale { start: s, end: e })
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Unregisters `[start, end)` (the mapping vanished or shrank), best
+    /// effort, and forgets it.
+    pub fn unregister(&mut self, start: u64, end: u64) {
+        if start >= end {
+            return;
+        }
+        let mut range = UffdioRange {
+            start,
+            len: end - start,
+        };
+        // SAFETY: `range` is a valid `struct uffdio_range` for the call; the
+        // userfaultfd is open.
+        let r = unsafe {
+            libc::ioctl(
+                self.uffd.as_raw_fd(),
+                UFFDIO_UNREGISTER as libc::Ioctl,
+                &mut range as *mut UffdioRange,
+            )
+        };
+        if r < 0 {
+            // Typical when the mapping is gone: nothing left to unregister.
+            tracing::debug!(
+                pid = self.pid,
+                "UFFDIO_UNREGISTER {start:#x}-{end:#x}: {}",
+                Errno::last()
+            );
+        }
+        remove_range(&mut self.ranges, start, end);
+    }
+
+    /// The registered ranges, sorted; adjacent registrations are merged.
+    pub fn registered(&self) -> &[(u64, u64)] {
+        &self.ranges
+    }
+
+    /// Appends to `out` the pages written in `[start, end)` since the last
+    /// scan (or the registration), as page-aligned `[s, e)` runs, and
+    /// write-protects them again in the same step. `[start, end)` must lie
+    /// inside one registered range, otherwise nothing is scanned
+    /// ([`UffdError::NotRegistered`]). On [`UffdError::Stale`], the runs
+    /// appended before the error are real and already re-protected: keep
+    /// them.
+    pub fn scan_written(
+        &mut self,
+        start: u64,
+        end: u64,
+        out: &mut Vec<(u64, u64)>,
+    ) -> Result<(), UffdError> {
+        if start >= end {
+            return Ok(());
+        }
+        if !self.ranges.iter().any(|&(s, e)| s <= start && end <= e) {
+            return Err(UffdError::NotRegistered { start, end });
+        }
+        self.regions.clear();
+        let r = self.pagemap.scan(
+            start,
+            end,
+            PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
+            PAGE_IS_WRITTEN,
+            0,
+            0,
+            PAGE_IS_WRITTEN,
+            &mut self.regions,
+        );
+        append_merged(out, &self.regions);
+        match r {
+            Ok(()) => Ok(()),
+            Err(PagemapError::NotWpAsync { .. }) => Err(UffdError::Stale { start, end }),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Pages with content in `[start, end)` (present or swapped; with
+    /// `anon_only`, not those still backed by their file), without changing
+    /// any protection: what round 0 and a newly seen mapping send. See
+    /// [`Pagemap::present`].
+    pub fn scan_present(
+        &mut self,
+        start: u64,
+        end: u64,
+        anon_only: bool,
+        out: &mut Vec<(u64, u64)>,
+    ) -> Result<(), UffdError> {
+        Ok(self.pagemap.present(start, end, anon_only, out)?)
+    }
+}
+
+/// Copies fd `fd` of process `pid` into ours (`pidfd_getfd`, close-on-exec).
+fn take_fd(pid: i32, fd: RawFd) -> Result<OwnedFd, UffdError> {
+    let err = |op| move |errno| UffdError::Fd { op, pid, errno };
+    // SAFETY: pidfd_open takes a pid and flags; no memory is passed.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if pidfd < 0 {
+        return Err(err("pidfd_open")(Errno::last()));
+    }
+    // SAFETY: pidfd_open returned a new fd that nothing else owns.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) };
+    // SAFETY: pidfd_getfd takes two fds and flags; no memory is passed.
+    let ours = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
+    if ours < 0 {
+        return Err(err("pidfd_getfd")(Errno::last()));
+    }
+    // SAFETY: pidfd_getfd returned a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(ours as RawFd) })
+}
+
+/// The userfaultfd features of this kernel, from a throwaway userfaultfd
+/// of our own process; `None` if we may not create one (then `UFFDIO_API`
+/// on the target's fd is the test).
+fn kernel_features() -> Option<u64> {
+    static FEATURES: OnceLock<Option<u64>> = OnceLock::new();
+    *FEATURES.get_or_init(|| {
+        let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64;
+        for f in [flags, flags | UFFD_USER_MODE_ONLY] {
+            // SAFETY: userfaultfd takes flags only; no memory is passed.
+            let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, f) };
+            if fd < 0 {
+                continue;
+            }
+            // SAFETY: userfaultfd returned a new fd that nothing else owns.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+            let mut api = UffdioApi {
+                api: UFFD_API,
+                features: 0,
+                ioctls: 0,
+            };
+            // SAFETY: `api` is a valid `struct uffdio_api`; the fd is open.
+            let r = unsafe {
+                libc::ioctl(
+                    fd.as_raw_fd(),
+                    UFFDIO_API as libc::Ioctl,
+                    &mut api as *mut UffdioApi,
+                )
+            };
+            return (r == 0).then_some(api.features);
+        }
+        None
+    })
+}
+
+fn feature_names(bits: u64) -> String {
+    let mut names = Vec::new();
+    if bits & UFFD_FEATURE_WP_ASYNC != 0 {
+        names.push("WP_ASYNC");
+    }
+    if bits & UFFD_FEATURE_WP_UNPOPULATED != 0 {
+        names.push("WP_UNPOPULATED");
+    }
+    names.join(" and ")
+}
+
+/// Adds `[start, end)` to a sorted list of disjoint ranges, merging
+/// overlapping and adjacent ones.
+fn insert_range(ranges: &mut Vec<(u64, u64)>, start: u64, end: u64) {
+    let (mut s, mut e) = (start, end);
+    ranges.retain(|&(rs, re)| {
+        if re < s || rs > e {
+            true
+        } else {
+            s = s.min(rs);
+            e = e.max(re);
+            false
+        }
+    });
+    let at = ranges.partition_point(|&(rs, _)| rs < s);
+    ranges.insert(at, (s, e));
+}
+
+/// Removes `[start, end)` from a sorted list of disjoint ranges, splitting
+/// a range that contains it.
+fn remove_range(ranges: &mut Vec<(u64, u64)>, start: u64, end: u64) {
+    let mut out = Vec::with_capacity(ranges.len() + 1);
+    for &(rs, re) in ranges.iter() {
+        if re <= start || rs >= end {
+            out.push((rs, re));
+            continue;
+        }
+        if rs < start {
+            out.push((rs, start));
+        }
+        if re > end {
+            out.push((end, re));
+        }
+    }
+    *ranges = out;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uapi_numbers() {
+        assert_eq!(UFFDIO_API, 0xc018_aa3f);
+        assert_eq!(UFFDIO_REGISTER, 0xc020_aa00);
+        assert_eq!(UFFDIO_UNREGISTER, 0x8010_aa01);
+    }
+
+    #[test]
+    fn range_bookkeeping() {
+        let mut r = Vec::new();
+        insert_range(&mut r, 0x5000, 0x6000);
+        insert_range(&mut r, 0x1000, 0x2000);
+        insert_range(&mut r, 0x2000, 0x3000); // adjacent: merged
+        assert_eq!(r, vec![(0x1000, 0x3000), (0x5000, 0x6000)]);
+        insert_range(&mut r, 0x2800, 0x5800); // bridges both
+        assert_eq!(r, vec![(0x1000, 0x6000)]);
+        remove_range(&mut r, 0x2000, 0x3000);
+        assert_eq!(r, vec![(0x1000, 0x2000), (0x3000, 0x6000)]);
+        remove_range(&mut r, 0, 0x4000);
+        assert_eq!(r, vec![(0x4000, 0x6000)]);
+        remove_range(&mut r, 0x4000, 0x6000);
+        assert!(r.is_empty());
+    }
+}
