@@ -112,11 +112,51 @@ pub struct DumpReport {
     pub total: Duration,
 }
 
-/// Runs a dump; `progress` is called after every round.
+/// A process left frozen (ptrace-stopped) after a successful dump: its
+/// memory is exactly what the image holds until it is released. `ferry
+/// migrate` keeps it so until the destination answers; dropping it resumes
+/// the process.
+pub struct Frozen {
+    tracee: Tracee,
+}
+
+impl Frozen {
+    pub fn pid(&self) -> i32 {
+        self.tracee.pid()
+    }
+
+    /// Lets the process run on, untraced.
+    pub fn resume(self) -> Result<(), DumpError> {
+        Ok(self.tracee.detach(false)?)
+    }
+
+    /// Detaches, leaving the process stopped (SIGSTOP).
+    pub fn leave_stopped(self) -> Result<(), DumpError> {
+        Ok(self.tracee.detach(true)?)
+    }
+}
+
+/// Runs a dump and releases the process as `opts.leave_stopped` says;
+/// `progress` is called after every round.
 pub async fn dump(
     opts: DumpOptions,
     progress: &mut (dyn FnMut(&RoundReport) + Send),
 ) -> Result<DumpReport, DumpError> {
+    let leave_stopped = opts.leave_stopped;
+    let (report, frozen) = dump_frozen(opts, progress).await?;
+    if leave_stopped {
+        frozen.leave_stopped()?;
+    } else {
+        frozen.resume()?;
+    }
+    Ok(report)
+}
+
+/// Runs a dump and returns with the process still frozen.
+pub async fn dump_frozen(
+    opts: DumpOptions,
+    progress: &mut (dyn FnMut(&RoundReport) + Send),
+) -> Result<(DumpReport, Frozen), DumpError> {
     let t_start = Instant::now();
     let pid = opts.pid;
     let tracee = Tracee::seize(pid)?;
@@ -154,8 +194,7 @@ pub async fn dump(
     sink.commit().await?;
     let frozen = t_freeze.elapsed();
     drop(tracker);
-    tracee.detach(opts.leave_stopped)?;
-    Ok(DumpReport {
+    let report = DumpReport {
         pid,
         session,
         backend,
@@ -163,7 +202,8 @@ pub async fn dump(
         stop,
         frozen,
         total: t_start.elapsed(),
-    })
+    };
+    Ok((report, Frozen { tracee }))
 }
 
 /// One round: find the dirty pages, send them as a layer, wait for the seal.

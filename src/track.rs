@@ -324,7 +324,12 @@ impl Tracker for UffdWp {
                 self.send_whole(m, s, e, &mut delta)?;
             }
             for (s, e) in subtract(&[(m.start, m.end)], &stale) {
-                self.wp.scan_written(s, e, &mut delta.data)?;
+                match self.wp.scan_written(s, e, &mut delta.data) {
+                    Ok(()) => {}
+                    // Replaced between the check above and the scan.
+                    Err(UffdError::Stale { .. }) => self.send_whole(m, s, e, &mut delta)?,
+                    Err(e) => return Err(e.into()),
+                }
             }
         }
         self.unregistrable.retain(|k| seen.contains(k));

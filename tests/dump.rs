@@ -9,7 +9,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry::dump::{dump, Destination, DumpError, DumpOptions, DumpReport};
+use ferry::dump::{dump, dump_frozen, Destination, DumpError, DumpOptions, RoundReport};
 use ferry::policy::Policy;
 use ferry::procfs;
 use ferry::sys::ptrace::PtraceError;
@@ -83,30 +83,22 @@ fn assert_image_is_memory(pid: i32, img: &FlatImage) -> u64 {
     checked
 }
 
-async fn run_dump(
-    fx: &Fixture,
-    dest: Destination,
-    rounds: u32,
-    track: Option<Backend>,
-) -> DumpReport {
-    dump(
-        DumpOptions {
-            pid: fx.pid,
-            dest,
-            leave_stopped: true,
-            track,
-            policy: policy(rounds),
-            compress: Compress::default(),
-        },
-        &mut |r| {
-            eprintln!(
-                "round {} frozen={} dirty={} raw={} wire={} {:?}",
-                r.round, r.frozen, r.dirty_pages, r.stats.raw_bytes, r.stats.wire_bytes, r.total
-            )
-        },
+fn options(fx: &Fixture, dest: Destination, rounds: u32, track: Option<Backend>) -> DumpOptions {
+    DumpOptions {
+        pid: fx.pid,
+        dest,
+        leave_stopped: true,
+        track,
+        policy: policy(rounds),
+        compress: Compress::default(),
+    }
+}
+
+fn show(r: &RoundReport) {
+    eprintln!(
+        "round {} frozen={} dirty={} raw={} wire={} {:?}",
+        r.round, r.frozen, r.dirty_pages, r.stats.raw_bytes, r.stats.wire_bytes, r.total
     )
-    .await
-    .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -117,22 +109,19 @@ async fn dump_through_a_page_server_equals_memory_at_freeze() {
     let server = Server::start(tls.path(), store.clone());
     // 256 MiB that keeps writing: a counter and ~8 MiB/s of random pages.
     let mut fx = Fixture::start(&["--mib", "256", "--dirty-rate", "2000"]);
-    let report = run_dump(
-        &fx,
-        Destination::Remote(connect(server.addr, tls.path())),
-        3,
-        None,
-    )
-    .await;
+    let dest = Destination::Remote(connect(server.addr, tls.path()));
+    let (report, frozen) = dump_frozen(options(&fx, dest, 3, None), &mut show)
+        .await
+        .unwrap();
     assert_eq!(
         report.rounds.len(),
         4,
         "3 pre-dump rounds and the final one"
     );
     assert!(report.rounds.last().unwrap().frozen);
-    assert_eq!(fx.state(), 'T', "--leave-stopped leaves it stopped");
-    assert_eq!(fx.tracer(), 0, "and not traced");
 
+    // Compared while the process is still frozen: once it moves, even the
+    // kernel writes to it (rseq's cpu id when a thread changed CPU).
     let img = store.open(report.session).unwrap().flatten().unwrap();
     let pages = assert_image_is_memory(fx.pid, &img);
     assert!(pages >= 65536, "checked {pages} pages");
@@ -144,6 +133,9 @@ async fn dump_through_a_page_server_equals_memory_at_freeze() {
         .unwrap();
     assert_eq!(state.processes[0].pid, fx.pid);
 
+    frozen.leave_stopped().unwrap();
+    assert_eq!(fx.state(), 'T', "--leave-stopped leaves it stopped");
+    assert_eq!(fx.tracer(), 0, "and not traced");
     // It runs on from there.
     Command::new("kill")
         .args(["-CONT", &fx.pid.to_string()])
@@ -162,17 +154,15 @@ async fn dump_to_an_images_dir_equals_memory_with_each_backend() {
     for backend in [Backend::UffdWp, Backend::Checksum] {
         let dir = tempfile::tempdir().unwrap();
         let fx = Fixture::start(&["--mib", "32", "--dirty-rate", "500"]);
-        let report = run_dump(
-            &fx,
-            Destination::ImagesDir(dir.path().into()),
-            2,
-            Some(backend),
-        )
-        .await;
+        let dest = Destination::ImagesDir(dir.path().into());
+        let (report, frozen) = dump_frozen(options(&fx, dest, 2, Some(backend)), &mut show)
+            .await
+            .unwrap();
         assert_eq!(report.backend, backend);
         let store = DiskStore::open(dir.path()).unwrap();
         let img = store.open(report.session).unwrap().flatten().unwrap();
         assert_image_is_memory(fx.pid, &img);
+        frozen.resume().unwrap();
     }
 }
 
@@ -182,7 +172,8 @@ async fn rounds_shrink_when_the_workload_dirties_little() {
     let dir = tempfile::tempdir().unwrap();
     // 256 MiB = 65536 pages; 5 % a second = 3277 pages/s.
     let fx = Fixture::start(&["--mib", "256", "--dirty-rate", "3277"]);
-    let report = run_dump(&fx, Destination::ImagesDir(dir.path().into()), 3, None).await;
+    let dest = Destination::ImagesDir(dir.path().into());
+    let report = dump(options(&fx, dest, 3, None), &mut show).await.unwrap();
     let sent: Vec<u64> = report.rounds.iter().map(|r| r.stats.pages).collect();
     eprintln!("pages per round: {sent:?}");
     assert!(

@@ -496,6 +496,53 @@ fn job_control_stops_pass_through_while_seized() {
     wait_for("sleep to sleep", || state(pid) == 'S');
 }
 
+#[test]
+fn threads_exiting_while_traced_do_not_hang_anything() {
+    require_ptrace!();
+    // Short-lived threads, one every 5 ms, for as long as the test runs.
+    let script = "import threading,time\n\
+                  while True:\n    threading.Thread(target=time.sleep, args=(0.02,)).start(); time.sleep(0.005)\n";
+    let t = Target::spawn(python(), &["-c", script]);
+    let pid = t.pid();
+    wait_for("python's threads", || tasks(pid).len() >= 2);
+    let tr = Tracee::seize(pid).expect("seize");
+    let started = Instant::now();
+    for _ in 0..30 {
+        tr.freeze().expect("freeze");
+        let live: Vec<i32> = tasks(pid)
+            .into_iter()
+            .filter(|&tid| !field(&status_of_task(pid, tid), "State:").starts_with('Z'))
+            .collect();
+        let seized = tr.tids();
+        for tid in &live {
+            assert!(
+                seized.contains(tid),
+                "live thread {tid} not seized: {seized:?}"
+            );
+            let st = field(&status_of_task(pid, *tid), "State:");
+            assert!(st.starts_with('t') || st.is_empty(), "thread {tid} is {st}");
+        }
+        tr.syscall(libc::SYS_getpid, &[])
+            .expect("getpid while frozen");
+        tr.thaw().expect("thaw");
+        tr.syscall(libc::SYS_getpid, &[])
+            .expect("getpid while running");
+        sleep(Duration::from_millis(10));
+    }
+    println!(
+        "30 freeze/inject/thaw cycles with thread churn: {:?}",
+        started.elapsed()
+    );
+    drop(tr);
+    for tid in tasks(pid) {
+        assert_eq!(
+            field(&status_of_task(pid, tid), "TracerPid:"),
+            "0",
+            "thread {tid}"
+        );
+    }
+}
+
 // ------------------------------------------------------------------ injection
 
 #[test]
@@ -876,6 +923,15 @@ fn uffd_wp_costs_on_256_mib() {
 }
 
 // ------------------------------------------------------------------ pagemap
+
+#[test]
+fn handles_cross_threads() {
+    fn send_sync<T: Send + Sync>() {}
+    fn send<T: Send>() {}
+    send_sync::<Tracee>();
+    send::<WriteProtect>();
+    send::<Pagemap>();
+}
 
 #[test]
 fn soft_dirty_is_detected_as_absent_here() {

@@ -188,7 +188,7 @@ pub struct Pagemap {
     file: File,
     /// Kernel output vector, allocated on first scan.
     vec: Vec<Region>,
-    /// Scratch for [`Pagemap::present`].
+    /// Scratch for [`Pagemap::present`] and its marker check.
     tmp: Vec<Region>,
     entries: Vec<u64>,
 }

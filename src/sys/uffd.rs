@@ -394,8 +394,10 @@ impl WriteProtect {
 
     /// Pages with content in `[start, end)` (present or swapped; with
     /// `anon_only`, not those still backed by their file), without changing
-    /// any protection: what round 0 and a newly seen mapping send. See
-    /// [`Pagemap::present`].
+    /// any protection: what round 0 and a newly seen mapping send. After
+    /// arming, every never-touched page of a registered range carries a
+    /// uffd-wp pte marker that `PAGEMAP_SCAN` calls "swapped"; those are
+    /// holes and are left out (see [`Pagemap::present`]).
     pub fn scan_present(
         &mut self,
         start: u64,
