@@ -315,7 +315,9 @@ impl Client {
                 }
             }
         };
-        self.close(0, b"done").await;
+        // The answer is in: closing (draining the connection) is no business
+        // of the caller, who may be holding a frozen process meanwhile.
+        tokio::spawn(self.close(0, b"done"));
         Ok(outcome)
     }
 
