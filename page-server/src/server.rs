@@ -312,6 +312,10 @@ impl Session {
                 }
                 Action::Commit { restore } => {
                     let outcome = self.commit(restore);
+                    // Release the session before the verdict goes out: the
+                    // source may act on it at once (restore it elsewhere,
+                    // list it), and the connection may linger closing.
+                    self.handle = None;
                     self.rx.finished(outcome)?;
                 }
                 Action::Aborted { reason } => {
