@@ -6,8 +6,6 @@
 //!
 //! `cargo bench --bench transfer`
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -22,55 +20,11 @@ use ferry_page_server::tls::{client_config, server_config, TlsFiles};
 use ferry_page_server::{Config, PageServer};
 use ferry_proto::batch::Compress;
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+use common::Fixture;
+
 const RUNS: usize = 3;
-
-struct Fixture {
-    child: Child,
-    pid: i32,
-    stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
-}
-
-impl Fixture {
-    fn start(args: &[&str]) -> Fixture {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ferry-fixture"))
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("ferry-fixture");
-        let stdin = child.stdin.take().unwrap();
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        stdout.read_line(&mut line).unwrap();
-        let pid = line
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("pid="))
-            .unwrap()
-            .parse()
-            .unwrap();
-        Fixture {
-            child,
-            pid,
-            stdin,
-            stdout,
-        }
-    }
-
-    fn cmd(&mut self, c: &str) -> String {
-        writeln!(self.stdin, "{c}").unwrap();
-        let mut line = String::new();
-        self.stdout.read_line(&mut line).unwrap();
-        line.trim_start_matches("ok").trim().to_string()
-    }
-}
-
-impl Drop for Fixture {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));

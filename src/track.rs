@@ -32,7 +32,7 @@ use std::collections::{HashMap, HashSet};
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::procfs::{MapEntry, ProcError};
-use crate::sys::pagemap::{self, Pagemap, PagemapError, PAGE_IS_WPALLOWED};
+use crate::sys::pagemap::{self, Pagemap, PagemapError};
 use crate::sys::ptrace::{PtraceError, Tracee};
 use crate::sys::uffd::{UffdError, WriteProtect};
 use crate::sys::vm::{self, VmError};
@@ -197,6 +197,21 @@ pub fn intersect(a: &[(u64, u64)], b: &[(u64, u64)]) -> Vec<(u64, u64)> {
     out
 }
 
+/// Normalizes a round's delta: data clipped to the live mappings, and a
+/// page both written and known zero sent as data.
+fn finish(mut delta: Delta, maps: &[MapEntry]) -> Delta {
+    clip_to_maps(&mut delta.data, maps);
+    normalize(&mut delta.zero);
+    delta.zero = subtract(&delta.zero, &delta.data);
+    delta
+}
+
+/// Queues a failed round's pages for the next round.
+fn queue(pending: &mut Delta, d: &Delta) {
+    pending.data.extend_from_slice(&d.data);
+    pending.zero.extend_from_slice(&d.zero);
+}
+
 /// Keeps only the parts of the put-back pages still inside sendable
 /// mappings: memory that was unmapped meanwhile has nothing left to send.
 fn clip_to_maps(v: &mut Vec<(u64, u64)>, maps: &[MapEntry]) {
@@ -215,13 +230,11 @@ fn clip_to_maps(v: &mut Vec<(u64, u64)>, maps: &[MapEntry]) {
 /// userfaultfd write-protect tracking (async mode, `PAGEMAP_SCAN`).
 pub struct UffdWp {
     wp: WriteProtect,
-    pagemap: Pagemap,
     known: HashSet<MapKey>,
     /// Mappings the kernel would not register: sent whole every round.
     unregistrable: HashSet<MapKey>,
     first: bool,
     pending: Delta,
-    regions: Vec<pagemap::Region>,
 }
 
 impl UffdWp {
@@ -229,32 +242,11 @@ impl UffdWp {
     pub fn arm(tracee: &Tracee) -> Result<Self, TrackError> {
         Ok(Self {
             wp: WriteProtect::arm(tracee)?,
-            pagemap: Pagemap::open(tracee.pid())?,
             known: HashSet::new(),
             unregistrable: HashSet::new(),
             first: true,
             pending: Delta::default(),
-            regions: Vec::new(),
         })
-    }
-
-    /// Parts of `[start, end)` not registered for write-protect tracking
-    /// (a mapping replaced since it was registered).
-    fn unregistered(&mut self, start: u64, end: u64) -> Result<Vec<(u64, u64)>, TrackError> {
-        self.regions.clear();
-        self.pagemap.scan(
-            start,
-            end,
-            0,
-            PAGE_IS_WPALLOWED,
-            0,
-            PAGE_IS_WPALLOWED,
-            PAGE_IS_WPALLOWED,
-            &mut self.regions,
-        )?;
-        let mut v: Vec<(u64, u64)> = self.regions.iter().map(|r| (r.start, r.end)).collect();
-        normalize(&mut v);
-        Ok(v)
     }
 
     /// Sends `[start, end)` of `m` whole: registers it (tracking starts
@@ -319,7 +311,7 @@ impl Tracker for UffdWp {
             // A range that lost its registration was replaced by a new
             // mapping since the last round: scanning it would fail (and, on
             // a range mixing both, lose pages), so send it whole instead.
-            let stale = self.unregistered(m.start, m.end)?;
+            let stale = self.wp.untracked(m.start, m.end)?;
             for &(s, e) in &stale {
                 self.send_whole(m, s, e, &mut delta)?;
             }
@@ -335,16 +327,11 @@ impl Tracker for UffdWp {
         self.unregistrable.retain(|k| seen.contains(k));
         self.known = seen;
         self.first = false;
-        clip_to_maps(&mut delta.data, maps);
-        normalize(&mut delta.zero);
-        // A page both written and known zero is sent as data.
-        delta.zero = subtract(&delta.zero, &delta.data);
-        Ok(delta)
+        Ok(finish(delta, maps))
     }
 
     fn put_back(&mut self, d: &Delta) {
-        self.pending.data.extend_from_slice(&d.data);
-        self.pending.zero.extend_from_slice(&d.zero);
+        queue(&mut self.pending, d);
     }
 }
 
@@ -423,15 +410,11 @@ impl Tracker for SoftDirty<'_> {
         result?;
         self.known = seen;
         self.first = false;
-        clip_to_maps(&mut delta.data, maps);
-        normalize(&mut delta.zero);
-        delta.zero = subtract(&delta.zero, &delta.data);
-        Ok(delta)
+        Ok(finish(delta, maps))
     }
 
     fn put_back(&mut self, d: &Delta) {
-        self.pending.data.extend_from_slice(&d.data);
-        self.pending.zero.extend_from_slice(&d.zero);
+        queue(&mut self.pending, d);
     }
 }
 
@@ -520,10 +503,7 @@ impl Tracker for Checksum {
         self.hashes = hashes;
         self.known = seen;
         self.first = false;
-        clip_to_maps(&mut delta.data, maps);
-        normalize(&mut delta.zero);
-        delta.zero = subtract(&delta.zero, &delta.data);
-        Ok(delta)
+        Ok(finish(delta, maps))
     }
 
     fn put_back(&mut self, d: &Delta) {
@@ -536,8 +516,7 @@ impl Tracker for Checksum {
                 a += page_size();
             }
         }
-        self.pending.data.extend_from_slice(&d.data);
-        self.pending.zero.extend_from_slice(&d.zero);
+        queue(&mut self.pending, d);
     }
 }
 

@@ -223,6 +223,27 @@ impl WriteProtect {
         self.pid
     }
 
+    /// The parts of `[start, end)` the kernel does not track for us, merged:
+    /// never registered, or replaced by a new mapping since (the kernel
+    /// drops the registration with the old mapping). Scanning such a part
+    /// for written pages would fail; its contents must be taken whole.
+    pub fn untracked(&mut self, start: u64, end: u64) -> Result<Vec<(u64, u64)>, UffdError> {
+        self.regions.clear();
+        self.pagemap.scan(
+            start,
+            end,
+            0,
+            PAGE_IS_WPALLOWED,
+            0,
+            PAGE_IS_WPALLOWED,
+            PAGE_IS_WPALLOWED,
+            &mut self.regions,
+        )?;
+        let mut out = Vec::new();
+        append_merged(&mut out, &self.regions);
+        Ok(out)
+    }
+
     /// Registers `[start, end)` (page aligned, mapped) for write-protect and
     /// arms the part of it that was not registered before: from the return
     /// on, every write there is reported by [`WriteProtect::scan_written`].
@@ -248,19 +269,7 @@ impl WriteProtect {
         }
         // What the kernel does not yet track for us, whatever our list says
         // (the target may have replaced a mapping): only that gets armed.
-        self.regions.clear();
-        self.pagemap.scan(
-            start,
-            end,
-            0,
-            PAGE_IS_WPALLOWED,
-            0,
-            PAGE_IS_WPALLOWED,
-            PAGE_IS_WPALLOWED,
-            &mut self.regions,
-        )?;
-        let mut fresh = Vec::new();
-        append_merged(&mut fresh, &self.regions);
+        let fresh = self.untracked(start, end)?;
 
         let mut reg = UffdioRegister {
             range: UffdioRange {
