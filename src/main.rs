@@ -63,9 +63,9 @@ enum Command {
         /// The process to dump.
         #[arg(long)]
         pid: i32,
-        /// Page server address, e.g. 10.0.0.2:7070.
+        /// Page server as HOST:PORT, e.g. dst.example.org:7070 or [::1]:7070.
         #[arg(long, requires = "tls", conflicts_with = "images_dir")]
-        to: Option<SocketAddr>,
+        to: Option<String>,
         /// Directory with ca.pem, client.pem and client.key.
         #[arg(long)]
         tls: Option<PathBuf>,
@@ -230,7 +230,8 @@ async fn run(command: Command) -> Result<()> {
                 Compress::default()
             };
             let dest = match (to, images_dir) {
-                (Some(addr), _) => {
+                (Some(to), _) => {
+                    let addr = resolve(&to)?;
                     let dir = tls.context("--to needs --tls DIR")?;
                     let mut c =
                         ferry::client::Connect::new(addr, client_config(&TlsFiles::client(&dir))?);
@@ -413,4 +414,13 @@ fn report_json(r: &DumpReport) -> serde_json::Value {
         "total_s": r.total.as_secs_f64(),
         "rounds": rounds,
     })
+}
+
+/// The first address `HOST:PORT` resolves to.
+fn resolve(to: &str) -> Result<SocketAddr> {
+    use std::net::ToSocketAddrs;
+    to.to_socket_addrs()
+        .with_context(|| format!("cannot resolve {to:?} (expected HOST:PORT)"))?
+        .next()
+        .with_context(|| format!("{to:?} resolves to no address"))
 }
