@@ -59,6 +59,7 @@ async fn stream_rate(content: &str, compress: Compress, tls: &std::path::Path) -
                     ..Policy::default()
                 },
                 compress,
+                restore: false,
             },
             &mut |_| {},
         )

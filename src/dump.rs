@@ -29,6 +29,7 @@ use tokio::sync::mpsc;
 use crate::client::{Client, ClientError, CommitOutcome, Connect, LayerStats};
 use crate::policy::{Decision, Policy, RoundStats, StopReason};
 use crate::procfs::{self, MapEntry, ProcError};
+use crate::state::StateError;
 use crate::sys::ptrace::{PtraceError, Tracee};
 use crate::sys::vm::{self, VmError};
 use crate::track::{self, Backend, Delta, TrackError, Tracker};
@@ -56,6 +57,10 @@ pub enum DumpError {
     Commit(String),
     #[error("the reader thread failed: {0}")]
     Reader(String),
+    #[error("killing the source process {pid}: {errno}")]
+    Kill { pid: i32, errno: nix::errno::Errno },
+    #[error("capturing the process state: {0}")]
+    State(#[from] StateError),
 }
 
 /// Where the layers go.
@@ -75,6 +80,9 @@ pub struct DumpOptions {
     pub track: Option<Backend>,
     pub policy: Policy,
     pub compress: Compress,
+    /// Ask the page server to restore the image on commit (`ferry migrate`);
+    /// the answer is in [`DumpReport::outcome`].
+    pub restore: bool,
 }
 
 /// One round as the display and `--json` show it.
@@ -110,6 +118,8 @@ pub struct DumpReport {
     /// From freezing the process to the destination's acknowledgement.
     pub frozen: Duration,
     pub total: Duration,
+    /// The page server's verdict on the commit (`None` for an images dir).
+    pub outcome: Option<CommitOutcome>,
 }
 
 /// A process left frozen (ptrace-stopped) after a successful dump: its
@@ -133,6 +143,38 @@ impl Frozen {
     /// Detaches, leaving the process stopped (SIGSTOP).
     pub fn leave_stopped(self) -> Result<(), DumpError> {
         Ok(self.tracee.detach(true)?)
+    }
+
+    /// Kills the process: the end of a migration, once the destination
+    /// runs it. SIGKILL reaches a traced, stopped process too.
+    pub fn kill(self) -> Result<(), DumpError> {
+        use nix::sys::signal::{kill, Signal};
+        let pid = nix::unistd::Pid::from_raw(self.pid());
+        kill(pid, Signal::SIGKILL).map_err(|errno| DumpError::Kill {
+            pid: self.pid(),
+            errno,
+        })?;
+        let pid = self.pid();
+        match self.tracee.detach(false) {
+            Ok(()) | Err(PtraceError::NoProcess(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        // SIGKILL is delivered asynchronously: report success only once the
+        // source is really gone (a zombie waiting for its parent counts).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match procfs::read_status(pid) {
+                Err(ProcError::NoProcess(_)) => return Ok(()),
+                Ok(st) if matches!(st.state, 'Z' | 'X') => return Ok(()),
+                _ if Instant::now() > deadline => {
+                    return Err(DumpError::Kill {
+                        pid,
+                        errno: nix::errno::Errno::ETIMEDOUT,
+                    })
+                }
+                _ => std::thread::sleep(Duration::from_millis(2)),
+            }
+        }
     }
 }
 
@@ -159,6 +201,7 @@ pub async fn dump_frozen(
 ) -> Result<(DumpReport, Frozen), DumpError> {
     let t_start = Instant::now();
     let pid = opts.pid;
+    let restore = opts.restore;
     let tracee = Tracee::seize(pid)?;
     let mut tracker = track::choose(&tracee, opts.track)?;
     let backend = tracker.backend();
@@ -191,7 +234,7 @@ pub async fn dump_frozen(
     rounds.push(r);
     let state = capture_state(pid, &tracee)?;
     sink.state(state).await?;
-    sink.commit().await?;
+    let outcome = sink.commit(restore).await?;
     let frozen = t_freeze.elapsed();
     drop(tracker);
     let report = DumpReport {
@@ -202,6 +245,7 @@ pub async fn dump_frozen(
         stop,
         frozen,
         total: t_start.elapsed(),
+        outcome,
     };
     Ok((report, Frozen { tracee }))
 }
@@ -219,7 +263,7 @@ async fn round(
     let delta = tokio::task::block_in_place(|| tracker.collect(&maps))?;
     let scan = t0.elapsed();
     let dirty_pages = delta.pages(track::page_size());
-    match send_layer(pid, &maps, &delta, sink).await {
+    match send_layer(pid, &maps, &delta, sink, tracker).await {
         Ok(stats) => Ok(RoundReport {
             round,
             frozen,
@@ -242,6 +286,7 @@ async fn send_layer(
     maps: &[MapEntry],
     delta: &Delta,
     sink: &mut Sink,
+    tracker: &mut dyn Tracker,
 ) -> Result<LayerStats, DumpError> {
     sink.begin(maps.iter().map(vma_of).collect()).await?;
     let ps = track::page_size();
@@ -260,6 +305,7 @@ async fn send_layer(
     while let Some(item) = rx.recv().await {
         let ranges = item?;
         if !ranges.is_empty() {
+            tracker.sent(&ranges);
             sink.data(ranges).await?;
         }
     }
@@ -362,44 +408,9 @@ fn vma_of(m: &MapEntry) -> pb::Vma {
     v
 }
 
-/// The process state as far as ferry captures it today: identity, cwd,
-/// mappings, threads and file descriptors by path. Registers, signal state
-/// and the rest of DESIGN.md §6 come with restore.
+/// The frozen process's state (DESIGN.md §6), see [`crate::state`].
 fn capture_state(pid: i32, tracee: &Tracee) -> Result<pb::ProcessTree, DumpError> {
-    let status = procfs::read_status(pid)?;
-    let maps = procfs::read_maps(pid)?;
-    let cwd = std::fs::read_link(format!("/proc/{pid}/cwd"))
-        .map(|p| p.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let fds = procfs::list_fds(pid)?
-        .into_iter()
-        .map(|(fd, target)| pb::FileDesc {
-            fd,
-            path: target.clone(),
-            kind: pb::FdKind::Unsupported as i32,
-            description: target,
-            ..Default::default()
-        })
-        .collect();
-    Ok(pb::ProcessTree {
-        processes: vec![pb::Process {
-            pid,
-            ppid: status.ppid,
-            comm: status.name,
-            cwd,
-            vmas: maps.iter().map(vma_of).collect(),
-            threads: tracee
-                .tids()
-                .into_iter()
-                .map(|tid| pb::Thread {
-                    tid,
-                    ..Default::default()
-                })
-                .collect(),
-            fds,
-            ..Default::default()
-        }],
-    })
+    Ok(crate::state::capture(pid, tracee)?)
 }
 
 fn random_id() -> [u8; 16] {
@@ -542,13 +553,21 @@ impl Sink {
         }
     }
 
-    async fn commit(self) -> Result<(), DumpError> {
+    /// Commits; with `restore`, the destination's verdict is returned as
+    /// is (a `Failed` is the caller's to act on, not an error here).
+    async fn commit(self, restore: bool) -> Result<Option<CommitOutcome>, DumpError> {
         match self {
-            Sink::Remote(c) => match c.commit(false).await? {
-                CommitOutcome::Stored { .. } => Ok(()),
+            Sink::Remote(c) => match c.commit(restore).await? {
+                o @ CommitOutcome::Stored { .. } if !restore => Ok(Some(o)),
+                o @ (CommitOutcome::Restored { .. } | CommitOutcome::Failed { .. }) if restore => {
+                    Ok(Some(o))
+                }
                 other => Err(DumpError::Commit(format!("{other:?}"))),
             },
-            Sink::Local(_) => Ok(()),
+            Sink::Local(_) if restore => Err(DumpError::Commit(
+                "an images directory cannot restore: use ferry restore --images-dir".into(),
+            )),
+            Sink::Local(_) => Ok(None),
         }
     }
 }

@@ -11,6 +11,10 @@
 //! - [`track`]: dirty-page tracking backends (uffd-wp, soft-dirty,
 //!   checksum) behind one trait.
 //! - [`dump`]: `ferry dump`, rounds of pre-dump, freeze, final delta.
+//! - [`state`]: the process state captured at the freeze.
+//! - [`restore`]: ptrace-driven restore of an image into a new process.
+//! - [`migrate`]: `ferry migrate`, dump + restore on the destination + kill
+//!   of the source, as one transaction.
 //! - [`sys`]: every raw syscall and `unsafe` block of ferry (ptrace and
 //!   syscall injection, userfaultfd, `PAGEMAP_SCAN`, `process_vm_readv`)
 //!   behind safe wrappers.
@@ -22,8 +26,11 @@ pub mod certs;
 pub mod client;
 pub mod demo;
 pub mod dump;
+pub mod migrate;
 pub mod policy;
 pub mod procfs;
+pub mod restore;
+pub mod state;
 pub mod synthetic;
 pub mod sys;
 pub mod track;

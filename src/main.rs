@@ -53,6 +53,39 @@ enum Command {
         /// Sessions served at once; more connections are refused.
         #[arg(long, default_value_t = 32)]
         max_sessions: usize,
+        /// Restore committed migrations on this host (`ferry migrate`
+        /// needs it). Restored processes run as their own session, under
+        /// the credentials they had.
+        #[arg(long)]
+        restore: bool,
+    },
+    /// Move a running process to another host: rounds of pre-dump while it
+    /// runs, a freeze, the final delta and the state, a restore by the page
+    /// server (started with --restore), and only then is the source killed.
+    /// Any failure before the destination runs the process resumes the
+    /// source, untouched, and names the cause.
+    Migrate {
+        /// The process to move.
+        #[arg(long)]
+        pid: i32,
+        /// Page server as HOST:PORT.
+        #[arg(long)]
+        to: String,
+        /// Directory with ca.pem, client.pem and client.key.
+        #[arg(long)]
+        tls: PathBuf,
+        #[command(flatten)]
+        rounds: RoundArgs,
+    },
+    /// Restore a dumped process on this host from an image directory.
+    Restore {
+        /// The directory `ferry dump --images-dir` wrote.
+        #[arg(long)]
+        images_dir: PathBuf,
+        /// Which session (see `ferry images list`); default: the newest with
+        /// a process state.
+        #[arg(long)]
+        session: Option<String>,
     },
     /// Dump a running process in rounds while it runs (iterative pre-dump),
     /// then freeze it and send the final delta and its state. The layers go
@@ -78,24 +111,8 @@ enum Command {
         /// Leave the process stopped (SIGSTOP) after a successful dump.
         #[arg(long)]
         leave_stopped: bool,
-        /// Dirty tracking: auto, uffd-wp, soft-dirty or checksum.
-        #[arg(long, default_value = "auto")]
-        track: String,
-        /// Freeze once the predicted final round fits this many milliseconds.
-        #[arg(long, default_value_t = 50)]
-        max_downtime: u64,
-        /// Most pre-dump rounds; 0 freezes at once (stop-and-copy).
-        #[arg(long, default_value_t = 8)]
-        max_rounds: u32,
-        /// QUIC data streams used in parallel.
-        #[arg(long, default_value_t = 4)]
-        streams: usize,
-        /// Send pages uncompressed.
-        #[arg(long)]
-        no_zstd: bool,
-        /// Print the rounds and the summary as one JSON document on stdout.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        rounds: RoundArgs,
     },
     /// Certificates for mutual TLS.
     Certs {
@@ -127,6 +144,81 @@ enum Command {
         #[arg(long)]
         no_zstd: bool,
     },
+}
+
+/// How the rounds run, shared by `dump` and `migrate`.
+#[derive(clap::Args)]
+struct RoundArgs {
+    /// Dirty tracking: auto, uffd-wp, soft-dirty or checksum.
+    #[arg(long, default_value = "auto")]
+    track: String,
+    /// Freeze once the predicted final round fits this many milliseconds.
+    #[arg(long, default_value_t = 50)]
+    max_downtime: u64,
+    /// Most pre-dump rounds; 0 freezes at once (stop-and-copy).
+    #[arg(long, default_value_t = 8)]
+    max_rounds: u32,
+    /// QUIC data streams used in parallel.
+    #[arg(long, default_value_t = 4)]
+    streams: usize,
+    /// Send pages uncompressed.
+    #[arg(long)]
+    no_zstd: bool,
+    /// Print the rounds and the summary as one JSON document on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+impl RoundArgs {
+    fn options(&self, pid: i32, dest: Destination) -> Result<DumpOptions> {
+        let Some(track) = Backend::parse(&self.track) else {
+            bail!(
+                "unknown --track {:?}: use auto, uffd-wp, soft-dirty or checksum",
+                self.track
+            );
+        };
+        Ok(DumpOptions {
+            pid,
+            dest,
+            leave_stopped: false,
+            track,
+            policy: Policy {
+                max_downtime: std::time::Duration::from_millis(self.max_downtime),
+                max_rounds: self.max_rounds,
+                ..Policy::default()
+            },
+            compress: if self.no_zstd {
+                Compress::Off
+            } else {
+                Compress::default()
+            },
+            restore: false,
+        })
+    }
+
+    fn connect(&self, to: &str, tls: &std::path::Path) -> Result<ferry::client::Connect> {
+        let mut c =
+            ferry::client::Connect::new(resolve(to)?, client_config(&TlsFiles::client(tls))?);
+        c.streams = self.streams;
+        Ok(c)
+    }
+
+    /// The live display: a line per round on stderr (nothing with --json).
+    fn progress(&self) -> impl FnMut(&RoundReport) + Send {
+        let json = self.json;
+        move |r: &RoundReport| {
+            if json {
+                return;
+            }
+            if r.round == 0 {
+                eprintln!(
+                    "{:>5} {:>8} {:>10} {:>10} {:>10} {:>8} {:>9} {:>10}",
+                    "round", "", "dirty pg", "raw MiB", "wire MiB", "ms", "MB/s", "predicted"
+                );
+            }
+            eprintln!("{}", round_line(r));
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -189,11 +281,15 @@ async fn run(command: Command) -> Result<()> {
             tls,
             store,
             max_sessions,
+            restore,
         } => {
             let tls = server_config(&TlsFiles::server(&tls))?;
             let store = open_store(&store)?;
             let mut cfg = Config::new(tls, store);
             cfg.max_sessions = max_sessions;
+            if restore {
+                cfg.restorer = Some(Arc::new(ferry::migrate::LocalRestorer));
+            }
             let server = PageServer::bind(listen, cfg)?;
             eprintln!(
                 "ferry page server listening on {} (QUIC, mutual TLS)",
@@ -214,57 +310,20 @@ async fn run(command: Command) -> Result<()> {
             images_dir,
             leave_running: _,
             leave_stopped,
-            track,
-            max_downtime,
-            max_rounds,
-            streams,
-            no_zstd,
-            json,
+            rounds,
         } => {
-            let Some(track) = Backend::parse(&track) else {
-                bail!("unknown --track {track:?}: use auto, uffd-wp, soft-dirty or checksum");
-            };
-            let compress = if no_zstd {
-                Compress::Off
-            } else {
-                Compress::default()
-            };
             let dest = match (to, images_dir) {
                 (Some(to), _) => {
-                    let addr = resolve(&to)?;
                     let dir = tls.context("--to needs --tls DIR")?;
-                    let mut c =
-                        ferry::client::Connect::new(addr, client_config(&TlsFiles::client(&dir))?);
-                    c.streams = streams;
-                    Destination::Remote(c)
+                    Destination::Remote(rounds.connect(&to, &dir)?)
                 }
                 (None, Some(dir)) => Destination::ImagesDir(dir),
                 (None, None) => bail!("give --to HOST:PORT or --images-dir DIR"),
             };
-            let opts = DumpOptions {
-                pid,
-                dest,
-                leave_stopped,
-                track,
-                policy: Policy {
-                    max_downtime: std::time::Duration::from_millis(max_downtime),
-                    max_rounds,
-                    ..Policy::default()
-                },
-                compress,
-            };
-            let mut show = |r: &RoundReport| {
-                if json {
-                    return;
-                }
-                if r.round == 0 {
-                    eprintln!(
-                        "{:>5} {:>8} {:>10} {:>10} {:>10} {:>8} {:>9} {:>10}",
-                        "round", "", "dirty pg", "raw MiB", "wire MiB", "ms", "MB/s", "predicted"
-                    );
-                }
-                eprintln!("{}", round_line(r));
-            };
+            let mut opts = rounds.options(pid, dest)?;
+            opts.leave_stopped = leave_stopped;
+            let json = rounds.json;
+            let mut show = rounds.progress();
             let report = tokio::select! {
                 r = dump::dump(opts, &mut show) => r?,
                 _ = interrupted() => bail!("interrupted: the process was left running and untraced"),
@@ -285,6 +344,56 @@ async fn run(command: Command) -> Result<()> {
                     if leave_stopped { "stopped" } else { "running" }
                 );
             }
+            Ok(())
+        }
+        Command::Migrate {
+            pid,
+            to,
+            tls,
+            rounds,
+        } => {
+            let dest = Destination::Remote(rounds.connect(&to, &tls)?);
+            let opts = rounds.options(pid, dest)?;
+            let mut show = rounds.progress();
+            let report = tokio::select! {
+                r = ferry::migrate::migrate(opts, &mut show) => r?,
+                _ = interrupted() => bail!("interrupted: the source process was left running and untraced"),
+            };
+            if rounds.json {
+                let mut j = report_json(&report.dump);
+                j["restored_pid"] = report.restored_pid.into();
+                j["downtime_ms"] = (report.downtime.as_secs_f64() * 1e3).into();
+                println!("{}", serde_json::to_string_pretty(&j)?);
+            } else {
+                eprintln!(
+                    "migrated pid {} to {to}: running there as pid {}; downtime {:.1} ms \
+                     (freeze to restored), {} rounds, stopped because {}; the source is gone",
+                    report.dump.pid,
+                    report.restored_pid,
+                    report.downtime.as_secs_f64() * 1e3,
+                    report.dump.rounds.len(),
+                    report.dump.stop,
+                );
+            }
+            Ok(())
+        }
+        Command::Restore {
+            images_dir,
+            session,
+        } => {
+            let session = match session {
+                Some(s) => Some(
+                    ferry_proto::SessionId::from_hex(&s)
+                        .with_context(|| format!("{s:?} is not a session id (32 hex digits)"))?,
+                ),
+                None => None,
+            };
+            let pid = tokio::task::spawn_blocking(move || {
+                ferry::restore::restore_from_images_dir(&images_dir, session)
+            })
+            .await??;
+            println!("{pid}");
+            eprintln!("restored as pid {pid}, running");
             Ok(())
         }
         Command::Certs {

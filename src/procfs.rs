@@ -1050,3 +1050,350 @@ mod tests {
         assert!(matches!(read_status(pid_max), Err(ProcError::NoProcess(_))));
     }
 }
+
+// ------------------------------------------------- process state (image)
+//
+// What `crate::state` needs beyond the pre-copy: the rest of `stat`, the
+// credentials, the resource limits and the personality. Same rules as
+// above: pure parsers over text, readers that only fetch it.
+
+/// The fields of `/proc/PID/stat` that describe the process for the image:
+/// its place in the process tree and the `mm` bounds `PR_SET_MM_MAP`
+/// takes back on restore. The bounds read as 0 unless the reader may
+/// ptrace the process (root here).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StatFields {
+    /// Field 4.
+    pub ppid: i32,
+    /// Field 5: the process group.
+    pub pgrp: i32,
+    /// Field 6: the session.
+    pub session: i32,
+    /// Fields 26 and 27: the text segment (`startcode`, `endcode`).
+    pub start_code: u64,
+    pub end_code: u64,
+    /// Field 28: the bottom of the initial stack (`startstack`).
+    pub start_stack: u64,
+    /// Fields 45 to 47: data segment and the start of the heap.
+    pub start_data: u64,
+    pub end_data: u64,
+    pub start_brk: u64,
+    /// Fields 48 to 51: where `argv` and `envp` strings live.
+    pub arg_start: u64,
+    pub arg_end: u64,
+    pub env_start: u64,
+    pub env_end: u64,
+}
+
+/// Parses `/proc/PID/stat` into [`StatFields`]. Fields are counted from
+/// the last `)`, as the command name may hold spaces and parentheses.
+pub fn parse_stat_fields(text: &str) -> Result<StatFields, ProcError> {
+    const WHAT: &str = "stat";
+    let close = text
+        .rfind(')')
+        .ok_or_else(|| parse_err(WHAT, 1, "no ')' after the command name"))?;
+    // Index 0 is field 3 (state).
+    let fields: Vec<&str> = text[close + 1..].split_whitespace().collect();
+    let get = |n: usize| -> Result<&str, ProcError> {
+        fields
+            .get(n - 3)
+            .copied()
+            .ok_or_else(|| parse_err(WHAT, 1, format!("fewer than {n} fields")))
+    };
+    let int = |n: usize| -> Result<i32, ProcError> {
+        let f = get(n)?;
+        f.parse()
+            .map_err(|e| parse_err(WHAT, 1, format!("field {n} {f:?}: {e}")))
+    };
+    let addr = |n: usize| -> Result<u64, ProcError> {
+        let f = get(n)?;
+        f.parse()
+            .map_err(|e| parse_err(WHAT, 1, format!("field {n} {f:?}: {e}")))
+    };
+    Ok(StatFields {
+        ppid: int(4)?,
+        pgrp: int(5)?,
+        session: int(6)?,
+        start_code: addr(26)?,
+        end_code: addr(27)?,
+        start_stack: addr(28)?,
+        start_data: addr(45)?,
+        end_data: addr(46)?,
+        start_brk: addr(47)?,
+        arg_start: addr(48)?,
+        arg_end: addr(49)?,
+        env_start: addr(50)?,
+        env_end: addr(51)?,
+    })
+}
+
+/// The credentials lines of `/proc/PID/status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Creds {
+    /// Real, effective, saved, filesystem.
+    pub uid: [u32; 4],
+    pub gid: [u32; 4],
+    /// Supplementary groups, in the kernel's (sorted) order.
+    pub groups: Vec<u32>,
+    pub cap_inh: u64,
+    pub cap_prm: u64,
+    pub cap_eff: u64,
+    pub cap_bnd: u64,
+    /// `CapAmb` (absent before 4.3: 0).
+    pub cap_amb: u64,
+}
+
+/// Parses the credentials out of `/proc/PID/status`: `Uid`, `Gid`,
+/// `Groups` and the five capability sets are required except `CapAmb`.
+pub fn parse_creds(text: &str) -> Result<Creds, ProcError> {
+    const WHAT: &str = "status";
+    let mut c = Creds::default();
+    let mut seen = [false; 7];
+    for (i, line) in text.lines().enumerate() {
+        let n = i + 1;
+        let Some((key, value)) = line.split_once(':') else {
+            continue;
+        };
+        let value = value.trim();
+        let mask = |v: &str| {
+            u64::from_str_radix(v, 16).map_err(|e| parse_err(WHAT, n, format!("{key} {v:?}: {e}")))
+        };
+        let list = |v: &str| -> Result<Vec<u32>, ProcError> {
+            v.split_whitespace()
+                .map(|f| {
+                    f.parse::<u32>()
+                        .map_err(|e| parse_err(WHAT, n, format!("{key} {f:?}: {e}")))
+                })
+                .collect()
+        };
+        let four = |v: &str| -> Result<[u32; 4], ProcError> {
+            let ids = list(v)?;
+            ids.as_slice()
+                .try_into()
+                .map_err(|_| parse_err(WHAT, n, format!("{key}: {} ids, not 4", ids.len())))
+        };
+        match key {
+            "Uid" => (c.uid, seen[0]) = (four(value)?, true),
+            "Gid" => (c.gid, seen[1]) = (four(value)?, true),
+            "Groups" => (c.groups, seen[2]) = (list(value)?, true),
+            "CapInh" => (c.cap_inh, seen[3]) = (mask(value)?, true),
+            "CapPrm" => (c.cap_prm, seen[4]) = (mask(value)?, true),
+            "CapEff" => (c.cap_eff, seen[5]) = (mask(value)?, true),
+            "CapBnd" => (c.cap_bnd, seen[6]) = (mask(value)?, true),
+            "CapAmb" => c.cap_amb = mask(value)?,
+            _ => {}
+        }
+    }
+    let names = [
+        "Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff", "CapBnd",
+    ];
+    if let Some((name, _)) = names.iter().zip(seen).find(|(_, ok)| !ok) {
+        return Err(parse_err(WHAT, 0, format!("missing field {name}")));
+    }
+    Ok(c)
+}
+
+/// `RLIM_INFINITY` as `prlimit(2)` reports it.
+pub const RLIM_INFINITY: u64 = u64::MAX;
+
+/// The row names of `/proc/PID/limits`, indexed by resource number
+/// (`RLIMIT_CPU` = 0 … `RLIMIT_RTTIME` = 15), as the kernel's `lnames`.
+const LIMIT_NAMES: [&str; 16] = [
+    "Max cpu time",
+    "Max file size",
+    "Max data size",
+    "Max stack size",
+    "Max core file size",
+    "Max resident set",
+    "Max processes",
+    "Max open files",
+    "Max locked memory",
+    "Max address space",
+    "Max file locks",
+    "Max pending signals",
+    "Max msgqueue size",
+    "Max nice priority",
+    "Max realtime priority",
+    "Max realtime timeout",
+];
+
+/// One resource limit: `(resource, soft, hard)`, in the kernel's raw units
+/// (the file shows them unconverted), [`RLIM_INFINITY`] for "unlimited".
+pub type Limit = (u32, u64, u64);
+
+/// Parses `/proc/PID/limits` into limits sorted by resource. Rows are
+/// found by name, so an unknown row (a newer kernel) is skipped rather
+/// than shifting the others.
+pub fn parse_limits(text: &str) -> Result<Vec<Limit>, ProcError> {
+    const WHAT: &str = "limits";
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate().skip(1) {
+        let n = i + 1;
+        // Longest names first would matter if one were a prefix of another
+        // followed by a space; none is.
+        let Some((res, rest)) = LIMIT_NAMES.iter().enumerate().find_map(|(r, name)| {
+            let rest = line.strip_prefix(name)?;
+            rest.starts_with(' ').then_some((r as u32, rest))
+        }) else {
+            continue;
+        };
+        let mut f = rest.split_whitespace();
+        let mut value = |which: &str| -> Result<u64, ProcError> {
+            let v = f
+                .next()
+                .ok_or_else(|| parse_err(WHAT, n, format!("no {which} limit")))?;
+            if v == "unlimited" {
+                return Ok(RLIM_INFINITY);
+            }
+            v.parse()
+                .map_err(|e| parse_err(WHAT, n, format!("{which} limit {v:?}: {e}")))
+        };
+        let soft = value("soft")?;
+        let hard = value("hard")?;
+        out.push((res, soft, hard));
+    }
+    if out.is_empty() {
+        return Err(parse_err(WHAT, 0, "no limits"));
+    }
+    out.sort_unstable_by_key(|l| l.0);
+    Ok(out)
+}
+
+/// Parses `/proc/PID/personality` (hexadecimal, as `personality(2)`).
+pub fn parse_personality(text: &str) -> Result<u32, ProcError> {
+    let v = text.trim();
+    u32::from_str_radix(v, 16).map_err(|e| parse_err("personality", 1, format!("{v:?}: {e}")))
+}
+
+/// See [`parse_stat_fields`].
+pub fn read_stat_fields(pid: i32) -> Result<StatFields, ProcError> {
+    parse_stat_fields(&read_text(pid, "stat")?)
+}
+
+/// See [`parse_creds`].
+pub fn read_creds(pid: i32) -> Result<Creds, ProcError> {
+    parse_creds(&read_text(pid, "status")?)
+}
+
+/// See [`parse_limits`].
+pub fn read_limits(pid: i32) -> Result<Vec<Limit>, ProcError> {
+    parse_limits(&read_text(pid, "limits")?)
+}
+
+/// See [`parse_personality`].
+pub fn read_personality(pid: i32) -> Result<u32, ProcError> {
+    parse_personality(&read_text(pid, "personality")?)
+}
+
+/// The status of one thread (`/proc/PID/task/TID/status`): its own
+/// `SigPnd` and `SigBlk`, where the process's file shows the leader's.
+pub fn read_task_status(pid: i32, tid: i32) -> Result<Status, ProcError> {
+    parse_status(&read_text(pid, &format!("task/{tid}/status"))?)
+}
+
+/// `/proc/PID/comm` unescaped (unlike the `Name:` of `status`), without
+/// the newline the kernel appends.
+pub fn read_comm(pid: i32) -> Result<String, ProcError> {
+    let text = read_text(pid, "comm")?;
+    Ok(text.strip_suffix('\n').unwrap_or(&text).to_owned())
+}
+
+#[cfg(test)]
+mod state_tests {
+    use super::*;
+
+    // A python3 process on this project's machines (kernel 6.18); its
+    // command name has spaces and a parenthesis to test the counting.
+    const STAT: &str = "4242 (py (x) y) S 4000 4242 3999 34816 4242 4194304 1130 0 0 0 \
+        3 1 0 0 20 0 1 0 123456 17502208 2420 18446744073709551615 \
+        94650000000000 94650000004000 140730000000000 0 0 0 0 16781312 2 0 0 0 17 1 0 0 0 0 0 \
+        94650000010000 94650000011000 94650100000000 140730000001000 140730000001100 \
+        140730000001100 140730000002000 0\n";
+
+    #[test]
+    fn stat_fields_count_from_the_last_parenthesis() {
+        let s = parse_stat_fields(STAT).unwrap();
+        assert_eq!((s.ppid, s.pgrp, s.session), (4000, 4242, 3999));
+        assert_eq!(
+            (s.start_code, s.end_code, s.start_stack),
+            (94650000000000, 94650000004000, 140730000000000)
+        );
+        assert_eq!(
+            (s.start_data, s.end_data, s.start_brk),
+            (94650000010000, 94650000011000, 94650100000000)
+        );
+        assert_eq!((s.arg_start, s.arg_end), (140730000001000, 140730000001100));
+        assert_eq!((s.env_start, s.env_end), (140730000001100, 140730000002000));
+    }
+
+    #[test]
+    fn stat_fields_refuse_truncated_text() {
+        let cut = &STAT[..STAT.len() / 2];
+        assert!(matches!(
+            parse_stat_fields(cut),
+            Err(ProcError::Parse { .. })
+        ));
+        assert!(parse_stat_fields("no paren").is_err());
+        assert!(parse_stat_fields("1 (x) S x 1 1").is_err());
+    }
+
+    #[test]
+    fn creds() {
+        let text = "Name:\tx\nUid:\t1000\t1001\t1002\t1003\nGid:\t5\t6\t7\t8\n\
+            Groups:\t4 24 27 \nCapInh:\t0000000000000000\nCapPrm:\t000001ffffffffff\n\
+            CapEff:\t000001ffffffffff\nCapBnd:\t000001ffffffffff\nCapAmb:\t0000000000000001\n";
+        let c = parse_creds(text).unwrap();
+        assert_eq!(c.uid, [1000, 1001, 1002, 1003]);
+        assert_eq!(c.gid, [5, 6, 7, 8]);
+        assert_eq!(c.groups, vec![4, 24, 27]);
+        assert_eq!((c.cap_inh, c.cap_prm, c.cap_amb), (0, 0x1ff_ffff_ffff, 1));
+        // Root with no supplementary groups: an empty (whitespace) list.
+        let root = text.replace("Groups:\t4 24 27 ", "Groups:\t ");
+        assert!(parse_creds(&root).unwrap().groups.is_empty());
+        assert!(parse_creds(&text.replace("CapBnd", "CapXxx")).is_err());
+        assert!(parse_creds(&text.replace("\t1003", "")).is_err());
+    }
+
+    #[test]
+    fn limits_by_name() {
+        let text =
+            "Limit                     Soft Limit           Hard Limit           Units     \n\
+            Max cpu time              unlimited            unlimited            seconds   \n\
+            Max stack size            8388608              unlimited            bytes     \n\
+            Max open files            1024                 524288               files     \n\
+            Max future thing          1                    2                    things    \n\
+            Max nice priority         0                    0                    \n";
+        let l = parse_limits(text).unwrap();
+        assert_eq!(
+            l,
+            vec![
+                (0, RLIM_INFINITY, RLIM_INFINITY),
+                (3, 8388608, RLIM_INFINITY),
+                (7, 1024, 524288),
+                (13, 0, 0),
+            ]
+        );
+        assert!(parse_limits("Limit\nMax open files  x 1\n").is_err());
+        assert!(parse_limits("").is_err());
+    }
+
+    #[test]
+    fn personality() {
+        assert_eq!(parse_personality("00400000\n").unwrap(), 0x0040_0000);
+        assert!(parse_personality("zz").is_err());
+    }
+
+    #[test]
+    fn readers_on_ourselves() {
+        let me = std::process::id() as i32;
+        let s = read_stat_fields(me).unwrap();
+        assert!(s.session > 0 && s.pgrp > 0);
+        let c = read_creds(me).unwrap();
+        assert_eq!(c.uid[1], read_status(me).unwrap().uid[1]);
+        let l = read_limits(me).unwrap();
+        assert_eq!(l.len(), 16);
+        assert!(read_personality(me).is_ok());
+        assert!(!read_comm(me).unwrap().ends_with('\n'));
+        assert_eq!(read_task_status(me, me).unwrap().pid, me);
+    }
+}

@@ -107,6 +107,9 @@ pub trait Tracker: Send {
     fn collect(&mut self, maps: &[MapEntry]) -> Result<Delta, TrackError>;
     /// Pages that were not sent after all: the next `collect` returns them.
     fn put_back(&mut self, delta: &Delta);
+    /// The bytes actually sent for pages of the last `collect` (read after
+    /// it, so they may be newer than what the tracker looked at).
+    fn sent(&mut self, _ranges: &[(u64, bytes::Bytes)]) {}
 }
 
 /// Whether a mapping's pages are sent at all.
@@ -504,6 +507,20 @@ impl Tracker for Checksum {
         self.known = seen;
         self.first = false;
         Ok(finish(delta, maps))
+    }
+
+    /// A page can change between the read that hashed it and the read that
+    /// sent it, and change back later (a thread's rseq cpu id flipping
+    /// between two CPUs does exactly that): had the first hash stayed, the
+    /// page would look unchanged against it while the destination holds the
+    /// other version. So the hash kept is the hash of what was sent.
+    fn sent(&mut self, ranges: &[(u64, bytes::Bytes)]) {
+        let ps = page_size();
+        for (addr, data) in ranges {
+            for (i, page) in data.chunks_exact(ps as usize).enumerate() {
+                self.hashes.insert(addr + i as u64 * ps, xxh3_64(page));
+            }
+        }
     }
 
     fn put_back(&mut self, d: &Delta) {

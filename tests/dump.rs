@@ -91,6 +91,7 @@ fn options(fx: &Fixture, dest: Destination, rounds: u32, track: Option<Backend>)
         track,
         policy: policy(rounds),
         compress: Compress::default(),
+        restore: false,
     }
 }
 
@@ -197,6 +198,7 @@ async fn clear_errors_for_a_dead_pid_a_kernel_thread_and_no_permission() {
         track: None,
         policy: policy(1),
         compress: Compress::default(),
+        restore: false,
     };
     let e = dump(opts(dead), &mut |_| {}).await.unwrap_err();
     assert!(
@@ -303,6 +305,7 @@ async fn a_page_server_that_dies_mid_round_leaves_the_target_running() {
                 track: None,
                 policy: policy(1000),
                 compress: Compress::Off,
+                restore: false,
             },
             &mut |_| {},
         )
@@ -332,6 +335,7 @@ async fn a_target_that_exits_mid_round_is_a_clear_error() {
                 track: Some(Backend::Checksum),
                 policy: policy(1000),
                 compress: Compress::default(),
+                restore: false,
             },
             &mut |_| {},
         )

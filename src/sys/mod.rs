@@ -23,6 +23,7 @@
 
 pub mod pagemap;
 pub mod ptrace;
+pub mod stub;
 pub mod uffd;
 pub mod vm;
 

@@ -37,6 +37,17 @@
 //! own restart logic no longer runs. A signal that arrives before the
 //! injected syscall starts is delivered with the thread's own registers, as
 //! if ferry had not been there, and the injection is retried.
+//!
+//! **Reading a frozen thread** (for the image, DESIGN.md §6): registers,
+//! the XSAVE area, the signal mask and the rseq registration are read with
+//! ptrace requests that need the thread in a ptrace stop, so they refuse a
+//! thread that is not ([`PtraceError::NotStopped`]) rather than stop it:
+//! what they return is only meaningful for a process that stays frozen.
+//! [`Tracee::syscall_in`] injects into one chosen thread of a frozen
+//! process with every signal blocked in that thread meanwhile, because its
+//! memory has already been sent: a signal handler running now would write
+//! pages the image no longer gets. [`robust_list`] needs no stop at all
+//! (a plain syscall on another thread), but belongs to the same picture.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -69,6 +80,17 @@ const ERESTARTSYS: i64 = 512;
 const ERESTARTNOINTR: i64 = 513;
 const ERESTARTNOHAND: i64 = 514;
 const ERESTART_RESTARTBLOCK: i64 = 516;
+
+/// Requests the libc crate does not name (values from the 6.18 uapi
+/// `linux/ptrace.h`).
+const PTRACE_GETSIGMASK: libc::c_uint = 0x420a;
+const PTRACE_SETSIGMASK: libc::c_uint = 0x420b;
+const PTRACE_GET_RSEQ_CONFIGURATION: libc::c_uint = 0x420f;
+/// `elf.h`: the regset holding the whole XSAVE area.
+const NT_X86_XSTATE: usize = 0x202;
+/// Floor for the XSAVE buffer: the legacy area plus the header (576 bytes)
+/// rounded up, used when CPUID cannot tell the size.
+const MIN_XSTATE: usize = 4096;
 
 /// Errors of process control.
 #[derive(Debug, thiserror::Error)]
@@ -127,6 +149,38 @@ pub enum PtraceError {
     /// The tracer thread could not be started.
     #[error("starting the tracer thread: {0}")]
     Spawn(#[source] io::Error),
+    /// The thread is not in a ptrace stop (freeze the process first), or
+    /// is not a thread of the tracee.
+    #[error("thread {0} is not a stopped thread of the tracee")]
+    NotStopped(i32),
+}
+
+/// The rseq registration of a thread, as `PTRACE_GET_RSEQ_CONFIGURATION`
+/// reports it (`struct ptrace_rseq_configuration`). All zero when the
+/// thread registered none.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RseqConfig {
+    /// Address of the thread's `struct rseq`.
+    pub abi_pointer: u64,
+    /// The length given to `rseq(2)` (32 bytes, or more with the extended
+    /// ABI fields glibc asks for).
+    pub abi_size: u32,
+    /// The signature the abort handlers must be preceded by.
+    pub signature: u32,
+    /// `rseq(2)` flags of the registration.
+    pub flags: u32,
+}
+
+/// The registers `regs` (read in a ptrace stop) will resume with once an
+/// injection has run in that thread: an interrupted syscall rewound to be
+/// issued again (`rax = orig_rax`, `rip -= 2`; `restart_syscall` for
+/// `-ERESTART_RESTARTBLOCK`). Idempotent. This is the state to save in an
+/// image: the kernel's own restart logic will not run for a thread that is
+/// rebuilt elsewhere.
+pub fn resume_regs(regs: &user_regs_struct) -> user_regs_struct {
+    let mut r = *regs;
+    rewind_interrupted_syscall(&mut r);
+    r
 }
 
 type Reply<T> = SyncSender<Result<T, PtraceError>>;
@@ -140,6 +194,28 @@ enum Cmd {
         nr: i64,
         args: [u64; 6],
         reply: Reply<i64>,
+    },
+    SyscallIn {
+        tid: i32,
+        nr: i64,
+        args: [u64; 6],
+        reply: Reply<i64>,
+    },
+    Regs {
+        tid: i32,
+        reply: Reply<user_regs_struct>,
+    },
+    Xstate {
+        tid: i32,
+        reply: Reply<Vec<u8>>,
+    },
+    Sigmask {
+        tid: i32,
+        reply: Reply<u64>,
+    },
+    Rseq {
+        tid: i32,
+        reply: Reply<RseqConfig>,
     },
     Detach {
         leave_stopped: bool,
@@ -237,6 +313,58 @@ impl Tracee {
             .unwrap_or(Err(PtraceError::TracerGone))
     }
 
+    /// Injects syscall `nr` with `args` (at most 6) into thread `tid`, which
+    /// must be in a ptrace stop (a frozen process; otherwise
+    /// [`PtraceError::NotStopped`]). Every signal is blocked in the thread
+    /// for the injection and its mask put back after it, so no signal
+    /// handler of the target runs; a signal arriving meanwhile stays
+    /// pending. The registers are restored as with [`Tracee::syscall`].
+    pub fn syscall_in(&self, tid: i32, nr: i64, args: &[u64]) -> Result<i64, PtraceError> {
+        if args.len() > 6 {
+            return Err(PtraceError::TooManyArgs(args.len()));
+        }
+        let mut a = [0u64; 6];
+        a[..args.len()].copy_from_slice(args);
+        self.call(|reply| Cmd::SyscallIn {
+            tid,
+            nr,
+            args: a,
+            reply,
+        })
+        .unwrap_or(Err(PtraceError::TracerGone))
+    }
+
+    /// The general registers of stopped thread `tid`, exactly as
+    /// `PTRACE_GETREGS` returns them (see [`resume_regs`] for the form to
+    /// save in an image).
+    pub fn regs(&self, tid: i32) -> Result<user_regs_struct, PtraceError> {
+        self.call(|reply| Cmd::Regs { tid, reply })
+            .unwrap_or(Err(PtraceError::TracerGone))
+    }
+
+    /// The whole XSAVE area of stopped thread `tid` (`PTRACE_GETREGSET
+    /// NT_X86_XSTATE`), as many bytes as the kernel wrote: the legacy FPU
+    /// and SSE area, the XSAVE header and every enabled component.
+    pub fn xstate(&self, tid: i32) -> Result<Vec<u8>, PtraceError> {
+        self.call(|reply| Cmd::Xstate { tid, reply })
+            .unwrap_or(Err(PtraceError::TracerGone))
+    }
+
+    /// The blocked-signal mask of stopped thread `tid`
+    /// (`PTRACE_GETSIGMASK`; bit `n - 1` is signal `n`). Inside
+    /// `sigsuspend` and friends this is the mask saved for after the call,
+    /// which is the one a rewound thread must get back.
+    pub fn sigmask(&self, tid: i32) -> Result<u64, PtraceError> {
+        self.call(|reply| Cmd::Sigmask { tid, reply })
+            .unwrap_or(Err(PtraceError::TracerGone))
+    }
+
+    /// The rseq registration of stopped thread `tid`.
+    pub fn rseq_config(&self, tid: i32) -> Result<RseqConfig, PtraceError> {
+        self.call(|reply| Cmd::Rseq { tid, reply })
+            .unwrap_or(Err(PtraceError::TracerGone))
+    }
+
     /// Detaches every thread. With `leave_stopped` the process is left in a
     /// job-control stop (`SIGSTOP`, sent while every thread is still held,
     /// so no thread runs an instruction in between); otherwise it runs.
@@ -281,6 +409,36 @@ impl Drop for Tracee {
             let _ = w.join();
         }
     }
+}
+
+/// The robust futex list of thread `tid` (`get_robust_list(2)`): its head
+/// address and length, `(0, 0)` if it registered none. A plain syscall, no
+/// ptrace stop needed; the kernel allows it to whoever may ptrace-read
+/// the thread.
+pub fn robust_list(tid: i32) -> Result<(u64, u64), PtraceError> {
+    let mut head: u64 = 0;
+    let mut len: libc::size_t = 0;
+    // SAFETY: both out-pointers point to writable locals of the sizes the
+    // kernel writes (a pointer and a size_t on x86_64).
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_get_robust_list,
+            tid,
+            &mut head as *mut u64,
+            &mut len as *mut libc::size_t,
+        )
+    };
+    if r == -1 {
+        return Err(match Errno::last() {
+            Errno::ESRCH => PtraceError::ThreadExited(tid),
+            errno => PtraceError::Os {
+                op: "get_robust_list",
+                tid,
+                errno,
+            },
+        });
+    }
+    Ok((head, len as u64))
 }
 
 // ------------------------------------------------------------- tracer thread
@@ -431,6 +589,54 @@ impl Worker {
                 }
                 Cmd::Syscall { nr, args, reply } => {
                     let _ = reply.send(self.syscall(nr, &args));
+                }
+                Cmd::SyscallIn {
+                    tid,
+                    nr,
+                    args,
+                    reply,
+                } => {
+                    let _ = reply.send(self.syscall_in(tid, nr, &args));
+                }
+                Cmd::Regs { tid, reply } => {
+                    let r = self.require_stopped(tid).and_then(|()| {
+                        pt::getregs(Pid::from_raw(tid)).map_err(|errno| PtraceError::Os {
+                            op: "PTRACE_GETREGS",
+                            tid,
+                            errno,
+                        })
+                    });
+                    let _ = reply.send(r);
+                }
+                Cmd::Xstate { tid, reply } => {
+                    let r = self.require_stopped(tid).and_then(|()| {
+                        get_xstate(tid).map_err(|errno| PtraceError::Os {
+                            op: "PTRACE_GETREGSET NT_X86_XSTATE",
+                            tid,
+                            errno,
+                        })
+                    });
+                    let _ = reply.send(r);
+                }
+                Cmd::Sigmask { tid, reply } => {
+                    let r = self.require_stopped(tid).and_then(|()| {
+                        get_sigmask(tid).map_err(|errno| PtraceError::Os {
+                            op: "PTRACE_GETSIGMASK",
+                            tid,
+                            errno,
+                        })
+                    });
+                    let _ = reply.send(r);
+                }
+                Cmd::Rseq { tid, reply } => {
+                    let r = self.require_stopped(tid).and_then(|()| {
+                        get_rseq(tid).map_err(|errno| PtraceError::Os {
+                            op: "PTRACE_GET_RSEQ_CONFIGURATION",
+                            tid,
+                            errno,
+                        })
+                    });
+                    let _ = reply.send(r);
                 }
                 Cmd::Detach {
                     leave_stopped,
@@ -853,6 +1059,47 @@ impl Worker {
         result
     }
 
+    /// Injection into one stopped thread with its signals blocked; see
+    /// [`Tracee::syscall_in`].
+    fn syscall_in(&mut self, tid: i32, nr: i64, args: &[u64; 6]) -> Result<i64, PtraceError> {
+        self.alive()?;
+        self.require_stopped(tid)?;
+        let insn = self.syscall_insn()?;
+        let os = |op: &'static str| move |errno: Errno| PtraceError::Os { op, tid, errno };
+        let mask = get_sigmask(tid).map_err(os("PTRACE_GETSIGMASK"))?;
+        // SIGKILL and SIGSTOP are dropped from the mask by the kernel; they
+        // cannot run a handler anyway.
+        set_sigmask(tid, u64::MAX).map_err(os("PTRACE_SETSIGMASK"))?;
+        let result = self.inject(tid, insn, nr, args);
+        if let Err(e) = &result {
+            self.recover_injection(e);
+        }
+        match set_sigmask(tid, mask) {
+            // Gone meanwhile: `result` already says so.
+            Ok(()) | Err(Errno::ESRCH) => result,
+            Err(errno) => {
+                // Left with every signal blocked: say so loudly even when
+                // the injection itself failed first.
+                tracing::error!(tid, "restoring the signal mask after an injection: {errno}");
+                result.and(Err(PtraceError::Os {
+                    op: "PTRACE_SETSIGMASK",
+                    tid,
+                    errno,
+                }))
+            }
+        }
+    }
+
+    /// Ok if `tid` is one of ours and sits in a ptrace stop.
+    fn require_stopped(&mut self, tid: i32) -> Result<(), PtraceError> {
+        self.service()?;
+        self.alive()?;
+        match self.threads.get(&tid).map(|t| t.run) {
+            Some(Run::Stopped) => Ok(()),
+            _ => Err(PtraceError::NotStopped(tid)),
+        }
+    }
+
     /// The main thread, or any live thread if it has exited alone.
     fn main_tid(&self) -> Result<i32, PtraceError> {
         let live = |t: &Thread| t.run != Run::Gone;
@@ -1193,6 +1440,118 @@ fn ptrace_req(req: Req, tid: i32, data: usize) -> Result<(), Errno> {
     } else {
         Ok(())
     }
+}
+
+fn check(r: libc::c_long) -> Result<libc::c_long, Errno> {
+    if r == -1 {
+        Err(Errno::last())
+    } else {
+        Ok(r)
+    }
+}
+
+fn get_sigmask(tid: i32) -> Result<u64, Errno> {
+    let mut mask = 0u64;
+    // SAFETY: `addr` is the size of the sigset (8 bytes on x86_64) and
+    // `data` points to that many writable bytes of ours.
+    check(unsafe {
+        libc::ptrace(
+            PTRACE_GETSIGMASK,
+            tid,
+            std::mem::size_of::<u64>(),
+            &mut mask as *mut u64,
+        )
+    })?;
+    Ok(mask)
+}
+
+fn set_sigmask(tid: i32, mask: u64) -> Result<(), Errno> {
+    // SAFETY: `addr` is the size of the sigset and `data` points to it; the
+    // kernel only reads it.
+    check(unsafe {
+        libc::ptrace(
+            PTRACE_SETSIGMASK,
+            tid,
+            std::mem::size_of::<u64>(),
+            &mask as *const u64,
+        )
+    })
+    .map(drop)
+}
+
+/// `struct ptrace_rseq_configuration` of the uapi headers.
+#[repr(C)]
+#[derive(Default)]
+struct RawRseqConfig {
+    rseq_abi_pointer: u64,
+    rseq_abi_size: u32,
+    signature: u32,
+    flags: u32,
+    pad: u32,
+}
+
+fn get_rseq(tid: i32) -> Result<RseqConfig, Errno> {
+    let mut raw = RawRseqConfig::default();
+    // SAFETY: `addr` is the size of the struct and `data` points to one of
+    // ours, writable; the kernel writes at most `addr` bytes.
+    check(unsafe {
+        libc::ptrace(
+            PTRACE_GET_RSEQ_CONFIGURATION,
+            tid,
+            std::mem::size_of::<RawRseqConfig>(),
+            &mut raw as *mut RawRseqConfig,
+        )
+    })?;
+    Ok(RseqConfig {
+        abi_pointer: raw.rseq_abi_pointer,
+        abi_size: raw.rseq_abi_size,
+        signature: raw.signature,
+        flags: raw.flags,
+    })
+}
+
+/// Size of the XSAVE area for every feature the CPU can enable (CPUID leaf
+/// 0xD, sub-leaf 0, `ecx`), the most the kernel's regset can hold here.
+fn xstate_size() -> usize {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::__cpuid_count;
+        // SAFETY: CPUID exists on every x86_64 CPU and only reads
+        // registers; leaf 0 gives the highest leaf, checked before 0xD.
+        // (Safe functions on newer compilers, hence the allow.)
+        #[allow(unused_unsafe)]
+        let size = unsafe {
+            if __cpuid_count(0, 0).eax >= 0xd {
+                __cpuid_count(0xd, 0).ecx as usize
+            } else {
+                0
+            }
+        };
+        size.max(MIN_XSTATE)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    MIN_XSTATE
+}
+
+fn get_xstate(tid: i32) -> Result<Vec<u8>, Errno> {
+    let mut buf = vec![0u8; xstate_size()];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: `data` points to an iovec describing `buf`, which is writable
+    // and outlives the call; the kernel writes at most `iov_len` bytes
+    // there and stores the count written back into `iov_len`.
+    check(unsafe {
+        libc::ptrace(
+            libc::PTRACE_GETREGSET,
+            tid,
+            NT_X86_XSTATE,
+            &mut iov as *mut libc::iovec,
+        )
+    })?;
+    buf.truncate(iov.iov_len.min(buf.len()));
+    Ok(buf)
 }
 
 fn seize_thread(tid: i32) -> Result<(), Errno> {

@@ -147,8 +147,13 @@ pub struct Fixture {
 
 impl Fixture {
     pub fn start(args: &[&str]) -> Fixture {
+        Self::start_at(Path::new(env!("CARGO_BIN_EXE_ferry-fixture")), args)
+    }
+
+    /// The fixture from a copy of its binary at `exe`.
+    pub fn start_at(exe: &Path, args: &[&str]) -> Fixture {
         use std::io::BufRead;
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ferry-fixture"))
+        let mut child = Command::new(exe)
             .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

@@ -1,0 +1,95 @@
+//! `ferry migrate`: the whole transaction. Rounds of pre-dump while the
+//! process runs, a freeze, the final delta and the state, a restore on the
+//! destination, and only when the destination answers `Restored{pid}` is
+//! the source killed. Until that answer the source is held frozen and
+//! intact; any failure before it — the destination refusing or failing the
+//! restore, a lost connection, a timeout, ferry interrupted — resumes the
+//! source, untraced, and names the cause. Exactly one copy of the process
+//! runs afterwards.
+
+use std::time::Duration;
+
+use ferry_page_server::store::SessionStore;
+use ferry_page_server::Restorer;
+
+use crate::client::CommitOutcome;
+use crate::dump::{dump_frozen, DumpError, DumpOptions, DumpReport, RoundReport};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error(
+        "migration failed before the destination restored the process; the source runs on: {0}"
+    )]
+    Dump(#[from] DumpError),
+    #[error("the destination could not restore the process; the source runs on: {0}")]
+    Refused(String),
+    #[error(
+        "the destination restored the process as pid {pid}, but the source ({source_pid}) \
+         could not be killed: {error}; two copies may be running"
+    )]
+    Kill {
+        pid: i32,
+        source_pid: i32,
+        error: DumpError,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct MigrateReport {
+    pub dump: DumpReport,
+    /// The process on the destination.
+    pub restored_pid: i32,
+    /// From the freeze to the destination's `Restored`: the outage.
+    pub downtime: Duration,
+}
+
+/// Migrates `opts.pid` to the page server in `opts.dest`, which must run
+/// with `--restore`.
+pub async fn migrate(
+    mut opts: DumpOptions,
+    progress: &mut (dyn FnMut(&RoundReport) + Send),
+) -> Result<MigrateReport, MigrateError> {
+    opts.restore = true;
+    let (report, frozen) = dump_frozen(opts, progress).await?;
+    match report.outcome.clone() {
+        Some(CommitOutcome::Restored { pid }) => {
+            let source_pid = frozen.pid();
+            frozen.kill().map_err(|error| MigrateError::Kill {
+                pid,
+                source_pid,
+                error,
+            })?;
+            Ok(MigrateReport {
+                downtime: report.frozen,
+                dump: report,
+                restored_pid: pid,
+            })
+        }
+        Some(CommitOutcome::Failed { reason }) => {
+            frozen.resume()?;
+            Err(MigrateError::Refused(reason))
+        }
+        other => {
+            frozen.resume()?;
+            Err(MigrateError::Refused(format!(
+                "unexpected answer {other:?}"
+            )))
+        }
+    }
+}
+
+/// The page server's restore hook (`ferry page-server --restore`): restores
+/// a committed session on this host, straight from the store.
+pub struct LocalRestorer;
+
+impl Restorer for LocalRestorer {
+    fn restore(&self, session: &mut dyn SessionStore) -> Result<i32, String> {
+        let tree = session
+            .state()
+            .map_err(|e| e.to_string())?
+            .ok_or("the session has no process state")?;
+        let img = session.flatten().map_err(|e| e.to_string())?;
+        crate::restore::check(&tree, &img).map_err(|e| e.to_string())?;
+        crate::restore::restore(&tree, &img).map_err(|e| e.to_string())
+    }
+}

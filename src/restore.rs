@@ -1,0 +1,1162 @@
+//! Restore: turn a flattened image and its process state back into a
+//! running process on this host (DESIGN.md §7).
+//!
+//! Everything is done by ptrace and injected syscalls into a stub forked
+//! from ferry ([`crate::sys::stub`]): no restorer blob, no exec. The order
+//! is forced by the kernel:
+//!
+//! 1. Stub, then a gadget page (`syscall; int3` plus a data area for paths
+//!    and structs) at an address neither the image nor the stub uses. The
+//!    stub's inherited rseq registration goes first: its area is in ferry's
+//!    memory, which is about to vanish.
+//! 2. Unmap everything but the gadget, `[vdso]`/`[vvar]` included.
+//! 3. Map every VMA `MAP_FIXED` at its address: anonymous ones fresh (zero),
+//!    file ones from the same file opened *in the stub*, whose size and
+//!    mtime are checked on that very fd. Contents go in with
+//!    `process_vm_writev`, which cannot write a page without write
+//!    permission: such mappings are made writable, filled, then
+//!    `mprotect`ed to the image's protection. Zero runs matter only for
+//!    private file mappings (elsewhere fresh pages are zero already).
+//! 4. `arch_prctl(ARCH_MAP_VDSO_64)` at the image's `[vvar]`; it silently
+//!    lands elsewhere when the range is busy, so the maps are read back.
+//! 5. `PR_SET_MM_MAP` (needs the old executable unmapped for `exe_fd`).
+//! 6. Files (the stub's inherited fds are closed first; each is opened,
+//!    `dup3`ed to its number, seeked), cwd, name, signal actions (every
+//!    signal: those the image lacks go back to `SIG_DFL`, since the stub
+//!    carries ferry's), rlimits, rseq, personality, robust list and
+//!    clear-tid address (the last four only the thread itself can set),
+//!    pending signals (queued again while everything is blocked).
+//! 7. `munmap` the gadget from inside the gadget: the stub stops at that
+//!    syscall's exit and never runs the next instruction; the final
+//!    registers (an interrupted syscall rewound), XSAVE area and signal
+//!    mask replace its state, and it is detached.
+//!
+//! What cannot be restored yet is refused by [`check`], by name, before a
+//! stub exists: process trees, threads, pipes, FIFOs, sockets and other
+//! special files, deleted files, credentials other than ferry's, a vdso
+//! layout this kernel does not make. Any failure later kills the stub: no
+//! half-restored process is ever left running.
+//!
+//! **Life after ferry.** The stub is born a grandchild whose middle parent
+//! exits at once (ferry reaps it), and calls `setsid`: the restored process
+//! leads its own session, has no controlling terminal, and is a child of
+//! init (or of the nearest `PR_SET_CHILD_SUBREAPER` ancestor), which reaps
+//! it when it exits. Ferry holds no child of its own afterwards, so it
+//! leaves no zombie whether it exits first or not.
+//!
+//! **Blocking.** The whole restore runs on one dedicated `std::thread`
+//! (ptrace requests must come from the thread that forked and attached the
+//! stub) and [`restore`] waits for it: call it from `spawn_blocking` or a
+//! plain thread, not from an async task.
+//!
+//! Not carried over yet (not in the image): umask, interval timers,
+//! `sigaltstack`, the siginfo of queued real-time signals, the pid itself
+//! (`clone3` `set_tid`) and `CLOCK_MONOTONIC` continuity (time namespace).
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use ferry_page_server::store::disk::DiskStore;
+use ferry_page_server::store::{FlatImage, Store, StoreError};
+use ferry_proto::{pb, SessionId};
+use libc::user_regs_struct;
+use nix::errno::Errno;
+
+use crate::procfs::{self, MapEntry};
+use crate::sys::stub::{self, Stub, StubError};
+use crate::sys::vm::VmError;
+use crate::sys::{page_size, USER_ADDR_END};
+
+const ARCH_MAP_VDSO_64: u64 = 0x2003;
+const PR_SET_MM: u64 = 35;
+const PR_SET_MM_MAP: u64 = 14;
+const PR_SET_NAME: u64 = 15;
+/// `sizeof(struct prctl_mm_map)`.
+const PRCTL_MM_MAP_SIZE: usize = 104;
+const RSEQ_FLAG_UNREGISTER: u64 = 1;
+/// `sizeof(struct robust_list_head)`, the only length the kernel accepts.
+const ROBUST_LIST_HEAD_SIZE: u64 = 24;
+/// Pages of the gadget: one of code, the rest a scratch data area.
+const GADGET_CODE_PAGES: u64 = 1;
+const GADGET_DATA_PAGES: u64 = 4;
+/// Distance kept from every other mapping, beyond the stack guard gap.
+const GADGET_MARGIN: u64 = 2 << 20;
+/// `syscall; int3`.
+const GADGET_CODE: [u8; 3] = [0x0f, 0x05, 0xcc];
+/// Open flags that must never be replayed: they create or truncate.
+const OPEN_DROP: i32 = libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC | libc::O_CLOEXEC;
+
+/// Errors of restore; each names the step and its object.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    /// Something the image holds that this version cannot restore.
+    #[error("{0}: not supported yet")]
+    Unsupported(String),
+    /// A field the capture side did not fill.
+    #[error("the image has no {0}")]
+    Missing(String),
+    /// A file the image depends on is missing or differs from the source's.
+    #[error("{path}: {what}")]
+    File { path: String, what: String },
+    /// The vdso cannot be reproduced here.
+    #[error("vdso: {0}")]
+    Vdso(String),
+    /// An injected syscall failed.
+    #[error("{step}: {errno}")]
+    Syscall { step: String, errno: Errno },
+    /// Writing memory into the stub failed.
+    #[error("writing {what}: {source}")]
+    Write {
+        what: String,
+        #[source]
+        source: VmError,
+    },
+    #[error("restore stub: {0}")]
+    Stub(#[from] StubError),
+    #[error("reading {what}: {source}")]
+    Proc {
+        what: String,
+        #[source]
+        source: procfs::ProcError,
+    },
+    #[error("images: {0}")]
+    Images(#[from] StoreError),
+    #[error("images: {0}")]
+    NoSession(String),
+    #[error("restore thread: {0}")]
+    Thread(String),
+}
+
+type Result<T, E = RestoreError> = std::result::Result<T, E>;
+
+fn unsupported(s: impl Into<String>) -> RestoreError {
+    RestoreError::Unsupported(s.into())
+}
+
+fn is_special(v: &pb::Vma) -> bool {
+    matches!(
+        v.kind(),
+        pb::VmaKind::Vdso | pb::VmaKind::Vvar | pb::VmaKind::Vsyscall
+    ) || matches!(
+        v.name.as_str(),
+        "[vdso]" | "[vvar]" | "[vvar_vclock]" | "[vsyscall]"
+    )
+}
+
+fn is_file(v: &pb::Vma) -> bool {
+    v.kind() == pb::VmaKind::File
+}
+
+fn is_shared(v: &pb::Vma) -> bool {
+    v.flags & libc::MAP_SHARED as u32 != 0
+}
+
+fn mtime_ns(md: &std::fs::Metadata) -> i64 {
+    use std::os::unix::fs::MetadataExt;
+    md.mtime()
+        .saturating_mul(1_000_000_000)
+        .saturating_add(md.mtime_nsec())
+}
+
+/// The vvar/vdso block of some maps as `(name, offset from its start, len)`.
+fn vdso_layout<'a>(maps: impl Iterator<Item = (&'a str, u64, u64)>) -> Vec<(String, u64, u64)> {
+    let mut parts: Vec<(String, u64, u64)> = maps
+        .filter(|(n, _, _)| matches!(*n, "[vvar]" | "[vvar_vclock]" | "[vdso]"))
+        .map(|(n, s, e)| (n.to_string(), s, e - s))
+        .collect();
+    parts.sort_by_key(|p| p.1);
+    let base = parts.first().map_or(0, |p| p.1);
+    for p in &mut parts {
+        p.1 -= base;
+    }
+    parts
+}
+
+fn own_vdso_layout() -> Result<Vec<(String, u64, u64)>> {
+    let maps =
+        procfs::read_maps(std::process::id() as i32).map_err(|source| RestoreError::Proc {
+            what: "/proc/self/maps".into(),
+            source,
+        })?;
+    Ok(vdso_layout(maps.iter().map(|m| {
+        (m.path.as_deref().unwrap_or(""), m.start, m.end)
+    })))
+}
+
+/// Refuses, by name and before anything happens, what cannot be restored.
+pub fn check(tree: &pb::ProcessTree, img: &FlatImage) -> Result<()> {
+    let proc = match tree.processes.as_slice() {
+        [] => return Err(RestoreError::Missing("process".into())),
+        [p] => p,
+        many => {
+            return Err(unsupported(format!(
+                "{} processes: restoring a process tree",
+                many.len()
+            )))
+        }
+    };
+    let n = proc.threads.len();
+    if n == 0 {
+        return Err(RestoreError::Missing("thread".into()));
+    }
+    if n > 1 {
+        return Err(unsupported(format!(
+            "thread 2 of {n} (tid {}): multi-threaded restore",
+            proc.threads[1].tid
+        )));
+    }
+    let t = &proc.threads[0];
+    if t.gpregs.len() != stub::REGS_SIZE {
+        return Err(RestoreError::Missing(format!(
+            "gpregs for thread {} ({} bytes, need {})",
+            t.tid,
+            t.gpregs.len(),
+            stub::REGS_SIZE
+        )));
+    }
+    if t.xstate.is_empty() {
+        return Err(RestoreError::Missing(format!(
+            "xstate (NT_X86_XSTATE) for thread {}",
+            t.tid
+        )));
+    }
+    let mm = proc
+        .mm
+        .as_ref()
+        .filter(|m| m.start_code != 0 && !m.auxv.is_empty());
+    let Some(mm) = mm else {
+        return Err(RestoreError::Missing("mm fields (PR_SET_MM_MAP)".into()));
+    };
+    if mm.auxv.len() > 512 || mm.auxv.len() % 16 != 0 {
+        return Err(RestoreError::Missing(format!(
+            "valid auxv ({} bytes)",
+            mm.auxv.len()
+        )));
+    }
+    if let Some(c) = &proc.creds {
+        // SAFETY: geteuid/getegid take no arguments and cannot fail.
+        let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+        if [c.uid, c.euid, c.suid, c.fsuid] != [uid; 4]
+            || [c.gid, c.egid, c.sgid, c.fsgid] != [gid; 4]
+        {
+            return Err(unsupported(format!(
+                "credentials uid {}/gid {} (ferry runs as {uid}/{gid}): restoring other credentials",
+                c.euid, c.egid
+            )));
+        }
+    }
+    for fd in &proc.fds {
+        // The capture side may already say "fd N: what: why".
+        let prefix = format!("fd {}: ", fd.fd);
+        let desc = match fd.description.as_str() {
+            "" => fd.path.as_str(),
+            d => d.strip_prefix(&prefix).unwrap_or(d),
+        };
+        match fd.kind() {
+            pb::FdKind::Regular
+            | pb::FdKind::DevNull
+            | pb::FdKind::CharDevice
+            | pb::FdKind::Directory => {}
+            _ => return Err(unsupported(format!("fd {}: {desc}", fd.fd))),
+        }
+        if fd.path.is_empty() || fd.path.ends_with(" (deleted)") {
+            return Err(unsupported(format!(
+                "fd {}: {desc}: a deleted or unnamed file",
+                fd.fd
+            )));
+        }
+        if let Err(e) = std::fs::metadata(&fd.path) {
+            return Err(RestoreError::File {
+                path: fd.path.clone(),
+                what: format!("fd {}: {e}", fd.fd),
+            });
+        }
+    }
+    for s in &proc.sigactions {
+        if !(1..=64).contains(&s.signo) || s.signo == 9 || s.signo == 19 {
+            return Err(unsupported(format!("an action for signal {}", s.signo)));
+        }
+    }
+    let mut prev_end = 0;
+    for v in &img.vmas {
+        if v.start < prev_end || v.end <= v.start || v.start % page_size() != 0 {
+            return Err(unsupported(format!(
+                "VMA {:#x}-{:#x} (overlapping, unsorted or unaligned)",
+                v.start, v.end
+            )));
+        }
+        prev_end = v.end;
+        if is_special(v) {
+            continue;
+        }
+        match v.kind() {
+            pb::VmaKind::Unspecified => {
+                return Err(unsupported(format!(
+                    "VMA {:#x}-{:#x} {} of unknown kind",
+                    v.start, v.end, v.name
+                )))
+            }
+            pb::VmaKind::File => check_file(v)?,
+            _ => {}
+        }
+    }
+    check_vdso(img)?;
+    Ok(())
+}
+
+fn check_file(v: &pb::Vma) -> Result<()> {
+    let Some(f) = v.file.as_ref().filter(|f| !f.path.is_empty()) else {
+        return Err(RestoreError::Missing(format!(
+            "file of the VMA {:#x}-{:#x}",
+            v.start, v.end
+        )));
+    };
+    let md = std::fs::metadata(&f.path).map_err(|e| RestoreError::File {
+        path: f.path.clone(),
+        what: format!("mapped at {:#x}: {e}", v.start),
+    })?;
+    if md.len() != f.size || mtime_ns(&md) != f.mtime_ns {
+        return Err(RestoreError::File {
+            path: f.path.clone(),
+            what: format!(
+                "differs from the source's: size {} (source {}), mtime {} ns (source {})",
+                md.len(),
+                f.size,
+                mtime_ns(&md),
+                f.mtime_ns
+            ),
+        });
+    }
+    Ok(())
+}
+
+fn image_vdso_layout(img: &FlatImage) -> Vec<(String, u64, u64)> {
+    vdso_layout(img.vmas.iter().map(|v| (v.name.as_str(), v.start, v.end)))
+}
+
+fn check_vdso(img: &FlatImage) -> Result<()> {
+    let want = image_vdso_layout(img);
+    if want.is_empty() {
+        return Ok(());
+    }
+    if want[0].0 != "[vvar]" {
+        return Err(RestoreError::Vdso(format!(
+            "the image's vdso block starts with {}, not [vvar]",
+            want[0].0
+        )));
+    }
+    let here = own_vdso_layout()?;
+    if here != want {
+        return Err(RestoreError::Vdso(format!(
+            "the image's layout {want:?} differs from this kernel's {here:?} (another kernel build?)"
+        )));
+    }
+    Ok(())
+}
+
+/// Restores the image's process; returns its pid, running.
+pub fn restore(tree: &pb::ProcessTree, img: &FlatImage) -> Result<i32> {
+    check(tree, img)?;
+    std::thread::scope(|s| {
+        let worker = std::thread::Builder::new()
+            .name("ferry-restore".into())
+            .spawn_scoped(s, || Restorer::run(&tree.processes[0], img))
+            .map_err(|e| RestoreError::Thread(e.to_string()))?;
+        worker
+            .join()
+            .map_err(|_| RestoreError::Thread("panicked".into()))?
+    })
+}
+
+/// Restores a session of the disk store in `dir`: `session`, or the only or
+/// newest session that holds a process state.
+pub fn restore_from_images_dir(dir: &Path, session: Option<SessionId>) -> Result<i32> {
+    let store = DiskStore::open(dir)?;
+    let id = match session {
+        Some(id) => id,
+        None => {
+            let mut best: Option<(i64, SessionId)> = None;
+            for s in store.list()?.into_iter().filter(|s| s.has_state) {
+                let created = store.open(s.id)?.meta().created_unix_ms;
+                if best.is_none_or(|b| created >= b.0) {
+                    best = Some((created, s.id));
+                }
+            }
+            best.map(|b| b.1).ok_or_else(|| {
+                RestoreError::NoSession(format!(
+                    "no session with a process state in {}",
+                    dir.display()
+                ))
+            })?
+        }
+    };
+    let session = store.open(id)?;
+    let tree = session
+        .state()?
+        .ok_or_else(|| RestoreError::NoSession(format!("session {id} has no process state")))?;
+    let img = session.flatten()?;
+    drop(session);
+    restore(&tree, &img)
+}
+
+/// The registers to resume with: an interrupted syscall is rewound so it is
+/// made again (the kernel's restart logic is not run for the new process).
+pub fn resume_regs(t: &pb::Thread) -> Result<user_regs_struct> {
+    let mut r = stub::regs_from_bytes(&t.gpregs)?;
+    if r.fs_base == 0 {
+        r.fs_base = t.fs_base;
+    }
+    if r.gs_base == 0 {
+        r.gs_base = t.gs_base;
+    }
+    if (r.orig_rax as i64) >= 0 {
+        match -(r.rax as i64) {
+            512..=514 => {
+                // ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND.
+                r.rax = r.orig_rax;
+                r.rip = r.rip.wrapping_sub(2);
+            }
+            // ERESTART_RESTARTBLOCK: the restart block stayed with the
+            // source; the caller sees EINTR (nanosleep & co. handle it).
+            516 => r.rax = (-libc::EINTR) as u64,
+            _ => {}
+        }
+    }
+    r.orig_rax = u64::MAX;
+    Ok(r)
+}
+
+/// One past the last byte of `run` (saturating: a corrupt count must not
+/// panic; the data length check refuses it later).
+fn run_end(run: &ferry_page_server::store::FlatRun, ps: u64) -> u64 {
+    run.addr.saturating_add(run.pages.saturating_mul(ps))
+}
+
+/// Picks `len` bytes far from every busy range, below the usual mmap area.
+fn pick_gadget(busy: &mut [(u64, u64)], len: u64) -> Option<u64> {
+    busy.sort_unstable();
+    let mut at = 1u64 << 32;
+    for &(s, e) in busy.iter() {
+        if at + len + GADGET_MARGIN <= s {
+            return Some(at);
+        }
+        at = at.max(e + GADGET_MARGIN);
+    }
+    (at + len <= USER_ADDR_END).then_some(at)
+}
+
+struct Restorer<'a> {
+    stub: Stub,
+    img: &'a FlatImage,
+    gadget: u64,
+    data: u64,
+}
+
+impl<'a> Restorer<'a> {
+    fn run(p: &'a pb::Process, img: &'a FlatImage) -> Result<i32> {
+        let t0 = std::time::Instant::now();
+        let stub = Stub::spawn()?;
+        let mut r = Restorer {
+            stub,
+            img,
+            gadget: 0,
+            data: 0,
+        };
+        r.gadget()?;
+        r.empty_stub()?;
+        r.memory()?;
+        r.vdso()?;
+        r.mm(p)?;
+        r.files(p)?;
+        r.signals(p)?;
+        r.thread_state(p)?;
+        // Last injection: unmap the gadget from inside it. The stub stays in
+        // that syscall's exit stop, its rip in the unmapped page, until the
+        // final registers replace it.
+        let (g, len) = (
+            r.gadget,
+            (GADGET_CODE_PAGES + GADGET_DATA_PAGES) * page_size(),
+        );
+        r.call(
+            "munmap of the gadget",
+            libc::SYS_munmap,
+            [g, len, 0, 0, 0, 0],
+        )?;
+        let t = &p.threads[0];
+        let regs = resume_regs(t)?;
+        let pid = r.stub.resume(&regs, &t.xstate, t.sigmask)?;
+        tracing::info!(
+            pid,
+            source_pid = p.pid,
+            bytes = img.data_bytes(),
+            elapsed_ms = t0.elapsed().as_secs_f64() * 1e3,
+            "restored"
+        );
+        Ok(pid)
+    }
+
+    fn stub_maps(&self) -> Result<Vec<MapEntry>> {
+        procfs::read_maps(self.stub.pid()).map_err(|source| RestoreError::Proc {
+            what: format!("/proc/{}/maps", self.stub.pid()),
+            source,
+        })
+    }
+
+    /// Injects a syscall; a negative result is an error naming `step`.
+    fn call(&mut self, step: impl AsRef<str>, nr: libc::c_long, args: [u64; 6]) -> Result<u64> {
+        let ret = self.stub.syscall(nr, args)?;
+        tracing::trace!(step = step.as_ref(), ret, "injected");
+        if (-4095..0).contains(&ret) {
+            return Err(RestoreError::Syscall {
+                step: step.as_ref().to_string(),
+                errno: Errno::from_raw(-ret as i32),
+            });
+        }
+        Ok(ret as u64)
+    }
+
+    /// Copies `bytes` into the gadget's data area at `off`; their address.
+    fn put(&self, off: u64, bytes: &[u8], what: &str) -> Result<u64> {
+        let addr = self.data + off;
+        self.stub
+            .write(addr, bytes)
+            .map_err(|source| RestoreError::Write {
+                what: what.to_string(),
+                source,
+            })?;
+        Ok(addr)
+    }
+
+    /// A NUL-terminated path in the data area.
+    fn put_path(&self, path: &str) -> Result<u64> {
+        let max = (GADGET_DATA_PAGES * page_size()) as usize - 1;
+        if path.len() > max || path.contains('\0') {
+            return Err(unsupported(format!("path {path:?}")));
+        }
+        let mut b = Vec::with_capacity(path.len() + 1);
+        b.extend_from_slice(path.as_bytes());
+        b.push(0);
+        self.put(0, &b, path)
+    }
+
+    fn gadget(&mut self) -> Result<()> {
+        let ps = page_size();
+        let len = (GADGET_CODE_PAGES + GADGET_DATA_PAGES) * ps;
+        let mut busy: Vec<(u64, u64)> = self.img.vmas.iter().map(|v| (v.start, v.end)).collect();
+        busy.extend(self.stub_maps()?.iter().map(|m| (m.start, m.end)));
+        let at = pick_gadget(&mut busy, len)
+            .ok_or_else(|| unsupported("an address space with no room for the restore gadget"))?;
+        let sc = self.stub.vdso_syscall()?;
+        self.stub.set_syscall_at(sc);
+        let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE;
+        let rw = (libc::PROT_READ | libc::PROT_WRITE) as u64;
+        let got = self.call(
+            format!("mmap of the gadget at {at:#x}"),
+            libc::SYS_mmap,
+            [at, len, rw, flags as u64, u64::MAX, 0],
+        )?;
+        if got != at {
+            return Err(RestoreError::Syscall {
+                step: format!("mmap of the gadget at {at:#x} (got {got:#x})"),
+                errno: Errno::EEXIST,
+            });
+        }
+        self.stub
+            .write(at, &GADGET_CODE)
+            .map_err(|source| RestoreError::Write {
+                what: "the gadget".into(),
+                source,
+            })?;
+        let rx = (libc::PROT_READ | libc::PROT_EXEC) as u64;
+        self.call(
+            "mprotect of the gadget",
+            libc::SYS_mprotect,
+            [at, GADGET_CODE_PAGES * ps, rx, 0, 0, 0],
+        )?;
+        self.gadget = at;
+        self.data = at + GADGET_CODE_PAGES * ps;
+        self.stub.set_syscall_at(at);
+        Ok(())
+    }
+
+    /// Drops what the stub inherited from ferry, then its whole address
+    /// space but the gadget.
+    fn empty_stub(&mut self) -> Result<()> {
+        if let Some(rs) = self.stub.rseq()? {
+            let args = [
+                rs.addr,
+                rs.len as u64,
+                RSEQ_FLAG_UNREGISTER,
+                rs.signature as u64,
+                0,
+                0,
+            ];
+            self.call("rseq unregistration of the stub", libc::SYS_rseq, args)?;
+        }
+        // stack_t { ss_sp, ss_flags, ss_size }: disable the inherited one.
+        let mut ss = [0u8; 24];
+        ss[8..12].copy_from_slice(&libc::SS_DISABLE.to_ne_bytes());
+        let at = self.put(0, &ss, "stack_t")?;
+        self.call(
+            "sigaltstack(SS_DISABLE)",
+            libc::SYS_sigaltstack,
+            [at, 0, 0, 0, 0, 0],
+        )?;
+        self.call(
+            "close_range of the stub's fds",
+            libc::SYS_close_range,
+            [0, u32::MAX as u64, 0, 0, 0, 0],
+        )?;
+        let end = self.gadget + (GADGET_CODE_PAGES + GADGET_DATA_PAGES) * page_size();
+        self.call(
+            "munmap below the gadget",
+            libc::SYS_munmap,
+            [0, self.gadget, 0, 0, 0, 0],
+        )?;
+        self.call(
+            "munmap above the gadget",
+            libc::SYS_munmap,
+            [end, USER_ADDR_END - end, 0, 0, 0, 0],
+        )?;
+        let left: Vec<String> = self
+            .stub_maps()?
+            .iter()
+            .filter(|m| !(m.start >= self.gadget && m.end <= end) && m.start < USER_ADDR_END)
+            .map(|m| {
+                format!(
+                    "{:#x}-{:#x} {}",
+                    m.start,
+                    m.end,
+                    m.path.as_deref().unwrap_or("")
+                )
+            })
+            .collect();
+        if !left.is_empty() {
+            return Err(RestoreError::Syscall {
+                step: format!("emptying the stub: still mapped: {}", left.join(", ")),
+                errno: Errno::EBUSY,
+            });
+        }
+        Ok(())
+    }
+
+    /// Opens `path` in the stub and checks size and mtime on that fd.
+    fn open_checked(&mut self, path: &str, flags: i32, want: Option<&pb::FileRef>) -> Result<u64> {
+        let at = self.put_path(path)?;
+        let fd = self.call(
+            format!("open of {path}"),
+            libc::SYS_openat,
+            [
+                libc::AT_FDCWD as u64,
+                at,
+                (flags | libc::O_CLOEXEC) as u64,
+                0,
+                0,
+                0,
+            ],
+        )?;
+        if let Some(f) = want {
+            // struct stat is written past the path; x86_64 layout:
+            // st_size at 48, st_mtime at 88, st_mtime_nsec at 96.
+            let off = 4096;
+            let st = self.data + off;
+            self.call(
+                format!("fstat of {path}"),
+                libc::SYS_fstat,
+                [fd, st, 0, 0, 0, 0],
+            )?;
+            let mut b = [0u8; 144];
+            self.stub
+                .read(st, &mut b)
+                .map_err(|source| RestoreError::Write {
+                    what: format!("(reading back) the stat of {path}"),
+                    source,
+                })?;
+            let word = |o: usize| i64::from_ne_bytes(b[o..o + 8].try_into().unwrap_or([0; 8]));
+            let (size, mtime) = (
+                word(48) as u64,
+                word(88)
+                    .saturating_mul(1_000_000_000)
+                    .saturating_add(word(96)),
+            );
+            if size != f.size || mtime != f.mtime_ns {
+                return Err(RestoreError::File {
+                    path: path.to_string(),
+                    what: format!(
+                        "changed since the check: size {size} (source {}), mtime {mtime} ns (source {})",
+                        f.size, f.mtime_ns
+                    ),
+                });
+            }
+        }
+        Ok(fd)
+    }
+
+    fn memory(&mut self) -> Result<()> {
+        let img = self.img;
+        let ps = page_size();
+        // Which VMAs get contents: data runs anywhere but shared file
+        // mappings (their contents live in the file), zero runs only in
+        // private file mappings.
+        let vmas: Vec<&pb::Vma> = img.vmas.iter().filter(|v| !is_special(v)).collect();
+        let mut fill = vec![false; vmas.len()];
+        for run in &img.runs {
+            let (s, e) = (run.addr, run_end(run, ps));
+            for (i, v) in vmas.iter().enumerate() {
+                if v.start < e && s < v.end && !(is_file(v) && is_shared(v)) {
+                    fill[i] |= run.data.is_some() || is_file(v);
+                }
+            }
+        }
+        let mut fds: HashMap<(String, bool), u64> = HashMap::new();
+        for (i, v) in vmas.iter().enumerate() {
+            let mut prot = v.prot;
+            if fill[i] {
+                prot |= libc::PROT_WRITE as u32;
+            }
+            let mut flags = if is_shared(v) {
+                libc::MAP_SHARED
+            } else {
+                libc::MAP_PRIVATE
+            } | libc::MAP_FIXED;
+            flags |= v.flags as i32 & (libc::MAP_GROWSDOWN | libc::MAP_NORESERVE);
+            if v.kind() == pb::VmaKind::Stack {
+                flags |= libc::MAP_GROWSDOWN;
+            }
+            let (fd, what) = if is_file(v) {
+                let f = v
+                    .file
+                    .as_ref()
+                    .ok_or_else(|| RestoreError::Missing(format!("file of {:#x}", v.start)))?;
+                let rw = is_shared(v) && v.prot & libc::PROT_WRITE as u32 != 0;
+                let key = (f.path.clone(), rw);
+                let fd = match fds.get(&key) {
+                    Some(&fd) => fd,
+                    None => {
+                        let mode = if rw { libc::O_RDWR } else { libc::O_RDONLY };
+                        let fd = self.open_checked(&f.path, mode, Some(f))?;
+                        fds.insert(key, fd);
+                        fd
+                    }
+                };
+                (fd, f.path.clone())
+            } else {
+                flags |= libc::MAP_ANONYMOUS;
+                (
+                    u64::MAX,
+                    if v.name.is_empty() {
+                        "anonymous memory".into()
+                    } else {
+                        v.name.clone()
+                    },
+                )
+            };
+            let step = format!("mmap of {what} at {:#x}-{:#x}", v.start, v.end);
+            let got = self.call(
+                &step,
+                libc::SYS_mmap,
+                [
+                    v.start,
+                    v.end - v.start,
+                    prot as u64,
+                    flags as u64,
+                    fd,
+                    if is_file(v) { v.offset } else { 0 },
+                ],
+            )?;
+            if got != v.start {
+                return Err(RestoreError::Syscall {
+                    step: format!("{step} (landed at {got:#x})"),
+                    errno: Errno::EFAULT,
+                });
+            }
+        }
+        for ((path, _), fd) in fds {
+            self.call(
+                format!("close of {path}"),
+                libc::SYS_close,
+                [fd, 0, 0, 0, 0, 0],
+            )?;
+        }
+        let zeros = vec![0u8; (256 * ps) as usize];
+        for run in &img.runs {
+            let (s, e) = (run.addr, run_end(run, ps));
+            for (i, v) in vmas.iter().enumerate() {
+                let (a, b) = (s.max(v.start), e.min(v.end));
+                if a >= b || !fill[i] {
+                    continue;
+                }
+                let what = || format!("{} pages at {a:#x} ({})", (b - a) / ps, v.name);
+                match &run.data {
+                    Some(d) => {
+                        let bytes = d.get((a - s) as usize..(b - s) as usize).ok_or_else(|| {
+                            RestoreError::Missing(format!("data for the run at {s:#x} (short)"))
+                        })?;
+                        self.stub
+                            .write(a, bytes)
+                            .map_err(|source| RestoreError::Write {
+                                what: what(),
+                                source,
+                            })?;
+                    }
+                    None if is_file(v) => {
+                        let mut at = a;
+                        while at < b {
+                            let n = (b - at).min(zeros.len() as u64);
+                            self.stub
+                                .write(at, &zeros[..n as usize])
+                                .map_err(|source| RestoreError::Write {
+                                    what: what(),
+                                    source,
+                                })?;
+                            at += n;
+                        }
+                    }
+                    None => {}
+                }
+            }
+        }
+        for (i, v) in vmas.iter().enumerate() {
+            if fill[i] && v.prot & libc::PROT_WRITE as u32 == 0 {
+                self.call(
+                    format!("mprotect of {} at {:#x}", v.name, v.start),
+                    libc::SYS_mprotect,
+                    [v.start, v.end - v.start, v.prot as u64, 0, 0, 0],
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    fn vdso(&mut self) -> Result<()> {
+        let want = image_vdso_layout(self.img);
+        let Some(vvar) = self.img.vmas.iter().find(|v| v.name == "[vvar]") else {
+            return Ok(());
+        };
+        let vvar_start = vvar.start;
+        self.call(
+            format!("arch_prctl(ARCH_MAP_VDSO_64, {vvar_start:#x})"),
+            libc::SYS_arch_prctl,
+            [ARCH_MAP_VDSO_64, vvar_start, 0, 0, 0, 0],
+        )?;
+        let maps = self.stub_maps()?;
+        let got = vdso_layout(
+            maps.iter()
+                .map(|m| (m.path.as_deref().unwrap_or(""), m.start, m.end)),
+        );
+        let got_start = maps
+            .iter()
+            .find(|m| m.path.as_deref() == Some("[vvar]"))
+            .map(|m| m.start);
+        if got != want || got_start != Some(vvar_start) {
+            return Err(RestoreError::Vdso(format!(
+                "asked for the block at {vvar_start:#x}, the kernel placed it at {got_start:x?} as {got:?}"
+            )));
+        }
+        Ok(())
+    }
+
+    fn mm(&mut self, p: &pb::Process) -> Result<()> {
+        let mm =
+            p.mm.as_ref()
+                .ok_or_else(|| RestoreError::Missing("mm fields".into()))?;
+        let exe_fd = if mm.exe.is_empty() {
+            u64::from(u32::MAX)
+        } else {
+            self.open_checked(&mm.exe, libc::O_RDONLY, None)?
+        };
+        let auxv = self.put(1024, &mm.auxv, "auxv")?;
+        let mut m = Vec::with_capacity(PRCTL_MM_MAP_SIZE);
+        for f in [
+            mm.start_code,
+            mm.end_code,
+            mm.start_data,
+            mm.end_data,
+            mm.start_brk,
+            mm.brk.max(mm.start_brk),
+            mm.start_stack,
+            mm.arg_start,
+            mm.arg_end,
+            mm.env_start,
+            mm.env_end,
+            auxv,
+        ] {
+            m.extend_from_slice(&f.to_ne_bytes());
+        }
+        m.extend_from_slice(&(mm.auxv.len() as u32).to_ne_bytes());
+        m.extend_from_slice(&(exe_fd as u32).to_ne_bytes());
+        let at = self.put(0, &m, "struct prctl_mm_map")?;
+        self.call(
+            format!("prctl(PR_SET_MM_MAP) with exe {}", mm.exe),
+            libc::SYS_prctl,
+            [PR_SET_MM, PR_SET_MM_MAP, at, PRCTL_MM_MAP_SIZE as u64, 0, 0],
+        )?;
+        if exe_fd != u64::from(u32::MAX) {
+            self.call(
+                "close of the exe fd",
+                libc::SYS_close,
+                [exe_fd, 0, 0, 0, 0, 0],
+            )?;
+        }
+        if !p.comm.is_empty() {
+            let mut name = [0u8; 16];
+            let n = p.comm.len().min(15);
+            name[..n].copy_from_slice(&p.comm.as_bytes()[..n]);
+            let at = self.put(0, &name, "comm")?;
+            self.call(
+                "prctl(PR_SET_NAME)",
+                libc::SYS_prctl,
+                [PR_SET_NAME, at, 0, 0, 0, 0],
+            )?;
+        }
+        Ok(())
+    }
+
+    fn files(&mut self, p: &pb::Process) -> Result<()> {
+        let mut fds: Vec<&pb::FileDesc> = p.fds.iter().collect();
+        fds.sort_by_key(|f| f.fd);
+        for f in fds {
+            let mut flags = (f.flags as i32 & !OPEN_DROP) | libc::O_NOCTTY;
+            if f.kind() == pb::FdKind::Directory {
+                flags |= libc::O_DIRECTORY;
+            }
+            let at = self.put_path(&f.path)?;
+            let fd = self.call(
+                format!("open of {} for fd {}", f.path, f.fd),
+                libc::SYS_openat,
+                [libc::AT_FDCWD as u64, at, flags as u64, 0, 0, 0],
+            )?;
+            let cloexec = if f.cloexec { libc::O_CLOEXEC } else { 0 };
+            if fd != f.fd as u64 {
+                self.call(
+                    format!("dup3 of {} to fd {}", f.path, f.fd),
+                    libc::SYS_dup3,
+                    [fd, f.fd as u64, cloexec as u64, 0, 0, 0],
+                )?;
+                self.call("close", libc::SYS_close, [fd, 0, 0, 0, 0, 0])?;
+            } else if f.cloexec {
+                self.call(
+                    format!("fcntl(FD_CLOEXEC) of fd {}", f.fd),
+                    libc::SYS_fcntl,
+                    [fd, libc::F_SETFD as u64, libc::FD_CLOEXEC as u64, 0, 0, 0],
+                )?;
+            }
+            if f.kind() == pb::FdKind::Regular && f.pos != 0 {
+                self.call(
+                    format!("lseek of fd {} ({}) to {}", f.fd, f.path, f.pos),
+                    libc::SYS_lseek,
+                    [f.fd as u64, f.pos, libc::SEEK_SET as u64, 0, 0, 0],
+                )?;
+            }
+        }
+        if !p.cwd.is_empty() {
+            let at = self.put_path(&p.cwd)?;
+            self.call(
+                format!("chdir to {}", p.cwd),
+                libc::SYS_chdir,
+                [at, 0, 0, 0, 0, 0],
+            )?;
+        }
+        Ok(())
+    }
+
+    fn signals(&mut self, p: &pb::Process) -> Result<()> {
+        let by_sig: HashMap<u32, &pb::SigAction> =
+            p.sigactions.iter().map(|s| (s.signo, s)).collect();
+        // Every action is set: those the image lacks go back to SIG_DFL,
+        // since the stub inherited ferry's (Rust ignores SIGPIPE, say).
+        for signo in (1u32..=64).filter(|&s| s != 9 && s != 19) {
+            let (handler, flags, restorer, mask) = by_sig
+                .get(&signo)
+                .map_or((0, 0, 0, 0), |s| (s.handler, s.flags, s.restorer, s.mask));
+            let mut act = Vec::with_capacity(32);
+            for w in [handler, flags, restorer, mask] {
+                act.extend_from_slice(&w.to_ne_bytes());
+            }
+            let at = self.put(0, &act, "struct sigaction")?;
+            let ret = self
+                .stub
+                .syscall(libc::SYS_rt_sigaction, [signo as u64, at, 0, 8, 0, 0])?;
+            // Signals 32 and 33 belong to glibc's NPTL, but the kernel takes
+            // them; only a captured action failing is an error.
+            if ret < 0 && by_sig.contains_key(&signo) {
+                return Err(RestoreError::Syscall {
+                    step: format!("rt_sigaction of signal {signo}"),
+                    errno: Errno::from_raw(-ret as i32),
+                });
+            }
+        }
+        for l in &p.rlimits {
+            let mut b = [0u8; 16];
+            b[..8].copy_from_slice(&l.soft.to_ne_bytes());
+            b[8..].copy_from_slice(&l.hard.to_ne_bytes());
+            let at = self.put(0, &b, "struct rlimit64")?;
+            self.call(
+                format!(
+                    "prlimit64 of resource {} to {}/{}",
+                    l.resource, l.soft, l.hard
+                ),
+                libc::SYS_prlimit64,
+                [0, l.resource as u64, at, 0, 0, 0],
+            )?;
+        }
+        Ok(())
+    }
+
+    fn thread_state(&mut self, p: &pb::Process) -> Result<()> {
+        let t = &p.threads[0];
+        if let Some(rs) = t.rseq.as_ref().filter(|r| r.addr != 0) {
+            self.call(
+                format!("rseq registration at {:#x}", rs.addr),
+                libc::SYS_rseq,
+                [
+                    rs.addr,
+                    rs.len as u64,
+                    rs.flags as u64,
+                    rs.signature as u64,
+                    0,
+                    0,
+                ],
+            )?;
+        }
+        if p.personality != 0 {
+            self.call(
+                format!("personality({:#x})", p.personality),
+                libc::SYS_personality,
+                [p.personality as u64, 0, 0, 0, 0, 0],
+            )?;
+        }
+        // Pending signals are queued again by the process to itself, with
+        // everything blocked meanwhile so none is delivered (as a
+        // signal-delivery stop) before the image's mask is set at resume.
+        // What is lost: the siginfo of queued real-time signals.
+        let pending = (p.pending_signals | t.pending_signals) & !(1 << 8 | 1 << 18);
+        if pending != 0 {
+            self.stub.set_sigmask(u64::MAX)?;
+            let me = self.stub.pid() as u64;
+            for signo in (1..=64u64).filter(|s| pending & (1 << (s - 1)) != 0) {
+                self.call(
+                    format!("tgkill to queue pending signal {signo}"),
+                    libc::SYS_tgkill,
+                    [me, me, signo, 0, 0, 0],
+                )?;
+            }
+        }
+        let len = if t.robust_list_len == 0 {
+            ROBUST_LIST_HEAD_SIZE
+        } else {
+            t.robust_list_len
+        };
+        self.call(
+            format!("set_robust_list({:#x})", t.robust_list),
+            libc::SYS_set_robust_list,
+            [t.robust_list, len, 0, 0, 0, 0],
+        )?;
+        self.call(
+            format!("set_tid_address({:#x})", t.clear_child_tid),
+            libc::SYS_set_tid_address,
+            [t.clear_child_tid, 0, 0, 0, 0, 0],
+        )?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn regs_bytes(f: impl FnOnce(&mut user_regs_struct)) -> Vec<u8> {
+        // SAFETY: all-zero is a valid user_regs_struct.
+        let mut r: user_regs_struct = unsafe { std::mem::zeroed() };
+        f(&mut r);
+        stub::regs_to_bytes(&r)
+    }
+
+    #[test]
+    fn interrupted_syscalls_are_rewound() {
+        let t = pb::Thread {
+            gpregs: regs_bytes(|r| {
+                r.orig_rax = 7;
+                r.rax = (-512i64) as u64;
+                r.rip = 0x1002;
+            })
+            .into(),
+            ..Default::default()
+        };
+        let r = resume_regs(&t).unwrap();
+        assert_eq!((r.rax, r.rip, r.orig_rax), (7, 0x1000, u64::MAX));
+        let t = pb::Thread {
+            gpregs: regs_bytes(|r| {
+                r.orig_rax = 230;
+                r.rax = (-516i64) as u64;
+                r.rip = 0x1002;
+            })
+            .into(),
+            ..Default::default()
+        };
+        let r = resume_regs(&t).unwrap();
+        assert_eq!((r.rax as i64, r.rip), (-4, 0x1002));
+    }
+
+    #[test]
+    fn the_gadget_keeps_its_distance() {
+        let mut busy = vec![
+            (0x5555_0000_0000, 0x5555_0001_0000),
+            (0x1_0000_0000, 0x1_0010_0000),
+        ];
+        let at = pick_gadget(&mut busy, 0x5000).unwrap();
+        for (s, e) in busy {
+            assert!(at + 0x5000 + GADGET_MARGIN <= s || at >= e + GADGET_MARGIN);
+        }
+    }
+
+    #[test]
+    fn refusals_name_what() {
+        let img = FlatImage {
+            page_size: 4096,
+            vmas: vec![],
+            runs: vec![],
+        };
+        let p = pb::Process {
+            threads: vec![
+                pb::Thread::default(),
+                pb::Thread {
+                    tid: 12,
+                    ..Default::default()
+                },
+                pb::Thread::default(),
+            ],
+            ..Default::default()
+        };
+        let tree = pb::ProcessTree { processes: vec![p] };
+        let e = check(&tree, &img).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "thread 2 of 3 (tid 12): multi-threaded restore: not supported yet"
+        );
+        let p = pb::Process {
+            threads: vec![pb::Thread {
+                gpregs: vec![0; stub::REGS_SIZE].into(),
+                xstate: vec![0; 64].into(),
+                ..Default::default()
+            }],
+            mm: Some(pb::MmFields {
+                start_code: 1,
+                auxv: vec![0; 16].into(),
+                ..Default::default()
+            }),
+            fds: vec![pb::FileDesc {
+                fd: 5,
+                kind: pb::FdKind::Unsupported as i32,
+                description: "socket:[123]".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let tree = pb::ProcessTree { processes: vec![p] };
+        assert_eq!(
+            check(&tree, &img).unwrap_err().to_string(),
+            "fd 5: socket:[123]: not supported yet"
+        );
+    }
+}

@@ -1,0 +1,717 @@
+//! Capture of a frozen process's state into the image (DESIGN.md §6):
+//! everything the destination needs besides the memory pages to rebuild
+//! the process, in `ferry_proto::pb` form.
+//!
+//! **Called last, on a frozen process whose memory is already sent.** The
+//! final delta has left before this runs, so capturing must not change a
+//! single byte of the target's memory: the image would no longer match.
+//! Most of the state is read from outside (`/proc`, ptrace requests,
+//! `get_robust_list`), but three things only the target itself can say:
+//! its signal actions (`rt_sigaction`), each thread's `clear_child_tid`
+//! (`prctl(PR_GET_TID_ADDRESS)`) and the current break (`brk(0)`). Those
+//! are injected syscalls whose answers the kernel writes into target
+//! memory, so a private scratch mapping is injected first, read back with
+//! `process_vm_readv`, and unmapped before returning, on error paths too.
+//! Injections run with every signal blocked in the injected thread
+//! ([`Tracee::syscall_in`]): a handler running now would write pages the
+//! image does not have. The mappings are listed before the scratch area
+//! exists, so it never shows up in the image.
+//!
+//! One write is the kernel's and cannot be prevented: a thread resumed for
+//! an injection passes through the return to user space, where the kernel
+//! refreshes the `cpu_id`/`mm_cid` fields of its rseq area, and they differ
+//! when the thread lands on another CPU. So each thread's rseq area is read
+//! before the injections and written back after them, while the thread is
+//! still stopped: the memory is again byte for byte what was sent. (The
+//! kernel refreshes the fields anyway before the thread runs user code
+//! again, here or on the destination.)
+//!
+//! Registers are saved in the form the thread resumes with after an
+//! injection ([`resume_regs`]): an interrupted syscall rewound to be
+//! issued again, since the kernel's restart logic will not run for a thread
+//! rebuilt on another host.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+
+use bytes::Bytes;
+use ferry_proto::pb;
+use libc::user_regs_struct;
+
+use crate::procfs::{self, FdInfo, MapEntry, ProcError};
+use crate::sys::ptrace::{self, resume_regs, PtraceError, Tracee};
+use crate::sys::vm::{self, VmError};
+
+/// `prctl` option missing from the libc crate (`linux/prctl.h`).
+const PR_GET_TID_ADDRESS: u64 = 40;
+/// Size of the kernel's `struct sigaction` on x86_64: handler, flags,
+/// restorer, mask, each 8 bytes.
+const KSIGACTION: usize = 32;
+/// Highest signal number (`_NSIG`).
+const NSIG: u32 = 64;
+/// Scratch bytes for the signal actions: one slot per signal, so every
+/// answer lands in its own place and the area is read back once.
+const SIG_AREA: usize = KSIGACTION * NSIG as usize;
+/// `sizeof(struct user_regs_struct)` on x86_64: 27 registers.
+pub const GPREGS_LEN: usize = 27 * 8;
+
+/// Errors of state capture.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// The process is running: what would be read of it is not consistent
+    /// with the memory sent. Freeze it first.
+    #[error("process {0} is not frozen")]
+    NotFrozen(i32),
+    /// The tracee has no live thread (it exited).
+    #[error("process {0} has no live thread")]
+    NoThreads(i32),
+    /// Reading `/proc` failed.
+    #[error(transparent)]
+    Proc(#[from] ProcError),
+    /// A ptrace request (registers, masks, rseq) failed.
+    #[error(transparent)]
+    Ptrace(#[from] PtraceError),
+    /// An injected syscall failed; `what` names it and the thread.
+    #[error("{what}: {source}")]
+    Inject {
+        what: String,
+        #[source]
+        source: PtraceError,
+    },
+    /// Reading the answers back from the scratch area failed.
+    #[error("reading the scratch area of process {pid}: {source}")]
+    Read {
+        pid: i32,
+        #[source]
+        source: VmError,
+    },
+    /// A `/proc` link or file could not be read.
+    #[error("reading {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    /// Writing a thread's rseq area back failed: the kernel's refresh of
+    /// its cpu fields stays, and the memory differs from what was sent.
+    #[error("putting back the rseq area of thread {tid} at {addr:#x}: {source}")]
+    RseqArea {
+        tid: i32,
+        addr: u64,
+        #[source]
+        source: VmError,
+    },
+    /// The scratch mapping could not be removed: the target now has a
+    /// mapping its image does not list.
+    #[error("removing the scratch mapping {addr:#x} (+{len}) from process {pid}: {source}")]
+    ScratchLeft {
+        pid: i32,
+        addr: u64,
+        len: u64,
+        #[source]
+        source: PtraceError,
+    },
+}
+
+fn inject_err(what: impl Into<String>) -> impl FnOnce(PtraceError) -> StateError {
+    let what = what.into();
+    move |source| StateError::Inject { what, source }
+}
+
+/// Captures the state of process `pid`, which `tracee` holds frozen, as a
+/// one-process tree. Its memory is left exactly as it was (see the module
+/// documentation); its registers are left as [`resume_regs`] of what they
+/// were, which is what the image records.
+pub fn capture(pid: i32, tracee: &Tracee) -> Result<pb::ProcessTree, StateError> {
+    if !tracee.is_frozen() {
+        return Err(StateError::NotFrozen(pid));
+    }
+    let tids = thread_order(pid, tracee.tids());
+    if tids.is_empty() {
+        return Err(StateError::NoThreads(pid));
+    }
+    let stat = procfs::read_stat_fields(pid)?;
+    let status = procfs::read_status(pid)?;
+    let creds = procfs::read_creds(pid)?;
+    // Before the scratch area is mapped, so it is never part of the image.
+    let vmas = procfs::read_maps(pid)?
+        .iter()
+        .map(|m| vma(pid, m))
+        .collect();
+    let fds = capture_fds(pid)?;
+    let rseq_areas = save_rseq_areas(pid, tracee, &tids)?;
+    let injected = injected_reads(pid, tracee, &tids);
+    let put_back = put_back_rseq_areas(pid, &rseq_areas);
+    let injected = injected?;
+    put_back?;
+    let threads = tids
+        .iter()
+        .zip(&injected.clear_child_tid)
+        .map(|(&tid, &ctid)| capture_thread(pid, tracee, tid, ctid))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mm = pb::MmFields {
+        start_code: stat.start_code,
+        end_code: stat.end_code,
+        start_data: stat.start_data,
+        end_data: stat.end_data,
+        start_brk: stat.start_brk,
+        brk: injected.brk,
+        start_stack: stat.start_stack,
+        arg_start: stat.arg_start,
+        arg_end: stat.arg_end,
+        env_start: stat.env_start,
+        env_end: stat.env_end,
+        auxv: Bytes::from(read_file(pid, "auxv")?),
+        exe: read_link(pid, "exe")?,
+    };
+    let process = pb::Process {
+        pid,
+        ppid: stat.ppid,
+        pgid: stat.pgrp,
+        sid: stat.session,
+        comm: procfs::read_comm(pid)?,
+        cwd: read_link(pid, "cwd")?,
+        creds: Some(pb::Credentials {
+            uid: creds.uid[0],
+            euid: creds.uid[1],
+            suid: creds.uid[2],
+            fsuid: creds.uid[3],
+            gid: creds.gid[0],
+            egid: creds.gid[1],
+            sgid: creds.gid[2],
+            fsgid: creds.gid[3],
+            groups: creds.groups,
+            cap_inheritable: creds.cap_inh,
+            cap_permitted: creds.cap_prm,
+            cap_effective: creds.cap_eff,
+            cap_bounding: creds.cap_bnd,
+            cap_ambient: creds.cap_amb,
+        }),
+        mm: Some(mm),
+        vmas,
+        threads,
+        fds,
+        sigactions: injected.sigactions,
+        rlimits: procfs::read_limits(pid)?
+            .into_iter()
+            .map(|(resource, soft, hard)| pb::Rlimit {
+                resource,
+                soft,
+                hard,
+            })
+            .collect(),
+        pending_signals: status.sig_pnd | status.shd_pnd,
+        personality: procfs::read_personality(pid)?,
+    };
+    Ok(pb::ProcessTree {
+        processes: vec![process],
+    })
+}
+
+/// The main thread first (the restore creates it first, as the process),
+/// the others in tid order. A leader that exited alone is not listed.
+fn thread_order(pid: i32, mut tids: Vec<i32>) -> Vec<i32> {
+    tids.sort_unstable();
+    tids.dedup();
+    if let Some(i) = tids.iter().position(|&t| t == pid) {
+        tids.remove(i);
+        tids.insert(0, pid);
+    }
+    tids
+}
+
+// ---------------------------------------------------------------- injected
+
+/// A thread's registered rseq area and its contents.
+struct RseqArea {
+    tid: i32,
+    addr: u64,
+    bytes: Vec<u8>,
+}
+
+fn save_rseq_areas(pid: i32, tracee: &Tracee, tids: &[i32]) -> Result<Vec<RseqArea>, StateError> {
+    let mut out = Vec::new();
+    for &tid in tids {
+        let c = tracee.rseq_config(tid)?;
+        if c.abi_pointer == 0 || c.abi_size == 0 {
+            continue;
+        }
+        let mut bytes = vec![0u8; c.abi_size as usize];
+        vm::read(pid, c.abi_pointer, &mut bytes).map_err(|source| StateError::RseqArea {
+            tid,
+            addr: c.abi_pointer,
+            source,
+        })?;
+        out.push(RseqArea {
+            tid,
+            addr: c.abi_pointer,
+            bytes,
+        });
+    }
+    Ok(out)
+}
+
+/// Writes every saved area back, even after a failure, and reports the
+/// first failure.
+fn put_back_rseq_areas(pid: i32, areas: &[RseqArea]) -> Result<(), StateError> {
+    let mut first = Ok(());
+    for a in areas {
+        if let Err(source) = vm::write(pid, a.addr, &a.bytes) {
+            if first.is_ok() {
+                first = Err(StateError::RseqArea {
+                    tid: a.tid,
+                    addr: a.addr,
+                    source,
+                });
+            }
+        }
+    }
+    first
+}
+
+/// What only injected syscalls can tell.
+struct Injected {
+    brk: u64,
+    /// One per thread, in the order given.
+    clear_child_tid: Vec<u64>,
+    sigactions: Vec<pb::SigAction>,
+}
+
+/// The signals whose action can be asked for: all but SIGKILL and SIGSTOP,
+/// whose actions are fixed.
+fn signals() -> impl Iterator<Item = u32> {
+    (1..=NSIG).filter(|&s| s != libc::SIGKILL as u32 && s != libc::SIGSTOP as u32)
+}
+
+fn scratch_len(threads: usize) -> u64 {
+    let page = crate::sys::page_size();
+    let bytes = (SIG_AREA + 8 * threads) as u64;
+    bytes.div_ceil(page) * page
+}
+
+/// Runs the injections through a scratch mapping and removes it again,
+/// whatever happened in between.
+fn injected_reads(pid: i32, tracee: &Tracee, tids: &[i32]) -> Result<Injected, StateError> {
+    let lead = tids[0];
+    let len = scratch_len(tids.len());
+    let addr = tracee
+        .syscall_in(
+            lead,
+            libc::SYS_mmap,
+            &[
+                0,
+                len,
+                (libc::PROT_READ | libc::PROT_WRITE) as u64,
+                (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64,
+                u64::MAX, // fd -1
+                0,
+            ],
+        )
+        .map_err(inject_err(format!(
+            "mmap of a scratch area in thread {lead}"
+        )))? as u64;
+    let result = ask(pid, tracee, tids, addr, len);
+    let unmapped = tracee.syscall_in(lead, libc::SYS_munmap, &[addr, len]);
+    match (result, unmapped) {
+        (result, Ok(_)) => result,
+        (result, Err(source)) => {
+            if let Err(e) = result {
+                tracing::warn!(pid, "state capture failed ({e}), then:");
+            }
+            Err(StateError::ScratchLeft {
+                pid,
+                addr,
+                len,
+                source,
+            })
+        }
+    }
+}
+
+fn ask(
+    pid: i32,
+    tracee: &Tracee,
+    tids: &[i32],
+    scratch: u64,
+    len: u64,
+) -> Result<Injected, StateError> {
+    let lead = tids[0];
+    let brk = tracee
+        .syscall_in(lead, libc::SYS_brk, &[0])
+        .map_err(inject_err(format!("brk(0) in thread {lead}")))? as u64;
+    for (i, &tid) in tids.iter().enumerate() {
+        let slot = scratch + (SIG_AREA + 8 * i) as u64;
+        tracee
+            .syscall_in(tid, libc::SYS_prctl, &[PR_GET_TID_ADDRESS, slot])
+            .map_err(inject_err(format!(
+                "prctl(PR_GET_TID_ADDRESS) in thread {tid}"
+            )))?;
+    }
+    for sig in signals() {
+        let slot = scratch + u64::from(sig - 1) * KSIGACTION as u64;
+        tracee
+            .syscall_in(lead, libc::SYS_rt_sigaction, &[u64::from(sig), 0, slot, 8])
+            .map_err(inject_err(format!("rt_sigaction({sig}) in thread {lead}")))?;
+    }
+    let mut buf = vec![0u8; len as usize];
+    vm::read(pid, scratch, &mut buf).map_err(|source| StateError::Read { pid, source })?;
+    Ok(decode_scratch(&buf, tids.len(), brk))
+}
+
+fn u64_at(buf: &[u8], off: usize) -> u64 {
+    buf.get(off..off + 8)
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, u64::from_le_bytes)
+}
+
+/// Decodes the scratch area laid out by [`ask`]: the kernel's `struct
+/// sigaction` of signal `s` at `(s - 1) * 32`, then one `clear_child_tid`
+/// per thread. A short buffer reads as zeros rather than panicking.
+fn decode_scratch(buf: &[u8], threads: usize, brk: u64) -> Injected {
+    let sigactions = signals()
+        .map(|sig| {
+            let at = (sig as usize - 1) * KSIGACTION;
+            pb::SigAction {
+                signo: sig,
+                handler: u64_at(buf, at),
+                flags: u64_at(buf, at + 8),
+                restorer: u64_at(buf, at + 16),
+                mask: u64_at(buf, at + 24),
+            }
+        })
+        .collect();
+    let clear_child_tid = (0..threads)
+        .map(|i| u64_at(buf, SIG_AREA + 8 * i))
+        .collect();
+    Injected {
+        brk,
+        clear_child_tid,
+        sigactions,
+    }
+}
+
+// ---------------------------------------------------------------- threads
+
+fn capture_thread(
+    pid: i32,
+    tracee: &Tracee,
+    tid: i32,
+    clear_child_tid: u64,
+) -> Result<pb::Thread, StateError> {
+    let regs = resume_regs(&tracee.regs(tid)?);
+    let rseq = tracee.rseq_config(tid)?;
+    let (robust_list, robust_list_len) = ptrace::robust_list(tid)?;
+    Ok(pb::Thread {
+        tid,
+        gpregs: Bytes::from(regs_to_bytes(&regs)),
+        xstate: Bytes::from(tracee.xstate(tid)?),
+        fs_base: regs.fs_base,
+        gs_base: regs.gs_base,
+        sigmask: tracee.sigmask(tid)?,
+        clear_child_tid,
+        robust_list,
+        robust_list_len,
+        rseq: Some(pb::Rseq {
+            addr: rseq.abi_pointer,
+            len: rseq.abi_size,
+            signature: rseq.signature,
+            flags: rseq.flags,
+        }),
+        pending_signals: procfs::read_task_status(pid, tid)?.sig_pnd,
+    })
+}
+
+/// The registers in `user_regs_struct` order, as the image stores them.
+fn regs_array(r: &user_regs_struct) -> [u64; 27] {
+    [
+        r.r15, r.r14, r.r13, r.r12, r.rbp, r.rbx, r.r11, r.r10, r.r9, r.r8, r.rax, r.rcx, r.rdx,
+        r.rsi, r.rdi, r.orig_rax, r.rip, r.cs, r.eflags, r.rsp, r.ss, r.fs_base, r.gs_base, r.ds,
+        r.es, r.fs, r.gs,
+    ]
+}
+
+/// `user_regs_struct` as the image's `Thread.gpregs`: its 27 registers in
+/// declaration order, little endian (the C layout, byte for byte).
+pub fn regs_to_bytes(r: &user_regs_struct) -> Vec<u8> {
+    regs_array(r).iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+/// The inverse of [`regs_to_bytes`]; `None` unless `b` is exactly
+/// [`GPREGS_LEN`] bytes.
+pub fn regs_from_bytes(b: &[u8]) -> Option<user_regs_struct> {
+    if b.len() != GPREGS_LEN {
+        return None;
+    }
+    let v: Vec<u64> = b
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
+        .collect();
+    Some(user_regs_struct {
+        r15: v[0],
+        r14: v[1],
+        r13: v[2],
+        r12: v[3],
+        rbp: v[4],
+        rbx: v[5],
+        r11: v[6],
+        r10: v[7],
+        r9: v[8],
+        r8: v[9],
+        rax: v[10],
+        rcx: v[11],
+        rdx: v[12],
+        rsi: v[13],
+        rdi: v[14],
+        orig_rax: v[15],
+        rip: v[16],
+        cs: v[17],
+        eflags: v[18],
+        rsp: v[19],
+        ss: v[20],
+        fs_base: v[21],
+        gs_base: v[22],
+        ds: v[23],
+        es: v[24],
+        fs: v[25],
+        gs: v[26],
+    })
+}
+
+// ---------------------------------------------------------------- files
+
+/// What `stat` says a descriptor's file is, as far as the image cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Node {
+    Regular,
+    Directory,
+    CharDevice,
+    Fifo,
+    /// Sockets, block devices, anonymous inodes, …
+    Other,
+}
+
+const DELETED: &str = " (deleted)";
+
+/// Classifies descriptor `fd` from its link target (`readlink` of
+/// `/proc/PID/fd/N`), what `stat` of the link says (`None` when it could
+/// not be read) and its fdinfo. Pure, so every rule is unit-tested.
+pub fn classify(fd: i32, target: &str, node: Option<(Node, u64)>, info: &FdInfo) -> pb::FileDesc {
+    let mut d = pb::FileDesc {
+        fd,
+        path: target.to_owned(),
+        pos: info.pos,
+        flags: info.flags,
+        cloexec: info.flags & libc::O_CLOEXEC as u32 != 0,
+        ..Default::default()
+    };
+    let unsupported = |d: &mut pb::FileDesc, why: &str| {
+        d.kind = pb::FdKind::Unsupported as i32;
+        d.description = format!("fd {fd}: {target}: {why}");
+    };
+    if let Some(ino) = target
+        .strip_prefix("pipe:[")
+        .and_then(|r| r.strip_suffix(']'))
+        .and_then(|n| n.parse::<u64>().ok())
+    {
+        d.kind = pb::FdKind::Pipe as i32;
+        d.pipe_id = ino;
+        return d;
+    }
+    if !target.starts_with('/') {
+        unsupported(&mut d, "not supported yet");
+        return d;
+    }
+    if target.ends_with(DELETED) {
+        // Only the source has the file: its contents would have to travel.
+        unsupported(&mut d, "an unlinked file is not supported yet");
+        return d;
+    }
+    match node {
+        Some((Node::Regular, _)) => d.kind = pb::FdKind::Regular as i32,
+        Some((Node::Directory, _)) => d.kind = pb::FdKind::Directory as i32,
+        Some((Node::CharDevice, _)) if target == "/dev/null" => d.kind = pb::FdKind::DevNull as i32,
+        Some((Node::CharDevice, _)) => d.kind = pb::FdKind::CharDevice as i32,
+        Some((Node::Fifo, ino)) => {
+            d.kind = pb::FdKind::Fifo as i32;
+            d.pipe_id = ino;
+        }
+        Some((Node::Other, _)) => unsupported(&mut d, "this kind of file is not supported yet"),
+        None => unsupported(&mut d, "cannot stat it"),
+    }
+    d
+}
+
+fn node_of(md: &fs::Metadata) -> (Node, u64) {
+    let ft = md.file_type();
+    let node = if ft.is_file() {
+        Node::Regular
+    } else if ft.is_dir() {
+        Node::Directory
+    } else if ft.is_char_device() {
+        Node::CharDevice
+    } else if ft.is_fifo() {
+        Node::Fifo
+    } else {
+        Node::Other
+    };
+    (node, md.ino())
+}
+
+fn capture_fds(pid: i32) -> Result<Vec<pb::FileDesc>, StateError> {
+    procfs::list_fds(pid)?
+        .into_iter()
+        .map(|(fd, target)| {
+            let info = procfs::read_fdinfo(pid, fd)?;
+            // `metadata` follows the magic link to the open file itself,
+            // even one whose path no longer leads to it.
+            let node = fs::metadata(format!("/proc/{pid}/fd/{fd}"))
+                .ok()
+                .map(|md| node_of(&md));
+            Ok(classify(fd, &target, node, &info))
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------- misc
+
+/// The image's VMA, with size and mtime of the file actually mapped (read
+/// through `/proc/PID/map_files`, so a replaced or deleted path does not
+/// mislead the destination's check), falling back to the path.
+fn vma(pid: i32, m: &MapEntry) -> pb::Vma {
+    let mut v = m.to_vma();
+    if let Some(f) = v.file.as_mut() {
+        let mapped = format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end);
+        let md = fs::metadata(mapped)
+            .ok()
+            .or_else(|| m.file_path().and_then(|p| fs::metadata(p).ok()));
+        if let Some(md) = md {
+            f.size = md.size();
+            f.mtime_ns = md.mtime() * 1_000_000_000 + md.mtime_nsec();
+        }
+    }
+    v
+}
+
+fn read_link(pid: i32, what: &str) -> Result<String, StateError> {
+    let path = format!("/proc/{pid}/{what}");
+    fs::read_link(&path)
+        .map(|p| p.to_string_lossy().into_owned())
+        .map_err(|source| StateError::Io { path, source })
+}
+
+fn read_file(pid: i32, what: &str) -> Result<Vec<u8>, StateError> {
+    let path = format!("/proc/{pid}/{what}");
+    fs::read(&path).map_err(|source| StateError::Io { path, source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(pos: u64, flags: u32) -> FdInfo {
+        FdInfo {
+            pos,
+            flags,
+            mnt_id: 0,
+        }
+    }
+
+    #[test]
+    fn regs_round_trip_in_c_layout() {
+        let mut r = regs_from_bytes(&[0u8; GPREGS_LEN]).unwrap();
+        r.r15 = 1;
+        r.rip = 0x1122_3344_5566_7788;
+        r.gs = 27;
+        let b = regs_to_bytes(&r);
+        assert_eq!(b.len(), GPREGS_LEN);
+        assert_eq!(b.len(), std::mem::size_of::<user_regs_struct>());
+        assert_eq!(&b[..8], &1u64.to_le_bytes());
+        // rip is the 17th register, at byte 128 (offsetof in <sys/user.h>).
+        assert_eq!(&b[128..136], &0x1122_3344_5566_7788u64.to_le_bytes());
+        assert_eq!(&b[208..], &27u64.to_le_bytes());
+        let back = regs_from_bytes(&b).unwrap();
+        assert_eq!(regs_to_bytes(&back), b);
+        assert!(regs_from_bytes(&b[1..]).is_none());
+    }
+
+    #[test]
+    fn scratch_decoding() {
+        let mut buf = vec![0u8; scratch_len(2) as usize];
+        let usr1 = (libc::SIGUSR1 as usize - 1) * KSIGACTION;
+        for (k, v) in [0xabcu64, 0x0400_0004, 0xdef, 1 << 9].iter().enumerate() {
+            buf[usr1 + 8 * k..usr1 + 8 * k + 8].copy_from_slice(&v.to_le_bytes());
+        }
+        buf[SIG_AREA + 8..SIG_AREA + 16].copy_from_slice(&0x7777u64.to_le_bytes());
+        let inj = decode_scratch(&buf, 2, 0x5000);
+        assert_eq!(inj.sigactions.len(), 62);
+        assert!(inj.sigactions.iter().all(|a| a.signo != 9 && a.signo != 19));
+        let a = inj
+            .sigactions
+            .iter()
+            .find(|a| a.signo == libc::SIGUSR1 as u32)
+            .unwrap();
+        assert_eq!(
+            (a.handler, a.flags, a.restorer, a.mask),
+            (0xabc, 0x0400_0004, 0xdef, 1 << 9)
+        );
+        assert_eq!(inj.clear_child_tid, vec![0, 0x7777]);
+        // A short read never panics.
+        assert_eq!(decode_scratch(&[], 3, 0).clear_child_tid, vec![0, 0, 0]);
+    }
+
+    #[test]
+    fn main_thread_first() {
+        assert_eq!(thread_order(50, vec![52, 50, 51]), vec![50, 51, 52]);
+        assert_eq!(thread_order(50, vec![53, 52]), vec![52, 53]);
+    }
+
+    #[test]
+    fn fd_classification() {
+        let ro_cloexec = (libc::O_RDONLY | libc::O_CLOEXEC) as u32;
+        let d = classify(
+            3,
+            "/tmp/a b",
+            Some((Node::Regular, 7)),
+            &info(1234, ro_cloexec),
+        );
+        assert_eq!(d.kind, pb::FdKind::Regular as i32);
+        assert_eq!(
+            (d.path.as_str(), d.pos, d.cloexec),
+            ("/tmp/a b", 1234, true)
+        );
+
+        let d = classify(4, "pipe:[991]", Some((Node::Fifo, 991)), &info(0, 1));
+        assert_eq!(
+            (d.kind, d.pipe_id, d.cloexec),
+            (pb::FdKind::Pipe as i32, 991, false)
+        );
+
+        let d = classify(5, "/dev/null", Some((Node::CharDevice, 5)), &info(0, 2));
+        assert_eq!(d.kind, pb::FdKind::DevNull as i32);
+        let d = classify(5, "/dev/pts/3", Some((Node::CharDevice, 6)), &info(0, 2));
+        assert_eq!(d.kind, pb::FdKind::CharDevice as i32);
+        let d = classify(6, "/tmp/fifo", Some((Node::Fifo, 42)), &info(0, 2));
+        assert_eq!((d.kind, d.pipe_id), (pb::FdKind::Fifo as i32, 42));
+        let d = classify(7, "/", Some((Node::Directory, 2)), &info(0, 0o200000));
+        assert_eq!(d.kind, pb::FdKind::Directory as i32);
+
+        for (target, node) in [
+            ("socket:[1234]", Some((Node::Other, 1234))),
+            ("anon_inode:[eventfd]", Some((Node::Other, 1))),
+            ("/tmp/gone (deleted)", Some((Node::Regular, 9))),
+            ("/memfd:x (deleted)", Some((Node::Regular, 9))),
+            ("/dev/sda", Some((Node::Other, 9))),
+            ("/somewhere", None),
+            ("pipe:[notanumber]", None),
+        ] {
+            let d = classify(8, target, node, &info(0, 2));
+            assert_eq!(d.kind, pb::FdKind::Unsupported as i32, "{target}");
+            assert!(
+                d.description.starts_with(&format!("fd 8: {target}: ")),
+                "{}",
+                d.description
+            );
+        }
+    }
+}

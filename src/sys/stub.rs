@@ -1,0 +1,592 @@
+//! The raw half of restore: a stub process that ferry forks from itself and
+//! then rebuilds, one injected syscall at a time, into the process of an
+//! image (DESIGN.md §7, `probes/p5_restore.c`). No position-independent
+//! restorer blob is needed: every step is a syscall made *by the stub* while
+//! ptrace holds it, so it acts on the stub's own mm, fd table and thread.
+//!
+//! **Thread affinity.** A tracee belongs to the OS thread that attached it,
+//! and the forking thread should be that thread too. [`Stub`] and [`Seized`]
+//! are therefore `!Send`: create them on a dedicated `std::thread` (never a
+//! tokio worker) and finish with them there.
+//!
+//! **The stub's birth.** After `fork` in a multi-threaded process the child
+//! may only make async-signal-safe calls: no allocation, no locks. The child
+//! forks again and exits; the grandchild calls `setsid`, reports its pid
+//! through a pipe and loops in `pause`. So the restored process is the
+//! leader of its own session and its parent is init (or the nearest child
+//! subreaper) from the start: it outlives ferry, and ferry leaves no zombie
+//! behind (it reaps the short-lived middle child at once; the restored
+//! process is reaped by its new parent when it exits).
+//!
+//! **Injection** (`probes/ptinj.h`): `rip` points at a `syscall`
+//! instruction, `orig_rax = -1`, then two `PTRACE_SYSCALL` steps to the
+//! entry and exit stops; `rax` holds the result. The first injection uses a
+//! `syscall` found in the stub's `[vdso]`; restore then maps a gadget page
+//! (`syscall; int3`) at an address nobody uses and injects through it, so the
+//! whole old address space can go. Since every injection stops at the
+//! syscall-exit stop, the instruction after the `syscall` never runs: an
+//! `munmap` of the very page holding the gadget is safe, as long as the next
+//! thing done is setting the final registers.
+//!
+//! **Inherited baggage.** The stub is a copy of a ferry thread: its rseq
+//! registration, alternate signal stack, robust list and clear-tid address
+//! point into ferry's memory. rseq in particular must be unregistered before
+//! that memory is unmapped, or the kernel's next rseq update (on any return
+//! to user space after a preemption) kills the stub with `SIGSEGV`.
+//! [`Stub::rseq`] reads the registration so the caller can drop it.
+
+use std::io;
+use std::marker::PhantomData;
+
+use libc::user_regs_struct;
+use nix::errno::Errno;
+
+use crate::sys::vm::{self, VmError};
+
+const PTRACE_EVENT_STOP: i32 = 128;
+/// `si_status` of a syscall stop with `PTRACE_O_TRACESYSGOOD`.
+const SYSCALL_STOP: i32 = libc::SIGTRAP | 0x80;
+/// Not in every libc crate version.
+const PTRACE_GET_RSEQ_CONFIGURATION: libc::c_uint = 0x420f;
+const PTRACE_SETSIGMASK: libc::c_uint = 0x420b;
+const NT_X86_XSTATE: libc::c_ulong = 0x202;
+/// Large enough for any XSAVE layout (AMX tiles included).
+const XSTATE_MAX: usize = 64 * 1024;
+
+/// `struct ptrace_rseq_configuration`.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RseqConfig {
+    pub addr: u64,
+    pub len: u32,
+    pub signature: u32,
+    pub flags: u32,
+    pad: u32,
+}
+
+/// Errors of the stub and of the small capture helper.
+#[derive(Debug, thiserror::Error)]
+pub enum StubError {
+    #[error("{op}: {errno}")]
+    Os { op: &'static str, errno: Errno },
+    #[error("the stub did not report its pid (it failed before setsid)")]
+    NoPid,
+    #[error("{op} on process {pid}: {errno}")]
+    Ptrace {
+        op: &'static str,
+        pid: i32,
+        errno: Errno,
+    },
+    #[error("process {pid}: {what}")]
+    Unexpected { pid: i32, what: String },
+    #[error("no `syscall` instruction in the [vdso] of process {0}")]
+    NoSyscallInsn(i32),
+    #[error("gpregs: {0} bytes, a user_regs_struct has {n}", n = REGS_SIZE)]
+    RegsSize(usize),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error("reading {path}: {source}")]
+    Proc {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Bytes of `struct user_regs_struct` (the image's `gpregs`).
+pub const REGS_SIZE: usize = std::mem::size_of::<user_regs_struct>();
+
+/// The image's `gpregs` bytes as registers.
+pub fn regs_from_bytes(bytes: &[u8]) -> Result<user_regs_struct, StubError> {
+    if bytes.len() != REGS_SIZE {
+        return Err(StubError::RegsSize(bytes.len()));
+    }
+    // SAFETY: the length is checked; user_regs_struct is 27 plain u64 fields,
+    // so any bit pattern is valid, and read_unaligned has no alignment need.
+    Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<user_regs_struct>()) })
+}
+
+/// Registers as the image's `gpregs` bytes.
+pub fn regs_to_bytes(regs: &user_regs_struct) -> Vec<u8> {
+    // SAFETY: a plain-old-data struct without padding viewed as its bytes,
+    // borrowed only for the copy.
+    unsafe { std::slice::from_raw_parts((regs as *const user_regs_struct).cast::<u8>(), REGS_SIZE) }
+        .to_vec()
+}
+
+fn errno_of(ret: libc::c_long) -> Result<libc::c_long, Errno> {
+    if ret == -1 {
+        Err(Errno::last())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// The ptrace requests both [`Stub`] and [`Seized`] need, on a stopped tracee.
+mod req {
+    use super::*;
+
+    pub fn get_regs(pid: i32) -> Result<user_regs_struct, StubError> {
+        // SAFETY: all-zero is a valid user_regs_struct.
+        let mut regs: user_regs_struct = unsafe { std::mem::zeroed() };
+        // SAFETY: PTRACE_GETREGS writes one user_regs_struct to `data`, which
+        // points at one.
+        let r = unsafe {
+            libc::ptrace(
+                libc::PTRACE_GETREGS,
+                pid,
+                std::ptr::null_mut::<libc::c_void>(),
+                &mut regs as *mut user_regs_struct,
+            )
+        };
+        errno_of(r).map_err(|errno| ptrace_err("PTRACE_GETREGS", pid, errno))?;
+        Ok(regs)
+    }
+
+    pub fn set_regs(pid: i32, regs: &user_regs_struct) -> Result<(), StubError> {
+        // SAFETY: PTRACE_SETREGS reads one user_regs_struct from `data`.
+        let r = unsafe {
+            libc::ptrace(
+                libc::PTRACE_SETREGS,
+                pid,
+                std::ptr::null_mut::<libc::c_void>(),
+                regs as *const user_regs_struct,
+            )
+        };
+        errno_of(r).map_err(|errno| ptrace_err("PTRACE_SETREGS", pid, errno))?;
+        Ok(())
+    }
+
+    pub fn regset(pid: i32, set: bool, buf: &mut [u8]) -> Result<usize, StubError> {
+        let mut iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        let (request, op) = if set {
+            (libc::PTRACE_SETREGSET, "PTRACE_SETREGSET NT_X86_XSTATE")
+        } else {
+            (libc::PTRACE_GETREGSET, "PTRACE_GETREGSET NT_X86_XSTATE")
+        };
+        // SAFETY: the iovec describes `buf`, which lives across the call; the
+        // kernel reads or writes at most iov_len bytes and updates iov_len.
+        let r = unsafe { libc::ptrace(request, pid, NT_X86_XSTATE, &mut iov as *mut libc::iovec) };
+        errno_of(r).map_err(|errno| ptrace_err(op, pid, errno))?;
+        Ok(iov.iov_len)
+    }
+
+    pub fn rseq(pid: i32) -> Result<RseqConfig, StubError> {
+        let mut conf = RseqConfig::default();
+        // SAFETY: the kernel writes at most `addr` (= its size) bytes of
+        // struct ptrace_rseq_configuration to `data`.
+        let r = unsafe {
+            libc::ptrace(
+                PTRACE_GET_RSEQ_CONFIGURATION,
+                pid,
+                std::mem::size_of::<RseqConfig>(),
+                &mut conf as *mut RseqConfig,
+            )
+        };
+        errno_of(r).map_err(|errno| ptrace_err("PTRACE_GET_RSEQ_CONFIGURATION", pid, errno))?;
+        Ok(conf)
+    }
+
+    pub fn set_sigmask(pid: i32, mask: u64) -> Result<(), StubError> {
+        // SAFETY: the kernel reads an 8-byte sigset_t from `data`; `addr` is
+        // its size.
+        let r = unsafe { libc::ptrace(PTRACE_SETSIGMASK, pid, 8usize, &mask as *const u64) };
+        errno_of(r).map_err(|errno| ptrace_err("PTRACE_SETSIGMASK", pid, errno))?;
+        Ok(())
+    }
+
+    /// A request whose `addr` and `data` are plain integers.
+    pub fn simple(
+        op: &'static str,
+        request: libc::c_uint,
+        pid: i32,
+        data: libc::c_ulong,
+    ) -> Result<(), StubError> {
+        // SAFETY: the requests used here (SEIZE, INTERRUPT, SYSCALL, DETACH)
+        // take integers, not pointers, in `addr` and `data`.
+        let r = unsafe { libc::ptrace(request, pid, 0usize, data) };
+        errno_of(r).map_err(|errno| ptrace_err(op, pid, errno))?;
+        Ok(())
+    }
+
+    /// Waits for the next state change of the tracee; the raw status.
+    pub fn wait(pid: i32) -> Result<i32, StubError> {
+        let mut status = 0;
+        loop {
+            // SAFETY: waitpid writes the status to a local.
+            let r = unsafe { libc::waitpid(pid, &mut status, libc::__WALL) };
+            if r == pid {
+                return Ok(status);
+            }
+            match Errno::last() {
+                Errno::EINTR => continue,
+                errno => return Err(ptrace_err("waitpid", pid, errno)),
+            }
+        }
+    }
+
+    pub fn ptrace_err(op: &'static str, pid: i32, errno: Errno) -> StubError {
+        StubError::Ptrace { op, pid, errno }
+    }
+
+    pub fn describe(status: i32) -> String {
+        if libc::WIFEXITED(status) {
+            format!("exited with status {}", libc::WEXITSTATUS(status))
+        } else if libc::WIFSIGNALED(status) {
+            format!("killed by signal {}", libc::WTERMSIG(status))
+        } else if libc::WIFSTOPPED(status) {
+            format!(
+                "stopped by signal {} (event {})",
+                libc::WSTOPSIG(status),
+                status >> 16
+            )
+        } else {
+            format!("status {status:#x}")
+        }
+    }
+
+    /// SEIZE + INTERRUPT, waiting for the interrupt stop.
+    pub fn seize_stopped(pid: i32, options: libc::c_ulong) -> Result<(), StubError> {
+        simple("PTRACE_SEIZE", libc::PTRACE_SEIZE, pid, options)?;
+        simple("PTRACE_INTERRUPT", libc::PTRACE_INTERRUPT, pid, 0)?;
+        loop {
+            let st = wait(pid)?;
+            if libc::WIFSTOPPED(st) && st >> 16 == PTRACE_EVENT_STOP {
+                return Ok(());
+            }
+            if libc::WIFSTOPPED(st) {
+                // A signal-delivery stop that raced the interrupt: deliver it
+                // and wait again for the interrupt stop still pending.
+                let sig = libc::WSTOPSIG(st) as libc::c_ulong;
+                simple("PTRACE_CONT", libc::PTRACE_CONT, pid, sig)?;
+                continue;
+            }
+            return Err(StubError::Unexpected {
+                pid,
+                what: req::describe(st),
+            });
+        }
+    }
+}
+
+/// A process forked from ferry, stopped under ptrace, waiting to become the
+/// restored process. Dropping it kills it: a half-restored process never
+/// runs.
+pub struct Stub {
+    pid: i32,
+    base: user_regs_struct,
+    syscall_at: u64,
+    alive: bool,
+    /// ptrace requests must come from the thread that attached.
+    _not_send: PhantomData<*const ()>,
+}
+
+impl std::fmt::Debug for Stub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stub").field("pid", &self.pid).finish()
+    }
+}
+
+impl Stub {
+    /// Forks the stub (see the module docs), seizes it with
+    /// `PTRACE_O_EXITKILL` (if ferry dies mid-restore, so does the stub) and
+    /// stops it.
+    pub fn spawn() -> Result<Stub, StubError> {
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 writes two fds into the array.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return Err(StubError::Os {
+                op: "pipe2",
+                errno: Errno::last(),
+            });
+        }
+        let [rd, wr] = fds;
+        // SAFETY: the child only makes async-signal-safe calls (fork,
+        // setsid, getpid, write, pause, _exit) and never returns into Rust.
+        let middle = unsafe { libc::fork() };
+        if middle == 0 {
+            // SAFETY: async-signal-safe calls only, in the forked child; no
+            // memory is allocated and `wr` stays open for the grandchild.
+            unsafe {
+                if libc::fork() == 0 {
+                    if libc::setsid() < 0 {
+                        libc::_exit(1);
+                    }
+                    let pid: i32 = libc::getpid();
+                    libc::write(wr, (&pid as *const i32).cast(), 4);
+                    loop {
+                        libc::pause();
+                    }
+                }
+                libc::_exit(0);
+            }
+        }
+        // SAFETY: closing our copy of the write end, which nothing else uses.
+        unsafe { libc::close(wr) };
+        if middle < 0 {
+            let errno = Errno::last();
+            // SAFETY: closing the read end, ours alone.
+            unsafe { libc::close(rd) };
+            return Err(StubError::Os { op: "fork", errno });
+        }
+        let mut status = 0;
+        // SAFETY: reaping our own child; the status goes to a local.
+        while unsafe { libc::waitpid(middle, &mut status, 0) } < 0 && Errno::last() == Errno::EINTR
+        {
+        }
+        let mut buf = [0u8; 4];
+        let mut got = 0;
+        while got < 4 {
+            // SAFETY: reading into the rest of a local buffer.
+            let n = unsafe { libc::read(rd, buf[got..].as_mut_ptr().cast(), 4 - got) };
+            if n > 0 {
+                got += n as usize;
+            } else if n < 0 && Errno::last() == Errno::EINTR {
+                continue;
+            } else {
+                break;
+            }
+        }
+        // SAFETY: closing the read end, ours alone.
+        unsafe { libc::close(rd) };
+        if got < 4 {
+            return Err(StubError::NoPid);
+        }
+        let pid = i32::from_ne_bytes(buf);
+        let mut stub = Stub {
+            pid,
+            base: {
+                // SAFETY: all-zero is a valid user_regs_struct.
+                unsafe { std::mem::zeroed() }
+            },
+            syscall_at: 0,
+            alive: true,
+            _not_send: PhantomData,
+        };
+        let opts = (libc::PTRACE_O_TRACESYSGOOD | libc::PTRACE_O_EXITKILL) as libc::c_ulong;
+        if let Err(e) = req::seize_stopped(pid, opts) {
+            // Not ours to trace: kill it so no stray stub is left.
+            // SAFETY: kill takes integers.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            stub.alive = false;
+            return Err(e);
+        }
+        stub.base = req::get_regs(pid)?;
+        Ok(stub)
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// The address of a `syscall` instruction in the stub's `[vdso]`, for
+    /// the injections before the gadget exists.
+    pub fn vdso_syscall(&self) -> Result<u64, StubError> {
+        let path = format!("/proc/{}/maps", self.pid);
+        let maps = std::fs::read_to_string(&path).map_err(|source| StubError::Proc {
+            path: path.clone(),
+            source,
+        })?;
+        for line in maps.lines().filter(|l| l.ends_with("[vdso]")) {
+            let Some((range, _)) = line.split_once(' ') else {
+                continue;
+            };
+            let Some((s, e)) = range.split_once('-') else {
+                continue;
+            };
+            let (Ok(s), Ok(e)) = (u64::from_str_radix(s, 16), u64::from_str_radix(e, 16)) else {
+                continue;
+            };
+            let mut text = vec![0u8; (e - s) as usize];
+            vm::read(self.pid, s, &mut text)?;
+            if let Some(i) = text.windows(2).position(|w| w == [0x0f, 0x05]) {
+                return Ok(s + i as u64);
+            }
+        }
+        Err(StubError::NoSyscallInsn(self.pid))
+    }
+
+    /// Injects the following syscalls through the `syscall` at `addr`.
+    pub fn set_syscall_at(&mut self, addr: u64) {
+        self.syscall_at = addr;
+    }
+
+    /// Makes syscall `nr` in the stub; the raw result (`-errno` on failure).
+    /// The stub is left in the syscall-exit stop: the instruction after the
+    /// `syscall` never runs.
+    pub fn syscall(&mut self, nr: libc::c_long, args: [u64; 6]) -> Result<i64, StubError> {
+        let mut r = self.base;
+        r.rip = self.syscall_at;
+        r.rax = nr as u64;
+        // -1: the kernel's restart logic must leave these registers alone.
+        r.orig_rax = u64::MAX;
+        r.rdi = args[0];
+        r.rsi = args[1];
+        r.rdx = args[2];
+        r.r10 = args[3];
+        r.r8 = args[4];
+        r.r9 = args[5];
+        req::set_regs(self.pid, &r)?;
+        for phase in ["entry", "exit"] {
+            req::simple("PTRACE_SYSCALL", libc::PTRACE_SYSCALL, self.pid, 0)?;
+            let st = req::wait(self.pid)?;
+            if !(libc::WIFSTOPPED(st) && libc::WSTOPSIG(st) == SYSCALL_STOP) {
+                if libc::WIFEXITED(st) || libc::WIFSIGNALED(st) {
+                    self.alive = false;
+                }
+                return Err(StubError::Unexpected {
+                    pid: self.pid,
+                    what: format!(
+                        "syscall {nr}: {} instead of the {phase} stop",
+                        req::describe(st)
+                    ),
+                });
+            }
+        }
+        Ok(req::get_regs(self.pid)?.rax as i64)
+    }
+
+    /// Writes `data` at `addr` of the stub (the page must be writable).
+    pub fn write(&self, addr: u64, data: &[u8]) -> Result<(), VmError> {
+        vm::write(self.pid, addr, data)
+    }
+
+    /// Reads `out.len()` bytes at `addr` of the stub.
+    pub fn read(&self, addr: u64, out: &mut [u8]) -> Result<(), VmError> {
+        vm::read(self.pid, addr, out)
+    }
+
+    /// The stub's rseq registration (inherited from the forking thread), if
+    /// any.
+    pub fn rseq(&self) -> Result<Option<RseqConfig>, StubError> {
+        let c = req::rseq(self.pid)?;
+        Ok((c.addr != 0).then_some(c))
+    }
+
+    /// Sets the blocked signals (`PTRACE_SETSIGMASK`).
+    pub fn set_sigmask(&self, mask: u64) -> Result<(), StubError> {
+        req::set_sigmask(self.pid, mask)
+    }
+
+    /// Sets the final state and lets the process run: XSAVE area (must be
+    /// exactly this CPU's size), blocked signals, then the general
+    /// registers, then detach. Returns the pid.
+    pub fn resume(
+        mut self,
+        regs: &user_regs_struct,
+        xstate: &[u8],
+        sigmask: u64,
+    ) -> Result<i32, StubError> {
+        if !xstate.is_empty() {
+            let mut buf = xstate.to_vec();
+            req::regset(self.pid, true, &mut buf)?;
+        }
+        req::set_sigmask(self.pid, sigmask)?;
+        req::set_regs(self.pid, regs)?;
+        req::simple("PTRACE_DETACH", libc::PTRACE_DETACH, self.pid, 0)?;
+        self.alive = false;
+        Ok(self.pid)
+    }
+}
+
+impl Drop for Stub {
+    fn drop(&mut self) {
+        if !self.alive {
+            return;
+        }
+        // SAFETY: kill takes integers; the pid is our tracee, which cannot
+        // have been reaped and reused while we trace it.
+        unsafe { libc::kill(self.pid, libc::SIGKILL) };
+        // Collect the tracee exit notification; the real parent (init or a
+        // subreaper) reaps the zombie.
+        let _ = req::wait(self.pid);
+    }
+}
+
+/// The per-thread state a capture reads with ptrace.
+#[derive(Debug, Clone)]
+pub struct ThreadRegs {
+    /// `struct user_regs_struct`, as the image's `gpregs`.
+    pub gpregs: Vec<u8>,
+    /// The XSAVE area (`NT_X86_XSTATE`), as the image's `xstate`.
+    pub xstate: Vec<u8>,
+    pub rseq: Option<RseqConfig>,
+}
+
+/// A live process held stopped under ptrace from this thread, to read a
+/// thread's registers (a small capture helper for tests and tools; the dump
+/// path uses [`crate::sys::ptrace::Tracee`]). Dropping it detaches.
+pub struct Seized {
+    pid: i32,
+    attached: bool,
+    _not_send: PhantomData<*const ()>,
+}
+
+impl std::fmt::Debug for Seized {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Seized").field("pid", &self.pid).finish()
+    }
+}
+
+impl Seized {
+    /// Seizes `tid` and stops it.
+    pub fn seize(tid: i32) -> Result<Seized, StubError> {
+        req::seize_stopped(tid, 0)?;
+        Ok(Seized {
+            pid: tid,
+            attached: true,
+            _not_send: PhantomData,
+        })
+    }
+
+    pub fn regs(&self) -> Result<ThreadRegs, StubError> {
+        let regs = req::get_regs(self.pid)?;
+        let mut xstate = vec![0u8; XSTATE_MAX];
+        let n = req::regset(self.pid, false, &mut xstate)?;
+        xstate.truncate(n);
+        let rseq = req::rseq(self.pid)?;
+        Ok(ThreadRegs {
+            gpregs: regs_to_bytes(&regs),
+            xstate,
+            rseq: (rseq.addr != 0).then_some(rseq),
+        })
+    }
+
+    /// Lets it run again.
+    pub fn detach(mut self) -> Result<(), StubError> {
+        self.attached = false;
+        req::simple("PTRACE_DETACH", libc::PTRACE_DETACH, self.pid, 0)
+    }
+}
+
+impl Drop for Seized {
+    fn drop(&mut self) {
+        if self.attached {
+            let _ = req::simple("PTRACE_DETACH", libc::PTRACE_DETACH, self.pid, 0);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn regs_round_trip_through_bytes() {
+        // SAFETY: all-zero is a valid user_regs_struct.
+        let mut r: user_regs_struct = unsafe { std::mem::zeroed() };
+        r.rip = 0x1234;
+        r.fs_base = 0x7f00_0000_1000;
+        let b = regs_to_bytes(&r);
+        assert_eq!(b.len(), 27 * 8);
+        let back = regs_from_bytes(&b).unwrap();
+        assert_eq!((back.rip, back.fs_base), (0x1234, 0x7f00_0000_1000));
+        assert!(matches!(
+            regs_from_bytes(&b[1..]),
+            Err(StubError::RegsSize(215))
+        ));
+    }
+}

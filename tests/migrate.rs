@@ -1,0 +1,263 @@
+//! `ferry migrate` end to end on one host: the migrated process continues
+//! from its exact state and the source is gone; and every failure before
+//! the destination runs the process leaves the source running, unchanged.
+//! Needs root.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry::dump::{Destination, DumpOptions};
+use ferry::migrate::{migrate, LocalRestorer, MigrateError};
+use ferry::policy::Policy;
+use ferry_page_server::store::{mem::MemStore, Page, SessionStore, Store};
+use ferry_page_server::tls::{server_config, TlsFiles};
+use ferry_page_server::{Config, PageServer, Restorer};
+use ferry_proto::batch::{is_zero, Compress};
+
+mod common;
+use common::{certs, connect, is_root, proc_state, Fixture};
+
+macro_rules! need_root {
+    () => {
+        if !is_root() {
+            eprintln!("skipped: needs root (ptrace, restore)");
+            return;
+        }
+    };
+}
+
+struct Dest {
+    addr: std::net::SocketAddr,
+    store: Arc<dyn Store>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+fn destination(tls: &Path, restorer: Arc<dyn Restorer>) -> Dest {
+    let store: Arc<dyn Store> = Arc::new(MemStore::new());
+    let mut cfg = Config::new(
+        server_config(&TlsFiles::server(tls)).unwrap(),
+        store.clone(),
+    );
+    cfg.restorer = Some(restorer);
+    let server = PageServer::bind("127.0.0.1:0".parse().unwrap(), cfg).unwrap();
+    let addr = server.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(server.run(async {
+        let _ = stopped.await;
+    }));
+    Dest {
+        addr,
+        store,
+        stop,
+        task,
+    }
+}
+
+fn options(pid: i32, addr: std::net::SocketAddr, tls: &Path) -> DumpOptions {
+    DumpOptions {
+        pid,
+        dest: Destination::Remote(connect(addr, tls)),
+        leave_stopped: false,
+        track: None,
+        policy: Policy {
+            max_rounds: 3,
+            ..Policy::default()
+        },
+        compress: Compress::default(),
+        restore: false,
+    }
+}
+
+fn log_values(path: &Path) -> Vec<u64> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+fn gone_or_zombie(pid: i32) -> bool {
+    matches!(proc_state(pid), '?' | 'Z' | 'X')
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrated_process_continues_from_its_state_and_the_source_is_gone() {
+    need_root!();
+    let tls = certs();
+    let dest = destination(tls.path(), Arc::new(LocalRestorer));
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let fx = Fixture::start(&[
+        "--mib",
+        "64",
+        "--single-thread",
+        "--log",
+        log.to_str().unwrap(),
+    ]);
+    std::thread::sleep(Duration::from_millis(300));
+    let before = *log_values(&log).last().expect("the fixture logs");
+
+    let report = migrate(options(fx.pid, dest.addr, tls.path()), &mut |_| {})
+        .await
+        .unwrap();
+    let new = report.restored_pid;
+    eprintln!(
+        "migrated {} -> {new} in {} rounds, downtime {:?}",
+        fx.pid,
+        report.dump.rounds.len(),
+        report.downtime
+    );
+    assert_ne!(new, fx.pid);
+    assert!(gone_or_zombie(fx.pid), "the source is gone");
+    let s = proc_state(new);
+    assert!(s == 'S' || s == 'R', "the migrated process runs: {s}");
+
+    // Its memory is the image: the region never changes without a
+    // dirty rate, so it must read back exactly.
+    let img = dest
+        .store
+        .open(report.dump.session)
+        .unwrap()
+        .flatten()
+        .unwrap();
+    {
+        use std::os::unix::fs::FileExt;
+        let mem = std::fs::File::open(format!("/proc/{new}/mem")).unwrap();
+        let mut page = vec![0u8; 4096];
+        let mut checked = 0;
+        for a in (fx.base..fx.base + fx.len).step_by(4096) {
+            mem.read_exact_at(&mut page, a).unwrap();
+            let ok = match img.page(a) {
+                Some(Page::Data(d)) => d[..] == page[..],
+                Some(Page::Zero) | None => is_zero(&page),
+            };
+            assert!(
+                ok,
+                "page {a:#x} of the restored process differs from the image"
+            );
+            checked += 1;
+        }
+        assert_eq!(checked, fx.len / 4096);
+    }
+
+    // It counts on from where it was, not from zero, and the log grows.
+    std::thread::sleep(Duration::from_millis(500));
+    let values = log_values(&log);
+    let after = *values.last().unwrap();
+    assert!(after > before, "the log grows: {before} -> {after}");
+    assert!(
+        values.windows(2).all(|w| w[0] <= w[1]),
+        "the counter never restarted: {values:?}"
+    );
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(new),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    let _ = dest.stop.send(());
+    let _ = dest.task.await;
+}
+
+/// A destination that fails in a chosen way.
+struct FailingRestorer(&'static str);
+
+impl Restorer for FailingRestorer {
+    fn restore(&self, _: &mut dyn SessionStore) -> Result<i32, String> {
+        match self.0 {
+            "hang" => {
+                std::thread::sleep(Duration::from_secs(4));
+                Err("too late".into())
+            }
+            reason => Err(reason.into()),
+        }
+    }
+}
+
+async fn assert_source_survives(fx: &mut Fixture, log: &Path) {
+    for _ in 0..100 {
+        if fx.tracer() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(fx.tracer(), 0, "the source is not left traced");
+    let s = fx.state();
+    assert!(s == 'S' || s == 'R', "the source runs: {s}");
+    let a = *log_values(log).last().unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let b = *log_values(log).last().unwrap();
+    assert!(b > a, "the source keeps counting");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_before_restored_leave_the_source_running() {
+    need_root!();
+    let tls = certs();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+
+    // The destination cannot restore.
+    let dest = destination(tls.path(), Arc::new(FailingRestorer("no room for it here")));
+    let mut fx = Fixture::start(&[
+        "--mib",
+        "16",
+        "--single-thread",
+        "--log",
+        log.to_str().unwrap(),
+    ]);
+    let e = migrate(options(fx.pid, dest.addr, tls.path()), &mut |_| {})
+        .await
+        .unwrap_err();
+    eprintln!("refused: {e}");
+    assert!(
+        matches!(e, MigrateError::Refused(ref r) if r.contains("no room")),
+        "{e}"
+    );
+    assert_source_survives(&mut fx, &log).await;
+    drop(fx);
+
+    // The destination does not answer in time (the connection is as good as
+    // cut after the final layer).
+    let dest = destination(tls.path(), Arc::new(FailingRestorer("hang")));
+    let mut fx = Fixture::start(&[
+        "--mib",
+        "16",
+        "--single-thread",
+        "--log",
+        log.to_str().unwrap(),
+    ]);
+    let mut opts = options(fx.pid, dest.addr, tls.path());
+    if let Destination::Remote(c) = &mut opts.dest {
+        c.timeout = Duration::from_secs(1);
+    }
+    let e = migrate(opts, &mut |_| {}).await.unwrap_err();
+    eprintln!("timeout: {e}");
+    assert!(e.to_string().contains("no answer"), "{e}");
+    assert_source_survives(&mut fx, &log).await;
+    drop(fx);
+
+    // A file the process maps is gone on the destination: the real restore
+    // refuses by name, the source runs on.
+    let dest = destination(tls.path(), Arc::new(LocalRestorer));
+    let exe = dir.path().join("fixture-copy");
+    std::fs::copy(env!("CARGO_BIN_EXE_ferry-fixture"), &exe).unwrap();
+    let mut fx = Fixture::start_at(
+        &exe,
+        &[
+            "--mib",
+            "16",
+            "--single-thread",
+            "--log",
+            log.to_str().unwrap(),
+        ],
+    );
+    std::fs::remove_file(&exe).unwrap();
+    let e = migrate(options(fx.pid, dest.addr, tls.path()), &mut |_| {})
+        .await
+        .unwrap_err();
+    eprintln!("missing file: {e}");
+    assert!(matches!(e, MigrateError::Refused(_)), "{e}");
+    assert!(e.to_string().contains("fixture-copy"), "{e}");
+    assert_source_survives(&mut fx, &log).await;
+}
