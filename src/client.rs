@@ -203,7 +203,7 @@ impl Client {
             client.lanes.push(tx);
             client
                 .lane_tasks
-                .spawn(lane(send, rx, done_tx.clone(), page_size, c.compress));
+                .spawn(lane(send, rx, done_tx.clone(), page_size, c.compress, addr));
         }
         Ok(client)
     }
@@ -446,6 +446,7 @@ async fn lane(
     done: mpsc::UnboundedSender<Result<Done, ClientError>>,
     page_size: u32,
     compress: Compress,
+    addr: SocketAddr,
 ) {
     let mut encoder = Some(Encoder::new(page_size, compress));
     while let Some(job) = jobs.recv().await {
@@ -485,6 +486,10 @@ async fn lane(
                         wire,
                         digest: b.digest,
                     }),
+                    // The close reason the page server gave says why.
+                    Err(quinn::WriteError::ConnectionLost(source)) => {
+                        Err(ClientError::Connection { addr, source })
+                    }
                     Err(e) => Err(ClientError::Write(e)),
                 }
             }

@@ -128,6 +128,7 @@ pub async fn run(opts: &DemoOptions, out: &mut dyn Write) -> Result<DemoReport, 
             kernel: String::new(),
             label: format!("ferry demo, {} MiB synthetic", opts.mib),
             resume: false,
+            features: Vec::new(),
         },
     )
     .await?;

@@ -206,7 +206,7 @@ pub async fn dump_frozen(
     let mut tracker = track::choose(&tracee, opts.track)?;
     let backend = tracker.backend();
     let session = SessionId(random_id());
-    let mut sink = Sink::open(opts.dest, session, pid, opts.compress).await?;
+    let mut sink = Sink::open(opts.dest, session, pid, opts.compress, restore).await?;
 
     let mut rounds: Vec<RoundReport> = Vec::new();
     let mut history: Vec<RoundStats> = Vec::new();
@@ -443,6 +443,7 @@ impl Sink {
         session: SessionId,
         pid: i32,
         compress: Compress,
+        restore: bool,
     ) -> Result<Sink, DumpError> {
         let comm = procfs::read_status(pid).map(|s| s.name).unwrap_or_default();
         let label = format!("pid {pid} {comm}");
@@ -458,6 +459,11 @@ impl Sink {
                         kernel: kernel_release(),
                         label,
                         resume: false,
+                        features: if restore {
+                            vec![ferry_proto::FEATURE_RESTORE.into()]
+                        } else {
+                            Vec::new()
+                        },
                     },
                 )
                 .await?;

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use ferry_page_server::store::SessionStore;
 use ferry_page_server::Restorer;
+use ferry_proto::pb;
 
 use crate::client::CommitOutcome;
 use crate::dump::{dump_frozen, DumpError, DumpOptions, DumpReport, RoundReport};
@@ -83,6 +84,28 @@ pub async fn migrate(
 pub struct LocalRestorer;
 
 impl Restorer for LocalRestorer {
+    fn preflight_hello(&self, hello: &pb::Hello) -> Result<(), String> {
+        let arch = std::env::consts::ARCH;
+        if hello.arch != arch {
+            return Err(format!(
+                "the process is {}, this host is {arch}",
+                hello.arch
+            ));
+        }
+        let ps = crate::sys::page_size();
+        if u64::from(hello.page_size) != ps {
+            return Err(format!(
+                "the process uses {}-byte pages, this host {ps}",
+                hello.page_size
+            ));
+        }
+        Ok(())
+    }
+
+    fn preflight_layer(&self, vmas: &[pb::Vma]) -> Result<(), String> {
+        crate::restore::check_mappings(vmas).map_err(|e| e.to_string())
+    }
+
     fn restore(&self, session: &mut dyn SessionStore) -> Result<i32, String> {
         let tree = session
             .state()

@@ -234,8 +234,10 @@ pub fn check(tree: &pb::ProcessTree, img: &FlatImage) -> Result<()> {
         )));
     }
     if let Some(c) = &proc.creds {
-        // SAFETY: geteuid/getegid take no arguments and cannot fail.
-        let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+        let (uid, gid) = (
+            nix::unistd::geteuid().as_raw(),
+            nix::unistd::getegid().as_raw(),
+        );
         if [c.uid, c.euid, c.suid, c.fsuid] != [uid; 4]
             || [c.gid, c.egid, c.sgid, c.fsgid] != [gid; 4]
         {
@@ -277,8 +279,16 @@ pub fn check(tree: &pb::ProcessTree, img: &FlatImage) -> Result<()> {
             return Err(unsupported(format!("an action for signal {}", s.signo)));
         }
     }
+    check_mappings(&img.vmas)
+}
+
+/// The part of [`check`] that needs only the mappings: every file mapped
+/// must be here, unchanged, and the vdso block must fit this kernel's. The
+/// page server runs it on every round's mappings (pre-flight), so a
+/// migration that cannot end well fails before the source is frozen.
+pub fn check_mappings(vmas: &[pb::Vma]) -> Result<()> {
     let mut prev_end = 0;
-    for v in &img.vmas {
+    for v in vmas {
         if v.start < prev_end || v.end <= v.start || v.start % page_size() != 0 {
             return Err(unsupported(format!(
                 "VMA {:#x}-{:#x} (overlapping, unsorted or unaligned)",
@@ -300,7 +310,7 @@ pub fn check(tree: &pb::ProcessTree, img: &FlatImage) -> Result<()> {
             _ => {}
         }
     }
-    check_vdso(img)?;
+    check_vdso(vmas)?;
     Ok(())
 }
 
@@ -330,12 +340,12 @@ fn check_file(v: &pb::Vma) -> Result<()> {
     Ok(())
 }
 
-fn image_vdso_layout(img: &FlatImage) -> Vec<(String, u64, u64)> {
-    vdso_layout(img.vmas.iter().map(|v| (v.name.as_str(), v.start, v.end)))
+fn image_vdso_layout(vmas: &[pb::Vma]) -> Vec<(String, u64, u64)> {
+    vdso_layout(vmas.iter().map(|v| (v.name.as_str(), v.start, v.end)))
 }
 
-fn check_vdso(img: &FlatImage) -> Result<()> {
-    let want = image_vdso_layout(img);
+fn check_vdso(vmas: &[pb::Vma]) -> Result<()> {
+    let want = image_vdso_layout(vmas);
     if want.is_empty() {
         return Ok(());
     }
@@ -829,7 +839,7 @@ impl<'a> Restorer<'a> {
     }
 
     fn vdso(&mut self) -> Result<()> {
-        let want = image_vdso_layout(self.img);
+        let want = image_vdso_layout(&self.img.vmas);
         let Some(vvar) = self.img.vmas.iter().find(|v| v.name == "[vvar]") else {
             return Ok(());
         };

@@ -184,10 +184,25 @@ async fn assert_source_survives(fx: &mut Fixture, log: &Path) {
     assert_eq!(fx.tracer(), 0, "the source is not left traced");
     let s = fx.state();
     assert!(s == 'S' || s == 'R', "the source runs: {s}");
-    let a = *log_values(log).last().unwrap();
+    // The first line comes 100 ms after start.
+    let mut a = None;
+    for _ in 0..50 {
+        a = log_values(log).last().copied();
+        if a.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let a = a.expect("the source logs");
     tokio::time::sleep(Duration::from_millis(300)).await;
     let b = *log_values(log).last().unwrap();
-    assert!(b > a, "the source keeps counting");
+    assert!(
+        b > a,
+        "the source keeps counting: {a} -> {b}, state {}, log {:?}, wchan {:?}",
+        fx.state(),
+        log_values(log),
+        std::fs::read_to_string(format!("/proc/{}/wchan", fx.pid))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -195,10 +210,10 @@ async fn failures_before_restored_leave_the_source_running() {
     need_root!();
     let tls = certs();
     let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("log");
 
     // The destination cannot restore.
     let dest = destination(tls.path(), Arc::new(FailingRestorer("no room for it here")));
+    let log = dir.path().join("log1");
     let mut fx = Fixture::start(&[
         "--mib",
         "16",
@@ -220,6 +235,7 @@ async fn failures_before_restored_leave_the_source_running() {
     // The destination does not answer in time (the connection is as good as
     // cut after the final layer).
     let dest = destination(tls.path(), Arc::new(FailingRestorer("hang")));
+    let log = dir.path().join("log2");
     let mut fx = Fixture::start(&[
         "--mib",
         "16",
@@ -237,11 +253,12 @@ async fn failures_before_restored_leave_the_source_running() {
     assert_source_survives(&mut fx, &log).await;
     drop(fx);
 
-    // A file the process maps is gone on the destination: the real restore
-    // refuses by name, the source runs on.
+    // A file the process maps is gone on the destination: the pre-flight
+    // check refuses it by name in the first round, before any freeze.
     let dest = destination(tls.path(), Arc::new(LocalRestorer));
     let exe = dir.path().join("fixture-copy");
     std::fs::copy(env!("CARGO_BIN_EXE_ferry-fixture"), &exe).unwrap();
+    let log = dir.path().join("log3");
     let mut fx = Fixture::start_at(
         &exe,
         &[
@@ -257,7 +274,30 @@ async fn failures_before_restored_leave_the_source_running() {
         .await
         .unwrap_err();
     eprintln!("missing file: {e}");
-    assert!(matches!(e, MigrateError::Refused(_)), "{e}");
-    assert!(e.to_string().contains("fixture-copy"), "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("pre-flight") && msg.contains("fixture-copy"),
+        "{e}"
+    );
     assert_source_survives(&mut fx, &log).await;
+    drop(fx);
+
+    // A page server that does not restore is refused at the handshake.
+    let store: Arc<dyn Store> = Arc::new(MemStore::new());
+    let plain = common::Server::start(tls.path(), store);
+    let log = dir.path().join("log4");
+    let mut fx = Fixture::start(&[
+        "--mib",
+        "16",
+        "--single-thread",
+        "--log",
+        log.to_str().unwrap(),
+    ]);
+    let e = migrate(options(fx.pid, plain.addr, tls.path()), &mut |_| {})
+        .await
+        .unwrap_err();
+    eprintln!("no restore: {e}");
+    assert!(e.to_string().contains("--restore"), "{e}");
+    assert_source_survives(&mut fx, &log).await;
+    plain.stop().await;
 }

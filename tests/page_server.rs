@@ -32,6 +32,7 @@ fn sender_config(id: u8, page_size: u32, resume: bool) -> SenderConfig {
         kernel: "test".into(),
         label: format!("test session {id}"),
         resume,
+        features: Vec::new(),
     }
 }
 

@@ -33,6 +33,20 @@ pub trait Restorer: Send + Sync + 'static {
     /// Restores the session's image and returns the pid of the process,
     /// running; or why it could not.
     fn restore(&self, session: &mut dyn SessionStore) -> Result<i32, String>;
+
+    /// Pre-flight at the handshake of a session that will ask for a
+    /// restore: can this host run what the source describes at all
+    /// (architecture, page size)?
+    fn preflight_hello(&self, _hello: &pb::Hello) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// Pre-flight on every round's mappings: will the restore find what it
+    /// needs (mapped files present and unchanged, a compatible vdso)? A
+    /// refusal here ends the session while the source still runs.
+    fn preflight_layer(&self, _vmas: &[pb::Vma]) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 pub struct Config {
@@ -88,6 +102,10 @@ pub enum SessionError {
     NoControl(Duration),
     #[error("peer closed the control stream mid-session")]
     ControlClosed,
+    #[error("{0}")]
+    Refused(String),
+    #[error("pre-flight: this host could not restore the process: {0}")]
+    Preflight(String),
 }
 
 impl SessionError {
@@ -185,6 +203,7 @@ async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
         readers: JoinSet::new(),
         control: None,
         created: false,
+        preflight: false,
     };
     match s.run().await {
         Ok(()) => info!(%peer, session = %s.session_name(), "session finished"),
@@ -219,6 +238,8 @@ struct Session {
     control: Option<quinn::SendStream>,
     /// This connection created the session (it did not resume it).
     created: bool,
+    /// The source will ask for a restore: check every round can be.
+    preflight: bool,
 }
 
 /// Runs a store operation that may block (file writes, `fsync`) without
@@ -270,6 +291,21 @@ impl Session {
             match a {
                 Action::Send(c) => write_control(send, &c).await?,
                 Action::OpenSession { id, hello } => {
+                    if hello
+                        .features
+                        .iter()
+                        .any(|f| f == ferry_proto::FEATURE_RESTORE)
+                    {
+                        let Some(r) = &self.shared.restorer else {
+                            return Err(SessionError::Refused(
+                                "this page server does not restore processes \
+                                 (start it with --restore)"
+                                    .into(),
+                            ));
+                        };
+                        r.preflight_hello(&hello).map_err(SessionError::Preflight)?;
+                        self.preflight = true;
+                    }
                     let store = &self.shared.store;
                     let h = if hello.resume {
                         store.open(id)?
@@ -294,6 +330,9 @@ impl Session {
                     self.start_data(hello.page_size);
                 }
                 Action::BeginLayer { layer, vmas } => {
+                    if let (true, Some(r)) = (self.preflight, &self.shared.restorer) {
+                        r.preflight_layer(&vmas).map_err(SessionError::Preflight)?;
+                    }
                     self.store()?.begin_layer(layer, vmas)?;
                 }
                 Action::Store(b) => {

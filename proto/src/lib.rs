@@ -31,6 +31,11 @@ pub mod pb {
 /// refused at the handshake, by name.
 pub const PROTOCOL_VERSION: u32 = 1;
 
+/// Hello feature: the source will commit with `restore` (a migration), so
+/// the destination must be able to restore and checks it can, round by
+/// round, before the source is ever frozen.
+pub const FEATURE_RESTORE: &str = "restore";
+
 /// ALPN protocol id of a ferry connection.
 pub const ALPN: &[u8] = b"ferry/1";
 

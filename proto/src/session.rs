@@ -617,6 +617,10 @@ pub struct SenderConfig {
     pub kernel: String,
     pub label: String,
     pub resume: bool,
+    /// What the source will ask of the destination, e.g.
+    /// [`crate::FEATURE_RESTORE`]: a destination that cannot do it refuses
+    /// at the handshake instead of at the commit.
+    pub features: Vec<String>,
 }
 
 /// What the destination told the sender.
@@ -702,7 +706,7 @@ impl Sender {
             page_size: self.cfg.page_size,
             arch: self.cfg.arch.clone(),
             kernel: self.cfg.kernel.clone(),
-            features: Vec::new(),
+            features: self.cfg.features.clone(),
             resume: self.cfg.resume,
             label: self.cfg.label.clone(),
         })))

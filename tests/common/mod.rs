@@ -123,6 +123,7 @@ pub async fn wait_for_server(addr: SocketAddr, tls: &Path) {
             kernel: String::new(),
             label: "probe".into(),
             resume: false,
+            features: Vec::new(),
         };
         if let Ok(client) = Client::connect(c, s).await {
             client.abort("probe").await;

@@ -185,6 +185,7 @@ fn sender() -> Sender {
         kernel: "6.18".into(),
         label: "test".into(),
         resume: false,
+        features: Vec::new(),
     })
 }
 
@@ -514,6 +515,7 @@ fn abort_mid_layer_reaches_the_driver() {
 fn resume_continues_at_the_sealed_count() {
     let mut tx = Sender::new(SenderConfig {
         resume: true,
+        features: Vec::new(),
         ..sender().cfg
     });
     let mut rx = Receiver::default();
