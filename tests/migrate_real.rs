@@ -1,0 +1,306 @@
+//! Migrations through the real `ferry` binary: a program nobody here wrote
+//! (`python3` keeping its state in memory), and a migration across two
+//! hosts — two network namespaces joined by a veth pair, made and removed
+//! by the test — with the page server in one and the source in the other.
+//! Needs root.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+mod common;
+use common::{certs, free_port, is_root, proc_state};
+
+fn ferry() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_ferry"));
+    c.env("RUST_BACKTRACE", "0");
+    c
+}
+
+/// Values the program wrote to its log, in order.
+fn log_values(path: &Path) -> Vec<u64> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+struct Killed(Vec<i32>);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        for &pid in &self.0 {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        }
+    }
+}
+
+/// A python3 program that keeps a counter and 8 MiB of data in memory and
+/// appends the counter to `log` (opening it each time, so it holds no
+/// descriptor across iterations).
+fn python(log: &Path) -> Option<Child> {
+    let script = format!(
+        r#"
+import os, time
+os.closerange(3, 4096)
+state = {{"n": 0, "data": bytearray(os.urandom(1 << 16) * 128)}}
+while True:
+    state["n"] += 1
+    i = state["n"] % len(state["data"])
+    state["data"][i] = (state["data"][i] + 1) % 256
+    with open({log:?}, "a") as f:
+        f.write("%d %d\n" % (state["n"], sum(state["data"][:4096])))
+    time.sleep(0.01)
+"#,
+        log = log.to_str().unwrap()
+    );
+    Command::new("python3")
+        .args(["-c", &script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()
+}
+
+fn counters(path: &Path) -> Vec<u64> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+        .collect()
+}
+
+fn wait_for_log(path: &Path) {
+    for _ in 0..200 {
+        if !log_values(path).is_empty() || !counters(path).is_empty() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("{} stays empty", path.display());
+}
+
+/// Runs `ferry migrate`, returns the restored pid.
+fn migrate(netns: Option<&str>, pid: i32, to: &str, tls: &Path) -> i32 {
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_ferry")]);
+            c.env("RUST_BACKTRACE", "0");
+            c
+        }
+        None => ferry(),
+    };
+    let out = cmd
+        .args(["migrate", "--pid", &pid.to_string(), "--to", to, "--tls"])
+        .arg(tls)
+        .args(["--json", "--log", "warn"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "ferry migrate failed: {stderr}");
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    eprintln!(
+        "migrated {pid} -> {} downtime {} ms, rounds {}",
+        json["restored_pid"],
+        json["downtime_ms"],
+        json["rounds"].as_array().map_or(0, |r| r.len())
+    );
+    json["restored_pid"].as_i64().unwrap() as i32
+}
+
+fn page_server(netns: Option<&str>, listen: &str, tls: &Path) -> common::ServerProcess {
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_ferry")]);
+            c
+        }
+        None => ferry(),
+    };
+    let child = cmd
+        .args([
+            "page-server",
+            "--restore",
+            "--log",
+            "warn",
+            "--listen",
+            listen,
+            "--tls",
+        ])
+        .arg(tls)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    common::ServerProcess(child)
+}
+
+fn assert_continues(pid: i32, new: i32, log: &Path, before: u64) {
+    assert_ne!(new, pid);
+    assert!(
+        matches!(proc_state(pid), '?' | 'Z' | 'X'),
+        "the source is gone"
+    );
+    std::thread::sleep(Duration::from_millis(400));
+    let values = counters(log);
+    let after = *values.last().unwrap();
+    assert!(after > before + 5, "it counts on: {before} -> {after}");
+    assert!(
+        values.windows(2).all(|w| w[1] == w[0] + 1),
+        "every value once, in order (no restart, no gap): {:?}",
+        &values[values.len().saturating_sub(20)..]
+    );
+}
+
+#[test]
+fn python3_keeps_its_state_across_a_migration() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("python.log");
+    let Some(mut child) = python(&log) else {
+        eprintln!("skipped: no python3 on this machine");
+        return;
+    };
+    let pid = child.id() as i32;
+    wait_for_log(&log);
+    let tls = certs();
+    let port = free_port();
+    let _server = page_server(None, &format!("127.0.0.1:{port}"), tls.path());
+    std::thread::sleep(Duration::from_millis(200));
+    let before = *counters(&log).last().unwrap();
+    let new = migrate(None, pid, &format!("127.0.0.1:{port}"), tls.path());
+    let _guard = Killed(vec![new]);
+    let _ = child.wait();
+    assert_continues(pid, new, &log, before);
+}
+
+/// Two network namespaces joined by veth, removed on drop.
+struct Hosts {
+    a: String,
+    b: String,
+}
+
+impl Hosts {
+    fn make() -> Option<Hosts> {
+        let tag = std::process::id() % 100_000;
+        let h = Hosts {
+            a: format!("ferry-a-{tag}"),
+            b: format!("ferry-b-{tag}"),
+        };
+        let ip = |args: &[&str]| {
+            Command::new("ip")
+                .args(args)
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false)
+        };
+        if !ip(&["netns", "add", &h.a]) {
+            return None;
+        }
+        let ok = ip(&["netns", "add", &h.b])
+            && ip(&[
+                "link", "add", "fa0", "netns", &h.a, "type", "veth", "peer", "name", "fb0",
+                "netns", &h.b,
+            ])
+            && ip(&["-n", &h.a, "addr", "add", "10.213.0.1/24", "dev", "fa0"])
+            && ip(&["-n", &h.b, "addr", "add", "10.213.0.2/24", "dev", "fb0"])
+            && ip(&["-n", &h.a, "link", "set", "lo", "up"])
+            && ip(&["-n", &h.b, "link", "set", "lo", "up"])
+            && ip(&["-n", &h.a, "link", "set", "fa0", "up"])
+            && ip(&["-n", &h.b, "link", "set", "fb0", "up"]);
+        ok.then_some(h)
+    }
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        for ns in [&self.a, &self.b] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+#[test]
+fn migration_across_two_hosts_in_network_namespaces() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let Some(hosts) = Hosts::make() else {
+        panic!("cannot make network namespaces (is iproute2 installed?)");
+    };
+    let tls = certs();
+    let _server = page_server(Some(&hosts.b), "10.213.0.2:7070", tls.path());
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("fixture.log");
+    // The workload runs in host A's namespace, like the source ferry.
+    let mut child = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &hosts.a,
+            env!("CARGO_BIN_EXE_ferry-fixture"),
+        ])
+        .args([
+            "--mib",
+            "64",
+            "--dirty-rate",
+            "1000",
+            "--single-thread",
+            "--log",
+        ])
+        .arg(&log)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut ready = String::new();
+    {
+        use std::io::BufRead;
+        std::io::BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut ready)
+            .unwrap();
+    }
+    let pid: i32 = ready
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("pid="))
+        .unwrap()
+        .parse()
+        .unwrap();
+    wait_for_log(&log);
+    let before = *log_values(&log).last().unwrap();
+    let new = migrate(Some(&hosts.a), pid, "10.213.0.2:7070", tls.path());
+    let _guard = Killed(vec![new]);
+    let _ = child.wait();
+    // The restored process lives in host B's network namespace.
+    let ns_b = std::fs::read_link(format!("/proc/{new}/ns/net")).unwrap();
+    let server_ns = std::fs::read_link(format!("/run/netns/{}", hosts.b)).ok();
+    eprintln!("restored in {ns_b:?} (host B: {server_ns:?})");
+    assert_ne!(
+        ns_b,
+        std::fs::read_link("/proc/self/ns/net").unwrap(),
+        "restored on host B, not here"
+    );
+    std::thread::sleep(Duration::from_millis(400));
+    let values = log_values(&log);
+    let after = *values.last().unwrap();
+    assert!(
+        after > before,
+        "it counts on after the move: {before} -> {after}"
+    );
+    assert!(
+        values.windows(2).all(|w| w[0] <= w[1]),
+        "the counter never restarted"
+    );
+    assert!(
+        matches!(proc_state(pid), '?' | 'Z' | 'X'),
+        "the source is gone"
+    );
+}
