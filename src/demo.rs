@@ -1,33 +1,35 @@
-//! `ferry demo`: the transfer path end to end on loopback, with nothing to
-//! set up. It writes fresh certificates to a temporary directory, starts a
-//! page server with mutual TLS, streams a synthetic address space in rounds
-//! (all pages, then only the pages rewritten since), commits, and checks
-//! that the destination's flattened image equals the source's memory page
-//! for page.
-//!
-//! It moves synthetic memory, not a process: live dumps of real processes
-//! come with `ferry dump` and `ferry migrate`.
+//! `ferry demo`: a whole migration on this machine, with nothing to set up.
+//! It writes fresh certificates to a temporary directory, starts a page
+//! server on loopback (mutual TLS, restores enabled), starts a small
+//! workload (`ferry workload`: memory, a counter, a log), migrates it —
+//! rounds while it runs, a freeze, the final delta, a restore — and shows
+//! the counter going on in the restored process while the original is gone.
 
 use std::io::Write;
-use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::Duration;
 
-use ferry_page_server::store::{mem::MemStore, Page, Store, StoreError};
+use ferry_page_server::store::{mem::MemStore, Store};
 use ferry_page_server::tls::{client_config, server_config, TlsError, TlsFiles};
 use ferry_page_server::{Config, PageServer};
-use ferry_proto::batch::{is_zero, Compress};
-use ferry_proto::session::SenderConfig;
-use ferry_proto::{pb, SessionId};
+use ferry_proto::batch::Compress;
 
 use crate::certs::{self, CertsError};
-use crate::client::{Client, ClientError, CommitOutcome, Connect, LayerStats};
-use crate::synthetic::{Mix, Rng, Workload};
+use crate::client::Connect;
+use crate::dump::{Destination, DumpOptions, RoundReport};
+use crate::migrate::{migrate, LocalRestorer, MigrateError, MigrateReport};
+use crate::policy::Policy;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
-    #[error("temporary directory: {0}")]
-    TempDir(#[source] std::io::Error),
+    #[error("{what}: {source}")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Certs(#[from] CertsError),
     #[error(transparent)]
@@ -35,25 +37,17 @@ pub enum DemoError {
     #[error(transparent)]
     Server(#[from] ferry_page_server::server::ServerError),
     #[error(transparent)]
-    Client(#[from] ClientError),
-    #[error("store: {0}")]
-    Store(#[from] StoreError),
-    #[error("writing output: {0}")]
-    Output(#[source] std::io::Error),
-    #[error("commit did not store the image: {0:?}")]
-    Commit(CommitOutcome),
-    #[error("destination image differs from the source at {addr:#x}: {what}")]
-    Mismatch { addr: u64, what: &'static str },
+    Migrate(#[from] MigrateError),
+    #[error("the workload wrote nothing to its log")]
+    Silent,
 }
 
 #[derive(Debug, Clone)]
 pub struct DemoOptions {
-    /// Size of the synthetic address space.
+    /// Size of the workload's memory.
     pub mib: u64,
-    /// Rounds after the first full one.
-    pub rounds: u32,
-    /// Share of pages rewritten between two rounds, in percent.
-    pub dirty_percent: u32,
+    /// Pages it rewrites each second.
+    pub dirty_rate: u64,
     pub streams: usize,
     pub compress: Compress,
 }
@@ -62,154 +56,125 @@ impl Default for DemoOptions {
     fn default() -> Self {
         Self {
             mib: 256,
-            rounds: 3,
-            dirty_percent: 5,
+            dirty_rate: 2000,
             streams: 4,
             compress: Compress::default(),
         }
     }
 }
 
-/// One round as the demo saw it.
-#[derive(Debug, Clone)]
-pub struct RoundReport {
-    pub stats: LayerStats,
-    pub seconds: f64,
+fn last_count(log: &Path) -> Option<u64> {
+    std::fs::read_to_string(log)
+        .ok()?
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .next_back()
 }
 
-#[derive(Debug, Clone)]
-pub struct DemoReport {
-    pub rounds: Vec<RoundReport>,
-    pub pages_checked: u64,
-}
-
-/// Runs the demo, printing a line per round to `out`.
-pub async fn run(opts: &DemoOptions, out: &mut dyn Write) -> Result<DemoReport, DemoError> {
-    let dir = tempfile::tempdir().map_err(DemoError::TempDir)?;
-    let o = |e| DemoError::Output(e);
-    certs::init(dir.path(), &[], false)?;
-    writeln!(
+/// Runs the demo, narrating on `out`; `progress` shows each round.
+pub async fn run(
+    opts: &DemoOptions,
+    out: &mut (dyn Write + Send),
+    progress: &mut (dyn FnMut(&RoundReport) + Send),
+) -> Result<MigrateReport, DemoError> {
+    let io = |what| move |source| DemoError::Io { what, source };
+    let dir = tempfile::tempdir().map_err(io("temporary directory"))?;
+    let tls = dir.path().join("tls");
+    certs::init(&tls, &[], false)?;
+    let _ = writeln!(
         out,
         "certificates: {} (fresh CA, mutual TLS)",
-        dir.path().display()
-    )
-    .map_err(o)?;
+        tls.display()
+    );
 
     let store: Arc<dyn Store> = Arc::new(MemStore::new());
-    let server = PageServer::bind(
-        "127.0.0.1:0".parse().expect("literal"),
-        Config::new(server_config(&TlsFiles::server(dir.path()))?, store.clone()),
-    )?;
-    let addr: SocketAddr = server.local_addr().map_err(DemoError::TempDir)?;
+    let mut cfg = Config::new(server_config(&TlsFiles::server(&tls))?, store);
+    cfg.restorer = Some(Arc::new(LocalRestorer));
+    let server = PageServer::bind("127.0.0.1:0".parse().expect("literal"), cfg)?;
+    let addr = server.local_addr().map_err(io("page server address"))?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let served = tokio::spawn(server.run(async {
         let _ = stopped.await;
     }));
-    writeln!(out, "page server: {addr} (in memory)").map_err(o)?;
+    let _ = writeln!(out, "page server: {addr} (in memory, restores enabled)");
 
-    let mut workload = Workload::new(opts.mib, Mix::TYPICAL, 1);
-    let mut rng = Rng::new(7);
-    let session = SessionId(
-        rng.next_u64()
-            .to_le_bytes()
-            .repeat(2)
-            .try_into()
-            .expect("16"),
-    );
-    let mut connect = Connect::new(addr, client_config(&TlsFiles::client(dir.path()))?);
-    connect.streams = opts.streams;
-    connect.compress = opts.compress;
-    let mut client = Client::connect(
-        connect,
-        SenderConfig {
-            session,
-            page_size: workload.page_size,
-            arch: std::env::consts::ARCH.into(),
-            kernel: String::new(),
-            label: format!("ferry demo, {} MiB synthetic", opts.mib),
-            resume: false,
-            features: Vec::new(),
-        },
-    )
-    .await?;
-
-    writeln!(
-        out,
-        "{:>5} {:>9} {:>9} {:>10} {:>10} {:>9} {:>10}",
-        "round", "pages", "zero", "raw MiB", "wire MiB", "time ms", "raw MB/s"
-    )
-    .map_err(o)?;
-    let mut rounds = Vec::new();
-    for round in 0..=opts.rounds {
-        let addrs = if round == 0 {
-            workload.all_pages()
-        } else {
-            workload.dirty(opts.dirty_percent, Mix::TYPICAL, &mut rng)
-        };
-        let t = Instant::now();
-        let stats = client
-            .send_layer(workload.vmas.clone(), workload.batches(&addrs, 256))
-            .await?;
-        let secs = t.elapsed().as_secs_f64();
-        writeln!(
-            out,
-            "{:>5} {:>9} {:>9} {:>10.1} {:>10.1} {:>9.1} {:>10.0}",
-            stats.layer,
-            stats.pages,
-            stats.zero_pages,
-            stats.raw_bytes as f64 / (1 << 20) as f64,
-            stats.wire_bytes as f64 / (1 << 20) as f64,
-            secs * 1e3,
-            stats.raw_bytes as f64 / secs / 1e6,
-        )
-        .map_err(o)?;
-        rounds.push(RoundReport {
-            stats,
-            seconds: secs,
-        });
-    }
-    client.send_state(pb::ProcessTree::default()).await?;
-    match client.commit(false).await? {
-        CommitOutcome::Stored { .. } => {}
-        other => return Err(DemoError::Commit(other)),
-    }
-
-    let pages_checked = verify(store.as_ref(), session, &workload)?;
-    writeln!(
-        out,
-        "verified: the destination's flattened image equals the source's memory \
-         ({pages_checked} pages, byte for byte)"
-    )
-    .map_err(o)?;
-    let _ = stop.send(());
-    let _ = served.await;
-    Ok(DemoReport {
-        rounds,
-        pages_checked,
-    })
-}
-
-/// Compares the stored session, flattened, with the workload's memory.
-pub fn verify(store: &dyn Store, id: SessionId, w: &Workload) -> Result<u64, DemoError> {
-    let flat = store.open(id)?.flatten()?;
-    if flat.pages() != w.memory.len() as u64 {
-        return Err(DemoError::Mismatch {
-            addr: 0,
-            what: "page count",
-        });
-    }
-    for (&addr, want) in &w.memory {
-        let ok = match flat.page(addr) {
-            None => false,
-            Some(Page::Zero) => is_zero(want),
-            Some(Page::Data(d)) => d == *want,
-        };
-        if !ok {
-            return Err(DemoError::Mismatch {
-                addr,
-                what: "contents",
-            });
+    let log = dir.path().join("workload.log");
+    let exe = std::env::current_exe().map_err(io("finding the ferry binary"))?;
+    let mut child = Command::new(exe)
+        .args(["workload", "--mib", &opts.mib.to_string()])
+        .args(["--dirty-rate", &opts.dirty_rate.to_string(), "--log-file"])
+        .arg(&log)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(io("starting the workload"))?;
+    let pid = child.id() as i32;
+    let mut before = None;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        before = last_count(&log);
+        if before.is_some() {
+            break;
         }
     }
-    Ok(w.memory.len() as u64)
+    let before = before.ok_or(DemoError::Silent)?;
+    let _ = writeln!(
+        out,
+        "workload: pid {pid}, {} MiB, rewriting {} pages/s, counter at {before} (log {})",
+        opts.mib,
+        opts.dirty_rate,
+        log.display()
+    );
+
+    let mut connect = Connect::new(addr, client_config(&TlsFiles::client(&tls))?);
+    connect.streams = opts.streams;
+    let report = migrate(
+        DumpOptions {
+            pid,
+            dest: Destination::Remote(connect),
+            leave_stopped: false,
+            track: None,
+            policy: Policy::default(),
+            compress: opts.compress,
+            restore: true,
+        },
+        progress,
+    )
+    .await;
+    // The original is our child: collect it whatever happened.
+    let report = match report {
+        Ok(r) => {
+            let _ = child.wait();
+            r
+        }
+        Err(e) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e.into());
+        }
+    };
+    let new = report.restored_pid;
+    let at_freeze = last_count(&log).unwrap_or(before);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let after = last_count(&log).unwrap_or(0);
+    let _ = writeln!(
+        out,
+        "migrated: pid {pid} is gone; the workload runs on as pid {new}.\n\
+         downtime {:.1} ms (freeze to restored), {} rounds ({}), tracking {}.\n\
+         its counter went on from {at_freeze} to {after}, not from zero.",
+        report.downtime.as_secs_f64() * 1e3,
+        report.dump.rounds.len(),
+        report.dump.stop,
+        report.dump.backend.name(),
+    );
+    // The demo's workload would run forever: stop it.
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(new),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let _ = writeln!(out, "stopped the migrated workload (pid {new}); demo over");
+    let _ = stop.send(());
+    let _ = served.await;
+    Ok(report)
 }

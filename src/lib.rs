@@ -34,6 +34,7 @@ pub mod state;
 pub mod synthetic;
 pub mod sys;
 pub mod track;
+pub mod workload;
 
 pub use ferry_page_server as page_server;
 pub use ferry_proto as proto;

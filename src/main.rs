@@ -124,25 +124,36 @@ enum Command {
         #[command(subcommand)]
         command: ImagesCommand,
     },
-    /// Show the transfer path end to end on loopback: fresh certificates, a
-    /// page server, a synthetic address space sent in rounds, and a check of
-    /// the destination's image page for page.
+    /// A whole migration on this machine, nothing to set up: fresh
+    /// certificates, a page server on loopback, a small workload, the
+    /// rounds, the restore, and the counter going on in the new process.
+    /// Needs root (ptrace).
     Demo {
-        /// Size of the synthetic address space in MiB.
+        /// Workload memory in MiB.
         #[arg(long, default_value_t = 256)]
         size: u64,
-        /// Rounds after the first, full one.
-        #[arg(long, default_value_t = 3)]
-        rounds: u32,
-        /// Percent of pages rewritten between rounds.
-        #[arg(long, default_value_t = 5)]
-        dirty: u32,
+        /// Pages the workload rewrites per second.
+        #[arg(long, default_value_t = 2000)]
+        dirty_rate: u64,
         /// QUIC data streams used in parallel.
         #[arg(long, default_value_t = 4)]
         streams: usize,
         /// Send pages uncompressed.
         #[arg(long)]
         no_zstd: bool,
+    },
+    /// A workload to migrate: memory, a counter logged to a file every
+    /// 100 ms, random page rewrites. It detaches from the terminal.
+    Workload {
+        /// Memory in MiB.
+        #[arg(long, default_value_t = 64)]
+        mib: usize,
+        /// Pages rewritten per second.
+        #[arg(long, default_value_t = 0.0)]
+        dirty_rate: f64,
+        /// File the counter is appended to.
+        #[arg(long)]
+        log_file: PathBuf,
     },
 }
 
@@ -261,6 +272,17 @@ fn open_store(spec: &str) -> Result<Arc<dyn Store>> {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    // Before any runtime or thread exists: the workload closes every
+    // descriptor it does not need.
+    if let Command::Workload {
+        mib,
+        dirty_rate,
+        log_file,
+    } = &cli.command
+    {
+        ferry::workload::run(*mib, *dirty_rate, log_file)?;
+        return Ok(());
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log));
     tracing_subscriber::fmt()
@@ -437,15 +459,13 @@ async fn run(command: Command) -> Result<()> {
         }
         Command::Demo {
             size,
-            rounds,
-            dirty,
+            dirty_rate,
             streams,
             no_zstd,
         } => {
             let opts = DemoOptions {
                 mib: size,
-                rounds,
-                dirty_percent: dirty,
+                dirty_rate,
                 streams,
                 compress: if no_zstd {
                     Compress::Off
@@ -453,9 +473,19 @@ async fn run(command: Command) -> Result<()> {
                     Compress::default()
                 },
             };
-            demo::run(&opts, &mut std::io::stdout()).await?;
+            let mut show = |r: &RoundReport| {
+                if r.round == 0 {
+                    println!(
+                        "{:>5} {:>8} {:>10} {:>10} {:>10} {:>8} {:>9} {:>10}",
+                        "round", "", "dirty pg", "raw MiB", "wire MiB", "ms", "MB/s", "predicted"
+                    );
+                }
+                println!("{}", round_line(r));
+            };
+            demo::run(&opts, &mut std::io::stdout(), &mut show).await?;
             Ok(())
         }
+        Command::Workload { .. } => unreachable!("handled before the runtime starts"),
     }
 }
 

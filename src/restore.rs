@@ -151,6 +151,15 @@ fn is_shared(v: &pb::Vma) -> bool {
     v.flags & libc::MAP_SHARED as u32 != 0
 }
 
+/// Whether two paths name the same file (device and inode).
+fn same_file(a: &str, b: &str) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => false,
+    }
+}
+
 fn mtime_ns(md: &std::fs::Metadata) -> i64 {
     use std::os::unix::fs::MetadataExt;
     md.mtime()
@@ -870,7 +879,12 @@ impl<'a> Restorer<'a> {
         let mm =
             p.mm.as_ref()
                 .ok_or_else(|| RestoreError::Missing("mm fields".into()))?;
-        let exe_fd = if mm.exe.is_empty() {
+        let exe_fd = if mm.exe.is_empty() || same_file(&mm.exe, "/proc/self/exe") {
+            // The stub was forked from ferry, so its exe is ferry's. When
+            // the image's exe is that very file (a migrated ferry workload)
+            // it is also mapped again by now, and the kernel refuses to
+            // replace an exe that is still mapped (EBUSY): it is already
+            // the right one, so leave it.
             u64::from(u32::MAX)
         } else {
             self.open_checked(&mm.exe, libc::O_RDONLY, None)?

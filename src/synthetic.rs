@@ -6,7 +6,9 @@
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
-use ferry_proto::pb;
+use ferry_page_server::store::{Page, Store, StoreError};
+use ferry_proto::batch::is_zero;
+use ferry_proto::{pb, SessionId};
 
 /// What a page holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -169,6 +171,40 @@ impl Workload {
     pub fn all_pages(&self) -> Vec<u64> {
         self.memory.keys().copied().collect()
     }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error("the image differs from the source at {addr:#x}: {what}")]
+    Mismatch { addr: u64, what: &'static str },
+}
+
+/// Compares a stored session, flattened, with the workload's memory page
+/// for page; returns the pages checked.
+pub fn verify(store: &dyn Store, id: SessionId, w: &Workload) -> Result<u64, VerifyError> {
+    let flat = store.open(id)?.flatten()?;
+    if flat.pages() != w.memory.len() as u64 {
+        return Err(VerifyError::Mismatch {
+            addr: 0,
+            what: "page count",
+        });
+    }
+    for (&addr, want) in &w.memory {
+        let ok = match flat.page(addr) {
+            None => false,
+            Some(Page::Zero) => is_zero(want),
+            Some(Page::Data(d)) => d == *want,
+        };
+        if !ok {
+            return Err(VerifyError::Mismatch {
+                addr,
+                what: "contents",
+            });
+        }
+    }
+    Ok(w.memory.len() as u64)
 }
 
 fn vma(start: u64, end: u64) -> pb::Vma {

@@ -304,3 +304,20 @@ fn migration_across_two_hosts_in_network_namespaces() {
         "the source is gone"
     );
 }
+
+#[test]
+fn the_demo_migrates_its_workload() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let out = ferry()
+        .args(["demo", "--size", "32", "--log", "warn"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success());
+    assert!(stdout.contains("migrated: pid"), "{stdout}");
+    assert!(stdout.contains("not from zero"), "{stdout}");
+}

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use bytes::{BufMut, BytesMut};
 use ferry::client::{Client, ClientError, CommitOutcome, Connect};
-use ferry::demo::verify;
+use ferry::synthetic::verify;
 use ferry::synthetic::{Mix, Rng, Workload};
 use ferry_page_server::store::{disk::DiskStore, mem::MemStore, Store};
 use ferry_page_server::tls::{client_config, TlsFiles, SERVER_NAME};

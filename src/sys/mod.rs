@@ -48,6 +48,36 @@ pub fn page_size() -> u64 {
     })
 }
 
+/// Points stdin, stdout and stderr at /dev/null and closes every other
+/// descriptor but `keep`: a process meant to be migrated should hold
+/// nothing a restore cannot recreate (descriptors leak into children from
+/// shells and test harnesses).
+pub fn detach_stdio(keep: &std::fs::File) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let null = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")?;
+    for fd in 0..3 {
+        // SAFETY: dup2 onto the standard descriptors from an open file; no
+        // Rust handle owns fds 0-2 in a way this invalidates.
+        if unsafe { libc::dup2(null.as_raw_fd(), fd) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    let open: Vec<i32> = std::fs::read_dir("/proc/self/fd")?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    for fd in open {
+        if fd > 2 && fd != keep.as_raw_fd() && fd != null.as_raw_fd() {
+            // SAFETY: closing descriptors nothing in this process uses any
+            // more (EBADF for the directory handle already gone is harmless).
+            unsafe { libc::close(fd) };
+        }
+    }
+    Ok(())
+}
+
 /// `_IOC(dir, type, nr, size)` of the kernel's `ioctl.h`, for requests the
 /// libc crate does not define.
 const fn ioc(dir: u64, ty: u8, nr: u8, size: usize) -> u64 {
