@@ -120,6 +120,23 @@ pub struct DumpReport {
     pub total: Duration,
     /// The page server's verdict on the commit (`None` for an images dir).
     pub outcome: Option<CommitOutcome>,
+    /// The frozen time, part by part.
+    pub parts: FrozenParts,
+}
+
+/// Where the frozen time goes (cloud-hypervisor reports downtime the same
+/// way): the final round, capturing and sending the state, and the commit,
+/// which with a restore is the destination rebuilding the process.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FrozenParts {
+    /// Freezing every thread.
+    pub freeze: Duration,
+    /// Finding, reading and sending the last dirty pages, until sealed.
+    pub final_round: Duration,
+    /// Registers, signals, files... captured and sent.
+    pub state: Duration,
+    /// Commit to the destination's verdict (its restore, plus a round trip).
+    pub commit: Duration,
 }
 
 /// A process left frozen (ptrace-stopped) after a successful dump: its
@@ -229,13 +246,22 @@ pub async fn dump_frozen(
 
     let t_freeze = Instant::now();
     tracee.freeze()?;
+    let t_frozen = Instant::now();
     let r = round(pid, tracker.as_mut(), &mut sink, rounds.len() as u32, true).await?;
     progress(&r);
     rounds.push(r);
+    let t_final = Instant::now();
     let state = capture_state(pid, &tracee)?;
     sink.state(state).await?;
+    let t_state = Instant::now();
     let outcome = sink.commit(restore).await?;
     let frozen = t_freeze.elapsed();
+    let parts = FrozenParts {
+        freeze: t_frozen - t_freeze,
+        final_round: t_final - t_frozen,
+        state: t_state - t_final,
+        commit: t_state.elapsed(),
+    };
     drop(tracker);
     let report = DumpReport {
         pid,
@@ -246,6 +272,7 @@ pub async fn dump_frozen(
         frozen,
         total: t_start.elapsed(),
         outcome,
+        parts,
     };
     Ok((report, Frozen { tracee }))
 }

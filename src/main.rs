@@ -387,12 +387,19 @@ async fn run(command: Command) -> Result<()> {
                 j["downtime_ms"] = (report.downtime.as_secs_f64() * 1e3).into();
                 println!("{}", serde_json::to_string_pretty(&j)?);
             } else {
+                let p = report.dump.parts;
+                let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
                 eprintln!(
                     "migrated pid {} to {to}: running there as pid {}; downtime {:.1} ms \
-                     (freeze to restored), {} rounds, stopped because {}; the source is gone",
+                     (freeze {:.1} + final round {:.1} + state {:.1} + restore {:.1}), \
+                     {} rounds, stopped because {}; the source is gone",
                     report.dump.pid,
                     report.restored_pid,
-                    report.downtime.as_secs_f64() * 1e3,
+                    ms(report.downtime),
+                    ms(p.freeze),
+                    ms(p.final_round),
+                    ms(p.state),
+                    ms(p.commit),
                     report.dump.rounds.len(),
                     report.dump.stop,
                 );
@@ -550,6 +557,12 @@ fn report_json(r: &DumpReport) -> serde_json::Value {
         "tracking": r.backend.name(),
         "stop_reason": r.stop.to_string(),
         "frozen_ms": r.frozen.as_secs_f64() * 1e3,
+        "frozen_parts_ms": {
+            "freeze": r.parts.freeze.as_secs_f64() * 1e3,
+            "final_round": r.parts.final_round.as_secs_f64() * 1e3,
+            "state": r.parts.state.as_secs_f64() * 1e3,
+            "commit": r.parts.commit.as_secs_f64() * 1e3,
+        },
         "total_s": r.total.as_secs_f64(),
         "rounds": rounds,
     })
