@@ -24,6 +24,8 @@ pub enum MigrateError {
     Dump(#[from] DumpError),
     #[error("the destination could not restore the process; the source runs on: {0}")]
     Refused(String),
+    #[error("cannot migrate pid {pid}: {reason} (nothing was frozen)")]
+    Unsupported { pid: i32, reason: String },
     #[error(
         "the destination restored the process as pid {pid}, but the source ({source_pid}) \
          could not be killed: {error}; two copies may be running"
@@ -51,6 +53,7 @@ pub async fn migrate(
     progress: &mut (dyn FnMut(&RoundReport) + Send),
 ) -> Result<MigrateReport, MigrateError> {
     opts.restore = true;
+    precheck(opts.pid)?;
     let (report, frozen) = dump_frozen(opts, progress).await?;
     match report.outcome.clone() {
         Some(CommitOutcome::Restored { pid }) => {
@@ -77,6 +80,27 @@ pub async fn migrate(
             )))
         }
     }
+}
+
+/// What restore cannot do yet, found on the live process before anything
+/// is frozen: more than one thread, descriptors of kinds it cannot
+/// recreate. (The destination checks the mappings every round.)
+fn precheck(pid: i32) -> Result<(), MigrateError> {
+    let unsupported = |reason: String| MigrateError::Unsupported { pid, reason };
+    // A process that is not there is the dump's to report, by name.
+    let Ok(tasks) = crate::procfs::list_tasks(pid) else {
+        return Ok(());
+    };
+    if tasks.len() > 1 {
+        return Err(unsupported(format!(
+            "it has {} threads: multi-threaded restore is not supported yet",
+            tasks.len()
+        )));
+    }
+    if let Ok(fds) = crate::state::capture_fds(pid) {
+        crate::restore::check_fds(&fds).map_err(|e| unsupported(e.to_string()))?;
+    }
+    Ok(())
 }
 
 /// The page server's restore hook (`ferry page-server --restore`): restores

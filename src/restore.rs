@@ -256,7 +256,20 @@ pub fn check(tree: &pb::ProcessTree, img: &FlatImage) -> Result<()> {
             )));
         }
     }
-    for fd in &proc.fds {
+    check_fds(&proc.fds)?;
+    for s in &proc.sigactions {
+        if !(1..=64).contains(&s.signo) || s.signo == 9 || s.signo == 19 {
+            return Err(unsupported(format!("an action for signal {}", s.signo)));
+        }
+    }
+    check_mappings(&img.vmas)
+}
+
+/// The part of [`check`] about file descriptors: what kinds ferry restores.
+/// `ferry migrate` runs it on the live process before the first round, so
+/// an unsupported descriptor never costs a freeze.
+pub fn check_fds(fds: &[pb::FileDesc]) -> Result<()> {
+    for fd in fds {
         // The capture side may already say "fd N: what: why".
         let prefix = format!("fd {}: ", fd.fd);
         let desc = match fd.description.as_str() {
@@ -283,12 +296,7 @@ pub fn check(tree: &pb::ProcessTree, img: &FlatImage) -> Result<()> {
             });
         }
     }
-    for s in &proc.sigactions {
-        if !(1..=64).contains(&s.signo) || s.signo == 9 || s.signo == 19 {
-            return Err(unsupported(format!("an action for signal {}", s.signo)));
-        }
-    }
-    check_mappings(&img.vmas)
+    Ok(())
 }
 
 /// The part of [`check`] that needs only the mappings: every file mapped

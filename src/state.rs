@@ -558,7 +558,8 @@ fn node_of(md: &fs::Metadata) -> (Node, u64) {
     (node, md.ino())
 }
 
-fn capture_fds(pid: i32) -> Result<Vec<pb::FileDesc>, StateError> {
+/// The process's descriptors, classified (also usable while it runs).
+pub fn capture_fds(pid: i32) -> Result<Vec<pb::FileDesc>, StateError> {
     procfs::list_fds(pid)?
         .into_iter()
         .map(|(fd, target)| {

@@ -78,6 +78,17 @@ fn log_values(path: &Path) -> Vec<u64> {
         .collect()
 }
 
+/// The single-threaded fixture has detached its stdio once it logs.
+fn wait_log(log: &Path) {
+    for _ in 0..200 {
+        if !log_values(log).is_empty() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("{} stays empty", log.display());
+}
+
 fn gone_or_zombie(pid: i32) -> bool {
     matches!(proc_state(pid), '?' | 'Z' | 'X')
 }
@@ -96,6 +107,7 @@ async fn migrated_process_continues_from_its_state_and_the_source_is_gone() {
         "--log",
         log.to_str().unwrap(),
     ]);
+    wait_log(&log);
     std::thread::sleep(Duration::from_millis(300));
     let before = *log_values(&log).last().expect("the fixture logs");
 
@@ -221,6 +233,7 @@ async fn failures_before_restored_leave_the_source_running() {
         "--log",
         log.to_str().unwrap(),
     ]);
+    wait_log(&log);
     let e = migrate(options(fx.pid, dest.addr, tls.path()), &mut |_| {})
         .await
         .unwrap_err();
@@ -243,6 +256,7 @@ async fn failures_before_restored_leave_the_source_running() {
         "--log",
         log.to_str().unwrap(),
     ]);
+    wait_log(&log);
     let mut opts = options(fx.pid, dest.addr, tls.path());
     if let Destination::Remote(c) = &mut opts.dest {
         c.timeout = Duration::from_secs(1);
@@ -269,6 +283,7 @@ async fn failures_before_restored_leave_the_source_running() {
             log.to_str().unwrap(),
         ],
     );
+    wait_log(&log);
     std::fs::remove_file(&exe).unwrap();
     let e = migrate(options(fx.pid, dest.addr, tls.path()), &mut |_| {})
         .await
@@ -293,6 +308,7 @@ async fn failures_before_restored_leave_the_source_running() {
         "--log",
         log.to_str().unwrap(),
     ]);
+    wait_log(&log);
     let e = migrate(options(fx.pid, plain.addr, tls.path()), &mut |_| {})
         .await
         .unwrap_err();
@@ -300,4 +316,25 @@ async fn failures_before_restored_leave_the_source_running() {
     assert!(e.to_string().contains("--restore"), "{e}");
     assert_source_survives(&mut fx, &log).await;
     plain.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_restore_cannot_do_is_refused_before_anything_is_frozen() {
+    need_root!();
+    let tls = certs();
+    let dest = destination(tls.path(), Arc::new(LocalRestorer));
+    // The fixture's default mode runs a counter and a writer thread.
+    let mut fx = Fixture::start(&["--mib", "8"]);
+    let e = migrate(options(fx.pid, dest.addr, tls.path()), &mut |_| {})
+        .await
+        .unwrap_err();
+    eprintln!("threads: {e}");
+    assert!(matches!(e, MigrateError::Unsupported { .. }), "{e}");
+    assert!(e.to_string().contains("threads"), "{e}");
+    assert_eq!(fx.tracer(), 0);
+    let a: u64 = fx.cmd("counter").parse().unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let b: u64 = fx.cmd("counter").parse().unwrap();
+    assert!(b > a);
+    let _ = dest.stop.send(());
 }
