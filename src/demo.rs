@@ -6,8 +6,6 @@
 //! the counter going on in the restored process while the original is gone.
 
 use std::io::Write;
-use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,8 +36,8 @@ pub enum DemoError {
     Server(#[from] ferry_page_server::server::ServerError),
     #[error(transparent)]
     Migrate(#[from] MigrateError),
-    #[error("the workload wrote nothing to its log")]
-    Silent,
+    #[error(transparent)]
+    Workload(#[from] crate::workload::WorkloadError),
 }
 
 #[derive(Debug, Clone)]
@@ -61,14 +59,6 @@ impl Default for DemoOptions {
             compress: Compress::default(),
         }
     }
-}
-
-fn last_count(log: &Path) -> Option<u64> {
-    std::fs::read_to_string(log)
-        .ok()?
-        .lines()
-        .filter_map(|l| l.trim().parse().ok())
-        .next_back()
 }
 
 /// Runs the demo, narrating on `out`; `progress` shows each round.
@@ -99,26 +89,8 @@ pub async fn run(
     let _ = writeln!(out, "page server: {addr} (in memory, restores enabled)");
 
     let log = dir.path().join("workload.log");
-    let exe = std::env::current_exe().map_err(io("finding the ferry binary"))?;
-    let mut child = Command::new(exe)
-        .args(["workload", "--mib", &opts.mib.to_string()])
-        .args(["--dirty-rate", &opts.dirty_rate.to_string(), "--log-file"])
-        .arg(&log)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(io("starting the workload"))?;
+    let (mut child, before) = crate::workload::spawn(opts.mib, opts.dirty_rate, &log)?;
     let pid = child.id() as i32;
-    let mut before = None;
-    for _ in 0..100 {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        before = last_count(&log);
-        if before.is_some() {
-            break;
-        }
-    }
-    let before = before.ok_or(DemoError::Silent)?;
     let _ = writeln!(
         out,
         "workload: pid {pid}, {} MiB, rewriting {} pages/s, counter at {before} (log {})",
@@ -155,9 +127,9 @@ pub async fn run(
         }
     };
     let new = report.restored_pid;
-    let at_freeze = last_count(&log).unwrap_or(before);
+    let at_freeze = crate::workload::last_count(&log).unwrap_or(before);
     tokio::time::sleep(Duration::from_millis(600)).await;
-    let after = last_count(&log).unwrap_or(0);
+    let after = crate::workload::last_count(&log).unwrap_or(0);
     let _ = writeln!(
         out,
         "migrated: pid {pid} is gone; the workload runs on as pid {new}.\n\

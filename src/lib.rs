@@ -22,6 +22,7 @@
 //! The wire protocol lives in `ferry-proto`, the destination in
 //! `ferry-page-server`.
 
+pub mod bench;
 pub mod certs;
 pub mod client;
 pub mod demo;

@@ -142,6 +142,34 @@ enum Command {
         #[arg(long)]
         no_zstd: bool,
     },
+    /// Measure migrations: a workload migrated through a page server on
+    /// loopback (real QUIC, real restore), several runs per mode, medians
+    /// and min-max, downtime part by part; with --compare, the modes side
+    /// by side in one invocation. Needs root.
+    Bench {
+        /// Workload memory in MiB.
+        #[arg(long, default_value_t = 512)]
+        size: u64,
+        /// Pages the workload rewrites per second (4096 = 16 MiB/s).
+        #[arg(long, default_value_t = 4096)]
+        dirty_rate: u64,
+        /// Runs per mode.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Modes to run: iterative, stop-and-copy, no-zstd, checksum,
+        /// one-stream (comma separated).
+        #[arg(long, value_delimiter = ',', default_value = "iterative")]
+        modes: Vec<String>,
+        /// All modes (stop-and-copy is the baseline the ratios use).
+        #[arg(long)]
+        compare: bool,
+        /// Write the results as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Write an SVG of bytes per round and downtime parts to this file.
+        #[arg(long)]
+        svg: Option<PathBuf>,
+    },
     /// A workload to migrate: memory, a counter logged to a file every
     /// 100 ms, random page rewrites. It detaches from the terminal.
     Workload {
@@ -490,6 +518,43 @@ async fn run(command: Command) -> Result<()> {
                 println!("{}", round_line(r));
             };
             demo::run(&opts, &mut std::io::stdout(), &mut show).await?;
+            Ok(())
+        }
+        Command::Bench {
+            size,
+            dirty_rate,
+            runs,
+            modes,
+            compare,
+            json,
+            svg,
+        } => {
+            let modes = if compare {
+                ferry::bench::Mode::ALL.to_vec()
+            } else {
+                modes
+                    .iter()
+                    .map(|m| ferry::bench::Mode::parse(m))
+                    .collect::<Result<Vec<_>, _>>()?
+            };
+            let opts = ferry::bench::BenchOptions {
+                mib: size,
+                dirty_rate,
+                runs: runs.max(1),
+                modes,
+            };
+            let results = ferry::bench::run(&opts, &mut std::io::stdout()).await?;
+            if let Some(path) = json {
+                std::fs::write(
+                    &path,
+                    serde_json::to_string_pretty(&ferry::bench::json(&results))?,
+                )
+                .with_context(|| format!("writing {}", path.display()))?;
+            }
+            if let Some(path) = svg {
+                std::fs::write(&path, ferry::bench::svg(&results))
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
             Ok(())
         }
         Command::Workload { .. } => unreachable!("handled before the runtime starts"),

@@ -8,6 +8,7 @@
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::synthetic::{fill, Content, Rng};
@@ -67,4 +68,60 @@ pub fn run(mib: usize, dirty_pages_per_sec: f64, log: &Path) -> Result<(), Workl
         std::hint::black_box(&memory);
         std::thread::sleep(Duration::from_millis(1));
     }
+}
+
+/// Starts `ferry workload` (this very binary) as a child and waits until it
+/// logs, by which time it has filled its memory and left the terminal.
+/// Returns the child and the counter it logged first.
+pub fn spawn(
+    mib: u64,
+    dirty_pages_per_sec: u64,
+    log: &Path,
+) -> Result<(Child, u64), WorkloadError> {
+    let io = |what: &str| {
+        let what = what.to_string();
+        move |source| WorkloadError::Io { what, source }
+    };
+    let exe = std::env::current_exe().map_err(io("finding the ferry binary"))?;
+    let mut child = Command::new(exe)
+        .args(["workload", "--mib", &mib.to_string()])
+        .args([
+            "--dirty-rate",
+            &dirty_pages_per_sec.to_string(),
+            "--log-file",
+        ])
+        .arg(log)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(io("starting the workload"))?;
+    // Filling 2 GiB of fresh memory takes seconds on a small machine.
+    for _ in 0..1200 {
+        if let Some(n) = last_count(log) {
+            return Ok((child, n));
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(WorkloadError::Io {
+                what: format!("the workload exited ({status}) before logging"),
+                source: std::io::Error::other("exited"),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    Err(WorkloadError::Io {
+        what: "the workload wrote nothing to its log in 60 s".into(),
+        source: std::io::Error::from(std::io::ErrorKind::TimedOut),
+    })
+}
+
+/// The last counter value in a workload's log.
+pub fn last_count(log: &Path) -> Option<u64> {
+    std::fs::read_to_string(log)
+        .ok()?
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .next_back()
 }

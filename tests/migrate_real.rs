@@ -321,3 +321,37 @@ fn the_demo_migrates_its_workload() {
     assert!(stdout.contains("migrated: pid"), "{stdout}");
     assert!(stdout.contains("not from zero"), "{stdout}");
 }
+
+#[test]
+fn bench_compares_modes_and_writes_json_and_svg() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (json, svg) = (dir.path().join("b.json"), dir.path().join("b.svg"));
+    let out = ferry()
+        .args(["bench", "--size", "16", "--runs", "1", "--log", "warn"])
+        .args(["--modes", "iterative,stop-and-copy", "--json"])
+        .arg(&json)
+        .arg("--svg")
+        .arg(&svg)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success());
+    assert!(stdout.contains("vs s&c"), "{stdout}");
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let modes: Vec<&str> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["mode"].as_str().unwrap())
+        .collect();
+    assert_eq!(modes, ["iterative", "stop-and-copy"]);
+    for m in v.as_array().unwrap() {
+        assert!(m["downtime_ms"]["median"].as_f64().unwrap() > 0.0);
+    }
+    assert!(std::fs::read_to_string(&svg).unwrap().starts_with("<svg"));
+}
