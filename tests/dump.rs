@@ -135,6 +135,13 @@ async fn dump_through_a_page_server_equals_memory_at_freeze() {
     assert_eq!(state.processes[0].pid, fx.pid);
 
     frozen.leave_stopped().unwrap();
+    // The group stop is taken as each thread leaves its ptrace stop.
+    for _ in 0..200 {
+        if fx.state() == 'T' {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
     assert_eq!(fx.state(), 'T', "--leave-stopped leaves it stopped");
     assert_eq!(fx.tracer(), 0, "and not traced");
     // It runs on from there.
