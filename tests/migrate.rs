@@ -78,6 +78,20 @@ fn log_values(path: &Path) -> Vec<u64> {
         .collect()
 }
 
+/// A 16 MiB single-threaded fixture logging to `dir/name`, ready.
+fn single(dir: &Path, name: &str) -> (Fixture, std::path::PathBuf) {
+    let log = dir.join(name);
+    let fx = Fixture::start(&[
+        "--mib",
+        "16",
+        "--single-thread",
+        "--log",
+        log.to_str().unwrap(),
+    ]);
+    wait_log(&log);
+    (fx, log)
+}
+
 /// The single-threaded fixture has detached its stdio once it logs.
 fn wait_log(log: &Path) {
     for _ in 0..200 {
@@ -225,15 +239,7 @@ async fn failures_before_restored_leave_the_source_running() {
 
     // The destination cannot restore.
     let dest = destination(tls.path(), Arc::new(FailingRestorer("no room for it here")));
-    let log = dir.path().join("log1");
-    let mut fx = Fixture::start(&[
-        "--mib",
-        "16",
-        "--single-thread",
-        "--log",
-        log.to_str().unwrap(),
-    ]);
-    wait_log(&log);
+    let (mut fx, log) = single(dir.path(), "log1");
     let e = migrate(options(fx.pid, dest.addr, tls.path()), &mut |_| {})
         .await
         .unwrap_err();
@@ -248,15 +254,7 @@ async fn failures_before_restored_leave_the_source_running() {
     // The destination does not answer in time (the connection is as good as
     // cut after the final layer).
     let dest = destination(tls.path(), Arc::new(FailingRestorer("hang")));
-    let log = dir.path().join("log2");
-    let mut fx = Fixture::start(&[
-        "--mib",
-        "16",
-        "--single-thread",
-        "--log",
-        log.to_str().unwrap(),
-    ]);
-    wait_log(&log);
+    let (mut fx, log) = single(dir.path(), "log2");
     let mut opts = options(fx.pid, dest.addr, tls.path());
     if let Destination::Remote(c) = &mut opts.dest {
         c.timeout = Duration::from_secs(1);
@@ -300,15 +298,7 @@ async fn failures_before_restored_leave_the_source_running() {
     // A page server that does not restore is refused at the handshake.
     let store: Arc<dyn Store> = Arc::new(MemStore::new());
     let plain = common::Server::start(tls.path(), store);
-    let log = dir.path().join("log4");
-    let mut fx = Fixture::start(&[
-        "--mib",
-        "16",
-        "--single-thread",
-        "--log",
-        log.to_str().unwrap(),
-    ]);
-    wait_log(&log);
+    let (mut fx, log) = single(dir.path(), "log4");
     let e = migrate(options(fx.pid, plain.addr, tls.path()), &mut |_| {})
         .await
         .unwrap_err();
