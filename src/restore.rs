@@ -1098,8 +1098,7 @@ mod tests {
     use super::*;
 
     fn regs_bytes(f: impl FnOnce(&mut user_regs_struct)) -> Vec<u8> {
-        // SAFETY: all-zero is a valid user_regs_struct.
-        let mut r: user_regs_struct = unsafe { std::mem::zeroed() };
+        let mut r = stub::regs_from_bytes(&[0; stub::REGS_SIZE]).unwrap();
         f(&mut r);
         stub::regs_to_bytes(&r)
     }

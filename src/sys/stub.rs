@@ -96,22 +96,15 @@ pub enum StubError {
 /// Bytes of `struct user_regs_struct` (the image's `gpregs`).
 pub const REGS_SIZE: usize = std::mem::size_of::<user_regs_struct>();
 
-/// The image's `gpregs` bytes as registers.
+/// The image's `gpregs` bytes as registers (one codec for capture and
+/// restore: [`crate::state::regs_from_bytes`]).
 pub fn regs_from_bytes(bytes: &[u8]) -> Result<user_regs_struct, StubError> {
-    if bytes.len() != REGS_SIZE {
-        return Err(StubError::RegsSize(bytes.len()));
-    }
-    // SAFETY: the length is checked; user_regs_struct is 27 plain u64 fields,
-    // so any bit pattern is valid, and read_unaligned has no alignment need.
-    Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<user_regs_struct>()) })
+    crate::state::regs_from_bytes(bytes).ok_or(StubError::RegsSize(bytes.len()))
 }
 
 /// Registers as the image's `gpregs` bytes.
 pub fn regs_to_bytes(regs: &user_regs_struct) -> Vec<u8> {
-    // SAFETY: a plain-old-data struct without padding viewed as its bytes,
-    // borrowed only for the copy.
-    unsafe { std::slice::from_raw_parts((regs as *const user_regs_struct).cast::<u8>(), REGS_SIZE) }
-        .to_vec()
+    crate::state::regs_to_bytes(regs)
 }
 
 fn errno_of(ret: libc::c_long) -> Result<libc::c_long, Errno> {
