@@ -249,10 +249,14 @@ impl Client {
         let lane = self.next_lane;
         self.next_lane = (self.next_lane + 1) % self.lanes.len();
         self.outstanding += 1;
-        self.lanes[lane]
-            .send(Job { ticket, pages })
-            .await
-            .map_err(|_| ClientError::Lane("data stream task ended".into()))
+        if self.lanes[lane].send(Job { ticket, pages }).await.is_err() {
+            // The lane stopped on an error, which it reported: take that.
+            self.collect_done(false).await?;
+            return Err(self
+                .explain(ClientError::Lane("data stream task ended".into()))
+                .await);
+        }
+        Ok(())
     }
 
     /// Waits for every queued batch to be written, then sends `LayerEnd`.
@@ -352,7 +356,10 @@ impl Client {
                     Err(_) => return Ok(()),
                 }
             };
-            let d = d?;
+            let d = match d {
+                Ok(d) => d,
+                Err(e) => return Err(self.explain(e).await),
+            };
             self.outstanding -= 1;
             self.sender.batch_sent(d.ticket, d.pages, d.digest)?;
             let s = &mut self.stats;
@@ -364,6 +371,23 @@ impl Client {
             if all && self.outstanding == 0 {
                 return Ok(());
             }
+        }
+    }
+
+    /// A stream the page server stopped says nothing about why; the
+    /// connection close that follows does. Waits a moment for it.
+    async fn explain(&self, e: ClientError) -> ClientError {
+        match e {
+            ClientError::Write(quinn::WriteError::Stopped(_)) | ClientError::Lane(_) => {
+                match tokio::time::timeout(Duration::from_secs(1), self.conn.closed()).await {
+                    Ok(source) => ClientError::Connection {
+                        addr: self.addr,
+                        source,
+                    },
+                    Err(_) => e,
+                }
+            }
+            e => e,
         }
     }
 
