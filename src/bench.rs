@@ -13,34 +13,22 @@
 
 use std::fmt::Write as _;
 use std::io::Write;
-use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_page_server::store::{mem::MemStore, Store};
-use ferry_page_server::tls::{client_config, server_config, TlsFiles};
-use ferry_page_server::{Config, PageServer};
 use ferry_proto::batch::Compress;
 
-use crate::client::Connect;
 use crate::dump::{Destination, DumpOptions, FrozenParts, RoundReport};
-use crate::migrate::{migrate, LocalRestorer};
+use crate::loopback::Loopback;
+use crate::migrate::migrate;
 use crate::policy::Policy;
 use crate::track::Backend;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
-    #[error("{what}: {source}")]
-    Io {
-        what: &'static str,
-        #[source]
-        source: std::io::Error,
-    },
     #[error(transparent)]
-    Certs(#[from] crate::certs::CertsError),
+    Loopback(#[from] crate::loopback::LoopbackError),
     #[error(transparent)]
     Tls(#[from] ferry_page_server::tls::TlsError),
-    #[error(transparent)]
-    Server(#[from] ferry_page_server::server::ServerError),
     #[error(transparent)]
     Workload(#[from] crate::workload::WorkloadError),
     #[error("{mode}, run {run}: {source}")]
@@ -176,31 +164,19 @@ pub async fn run(
     opts: &BenchOptions,
     out: &mut (dyn Write + Send),
 ) -> Result<Vec<ModeResult>, BenchError> {
-    let io = |what| move |source| BenchError::Io { what, source };
-    let dir = tempfile::tempdir().map_err(io("temporary directory"))?;
-    let tls = dir.path().join("tls");
-    crate::certs::init(&tls, &[], false)?;
-    let store: Arc<dyn Store> = Arc::new(MemStore::new());
-    let mut cfg = Config::new(server_config(&TlsFiles::server(&tls))?, store.clone());
-    cfg.restorer = Some(Arc::new(LocalRestorer));
-    let server = PageServer::bind("127.0.0.1:0".parse().expect("literal"), cfg)?;
-    let addr = server.local_addr().map_err(io("page server address"))?;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let served = tokio::spawn(server.run(async {
-        let _ = stopped.await;
-    }));
+    let server = Loopback::start()?;
+    let store = server.store.clone();
 
     let mut results = Vec::new();
     let total_runs = opts.runs;
     for &mode in &opts.modes {
         let mut runs = Vec::new();
         for run in 1..=total_runs {
-            let log = dir.path().join(format!("{}-{run}.log", mode.name()));
+            let log = server.scratch().join(format!("{}-{run}.log", mode.name()));
             let (mut child, _) = crate::workload::spawn(opts.mib, opts.dirty_rate, &log)?;
             // Let it dirty memory at its pace before the migration starts.
             tokio::time::sleep(Duration::from_millis(500)).await;
-            let mut connect = Connect::new(addr, client_config(&TlsFiles::client(&tls))?);
-            connect.streams = if mode == Mode::OneStream { 1 } else { 4 };
+            let connect = server.connect(if mode == Mode::OneStream { 1 } else { 4 })?;
             let dump = DumpOptions {
                 pid: child.id() as i32,
                 dest: Destination::Remote(connect),
@@ -256,8 +232,7 @@ pub async fn run(
         }
         results.push(ModeResult { mode, runs });
     }
-    let _ = stop.send(());
-    let _ = served.await;
+    server.stop().await;
     let _ = write!(out, "{}", table(&results));
     Ok(results)
 }

@@ -6,34 +6,22 @@
 //! the counter going on in the restored process while the original is gone.
 
 use std::io::Write;
-use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_page_server::store::{mem::MemStore, Store};
-use ferry_page_server::tls::{client_config, server_config, TlsError, TlsFiles};
-use ferry_page_server::{Config, PageServer};
+use ferry_page_server::tls::TlsError;
 use ferry_proto::batch::Compress;
 
-use crate::certs::{self, CertsError};
-use crate::client::Connect;
 use crate::dump::{Destination, DumpOptions, RoundReport};
-use crate::migrate::{migrate, LocalRestorer, MigrateError, MigrateReport};
+use crate::loopback::{Loopback, LoopbackError};
+use crate::migrate::{migrate, MigrateError, MigrateReport};
 use crate::policy::Policy;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
-    #[error("{what}: {source}")]
-    Io {
-        what: &'static str,
-        #[source]
-        source: std::io::Error,
-    },
     #[error(transparent)]
-    Certs(#[from] CertsError),
+    Loopback(#[from] LoopbackError),
     #[error(transparent)]
     Tls(#[from] TlsError),
-    #[error(transparent)]
-    Server(#[from] ferry_page_server::server::ServerError),
     #[error(transparent)]
     Migrate(#[from] MigrateError),
     #[error(transparent)]
@@ -67,28 +55,19 @@ pub async fn run(
     out: &mut (dyn Write + Send),
     progress: &mut (dyn FnMut(&RoundReport) + Send),
 ) -> Result<MigrateReport, DemoError> {
-    let io = |what| move |source| DemoError::Io { what, source };
-    let dir = tempfile::tempdir().map_err(io("temporary directory"))?;
-    let tls = dir.path().join("tls");
-    certs::init(&tls, &[], false)?;
+    let server = Loopback::start()?;
     let _ = writeln!(
         out,
         "certificates: {} (fresh CA, mutual TLS)",
-        tls.display()
+        server.tls_dir().display()
+    );
+    let _ = writeln!(
+        out,
+        "page server: {} (in memory, restores enabled)",
+        server.addr
     );
 
-    let store: Arc<dyn Store> = Arc::new(MemStore::new());
-    let mut cfg = Config::new(server_config(&TlsFiles::server(&tls))?, store);
-    cfg.restorer = Some(Arc::new(LocalRestorer));
-    let server = PageServer::bind("127.0.0.1:0".parse().expect("literal"), cfg)?;
-    let addr = server.local_addr().map_err(io("page server address"))?;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let served = tokio::spawn(server.run(async {
-        let _ = stopped.await;
-    }));
-    let _ = writeln!(out, "page server: {addr} (in memory, restores enabled)");
-
-    let log = dir.path().join("workload.log");
+    let log = server.scratch().join("workload.log");
     let (mut child, before) = crate::workload::spawn(opts.mib, opts.dirty_rate, &log)?;
     let pid = child.id() as i32;
     let _ = writeln!(
@@ -99,8 +78,7 @@ pub async fn run(
         log.display()
     );
 
-    let mut connect = Connect::new(addr, client_config(&TlsFiles::client(&tls))?);
-    connect.streams = opts.streams;
+    let connect = server.connect(opts.streams)?;
     let report = migrate(
         DumpOptions {
             pid,
@@ -146,7 +124,6 @@ pub async fn run(
         nix::sys::signal::Signal::SIGTERM,
     );
     let _ = writeln!(out, "stopped the migrated workload (pid {new}); demo over");
-    let _ = stop.send(());
-    let _ = served.await;
+    server.stop().await;
     Ok(report)
 }

@@ -27,6 +27,7 @@ pub mod certs;
 pub mod client;
 pub mod demo;
 pub mod dump;
+pub mod loopback;
 pub mod migrate;
 pub mod policy;
 pub mod procfs;

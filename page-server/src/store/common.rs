@@ -220,7 +220,15 @@ pub(super) fn check_meta(meta: &pb::SessionMeta) -> Result<SessionId, StoreError
     })
 }
 
-pub(super) fn check_begin(layer: u32, sealed: u32, open: Option<u32>) -> Result<(), StoreError> {
+/// Checks that `layer` may begin now, with these mappings; returns their
+/// ranges.
+pub(super) fn check_begin(
+    layer: u32,
+    sealed: u32,
+    open: Option<u32>,
+    vmas: &[pb::Vma],
+    ps: u32,
+) -> Result<RangeSet, StoreError> {
     if open.is_some() || layer != sealed {
         // With a layer open, the next acceptable begin is after it seals.
         return Err(StoreError::LayerOrder {
@@ -228,7 +236,7 @@ pub(super) fn check_begin(layer: u32, sealed: u32, open: Option<u32>) -> Result<
             expected: open.map_or(sealed, |o| o + 1),
         });
     }
-    Ok(())
+    check_vmas(layer, vmas, ps)
 }
 
 pub(super) fn check_vmas(layer: u32, vmas: &[pb::Vma], ps: u32) -> Result<RangeSet, StoreError> {

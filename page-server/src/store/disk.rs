@@ -467,12 +467,13 @@ impl SessionStore for DiskHandle {
     }
 
     fn begin_layer(&mut self, layer: u32, vmas: Vec<pb::Vma>) -> Result<(), StoreError> {
-        check_begin(
+        let ranges = check_begin(
             layer,
             self.sealed_layers(),
             self.open.as_ref().map(|o| o.layer),
+            &vmas,
+            self.page_size(),
         )?;
-        let ranges = check_vmas(layer, &vmas, self.page_size())?;
         let dir = self.dir.join(layer_dir_name(layer));
         // A leftover of an earlier attempt whose delete failed.
         match fs::remove_dir_all(&dir) {

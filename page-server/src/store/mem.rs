@@ -18,8 +18,8 @@ use ferry_proto::vma::RangeSet;
 use ferry_proto::{pb, SessionId};
 
 use super::common::{
-    batch_runs, check_begin, check_meta, check_vmas, covered_ranges, empty_image, find_run,
-    flatten_pieces, lock, session_summary, slice_buf, sort_and_check, Lease, Registry, SrcRun,
+    batch_runs, check_begin, check_meta, covered_ranges, empty_image, find_run, flatten_pieces,
+    lock, session_summary, slice_buf, sort_and_check, Lease, Registry, SrcRun,
 };
 use super::{
     FlatImage, FlatRun, LayerSummary, Page, SessionStore, SessionSummary, Store, StoreError,
@@ -154,12 +154,13 @@ impl SessionStore for MemHandle {
     }
 
     fn begin_layer(&mut self, layer: u32, vmas: Vec<pb::Vma>) -> Result<(), StoreError> {
-        check_begin(
+        let ranges = check_begin(
             layer,
             self.sealed_layers(),
             self.open.as_ref().map(|o| o.layer),
+            &vmas,
+            self.page_size(),
         )?;
-        let ranges = check_vmas(layer, &vmas, self.page_size())?;
         self.open = Some(OpenLayer {
             layer,
             vmas,

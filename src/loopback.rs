@@ -1,0 +1,88 @@
+//! A page server on loopback, inside this process, with fresh certificates
+//! in a temporary directory and restores enabled: the destination `ferry
+//! demo` and `ferry bench` migrate to, so both need nothing set up.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use ferry_page_server::store::{mem::MemStore, Store};
+use ferry_page_server::tls::{client_config, server_config, TlsError, TlsFiles};
+use ferry_page_server::{Config, PageServer};
+
+use crate::client::Connect;
+use crate::migrate::LocalRestorer;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoopbackError {
+    #[error("{what}: {source}")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Certs(#[from] crate::certs::CertsError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error(transparent)]
+    Server(#[from] ferry_page_server::server::ServerError),
+}
+
+pub struct Loopback {
+    pub addr: SocketAddr,
+    pub store: Arc<dyn Store>,
+    tls: PathBuf,
+    dir: tempfile::TempDir,
+    stop: tokio::sync::oneshot::Sender<()>,
+    served: tokio::task::JoinHandle<()>,
+}
+
+impl Loopback {
+    /// Starts it on `127.0.0.1:0` with an in-memory store.
+    pub fn start() -> Result<Loopback, LoopbackError> {
+        let io = |what| move |source| LoopbackError::Io { what, source };
+        let dir = tempfile::tempdir().map_err(io("temporary directory"))?;
+        let tls = dir.path().join("tls");
+        crate::certs::init(&tls, &[], false)?;
+        let store: Arc<dyn Store> = Arc::new(MemStore::new());
+        let mut cfg = Config::new(server_config(&TlsFiles::server(&tls))?, store.clone());
+        cfg.restorer = Some(Arc::new(LocalRestorer));
+        let server = PageServer::bind("127.0.0.1:0".parse().expect("literal"), cfg)?;
+        let addr = server.local_addr().map_err(io("page server address"))?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let served = tokio::spawn(server.run(async {
+            let _ = stopped.await;
+        }));
+        Ok(Loopback {
+            addr,
+            store,
+            tls,
+            dir,
+            stop,
+            served,
+        })
+    }
+
+    /// The certificate directory (both identities and the CA).
+    pub fn tls_dir(&self) -> &Path {
+        &self.tls
+    }
+
+    /// A scratch directory that lives as long as the server.
+    pub fn scratch(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// How a source reaches it, over `streams` data streams.
+    pub fn connect(&self, streams: usize) -> Result<Connect, TlsError> {
+        let mut c = Connect::new(self.addr, client_config(&TlsFiles::client(&self.tls))?);
+        c.streams = streams;
+        Ok(c)
+    }
+
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.served.await;
+    }
+}
