@@ -9,8 +9,8 @@
 
 use std::time::Duration;
 
-use ferry_page_server::store::SessionStore;
-use ferry_page_server::Restorer;
+use ferry_page_server::store::{FlatImage, SessionStore};
+use ferry_page_server::{Restorer, WarmRestore};
 use ferry_proto::pb;
 
 use crate::client::CommitOutcome;
@@ -131,12 +131,54 @@ impl Restorer for LocalRestorer {
     }
 
     fn restore(&self, session: &mut dyn SessionStore) -> Result<i32, String> {
-        let tree = session
-            .state()
-            .map_err(|e| e.to_string())?
-            .ok_or("the session has no process state")?;
+        let tree = session_state(session)?;
         let img = session.flatten().map_err(|e| e.to_string())?;
-        crate::restore::check(&tree, &img).map_err(|e| e.to_string())?;
         crate::restore::restore(&tree, &img).map_err(|e| e.to_string())
+    }
+
+    fn warm(&self) -> Option<Box<dyn WarmRestore>> {
+        match crate::restore::Warm::start() {
+            Ok(w) => Some(Box::new(LocalWarm(w))),
+            Err(e) => {
+                tracing::warn!("no warm restore: {e}");
+                None
+            }
+        }
+    }
+}
+
+fn session_state(session: &dyn SessionStore) -> Result<pb::ProcessTree, String> {
+    session
+        .state()
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| "the session has no process state".into())
+}
+
+/// [`crate::restore::Warm`] behind the page server's trait.
+struct LocalWarm(crate::restore::Warm);
+
+impl WarmRestore for LocalWarm {
+    fn layer(&mut self, layer: FlatImage) -> Result<(), String> {
+        self.0.layer(layer).map_err(|e| e.to_string())
+    }
+
+    fn finish(self: Box<Self>, session: &mut dyn SessionStore) -> Result<i32, String> {
+        let tree = session_state(session)?;
+        let layers = self.0.layers();
+        match self.0.finish(&tree) {
+            Ok(pid) => Ok(pid),
+            Err(f) if f.in_layers => {
+                // The pages are all in the store: what failed was laying
+                // them in early (a new mapping over the gadget, say).
+                tracing::warn!(
+                    layers,
+                    "warm restore failed ({}); restoring from the flattened image",
+                    f.error
+                );
+                let img = session.flatten().map_err(|e| e.to_string())?;
+                crate::restore::restore(&tree, &img).map_err(|e| e.to_string())
+            }
+            Err(f) => Err(f.error.to_string()),
+        }
     }
 }

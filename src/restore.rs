@@ -10,13 +10,16 @@
 //!    stub's inherited rseq registration goes first: its area is in ferry's
 //!    memory, which is about to vanish.
 //! 2. Unmap everything but the gadget, `[vdso]`/`[vvar]` included.
-//! 3. Map every VMA `MAP_FIXED` at its address: anonymous ones fresh (zero),
-//!    file ones from the same file opened *in the stub*, whose size and
-//!    mtime are checked on that very fd. Contents go in with
-//!    `process_vm_writev`, which cannot write a page without write
-//!    permission: such mappings are made writable, filled, then
-//!    `mprotect`ed to the image's protection. Zero runs matter only for
-//!    private file mappings (elsewhere fresh pages are zero already).
+//! 3. Memory, layer by layer ([`Warm`]): each round's mappings are made
+//!    `MAP_FIXED` at their addresses (anonymous ones fresh, file ones from
+//!    the same file opened *in the stub*, whose size and mtime are checked
+//!    on that very fd), ranges a round no longer maps are unmapped, and the
+//!    round's pages go in with `process_vm_writev`. Everything but shared
+//!    file mappings stays read-write until the end (`process_vm_writev`
+//!    cannot write without write permission), then gets the image's
+//!    protection. With the page server's warm restore this happens during
+//!    the rounds; a cold restore is the same with the flattened image as
+//!    the only layer.
 //! 4. `arch_prctl(ARCH_MAP_VDSO_64)` at the image's `[vvar]`; it silently
 //!    lands elsewhere when the range is busy, so the maps are read back.
 //! 5. `PR_SET_MM_MAP` (needs the old executable unmapped for `exe_fd`).
@@ -66,6 +69,7 @@ use crate::procfs::{self, MapEntry};
 use crate::sys::stub::{self, Stub, StubError};
 use crate::sys::vm::VmError;
 use crate::sys::{page_size, USER_ADDR_END};
+use crate::track::{intersect, normalize, subtract};
 
 const ARCH_MAP_VDSO_64: u64 = 0x2003;
 const PR_SET_MM: u64 = 35;
@@ -193,7 +197,7 @@ fn own_vdso_layout() -> Result<Vec<(String, u64, u64)>> {
 }
 
 /// Refuses, by name and before anything happens, what cannot be restored.
-pub fn check(tree: &pb::ProcessTree, img: &FlatImage) -> Result<()> {
+pub fn check(tree: &pb::ProcessTree, vmas: &[pb::Vma]) -> Result<()> {
     let proc = match tree.processes.as_slice() {
         [] => return Err(RestoreError::Missing("process".into())),
         [p] => p,
@@ -262,7 +266,7 @@ pub fn check(tree: &pb::ProcessTree, img: &FlatImage) -> Result<()> {
             return Err(unsupported(format!("an action for signal {}", s.signo)));
         }
     }
-    check_mappings(&img.vmas)
+    check_mappings(vmas)
 }
 
 /// The part of [`check`] about file descriptors: what kinds ferry restores.
@@ -381,18 +385,163 @@ fn check_vdso(vmas: &[pb::Vma]) -> Result<()> {
     Ok(())
 }
 
-/// Restores the image's process; returns its pid, running.
+/// Restores the image's process; returns its pid, running (a warm restore
+/// given the whole image as one layer).
 pub fn restore(tree: &pb::ProcessTree, img: &FlatImage) -> Result<i32> {
-    check(tree, img)?;
-    std::thread::scope(|s| {
+    check(tree, &img.vmas)?;
+    let mut w = Warm::start()?;
+    w.layer(img.clone())?;
+    w.finish(tree).map_err(|f| f.error)
+}
+
+/// A restore that follows the rounds: the process skeleton (stub, gadget,
+/// mappings) is made at the first layer and every later layer is laid over
+/// it as it is sealed, so at commit only the thread and process state are
+/// left to do. Laying layer k over the skeleton of layers 0..k gives what
+/// flattening them gives: ranges layer k no longer maps are unmapped,
+/// ranges it maps anew (or maps with another backing) are mapped fresh,
+/// and its pages, zero runs included, are written over the rest.
+///
+/// The work runs on its own thread (ptrace requests must come from the
+/// thread that attached the stub), in the order the layers were given;
+/// [`Warm::layer`] only queues. The stub stays stopped until
+/// [`Warm::finish`]; dropping a `Warm` kills it.
+pub struct Warm {
+    tx: Option<std::sync::mpsc::Sender<Cmd>>,
+    worker: Option<std::thread::JoinHandle<Result<i32, WarmFailure>>>,
+    vmas: Vec<pb::Vma>,
+    layers: u32,
+}
+
+enum Cmd {
+    Layer(FlatImage),
+    Finish(Box<pb::Process>),
+}
+
+/// Why a warm restore failed, and whether the layers already had: then a
+/// cold restore from the flattened image may still succeed (the gadget
+/// collided with a new mapping, say).
+#[derive(Debug)]
+pub struct WarmFailure {
+    pub in_layers: bool,
+    pub error: RestoreError,
+}
+
+impl WarmFailure {
+    fn layers(error: RestoreError) -> Self {
+        WarmFailure {
+            in_layers: true,
+            error,
+        }
+    }
+
+    fn state(error: RestoreError) -> Self {
+        WarmFailure {
+            in_layers: false,
+            error,
+        }
+    }
+}
+
+impl Warm {
+    /// Starts the worker; the stub is made when the first layer arrives.
+    pub fn start() -> Result<Warm> {
+        let (tx, rx) = std::sync::mpsc::channel();
         let worker = std::thread::Builder::new()
             .name("ferry-restore".into())
-            .spawn_scoped(s, || Restorer::run(&tree.processes[0], img))
+            .spawn(move || warm_worker(rx))
             .map_err(|e| RestoreError::Thread(e.to_string()))?;
-        worker
-            .join()
-            .map_err(|_| RestoreError::Thread("panicked".into()))?
-    })
+        Ok(Warm {
+            tx: Some(tx),
+            worker: Some(worker),
+            vmas: Vec::new(),
+            layers: 0,
+        })
+    }
+
+    /// Queues the next layer, read alone (see `SessionStore::layer`). An
+    /// error means the worker has already given up; [`Warm::finish`] says
+    /// why.
+    pub fn layer(&mut self, img: FlatImage) -> Result<()> {
+        self.vmas = img.vmas.clone();
+        self.layers += 1;
+        self.tx
+            .as_ref()
+            .and_then(|tx| tx.send(Cmd::Layer(img)).ok())
+            .ok_or_else(|| RestoreError::Thread("the warm restore stopped".into()))
+    }
+
+    /// Layers queued so far.
+    pub fn layers(&self) -> u32 {
+        self.layers
+    }
+
+    /// Checks the state against the last layer's mappings, then finishes
+    /// the restore once every queued layer is in: the process runs.
+    pub fn finish(mut self, tree: &pb::ProcessTree) -> Result<i32, WarmFailure> {
+        check(tree, &self.vmas).map_err(WarmFailure::state)?;
+        let p = Box::new(tree.processes[0].clone());
+        let sent = self
+            .tx
+            .take()
+            .is_some_and(|tx| tx.send(Cmd::Finish(p)).is_ok());
+        let joined = self
+            .worker
+            .take()
+            .map(|w| w.join())
+            .ok_or_else(|| WarmFailure::state(RestoreError::Thread("no worker".into())))?;
+        match joined {
+            Ok(r) => r,
+            Err(_) => Err(WarmFailure::layers(RestoreError::Thread("panicked".into()))),
+        }
+        .map_err(|mut f| {
+            f.in_layers |= !sent;
+            f
+        })
+    }
+}
+
+impl Drop for Warm {
+    fn drop(&mut self) {
+        // Closing the queue makes the worker drop (kill) the stub as soon as
+        // it is done with the layer at hand; nobody waits for that.
+        self.tx.take();
+    }
+}
+
+fn warm_worker(rx: std::sync::mpsc::Receiver<Cmd>) -> Result<i32, WarmFailure> {
+    let mut r: Option<Restorer> = None;
+    let mut layers = 0u32;
+    loop {
+        match rx.recv() {
+            Ok(Cmd::Layer(img)) => {
+                let t = std::time::Instant::now();
+                let restorer = match r.as_mut() {
+                    Some(r) => r,
+                    None => r.insert(Restorer::new(&img.vmas).map_err(WarmFailure::layers)?),
+                };
+                restorer.apply(&img).map_err(WarmFailure::layers)?;
+                tracing::debug!(
+                    layer = layers,
+                    pages = img.pages(),
+                    elapsed_ms = t.elapsed().as_secs_f64() * 1e3,
+                    "layer laid into the restored process"
+                );
+                layers += 1;
+            }
+            Ok(Cmd::Finish(p)) => {
+                let r = r.ok_or_else(|| {
+                    WarmFailure::layers(RestoreError::Missing("memory image (no layer)".into()))
+                })?;
+                return r.finish(&p).map_err(WarmFailure::state);
+            }
+            Err(_) => {
+                return Err(WarmFailure::layers(RestoreError::Thread(
+                    "abandoned (the session ended)".into(),
+                )))
+            }
+        }
+    }
 }
 
 /// Restores a session of the disk store in `dir`: `session`, or the only or
@@ -472,51 +621,126 @@ fn pick_gadget(busy: &mut [(u64, u64)], len: u64) -> Option<u64> {
     (at + len <= USER_ADDR_END).then_some(at)
 }
 
-struct Restorer<'a> {
-    stub: Stub,
-    img: &'a FlatImage,
-    gadget: u64,
-    data: u64,
+/// How a range is mapped; a range whose key changes between layers is
+/// mapped afresh (its old contents do not belong to the new mapping).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct MapKey {
+    /// `None` for anonymous memory.
+    file: Option<FileKey>,
+    shared: bool,
+    /// `MAP_GROWSDOWN` and `MAP_NORESERVE`.
+    flags: i32,
+    /// Shared file mappings keep the image's protection while mapped (their
+    /// contents live in the file); everything else is mapped read-write
+    /// and gets its protection at the end.
+    prot: Option<u32>,
 }
 
-impl<'a> Restorer<'a> {
-    fn run(p: &'a pb::Process, img: &'a FlatImage) -> Result<i32> {
-        let t0 = std::time::Instant::now();
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FileKey {
+    path: String,
+    /// File offset minus address: equal for two ranges of one mapping.
+    base: u64,
+    /// Opened read-write (writable shared mappings).
+    rw: bool,
+}
+
+/// The protection of everything but shared file mappings until the end.
+const WARM_PROT: u32 = (libc::PROT_READ | libc::PROT_WRITE) as u32;
+
+fn map_key(v: &pb::Vma) -> Result<MapKey> {
+    let shared = is_shared(v);
+    let file = if is_file(v) {
+        let f = v
+            .file
+            .as_ref()
+            .ok_or_else(|| RestoreError::Missing(format!("file of {:#x}", v.start)))?;
+        Some(FileKey {
+            path: f.path.clone(),
+            base: v.offset.wrapping_sub(v.start),
+            rw: shared && v.prot & libc::PROT_WRITE as u32 != 0,
+        })
+    } else {
+        None
+    };
+    let mut flags = v.flags as i32 & (libc::MAP_GROWSDOWN | libc::MAP_NORESERVE);
+    if v.kind() == pb::VmaKind::Stack {
+        flags |= libc::MAP_GROWSDOWN;
+    }
+    let prot = (shared && file.is_some()).then_some(v.prot);
+    Ok(MapKey {
+        file,
+        shared,
+        flags,
+        prot,
+    })
+}
+
+/// What the stub has mapped of the image, ascending.
+struct Mapped {
+    start: u64,
+    end: u64,
+    key: MapKey,
+}
+
+/// Zero runs up to this size are written as zeros (one vectored write for
+/// many); longer ones are dropped with `MADV_DONTNEED` (one injected call).
+const ZERO_WRITE_MAX: u64 = 64 << 10;
+
+struct Restorer {
+    stub: Stub,
+    gadget: u64,
+    data: u64,
+    /// The last layer's mappings.
+    vmas: Vec<pb::Vma>,
+    mapped: Vec<Mapped>,
+}
+
+impl Restorer {
+    /// Stub, gadget, and an empty address space, with the gadget far from
+    /// the first layer's mappings.
+    fn new(vmas: &[pb::Vma]) -> Result<Restorer> {
         let stub = Stub::spawn()?;
         let mut r = Restorer {
             stub,
-            img,
             gadget: 0,
             data: 0,
+            vmas: Vec::new(),
+            mapped: Vec::new(),
         };
-        r.gadget()?;
+        r.gadget(vmas)?;
         r.empty_stub()?;
-        r.memory()?;
-        r.vdso()?;
-        r.mm(p)?;
-        r.files(p)?;
-        r.signals(p)?;
-        r.thread_state(p)?;
+        Ok(r)
+    }
+
+    /// Thread and process state on top of the laid layers, then resume.
+    fn finish(mut self, p: &pb::Process) -> Result<i32> {
+        let t0 = std::time::Instant::now();
+        self.protections()?;
+        self.vdso()?;
+        self.mm(p)?;
+        self.files(p)?;
+        self.signals(p)?;
+        self.thread_state(p)?;
         // Last injection: unmap the gadget from inside it. The stub stays in
         // that syscall's exit stop, its rip in the unmapped page, until the
         // final registers replace it.
         let (g, len) = (
-            r.gadget,
+            self.gadget,
             (GADGET_CODE_PAGES + GADGET_DATA_PAGES) * page_size(),
         );
-        r.call(
+        self.call(
             "munmap of the gadget",
             libc::SYS_munmap,
             [g, len, 0, 0, 0, 0],
         )?;
         let t = &p.threads[0];
         let regs = resume_regs(t)?;
-        let pid = r.stub.resume(&regs, &t.xstate, t.sigmask)?;
+        let pid = self.stub.resume(&regs, &t.xstate, t.sigmask)?;
         tracing::info!(
             pid,
             source_pid = p.pid,
-            bytes = img.data_bytes(),
-            elapsed_ms = t0.elapsed().as_secs_f64() * 1e3,
+            state_ms = t0.elapsed().as_secs_f64() * 1e3,
             "restored"
         );
         Ok(pid)
@@ -566,10 +790,10 @@ impl<'a> Restorer<'a> {
         self.put(0, &b, path)
     }
 
-    fn gadget(&mut self) -> Result<()> {
+    fn gadget(&mut self, vmas: &[pb::Vma]) -> Result<()> {
         let ps = page_size();
         let len = (GADGET_CODE_PAGES + GADGET_DATA_PAGES) * ps;
-        let mut busy: Vec<(u64, u64)> = self.img.vmas.iter().map(|v| (v.start, v.end)).collect();
+        let mut busy: Vec<(u64, u64)> = vmas.iter().map(|v| (v.start, v.end)).collect();
         busy.extend(self.stub_maps()?.iter().map(|m| (m.start, m.end)));
         let at = pick_gadget(&mut busy, len)
             .ok_or_else(|| unsupported("an address space with no room for the restore gadget"))?;
@@ -719,85 +943,57 @@ impl<'a> Restorer<'a> {
         Ok(fd)
     }
 
-    fn memory(&mut self) -> Result<()> {
-        let img = self.img;
+    /// Lays one layer over what is mapped: see [`Warm`].
+    fn apply(&mut self, layer: &FlatImage) -> Result<()> {
         let ps = page_size();
-        // Which VMAs get contents: data runs anywhere but shared file
-        // mappings (their contents live in the file), zero runs only in
-        // private file mappings.
-        let vmas: Vec<&pb::Vma> = img.vmas.iter().filter(|v| !is_special(v)).collect();
-        let mut fill = vec![false; vmas.len()];
-        for run in &img.runs {
-            let (s, e) = (run.addr, run_end(run, ps));
-            for (i, v) in vmas.iter().enumerate() {
-                if v.start < e && s < v.end && !(is_file(v) && is_shared(v)) {
-                    fill[i] |= run.data.is_some() || is_file(v);
-                }
-            }
+        let vmas: Vec<&pb::Vma> = layer.vmas.iter().filter(|v| !is_special(v)).collect();
+        let gadget_end = self.gadget + (GADGET_CODE_PAGES + GADGET_DATA_PAGES) * ps;
+        if let Some(v) = vmas
+            .iter()
+            .find(|v| v.start < gadget_end && self.gadget < v.end)
+        {
+            return Err(unsupported(format!(
+                "a mapping at {:#x}-{:#x} over the restore gadget (laid at {:#x} for the first round)",
+                v.start, v.end, self.gadget
+            )));
+        }
+        let keys = vmas
+            .iter()
+            .map(|v| map_key(v))
+            .collect::<Result<Vec<_>>>()?;
+        // Per VMA: the parts mapped already with the same key keep their
+        // contents; the rest is mapped fresh.
+        let mut fresh: Vec<(usize, u64, u64)> = Vec::new();
+        let mut kept: Vec<(u64, u64)> = Vec::new();
+        for (i, v) in vmas.iter().enumerate() {
+            let same: Vec<(u64, u64)> = self
+                .mapped
+                .iter()
+                .filter(|m| m.key == keys[i] && m.start < v.end && v.start < m.end)
+                .map(|m| (m.start, m.end))
+                .collect();
+            let k = intersect(&[(v.start, v.end)], &same);
+            fresh.extend(
+                subtract(&[(v.start, v.end)], &k)
+                    .into_iter()
+                    .map(|(a, b)| (i, a, b)),
+            );
+            kept.extend(k);
+        }
+        normalize(&mut kept);
+        let mut now: Vec<(u64, u64)> = vmas.iter().map(|v| (v.start, v.end)).collect();
+        normalize(&mut now);
+        let mut before: Vec<(u64, u64)> = self.mapped.iter().map(|m| (m.start, m.end)).collect();
+        normalize(&mut before);
+        for (a, b) in subtract(&before, &now) {
+            self.call(
+                format!("munmap of {a:#x}-{b:#x} (gone since the last round)"),
+                libc::SYS_munmap,
+                [a, b - a, 0, 0, 0, 0],
+            )?;
         }
         let mut fds: HashMap<(String, bool), u64> = HashMap::new();
-        for (i, v) in vmas.iter().enumerate() {
-            let mut prot = v.prot;
-            if fill[i] {
-                prot |= libc::PROT_WRITE as u32;
-            }
-            let mut flags = if is_shared(v) {
-                libc::MAP_SHARED
-            } else {
-                libc::MAP_PRIVATE
-            } | libc::MAP_FIXED;
-            flags |= v.flags as i32 & (libc::MAP_GROWSDOWN | libc::MAP_NORESERVE);
-            if v.kind() == pb::VmaKind::Stack {
-                flags |= libc::MAP_GROWSDOWN;
-            }
-            let (fd, what) = if is_file(v) {
-                let f = v
-                    .file
-                    .as_ref()
-                    .ok_or_else(|| RestoreError::Missing(format!("file of {:#x}", v.start)))?;
-                let rw = is_shared(v) && v.prot & libc::PROT_WRITE as u32 != 0;
-                let key = (f.path.clone(), rw);
-                let fd = match fds.get(&key) {
-                    Some(&fd) => fd,
-                    None => {
-                        let mode = if rw { libc::O_RDWR } else { libc::O_RDONLY };
-                        let fd = self.open_checked(&f.path, mode, Some(f))?;
-                        fds.insert(key, fd);
-                        fd
-                    }
-                };
-                (fd, f.path.clone())
-            } else {
-                flags |= libc::MAP_ANONYMOUS;
-                (
-                    u64::MAX,
-                    if v.name.is_empty() {
-                        "anonymous memory".into()
-                    } else {
-                        v.name.clone()
-                    },
-                )
-            };
-            let step = format!("mmap of {what} at {:#x}-{:#x}", v.start, v.end);
-            let got = self.call(
-                &step,
-                libc::SYS_mmap,
-                [
-                    v.start,
-                    v.end - v.start,
-                    prot as u64,
-                    flags as u64,
-                    fd,
-                    if is_file(v) { v.offset } else { 0 },
-                ],
-            )?;
-            if got != v.start {
-                return Err(RestoreError::Syscall {
-                    step: format!("{step} (landed at {got:#x})"),
-                    errno: Errno::EFAULT,
-                });
-            }
-        }
+        let mapped = self.map_fresh(&vmas, &keys, &fresh, &mut fds);
         for ((path, _), fd) in fds {
             self.call(
                 format!("close of {path}"),
@@ -805,15 +1001,97 @@ impl<'a> Restorer<'a> {
                 [fd, 0, 0, 0, 0, 0],
             )?;
         }
-        let zeros = vec![0u8; (256 * ps) as usize];
-        for run in &img.runs {
+        mapped?;
+        self.mapped = vmas
+            .iter()
+            .zip(keys)
+            .map(|(v, key)| Mapped {
+                start: v.start,
+                end: v.end,
+                key,
+            })
+            .collect();
+        self.vmas = layer.vmas.clone();
+        self.contents(layer, &vmas, &kept)
+    }
+
+    fn map_fresh(
+        &mut self,
+        vmas: &[&pb::Vma],
+        keys: &[MapKey],
+        fresh: &[(usize, u64, u64)],
+        fds: &mut HashMap<(String, bool), u64>,
+    ) -> Result<()> {
+        for &(i, a, b) in fresh {
+            let (v, key) = (vmas[i], &keys[i]);
+            let mut flags = key.flags
+                | libc::MAP_FIXED
+                | if key.shared {
+                    libc::MAP_SHARED
+                } else {
+                    libc::MAP_PRIVATE
+                };
+            let (fd, offset, what) = match &key.file {
+                Some(f) => {
+                    let fd = match fds.get(&(f.path.clone(), f.rw)) {
+                        Some(&fd) => fd,
+                        None => {
+                            let mode = if f.rw { libc::O_RDWR } else { libc::O_RDONLY };
+                            let fd = self.open_checked(&f.path, mode, v.file.as_ref())?;
+                            fds.insert((f.path.clone(), f.rw), fd);
+                            fd
+                        }
+                    };
+                    (fd, v.offset + (a - v.start), f.path.clone())
+                }
+                None => {
+                    flags |= libc::MAP_ANONYMOUS;
+                    let what = if v.name.is_empty() {
+                        "anonymous memory".to_string()
+                    } else {
+                        v.name.clone()
+                    };
+                    (u64::MAX, 0, what)
+                }
+            };
+            let prot = key.prot.unwrap_or(WARM_PROT);
+            let step = format!("mmap of {what} at {a:#x}-{b:#x}");
+            let got = self.call(
+                &step,
+                libc::SYS_mmap,
+                [a, b - a, prot as u64, flags as u64, fd, offset],
+            )?;
+            if got != a {
+                return Err(RestoreError::Syscall {
+                    step: format!("{step} (landed at {got:#x})"),
+                    errno: Errno::EFAULT,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes a layer's pages. Data go everywhere but into shared file
+    /// mappings (their contents live in the file). A zero run matters where
+    /// the range held something before: in private file mappings (the
+    /// file's bytes) and in anonymous memory kept from an earlier layer.
+    fn contents(
+        &mut self,
+        layer: &FlatImage,
+        vmas: &[&pb::Vma],
+        kept: &[(u64, u64)],
+    ) -> Result<()> {
+        let ps = page_size();
+        let mut zero_writes: Vec<(u64, u64)> = Vec::new();
+        let mut drops: Vec<(u64, u64)> = Vec::new();
+        for run in &layer.runs {
             let (s, e) = (run.addr, run_end(run, ps));
-            for (i, v) in vmas.iter().enumerate() {
+            let first = vmas.partition_point(|v| v.end <= s);
+            for v in vmas[first..].iter().take_while(|v| v.start < e) {
                 let (a, b) = (s.max(v.start), e.min(v.end));
-                if a >= b || !fill[i] {
+                if a >= b || (is_file(v) && is_shared(v)) {
                     continue;
                 }
-                let what = || format!("{} pages at {a:#x} ({})", (b - a) / ps, v.name);
                 match &run.data {
                     Some(d) => {
                         let bytes = d.get((a - s) as usize..(b - s) as usize).ok_or_else(|| {
@@ -822,42 +1100,70 @@ impl<'a> Restorer<'a> {
                         self.stub
                             .write(a, bytes)
                             .map_err(|source| RestoreError::Write {
-                                what: what(),
+                                what: format!("{} pages at {a:#x} ({})", (b - a) / ps, v.name),
                                 source,
                             })?;
                     }
-                    None if is_file(v) => {
-                        let mut at = a;
-                        while at < b {
-                            let n = (b - at).min(zeros.len() as u64);
-                            self.stub
-                                .write(at, &zeros[..n as usize])
-                                .map_err(|source| RestoreError::Write {
-                                    what: what(),
-                                    source,
-                                })?;
-                            at += n;
+                    None if is_file(v) => zero_writes.push((a, b)),
+                    None => {
+                        for (x, y) in intersect(&[(a, b)], kept) {
+                            // MADV_DONTNEED zeroes private memory only.
+                            if y - x <= ZERO_WRITE_MAX || is_shared(v) {
+                                zero_writes.push((x, y));
+                            } else {
+                                drops.push((x, y));
+                            }
                         }
                     }
-                    None => {}
                 }
             }
         }
-        for (i, v) in vmas.iter().enumerate() {
-            if fill[i] && v.prot & libc::PROT_WRITE as u32 == 0 {
-                self.call(
-                    format!("mprotect of {} at {:#x}", v.name, v.start),
-                    libc::SYS_mprotect,
-                    [v.start, v.end - v.start, v.prot as u64, 0, 0, 0],
-                )?;
+        let zeros = vec![0u8; (256 * ps) as usize];
+        for (a, b) in zero_writes {
+            let mut at = a;
+            while at < b {
+                let n = (b - at).min(zeros.len() as u64);
+                self.stub
+                    .write(at, &zeros[..n as usize])
+                    .map_err(|source| RestoreError::Write {
+                        what: format!("zero pages at {at:#x}"),
+                        source,
+                    })?;
+                at += n;
             }
+        }
+        for (a, b) in drops {
+            self.call(
+                format!("madvise(MADV_DONTNEED) of the zero run {a:#x}-{b:#x}"),
+                libc::SYS_madvise,
+                [a, b - a, libc::MADV_DONTNEED as u64, 0, 0, 0],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Gives every mapping that was read-write while being filled the
+    /// image's protection.
+    fn protections(&mut self) -> Result<()> {
+        let todo: Vec<(u64, u64, u32, String)> = self
+            .vmas
+            .iter()
+            .filter(|v| !(is_special(v) || is_file(v) && is_shared(v)) && v.prot != WARM_PROT)
+            .map(|v| (v.start, v.end, v.prot, v.name.clone()))
+            .collect();
+        for (a, b, prot, name) in todo {
+            self.call(
+                format!("mprotect of {name} at {a:#x}"),
+                libc::SYS_mprotect,
+                [a, b - a, prot as u64, 0, 0, 0],
+            )?;
         }
         Ok(())
     }
 
     fn vdso(&mut self) -> Result<()> {
-        let want = image_vdso_layout(&self.img.vmas);
-        let Some(vvar) = self.img.vmas.iter().find(|v| v.name == "[vvar]") else {
+        let want = image_vdso_layout(&self.vmas);
+        let Some(vvar) = self.vmas.iter().find(|v| v.name == "[vvar]") else {
             return Ok(());
         };
         let vvar_start = vvar.start;
@@ -1160,7 +1466,7 @@ mod tests {
             ..Default::default()
         };
         let tree = pb::ProcessTree { processes: vec![p] };
-        let e = check(&tree, &img).unwrap_err().to_string();
+        let e = check(&tree, &img.vmas).unwrap_err().to_string();
         assert_eq!(
             e,
             "thread 2 of 3 (tid 12): multi-threaded restore: not supported yet"
@@ -1186,7 +1492,7 @@ mod tests {
         };
         let tree = pb::ProcessTree { processes: vec![p] };
         assert_eq!(
-            check(&tree, &img).unwrap_err().to_string(),
+            check(&tree, &img.vmas).unwrap_err().to_string(),
             "fd 5: socket:[123]: not supported yet"
         );
     }

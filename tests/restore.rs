@@ -454,12 +454,214 @@ fn a_hand_built_image_of_a_python_counter_runs_on() {
         img.data_bytes(),
         tree.processes[0].fds.len()
     );
-    restore::check(&tree, &img).unwrap();
+    restore::check(&tree, &img.vmas).unwrap();
     let t0 = Instant::now();
     let pid = restore::restore(&tree, &img).unwrap();
     eprintln!("restored as {pid} in {:?}", t0.elapsed());
     // The original stays frozen (as after a dump) until assert_continues
     // kills it.
+    assert_continues(&file, &mut original, &img, pid, frozen_at);
+    drop(frozen);
+}
+
+/// The layers of a warm restore that make `img` the hard way: round 0
+/// has garbage where the image has data (read-only file pages, heap), a
+/// read-only file mapping replaced by anonymous memory, an extra mapping,
+/// and the largest anonymous mapping cut in half; round 1 zeroes half of
+/// the garbage (short runs are written, long ones dropped with
+/// `MADV_DONTNEED`), restores the file mapping and the whole anonymous one
+/// with its second half, and adds another extra mapping; round 2 drops the
+/// extras and sends the true pages where garbage was. Laid one over the
+/// other they must give `img` exactly.
+fn hard_layers(img: &FlatImage) -> Vec<FlatImage> {
+    let ps = img.page_size as u64;
+    // Runs cut at mapping boundaries (flatten merges across them).
+    let mut pieces: Vec<FlatRun> = Vec::new();
+    for r in &img.runs {
+        let r_end = r.addr + r.pages * ps;
+        for v in img
+            .vmas
+            .iter()
+            .filter(|v| v.start < r_end && r.addr < v.end)
+        {
+            let (a, b) = (r.addr.max(v.start), r_end.min(v.end));
+            pieces.push(FlatRun {
+                addr: a,
+                pages: (b - a) / ps,
+                data: r
+                    .data
+                    .as_ref()
+                    .map(|d| d.slice((a - r.addr) as usize..(b - r.addr) as usize)),
+            });
+        }
+    }
+    let img = &FlatImage {
+        page_size: img.page_size,
+        vmas: img.vmas.clone(),
+        runs: pieces,
+    };
+    let end = |r: &FlatRun| r.addr + r.pages * ps;
+    let garbage = |r: &FlatRun| FlatRun {
+        data: Some(Bytes::from(vec![0xa5u8; (r.pages * ps) as usize])),
+        ..r.clone()
+    };
+    let inside = |r: &FlatRun, v: &pb::Vma| r.addr >= v.start && end(r) <= v.end;
+    let vma_of = |r: &FlatRun| img.vmas.iter().find(|v| inside(r, v));
+    let read_only = |v: &pb::Vma| v.prot & libc::PROT_WRITE as u32 == 0;
+    let anon_rw = |v: &pb::Vma| v.file.is_none() && !read_only(v) && v.name.is_empty();
+    // The largest anonymous read-write mapping with data: cut in half.
+    let big = img
+        .vmas
+        .iter()
+        .filter(|v| anon_rw(v))
+        .max_by_key(|v| {
+            img.runs
+                .iter()
+                .filter(|r| r.data.is_some() && inside(r, v))
+                .count()
+        })
+        .expect("an anonymous mapping")
+        .clone();
+    let mid = big.start + (big.end - big.start) / ps / 2 * ps;
+    // A read-only file mapping with data: anonymous garbage in round 0.
+    let swapped = img
+        .vmas
+        .iter()
+        .find(|v| {
+            v.file.is_some()
+                && read_only(v)
+                && img.runs.iter().any(|r| r.data.is_some() && inside(r, v))
+        })
+        .expect("a read-only file mapping with data")
+        .clone();
+    // Extra mappings in gaps of the image.
+    let mut gaps = img
+        .vmas
+        .windows(2)
+        .filter(|w| w[1].start - w[0].end >= 64 * ps)
+        .map(|w| w[0].end + 16 * ps);
+    let extra = |at: u64| pb::Vma {
+        start: at,
+        end: at + 8 * ps,
+        prot: (libc::PROT_READ | libc::PROT_WRITE) as u32,
+        flags: (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u32,
+        kind: pb::VmaKind::Anon as i32,
+        ..Default::default()
+    };
+    let (x0, x1) = (extra(gaps.next().unwrap()), extra(gaps.next().unwrap()));
+    let sorted = |mut v: Vec<pb::Vma>| {
+        v.sort_by_key(|v| v.start);
+        v
+    };
+
+    let mut l0_vmas: Vec<pb::Vma> = img
+        .vmas
+        .iter()
+        .filter(|v| v.start != swapped.start)
+        .map(|v| {
+            let mut v = v.clone();
+            if v.start == big.start {
+                v.end = mid;
+            }
+            v
+        })
+        .collect();
+    let mut anon = swapped.clone();
+    anon.file = None;
+    anon.kind = pb::VmaKind::Anon as i32;
+    anon.name = String::new();
+    anon.flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u32;
+    l0_vmas.push(anon);
+    l0_vmas.push(x0.clone());
+    let mut spoiled = Vec::new();
+    let mut l0_runs = Vec::new();
+    for r in &img.runs {
+        let v = vma_of(r).expect("pieces lie in one mapping");
+        if v.start == big.start && end(r) > mid {
+            continue; // the cut half comes in round 1
+        }
+        let spoil = r.data.is_some() && (read_only(v) || v.start == big.start);
+        if spoil {
+            spoiled.push(r.clone());
+            l0_runs.push(garbage(r));
+        } else if v.start != swapped.start {
+            l0_runs.push(r.clone());
+        }
+    }
+    l0_runs.push(garbage(&FlatRun {
+        addr: x0.start,
+        pages: 8,
+        data: None,
+    }));
+    l0_runs.sort_by_key(|r| r.addr);
+
+    let l1_vmas = sorted(img.vmas.iter().cloned().chain([x1.clone()]).collect());
+    let mut l1_runs: Vec<FlatRun> = spoiled
+        .iter()
+        .step_by(2)
+        .map(|r| FlatRun {
+            data: None,
+            ..r.clone()
+        })
+        .collect();
+    l1_runs.extend(
+        img.runs
+            .iter()
+            .filter(|r| r.addr >= mid && end(r) <= big.end)
+            .cloned(),
+    );
+    l1_runs.push(garbage(&FlatRun {
+        addr: x1.start,
+        pages: 8,
+        data: None,
+    }));
+    l1_runs.sort_by_key(|r| r.addr);
+    assert!(
+        l1_runs
+            .iter()
+            .any(|r| r.data.is_none() && r.pages * ps > 64 << 10),
+        "no zero run long enough for MADV_DONTNEED"
+    );
+
+    // The remapped file mapping also needs its zero runs again.
+    let mut l2_runs = spoiled;
+    l2_runs.extend(
+        img.runs
+            .iter()
+            .filter(|r| r.data.is_none() && vma_of(r).is_some_and(|v| v.start == swapped.start))
+            .cloned(),
+    );
+    l2_runs.sort_by_key(|r| r.addr);
+    let layer = |vmas: Vec<pb::Vma>, runs: Vec<FlatRun>| FlatImage {
+        page_size: img.page_size,
+        vmas: sorted(vmas),
+        runs,
+    };
+    vec![
+        layer(l0_vmas, l0_runs),
+        layer(l1_vmas, l1_runs),
+        layer(img.vmas.clone(), l2_runs),
+    ]
+}
+
+#[test]
+fn layers_laid_one_by_one_restore_the_flat_image() {
+    need_root!();
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let file: PathBuf = dir.path().join("count");
+    let mut original = start_counter(&file);
+
+    let seen = read_counter(&file);
+    let frozen = Seized::seize(original.pid).unwrap();
+    let frozen_at = counter(&file).unwrap_or(seen);
+    let (tree, img) = capture(original.pid, &frozen);
+    let layers = hard_layers(&img);
+    let mut warm = restore::Warm::start().unwrap();
+    for l in layers {
+        warm.layer(l).unwrap();
+    }
+    let pid = warm.finish(&tree).map_err(|f| f.error).unwrap();
     assert_continues(&file, &mut original, &img, pid, frozen_at);
     drop(frozen);
 }
@@ -483,7 +685,7 @@ fn a_failed_restore_leaves_nothing_running() {
         path: not_a_dir.to_string_lossy().into_owned(),
         ..Default::default()
     });
-    restore::check(&tree, &img).unwrap();
+    restore::check(&tree, &img.vmas).unwrap();
     let before: Vec<i32> = children_of_init_named(&tree.processes[0].comm);
     let err = restore::restore(&tree, &img).unwrap_err();
     let msg = err.to_string();
@@ -560,7 +762,7 @@ fn check_refuses_what_it_cannot_restore_by_name() {
     let two = pb::ProcessTree {
         processes: vec![pb::Process::default(), pb::Process::default()],
     };
-    let e = restore::check(&two, &img).unwrap_err().to_string();
+    let e = restore::check(&two, &img.vmas).unwrap_err().to_string();
     assert!(e.contains("2 processes"), "{e}");
     let mut v = pb::Vma {
         start: 0x10000,
@@ -592,7 +794,7 @@ fn check_refuses_what_it_cannot_restore_by_name() {
         vmas: vec![v.clone()],
         runs: vec![],
     };
-    let e = restore::check(&one, &img).unwrap_err().to_string();
+    let e = restore::check(&one, &img.vmas).unwrap_err().to_string();
     assert!(
         e.starts_with("/nonexistent/lib.so: mapped at 0x10000"),
         "{e}"
@@ -603,7 +805,7 @@ fn check_refuses_what_it_cannot_restore_by_name() {
         vmas: vec![v],
         runs: vec![],
     };
-    let e = restore::check(&one, &img).unwrap_err().to_string();
+    let e = restore::check(&one, &img.vmas).unwrap_err().to_string();
     assert!(e.contains("differs from the source's"), "{e}");
 }
 
@@ -653,7 +855,7 @@ fn dump_then_restore_from_an_images_dir() {
         eprintln!("skipped: `ferry dump` stored no process state yet (capture side pending)");
         return;
     };
-    match restore::check(&tree, &img) {
+    match restore::check(&tree, &img.vmas) {
         Err(e @ (RestoreError::Missing(_) | RestoreError::Unsupported(_))) => {
             eprintln!("skipped: the dumped state cannot be restored yet: {e}");
             return;

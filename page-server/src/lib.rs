@@ -11,4 +11,4 @@ pub mod server;
 pub mod store;
 pub mod tls;
 
-pub use server::{Config, PageServer, Restorer};
+pub use server::{Config, PageServer, Restorer, WarmRestore};

@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
-use crate::store::{SessionStore, Store, StoreError};
+use crate::store::{FlatImage, SessionStore, Store, StoreError};
 
 /// Restores a committed image (hooked in by the `ferry` crate, which owns
 /// restore).
@@ -47,6 +47,27 @@ pub trait Restorer: Send + Sync + 'static {
     fn preflight_layer(&self, _vmas: &[pb::Vma]) -> Result<(), String> {
         Ok(())
     }
+
+    /// A restore that follows the rounds of a new session (see
+    /// [`WarmRestore`]), if this restorer can do one.
+    fn warm(&self) -> Option<Box<dyn WarmRestore>> {
+        None
+    }
+}
+
+/// A restore begun at the first round: every sealed layer is laid into the
+/// waiting process as it arrives, so the commit has only the last delta's
+/// tail and the process state left to do. Dropping it (the session failed
+/// or was aborted) removes the waiting process.
+pub trait WarmRestore: Send {
+    /// Takes the layer just sealed, read alone; it is applied in the
+    /// background. An error means the warm restore gave up: the commit then
+    /// restores from the flattened image instead.
+    fn layer(&mut self, layer: FlatImage) -> Result<(), String>;
+
+    /// At commit: finishes the restore (or restores cold if the warm one
+    /// failed on the way) and returns the pid of the running process.
+    fn finish(self: Box<Self>, session: &mut dyn SessionStore) -> Result<i32, String>;
 }
 
 pub struct Config {
@@ -204,6 +225,7 @@ async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
         control: None,
         created: false,
         preflight: false,
+        warm: None,
     };
     match s.run().await {
         Ok(()) => info!(%peer, session = %s.session_name(), "session finished"),
@@ -240,6 +262,7 @@ struct Session {
     created: bool,
     /// The source will ask for a restore: check every round can be.
     preflight: bool,
+    warm: Option<Box<dyn WarmRestore>>,
 }
 
 /// Runs a store operation that may block (file writes, `fsync`) without
@@ -305,6 +328,11 @@ impl Session {
                         };
                         r.preflight_hello(&hello).map_err(SessionError::Preflight)?;
                         self.preflight = true;
+                        // A resumed session's earlier layers were never laid
+                        // into a process: it restores cold.
+                        if !hello.resume {
+                            self.warm = r.warm();
+                        }
                     }
                     let store = &self.shared.store;
                     let h = if hello.resume {
@@ -343,6 +371,18 @@ impl Session {
                     let h = self.store()?;
                     let s = blocking(|| h.seal())?;
                     debug!(layer, pages, bytes = s.bytes, "layer sealed");
+                    if let (Some(w), Some(h)) = (self.warm.as_mut(), self.handle.as_ref()) {
+                        let fed = blocking(|| h.layer(layer))
+                            .map_err(|e| e.to_string())
+                            .and_then(|img| w.layer(img));
+                        if let Err(e) = fed {
+                            warn!(
+                                layer,
+                                "warm restore given up, the commit restores cold: {e}"
+                            );
+                            self.warm = None;
+                        }
+                    }
                     self.rx.sealed(layer)?;
                 }
                 Action::StoreState(tree) => {
@@ -359,6 +399,7 @@ impl Session {
                 }
                 Action::Aborted { reason } => {
                     info!(session = %self.session_name(), "source aborted: {reason}");
+                    self.warm = None;
                     if let Some(h) = self.handle.as_mut() {
                         h.discard_open()?;
                     }
@@ -382,6 +423,7 @@ impl Session {
             };
         };
         if !restore {
+            self.warm = None;
             let s = h.summary();
             return Outcome::Stored {
                 layers: s.layers,
@@ -398,7 +440,12 @@ impl Session {
             },
             Some(r) => {
                 let r = r.clone();
-                match blocking(|| r.restore(h.as_mut())) {
+                let warm = self.warm.take();
+                let done = blocking(|| match warm {
+                    Some(w) => w.finish(h.as_mut()),
+                    None => r.restore(h.as_mut()),
+                });
+                match done {
                     Ok(pid) => Outcome::Restored { pid },
                     Err(reason) => Outcome::Failed { reason },
                 }

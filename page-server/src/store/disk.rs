@@ -623,46 +623,57 @@ impl SessionStore for DiskHandle {
     }
 
     fn flatten(&self) -> Result<FlatImage, StoreError> {
-        let ps = self.page_size();
-        let layers = self.snapshot();
-        let Some(last) = layers.last() else {
-            return Ok(empty_image(ps));
-        };
-        let runs: Vec<_> = layers.iter().map(|l| (&l.runs[..], &l.ranges)).collect();
-        let pieces = flatten_pieces(&runs, ps);
-        // Only the pages files the image takes data from are read, each once
-        // and whole, so its checksum can be verified.
-        let mut files: Vec<Option<Bytes>> = vec![None; layers.len()];
-        for (li, _) in pieces.iter().filter_map(|p| p.data) {
-            let li = li as usize;
-            if let (Some(slot @ None), Some(l)) = (files.get_mut(li), layers.get(li)) {
-                *slot = Some(read_pages(l)?);
-            }
-        }
-        let runs = pieces
-            .into_iter()
-            .map(|p| {
-                let data = match p.data {
-                    None => None,
-                    Some((li, loc)) => Some(slice_buf(
-                        files.get(li as usize).and_then(Option::as_ref),
-                        loc.off,
-                        p.pages * ps as u64,
-                    )?),
-                };
-                Ok(FlatRun {
-                    addr: p.addr,
-                    pages: p.pages,
-                    data,
-                })
-            })
-            .collect::<Result<_, StoreError>>()?;
-        Ok(FlatImage {
-            page_size: ps,
-            vmas: last.vmas.clone(),
-            runs,
-        })
+        image_of(&self.snapshot(), self.page_size())
     }
+
+    fn layer(&self, layer: u32) -> Result<FlatImage, StoreError> {
+        let layers = self.snapshot();
+        let l = layers
+            .get(layer as usize)
+            .ok_or(StoreError::NoLayer(layer))?;
+        image_of(std::slice::from_ref(l), self.page_size())
+    }
+}
+
+/// `layers` flattened (see the module docs of the store).
+fn image_of(layers: &[Arc<DiskLayer>], ps: u32) -> Result<FlatImage, StoreError> {
+    let Some(last) = layers.last() else {
+        return Ok(empty_image(ps));
+    };
+    let runs: Vec<_> = layers.iter().map(|l| (&l.runs[..], &l.ranges)).collect();
+    let pieces = flatten_pieces(&runs, ps);
+    // Only the pages files the image takes data from are read, each once
+    // and whole, so its checksum can be verified.
+    let mut files: Vec<Option<Bytes>> = vec![None; layers.len()];
+    for (li, _) in pieces.iter().filter_map(|p| p.data) {
+        let li = li as usize;
+        if let (Some(slot @ None), Some(l)) = (files.get_mut(li), layers.get(li)) {
+            *slot = Some(read_pages(l)?);
+        }
+    }
+    let runs = pieces
+        .into_iter()
+        .map(|p| {
+            let data = match p.data {
+                None => None,
+                Some((li, loc)) => Some(slice_buf(
+                    files.get(li as usize).and_then(Option::as_ref),
+                    loc.off,
+                    p.pages * ps as u64,
+                )?),
+            };
+            Ok(FlatRun {
+                addr: p.addr,
+                pages: p.pages,
+                data,
+            })
+        })
+        .collect::<Result<_, StoreError>>()?;
+    Ok(FlatImage {
+        page_size: ps,
+        vmas: last.vmas.clone(),
+        runs,
+    })
 }
 
 /// A layer's whole pages file, checked against its index.

@@ -257,38 +257,49 @@ impl SessionStore for MemHandle {
     }
 
     fn flatten(&self) -> Result<FlatImage, StoreError> {
-        let ps = self.page_size();
-        let layers = self.snapshot();
-        let Some(last) = layers.last() else {
-            return Ok(empty_image(ps));
-        };
-        let runs: Vec<_> = layers.iter().map(|l| (&l.runs[..], &l.ranges)).collect();
-        let pieces = flatten_pieces(&runs, ps);
-        let runs = pieces
-            .into_iter()
-            .map(|p| {
-                let data = match p.data {
-                    None => None,
-                    Some((li, loc)) => {
-                        let bufs = layers
-                            .get(li as usize)
-                            .and_then(|l| l.bufs.get(loc.buf as usize));
-                        Some(slice_buf(bufs, loc.off, p.pages * ps as u64)?)
-                    }
-                };
-                Ok(FlatRun {
-                    addr: p.addr,
-                    pages: p.pages,
-                    data,
-                })
-            })
-            .collect::<Result<_, StoreError>>()?;
-        Ok(FlatImage {
-            page_size: ps,
-            vmas: last.vmas.clone(),
-            runs,
-        })
+        image_of(&self.snapshot(), self.page_size())
     }
+
+    fn layer(&self, layer: u32) -> Result<FlatImage, StoreError> {
+        let layers = self.snapshot();
+        let l = layers
+            .get(layer as usize)
+            .ok_or(StoreError::NoLayer(layer))?;
+        image_of(std::slice::from_ref(l), self.page_size())
+    }
+}
+
+/// `layers` flattened (see the module docs of the store).
+fn image_of(layers: &[Arc<MemLayer>], ps: u32) -> Result<FlatImage, StoreError> {
+    let Some(last) = layers.last() else {
+        return Ok(empty_image(ps));
+    };
+    let runs: Vec<_> = layers.iter().map(|l| (&l.runs[..], &l.ranges)).collect();
+    let pieces = flatten_pieces(&runs, ps);
+    let runs = pieces
+        .into_iter()
+        .map(|p| {
+            let data = match p.data {
+                None => None,
+                Some((li, loc)) => {
+                    let bufs = layers
+                        .get(li as usize)
+                        .and_then(|l| l.bufs.get(loc.buf as usize));
+                    Some(slice_buf(bufs, loc.off, p.pages * ps as u64)?)
+                }
+            };
+            Ok(FlatRun {
+                addr: p.addr,
+                pages: p.pages,
+                data,
+            })
+        })
+        .collect::<Result<_, StoreError>>()?;
+    Ok(FlatImage {
+        page_size: ps,
+        vmas: last.vmas.clone(),
+        runs,
+    })
 }
 
 /// `old` without the ranges in `cover`, or `None` if nothing changes.

@@ -37,6 +37,8 @@ pub enum StoreError {
     Busy(SessionId),
     #[error("layer {got} out of order: the next layer is {expected}")]
     LayerOrder { got: u32, expected: u32 },
+    #[error("no sealed layer {0}")]
+    NoLayer(u32),
     #[error("no open layer")]
     NoOpenLayer,
     #[error("batch for layer {got}, but layer {open} is open")]
@@ -168,4 +170,8 @@ pub trait SessionStore: Send {
     fn lookup(&self, addr: u64) -> Result<Option<Page>, StoreError>;
     /// The sealed layers flattened (see the module docs).
     fn flatten(&self) -> Result<FlatImage, StoreError>;
+    /// One sealed layer alone: its mappings and its runs. Exact for the
+    /// newest layer; an older one has lost the pages newer layers replaced
+    /// (a warm restore reads each layer as it is sealed).
+    fn layer(&self, layer: u32) -> Result<FlatImage, StoreError>;
 }

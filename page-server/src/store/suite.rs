@@ -773,6 +773,48 @@ fn random_layers_match_a_page_model(make: Make) {
     }
 }
 
+/// Each layer read alone right after its seal is what was sent, and laying
+/// the layers over each other the way a warm restore does (drop what a
+/// round no longer maps, then write the round's pages) gives the flat image.
+fn newest_layer_alone_is_what_was_sent(make: Make) {
+    let store = make();
+    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+    for n in 0..8u8 {
+        let specs = random_specs(&mut rng);
+        let mut h = store.create(meta(n)).unwrap();
+        let mut warm: BTreeMap<u64, Page> = BTreeMap::new();
+        for (l, spec) in specs.iter().enumerate() {
+            let order: Vec<usize> = (0..spec.batches.len()).collect();
+            send(h.as_mut(), l as u32, spec, &order);
+            let img = h.layer(l as u32).unwrap();
+            assert_eq!(img.vmas, vmas(&spec.vmas));
+            let alone = expand(&img);
+            let upto = model_pages(&specs[..=l]);
+            let sent: Vec<u64> = spec
+                .batches
+                .iter()
+                .flatten()
+                .flat_map(|&(a, n, _)| (0..n as u64).map(move |i| a + i * P))
+                .collect();
+            assert_eq!(alone.len(), sent.len(), "session {n} layer {l}: page count");
+            for a in sent {
+                assert!(
+                    alone.get(&a) == upto.get(&a),
+                    "session {n} layer {l} page {a:#x}"
+                );
+            }
+            warm.retain(|a, _| img.vmas.iter().any(|v| v.start <= *a && *a < v.end));
+            warm.extend(alone);
+        }
+        assert!(warm == expand(&h.flatten().unwrap()), "session {n}");
+        let sealed = h.sealed_layers();
+        assert!(matches!(
+            err(h.layer(sealed)),
+            StoreError::NoLayer(l) if l == sealed
+        ));
+    }
+}
+
 /// Instantiates every shared test for both stores.
 macro_rules! suite {
     ($($name:ident),* $(,)?) => {
@@ -826,6 +868,7 @@ suite!(
     huge_zero_runs_stay_ranges,
     encoded_batches_round_trip,
     random_layers_match_a_page_model,
+    newest_layer_alone_is_what_was_sent,
 );
 
 /// What only the mem store promises: no copies, and memory given back.
