@@ -408,6 +408,9 @@ pub fn restore(tree: &pb::ProcessTree, img: &FlatImage) -> Result<i32> {
 /// [`Warm::finish`]; dropping a `Warm` kills it.
 pub struct Warm {
     tx: Option<std::sync::mpsc::Sender<Cmd>>,
+    /// Counts layers as the worker finishes them.
+    applied_rx: std::sync::mpsc::Receiver<()>,
+    applied: u32,
     worker: Option<std::thread::JoinHandle<Result<i32, WarmFailure>>>,
     vmas: Vec<pb::Vma>,
     layers: u32,
@@ -447,28 +450,39 @@ impl Warm {
     /// Starts the worker; the stub is made when the first layer arrives.
     pub fn start() -> Result<Warm> {
         let (tx, rx) = std::sync::mpsc::channel();
+        let (applied_tx, applied_rx) = std::sync::mpsc::channel();
         let worker = std::thread::Builder::new()
             .name("ferry-restore".into())
-            .spawn(move || warm_worker(rx))
+            .spawn(move || warm_worker(rx, applied_tx))
             .map_err(|e| RestoreError::Thread(e.to_string()))?;
         Ok(Warm {
             tx: Some(tx),
+            applied_rx,
+            applied: 0,
             worker: Some(worker),
             vmas: Vec::new(),
             layers: 0,
         })
     }
 
-    /// Queues the next layer, read alone (see `SessionStore::layer`). An
-    /// error means the worker has already given up; [`Warm::finish`] says
-    /// why.
+    /// Queues the next layer, read alone (see `SessionStore::layer`), once
+    /// every earlier one is in: the page server acknowledges a layer only
+    /// after this returns, so the source's rounds keep pace with the
+    /// restore instead of freezing while a big layer is still being laid
+    /// (the freeze would then wait for it). An error means the worker has
+    /// already given up; [`Warm::finish`] says why.
     pub fn layer(&mut self, img: FlatImage) -> Result<()> {
+        let stopped = || RestoreError::Thread("the warm restore stopped".into());
+        while self.applied < self.layers {
+            self.applied_rx.recv().map_err(|_| stopped())?;
+            self.applied += 1;
+        }
         self.vmas = img.vmas.clone();
         self.layers += 1;
         self.tx
             .as_ref()
             .and_then(|tx| tx.send(Cmd::Layer(img)).ok())
-            .ok_or_else(|| RestoreError::Thread("the warm restore stopped".into()))
+            .ok_or_else(stopped)
     }
 
     /// Layers queued so far.
@@ -509,7 +523,10 @@ impl Drop for Warm {
     }
 }
 
-fn warm_worker(rx: std::sync::mpsc::Receiver<Cmd>) -> Result<i32, WarmFailure> {
+fn warm_worker(
+    rx: std::sync::mpsc::Receiver<Cmd>,
+    applied: std::sync::mpsc::Sender<()>,
+) -> Result<i32, WarmFailure> {
     let mut r: Option<Restorer> = None;
     let mut layers = 0u32;
     loop {
@@ -528,6 +545,7 @@ fn warm_worker(rx: std::sync::mpsc::Receiver<Cmd>) -> Result<i32, WarmFailure> {
                     "layer laid into the restored process"
                 );
                 layers += 1;
+                let _ = applied.send(());
             }
             Ok(Cmd::Finish(p)) => {
                 let r = r.ok_or_else(|| {
