@@ -192,6 +192,23 @@ async fn rounds_shrink_when_the_workload_dirties_little() {
     );
 }
 
+/// A kernel thread visible in `/proc` (`PF_KTHREAD` in the stat flags).
+fn kernel_thread() -> Option<i32> {
+    std::fs::read_dir("/proc")
+        .ok()?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .find(|pid| {
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                return false;
+            };
+            // Field 9, counted after the parenthesised comm.
+            let flags = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(6)?.parse::<u64>().ok());
+            flags.is_some_and(|f| f & 0x0020_0000 != 0)
+        })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clear_errors_for_a_dead_pid_a_kernel_thread_and_no_permission() {
     need_root!();
@@ -212,16 +229,23 @@ async fn clear_errors_for_a_dead_pid_a_kernel_thread_and_no_permission() {
         matches!(e, DumpError::Ptrace(PtraceError::NoProcess(_))),
         "{e}"
     );
-    let e = dump(opts(2), &mut |_| {}).await.unwrap_err();
-    assert!(
-        matches!(e, DumpError::Ptrace(PtraceError::KernelThread(_))),
-        "{e}"
-    );
     eprintln!(
         "dead pid: {}",
         dump(opts(dead), &mut |_| {}).await.unwrap_err()
     );
-    eprintln!("kernel thread: {e}");
+    // Inside a pid namespace (as under some CI runners) no kernel thread
+    // is visible.
+    match kernel_thread() {
+        Some(k) => {
+            let e = dump(opts(k), &mut |_| {}).await.unwrap_err();
+            assert!(
+                matches!(e, DumpError::Ptrace(PtraceError::KernelThread(_))),
+                "{e}"
+            );
+            eprintln!("kernel thread: {e}");
+        }
+        None => eprintln!("no kernel thread visible here: that case is not tried"),
+    }
 
     // An unprivileged ferry against a root process.
     let fx = Fixture::start(&["--mib", "4"]);
