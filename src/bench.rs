@@ -4,22 +4,32 @@
 //! baseline measured on the same machine at the same time.
 //!
 //! Modes change one thing each against `iterative` (the default
-//! migration): `stop-and-copy` (no pre-dump round: the baseline for
-//! downtime), `no-zstd`, `checksum` (tracking by hashing instead of
-//! uffd-wp), `one-stream` (one QUIC data stream instead of four). Each run
-//! reports its rounds (pages, bytes raw and on the wire, time, rate,
-//! predicted downtime) and its downtime broken into parts (freeze, final
-//! round, state, restore); each mode the medians and min–max over the runs.
+//! migration, with warm restore on the page server): `stop-and-copy` (no
+//! pre-dump round: the baseline for downtime), `cold-restore` (the page
+//! server restores only at commit), `no-zstd`, `checksum` (tracking by
+//! hashing instead of uffd-wp), `one-stream` (one QUIC data stream instead
+//! of four). Each run reports its rounds (pages, bytes raw and on the wire,
+//! time, rate, predicted downtime), its downtime broken into parts (freeze,
+//! final round, state, restore), how much the rounds slowed the workload,
+//! and that the migrated workload found its whole memory intact; each mode
+//! the medians and min–max over the runs, for each memory size asked.
+//!
+//! The workload is `ferry workload --busy`: it counts fixed units of
+//! computation, so its count per second before the migration against
+//! during the rounds is the slowdown. By default it gets a CPU of its own
+//! and both ends of the migration the others (on a real migration the
+//! destination is another host); `--no-pin` lets all three share them.
 
 use std::fmt::Write as _;
 use std::io::Write;
+use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_proto::batch::Compress;
 
 use crate::dump::{Destination, DumpOptions, FrozenParts, RoundReport};
 use crate::loopback::Loopback;
-use crate::migrate::migrate;
+use crate::migrate::{migrate, ColdRestorer};
 use crate::policy::Policy;
 use crate::track::Backend;
 
@@ -38,8 +48,15 @@ pub enum BenchError {
         #[source]
         source: crate::migrate::MigrateError,
     },
-    #[error("unknown mode {0:?}: use iterative, stop-and-copy, no-zstd, checksum or one-stream")]
+    #[error("unknown mode {0:?}: use iterative, stop-and-copy, cold-restore, no-zstd, checksum or one-stream")]
     Mode(String),
+    #[error("{mode}, run {run}: the migrated workload is not intact: {source}")]
+    Verify {
+        mode: &'static str,
+        run: usize,
+        #[source]
+        source: crate::workload::WorkloadError,
+    },
 }
 
 /// One thing changed against a plain iterative migration.
@@ -47,15 +64,17 @@ pub enum BenchError {
 pub enum Mode {
     Iterative,
     StopAndCopy,
+    ColdRestore,
     NoZstd,
     Checksum,
     OneStream,
 }
 
 impl Mode {
-    pub const ALL: [Mode; 5] = [
+    pub const ALL: [Mode; 6] = [
         Mode::Iterative,
         Mode::StopAndCopy,
+        Mode::ColdRestore,
         Mode::NoZstd,
         Mode::Checksum,
         Mode::OneStream,
@@ -65,6 +84,7 @@ impl Mode {
         match self {
             Mode::Iterative => "iterative",
             Mode::StopAndCopy => "stop-and-copy",
+            Mode::ColdRestore => "cold-restore",
             Mode::NoZstd => "no-zstd",
             Mode::Checksum => "checksum",
             Mode::OneStream => "one-stream",
@@ -81,11 +101,45 @@ impl Mode {
 
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
-    pub mib: u64,
+    /// Workload sizes in MiB; every mode runs at each.
+    pub sizes: Vec<u64>,
     /// Pages the workload rewrites per second.
     pub dirty_rate: u64,
+    pub pattern: crate::workload::Pattern,
+    pub content: crate::workload::Fill,
     pub runs: usize,
     pub modes: Vec<Mode>,
+    /// Give the workload a CPU of its own and keep ferry (both ends) off
+    /// it, so the slowdown shows what the migration does to the workload
+    /// rather than two ends of a migration competing with it for two cores.
+    pub pin: bool,
+}
+
+/// Splits the CPUs ferry may use: the last one for the workload, the rest
+/// for every thread of this process (threads made later inherit it).
+/// `None` if there are fewer than two.
+fn pin_split() -> Option<nix::sched::CpuSet> {
+    use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
+    use nix::unistd::Pid;
+    let mine = sched_getaffinity(Pid::from_raw(0)).ok()?;
+    let cpus: Vec<usize> = (0..CpuSet::count())
+        .filter(|&c| mine.is_set(c).unwrap_or(false))
+        .collect();
+    let (&last, rest) = cpus.split_last()?;
+    if rest.is_empty() {
+        return None;
+    }
+    let (mut work, mut ferry) = (CpuSet::new(), CpuSet::new());
+    work.set(last).ok()?;
+    for &c in rest {
+        ferry.set(c).ok()?;
+    }
+    for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
+        if let Some(tid) = task.file_name().to_str().and_then(|t| t.parse().ok()) {
+            let _ = sched_setaffinity(Pid::from_raw(tid), &ferry);
+        }
+    }
+    Some(work)
 }
 
 /// One migration.
@@ -95,6 +149,11 @@ pub struct Run {
     pub downtime: Duration,
     pub parts: FrozenParts,
     pub total: Duration,
+    /// 1 − (work rate during the rounds ÷ before them); `None` without
+    /// rounds long enough to measure.
+    pub slowdown: Option<f64>,
+    /// Pages the migrated workload checked and found intact.
+    pub verified: u64,
 }
 
 impl Run {
@@ -115,6 +174,7 @@ impl Run {
 #[derive(Debug, Clone)]
 pub struct ModeResult {
     pub mode: Mode,
+    pub mib: u64,
     pub runs: Vec<Run>,
 }
 
@@ -164,146 +224,255 @@ pub async fn run(
     opts: &BenchOptions,
     out: &mut (dyn Write + Send),
 ) -> Result<Vec<ModeResult>, BenchError> {
-    let server = Loopback::start()?;
-    let store = server.store.clone();
-
-    let mut results = Vec::new();
-    let total_runs = opts.runs;
-    for &mode in &opts.modes {
-        let mut runs = Vec::new();
-        for run in 1..=total_runs {
-            let log = server.scratch().join(format!("{}-{run}.log", mode.name()));
-            let (mut child, _) = crate::workload::spawn(opts.mib, opts.dirty_rate, &log)?;
-            // Let it dirty memory at its pace before the migration starts.
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            let connect = server.connect(if mode == Mode::OneStream { 1 } else { 4 })?;
-            let dump = DumpOptions {
-                pid: child.id() as i32,
-                dest: Destination::Remote(connect),
-                leave_stopped: false,
-                track: Some(if mode == Mode::Checksum {
-                    Backend::Checksum
-                } else {
-                    Backend::UffdWp
-                }),
-                policy: Policy {
-                    max_rounds: if mode == Mode::StopAndCopy { 0 } else { 8 },
-                    ..Policy::default()
-                },
-                compress: if mode == Mode::NoZstd {
-                    Compress::Off
-                } else {
-                    Compress::default()
-                },
-                restore: true,
-            };
-            let result = migrate(dump, &mut |_| {}).await;
-            let _ = child.kill();
-            let _ = child.wait();
-            let report = result.map_err(|source| BenchError::Migrate {
-                mode: mode.name(),
-                run,
-                source,
-            })?;
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(report.restored_pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-            let _ = store.remove(report.dump.session);
-            let _ =
-                writeln!(
-                out,
-                "{:<14} run {run}/{}: downtime {:8.1} ms, {} rounds, {:.1} MiB raw, {:.1} MiB wire",
-                mode.name(),
-                total_runs,
-                ms(report.downtime),
-                report.dump.rounds.len(),
-                report.dump.rounds.iter().map(|r| r.stats.raw_bytes).sum::<u64>() as f64
-                    / (1 << 20) as f64,
-                report.dump.rounds.iter().map(|r| r.stats.wire_bytes).sum::<u64>() as f64
-                    / (1 << 20) as f64,
-            );
-            runs.push(Run {
-                rounds: report.dump.rounds.clone(),
-                downtime: report.downtime,
-                parts: report.dump.parts,
-                total: report.dump.total,
-            });
-        }
-        results.push(ModeResult { mode, runs });
+    let workload_cpus = if opts.pin { pin_split() } else { None };
+    if opts.pin && workload_cpus.is_none() {
+        let _ = writeln!(
+            out,
+            "fewer than two CPUs: the workload shares them with ferry"
+        );
     }
-    server.stop().await;
+    let warm = Loopback::start()?;
+    let cold = if opts.modes.contains(&Mode::ColdRestore) {
+        Some(Loopback::start_with(Arc::new(ColdRestorer))?)
+    } else {
+        None
+    };
+    let mut results = Vec::new();
+    for &mib in &opts.sizes {
+        for &mode in &opts.modes {
+            let server = match (&cold, mode) {
+                (Some(c), Mode::ColdRestore) => c,
+                _ => &warm,
+            };
+            let mut runs = Vec::new();
+            for run in 1..=opts.runs {
+                let r = one_run(opts, server, mode, mib, run, workload_cpus.as_ref()).await?;
+                let _ = writeln!(
+                    out,
+                    "{:>5} MiB {:<14} run {run}/{}: downtime {:8.1} ms, {} rounds, {:.1} MiB raw, {:.1} MiB wire, slowdown {}, {} pages verified",
+                    mib,
+                    mode.name(),
+                    opts.runs,
+                    ms(r.downtime),
+                    r.rounds.len(),
+                    r.bytes(false) as f64 / (1 << 20) as f64,
+                    r.bytes(true) as f64 / (1 << 20) as f64,
+                    r.slowdown.map_or("-".into(), |s| format!("{:.1} %", s * 100.0)),
+                    r.verified,
+                );
+                runs.push(r);
+            }
+            results.push(ModeResult { mode, mib, runs });
+        }
+    }
+    warm.stop().await;
+    if let Some(c) = cold {
+        c.stop().await;
+    }
     let _ = write!(out, "{}", table(&results));
     Ok(results)
 }
 
-/// The summary tables: per mode, then the rounds of the iterative median
-/// run.
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// One migration of a fresh workload; the migrated one checks its memory
+/// and is killed.
+async fn one_run(
+    opts: &BenchOptions,
+    server: &Loopback,
+    mode: Mode,
+    mib: u64,
+    run: usize,
+    cpus: Option<&nix::sched::CpuSet>,
+) -> Result<Run, BenchError> {
+    let log = server
+        .scratch()
+        .join(format!("{mib}-{}-{run}.log", mode.name()));
+    let spec = crate::workload::Spec {
+        busy: true,
+        pattern: opts.pattern,
+        content: opts.content,
+        ..crate::workload::Spec::new(mib, opts.dirty_rate as f64)
+    };
+    let (mut child, _) = crate::workload::spawn(&spec, &log)?;
+    if let Some(c) = cpus {
+        let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(child.id() as i32), c);
+    }
+    // Its pace before the migration is the baseline of the slowdown.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let connect = server.connect(if mode == Mode::OneStream { 1 } else { 4 })?;
+    let dump = DumpOptions {
+        pid: child.id() as i32,
+        dest: Destination::Remote(connect),
+        leave_stopped: false,
+        track: Some(if mode == Mode::Checksum {
+            Backend::Checksum
+        } else {
+            Backend::UffdWp
+        }),
+        policy: Policy {
+            max_rounds: if mode == Mode::StopAndCopy { 0 } else { 8 },
+            ..Policy::default()
+        },
+        compress: if mode == Mode::NoZstd {
+            Compress::Off
+        } else {
+            Compress::default()
+        },
+        restore: true,
+    };
+    let start = unix_ms();
+    let result = migrate(dump, &mut |_| {}).await;
+    let end = unix_ms();
+    let _ = child.kill();
+    let _ = child.wait();
+    let report = result.map_err(|source| BenchError::Migrate {
+        mode: mode.name(),
+        run,
+        source,
+    })?;
+    let pid = nix::unistd::Pid::from_raw(report.restored_pid);
+    let checked = tokio::task::spawn_blocking({
+        let log = log.clone();
+        move || crate::workload::verify(&log, Duration::from_secs(60))
+    })
+    .await
+    .unwrap_or_else(|e| Err(crate::workload::WorkloadError::Corrupt(e.to_string())));
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+    let _ = server.store.remove(report.dump.session);
+    let verified = checked.map_err(|source| BenchError::Verify {
+        mode: mode.name(),
+        run,
+        source,
+    })?;
+    let samples = crate::workload::samples(&log);
+    let frozen = end.saturating_sub(report.downtime.as_millis() as u64);
+    let before = crate::workload::rate(&samples, start.saturating_sub(1000), start);
+    let during = crate::workload::rate(&samples, start, frozen);
+    tracing::debug!(
+        ?before,
+        ?during,
+        start,
+        frozen,
+        "workload rates (counts per second)"
+    );
+    Ok(Run {
+        rounds: report.dump.rounds.clone(),
+        downtime: report.downtime,
+        parts: report.dump.parts,
+        total: report.dump.total,
+        slowdown: before.zip(during).map(|(b, d)| 1.0 - d / b),
+        verified,
+    })
+}
+
+/// The summary tables, per size: per mode, then the rounds of the
+/// iterative median run; with several sizes, how downtime grows with size.
 pub fn table(results: &[ModeResult]) -> String {
     let mut t = String::new();
-    let base = results
-        .iter()
-        .find(|r| r.mode == Mode::StopAndCopy)
-        .map(|r| r.figure(|x| ms(x.downtime)).median);
-    let _ = writeln!(
-        t,
-        "\n{:<14} {:>22} {:>8} {:>7} {:>7} {:>7} {:>9} {:>7} {:>9} {:>9}",
-        "mode",
-        "downtime ms med (min-max)",
-        "vs s&c",
-        "freeze",
-        "final",
-        "state",
-        "restore",
-        "rounds",
-        "raw MiB",
-        "wire MiB"
-    );
-    for r in results {
-        let d = r.figure(|x| ms(x.downtime));
-        let ratio = base.map_or("-".to_string(), |b| format!("{:.3}", d.median / b));
-        let mib = |wire| r.figure(|x| x.bytes(wire) as f64 / (1 << 20) as f64).median;
-        let _ = writeln!(
-            t,
-            "{:<14} {:>8.1} ({:>5.0}-{:<5.0}) {:>8} {:>7.2} {:>7.1} {:>7.1} {:>9.1} {:>7.0} {:>9.1} {:>9.1}",
-            r.mode.name(),
-            d.median,
-            d.min,
-            d.max,
-            ratio,
-            r.figure(|x| ms(x.parts.freeze)).median,
-            r.figure(|x| ms(x.parts.final_round)).median,
-            r.figure(|x| ms(x.parts.state)).median,
-            r.figure(|x| ms(x.parts.commit)).median,
-            r.figure(|x| x.rounds.len() as f64).median,
-            mib(false),
-            mib(true),
-        );
+    let mut sizes: Vec<u64> = results.iter().map(|r| r.mib).collect();
+    sizes.dedup();
+    if sizes.is_empty() {
+        sizes.push(0);
     }
-    if let Some(run) = results
-        .iter()
-        .find(|r| r.mode == Mode::Iterative)
-        .and_then(|r| r.median_run())
-    {
+    for &mib in &sizes {
+        let group: Vec<&ModeResult> = results.iter().filter(|r| r.mib == mib).collect();
+        let base = group
+            .iter()
+            .find(|r| r.mode == Mode::StopAndCopy)
+            .map(|r| r.figure(|x| ms(x.downtime)).median);
         let _ = writeln!(
             t,
-            "\nrounds of the median iterative run:\n{:>5} {:>8} {:>10} {:>10} {:>10} {:>8} {:>9} {:>10}",
-            "round", "", "pages", "raw MiB", "wire MiB", "ms", "MB/s", "predicted"
+            "\n{mib} MiB\n{:<14} {:>22} {:>8} {:>7} {:>7} {:>7} {:>9} {:>7} {:>9} {:>9} {:>9}",
+            "mode",
+            "downtime ms med (min-max)",
+            "vs s&c",
+            "freeze",
+            "final",
+            "state",
+            "restore",
+            "rounds",
+            "raw MiB",
+            "wire MiB",
+            "slowdown"
         );
-        for x in &run.rounds {
+        for r in &group {
+            let d = r.figure(|x| ms(x.downtime));
+            let ratio = base.map_or("-".to_string(), |b| format!("{:.3}", d.median / b));
+            let mib = |wire| r.figure(|x| x.bytes(wire) as f64 / (1 << 20) as f64).median;
+            let slow: Vec<f64> = r.runs.iter().filter_map(|x| x.slowdown).collect();
+            let slow = if slow.is_empty() {
+                "-".to_string()
+            } else {
+                format!("{:.1} %", spread(slow).median * 100.0)
+            };
             let _ = writeln!(
                 t,
-                "{:>5} {:>8} {:>10} {:>10.1} {:>10.1} {:>8.1} {:>9.0} {:>10}",
-                x.round,
-                if x.frozen { "frozen" } else { "running" },
-                x.stats.pages,
-                x.stats.raw_bytes as f64 / (1 << 20) as f64,
-                x.stats.wire_bytes as f64 / (1 << 20) as f64,
-                ms(x.total),
-                x.rate_mb_s(),
-                x.predicted_downtime
-                    .map_or("-".to_string(), |d| format!("{:.1} ms", ms(d))),
+                "{:<14} {:>8.1} ({:>5.0}-{:<5.0}) {:>8} {:>7.2} {:>7.1} {:>7.1} {:>9.1} {:>7.0} {:>9.1} {:>9.1} {:>9}",
+                r.mode.name(),
+                d.median,
+                d.min,
+                d.max,
+                ratio,
+                r.figure(|x| ms(x.parts.freeze)).median,
+                r.figure(|x| ms(x.parts.final_round)).median,
+                r.figure(|x| ms(x.parts.state)).median,
+                r.figure(|x| ms(x.parts.commit)).median,
+                r.figure(|x| x.rounds.len() as f64).median,
+                mib(false),
+                mib(true),
+                slow,
             );
+        }
+        if let Some(run) = group
+            .iter()
+            .find(|r| r.mode == Mode::Iterative)
+            .and_then(|r| r.median_run())
+        {
+            let _ = writeln!(
+                t,
+                "\nrounds of the median iterative run:\n{:>5} {:>8} {:>10} {:>10} {:>10} {:>8} {:>9} {:>10}",
+                "round", "", "pages", "raw MiB", "wire MiB", "ms", "MB/s", "predicted"
+            );
+            for x in &run.rounds {
+                let _ = writeln!(
+                    t,
+                    "{:>5} {:>8} {:>10} {:>10.1} {:>10.1} {:>8.1} {:>9.0} {:>10}",
+                    x.round,
+                    if x.frozen { "frozen" } else { "running" },
+                    x.stats.pages,
+                    x.stats.raw_bytes as f64 / (1 << 20) as f64,
+                    x.stats.wire_bytes as f64 / (1 << 20) as f64,
+                    ms(x.total),
+                    x.rate_mb_s(),
+                    x.predicted_downtime
+                        .map_or("-".to_string(), |d| format!("{:.1} ms", ms(d))),
+                );
+            }
+        }
+    }
+    if sizes.len() > 1 {
+        let (small, large) = (sizes[0], sizes[sizes.len() - 1]);
+        let _ = writeln!(t, "\nmedian downtime at {large} MiB ÷ at {small} MiB:");
+        for r in results.iter().filter(|r| r.mib == small) {
+            if let Some(l) = results.iter().find(|x| x.mib == large && x.mode == r.mode) {
+                let (a, b) = (
+                    r.figure(|x| ms(x.downtime)).median,
+                    l.figure(|x| ms(x.downtime)).median,
+                );
+                let _ = writeln!(
+                    t,
+                    "{:<14} {:>8.1} ms ÷ {:>8.1} ms = {:.2}",
+                    r.mode.name(),
+                    b,
+                    a,
+                    b / a
+                );
+            }
         }
     }
     t
@@ -317,6 +486,7 @@ pub fn json(results: &[ModeResult]) -> serde_json::Value {
             .map(|r| {
                 serde_json::json!({
                     "mode": r.mode.name(),
+                    "mib": r.mib,
                     "downtime_ms": s(r.figure(|x| ms(x.downtime))),
                     "parts_ms": {
                         "freeze": s(r.figure(|x| ms(x.parts.freeze))),
@@ -327,6 +497,8 @@ pub fn json(results: &[ModeResult]) -> serde_json::Value {
                     "total_s": s(r.figure(|x| x.total.as_secs_f64())),
                     "runs": r.runs.iter().map(|run| serde_json::json!({
                         "downtime_ms": ms(run.downtime),
+                        "slowdown": run.slowdown,
+                        "verified_pages": run.verified,
                         "rounds": run.rounds.iter().map(|x| serde_json::json!({
                             "round": x.round,
                             "frozen": x.frozen,
@@ -347,7 +519,7 @@ pub fn json(results: &[ModeResult]) -> serde_json::Value {
 /// median iterative run (convergence), and each mode's median downtime as
 /// stacked parts.
 pub fn svg(results: &[ModeResult]) -> String {
-    let (w, h) = (960.0, 360.0);
+    let (w, h) = (960.0, f64::max(360.0, 70.0 + results.len() as f64 * 34.0));
     let mut s = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
     );
@@ -391,13 +563,14 @@ pub fn svg(results: &[ModeResult]) -> String {
         .map(|r| r.figure(|x| ms(x.downtime)).median)
         .fold(1.0, f64::max);
     for (i, r) in results.iter().enumerate() {
-        let y = 45.0 + i as f64 * 55.0;
+        let y = 45.0 + i as f64 * 34.0;
         let mut x = 580.0;
         let _ = writeln!(
             s,
-            "<text x=\"470\" y=\"{:.1}\">{}</text>",
+            "<text x=\"470\" y=\"{:.1}\" font-size=\"10\">{} {} MiB</text>",
             y + 18.0,
-            r.mode.name()
+            r.mode.name(),
+            r.mib
         );
         for (v, color) in [
             (r.figure(|x| ms(x.parts.final_round)).median, "#31a354"),

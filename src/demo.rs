@@ -68,7 +68,8 @@ pub async fn run(
     );
 
     let log = server.scratch().join("workload.log");
-    let (mut child, before) = crate::workload::spawn(opts.mib, opts.dirty_rate, &log)?;
+    let spec = crate::workload::Spec::new(opts.mib, opts.dirty_rate as f64);
+    let (mut child, before) = crate::workload::spawn(&spec, &log)?;
     let pid = child.id() as i32;
     let _ = writeln!(
         out,
@@ -108,6 +109,12 @@ pub async fn run(
     let at_freeze = crate::workload::last_count(&log).unwrap_or(before);
     tokio::time::sleep(Duration::from_millis(600)).await;
     let after = crate::workload::last_count(&log).unwrap_or(0);
+    let checked = tokio::task::spawn_blocking({
+        let log = log.clone();
+        move || crate::workload::verify(&log, Duration::from_secs(30))
+    })
+    .await
+    .map_err(|e| crate::workload::WorkloadError::Corrupt(e.to_string()))?;
     let _ = writeln!(
         out,
         "migrated: pid {pid} is gone; the workload runs on as pid {new}.\n\
@@ -118,6 +125,22 @@ pub async fn run(
         report.dump.stop,
         report.dump.backend.name(),
     );
+    match checked {
+        Ok(n) => {
+            let _ = writeln!(
+                out,
+                "it checked its whole memory: {n} pages as they should be."
+            );
+        }
+        Err(e) => {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(new),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            server.stop().await;
+            return Err(e.into());
+        }
+    }
     // The demo's workload would run forever: stop it.
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(new),

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use ferry_page_server::store::{mem::MemStore, Store};
 use ferry_page_server::tls::{client_config, server_config, TlsError, TlsFiles};
-use ferry_page_server::{Config, PageServer};
+use ferry_page_server::{Config, PageServer, Restorer};
 
 use crate::client::Connect;
 use crate::migrate::LocalRestorer;
@@ -39,15 +39,21 @@ pub struct Loopback {
 }
 
 impl Loopback {
-    /// Starts it on `127.0.0.1:0` with an in-memory store.
+    /// Starts it on `127.0.0.1:0` with an in-memory store, restoring with
+    /// [`LocalRestorer`] (warm).
     pub fn start() -> Result<Loopback, LoopbackError> {
+        Self::start_with(Arc::new(LocalRestorer))
+    }
+
+    /// The same with another restorer.
+    pub fn start_with(restorer: Arc<dyn Restorer>) -> Result<Loopback, LoopbackError> {
         let io = |what| move |source| LoopbackError::Io { what, source };
         let dir = tempfile::tempdir().map_err(io("temporary directory"))?;
         let tls = dir.path().join("tls");
         crate::certs::init(&tls, &[], false)?;
         let store: Arc<dyn Store> = Arc::new(MemStore::new());
         let mut cfg = Config::new(server_config(&TlsFiles::server(&tls))?, store.clone());
-        cfg.restorer = Some(Arc::new(LocalRestorer));
+        cfg.restorer = Some(restorer);
         let server = PageServer::bind("127.0.0.1:0".parse().expect("literal"), cfg)?;
         let addr = server.local_addr().map_err(io("page server address"))?;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -55,9 +55,15 @@ enum Command {
         max_sessions: usize,
         /// Restore committed migrations on this host (`ferry migrate`
         /// needs it). Restored processes run as their own session, under
-        /// the credentials they had.
+        /// the credentials they had. The restore is warm: each round is
+        /// laid into the waiting process as it arrives, so the commit has
+        /// little left to do.
         #[arg(long)]
         restore: bool,
+        /// With --restore: do all of the restore at commit instead (longer
+        /// downtime; for comparison and troubleshooting).
+        #[arg(long, requires = "restore")]
+        cold_restore: bool,
     },
     /// Move a running process to another host: rounds of pre-dump while it
     /// runs, a freeze, the final delta and the state, a restore by the page
@@ -147,17 +153,30 @@ enum Command {
     /// and min-max, downtime part by part; with --compare, the modes side
     /// by side in one invocation. Needs root.
     Bench {
-        /// Workload memory in MiB.
-        #[arg(long, default_value_t = 512)]
-        size: u64,
+        /// Workload memory in MiB; several (comma separated) run every mode
+        /// at each size and show how downtime grows with size.
+        #[arg(long, value_delimiter = ',', default_value = "512")]
+        size: Vec<u64>,
         /// Pages the workload rewrites per second (4096 = 16 MiB/s).
         #[arg(long, default_value_t = 4096)]
         dirty_rate: u64,
+        /// Which pages the workload rewrites: uniform, hot or sequential.
+        #[arg(long, default_value = "uniform")]
+        pattern: String,
+        /// What the workload's memory holds: mixed, zero, text or random.
+        #[arg(long, default_value = "mixed")]
+        content: String,
         /// Runs per mode.
         #[arg(long, default_value_t = 5)]
         runs: usize,
-        /// Modes to run: iterative, stop-and-copy, no-zstd, checksum,
-        /// one-stream (comma separated).
+        /// Let the workload share every CPU with both ends of the
+        /// migration (by default it gets one to itself, and the slowdown
+        /// shows what the migration does to it rather than CPU contention
+        /// that a second host would not have).
+        #[arg(long)]
+        no_pin: bool,
+        /// Modes to run: iterative, stop-and-copy, cold-restore, no-zstd,
+        /// checksum, one-stream (comma separated).
         #[arg(long, value_delimiter = ',', default_value = "iterative")]
         modes: Vec<String>,
         /// All modes (stop-and-copy is the baseline the ratios use).
@@ -170,16 +189,35 @@ enum Command {
         #[arg(long)]
         svg: Option<PathBuf>,
     },
-    /// A workload to migrate: memory, a counter logged to a file every
-    /// 100 ms, random page rewrites. It detaches from the terminal.
+    /// A workload to migrate: memory of a chosen content, pages rewritten
+    /// at a set rate in a set pattern, a count of the work done logged to
+    /// a file every 100 ms as `COUNT UNIX_MS`. It detaches from the
+    /// terminal. Creating `<log-file>.verify` makes it check every page of
+    /// its memory and log `verified N pages` or `corrupt page I: ...`.
     Workload {
         /// Memory in MiB.
         #[arg(long, default_value_t = 64)]
-        mib: usize,
-        /// Pages rewritten per second.
+        mib: u64,
+        /// Pages rewritten per second (4096 = 16 MiB/s).
         #[arg(long, default_value_t = 0.0)]
         dirty_rate: f64,
-        /// File the counter is appended to.
+        /// Which pages are rewritten: uniform, hot (9 in 10 from the first
+        /// tenth) or sequential.
+        #[arg(long, default_value = "uniform")]
+        pattern: String,
+        /// What memory holds: mixed (3 zero : 6 text-like : 1 random),
+        /// zero, text or random.
+        #[arg(long, default_value = "mixed")]
+        content: String,
+        /// Count fixed units of computation instead of sleeping 1 ms per
+        /// iteration (uses a whole core; the count then measures the CPU
+        /// the workload got).
+        #[arg(long)]
+        busy: bool,
+        /// Seed of the memory contents.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// File the count is appended to.
         #[arg(long)]
         log_file: PathBuf,
     },
@@ -305,10 +343,22 @@ fn main() -> Result<()> {
     if let Command::Workload {
         mib,
         dirty_rate,
+        pattern,
+        content,
+        busy,
+        seed,
         log_file,
     } = &cli.command
     {
-        ferry::workload::run(*mib, *dirty_rate, log_file)?;
+        let spec = ferry::workload::Spec {
+            mib: *mib,
+            dirty_rate: *dirty_rate,
+            pattern: ferry::workload::Pattern::parse(pattern)?,
+            content: ferry::workload::Fill::parse(content)?,
+            busy: *busy,
+            seed: *seed,
+        };
+        ferry::workload::run(&spec, log_file)?;
         return Ok(());
     }
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -332,12 +382,15 @@ async fn run(command: Command) -> Result<()> {
             store,
             max_sessions,
             restore,
+            cold_restore,
         } => {
             let tls = server_config(&TlsFiles::server(&tls))?;
             let store = open_store(&store)?;
             let mut cfg = Config::new(tls, store);
             cfg.max_sessions = max_sessions;
-            if restore {
+            if cold_restore {
+                cfg.restorer = Some(Arc::new(ferry::migrate::ColdRestorer));
+            } else if restore {
                 cfg.restorer = Some(Arc::new(ferry::migrate::LocalRestorer));
             }
             let server = PageServer::bind(listen, cfg)?;
@@ -523,7 +576,10 @@ async fn run(command: Command) -> Result<()> {
         Command::Bench {
             size,
             dirty_rate,
+            pattern,
+            content,
             runs,
+            no_pin,
             modes,
             compare,
             json,
@@ -538,10 +594,13 @@ async fn run(command: Command) -> Result<()> {
                     .collect::<Result<Vec<_>, _>>()?
             };
             let opts = ferry::bench::BenchOptions {
-                mib: size,
+                sizes: size,
                 dirty_rate,
+                pattern: ferry::workload::Pattern::parse(&pattern)?,
+                content: ferry::workload::Fill::parse(&content)?,
                 runs: runs.max(1),
                 modes,
+                pin: !no_pin,
             };
             let results = ferry::bench::run(&opts, &mut std::io::stdout()).await?;
             if let Some(path) = json {

@@ -147,6 +147,25 @@ impl Restorer for LocalRestorer {
     }
 }
 
+/// [`LocalRestorer`] without warm restore: everything happens at commit
+/// (`ferry page-server --cold-restore`, and the benchmark's baseline for
+/// what warm restore saves).
+pub struct ColdRestorer;
+
+impl Restorer for ColdRestorer {
+    fn preflight_hello(&self, hello: &pb::Hello) -> Result<(), String> {
+        LocalRestorer.preflight_hello(hello)
+    }
+
+    fn preflight_layer(&self, vmas: &[pb::Vma]) -> Result<(), String> {
+        LocalRestorer.preflight_layer(vmas)
+    }
+
+    fn restore(&self, session: &mut dyn SessionStore) -> Result<i32, String> {
+        LocalRestorer.restore(session)
+    }
+}
+
 fn session_state(session: &dyn SessionStore) -> Result<pb::ProcessTree, String> {
     session
         .state()

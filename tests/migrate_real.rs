@@ -320,6 +320,7 @@ fn the_demo_migrates_its_workload() {
     assert!(out.status.success());
     assert!(stdout.contains("migrated: pid"), "{stdout}");
     assert!(stdout.contains("not from zero"), "{stdout}");
+    assert!(stdout.contains("pages as they should be"), "{stdout}");
 }
 
 #[test]
@@ -352,6 +353,8 @@ fn bench_compares_modes_and_writes_json_and_svg() {
     assert_eq!(modes, ["iterative", "stop-and-copy"]);
     for m in v.as_array().unwrap() {
         assert!(m["downtime_ms"]["median"].as_f64().unwrap() > 0.0);
+        // 16 MiB: the migrated workload checked all 4096 pages.
+        assert_eq!(m["runs"][0]["verified_pages"].as_u64(), Some(4096), "{m}");
     }
     assert!(std::fs::read_to_string(&svg).unwrap().starts_with("<svg"));
 }
