@@ -83,20 +83,11 @@ pub async fn migrate(
 }
 
 /// What restore cannot do yet, found on the live process before anything
-/// is frozen: more than one thread, descriptors of kinds it cannot
-/// recreate. (The destination checks the mappings every round.)
+/// is frozen: descriptors of kinds it cannot recreate. (The destination
+/// checks the mappings every round.) A process that is not there is the
+/// dump's to report, by name.
 fn precheck(pid: i32) -> Result<(), MigrateError> {
     let unsupported = |reason: String| MigrateError::Unsupported { pid, reason };
-    // A process that is not there is the dump's to report, by name.
-    let Ok(tasks) = crate::procfs::list_tasks(pid) else {
-        return Ok(());
-    };
-    if tasks.len() > 1 {
-        return Err(unsupported(format!(
-            "it has {} threads: multi-threaded restore is not supported yet",
-            tasks.len()
-        )));
-    }
     if let Ok(fds) = crate::state::capture_fds(pid) {
         crate::restore::check_fds(&fds).map_err(|e| unsupported(e.to_string()))?;
     }

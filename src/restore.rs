@@ -35,7 +35,7 @@
 //!    mask replace its state, and it is detached.
 //!
 //! What cannot be restored yet is refused by [`check`], by name, before a
-//! stub exists: process trees, threads, pipes, FIFOs, sockets and other
+//! stub exists: process trees, pipes, FIFOs, sockets and other
 //! special files, deleted files, credentials other than ferry's, a vdso
 //! layout this kernel does not make. Any failure later kills the stub: no
 //! half-restored process is ever left running.
@@ -208,30 +208,24 @@ pub fn check(tree: &pb::ProcessTree, vmas: &[pb::Vma]) -> Result<()> {
             )))
         }
     };
-    let n = proc.threads.len();
-    if n == 0 {
+    if proc.threads.is_empty() {
         return Err(RestoreError::Missing("thread".into()));
     }
-    if n > 1 {
-        return Err(unsupported(format!(
-            "thread 2 of {n} (tid {}): multi-threaded restore",
-            proc.threads[1].tid
-        )));
-    }
-    let t = &proc.threads[0];
-    if t.gpregs.len() != stub::REGS_SIZE {
-        return Err(RestoreError::Missing(format!(
-            "gpregs for thread {} ({} bytes, need {})",
-            t.tid,
-            t.gpregs.len(),
-            stub::REGS_SIZE
-        )));
-    }
-    if t.xstate.is_empty() {
-        return Err(RestoreError::Missing(format!(
-            "xstate (NT_X86_XSTATE) for thread {}",
-            t.tid
-        )));
+    for t in &proc.threads {
+        if t.gpregs.len() != stub::REGS_SIZE {
+            return Err(RestoreError::Missing(format!(
+                "gpregs for thread {} ({} bytes, need {})",
+                t.tid,
+                t.gpregs.len(),
+                stub::REGS_SIZE
+            )));
+        }
+        if t.xstate.is_empty() {
+            return Err(RestoreError::Missing(format!(
+                "xstate (NT_X86_XSTATE) for thread {}",
+                t.tid
+            )));
+        }
     }
     let mm = proc
         .mm
@@ -739,6 +733,7 @@ impl Restorer {
         self.mm(p)?;
         self.files(p)?;
         self.signals(p)?;
+        let tids = self.threads(p)?;
         self.thread_state(p)?;
         // Last injection: unmap the gadget from inside it. The stub stays in
         // that syscall's exit stop, its rip in the unmapped page, until the
@@ -752,12 +747,28 @@ impl Restorer {
             libc::SYS_munmap,
             [g, len, 0, 0, 0, 0],
         )?;
-        let t = &p.threads[0];
-        let regs = resume_regs(t)?;
-        let pid = self.stub.resume(&regs, &t.xstate, t.sigmask)?;
+        let regs = p
+            .threads
+            .iter()
+            .map(resume_regs)
+            .collect::<Result<Vec<_>>>()?;
+        let all: Vec<stub::Resume<'_>> = p
+            .threads
+            .iter()
+            .zip(&tids)
+            .zip(regs)
+            .map(|((t, &tid), regs)| stub::Resume {
+                tid,
+                regs,
+                xstate: &t.xstate,
+                sigmask: t.sigmask,
+            })
+            .collect();
+        let pid = self.stub.resume_all(&all)?;
         tracing::info!(
             pid,
             source_pid = p.pid,
+            threads = tids.len(),
             state_ms = t0.elapsed().as_secs_f64() * 1e3,
             "restored"
         );
@@ -1359,6 +1370,118 @@ impl Restorer {
         Ok(())
     }
 
+    /// Makes every thread but the first (the stub is the first) and sets
+    /// what only a thread can set for itself; returns the new tids, in the
+    /// image's order. glibc keeps each thread's tid in its `struct pthread`,
+    /// at the very address the kernel clears on thread exit
+    /// (`clear_child_tid`): where that word still holds the old tid it gets
+    /// the new one, so `pthread_kill` and friends reach the right thread.
+    /// What keeps an old tid: the owner field of a mutex locked at the
+    /// freeze (only error-checking, recursive and robust mutexes look at
+    /// it).
+    fn threads(&mut self, p: &pb::Process) -> Result<Vec<i32>> {
+        const FLAGS: i32 = libc::CLONE_VM
+            | libc::CLONE_FS
+            | libc::CLONE_FILES
+            | libc::CLONE_SIGHAND
+            | libc::CLONE_THREAD
+            | libc::CLONE_SYSVSEM;
+        let mut tids = vec![self.stub.pid()];
+        for t in &p.threads[1..] {
+            let mut flags = FLAGS;
+            if t.clear_child_tid != 0 {
+                flags |= libc::CLONE_CHILD_CLEARTID;
+            }
+            let ret = self
+                .stub
+                .clone_thread(flags as u64, t.clear_child_tid)
+                .map_err(RestoreError::Stub)?;
+            if ret < 0 {
+                return Err(RestoreError::Syscall {
+                    step: format!("clone of thread {}", t.tid),
+                    errno: Errno::from_raw(-ret as i32),
+                });
+            }
+            let tid = ret as i32;
+            self.thread_self_state(tid, t)?;
+            tids.push(tid);
+        }
+        for (t, &tid) in p.threads.iter().zip(&tids) {
+            if t.clear_child_tid == 0 {
+                continue;
+            }
+            let mut word = [0u8; 4];
+            if self.stub.read(t.clear_child_tid, &mut word).is_ok()
+                && i32::from_ne_bytes(word) == t.tid
+            {
+                self.stub
+                    .write(t.clear_child_tid, &tid.to_ne_bytes())
+                    .map_err(|source| RestoreError::Write {
+                        what: format!("the tid of thread {} (now {tid})", t.tid),
+                        source,
+                    })?;
+            }
+        }
+        Ok(tids)
+    }
+
+    /// rseq, robust list and pending signals of a thread made by
+    /// [`Restorer::threads`] (its clear-tid address came with the clone).
+    fn thread_self_state(&mut self, tid: i32, t: &pb::Thread) -> Result<()> {
+        let call = |r: &mut Self, step: String, nr: libc::c_long, args: [u64; 6]| {
+            let ret = r.stub.syscall_in(tid, nr, args)?;
+            if (-4095..0).contains(&ret) {
+                return Err(RestoreError::Syscall {
+                    step: format!("{step} in thread {} (now {tid})", t.tid),
+                    errno: Errno::from_raw(-ret as i32),
+                });
+            }
+            Ok(())
+        };
+        if let Some(rs) = t.rseq.as_ref().filter(|r| r.addr != 0) {
+            call(
+                self,
+                format!("rseq registration at {:#x}", rs.addr),
+                libc::SYS_rseq,
+                [
+                    rs.addr,
+                    rs.len as u64,
+                    rs.flags as u64,
+                    rs.signature as u64,
+                    0,
+                    0,
+                ],
+            )?;
+        }
+        let len = if t.robust_list_len == 0 {
+            ROBUST_LIST_HEAD_SIZE
+        } else {
+            t.robust_list_len
+        };
+        call(
+            self,
+            format!("set_robust_list({:#x})", t.robust_list),
+            libc::SYS_set_robust_list,
+            [t.robust_list, len, 0, 0, 0, 0],
+        )?;
+        let pending = t.pending_signals & !(1 << 8 | 1 << 18);
+        if pending != 0 {
+            // Queued with everything blocked; the image's mask comes at
+            // resume.
+            self.stub.set_sigmask_of(tid, u64::MAX)?;
+            let me = self.stub.pid() as u64;
+            for signo in (1..=64u64).filter(|s| pending & (1 << (s - 1)) != 0) {
+                call(
+                    self,
+                    format!("tgkill to queue pending signal {signo}"),
+                    libc::SYS_tgkill,
+                    [me, tid as u64, signo, 0, 0, 0],
+                )?;
+            }
+        }
+        Ok(())
+    }
+
     fn thread_state(&mut self, p: &pb::Process) -> Result<()> {
         let t = &p.threads[0];
         if let Some(rs) = t.rseq.as_ref().filter(|r| r.addr != 0) {
@@ -1474,12 +1597,15 @@ mod tests {
         };
         let p = pb::Process {
             threads: vec![
-                pb::Thread::default(),
+                pb::Thread {
+                    gpregs: vec![0; stub::REGS_SIZE].into(),
+                    xstate: vec![0; 64].into(),
+                    ..Default::default()
+                },
                 pb::Thread {
                     tid: 12,
                     ..Default::default()
                 },
-                pb::Thread::default(),
             ],
             ..Default::default()
         };
@@ -1487,7 +1613,7 @@ mod tests {
         let e = check(&tree, &img.vmas).unwrap_err().to_string();
         assert_eq!(
             e,
-            "thread 2 of 3 (tid 12): multi-threaded restore: not supported yet"
+            "the image has no gpregs for thread 12 (0 bytes, need 216)"
         );
         let p = pb::Process {
             threads: vec![pb::Thread {

@@ -181,6 +181,114 @@ fn python3_keeps_its_state_across_a_migration() {
     assert_continues(pid, new, &log, before);
 }
 
+/// A python3 program with a pool of four threads that take a lock and
+/// count, and a main thread that writes the total and each thread's count
+/// through a file it keeps open.
+fn python_pool(log: &Path) -> Option<Child> {
+    let script = format!(
+        r#"
+import os, threading, time
+from concurrent.futures import ThreadPoolExecutor
+os.closerange(3, 4096)
+lock = threading.Lock()
+counts = [0, 0, 0, 0]
+total = [0]
+def work(k):
+    while True:
+        with lock:
+            counts[k] += 1
+            total[0] += 1
+        time.sleep(0.002)
+pool = ThreadPoolExecutor(max_workers=4)
+for k in range(4):
+    pool.submit(work, k)
+f = open({log:?}, "a", buffering=1)
+while True:
+    with lock:
+        f.write("%d %s\n" % (total[0], " ".join(map(str, counts))))
+    time.sleep(0.02)
+"#,
+        log = log.to_str().unwrap()
+    );
+    Command::new("python3")
+        .args(["-c", &script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()
+}
+
+/// The per-thread counts of the last line of a `python_pool` log.
+fn pool_counts(path: &Path) -> Vec<u64> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .rfind(|l| l.split_whitespace().count() == 5)
+        .map(|l| {
+            l.split_whitespace()
+                .skip(1)
+                .filter_map(|w| w.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn python3_with_a_thread_pool_and_an_open_file_continues() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("pool.log");
+    let Some(mut child) = python_pool(&log) else {
+        eprintln!("skipped: no python3 on this machine");
+        return;
+    };
+    let pid = child.id() as i32;
+    wait_for_log(&log);
+    std::thread::sleep(Duration::from_millis(300));
+    let threads = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .count();
+    assert!(threads >= 5, "the pool runs: {threads} threads");
+    let tls = certs();
+    let port = free_port();
+    let _server = page_server(None, &format!("127.0.0.1:{port}"), tls.path());
+    let before = *counters(&log).last().unwrap();
+    let new = migrate(None, pid, &format!("127.0.0.1:{port}"), tls.path());
+    let _guard = Killed(vec![new]);
+    let _ = child.wait();
+    assert!(
+        matches!(proc_state(pid), '?' | 'Z' | 'X'),
+        "the source is gone"
+    );
+    let at = pool_counts(&log);
+    std::thread::sleep(Duration::from_millis(500));
+    let after = pool_counts(&log);
+    let values = counters(&log);
+    assert_eq!(
+        std::fs::read_dir(format!("/proc/{new}/task"))
+            .unwrap()
+            .count(),
+        threads,
+        "every thread came along"
+    );
+    assert!(*values.last().unwrap() > before, "the total grows");
+    assert!(
+        values.windows(2).all(|w| w[0] <= w[1]),
+        "the total never went back (no restart)"
+    );
+    assert_eq!(at.len(), 4);
+    for k in 0..4 {
+        assert!(
+            after[k] > at[k],
+            "worker {k} counts on: {at:?} -> {after:?}"
+        );
+    }
+}
+
 /// Two network namespaces joined by veth, removed on drop.
 struct Hosts {
     a: String,

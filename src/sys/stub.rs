@@ -44,6 +44,7 @@ use nix::errno::Errno;
 use crate::sys::vm::{self, VmError};
 
 const PTRACE_EVENT_STOP: i32 = 128;
+const PTRACE_EVENT_CLONE: i32 = 3;
 /// `si_status` of a syscall stop with `PTRACE_O_TRACESYSGOOD`.
 const SYSCALL_STOP: i32 = libc::SIGTRAP | 0x80;
 /// Not in every libc crate version.
@@ -205,6 +206,22 @@ mod req {
         Ok(())
     }
 
+    /// The message of the last ptrace event (the new tid after a clone).
+    pub fn event_msg(pid: i32) -> Result<u64, StubError> {
+        let mut msg: libc::c_ulong = 0;
+        // SAFETY: PTRACE_GETEVENTMSG writes one unsigned long to `data`.
+        let r = unsafe {
+            libc::ptrace(
+                libc::PTRACE_GETEVENTMSG,
+                pid,
+                0usize,
+                &mut msg as *mut libc::c_ulong,
+            )
+        };
+        errno_of(r).map_err(|errno| ptrace_err("PTRACE_GETEVENTMSG", pid, errno))?;
+        Ok(msg as u64)
+    }
+
     /// Waits for the next state change of the tracee; the raw status.
     pub fn wait(pid: i32) -> Result<i32, StubError> {
         let mut status = 0;
@@ -273,6 +290,10 @@ pub struct Stub {
     base: user_regs_struct,
     syscall_at: u64,
     alive: bool,
+    /// Threads made with [`Stub::clone_thread`], each with its registers at
+    /// its first stop (the base of its injections).
+    threads: Vec<(i32, user_regs_struct)>,
+    tracing_clones: bool,
     /// ptrace requests must come from the thread that attached.
     _not_send: PhantomData<*const ()>,
 }
@@ -357,6 +378,8 @@ impl Stub {
             },
             syscall_at: 0,
             alive: true,
+            threads: Vec::new(),
+            tracing_clones: false,
             _not_send: PhantomData,
         };
         let opts = (libc::PTRACE_O_TRACESYSGOOD | libc::PTRACE_O_EXITKILL) as libc::c_ulong;
@@ -411,7 +434,36 @@ impl Stub {
     /// The stub is left in the syscall-exit stop: the instruction after the
     /// `syscall` never runs.
     pub fn syscall(&mut self, nr: libc::c_long, args: [u64; 6]) -> Result<i64, StubError> {
-        let mut r = self.base;
+        let (pid, base) = (self.pid, self.base);
+        self.syscall_as(pid, base, nr, args)
+    }
+
+    /// The same in thread `tid` (one [`Stub::clone_thread`] made).
+    pub fn syscall_in(
+        &mut self,
+        tid: i32,
+        nr: libc::c_long,
+        args: [u64; 6],
+    ) -> Result<i64, StubError> {
+        let base = self
+            .threads
+            .iter()
+            .find(|t| t.0 == tid)
+            .map(|t| t.1)
+            .ok_or(StubError::Unexpected {
+                pid: tid,
+                what: "not a thread of the stub".into(),
+            })?;
+        self.syscall_as(tid, base, nr, args)
+    }
+
+    fn regs_for(
+        &self,
+        base: user_regs_struct,
+        nr: libc::c_long,
+        args: [u64; 6],
+    ) -> user_regs_struct {
+        let mut r = base;
         r.rip = self.syscall_at;
         r.rax = nr as u64;
         // -1: the kernel's restart logic must leave these registers alone.
@@ -422,24 +474,92 @@ impl Stub {
         r.r10 = args[3];
         r.r8 = args[4];
         r.r9 = args[5];
-        req::set_regs(self.pid, &r)?;
-        for phase in ["entry", "exit"] {
-            req::simple("PTRACE_SYSCALL", libc::PTRACE_SYSCALL, self.pid, 0)?;
-            let st = req::wait(self.pid)?;
-            if !(libc::WIFSTOPPED(st) && libc::WSTOPSIG(st) == SYSCALL_STOP) {
-                if libc::WIFEXITED(st) || libc::WIFSIGNALED(st) {
-                    self.alive = false;
-                }
-                return Err(StubError::Unexpected {
-                    pid: self.pid,
-                    what: format!(
-                        "syscall {nr}: {} instead of the {phase} stop",
-                        req::describe(st)
-                    ),
-                });
-            }
+        r
+    }
+
+    /// Resumes `tid` to its next stop, which must be a syscall stop.
+    fn syscall_stop(&mut self, tid: i32, what: &str) -> Result<(), StubError> {
+        req::simple("PTRACE_SYSCALL", libc::PTRACE_SYSCALL, tid, 0)?;
+        let st = req::wait(tid)?;
+        if libc::WIFSTOPPED(st) && libc::WSTOPSIG(st) == SYSCALL_STOP {
+            return Ok(());
         }
-        Ok(req::get_regs(self.pid)?.rax as i64)
+        if (libc::WIFEXITED(st) || libc::WIFSIGNALED(st)) && tid == self.pid {
+            self.alive = false;
+        }
+        Err(StubError::Unexpected {
+            pid: tid,
+            what: format!("{what}: {}", req::describe(st)),
+        })
+    }
+
+    fn syscall_as(
+        &mut self,
+        tid: i32,
+        base: user_regs_struct,
+        nr: libc::c_long,
+        args: [u64; 6],
+    ) -> Result<i64, StubError> {
+        req::set_regs(tid, &self.regs_for(base, nr, args))?;
+        for phase in ["entry", "exit"] {
+            self.syscall_stop(tid, &format!("syscall {nr}: instead of the {phase} stop"))?;
+        }
+        Ok(req::get_regs(tid)?.rax as i64)
+    }
+
+    /// Makes a new thread of the stub with `clone(flags, 0, 0, ctid, 0)`
+    /// from its main thread; the new thread is traced too and waits at its
+    /// first stop. Returns its tid (or the clone's `-errno`).
+    pub fn clone_thread(&mut self, flags: u64, ctid: u64) -> Result<i64, StubError> {
+        if !self.tracing_clones {
+            let opts =
+                libc::PTRACE_O_TRACESYSGOOD | libc::PTRACE_O_EXITKILL | libc::PTRACE_O_TRACECLONE;
+            req::simple(
+                "PTRACE_SETOPTIONS",
+                libc::PTRACE_SETOPTIONS,
+                self.pid,
+                opts as libc::c_ulong,
+            )?;
+            self.tracing_clones = true;
+        }
+        let pid = self.pid;
+        let regs = self.regs_for(self.base, libc::SYS_clone, [flags, 0, 0, ctid, 0, 0]);
+        req::set_regs(pid, &regs)?;
+        self.syscall_stop(pid, "clone: instead of the entry stop")?;
+        req::simple("PTRACE_SYSCALL", libc::PTRACE_SYSCALL, pid, 0)?;
+        let st = req::wait(pid)?;
+        let clone_event =
+            libc::WIFSTOPPED(st) && st >> 8 == (libc::SIGTRAP | (PTRACE_EVENT_CLONE << 8));
+        if !clone_event {
+            // A failed clone goes straight to the exit stop.
+            if libc::WIFSTOPPED(st) && libc::WSTOPSIG(st) == SYSCALL_STOP {
+                return Ok(req::get_regs(pid)?.rax as i64);
+            }
+            return Err(StubError::Unexpected {
+                pid,
+                what: format!("clone: {} instead of the clone event", req::describe(st)),
+            });
+        }
+        let tid = req::event_msg(pid)? as i32;
+        // The new thread's first stop; from here on it is ours to kill.
+        let st = req::wait(tid)?;
+        if !(libc::WIFSTOPPED(st) && st >> 16 == PTRACE_EVENT_STOP) {
+            return Err(StubError::Unexpected {
+                pid: tid,
+                what: format!(
+                    "new thread: {} instead of its first stop",
+                    req::describe(st)
+                ),
+            });
+        }
+        self.threads.push((tid, req::get_regs(tid)?));
+        self.syscall_stop(pid, "clone: instead of the exit stop")?;
+        Ok(req::get_regs(pid)?.rax as i64)
+    }
+
+    /// Sets the blocked signals of thread `tid` (the stub's or one it made).
+    pub fn set_sigmask_of(&self, tid: i32, mask: u64) -> Result<(), StubError> {
+        req::set_sigmask(tid, mask)
     }
 
     /// Writes `data` at `addr` of the stub (the page must be writable).
@@ -468,21 +588,46 @@ impl Stub {
     /// exactly this CPU's size), blocked signals, then the general
     /// registers, then detach. Returns the pid.
     pub fn resume(
-        mut self,
+        self,
         regs: &user_regs_struct,
         xstate: &[u8],
         sigmask: u64,
     ) -> Result<i32, StubError> {
-        if !xstate.is_empty() {
-            let mut buf = xstate.to_vec();
-            req::regset(self.pid, true, &mut buf)?;
+        let pid = self.pid;
+        self.resume_all(&[Resume {
+            tid: pid,
+            regs: *regs,
+            xstate,
+            sigmask,
+        }])
+    }
+
+    /// [`Stub::resume`] for every thread: each thread's state is set before
+    /// any is let go; the main thread goes last.
+    pub fn resume_all(mut self, threads: &[Resume<'_>]) -> Result<i32, StubError> {
+        for t in threads {
+            if !t.xstate.is_empty() {
+                let mut buf = t.xstate.to_vec();
+                req::regset(t.tid, true, &mut buf)?;
+            }
+            req::set_sigmask(t.tid, t.sigmask)?;
+            req::set_regs(t.tid, &t.regs)?;
         }
-        req::set_sigmask(self.pid, sigmask)?;
-        req::set_regs(self.pid, regs)?;
+        for t in threads.iter().filter(|t| t.tid != self.pid) {
+            req::simple("PTRACE_DETACH", libc::PTRACE_DETACH, t.tid, 0)?;
+        }
         req::simple("PTRACE_DETACH", libc::PTRACE_DETACH, self.pid, 0)?;
         self.alive = false;
         Ok(self.pid)
     }
+}
+
+/// What [`Stub::resume_all`] sets in one thread.
+pub struct Resume<'a> {
+    pub tid: i32,
+    pub regs: user_regs_struct,
+    pub xstate: &'a [u8],
+    pub sigmask: u64,
 }
 
 impl Drop for Stub {
@@ -493,8 +638,11 @@ impl Drop for Stub {
         // SAFETY: kill takes integers; the pid is our tracee, which cannot
         // have been reaped and reused while we trace it.
         unsafe { libc::kill(self.pid, libc::SIGKILL) };
-        // Collect the tracee exit notification; the real parent (init or a
-        // subreaper) reaps the zombie.
+        // Collect the tracees' exit notifications; the real parent (init or
+        // a subreaper) reaps the zombie.
+        for &(tid, _) in &self.threads {
+            let _ = req::wait(tid);
+        }
         let _ = req::wait(self.pid);
     }
 }
