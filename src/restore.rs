@@ -403,8 +403,10 @@ pub fn restore(tree: &pb::ProcessTree, img: &FlatImage) -> Result<i32> {
 pub struct Warm {
     tx: Option<std::sync::mpsc::Sender<Cmd>>,
     /// Counts layers as the worker finishes them.
-    applied_rx: std::sync::mpsc::Receiver<()>,
+    /// The stub's pid, once per layer the worker finishes.
+    applied_rx: std::sync::mpsc::Receiver<i32>,
     applied: u32,
+    stub_pid: Option<i32>,
     worker: Option<std::thread::JoinHandle<Result<i32, WarmFailure>>>,
     vmas: Vec<pb::Vma>,
     layers: u32,
@@ -453,6 +455,7 @@ impl Warm {
             tx: Some(tx),
             applied_rx,
             applied: 0,
+            stub_pid: None,
             worker: Some(worker),
             vmas: Vec::new(),
             layers: 0,
@@ -467,10 +470,7 @@ impl Warm {
     /// already given up; [`Warm::finish`] says why.
     pub fn layer(&mut self, img: FlatImage) -> Result<()> {
         let stopped = || RestoreError::Thread("the warm restore stopped".into());
-        while self.applied < self.layers {
-            self.applied_rx.recv().map_err(|_| stopped())?;
-            self.applied += 1;
-        }
+        self.catch_up().map_err(|_| stopped())?;
         self.vmas = img.vmas.clone();
         self.layers += 1;
         self.tx
@@ -479,9 +479,25 @@ impl Warm {
             .ok_or_else(stopped)
     }
 
+    /// Waits until every queued layer is in.
+    fn catch_up(&mut self) -> Result<(), std::sync::mpsc::RecvError> {
+        while self.applied < self.layers {
+            self.stub_pid = Some(self.applied_rx.recv()?);
+            self.applied += 1;
+        }
+        Ok(())
+    }
+
     /// Layers queued so far.
     pub fn layers(&self) -> u32 {
         self.layers
+    }
+
+    /// The waiting process, once every queued layer is in it (for tests and
+    /// diagnostics: it is stopped under ptrace until [`Warm::finish`]).
+    pub fn stub_pid(&mut self) -> Option<i32> {
+        self.catch_up().ok()?;
+        self.stub_pid
     }
 
     /// Checks the state against the last layer's mappings, then finishes
@@ -519,7 +535,7 @@ impl Drop for Warm {
 
 fn warm_worker(
     rx: std::sync::mpsc::Receiver<Cmd>,
-    applied: std::sync::mpsc::Sender<()>,
+    applied: std::sync::mpsc::Sender<i32>,
 ) -> Result<i32, WarmFailure> {
     let mut r: Option<Restorer> = None;
     let mut layers = 0u32;
@@ -539,7 +555,7 @@ fn warm_worker(
                     "layer laid into the restored process"
                 );
                 layers += 1;
-                let _ = applied.send(());
+                let _ = applied.send(restorer.stub.pid());
             }
             Ok(Cmd::Finish(p)) => {
                 let r = r.ok_or_else(|| {

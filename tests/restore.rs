@@ -667,6 +667,35 @@ fn layers_laid_one_by_one_restore_the_flat_image() {
 }
 
 #[test]
+fn an_abandoned_warm_restore_leaves_nothing_running() {
+    need_root!();
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let file: PathBuf = dir.path().join("count");
+    let original = start_counter(&file);
+    let frozen = Seized::seize(original.pid).unwrap();
+    let (_, img) = capture(original.pid, &frozen);
+    drop(frozen);
+    let mut warm = restore::Warm::start().unwrap();
+    warm.layer(img).unwrap();
+    let stub = warm.stub_pid().expect("the layer is in a stub");
+    assert_eq!(
+        status(stub).state,
+        't',
+        "the stub waits, stopped under ptrace"
+    );
+    // The session ends without a commit: the waiting process must go.
+    drop(warm);
+    wait_until("the stub to die", Duration::from_secs(10), || {
+        procfs::read_status(stub).map_or(true, |s| s.state == 'Z')
+    });
+    let n = read_counter(&file);
+    wait_until("the original to count on", Duration::from_secs(5), || {
+        counter(&file).is_some_and(|m| m > n)
+    });
+}
+
+#[test]
 fn a_failed_restore_leaves_nothing_running() {
     need_root!();
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
