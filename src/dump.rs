@@ -254,6 +254,12 @@ pub async fn dump_frozen(
     let state = capture_state(pid, &tracee)?;
     sink.state(state).await?;
     let t_state = Instant::now();
+    if restore {
+        // From the commit on, the destination may run the process: should
+        // ferry die before it has killed the source, the source must stay
+        // stopped, not run beside it.
+        tracee.guard_stop()?;
+    }
     let outcome = sink.commit(restore).await?;
     let frozen = t_freeze.elapsed();
     let parts = FrozenParts {

@@ -190,6 +190,7 @@ enum Cmd {
     IsFrozen(SyncSender<bool>),
     Freeze(Reply<()>),
     Thaw(Reply<()>),
+    GuardStop(Reply<()>),
     Syscall {
         nr: i64,
         args: [u64; 6],
@@ -291,6 +292,17 @@ impl Tracee {
     /// thread that was in a job-control stop stays stopped). Idempotent.
     pub fn thaw(&self) -> Result<(), PtraceError> {
         self.call(Cmd::Thaw).unwrap_or(Err(PtraceError::TracerGone))
+    }
+
+    /// Queues a SIGSTOP while every thread is held, so that if ferry dies
+    /// from here on (the tracer goes, the kernel lets the threads go) the
+    /// process stops instead of running: once the destination may run it,
+    /// a stopped source is the safe leftover, a running one a duplicate. A
+    /// normal [`Tracee::detach`] without `leave_stopped` cancels it with a
+    /// SIGCONT (which the process sees, if it handles SIGCONT).
+    pub fn guard_stop(&self) -> Result<(), PtraceError> {
+        self.call(Cmd::GuardStop)
+            .unwrap_or(Err(PtraceError::TracerGone))
     }
 
     /// Whether every thread is in a ptrace stop.
@@ -503,6 +515,8 @@ struct Worker {
     /// False when ferry is the target's real parent: its exit status then
     /// belongs to whoever spawned it.
     reap_leader: bool,
+    /// A SIGSTOP is queued (see [`Tracee::guard_stop`]).
+    stop_guard: bool,
     dead: bool,
     detached: bool,
     insn: Option<u64>,
@@ -521,6 +535,7 @@ impl Worker {
             threads: BTreeMap::new(),
             want_frozen: false,
             reap_leader: parent != Some(std::process::id() as i32),
+            stop_guard: false,
             dead: false,
             detached: false,
             insn: None,
@@ -580,6 +595,9 @@ impl Worker {
                 Cmd::IsFrozen(reply) => {
                     let _ = self.service();
                     let _ = reply.send(self.is_frozen());
+                }
+                Cmd::GuardStop(reply) => {
+                    let _ = reply.send(self.guard_stop());
                 }
                 Cmd::Freeze(reply) => {
                     let _ = reply.send(self.freeze());
@@ -1291,6 +1309,22 @@ impl Worker {
         Err(PtraceError::NoSyscallInsn(self.pid))
     }
 
+    fn guard_stop(&mut self) -> Result<(), PtraceError> {
+        if !self.is_frozen() {
+            return Err(PtraceError::Unexpected {
+                tid: self.pid,
+                what: "the stop guard needs every thread held".into(),
+            });
+        }
+        kill(Pid::from_raw(self.pid), Signal::SIGSTOP).map_err(|errno| PtraceError::Os {
+            op: "kill(SIGSTOP)",
+            tid: self.pid,
+            errno,
+        })?;
+        self.stop_guard = true;
+        Ok(())
+    }
+
     fn detach(&mut self, leave_stopped: bool) -> Result<(), PtraceError> {
         self.detached = true;
         if self.dead || self.threads.is_empty() {
@@ -1299,7 +1333,13 @@ impl Worker {
         }
         // PTRACE_DETACH needs a ptrace stop (a listening thread is not).
         let frozen = self.freeze();
-        if leave_stopped && frozen.is_ok() {
+        if self.stop_guard && !leave_stopped {
+            // Discards the queued SIGSTOP.
+            if let Err(errno) = kill(Pid::from_raw(self.pid), Signal::SIGCONT) {
+                tracing::warn!(pid = self.pid, "SIGCONT cancelling the stop guard: {errno}");
+            }
+        }
+        if leave_stopped && frozen.is_ok() && !self.stop_guard {
             // Queued while every thread is held: each one takes the group
             // stop on its way out of the ptrace stop, before user code.
             if let Err(errno) = kill(Pid::from_raw(self.pid), Signal::SIGSTOP) {

@@ -12,7 +12,10 @@
 //! **The stub's birth.** After `fork` in a multi-threaded process the child
 //! may only make async-signal-safe calls: no allocation, no locks. The child
 //! forks again and exits; the grandchild calls `setsid`, reports its pid
-//! through a pipe and loops in `pause`. So the restored process is the
+//! through a pipe and waits reading a second pipe whose write end only
+//! ferry holds: if ferry dies before it has seized the stub (from then on
+//! `PTRACE_O_EXITKILL` takes care), the read sees end-of-file and the stub
+//! exits instead of waiting forever. So the restored process is the
 //! leader of its own session and its parent is init (or the nearest child
 //! subreaper) from the start: it outlives ferry, and ferry leaves no zombie
 //! behind (it reaps the short-lived middle child at once; the restored
@@ -37,6 +40,7 @@
 
 use std::io;
 use std::marker::PhantomData;
+use std::os::fd::FromRawFd;
 
 use libc::user_regs_struct;
 use nix::errno::Errno;
@@ -309,37 +313,63 @@ impl Stub {
     /// `PTRACE_O_EXITKILL` (if ferry dies mid-restore, so does the stub) and
     /// stops it.
     pub fn spawn() -> Result<Stub, StubError> {
-        let mut fds = [0; 2];
-        // SAFETY: pipe2 writes two fds into the array.
-        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-            return Err(StubError::Os {
-                op: "pipe2",
-                errno: Errno::last(),
-            });
-        }
-        let [rd, wr] = fds;
+        let pipe = || {
+            let mut fds = [0; 2];
+            // SAFETY: pipe2 writes two fds into the array.
+            if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+                return Err(StubError::Os {
+                    op: "pipe2",
+                    errno: Errno::last(),
+                });
+            }
+            Ok(fds)
+        };
+        let [rd, wr] = pipe()?;
+        let [go_rd, go_wr] = match pipe() {
+            Ok(p) => p,
+            Err(e) => {
+                // SAFETY: closing the first pipe, ours alone.
+                unsafe {
+                    libc::close(rd);
+                    libc::close(wr);
+                }
+                return Err(e);
+            }
+        };
         // SAFETY: the child only makes async-signal-safe calls (fork,
-        // setsid, getpid, write, pause, _exit) and never returns into Rust.
+        // setsid, getpid, close, write, read, _exit) and never returns into
+        // Rust.
         let middle = unsafe { libc::fork() };
         if middle == 0 {
             // SAFETY: async-signal-safe calls only, in the forked child; no
             // memory is allocated and `wr` stays open for the grandchild.
             unsafe {
                 if libc::fork() == 0 {
+                    libc::close(go_wr);
                     if libc::setsid() < 0 {
                         libc::_exit(1);
                     }
                     let pid: i32 = libc::getpid();
                     libc::write(wr, (&pid as *const i32).cast(), 4);
-                    loop {
-                        libc::pause();
-                    }
+                    let mut b = 0u8;
+                    while libc::read(go_rd, (&mut b as *mut u8).cast(), 1) < 0
+                        && *libc::__errno_location() == libc::EINTR
+                    {}
+                    libc::_exit(1);
                 }
                 libc::_exit(0);
             }
         }
-        // SAFETY: closing our copy of the write end, which nothing else uses.
-        unsafe { libc::close(wr) };
+        // SAFETY: closing our copies of the ends the stub uses, which
+        // nothing else here does.
+        unsafe {
+            libc::close(wr);
+            libc::close(go_rd);
+        }
+        // Closed when this function returns: by then the stub is seized
+        // (with EXITKILL) or killed.
+        // SAFETY: go_wr is a fresh fd owned by nobody else.
+        let _go = unsafe { std::os::fd::OwnedFd::from_raw_fd(go_wr) };
         if middle < 0 {
             let errno = Errno::last();
             // SAFETY: closing the read end, ours alone.
