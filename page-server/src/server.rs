@@ -1,7 +1,8 @@
 //! The page server: a QUIC endpoint (mutual TLS, see [`crate::tls`]) that
-//! runs one session per connection against the shared [`Store`]. The
-//! session driver is written against [`crate::transport::Conn`], so another
-//! transport can carry the same sessions.
+//! runs one session per connection against the shared [`Store`]; or, as a
+//! benchmark baseline, a plain-TCP listener with the same framing
+//! ([`crate::tcp`]). The session driver is the same over both, written
+//! against [`crate::transport::Conn`].
 //!
 //! Per connection, one task owns the session's [`Receiver`] and store handle
 //! and is the only one to touch them; data streams are read and their
@@ -29,6 +30,7 @@ use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
 use crate::store::{SessionStore, Store, StoreError};
+use crate::tcp::TcpError;
 use crate::transport::{Conn, QuicConn, Until};
 
 /// Restores a committed image (hooked in by the `ferry` crate, which owns
@@ -53,8 +55,18 @@ pub trait Restorer: Send + Sync + 'static {
     }
 }
 
+/// What the page server listens with.
+pub enum Transport {
+    /// QUIC with mutual TLS: the transport for real migrations.
+    Quic(quinn::ServerConfig),
+    /// Plain TCP with the same framing, unencrypted and unauthenticated: a
+    /// benchmark baseline. Binding a non-loopback address is refused
+    /// unless `allow_remote`.
+    Tcp { allow_remote: bool },
+}
+
 pub struct Config {
-    pub tls: quinn::ServerConfig,
+    pub transport: Transport,
     pub store: Arc<dyn Store>,
     pub restorer: Option<Arc<dyn Restorer>>,
     /// Sessions served at once; further connections are refused.
@@ -64,9 +76,24 @@ pub struct Config {
 }
 
 impl Config {
+    /// QUIC with mutual TLS.
     pub fn new(tls: quinn::ServerConfig, store: Arc<dyn Store>) -> Self {
+        Self::with_transport(Transport::Quic(tls), store)
+    }
+
+    /// Plain TCP, loopback only (see [`Transport::Tcp`]).
+    pub fn tcp(store: Arc<dyn Store>) -> Self {
+        Self::with_transport(
+            Transport::Tcp {
+                allow_remote: false,
+            },
+            store,
+        )
+    }
+
+    pub fn with_transport(transport: Transport, store: Arc<dyn Store>) -> Self {
         Self {
-            tls,
+            transport,
             store,
             restorer: None,
             max_sessions: 32,
@@ -83,6 +110,8 @@ pub enum ServerError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Plaintext(#[from] TcpError),
 }
 
 /// Why one session ended badly.
@@ -131,19 +160,30 @@ pub struct PageServer {
 
 enum Listener {
     Quic(quinn::Endpoint),
+    // Made a tokio listener in `run`, inside the runtime.
+    Tcp(std::net::TcpListener),
 }
 
-struct Shared {
-    store: Arc<dyn Store>,
-    restorer: Option<Arc<dyn Restorer>>,
-    max_sessions: usize,
-    handshake_timeout: Duration,
+pub(crate) struct Shared {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) restorer: Option<Arc<dyn Restorer>>,
+    pub(crate) max_sessions: usize,
+    pub(crate) handshake_timeout: Duration,
 }
 
 impl PageServer {
     pub fn bind(addr: SocketAddr, cfg: Config) -> Result<Self, ServerError> {
         let bind_err = |source| ServerError::Bind { addr, source };
-        let listener = Listener::Quic(crate::tls::endpoint(addr, Some(cfg.tls)).map_err(bind_err)?);
+        let listener = match cfg.transport {
+            Transport::Quic(tls) => {
+                Listener::Quic(crate::tls::endpoint(addr, Some(tls)).map_err(bind_err)?)
+            }
+            Transport::Tcp { allow_remote } => {
+                crate::tcp::check_plaintext_addr(addr, allow_remote)?;
+                warn!(%addr, "{}", crate::tcp::WARNING);
+                Listener::Tcp(std::net::TcpListener::bind(addr).map_err(bind_err)?)
+            }
+        };
         Ok(Self {
             listener,
             shared: Arc::new(Shared {
@@ -158,6 +198,7 @@ impl PageServer {
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         match &self.listener {
             Listener::Quic(e) => e.local_addr(),
+            Listener::Tcp(l) => l.local_addr(),
         }
     }
 
@@ -165,6 +206,7 @@ impl PageServer {
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         match self.listener {
             Listener::Quic(endpoint) => run_quic(endpoint, self.shared, shutdown).await,
+            Listener::Tcp(l) => crate::tcp::run(l, self.shared, shutdown).await,
         }
     }
 }
@@ -218,7 +260,7 @@ async fn serve_quic(incoming: quinn::Incoming, shared: Arc<Shared>) {
 }
 
 /// Runs one session on an accepted connection, to its end.
-async fn serve<C: Conn>(conn: Arc<C>, shared: Arc<Shared>) {
+pub(crate) async fn serve<C: Conn>(conn: Arc<C>, shared: Arc<Shared>) {
     let peer = conn.remote_address();
     let mut s = Session {
         conn: conn.clone(),

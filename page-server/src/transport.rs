@@ -1,13 +1,13 @@
 //! What a session needs from the connection that carries it, so that one
-//! session driver ([`crate::server`]) can run unchanged over QUIC with
-//! mutual TLS and over other transports (a plain-TCP baseline is next).
+//! session driver ([`crate::server`]) runs unchanged over QUIC with mutual
+//! TLS and over the plain-TCP baseline ([`crate::tcp`]).
 //!
 //! A connection gives a control stream (both directions), then any number
-//! of data streams (source to server), and a way to end it. Transports
-//! differ in how an ending is told: QUIC carries a close code and reason
-//! and acknowledges stream data; plain TCP has neither, so there the
+//! of data streams (source to server), and a way to end it. The two
+//! transports differ in how an ending is told: QUIC carries a close code
+//! and reason and acknowledges stream data; TCP has neither, so there the
 //! session's last control message (an `Abort` with the reason, which the
-//! session sends on any transport) is the explanation, and the peer
+//! session sends on either transport) is the explanation, and the peer
 //! closing its side is the only sign it has read it.
 
 use std::future::Future;
