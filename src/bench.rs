@@ -6,10 +6,13 @@
 //! Modes change one thing each against `iterative` (the default
 //! migration): `stop-and-copy` (no pre-dump round: the baseline for
 //! downtime), `no-zstd`, `checksum` (tracking by hashing instead of
-//! uffd-wp), `one-stream` (one QUIC data stream instead of four). Each run
-//! reports its rounds (pages, bytes raw and on the wire, time, rate,
-//! predicted downtime) and its downtime broken into parts (freeze, final
-//! round, state, restore); each mode the medians and min–max over the runs.
+//! uffd-wp), `one-stream` (one QUIC data stream instead of four), `tcp`
+//! (plain TCP with the same framing instead of QUIC with mutual TLS: the
+//! baseline for what the secure transport costs). Each run reports its
+//! rounds (pages, bytes raw and on the wire, time, rate, predicted
+//! downtime) and its downtime broken into parts (freeze, final round,
+//! state, restore); each mode the medians and min–max over the runs, and
+//! the rate of round 0, the bulk copy, where the transport shows most.
 
 use std::fmt::Write as _;
 use std::io::Write;
@@ -22,6 +25,7 @@ use crate::loopback::Loopback;
 use crate::migrate::migrate;
 use crate::policy::Policy;
 use crate::track::Backend;
+use crate::workload::Fill;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
@@ -38,7 +42,9 @@ pub enum BenchError {
         #[source]
         source: crate::migrate::MigrateError,
     },
-    #[error("unknown mode {0:?}: use iterative, stop-and-copy, no-zstd, checksum or one-stream")]
+    #[error(
+        "unknown mode {0:?}: use iterative, stop-and-copy, no-zstd, checksum, one-stream or tcp"
+    )]
     Mode(String),
 }
 
@@ -50,15 +56,18 @@ pub enum Mode {
     NoZstd,
     Checksum,
     OneStream,
+    /// Iterative over plain TCP (unencrypted, loopback only).
+    Tcp,
 }
 
 impl Mode {
-    pub const ALL: [Mode; 5] = [
+    pub const ALL: [Mode; 6] = [
         Mode::Iterative,
         Mode::StopAndCopy,
         Mode::NoZstd,
         Mode::Checksum,
         Mode::OneStream,
+        Mode::Tcp,
     ];
 
     pub fn name(self) -> &'static str {
@@ -68,6 +77,7 @@ impl Mode {
             Mode::NoZstd => "no-zstd",
             Mode::Checksum => "checksum",
             Mode::OneStream => "one-stream",
+            Mode::Tcp => "tcp",
         }
     }
 
@@ -86,6 +96,8 @@ pub struct BenchOptions {
     pub dirty_rate: u64,
     pub runs: usize,
     pub modes: Vec<Mode>,
+    /// What the workload's memory holds.
+    pub fill: Fill,
 }
 
 /// One migration.
@@ -109,6 +121,19 @@ impl Run {
                 }
             })
             .sum()
+    }
+
+    /// Round 0 (every page, while the process runs) in MB/s: raw bytes,
+    /// or bytes on the wire.
+    fn round0_rate(&self, wire: bool) -> f64 {
+        self.rounds.first().map_or(f64::NAN, |r| {
+            let bytes = if wire {
+                r.stats.wire_bytes
+            } else {
+                r.stats.raw_bytes
+            };
+            bytes as f64 / r.total.as_secs_f64().max(1e-9) / 1e6
+        })
     }
 }
 
@@ -164,16 +189,30 @@ pub async fn run(
     opts: &BenchOptions,
     out: &mut (dyn Write + Send),
 ) -> Result<Vec<ModeResult>, BenchError> {
-    let server = Loopback::start()?;
-    let store = server.store.clone();
-
+    // One page server per transport, started when a mode first needs it.
+    let (mut quic, mut tcp) = (None, None);
     let mut results = Vec::new();
     let total_runs = opts.runs;
     for &mode in &opts.modes {
+        let slot = if mode == Mode::Tcp {
+            &mut tcp
+        } else {
+            &mut quic
+        };
+        let server: &Loopback = match slot {
+            Some(s) => s,
+            None => slot.insert(if mode == Mode::Tcp {
+                Loopback::start_tcp()?
+            } else {
+                Loopback::start()?
+            }),
+        };
+        let store = server.store.clone();
         let mut runs = Vec::new();
         for run in 1..=total_runs {
             let log = server.scratch().join(format!("{}-{run}.log", mode.name()));
-            let (mut child, _) = crate::workload::spawn(opts.mib, opts.dirty_rate, &log)?;
+            let (mut child, _) =
+                crate::workload::spawn(opts.mib, opts.dirty_rate, opts.fill, &log)?;
             // Let it dirty memory at its pace before the migration starts.
             tokio::time::sleep(Duration::from_millis(500)).await;
             let connect = server.connect(if mode == Mode::OneStream { 1 } else { 4 })?;
@@ -232,7 +271,9 @@ pub async fn run(
         }
         results.push(ModeResult { mode, runs });
     }
-    server.stop().await;
+    for s in [quic, tcp].into_iter().flatten() {
+        s.stop().await;
+    }
     let _ = write!(out, "{}", table(&results));
     Ok(results)
 }
@@ -247,7 +288,7 @@ pub fn table(results: &[ModeResult]) -> String {
         .map(|r| r.figure(|x| ms(x.downtime)).median);
     let _ = writeln!(
         t,
-        "\n{:<14} {:>22} {:>8} {:>7} {:>7} {:>7} {:>9} {:>7} {:>9} {:>9}",
+        "\n{:<14} {:>22} {:>8} {:>7} {:>7} {:>7} {:>9} {:>7} {:>9} {:>9} {:>9} {:>9}",
         "mode",
         "downtime ms med (min-max)",
         "vs s&c",
@@ -257,7 +298,9 @@ pub fn table(results: &[ModeResult]) -> String {
         "restore",
         "rounds",
         "raw MiB",
-        "wire MiB"
+        "wire MiB",
+        "r0 MB/s",
+        "r0 wire"
     );
     for r in results {
         let d = r.figure(|x| ms(x.downtime));
@@ -265,7 +308,7 @@ pub fn table(results: &[ModeResult]) -> String {
         let mib = |wire| r.figure(|x| x.bytes(wire) as f64 / (1 << 20) as f64).median;
         let _ = writeln!(
             t,
-            "{:<14} {:>8.1} ({:>5.0}-{:<5.0}) {:>8} {:>7.2} {:>7.1} {:>7.1} {:>9.1} {:>7.0} {:>9.1} {:>9.1}",
+            "{:<14} {:>8.1} ({:>5.0}-{:<5.0}) {:>8} {:>7.2} {:>7.1} {:>7.1} {:>9.1} {:>7.0} {:>9.1} {:>9.1} {:>9.0} {:>9.0}",
             r.mode.name(),
             d.median,
             d.min,
@@ -278,6 +321,15 @@ pub fn table(results: &[ModeResult]) -> String {
             r.figure(|x| x.rounds.len() as f64).median,
             mib(false),
             mib(true),
+            r.figure(|x| x.round0_rate(false)).median,
+            r.figure(|x| x.round0_rate(true)).median,
+        );
+    }
+    if let Some(ratio) = quic_vs_tcp(results) {
+        let _ = writeln!(
+            t,
+            "\nQUIC with mutual TLS moves {ratio:.2} x the bytes per second of plain TCP \
+             (round 0 on the wire, medians of iterative / tcp)"
         );
     }
     if let Some(run) = results
@@ -309,6 +361,18 @@ pub fn table(results: &[ModeResult]) -> String {
     t
 }
 
+/// Median round-0 wire rate of `iterative` (QUIC) over that of `tcp`, when
+/// both ran.
+pub fn quic_vs_tcp(results: &[ModeResult]) -> Option<f64> {
+    let rate = |m| {
+        results
+            .iter()
+            .find(|r| r.mode == m)
+            .map(|r| r.figure(|x| x.round0_rate(true)).median)
+    };
+    Some(rate(Mode::Iterative)? / rate(Mode::Tcp)?)
+}
+
 pub fn json(results: &[ModeResult]) -> serde_json::Value {
     let s = |v: Spread| serde_json::json!({"median": v.median, "min": v.min, "max": v.max});
     serde_json::Value::Array(
@@ -325,6 +389,10 @@ pub fn json(results: &[ModeResult]) -> serde_json::Value {
                         "restore": s(r.figure(|x| ms(x.parts.commit))),
                     },
                     "total_s": s(r.figure(|x| x.total.as_secs_f64())),
+                    "round0_mb_s": {
+                        "raw": s(r.figure(|x| x.round0_rate(false))),
+                        "wire": s(r.figure(|x| x.round0_rate(true))),
+                    },
                     "runs": r.runs.iter().map(|run| serde_json::json!({
                         "downtime_ms": ms(run.downtime),
                         "rounds": run.rounds.iter().map(|x| serde_json::json!({
@@ -433,6 +501,48 @@ mod tests {
             assert_eq!(Mode::parse(m.name()).unwrap(), m);
         }
         assert!(Mode::parse("teleport").is_err());
+    }
+
+    fn run_at(mb_per_s: u64) -> Run {
+        let round = |round: u32, bytes: u64| RoundReport {
+            round,
+            frozen: round > 0,
+            dirty_pages: bytes / 4096,
+            stats: crate::client::LayerStats {
+                raw_bytes: bytes,
+                wire_bytes: bytes / 2,
+                ..Default::default()
+            },
+            scan: Duration::ZERO,
+            total: Duration::from_millis(500),
+            predicted_downtime: None,
+        };
+        Run {
+            // Round 0 moves mb_per_s / 2 MB in half a second; the frozen
+            // round after it must not count.
+            rounds: vec![round(0, mb_per_s * 500_000), round(1, 1)],
+            downtime: Duration::from_millis(10),
+            parts: FrozenParts::default(),
+            total: Duration::from_secs(1),
+        }
+    }
+
+    #[test]
+    fn round0_rates_and_the_transport_ratio() {
+        let r = run_at(800);
+        assert!((r.round0_rate(false) - 800.0).abs() < 1e-6);
+        assert!((r.round0_rate(true) - 400.0).abs() < 1e-6);
+        let mode = |mode, rates: &[u64]| ModeResult {
+            mode,
+            runs: rates.iter().map(|&x| run_at(x)).collect(),
+        };
+        let quic = mode(Mode::Iterative, &[700, 600, 900]);
+        let tcp = mode(Mode::Tcp, &[1000, 800, 1200]);
+        assert_eq!(quic_vs_tcp(std::slice::from_ref(&quic)), None);
+        let ratio = quic_vs_tcp(&[quic.clone(), tcp.clone()]).unwrap();
+        assert!((ratio - 0.7).abs() < 1e-9, "{ratio}");
+        let t = table(&[quic, tcp]);
+        assert!(t.contains("r0 MB/s") && t.contains("0.70 x"), "{t}");
     }
 
     #[test]

@@ -68,7 +68,12 @@ pub async fn run(
     );
 
     let log = server.scratch().join("workload.log");
-    let (mut child, before) = crate::workload::spawn(opts.mib, opts.dirty_rate, &log)?;
+    let (mut child, before) = crate::workload::spawn(
+        opts.mib,
+        opts.dirty_rate,
+        crate::workload::Fill::Mixed,
+        &log,
+    )?;
     let pid = child.id() as i32;
     let _ = writeln!(
         out,

@@ -167,12 +167,18 @@ enum Command {
         #[arg(long, default_value_t = 5)]
         runs: usize,
         /// Modes to run: iterative, stop-and-copy, no-zstd, checksum,
-        /// one-stream (comma separated).
+        /// one-stream, tcp (comma separated).
         #[arg(long, value_delimiter = ',', default_value = "iterative")]
         modes: Vec<String>,
-        /// All modes (stop-and-copy is the baseline the ratios use).
+        /// All modes (stop-and-copy is the baseline the downtime ratios
+        /// use, tcp the one for the transport's rate).
         #[arg(long)]
         compare: bool,
+        /// The workload's memory: "mixed" (zero, text-like and random
+        /// pages) or "random" (incompressible: the transport's rate
+        /// undiluted).
+        #[arg(long, default_value = "mixed")]
+        fill: String,
         /// Write the results as JSON to this file.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -189,6 +195,10 @@ enum Command {
         /// Pages rewritten per second.
         #[arg(long, default_value_t = 0.0)]
         dirty_rate: f64,
+        /// "mixed" (30 % zero, 60 % text-like, 10 % random pages) or
+        /// "random".
+        #[arg(long, default_value = "mixed")]
+        fill: String,
         /// File the counter is appended to.
         #[arg(long)]
         log_file: PathBuf,
@@ -375,10 +385,13 @@ fn main() -> Result<()> {
     if let Command::Workload {
         mib,
         dirty_rate,
+        fill,
         log_file,
     } = &cli.command
     {
-        ferry::workload::run(*mib, *dirty_rate, log_file)?;
+        let fill = ferry::workload::Fill::parse(fill)
+            .with_context(|| format!("unknown --fill {fill:?}: use mixed or random"))?;
+        ferry::workload::run(*mib, *dirty_rate, fill, log_file)?;
         return Ok(());
     }
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -610,6 +623,7 @@ async fn run(command: Command) -> Result<()> {
             runs,
             modes,
             compare,
+            fill,
             json,
             svg,
         } => {
@@ -621,11 +635,14 @@ async fn run(command: Command) -> Result<()> {
                     .map(|m| ferry::bench::Mode::parse(m))
                     .collect::<Result<Vec<_>, _>>()?
             };
+            let fill = ferry::workload::Fill::parse(&fill)
+                .with_context(|| format!("unknown --fill {fill:?}: use mixed or random"))?;
             let opts = ferry::bench::BenchOptions {
                 mib: size,
                 dirty_rate,
                 runs: runs.max(1),
                 modes,
+                fill,
             };
             let results = ferry::bench::run(&opts, &mut std::io::stdout()).await?;
             if let Some(path) = json {

@@ -23,9 +23,39 @@ pub enum WorkloadError {
     },
 }
 
-/// Runs forever: `mib` MiB of text-like pages, `dirty_pages_per_sec` of
-/// them rewritten each second, the counter logged every 100 ms.
-pub fn run(mib: usize, dirty_pages_per_sec: f64, log: &Path) -> Result<(), WorkloadError> {
+/// What the workload's memory holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fill {
+    /// 30 % zero, 60 % text-like, 10 % random pages, as a typical heap.
+    Mixed,
+    /// Incompressible pages only: every byte crosses the wire, so the
+    /// transport's rate shows undiluted.
+    Random,
+}
+
+impl Fill {
+    pub fn name(self) -> &'static str {
+        match self {
+            Fill::Mixed => "mixed",
+            Fill::Random => "random",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Fill> {
+        [Fill::Mixed, Fill::Random]
+            .into_iter()
+            .find(|f| f.name() == s)
+    }
+}
+
+/// Runs forever: `mib` MiB of pages as `fill` says, `dirty_pages_per_sec`
+/// of them rewritten each second, the counter logged every 100 ms.
+pub fn run(
+    mib: usize,
+    dirty_pages_per_sec: f64,
+    fill_with: Fill,
+    log: &Path,
+) -> Result<(), WorkloadError> {
     let io = |what: &str| {
         let what = what.to_string();
         move |source| WorkloadError::Io { what, source }
@@ -40,10 +70,11 @@ pub fn run(mib: usize, dirty_pages_per_sec: f64, log: &Path) -> Result<(), Workl
     let mut memory = vec![0u8; mib << 20];
     let mut rng = Rng::new(1);
     for (i, page) in memory.chunks_mut(ps).enumerate() {
-        let c = match i % 10 {
-            0..=2 => Content::Zero,
-            3..=8 => Content::Text,
-            _ => Content::Random,
+        let c = match (fill_with, i % 10) {
+            (Fill::Random, _) => Content::Random,
+            (Fill::Mixed, 0..=2) => Content::Zero,
+            (Fill::Mixed, 3..=8) => Content::Text,
+            (Fill::Mixed, _) => Content::Random,
         };
         fill(page, c, i as u64);
     }
@@ -76,6 +107,7 @@ pub fn run(mib: usize, dirty_pages_per_sec: f64, log: &Path) -> Result<(), Workl
 pub fn spawn(
     mib: u64,
     dirty_pages_per_sec: u64,
+    fill_with: Fill,
     log: &Path,
 ) -> Result<(Child, u64), WorkloadError> {
     let io = |what: &str| {
@@ -88,6 +120,8 @@ pub fn spawn(
         .args([
             "--dirty-rate",
             &dirty_pages_per_sec.to_string(),
+            "--fill",
+            fill_with.name(),
             "--log-file",
         ])
         .arg(log)
