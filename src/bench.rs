@@ -8,11 +8,14 @@
 //! pre-dump round: the baseline for downtime), `cold-restore` (the page
 //! server restores only at commit), `no-zstd`, `checksum` (tracking by
 //! hashing instead of uffd-wp), `one-stream` (one QUIC data stream instead
-//! of four). Each run reports its rounds (pages, bytes raw and on the wire,
+//! of four), `tcp` (plain TCP with the same framing instead of QUIC with
+//! mutual TLS: the baseline for what the secure transport costs; its
+//! page server restores warm too). Each run reports its rounds (pages, bytes raw and on the wire,
 //! time, rate, predicted downtime), its downtime broken into parts (freeze,
 //! final round, state, restore), how much the rounds slowed the workload,
 //! and that the migrated workload found its whole memory intact; each mode
-//! the medians and min–max over the runs, for each memory size asked.
+//! the medians and min–max over the runs, and the rate of round 0 (the bulk
+//! copy, where the transport shows most), for each memory size asked.
 //!
 //! The workload is `ferry workload --busy`: it counts fixed units of
 //! computation, so its count per second before the migration against
@@ -48,7 +51,7 @@ pub enum BenchError {
         #[source]
         source: crate::migrate::MigrateError,
     },
-    #[error("unknown mode {0:?}: use iterative, stop-and-copy, cold-restore, no-zstd, checksum or one-stream")]
+    #[error("unknown mode {0:?}: use iterative, stop-and-copy, cold-restore, no-zstd, checksum, one-stream or tcp")]
     Mode(String),
     #[error("{mode}, run {run}: the migrated workload is not intact: {source}")]
     Verify {
@@ -68,16 +71,19 @@ pub enum Mode {
     NoZstd,
     Checksum,
     OneStream,
+    /// Iterative over plain TCP (unencrypted, loopback only).
+    Tcp,
 }
 
 impl Mode {
-    pub const ALL: [Mode; 6] = [
+    pub const ALL: [Mode; 7] = [
         Mode::Iterative,
         Mode::StopAndCopy,
         Mode::ColdRestore,
         Mode::NoZstd,
         Mode::Checksum,
         Mode::OneStream,
+        Mode::Tcp,
     ];
 
     pub fn name(self) -> &'static str {
@@ -88,6 +94,7 @@ impl Mode {
             Mode::NoZstd => "no-zstd",
             Mode::Checksum => "checksum",
             Mode::OneStream => "one-stream",
+            Mode::Tcp => "tcp",
         }
     }
 
@@ -157,6 +164,19 @@ pub struct Run {
 }
 
 impl Run {
+    /// Round 0 (every page, while the process runs) in MB/s: raw bytes,
+    /// or bytes on the wire.
+    fn round0_rate(&self, wire: bool) -> f64 {
+        self.rounds.first().map_or(f64::NAN, |r| {
+            let bytes = if wire {
+                r.stats.wire_bytes
+            } else {
+                r.stats.raw_bytes
+            };
+            bytes as f64 / r.total.as_secs_f64().max(1e-9) / 1e6
+        })
+    }
+
     fn bytes(&self, wire: bool) -> u64 {
         self.rounds
             .iter()
@@ -237,11 +257,17 @@ pub async fn run(
     } else {
         None
     };
+    let tcp = if opts.modes.contains(&Mode::Tcp) {
+        Some(Loopback::start_tcp()?)
+    } else {
+        None
+    };
     let mut results = Vec::new();
     for &mib in &opts.sizes {
         for &mode in &opts.modes {
-            let server = match (&cold, mode) {
-                (Some(c), Mode::ColdRestore) => c,
+            let server = match (&cold, &tcp, mode) {
+                (Some(c), _, Mode::ColdRestore) => c,
+                (_, Some(t), Mode::Tcp) => t,
                 _ => &warm,
             };
             let mut runs = Vec::new();
@@ -266,8 +292,8 @@ pub async fn run(
         }
     }
     warm.stop().await;
-    if let Some(c) = cold {
-        c.stop().await;
+    for s in [cold, tcp].into_iter().flatten() {
+        s.stop().await;
     }
     let _ = write!(out, "{}", table(&results));
     Ok(results)
@@ -387,7 +413,7 @@ pub fn table(results: &[ModeResult]) -> String {
             .map(|r| r.figure(|x| ms(x.downtime)).median);
         let _ = writeln!(
             t,
-            "\n{mib} MiB\n{:<14} {:>22} {:>8} {:>7} {:>7} {:>7} {:>9} {:>7} {:>9} {:>9} {:>9}",
+            "\n{mib} MiB\n{:<14} {:>22} {:>8} {:>7} {:>7} {:>7} {:>9} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9}",
             "mode",
             "downtime ms med (min-max)",
             "vs s&c",
@@ -398,6 +424,8 @@ pub fn table(results: &[ModeResult]) -> String {
             "rounds",
             "raw MiB",
             "wire MiB",
+            "r0 MB/s",
+            "r0 wire",
             "slowdown"
         );
         for r in &group {
@@ -412,7 +440,7 @@ pub fn table(results: &[ModeResult]) -> String {
             };
             let _ = writeln!(
                 t,
-                "{:<14} {:>8.1} ({:>5.0}-{:<5.0}) {:>8} {:>7.2} {:>7.1} {:>7.1} {:>9.1} {:>7.0} {:>9.1} {:>9.1} {:>9}",
+                "{:<14} {:>8.1} ({:>5.0}-{:<5.0}) {:>8} {:>7.2} {:>7.1} {:>7.1} {:>9.1} {:>7.0} {:>9.1} {:>9.1} {:>9.0} {:>9.0} {:>9}",
                 r.mode.name(),
                 d.median,
                 d.min,
@@ -425,7 +453,17 @@ pub fn table(results: &[ModeResult]) -> String {
                 r.figure(|x| x.rounds.len() as f64).median,
                 mib(false),
                 mib(true),
+                r.figure(|x| x.round0_rate(false)).median,
+                r.figure(|x| x.round0_rate(true)).median,
                 slow,
+            );
+        }
+        let group_owned: Vec<ModeResult> = group.iter().map(|r| (*r).clone()).collect();
+        if let Some(ratio) = quic_vs_tcp(&group_owned) {
+            let _ = writeln!(
+                t,
+                "\nQUIC with mutual TLS moves {ratio:.2} x the bytes per second of plain TCP \
+                 (round 0 on the wire, medians of iterative / tcp)"
             );
         }
         if let Some(run) = group
@@ -478,6 +516,18 @@ pub fn table(results: &[ModeResult]) -> String {
     t
 }
 
+/// Median round-0 wire rate of `iterative` (QUIC) over that of `tcp`, when
+/// both ran (at the first size both ran at).
+pub fn quic_vs_tcp(results: &[ModeResult]) -> Option<f64> {
+    let rate = |m| {
+        results
+            .iter()
+            .find(|r| r.mode == m)
+            .map(|r| r.figure(|x| x.round0_rate(true)).median)
+    };
+    Some(rate(Mode::Iterative)? / rate(Mode::Tcp)?)
+}
+
 pub fn json(results: &[ModeResult]) -> serde_json::Value {
     let s = |v: Spread| serde_json::json!({"median": v.median, "min": v.min, "max": v.max});
     serde_json::Value::Array(
@@ -495,6 +545,10 @@ pub fn json(results: &[ModeResult]) -> serde_json::Value {
                         "restore": s(r.figure(|x| ms(x.parts.commit))),
                     },
                     "total_s": s(r.figure(|x| x.total.as_secs_f64())),
+                    "round0_mb_s": {
+                        "raw": s(r.figure(|x| x.round0_rate(false))),
+                        "wire": s(r.figure(|x| x.round0_rate(true))),
+                    },
                     "runs": r.runs.iter().map(|run| serde_json::json!({
                         "downtime_ms": ms(run.downtime),
                         "slowdown": run.slowdown,
@@ -606,6 +660,54 @@ mod tests {
             assert_eq!(Mode::parse(m.name()).unwrap(), m);
         }
         assert!(Mode::parse("teleport").is_err());
+    }
+
+    fn run_at(mb_per_s: u64) -> Run {
+        let round = |round: u32, bytes: u64| RoundReport {
+            round,
+            frozen: round > 0,
+            dirty_pages: bytes / 4096,
+            stats: crate::client::LayerStats {
+                raw_bytes: bytes,
+                wire_bytes: bytes / 2,
+                ..Default::default()
+            },
+            scan: Duration::ZERO,
+            total: Duration::from_millis(500),
+            predicted_downtime: None,
+        };
+        Run {
+            // Round 0 moves mb_per_s / 2 MB in half a second; the frozen
+            // round after it must not count.
+            rounds: vec![round(0, mb_per_s * 500_000), round(1, 1)],
+            downtime: Duration::from_millis(10),
+            parts: FrozenParts::default(),
+            total: Duration::from_secs(1),
+            slowdown: Some(0.05),
+            verified: 1,
+        }
+    }
+
+    #[test]
+    fn round0_rates_and_the_transport_ratio() {
+        let r = run_at(800);
+        assert!((r.round0_rate(false) - 800.0).abs() < 1e-6);
+        assert!((r.round0_rate(true) - 400.0).abs() < 1e-6);
+        let mode = |mode, rates: &[u64]| ModeResult {
+            mode,
+            mib: 64,
+            runs: rates.iter().map(|&x| run_at(x)).collect(),
+        };
+        let quic = mode(Mode::Iterative, &[700, 600, 900]);
+        let tcp = mode(Mode::Tcp, &[1000, 800, 1200]);
+        assert_eq!(quic_vs_tcp(std::slice::from_ref(&quic)), None);
+        let ratio = quic_vs_tcp(&[quic.clone(), tcp.clone()]).unwrap();
+        assert!((ratio - 0.7).abs() < 1e-9, "{ratio}");
+        let t = table(&[quic, tcp]);
+        assert!(
+            t.contains("r0 MB/s") && t.contains("0.70 x") && t.contains("5.0 %"),
+            "{t}"
+        );
     }
 
     #[test]

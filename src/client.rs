@@ -1,23 +1,31 @@
-//! The source's QUIC client: streams layers to a page server through the
-//! `ferry_proto` sender state machine.
+//! The source's client: streams layers to a page server through the
+//! `ferry_proto` sender state machine, over QUIC with mutual TLS or, as an
+//! unencrypted benchmark baseline, plain TCP with the same frames (each
+//! stream a TCP connection, see `ferry_proto::preamble`).
 //!
 //! A connection has one control stream and `streams` data streams ("lanes").
 //! Each lane is a task that encodes its batches (zero detection, zstd) on the
-//! blocking pool and writes them to its own QUIC stream, so encoding runs in
+//! blocking pool and writes them to its own stream, so encoding runs in
 //! parallel and a packet lost on one stream never stalls the others. Lanes
 //! take jobs through bounded channels: a producer faster than the network
 //! waits instead of filling memory. Batch numbers are handed out in
 //! submission order by the sender state machine, so the destination puts
 //! the layer back together whatever order the lanes deliver in.
 
+use std::io::IoSlice;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
+use ferry_page_server::tcp::{check_plaintext_addr, TcpError};
 use ferry_proto::batch::{BatchError, Compress, Encoder};
 use ferry_proto::frame::{self, FrameError};
 use ferry_proto::pb;
+use ferry_proto::preamble::{Kind, Preamble};
 use ferry_proto::session::{Event, ProtocolError, Sender, SenderConfig, Ticket};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
@@ -31,6 +39,16 @@ pub enum ClientError {
         #[source]
         source: quinn::ConnectError,
     },
+    #[error("cannot connect to {addr} over TCP: {source}")]
+    TcpConnect {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Plaintext(#[from] TcpError),
+    #[error("no random connection token: {0}")]
+    Token(#[source] std::io::Error),
     #[error("connection to {addr}: {source}")]
     Connection {
         addr: SocketAddr,
@@ -43,6 +61,8 @@ pub enum ClientError {
     Io(#[from] std::io::Error),
     #[error("writing to the page server: {0}")]
     Write(#[from] quinn::WriteError),
+    #[error("writing to the page server: {0}")]
+    TcpWrite(#[source] std::io::Error),
     #[error("page server closed the control stream")]
     Closed,
     #[error("{0}")]
@@ -59,13 +79,26 @@ pub enum ClientError {
     Timeout(Duration),
 }
 
+/// How the source reaches the page server.
+#[derive(Clone)]
+pub enum Transport {
+    /// QUIC with mutual TLS; `server_name` is checked in the server's
+    /// certificate.
+    Quic {
+        tls: quinn::ClientConfig,
+        server_name: String,
+    },
+    /// Plain TCP with the same frames: unencrypted and unauthenticated, a
+    /// benchmark baseline. A non-loopback address is refused unless
+    /// `allow_remote`.
+    Tcp { allow_remote: bool },
+}
+
 /// Where and how to connect.
 #[derive(Clone)]
 pub struct Connect {
     pub addr: SocketAddr,
-    pub tls: quinn::ClientConfig,
-    /// Name checked in the server's certificate.
-    pub server_name: String,
+    pub transport: Transport,
     /// Data streams used in parallel.
     pub streams: usize,
     pub compress: Compress,
@@ -74,11 +107,31 @@ pub struct Connect {
 }
 
 impl Connect {
+    /// QUIC with mutual TLS.
     pub fn new(addr: SocketAddr, tls: quinn::ClientConfig) -> Self {
+        Self::with_transport(
+            addr,
+            Transport::Quic {
+                tls,
+                server_name: ferry_page_server::tls::SERVER_NAME.into(),
+            },
+        )
+    }
+
+    /// Plain TCP, loopback only (see [`Transport::Tcp`]).
+    pub fn tcp(addr: SocketAddr) -> Self {
+        Self::with_transport(
+            addr,
+            Transport::Tcp {
+                allow_remote: false,
+            },
+        )
+    }
+
+    pub fn with_transport(addr: SocketAddr, transport: Transport) -> Self {
         Self {
             addr,
-            tls,
-            server_name: ferry_page_server::tls::SERVER_NAME.into(),
+            transport,
             streams: 4,
             compress: Compress::default(),
             timeout: Duration::from_secs(60),
@@ -126,14 +179,40 @@ struct Done {
     digest: u64,
 }
 
+/// The connection under a session.
+enum Link {
+    Quic {
+        endpoint: quinn::Endpoint,
+        conn: quinn::Connection,
+    },
+    /// Data connections repeat the control connection's token.
+    Tcp { token: [u8; 16] },
+}
+
+/// The control stream, both ways.
+enum Control {
+    Quic {
+        send: quinn::SendStream,
+        recv: quinn::RecvStream,
+    },
+    Tcp {
+        send: OwnedWriteHalf,
+        recv: OwnedReadHalf,
+    },
+}
+
+/// Where a lane writes its batches.
+enum DataStream {
+    Quic(quinn::SendStream),
+    Tcp(TcpStream),
+}
+
 /// A session with a page server.
 pub struct Client {
-    endpoint: quinn::Endpoint,
-    conn: quinn::Connection,
+    link: Link,
     addr: SocketAddr,
     timeout: Duration,
-    csend: quinn::SendStream,
-    crecv: quinn::RecvStream,
+    control: Control,
     cbuf: BytesMut,
     sender: Sender,
     lanes: Vec<mpsc::Sender<Job>>,
@@ -149,32 +228,43 @@ impl Client {
     /// [`Client::next_layer`] is where the page server wants to continue
     /// (0 unless the session is resumed).
     pub async fn connect(c: Connect, session: SenderConfig) -> Result<Client, ClientError> {
-        let bind: SocketAddr = if c.addr.is_ipv6() {
-            "[::]:0".parse().expect("literal")
-        } else {
-            "0.0.0.0:0".parse().expect("literal")
-        };
-        let endpoint =
-            ferry_page_server::tls::endpoint(bind, None).map_err(ClientError::Endpoint)?;
         let addr = c.addr;
         let conn_err = |source| ClientError::Connection { addr, source };
-        let conn = endpoint
-            .connect_with(c.tls.clone(), addr, &c.server_name)
-            .map_err(|source| ClientError::Connect { addr, source })?;
-        let conn = tokio::time::timeout(c.timeout, conn)
-            .await
-            .map_err(|_| ClientError::Timeout(c.timeout))?
-            .map_err(conn_err)?;
-        let (csend, crecv) = conn.open_bi().await.map_err(conn_err)?;
+        let (link, control) = match &c.transport {
+            Transport::Quic { tls, server_name } => {
+                let bind: SocketAddr = if addr.is_ipv6() {
+                    "[::]:0".parse().expect("literal")
+                } else {
+                    "0.0.0.0:0".parse().expect("literal")
+                };
+                let endpoint =
+                    ferry_page_server::tls::endpoint(bind, None).map_err(ClientError::Endpoint)?;
+                let conn = endpoint
+                    .connect_with(tls.clone(), addr, server_name)
+                    .map_err(|source| ClientError::Connect { addr, source })?;
+                let conn = tokio::time::timeout(c.timeout, conn)
+                    .await
+                    .map_err(|_| ClientError::Timeout(c.timeout))?
+                    .map_err(conn_err)?;
+                let (send, recv) = conn.open_bi().await.map_err(conn_err)?;
+                (Link::Quic { endpoint, conn }, Control::Quic { send, recv })
+            }
+            Transport::Tcp { allow_remote } => {
+                check_plaintext_addr(addr, *allow_remote)?;
+                tracing::warn!(%addr, "{}", ferry_page_server::tcp::WARNING);
+                let token = random_token().map_err(ClientError::Token)?;
+                let sock = open_tcp(addr, Kind::Control, token, c.timeout).await?;
+                let (recv, send) = sock.into_split();
+                (Link::Tcp { token }, Control::Tcp { send, recv })
+            }
+        };
 
         let page_size = session.page_size;
         let mut client = Client {
-            endpoint,
-            conn,
+            link,
             addr,
             timeout: c.timeout,
-            csend,
-            crecv,
+            control,
             cbuf: BytesMut::with_capacity(64 << 10),
             sender: Sender::new(session),
             lanes: Vec::new(),
@@ -198,7 +288,14 @@ impl Client {
         let (done_tx, done_rx) = mpsc::unbounded_channel();
         client.done_rx = done_rx;
         for _ in 0..c.streams.max(1) {
-            let send = client.conn.open_uni().await.map_err(conn_err)?;
+            let send = match &client.link {
+                Link::Quic { conn, .. } => {
+                    DataStream::Quic(conn.open_uni().await.map_err(conn_err)?)
+                }
+                Link::Tcp { token } => {
+                    DataStream::Tcp(open_tcp(addr, Kind::Data, *token, c.timeout).await?)
+                }
+            };
             let (tx, rx) = mpsc::channel(2);
             client.lanes.push(tx);
             client
@@ -328,17 +425,19 @@ impl Client {
     /// Gives up: tells the page server why, so it drops the unsealed layer.
     pub async fn abort(mut self, reason: &str) {
         let msg = self.sender.abort(reason);
-        let _ = self.write(&msg).await;
-        let _ = self.csend.finish();
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.csend.stopped()).await;
+        let _ = self.control.write(&encode(&msg), self.addr).await;
+        self.control.finish(Duration::from_secs(1)).await;
         self.close(1, reason.as_bytes()).await;
     }
 
     async fn close(mut self, code: u32, reason: &[u8]) {
         self.lanes.clear();
         self.lane_tasks.shutdown().await;
-        self.conn.close(code.into(), reason);
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        // TCP has no close reason to give: its sockets close as they drop.
+        if let Link::Quic { endpoint, conn } = &self.link {
+            conn.close(code.into(), reason);
+            let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+        }
     }
 
     /// Accounts finished batches; with `all`, waits for every outstanding
@@ -374,12 +473,19 @@ impl Client {
         }
     }
 
-    /// A stream the page server stopped says nothing about why; the
-    /// connection close that follows does. Waits a moment for it.
-    async fn explain(&self, e: ClientError) -> ClientError {
-        match e {
-            ClientError::Write(quinn::WriteError::Stopped(_)) | ClientError::Lane(_) => {
-                match tokio::time::timeout(Duration::from_secs(1), self.conn.closed()).await {
+    /// A stream the page server stopped or reset says nothing about why.
+    /// Over QUIC, the connection close that follows does; over TCP, which
+    /// has no close reason, the `Abort` the page server sent before closing
+    /// does. Waits a moment for either.
+    async fn explain(&mut self, e: ClientError) -> ClientError {
+        let wait = Duration::from_secs(1);
+        match (&self.link, e) {
+            (
+                Link::Quic { conn, .. },
+                e @ (ClientError::Write(quinn::WriteError::Stopped(_)) | ClientError::Lane(_)),
+            ) => {
+                let conn = conn.clone();
+                match tokio::time::timeout(wait, conn.closed()).await {
                     Ok(source) => ClientError::Connection {
                         addr: self.addr,
                         source,
@@ -387,28 +493,41 @@ impl Client {
                     Err(_) => e,
                 }
             }
-            e => e,
+            (Link::Tcp { .. }, e @ (ClientError::TcpWrite(_) | ClientError::Lane(_))) => {
+                match tokio::time::timeout(wait, self.abort_reason()).await {
+                    Ok(Some(reason)) => ClientError::Aborted(reason),
+                    _ => e,
+                }
+            }
+            (_, e) => e,
+        }
+    }
+
+    /// Reads what is left of the control stream for the page server's
+    /// `Abort`; `None` if the stream ends or fails first.
+    async fn abort_reason(&mut self) -> Option<String> {
+        loop {
+            loop {
+                match frame::decode_control(&mut self.cbuf) {
+                    Ok(Some(pb::Control {
+                        msg: Some(pb::control::Msg::Abort(a)),
+                    })) => return Some(a.reason),
+                    Ok(Some(_)) => continue,
+                    Ok(None) => break,
+                    Err(_) => return None,
+                }
+            }
+            match self.control.read(&mut self.cbuf, self.addr).await {
+                Ok(n) if n > 0 => {}
+                _ => return None,
+            }
         }
     }
 
     async fn write(&mut self, msg: &pb::Control) -> Result<(), ClientError> {
-        let mut buf = BytesMut::new();
-        frame::encode_control(msg, &mut buf);
-        self.csend
-            .write_all(&buf)
-            .await
-            .map_err(|e| self.explain_write(e))
-    }
-
-    /// A write fails with "connection lost"; the close reason the page
-    /// server gave says why.
-    fn explain_write(&self, e: quinn::WriteError) -> ClientError {
-        match e {
-            quinn::WriteError::ConnectionLost(source) => ClientError::Connection {
-                addr: self.addr,
-                source,
-            },
-            e => ClientError::Write(e),
+        match self.control.write(&encode(msg), self.addr).await {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.explain(e).await),
         }
     }
 
@@ -418,24 +537,7 @@ impl Client {
                 if let Some(m) = frame::decode_control(&mut self.cbuf)? {
                     return Ok::<_, ClientError>(m);
                 }
-                let chunk = self
-                    .crecv
-                    .read_chunk(1 << 16, true)
-                    .await
-                    .map_err(|e| match e {
-                        quinn::ReadError::ConnectionLost(source) => ClientError::Connection {
-                            addr: self.addr,
-                            source,
-                        },
-                        e => ClientError::Read(e),
-                    })?;
-                let n = match chunk {
-                    Some(c) => {
-                        self.cbuf.extend_from_slice(&c.bytes);
-                        c.bytes.len()
-                    }
-                    None => 0,
-                };
+                let n = self.control.read(&mut self.cbuf, self.addr).await?;
                 if n == 0 {
                     frame::check_eof(&self.cbuf)?;
                     return Err(ClientError::Closed);
@@ -452,6 +554,170 @@ impl Client {
     }
 }
 
+fn encode(msg: &pb::Control) -> BytesMut {
+    let mut buf = BytesMut::new();
+    frame::encode_control(msg, &mut buf);
+    buf
+}
+
+impl Control {
+    /// Writes all of `buf`. A lost QUIC connection carries the page
+    /// server's close reason: that becomes the error.
+    async fn write(&mut self, buf: &[u8], addr: SocketAddr) -> Result<(), ClientError> {
+        match self {
+            Control::Quic { send, .. } => send.write_all(buf).await.map_err(|e| match e {
+                quinn::WriteError::ConnectionLost(source) => {
+                    ClientError::Connection { addr, source }
+                }
+                e => ClientError::Write(e),
+            }),
+            Control::Tcp { send, .. } => send.write_all(buf).await.map_err(ClientError::TcpWrite),
+        }
+    }
+
+    /// Appends what the page server sent next to `buf`; 0 at the end of
+    /// the stream.
+    async fn read(&mut self, buf: &mut BytesMut, addr: SocketAddr) -> Result<usize, ClientError> {
+        match self {
+            Control::Quic { recv, .. } => match recv.read_chunk(1 << 16, true).await {
+                Ok(Some(c)) => {
+                    buf.extend_from_slice(&c.bytes);
+                    Ok(c.bytes.len())
+                }
+                Ok(None) => Ok(0),
+                Err(quinn::ReadError::ConnectionLost(source)) => {
+                    Err(ClientError::Connection { addr, source })
+                }
+                Err(e) => Err(ClientError::Read(e)),
+            },
+            Control::Tcp { recv, .. } => {
+                buf.reserve(64 << 10);
+                Ok(recv.read_buf(buf).await?)
+            }
+        }
+    }
+
+    /// Ends our side and waits, at most `wait`, until the page server has
+    /// it (over TCP: until it closes its side, the only sign there is).
+    async fn finish(&mut self, wait: Duration) {
+        match self {
+            Control::Quic { send, .. } => {
+                let _ = send.finish();
+                let _ = tokio::time::timeout(wait, send.stopped()).await;
+            }
+            Control::Tcp { send, recv } => {
+                let _ = send.shutdown().await;
+                let _ = tokio::time::timeout(wait, drain(recv)).await;
+            }
+        }
+    }
+}
+
+async fn drain(recv: &mut (impl AsyncRead + Unpin)) {
+    let mut scratch = vec![0u8; 16 << 10];
+    while let Ok(n) = recv.read(&mut scratch).await {
+        if n == 0 {
+            break;
+        }
+    }
+}
+
+impl DataStream {
+    async fn write_chunks(
+        &mut self,
+        chunks: &mut [Bytes],
+        addr: SocketAddr,
+    ) -> Result<(), ClientError> {
+        match self {
+            DataStream::Quic(send) => send.write_all_chunks(chunks).await.map_err(|e| match e {
+                // The close reason the page server gave says why.
+                quinn::WriteError::ConnectionLost(source) => {
+                    ClientError::Connection { addr, source }
+                }
+                e => ClientError::Write(e),
+            }),
+            DataStream::Tcp(sock) => write_all_vectored(sock, chunks)
+                .await
+                .map_err(ClientError::TcpWrite),
+        }
+    }
+
+    async fn finish(&mut self) {
+        match self {
+            DataStream::Quic(send) => {
+                let _ = send.finish();
+            }
+            DataStream::Tcp(sock) => {
+                let _ = sock.shutdown().await;
+            }
+        }
+    }
+}
+
+/// Writes the chunks in order with as few `writev` calls as the socket
+/// allows, so a batch's prefix and payload leave together and nothing is
+/// copied to be framed.
+async fn write_all_vectored(sock: &mut TcpStream, chunks: &mut [Bytes]) -> std::io::Result<()> {
+    // Well under IOV_MAX (1024).
+    const MAX_SLICES: usize = 256;
+    let mut i = 0;
+    loop {
+        while i < chunks.len() && chunks[i].is_empty() {
+            i += 1;
+        }
+        if i == chunks.len() {
+            return Ok(());
+        }
+        let slices: Vec<IoSlice<'_>> = chunks[i..]
+            .iter()
+            .take(MAX_SLICES)
+            .map(|c| IoSlice::new(c))
+            .collect();
+        let mut n = sock.write_vectored(&slices).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while n > 0 {
+            let take = n.min(chunks[i].len());
+            chunks[i].advance(take);
+            n -= take;
+            if chunks[i].is_empty() {
+                i += 1;
+            }
+        }
+    }
+}
+
+/// Opens one TCP connection of a session and sends its preamble.
+async fn open_tcp(
+    addr: SocketAddr,
+    kind: Kind,
+    token: [u8; 16],
+    timeout: Duration,
+) -> Result<TcpStream, ClientError> {
+    let err = |source| ClientError::TcpConnect { addr, source };
+    let mut sock = tokio::time::timeout(timeout, TcpStream::connect(addr))
+        .await
+        .map_err(|_| ClientError::Timeout(timeout))?
+        .map_err(err)?;
+    // Control messages are answered one by one; Nagle's delay would land on
+    // each of those round trips.
+    sock.set_nodelay(true).map_err(err)?;
+    sock.write_all(&Preamble { kind, token }.encode())
+        .await
+        .map_err(err)?;
+    Ok(sock)
+}
+
+/// The token that ties a session's TCP connections together: random, so
+/// concurrent sources do not collide.
+fn random_token() -> std::io::Result<[u8; 16]> {
+    use std::io::Read as _;
+    let mut t = [0u8; 16];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut t)?;
+    Ok(t)
+}
+
 fn event_name(e: &Event) -> &'static str {
     match e {
         Event::Welcomed { .. } => "Welcome",
@@ -465,7 +731,7 @@ fn event_name(e: &Event) -> &'static str {
 
 /// One data stream: encode each job, write it, report what it cost.
 async fn lane(
-    mut send: quinn::SendStream,
+    mut send: DataStream,
     mut jobs: mpsc::Receiver<Job>,
     done: mpsc::UnboundedSender<Result<Done, ClientError>>,
     page_size: u32,
@@ -501,21 +767,14 @@ async fn lane(
                 let mut chunks = Vec::with_capacity(1 + b.payload.len());
                 chunks.push(prefix);
                 chunks.extend(b.payload);
-                match send.write_all_chunks(&mut chunks).await {
-                    Ok(()) => Ok(Done {
-                        ticket: job.ticket,
-                        pages: b.pages,
-                        zero_pages: b.zero_pages,
-                        raw,
-                        wire,
-                        digest: b.digest,
-                    }),
-                    // The close reason the page server gave says why.
-                    Err(quinn::WriteError::ConnectionLost(source)) => {
-                        Err(ClientError::Connection { addr, source })
-                    }
-                    Err(e) => Err(ClientError::Write(e)),
-                }
+                send.write_chunks(&mut chunks, addr).await.map(|()| Done {
+                    ticket: job.ticket,
+                    pages: b.pages,
+                    zero_pages: b.zero_pages,
+                    raw,
+                    wire,
+                    digest: b.digest,
+                })
             }
             Err(e) => Err(e.into()),
         };
@@ -524,5 +783,5 @@ async fn lane(
             return;
         }
     }
-    let _ = send.finish();
+    send.finish().await;
 }

@@ -1,6 +1,7 @@
 //! A page server on loopback, inside this process, with fresh certificates
 //! in a temporary directory and restores enabled: the destination `ferry
-//! demo` and `ferry bench` migrate to, so both need nothing set up.
+//! demo` and `ferry bench` migrate to, so both need nothing set up. `ferry
+//! bench` also starts one over plain TCP, its unencrypted baseline.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -33,26 +34,40 @@ pub struct Loopback {
     pub addr: SocketAddr,
     pub store: Arc<dyn Store>,
     tls: PathBuf,
+    tcp: bool,
     dir: tempfile::TempDir,
     stop: tokio::sync::oneshot::Sender<()>,
     served: tokio::task::JoinHandle<()>,
 }
 
 impl Loopback {
-    /// Starts it on `127.0.0.1:0` with an in-memory store, restoring with
-    /// [`LocalRestorer`] (warm).
+    /// Starts it on `127.0.0.1:0` with an in-memory store, over QUIC with
+    /// mutual TLS, restoring with [`LocalRestorer`] (warm).
     pub fn start() -> Result<Loopback, LoopbackError> {
-        Self::start_with(Arc::new(LocalRestorer))
+        Self::start_on(false, Arc::new(LocalRestorer))
     }
 
-    /// The same with another restorer.
+    /// The same over plain TCP with the same framing (no certificates).
+    pub fn start_tcp() -> Result<Loopback, LoopbackError> {
+        Self::start_on(true, Arc::new(LocalRestorer))
+    }
+
+    /// Over QUIC with another restorer.
     pub fn start_with(restorer: Arc<dyn Restorer>) -> Result<Loopback, LoopbackError> {
+        Self::start_on(false, restorer)
+    }
+
+    fn start_on(tcp: bool, restorer: Arc<dyn Restorer>) -> Result<Loopback, LoopbackError> {
         let io = |what| move |source| LoopbackError::Io { what, source };
         let dir = tempfile::tempdir().map_err(io("temporary directory"))?;
         let tls = dir.path().join("tls");
-        crate::certs::init(&tls, &[], false)?;
         let store: Arc<dyn Store> = Arc::new(MemStore::new());
-        let mut cfg = Config::new(server_config(&TlsFiles::server(&tls))?, store.clone());
+        let mut cfg = if tcp {
+            Config::tcp(store.clone())
+        } else {
+            crate::certs::init(&tls, &[], false)?;
+            Config::new(server_config(&TlsFiles::server(&tls))?, store.clone())
+        };
         cfg.restorer = Some(restorer);
         let server = PageServer::bind("127.0.0.1:0".parse().expect("literal"), cfg)?;
         let addr = server.local_addr().map_err(io("page server address"))?;
@@ -64,13 +79,15 @@ impl Loopback {
             addr,
             store,
             tls,
+            tcp,
             dir,
             stop,
             served,
         })
     }
 
-    /// The certificate directory (both identities and the CA).
+    /// The certificate directory (both identities and the CA; empty over
+    /// TCP).
     pub fn tls_dir(&self) -> &Path {
         &self.tls
     }
@@ -82,7 +99,11 @@ impl Loopback {
 
     /// How a source reaches it, over `streams` data streams.
     pub fn connect(&self, streams: usize) -> Result<Connect, TlsError> {
-        let mut c = Connect::new(self.addr, client_config(&TlsFiles::client(&self.tls))?);
+        let mut c = if self.tcp {
+            Connect::tcp(self.addr)
+        } else {
+            Connect::new(self.addr, client_config(&TlsFiles::client(&self.tls))?)
+        };
         c.streams = streams;
         Ok(c)
     }

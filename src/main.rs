@@ -25,7 +25,8 @@ runs, it sends its memory in rounds, each with only the pages written since the 
 before, to a page server on the destination that keeps them as layered images; then it \
 freezes the process, sends the last small delta and the state, and the destination \
 restores it.\n\nEvery connection is mutually authenticated QUIC: create certificates with \
-`ferry certs init DIR` and give both ends the same directory."
+`ferry certs init DIR` and give both ends the same directory. (`--transport tcp` is an \
+unencrypted, unauthenticated baseline for benchmarks, limited to loopback.)"
 )]
 struct Cli {
     /// Log filter (also RUST_LOG), e.g. "info" or "ferry_page_server=debug".
@@ -43,9 +44,12 @@ enum Command {
         /// Address to listen on, e.g. 0.0.0.0:7070 or [::]:7070.
         #[arg(long)]
         listen: SocketAddr,
-        /// Directory with ca.pem, server.pem and server.key (see `ferry certs init`).
+        /// Directory with ca.pem, server.pem and server.key (see `ferry
+        /// certs init`); needed for QUIC.
         #[arg(long)]
-        tls: PathBuf,
+        tls: Option<PathBuf>,
+        #[command(flatten)]
+        transport: TransportArgs,
         /// Where images live: "mem" (in memory, lost when the server stops)
         /// or "disk:PATH" (a directory; survives restarts).
         #[arg(long, default_value = "mem")]
@@ -77,9 +81,12 @@ enum Command {
         /// Page server as HOST:PORT.
         #[arg(long)]
         to: String,
-        /// Directory with ca.pem, client.pem and client.key.
+        /// Directory with ca.pem, client.pem and client.key; needed for
+        /// QUIC.
         #[arg(long)]
-        tls: PathBuf,
+        tls: Option<PathBuf>,
+        #[command(flatten)]
+        transport: TransportArgs,
         #[command(flatten)]
         rounds: RoundArgs,
     },
@@ -103,11 +110,14 @@ enum Command {
         #[arg(long)]
         pid: i32,
         /// Page server as HOST:PORT, e.g. dst.example.org:7070 or [::1]:7070.
-        #[arg(long, requires = "tls", conflicts_with = "images_dir")]
+        #[arg(long, conflicts_with = "images_dir")]
         to: Option<String>,
-        /// Directory with ca.pem, client.pem and client.key.
+        /// Directory with ca.pem, client.pem and client.key; needed for
+        /// --to over QUIC.
         #[arg(long)]
         tls: Option<PathBuf>,
+        #[command(flatten)]
+        transport: TransportArgs,
         /// Write the layered image to this directory (disk store format).
         #[arg(long, required_unless_present = "to")]
         images_dir: Option<PathBuf>,
@@ -176,10 +186,11 @@ enum Command {
         #[arg(long)]
         no_pin: bool,
         /// Modes to run: iterative, stop-and-copy, cold-restore, no-zstd,
-        /// checksum, one-stream (comma separated).
+        /// checksum, one-stream, tcp (comma separated).
         #[arg(long, value_delimiter = ',', default_value = "iterative")]
         modes: Vec<String>,
-        /// All modes (stop-and-copy is the baseline the ratios use).
+        /// All modes (stop-and-copy is the baseline the downtime ratios
+        /// use, tcp the one for the transport's rate).
         #[arg(long)]
         compare: bool,
         /// Write the results as JSON to this file.
@@ -221,6 +232,54 @@ enum Command {
         #[arg(long)]
         log_file: PathBuf,
     },
+}
+
+/// Which transport, shared by `page-server`, `dump` and `migrate`.
+#[derive(clap::Args)]
+struct TransportArgs {
+    /// "quic" (mutual TLS) or "tcp": plain TCP with the same framing,
+    /// UNENCRYPTED and UNAUTHENTICATED, a baseline for benchmarks, refused
+    /// on non-loopback addresses.
+    #[arg(long, value_enum, default_value_t = TransportKind::Quic)]
+    transport: TransportKind,
+    /// Let --transport tcp use a non-loopback address. Anyone on the path
+    /// can then read the process's memory, and anyone who can connect can
+    /// send a page server sessions (with --restore: code to run).
+    #[arg(long)]
+    insecure_allow_remote: bool,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq)]
+enum TransportKind {
+    Quic,
+    Tcp,
+}
+
+impl TransportArgs {
+    /// Plain TCP (checked: no certificates, the loopback rule, a banner),
+    /// or `None` for QUIC.
+    fn tcp(
+        &self,
+        tls: Option<&std::path::Path>,
+        addr: SocketAddr,
+        role: &str,
+    ) -> Result<Option<bool>> {
+        if self.transport == TransportKind::Quic {
+            if self.insecure_allow_remote {
+                bail!("--insecure-allow-remote only applies to --transport tcp");
+            }
+            return Ok(None);
+        }
+        if tls.is_some() {
+            bail!("--transport tcp is unencrypted: --tls does not apply (drop it, or use QUIC)");
+        }
+        ferry_page_server::tcp::check_plaintext_addr(addr, self.insecure_allow_remote)?;
+        eprintln!(
+            "\n!!! WARNING: {role} {addr} over PLAIN TCP\n!!! {}\n",
+            ferry_page_server::tcp::WARNING
+        );
+        Ok(Some(self.insecure_allow_remote))
+    }
 }
 
 /// How the rounds run, shared by `dump` and `migrate`.
@@ -273,9 +332,21 @@ impl RoundArgs {
         })
     }
 
-    fn connect(&self, to: &str, tls: &std::path::Path) -> Result<ferry::client::Connect> {
-        let mut c =
-            ferry::client::Connect::new(resolve(to)?, client_config(&TlsFiles::client(tls))?);
+    fn connect(
+        &self,
+        to: &str,
+        transport: &TransportArgs,
+        tls: Option<&std::path::Path>,
+    ) -> Result<ferry::client::Connect> {
+        use ferry::client::{Connect, Transport};
+        let addr = resolve(to)?;
+        let mut c = match transport.tcp(tls, addr, "sending to")? {
+            Some(allow_remote) => Connect::with_transport(addr, Transport::Tcp { allow_remote }),
+            None => {
+                let tls = tls.context("--to needs --tls DIR (QUIC with mutual TLS)")?;
+                Connect::new(addr, client_config(&TlsFiles::client(tls))?)
+            }
+        };
         c.streams = self.streams;
         Ok(c)
     }
@@ -379,14 +450,27 @@ async fn run(command: Command) -> Result<()> {
         Command::PageServer {
             listen,
             tls,
+            transport,
             store,
             max_sessions,
             restore,
             cold_restore,
         } => {
-            let tls = server_config(&TlsFiles::server(&tls))?;
+            let (transport, what) = match transport.tcp(tls.as_deref(), listen, "listening on")? {
+                Some(allow_remote) => (
+                    ferry_page_server::Transport::Tcp { allow_remote },
+                    "PLAIN TCP: unencrypted, unauthenticated",
+                ),
+                None => {
+                    let tls = tls.context("--tls DIR is needed (QUIC with mutual TLS)")?;
+                    (
+                        ferry_page_server::Transport::Quic(server_config(&TlsFiles::server(&tls))?),
+                        "QUIC, mutual TLS",
+                    )
+                }
+            };
             let store = open_store(&store)?;
-            let mut cfg = Config::new(tls, store);
+            let mut cfg = Config::with_transport(transport, store);
             cfg.max_sessions = max_sessions;
             if cold_restore {
                 cfg.restorer = Some(Arc::new(ferry::migrate::ColdRestorer));
@@ -395,7 +479,7 @@ async fn run(command: Command) -> Result<()> {
             }
             let server = PageServer::bind(listen, cfg)?;
             eprintln!(
-                "ferry page server listening on {} (QUIC, mutual TLS)",
+                "ferry page server listening on {} ({what})",
                 server.local_addr()?
             );
             server
@@ -410,6 +494,7 @@ async fn run(command: Command) -> Result<()> {
             pid,
             to,
             tls,
+            transport,
             images_dir,
             leave_running: _,
             leave_stopped,
@@ -417,8 +502,7 @@ async fn run(command: Command) -> Result<()> {
         } => {
             let dest = match (to, images_dir) {
                 (Some(to), _) => {
-                    let dir = tls.context("--to needs --tls DIR")?;
-                    Destination::Remote(rounds.connect(&to, &dir)?)
+                    Destination::Remote(rounds.connect(&to, &transport, tls.as_deref())?)
                 }
                 (None, Some(dir)) => Destination::ImagesDir(dir),
                 (None, None) => bail!("give --to HOST:PORT or --images-dir DIR"),
@@ -453,9 +537,10 @@ async fn run(command: Command) -> Result<()> {
             pid,
             to,
             tls,
+            transport,
             rounds,
         } => {
-            let dest = Destination::Remote(rounds.connect(&to, &tls)?);
+            let dest = Destination::Remote(rounds.connect(&to, &transport, tls.as_deref())?);
             let opts = rounds.options(pid, dest)?;
             let mut show = rounds.progress();
             let report = tokio::select! {

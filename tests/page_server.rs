@@ -18,42 +18,14 @@ use ferry_page_server::tls::{client_config, TlsFiles, SERVER_NAME};
 use ferry_proto::batch::{Compress, Encoder};
 use ferry_proto::frame;
 use ferry_proto::pb::{self, control::Msg};
-use ferry_proto::session::{control, SenderConfig};
+use ferry_proto::session::control;
 use ferry_proto::{SessionId, PROTOCOL_VERSION};
 
 mod common;
-use common::{certs, connect, connect_retrying, free_port, Server, ServerProcess};
-
-fn sender_config(id: u8, page_size: u32, resume: bool) -> SenderConfig {
-    SenderConfig {
-        session: SessionId([id; 16]),
-        page_size,
-        arch: "x86_64".into(),
-        kernel: "test".into(),
-        label: format!("test session {id}"),
-        resume,
-        features: Vec::new(),
-    }
-}
-
-/// Streams a workload in `rounds` rounds (layer 0 whole, then 10 % dirty),
-/// with small batches so every layer is spread over every stream.
-async fn migrate_synthetic(client: &mut Client, w: &mut Workload, rounds: u32, seed: u64) {
-    let mut rng = Rng::new(seed);
-    for round in 0..rounds {
-        let addrs = if round == 0 {
-            w.all_pages()
-        } else {
-            w.dirty(10, Mix::TYPICAL, &mut rng)
-        };
-        let stats = client
-            .send_layer(w.vmas.clone(), w.batches(&addrs, 32))
-            .await
-            .unwrap();
-        assert!(stats.batches >= 4, "layer spread over streams");
-        assert!(stats.zero_pages > 0, "zero runs in every layer");
-    }
-}
+use common::{
+    certs, connect, connect_retrying, free_port, migrate_synthetic, sender_config, Server,
+    ServerProcess,
+};
 
 async fn full_session(addr: SocketAddr, tls: &Path, id: u8, mib: u64, store: &dyn Store) {
     let mut w = Workload::new(mib, Mix::TYPICAL, id as u64);

@@ -5,10 +5,14 @@
 //!   configured CA reaches a session.
 //! - [`server`]: the endpoint and the per-connection session driver around
 //!   `ferry_proto::session::Receiver`.
+//! - `transport`: what the session driver needs from a connection, for
+//!   QUIC and for [`tcp`], the unencrypted benchmark baseline.
 //! - [`store`]: layered images, `mem` and `disk`, behind one trait.
 
 pub mod server;
 pub mod store;
+pub mod tcp;
 pub mod tls;
+mod transport;
 
-pub use server::{Config, PageServer, Restorer, WarmRestore};
+pub use server::{Config, PageServer, Restorer, Transport, WarmRestore};

@@ -1,5 +1,8 @@
 //! The page server: a QUIC endpoint (mutual TLS, see [`crate::tls`]) that
-//! runs one session per connection against the shared [`Store`].
+//! runs one session per connection against the shared [`Store`]; or, as a
+//! benchmark baseline, a plain-TCP listener with the same framing
+//! ([`crate::tcp`]). The session driver is the same over both, written
+//! against [`crate::transport::Conn`].
 //!
 //! Per connection, one task owns the session's [`Receiver`] and store handle
 //! and is the only one to touch them; data streams are read and their
@@ -7,9 +10,9 @@
 //! a bounded channel, so a fast sender cannot make the server buffer more
 //! than the channel and the receiver's early-batch limit. Anything wrong
 //! with a session (a protocol error, a malformed frame, a store failure)
-//! ends that session only: the peer gets an `Abort` with the reason and a
-//! connection close carrying it too, its unsealed layer is dropped, and the
-//! server goes on serving the others.
+//! ends that session only: the peer gets an `Abort` with the reason and (on
+//! QUIC) a connection close carrying it too, its unsealed layer is dropped,
+//! and the server goes on serving the others.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -21,11 +24,14 @@ use ferry_proto::batch::{self, BatchError, DecodedBatch};
 use ferry_proto::frame::{self, FrameError};
 use ferry_proto::pb;
 use ferry_proto::session::{Action, Outcome, ProtocolError, Receiver};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
 use crate::store::{FlatImage, SessionStore, Store, StoreError};
+use crate::tcp::TcpError;
+use crate::transport::{Conn, QuicConn, Until};
 
 /// Restores a committed image (hooked in by the `ferry` crate, which owns
 /// restore).
@@ -70,8 +76,18 @@ pub trait WarmRestore: Send {
     fn finish(self: Box<Self>, session: &mut dyn SessionStore) -> Result<i32, String>;
 }
 
+/// What the page server listens with.
+pub enum Transport {
+    /// QUIC with mutual TLS: the transport for real migrations.
+    Quic(quinn::ServerConfig),
+    /// Plain TCP with the same framing, unencrypted and unauthenticated: a
+    /// benchmark baseline. Binding a non-loopback address is refused
+    /// unless `allow_remote`.
+    Tcp { allow_remote: bool },
+}
+
 pub struct Config {
-    pub tls: quinn::ServerConfig,
+    pub transport: Transport,
     pub store: Arc<dyn Store>,
     pub restorer: Option<Arc<dyn Restorer>>,
     /// Sessions served at once; further connections are refused.
@@ -81,9 +97,24 @@ pub struct Config {
 }
 
 impl Config {
+    /// QUIC with mutual TLS.
     pub fn new(tls: quinn::ServerConfig, store: Arc<dyn Store>) -> Self {
+        Self::with_transport(Transport::Quic(tls), store)
+    }
+
+    /// Plain TCP, loopback only (see [`Transport::Tcp`]).
+    pub fn tcp(store: Arc<dyn Store>) -> Self {
+        Self::with_transport(
+            Transport::Tcp {
+                allow_remote: false,
+            },
+            store,
+        )
+    }
+
+    pub fn with_transport(transport: Transport, store: Arc<dyn Store>) -> Self {
         Self {
-            tls,
+            transport,
             store,
             restorer: None,
             max_sessions: 32,
@@ -100,6 +131,8 @@ pub enum ServerError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Plaintext(#[from] TcpError),
 }
 
 /// Why one session ended badly.
@@ -108,9 +141,9 @@ pub enum SessionError {
     #[error("connection: {0}")]
     Connection(#[from] quinn::ConnectionError),
     #[error("reading a stream: {0}")]
-    Read(#[from] quinn::ReadError),
+    Read(#[source] std::io::Error),
     #[error("writing the control stream: {0}")]
-    Write(#[from] quinn::WriteError),
+    Write(#[source] std::io::Error),
     #[error("{0}")]
     Frame(#[from] FrameError),
     #[error("bad page batch: {0}")]
@@ -130,7 +163,8 @@ pub enum SessionError {
 }
 
 impl SessionError {
-    /// QUIC application close code: 1 for the peer's fault, 2 for ours.
+    /// Close code (QUIC application close): 1 for the peer's fault, 2 for
+    /// ours.
     fn code(&self) -> u32 {
         match self {
             SessionError::Store(_) => 2,
@@ -141,23 +175,38 @@ impl SessionError {
 
 /// A bound page server; [`PageServer::run`] serves until shut down.
 pub struct PageServer {
-    endpoint: quinn::Endpoint,
+    listener: Listener,
     shared: Arc<Shared>,
 }
 
-struct Shared {
-    store: Arc<dyn Store>,
-    restorer: Option<Arc<dyn Restorer>>,
-    max_sessions: usize,
-    handshake_timeout: Duration,
+enum Listener {
+    Quic(quinn::Endpoint),
+    // Made a tokio listener in `run`, inside the runtime.
+    Tcp(std::net::TcpListener),
+}
+
+pub(crate) struct Shared {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) restorer: Option<Arc<dyn Restorer>>,
+    pub(crate) max_sessions: usize,
+    pub(crate) handshake_timeout: Duration,
 }
 
 impl PageServer {
     pub fn bind(addr: SocketAddr, cfg: Config) -> Result<Self, ServerError> {
-        let endpoint = crate::tls::endpoint(addr, Some(cfg.tls))
-            .map_err(|source| ServerError::Bind { addr, source })?;
+        let bind_err = |source| ServerError::Bind { addr, source };
+        let listener = match cfg.transport {
+            Transport::Quic(tls) => {
+                Listener::Quic(crate::tls::endpoint(addr, Some(tls)).map_err(bind_err)?)
+            }
+            Transport::Tcp { allow_remote } => {
+                crate::tcp::check_plaintext_addr(addr, allow_remote)?;
+                warn!(%addr, "{}", crate::tcp::WARNING);
+                Listener::Tcp(std::net::TcpListener::bind(addr).map_err(bind_err)?)
+            }
+        };
         Ok(Self {
-            endpoint,
+            listener,
             shared: Arc::new(Shared {
                 store: cfg.store,
                 restorer: cfg.restorer,
@@ -168,43 +217,56 @@ impl PageServer {
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.endpoint.local_addr()
+        match &self.listener {
+            Listener::Quic(e) => e.local_addr(),
+            Listener::Tcp(l) => l.local_addr(),
+        }
     }
 
     /// Serves connections until `shutdown` resolves, then closes them.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
-        let sessions = Arc::new(Semaphore::new(self.shared.max_sessions));
-        let mut tasks = JoinSet::new();
-        tokio::pin!(shutdown);
-        loop {
-            tokio::select! {
-                _ = &mut shutdown => break,
-                incoming = self.endpoint.accept() => {
-                    let Some(incoming) = incoming else { break };
-                    let Ok(permit) = sessions.clone().try_acquire_owned() else {
-                        warn!(peer = %incoming.remote_address(),
-                              "refusing connection: {} sessions already running",
-                              self.shared.max_sessions);
-                        incoming.refuse();
-                        continue;
-                    };
-                    let shared = self.shared.clone();
-                    tasks.spawn(async move {
-                        serve_connection(incoming, shared).await;
-                        drop(permit);
-                    });
-                }
-                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
-            }
+        match self.listener {
+            Listener::Quic(endpoint) => run_quic(endpoint, self.shared, shutdown).await,
+            Listener::Tcp(l) => crate::tcp::run(l, self.shared, shutdown).await,
         }
-        self.endpoint
-            .close(0u32.into(), b"page server shutting down");
-        tasks.shutdown().await;
-        self.endpoint.wait_idle().await;
     }
 }
 
-async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
+async fn run_quic(
+    endpoint: quinn::Endpoint,
+    shared: Arc<Shared>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let sessions = Arc::new(Semaphore::new(shared.max_sessions));
+    let mut tasks = JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            incoming = endpoint.accept() => {
+                let Some(incoming) = incoming else { break };
+                let Ok(permit) = sessions.clone().try_acquire_owned() else {
+                    warn!(peer = %incoming.remote_address(),
+                          "refusing connection: {} sessions already running",
+                          shared.max_sessions);
+                    incoming.refuse();
+                    continue;
+                };
+                let shared = shared.clone();
+                tasks.spawn(async move {
+                    serve_quic(incoming, shared).await;
+                    drop(permit);
+                });
+            }
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+        }
+    }
+    endpoint.close(0u32.into(), b"page server shutting down");
+    tasks.shutdown().await;
+    endpoint.wait_idle().await;
+}
+
+async fn serve_quic(incoming: quinn::Incoming, shared: Arc<Shared>) {
     let peer = incoming.remote_address();
     let conn = match incoming.await {
         Ok(c) => c,
@@ -215,6 +277,12 @@ async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
         }
     };
     debug!(%peer, "connection accepted");
+    serve(Arc::new(QuicConn(conn)), shared).await;
+}
+
+/// Runs one session on an accepted connection, to its end.
+pub(crate) async fn serve<C: Conn>(conn: Arc<C>, shared: Arc<Shared>) {
+    let peer = conn.remote_address();
     let mut s = Session {
         conn: conn.clone(),
         shared,
@@ -242,7 +310,7 @@ async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
             s.send_last(abort).await;
             let mut r = reason.into_bytes();
             r.truncate(1000);
-            conn.close(e.code().into(), &r);
+            conn.close(e.code(), &r);
         }
     }
     s.readers.shutdown().await;
@@ -250,14 +318,14 @@ async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
 
 type BatchResult = Result<DecodedBatch, SessionError>;
 
-struct Session {
-    conn: quinn::Connection,
+struct Session<C: Conn> {
+    conn: Arc<C>,
     shared: Arc<Shared>,
     rx: Receiver,
     handle: Option<Box<dyn SessionStore>>,
     data: Option<mpsc::Receiver<BatchResult>>,
     readers: JoinSet<()>,
-    control: Option<quinn::SendStream>,
+    control: Option<(C::Send, C::Recv)>,
     /// This connection created the session (it did not resume it).
     created: bool,
     /// The source will ask for a restore: check every round can be.
@@ -274,10 +342,10 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
     }
 }
 
-impl Session {
+impl<C: Conn> Session<C> {
     async fn run(&mut self) -> Result<(), SessionError> {
         let timeout = self.shared.handshake_timeout;
-        let (mut send, mut recv) = tokio::time::timeout(timeout, self.conn.accept_bi())
+        let (mut send, mut recv) = tokio::time::timeout(timeout, self.conn.accept_control())
             .await
             .map_err(|_| SessionError::NoControl(timeout))??;
         let mut cbuf = BytesMut::with_capacity(64 << 10);
@@ -297,19 +365,19 @@ impl Session {
             }
         }
         .await;
-        self.control = Some(send);
+        self.control = Some((send, recv));
         result?;
-        // Let the last answer reach the source before the connection goes:
-        // closing discards unsent stream data.
-        if let Some(mut s) = self.control.take() {
-            let _ = s.finish();
-            let _ = tokio::time::timeout(Duration::from_secs(5), self.conn.closed()).await;
+        // Let the last answer reach the source before the connection goes.
+        if let Some((mut s, mut r)) = self.control.take() {
+            self.conn
+                .finish(&mut s, &mut r, Until::Gone, Duration::from_secs(5))
+                .await;
         }
         Ok(())
     }
 
     /// Carries out everything the receiver asked for.
-    async fn act(&mut self, send: &mut quinn::SendStream) -> Result<(), SessionError> {
+    async fn act(&mut self, send: &mut C::Send) -> Result<(), SessionError> {
         while let Some(a) = self.rx.poll_action() {
             match a {
                 Action::Send(c) => write_control(send, &c).await?,
@@ -460,7 +528,7 @@ impl Session {
         let conn = self.conn.clone();
         self.readers.spawn(async move {
             let mut streams = JoinSet::new();
-            while let Ok(recv) = conn.accept_uni().await {
+            while let Some(recv) = conn.accept_data().await {
                 streams.spawn(read_data(recv, page_size, tx.clone()));
             }
             streams.shutdown().await;
@@ -490,12 +558,13 @@ impl Session {
 
     /// Sends a last control message on a failed session, best effort.
     async fn send_last(&mut self, msg: pb::Control) {
-        if let Some(mut s) = self.control.take() {
+        if let Some((mut s, mut r)) = self.control.take() {
             let write = async {
                 write_control(&mut s, &msg).await?;
-                let _ = s.finish();
                 // Give the peer a moment to read it before the close.
-                let _ = tokio::time::timeout(Duration::from_millis(500), s.stopped()).await;
+                self.conn
+                    .finish(&mut s, &mut r, Until::Delivered, Duration::from_millis(500))
+                    .await;
                 Ok::<_, SessionError>(())
             };
             let _ = tokio::time::timeout(Duration::from_secs(1), write).await;
@@ -511,30 +580,36 @@ async fn recv_batch(rx: &mut Option<mpsc::Receiver<BatchResult>>) -> Option<Batc
 }
 
 async fn write_control(
-    send: &mut quinn::SendStream,
+    send: &mut (impl AsyncWrite + Unpin),
     msg: &pb::Control,
 ) -> Result<(), SessionError> {
     let mut buf = BytesMut::new();
     frame::encode_control(msg, &mut buf);
-    send.write_all(&buf).await?;
+    send.write_all(&buf).await.map_err(SessionError::Write)?;
     Ok(())
 }
 
-/// Appends what the stream has next to `buf`; false at its end.
-async fn read_more(recv: &mut quinn::RecvStream, buf: &mut BytesMut) -> Result<bool, SessionError> {
-    match recv.read_chunk(1 << 20, true).await? {
-        Some(c) => {
-            buf.extend_from_slice(&c.bytes);
-            Ok(true)
-        }
-        None => Ok(false),
+/// Least free room in a read buffer before a read: a full `BytesMut` would
+/// otherwise take a few dozen bytes per call.
+const READ_ROOM: usize = 256 << 10;
+
+/// Appends what the stream has next to `buf`; false at its end. Cancel
+/// safe: a read that loses a `select!` took no bytes.
+async fn read_more(
+    recv: &mut (impl AsyncRead + Unpin),
+    buf: &mut BytesMut,
+) -> Result<bool, SessionError> {
+    if buf.capacity() - buf.len() < READ_ROOM {
+        buf.reserve(READ_ROOM);
     }
+    let n = recv.read_buf(buf).await.map_err(SessionError::Read)?;
+    Ok(n > 0)
 }
 
 /// Reads until one whole control message is buffered; `None` at a clean end
 /// of stream.
 async fn read_control(
-    recv: &mut quinn::RecvStream,
+    recv: &mut (impl AsyncRead + Unpin),
     buf: &mut BytesMut,
 ) -> Result<Option<pb::Control>, SessionError> {
     loop {
@@ -549,7 +624,11 @@ async fn read_control(
 }
 
 /// Reads one data stream: frames, then batches checked and decompressed.
-async fn read_data(mut recv: quinn::RecvStream, page_size: u32, tx: mpsc::Sender<BatchResult>) {
+async fn read_data(
+    mut recv: impl AsyncRead + Unpin,
+    page_size: u32,
+    tx: mpsc::Sender<BatchResult>,
+) {
     let mut buf = BytesMut::with_capacity(1 << 20);
     loop {
         let r = match frame::decode_batch(&mut buf) {

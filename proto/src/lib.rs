@@ -15,9 +15,12 @@
 //! - [`session`]: the sender (source) and receiver (destination) state
 //!   machines, and the protocol's sequence diagram.
 //! - [`vma`]: address-range checks shared by both ends.
+//! - [`preamble`]: how a connection of the plain-TCP baseline transport
+//!   says what it carries (TCP has no streams: each is a connection).
 
 pub mod batch;
 pub mod frame;
+pub mod preamble;
 pub mod session;
 pub mod vma;
 

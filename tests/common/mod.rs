@@ -10,10 +10,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferry::client::{Client, Connect};
+use ferry::synthetic::{Mix, Rng, Workload};
 use ferry_page_server::store::Store;
 use ferry_page_server::tls::{client_config, server_config, TlsFiles};
 use ferry_page_server::{Config, PageServer};
 use ferry_proto::session::SenderConfig;
+use ferry_proto::SessionId;
 use tokio::sync::oneshot;
 
 pub fn certs() -> tempfile::TempDir {
@@ -31,7 +33,14 @@ pub struct Server {
 
 impl Server {
     pub fn start(tls: &Path, store: Arc<dyn Store>) -> Server {
-        let cfg = Config::new(server_config(&TlsFiles::server(tls)).unwrap(), store);
+        Self::start_with(Config::new(
+            server_config(&TlsFiles::server(tls)).unwrap(),
+            store,
+        ))
+    }
+
+    /// On `127.0.0.1:0`, with any configuration (the plain-TCP one too).
+    pub fn start_with(cfg: Config) -> Server {
         let server = PageServer::bind("127.0.0.1:0".parse().unwrap(), cfg).unwrap();
         let addr = server.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
@@ -48,6 +57,37 @@ impl Server {
     pub async fn stop(mut self) {
         let _ = self.stop.take().unwrap().send(());
         self.task.await.unwrap();
+    }
+}
+
+pub fn sender_config(id: u8, page_size: u32, resume: bool) -> SenderConfig {
+    SenderConfig {
+        session: SessionId([id; 16]),
+        page_size,
+        arch: "x86_64".into(),
+        kernel: "test".into(),
+        label: format!("test session {id}"),
+        resume,
+        features: Vec::new(),
+    }
+}
+
+/// Streams a workload in `rounds` rounds (layer 0 whole, then 10 % dirty),
+/// with small batches so every layer is spread over every stream.
+pub async fn migrate_synthetic(client: &mut Client, w: &mut Workload, rounds: u32, seed: u64) {
+    let mut rng = Rng::new(seed);
+    for round in 0..rounds {
+        let addrs = if round == 0 {
+            w.all_pages()
+        } else {
+            w.dirty(10, Mix::TYPICAL, &mut rng)
+        };
+        let stats = client
+            .send_layer(w.vmas.clone(), w.batches(&addrs, 32))
+            .await
+            .unwrap();
+        assert!(stats.batches >= 4, "layer spread over streams");
+        assert!(stats.zero_pages > 0, "zero runs in every layer");
     }
 }
 
