@@ -15,9 +15,12 @@
 //! - [`session`]: the sender (source) and receiver (destination) state
 //!   machines, and the protocol's sequence diagram.
 //! - [`vma`]: address-range checks shared by both ends.
+//! - `fuzzing` (hidden): what the fuzz targets in `fuzz/` run on each input.
 
 pub mod batch;
 pub mod frame;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod session;
 pub mod vma;
 
