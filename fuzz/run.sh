@@ -51,7 +51,8 @@ for t in "${targets[@]}"; do
         "$work/$t" "fuzz/corpus/$t" -- \
         -max_total_time="$seconds" -timeout=10 -print_final_stats=1 \
         >"$work/$t.log" 2>&1; then
-        tail -n 60 "$work/$t.log"
+        grep -m1 -A1 'panicked at' "$work/$t.log" || tail -n 30 "$work/$t.log"
+        sed -n '/^Failing input:/,/^Minimize/p' "$work/$t.log"
         echo "== $t: CRASH; the input is in fuzz/artifacts/$t/" >&2
         exit 1
     fi
