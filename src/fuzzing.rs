@@ -68,9 +68,10 @@ fn check_tree(tree: &pb::ProcessTree) {
 
 /// `data`, converted lossily as the readers do, through every pure `/proc`
 /// parser. Errors must name a line the text has; what parses must hold
-/// together (mappings non-empty and convertible to the image's form, the
-/// same ids from `parse_status` and `parse_creds`, limits sorted and
-/// known, personality printable back). True if any parser accepted it.
+/// together (mappings non-empty, ascending, disjoint and convertible to
+/// the image's form, the same ids from `parse_status` and `parse_creds`,
+/// limits sorted and known, personality printable back). True if any
+/// parser accepted it.
 pub fn procfs(data: &[u8]) -> bool {
     let text: Cow<str> = String::from_utf8_lossy(data);
     let text = &*text;
@@ -89,6 +90,9 @@ pub fn procfs(data: &[u8]) -> bool {
     };
 
     ok(procfs::parse_maps(text).map(|maps| {
+        for w in maps.windows(2) {
+            assert!(w[0].end <= w[1].start, "maps overlap or are unsorted");
+        }
         for m in &maps {
             assert!(m.start < m.end && !m.is_empty());
             assert_eq!(m.kind() == pb::VmaKind::File, m.is_file());
