@@ -8,8 +8,9 @@
 #   FUZZ_SANITIZER=none   or address: the fuzzed code is safe Rust and the C
 #                         under it (zstd) is not instrumented by rustc, so
 #                         ASan would mostly cost speed
-#   FUZZ_MERGE=1          afterwards, merge the inputs that found new
-#                         coverage into the checked-in corpus
+#   FUZZ_MERGE=1          afterwards, merge the inputs that reach new
+#                         edges into the checked-in corpus (edges only, not
+#                         hit counts or comparisons: that keeps it small)
 #
 # New inputs go to a scratch directory, so a run leaves fuzz/corpus alone
 # unless FUZZ_MERGE=1. Debug assertions and overflow checks are on: an
@@ -64,7 +65,8 @@ for t in "${targets[@]}"; do
         "$t" "$runs" "$rate" "$cov" "$new")")
     if [ "${FUZZ_MERGE:-0}" = 1 ]; then
         fuzz run --sanitizer "$sanitizer" --debug-assertions "$t" \
-            "fuzz/corpus/$t" "$work/$t" -- -merge=1 >>"$work/$t.log" 2>&1
+            "fuzz/corpus/$t" "$work/$t" -- \
+            -merge=1 -use_counters=0 -use_cmp=0 >>"$work/$t.log" 2>&1
     fi
 done
 echo "== no crashes"
