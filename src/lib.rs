@@ -18,6 +18,7 @@
 //! - [`sys`]: every raw syscall and `unsafe` block of ferry (ptrace and
 //!   syscall injection, userfaultfd, `PAGEMAP_SCAN`, `process_vm_readv`)
 //!   behind safe wrappers.
+//! - `fuzzing` (hidden): the entry points of the fuzz targets in `fuzz/`.
 //!
 //! The wire protocol lives in `ferry-proto`, the destination in
 //! `ferry-page-server`.
@@ -27,6 +28,8 @@ pub mod certs;
 pub mod client;
 pub mod demo;
 pub mod dump;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod loopback;
 pub mod migrate;
 pub mod policy;

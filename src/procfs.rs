@@ -308,14 +308,28 @@ fn parse_map_line(line: &str) -> Result<MapEntry, String> {
 }
 
 /// Parses `/proc/PID/maps`. Empty lines are skipped; any malformed line is
-/// a [`ProcError::Parse`] with its line number.
+/// a [`ProcError::Parse`] with its line number, and so is a mapping that
+/// does not start at or after the end of the one before: the kernel lists
+/// them ascending and disjoint, and everything downstream (the byte counts
+/// included, which could otherwise overflow) relies on it.
 pub fn parse_maps(text: &str) -> Result<Vec<MapEntry>, ProcError> {
-    let mut out = Vec::new();
+    let mut out: Vec<MapEntry> = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
-        out.push(parse_map_line(line).map_err(|r| parse_err("maps", i + 1, r))?);
+        let m = parse_map_line(line).map_err(|r| parse_err("maps", i + 1, r))?;
+        if let Some(prev) = out.last().filter(|p| m.start < p.end) {
+            return Err(parse_err(
+                "maps",
+                i + 1,
+                format!(
+                    "{:#x}-{:#x} overlaps or precedes {:#x}-{:#x}",
+                    m.start, m.end, prev.start, prev.end
+                ),
+            ));
+        }
+        out.push(m);
     }
     Ok(out)
 }
@@ -817,7 +831,7 @@ mod tests {
         // a long device major; a 16-digit offset.
         let maps = parse_maps(
             "7f00-8f00 r--s ffffffffffff0000 103:0a 42\t  /a dir/f  \n\n\
-             1000-2000 ---p 00000000 00:00 0",
+             9000-a000 ---p 00000000 00:00 0",
         )
         .unwrap();
         assert_eq!(maps.len(), 2);
@@ -851,6 +865,8 @@ mod tests {
             ("1000-2000", "no permissions"),
             ("1000-20000000000000000 rw-p 0 00:00 0", "end address"),
             ("é-ü rw-p 0 00:00 0", "start address"),
+            ("1800-3000 rw-p 0 00:00 0", "overlaps"),
+            ("0-1000 rw-p 0 00:00 0", "precedes"),
         ] {
             let text = format!("{good}{bad}\n");
             match parse_maps(&text) {
@@ -865,6 +881,22 @@ mod tests {
                 other => panic!("{bad}: {other:?}"),
             }
         }
+    }
+
+    /// Found by the `procfs` fuzz target: two huge overlapping mappings
+    /// overflowed the sum in `dumpable_bytes`.
+    #[test]
+    fn overlapping_maps_are_refused_before_anything_sums_them() {
+        let text = "0-ffffffffff601000 rw-p 0 00:00 0\n\
+                    ffff00-ffffffffff601000 --xp 0 00:00 0 [vsyscall]\n";
+        assert!(matches!(
+            parse_maps(text),
+            Err(ProcError::Parse { line: 2, .. })
+        ));
+        let disjoint = "0-8000000000000000 rw-p 0 00:00 0\n\
+                        8000000000000000-ffffffffffffffff rw-p 0 00:00 0\n";
+        let maps = parse_maps(disjoint).unwrap();
+        assert_eq!(dumpable_bytes(&maps), u64::MAX);
     }
 
     #[test]

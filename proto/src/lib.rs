@@ -17,9 +17,12 @@
 //! - [`vma`]: address-range checks shared by both ends.
 //! - [`preamble`]: how a connection of the plain-TCP baseline transport
 //!   says what it carries (TCP has no streams: each is a connection).
+//! - `fuzzing` (hidden): what the fuzz targets in `fuzz/` run on each input.
 
 pub mod batch;
 pub mod frame;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod preamble;
 pub mod session;
 pub mod vma;

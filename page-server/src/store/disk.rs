@@ -248,14 +248,27 @@ fn recover_session(dir: &Path, id: SessionId) -> Result<DiskSession, StoreError>
     })
 }
 
-/// Checks an index against the invariants flatten and lookup rely on and
-/// against its pages file's length; the checksum is checked when the data
-/// is read.
-fn load_layer(dir: &Path, n: u32, ix: pb::LayerIndex, ps: u32) -> Result<DiskLayer, StoreError> {
-    let path = dir.join("index");
+/// An index that passed [`check_index`].
+struct CheckedIndex {
+    ranges: RangeSet,
+    /// Ascending, non-overlapping; `Loc::off` is the offset in `pages`.
+    runs: Vec<SrcRun>,
+    pages: u64,
+    /// End of the last byte of `pages` a run uses.
+    data_end: u64,
+}
+
+/// Checks an index against the invariants flatten and lookup rely on;
+/// `path` only names it in errors. Pure, so it is fuzzed.
+fn check_index(
+    path: &Path,
+    n: u32,
+    ix: &pb::LayerIndex,
+    ps: u32,
+) -> Result<CheckedIndex, StoreError> {
     if ix.layer != n {
         return Err(corrupt(
-            &path,
+            path,
             format!("index of layer {} in the directory of layer {n}", ix.layer),
         ));
     }
@@ -265,7 +278,7 @@ fn load_layer(dir: &Path, n: u32, ix: pb::LayerIndex, ps: u32) -> Result<DiskLay
     let (mut pages, mut data_end) = (0u64, 0u64);
     let mut next_min = 0u64;
     for r in &ix.runs {
-        let bad = |what: &str| corrupt(&path, format!("run at {:#x} {what}", r.addr));
+        let bad = |what: &str| corrupt(path, format!("run at {:#x} {what}", r.addr));
         let len = r
             .pages
             .checked_mul(ps64)
@@ -294,10 +307,27 @@ fn load_layer(dir: &Path, n: u32, ix: pb::LayerIndex, ps: u32) -> Result<DiskLay
     }
     if pages != ix.pages {
         return Err(corrupt(
-            &path,
+            path,
             format!("runs name {pages} pages, the index says {}", ix.pages),
         ));
     }
+    Ok(CheckedIndex {
+        ranges,
+        runs,
+        pages,
+        data_end,
+    })
+}
+
+/// Checks an index ([`check_index`]) and its pages file's length; the
+/// checksum is checked when the data is read.
+fn load_layer(dir: &Path, n: u32, ix: pb::LayerIndex, ps: u32) -> Result<DiskLayer, StoreError> {
+    let CheckedIndex {
+        ranges,
+        runs,
+        pages,
+        data_end,
+    } = check_index(&dir.join("index"), n, &ix, ps)?;
     let pages_path = dir.join("pages");
     let on_disk = fs::metadata(&pages_path)
         .map_err(io_err("stat", &pages_path))?
@@ -746,13 +776,7 @@ fn write_record<M: Message>(dir: &Path, name: &str, kind: Kind, msg: &M) -> Resu
             format!("{} bytes exceed the {MAX_BODY}-byte limit", body.len()),
         ));
     }
-    let mut buf = Vec::with_capacity(HEADER_LEN + body.len());
-    buf.extend_from_slice(MAGIC);
-    buf.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
-    buf.extend_from_slice(&(kind as u32).to_le_bytes());
-    buf.extend_from_slice(&(body.len() as u64).to_le_bytes());
-    buf.extend_from_slice(&xxh3_64(&body).to_le_bytes());
-    buf.extend_from_slice(&body);
+    let buf = record_bytes(kind, &body);
     let tmp = dir.join(format!("{name}.tmp"));
     let file = File::create(&tmp).map_err(io_err("create", &tmp))?;
     file.write_all_at(&buf, 0).map_err(io_err("write", &tmp))?;
@@ -760,6 +784,81 @@ fn write_record<M: Message>(dir: &Path, name: &str, kind: Kind, msg: &M) -> Resu
     drop(file);
     fs::rename(&tmp, &path).map_err(io_err("rename", &tmp))?;
     sync_dir(dir)
+}
+
+/// A metadata file's bytes: header, then `body`.
+fn record_bytes(kind: Kind, body: &[u8]) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(HEADER_LEN + body.len());
+    buf.extend_from_slice(MAGIC);
+    buf.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    buf.extend_from_slice(&(kind as u32).to_le_bytes());
+    buf.extend_from_slice(&(body.len() as u64).to_le_bytes());
+    buf.extend_from_slice(&xxh3_64(body).to_le_bytes());
+    buf.extend_from_slice(body);
+    buf
+}
+
+/// What a checked header says of its body.
+struct Header {
+    len: u64,
+    checksum: u64,
+}
+
+/// Checks a metadata file's header: magic, version, kind, and the body
+/// length against its cap, before anything is allocated for the body.
+fn parse_header(h: &[u8; HEADER_LEN], kind: Kind) -> Result<Header, String> {
+    let u32_at = |i: usize| u32::from_le_bytes([h[i], h[i + 1], h[i + 2], h[i + 3]]);
+    let u64_at = |i: usize| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&h[i..i + 8]);
+        u64::from_le_bytes(b)
+    };
+    if &h[..8] != MAGIC {
+        return Err("bad magic, not a ferry image file".into());
+    }
+    let version = u32_at(8);
+    if version > FORMAT_VERSION {
+        return Err(format!(
+            "format version {version} is newer than this build's {FORMAT_VERSION}"
+        ));
+    }
+    if version == 0 {
+        return Err("format version 0 does not exist".into());
+    }
+    let got_kind = u32_at(12);
+    if got_kind != kind as u32 {
+        return Err(format!(
+            "holds a {} record, expected {}",
+            Kind::name(got_kind),
+            Kind::name(kind as u32)
+        ));
+    }
+    let len = u64_at(16);
+    if len > MAX_BODY {
+        return Err(format!(
+            "body of {len} bytes exceeds the {MAX_BODY}-byte limit"
+        ));
+    }
+    Ok(Header {
+        len,
+        checksum: u64_at(24),
+    })
+}
+
+/// Checks a body (read up to one byte past its length, to notice trailing
+/// garbage) against its header and decodes it.
+fn decode_body<M: Message + Default>(body: &[u8], h: &Header) -> Result<M, String> {
+    if body.len() as u64 != h.len {
+        return Err(format!(
+            "body is {} bytes, header says {}",
+            body.len(),
+            h.len
+        ));
+    }
+    if xxh3_64(body) != h.checksum {
+        return Err("checksum mismatch".into());
+    }
+    M::decode(body).map_err(|e| format!("undecodable body: {e}"))
 }
 
 /// Reads a metadata file; `None` if it does not exist.
@@ -773,61 +872,15 @@ fn read_record<M: Message + Default>(path: &Path, kind: Kind) -> Result<Option<M
         io::ErrorKind::UnexpectedEof => corrupt(path, "truncated header"),
         _ => io_err("read", path)(e),
     })?;
-    let u32_at = |i: usize| u32::from_le_bytes([h[i], h[i + 1], h[i + 2], h[i + 3]]);
-    let u64_at = |i: usize| {
-        let mut b = [0u8; 8];
-        b.copy_from_slice(&h[i..i + 8]);
-        u64::from_le_bytes(b)
-    };
-    if &h[..8] != MAGIC {
-        return Err(corrupt(path, "bad magic, not a ferry image file"));
-    }
-    let version = u32_at(8);
-    if version > FORMAT_VERSION {
-        return Err(corrupt(
-            path,
-            format!("format version {version} is newer than this build's {FORMAT_VERSION}"),
-        ));
-    }
-    if version == 0 {
-        return Err(corrupt(path, "format version 0 does not exist"));
-    }
-    let got_kind = u32_at(12);
-    if got_kind != kind as u32 {
-        return Err(corrupt(
-            path,
-            format!(
-                "holds a {} record, expected {}",
-                Kind::name(got_kind),
-                Kind::name(kind as u32)
-            ),
-        ));
-    }
-    let len = u64_at(16);
-    if len > MAX_BODY {
-        return Err(corrupt(
-            path,
-            format!("body of {len} bytes exceeds the {MAX_BODY}-byte limit"),
-        ));
-    }
-    let mut body = Vec::with_capacity(len as usize);
-    // One byte past the length, to notice trailing garbage.
+    let h = parse_header(&h, kind).map_err(|e| corrupt(path, e))?;
+    let mut body = Vec::with_capacity(h.len as usize);
     (&mut file)
-        .take(len + 1)
+        .take(h.len + 1)
         .read_to_end(&mut body)
         .map_err(io_err("read", path))?;
-    if body.len() as u64 != len {
-        return Err(corrupt(
-            path,
-            format!("body is {} bytes, header says {len}", body.len()),
-        ));
-    }
-    if xxh3_64(&body) != u64_at(24) {
-        return Err(corrupt(path, "checksum mismatch"));
-    }
-    M::decode(&body[..])
+    decode_body(&body, &h)
         .map(Some)
-        .map_err(|e| corrupt(path, format!("undecodable body: {e}")))
+        .map_err(|e| corrupt(path, e))
 }
 
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {
@@ -835,3 +888,6 @@ fn sync_dir(dir: &Path) -> Result<(), StoreError> {
         .and_then(|d| d.sync_all())
         .map_err(io_err("fsync", dir))
 }
+
+#[doc(hidden)]
+pub mod fuzzing;
