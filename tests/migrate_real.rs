@@ -289,6 +289,134 @@ fn python3_with_a_thread_pool_and_an_open_file_continues() {
     }
 }
 
+/// A python3 program holding one descriptor of each kind ferry carries with
+/// state: a pipe with unread bytes (both ends, non-blocking read end), an
+/// eventfd at 41, a 50 ms periodic timerfd, a signalfd for SIGUSR1, an
+/// epoll watching the pipe, a memfd and an unlinked file with contents and
+/// offsets. It logs "ready", waits for `go` to exist, then logs what each
+/// descriptor says, one `key value` line each, and "done".
+fn python_fds(log: &Path, go: &Path, dir: &Path) -> Option<Child> {
+    let script = format!(
+        r#"
+import os, time, select, signal, ctypes, struct
+os.closerange(3, 4096)
+libc = ctypes.CDLL(None, use_errno=True)
+def log(*a):
+    with open({log:?}, "a") as f:
+        f.write(" ".join(map(str, a)) + "\n")
+r, w = os.pipe()
+os.set_blocking(r, False)
+os.write(w, b"unread-bytes")
+e = os.eventfd(41, os.EFD_CLOEXEC)
+t = libc.timerfd_create(1, os.O_CLOEXEC)
+its = struct.pack("qqqq", 0, 50000000, 0, 50000000)
+assert libc.timerfd_settime(t, 0, its, None) == 0
+signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1])
+mask = ctypes.c_uint64(1 << (signal.SIGUSR1 - 1))
+s = libc.signalfd(-1, ctypes.byref(mask), os.O_CLOEXEC)
+assert s >= 0
+ep = select.epoll()
+ep.register(r, select.EPOLLIN)
+m = os.memfd_create("ferry test", os.MFD_CLOEXEC)
+os.write(m, b"memfd-contents")
+os.lseek(m, 6, os.SEEK_SET)
+path = os.path.join({dir:?}, "doomed")
+d = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+os.write(d, b"deleted-contents")
+os.lseek(d, 8, os.SEEK_SET)
+os.unlink(path)
+log("ready")
+n = 0
+while not os.path.exists({go:?}):
+    n += 1
+    time.sleep(0.005)
+log("epoll", ep.poll(0) == [(r, select.EPOLLIN)])
+log("pipe", os.read(r, 100), os.get_blocking(r))
+log("eventfd", os.eventfd_read(e))
+log("timer", struct.unpack("Q", os.read(t, 8))[0] > 0)
+info = os.read(s, 128)
+log("signalfd", struct.unpack("I", info[:4])[0])
+log("memfd", os.read(m, 100))
+log("deleted", os.read(d, 100))
+log("done")
+while True:
+    time.sleep(1)
+"#,
+        log = log.to_str().unwrap(),
+        go = go.to_str().unwrap(),
+        dir = dir.to_str().unwrap(),
+    );
+    Command::new("python3")
+        .args(["-c", &script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()
+}
+
+#[test]
+fn python3_keeps_its_pipes_eventfd_timerfd_signalfd_epoll_and_unlinked_files() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (log, go) = (dir.path().join("fds.log"), dir.path().join("go"));
+    let Some(mut child) = python_fds(&log, &go, dir.path()) else {
+        eprintln!("skipped: no python3 on this machine");
+        return;
+    };
+    let pid = child.id() as i32;
+    let text = || std::fs::read_to_string(&log).unwrap_or_default();
+    for _ in 0..300 {
+        if text().contains("ready") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(text().contains("ready"), "python set up: {}", text());
+    let tls = certs();
+    let port = free_port();
+    let _server = page_server(None, &format!("127.0.0.1:{port}"), tls.path());
+    let new = migrate(None, pid, &format!("127.0.0.1:{port}"), tls.path());
+    let _guard = Killed(vec![new]);
+    let _ = child.wait();
+    assert!(
+        matches!(proc_state(pid), '?' | 'Z' | 'X'),
+        "the source is gone"
+    );
+    // Sent to the restored process only: its signalfd must be there.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(new),
+        nix::sys::signal::Signal::SIGUSR1,
+    )
+    .unwrap();
+    std::fs::write(&go, b"").unwrap();
+    for _ in 0..300 {
+        if text().contains("done") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = text();
+    assert!(
+        out.contains("done"),
+        "the restored process got through: {out}"
+    );
+    for want in [
+        "epoll True".to_string(),
+        "pipe b'unread-bytes' False".into(),
+        "eventfd 41".into(),
+        "timer True".into(),
+        format!("signalfd {}", libc::SIGUSR1),
+        "memfd b'contents'".into(),
+        "deleted b'contents'".into(),
+    ] {
+        assert!(out.lines().any(|l| l == want), "{want:?} in {out}");
+    }
+}
+
 /// Two network namespaces joined by veth, removed on drop.
 struct Hosts {
     a: String,
