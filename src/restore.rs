@@ -1602,6 +1602,9 @@ impl Restorer {
             )?;
         }
         for f in group.iter().filter(|f| !f.data.is_empty()) {
+            if helper.is_some() && self.fifo_holds(w, f)? {
+                continue;
+            }
             self.fill(w, &f.data, f, false)?;
         }
         for &f in group {
@@ -1635,6 +1638,33 @@ impl Restorer {
             self.call("close", libc::SYS_close, [w, 0, 0, 0, 0, 0])?;
         }
         Ok(())
+    }
+
+    /// Whether the FIFO open at the stub's `fd` already holds `f`'s bytes.
+    /// It does when the source ran on this host: its FIFO is the same pipe,
+    /// kept alive by the source until the restore succeeds, and writing the
+    /// bytes again would double them. Bytes of someone else's are refused.
+    fn fifo_holds(&self, fd: u64, f: &pb::FileDesc) -> Result<bool> {
+        let err = |what: &str| {
+            let what = format!("fd {}: {what}", f.fd);
+            move |source| RestoreError::FdData { what, source }
+        };
+        let copy = crate::sys::fds::take_fd(self.stub.pid(), fd as i32)
+            .map_err(err("pidfd_getfd of the FIFO"))?;
+        let there = crate::sys::fds::peek_pipe(std::os::fd::AsFd::as_fd(&copy))
+            .map_err(err("reading what the FIFO holds"))?;
+        if there.is_empty() {
+            Ok(false)
+        } else if there == f.data {
+            Ok(true)
+        } else {
+            Err(unsupported(format!(
+                "fd {}: FIFO {} holds {} bytes of another process here",
+                f.fd,
+                f.path,
+                there.len()
+            )))
+        }
     }
 
     fn eventfd(&mut self, f: &pb::FileDesc) -> Result<()> {

@@ -293,7 +293,7 @@ fn python3_with_a_thread_pool_and_an_open_file_continues() {
 /// state: a pipe with unread bytes (both ends, non-blocking read end), an
 /// eventfd at 41, a 50 ms periodic timerfd, a signalfd for SIGUSR1, an
 /// epoll watching the pipe, a memfd and an unlinked file with contents and
-/// offsets. It logs "ready", waits for `go` to exist, then logs what each
+/// offsets, a FIFO with unread bytes. It logs "ready", waits for `go` to exist, then logs what each
 /// descriptor says, one `key value` line each, and "done".
 fn python_fds(log: &Path, go: &Path, dir: &Path) -> Option<Child> {
     let script = format!(
@@ -325,6 +325,10 @@ d = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
 os.write(d, b"deleted-contents")
 os.lseek(d, 8, os.SEEK_SET)
 os.unlink(path)
+fifo = os.path.join({dir:?}, "fifo")
+os.mkfifo(fifo)
+ff = os.open(fifo, os.O_RDWR)
+os.write(ff, b"fifo-bytes")
 log("ready")
 n = 0
 while not os.path.exists({go:?}):
@@ -338,6 +342,7 @@ info = os.read(s, 128)
 log("signalfd", struct.unpack("I", info[:4])[0])
 log("memfd", os.read(m, 100))
 log("deleted", os.read(d, 100))
+log("fifo", os.read(ff, 100))
 log("done")
 while True:
     time.sleep(1)
@@ -412,9 +417,66 @@ fn python3_keeps_its_pipes_eventfd_timerfd_signalfd_epoll_and_unlinked_files() {
         format!("signalfd {}", libc::SIGUSR1),
         "memfd b'contents'".into(),
         "deleted b'contents'".into(),
+        "fifo b'fifo-bytes'".into(),
     ] {
         assert!(out.lines().any(|l| l == want), "{want:?} in {out}");
     }
+}
+
+#[test]
+fn descriptors_ferry_cannot_restore_are_refused_by_name_and_the_source_runs_on() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("refused.log");
+    let script = format!(
+        r#"
+import os, time, ctypes
+os.closerange(3, 4096)
+libc = ctypes.CDLL(None)
+i = libc.inotify_init1(0)
+assert i >= 0
+n = 0
+while True:
+    n += 1
+    with open({log:?}, "a") as f:
+        f.write("%d\n" % n)
+    time.sleep(0.01)
+"#,
+        log = log.to_str().unwrap()
+    );
+    let Ok(mut child) = Command::new("python3")
+        .args(["-c", &script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+    else {
+        eprintln!("skipped: no python3 on this machine");
+        return;
+    };
+    let pid = child.id() as i32;
+    let _guard = Killed(vec![pid]);
+    wait_for_log(&log);
+    let tls = certs();
+    let port = free_port();
+    let _server = page_server(None, &format!("127.0.0.1:{port}"), tls.path());
+    let out = ferry()
+        .args(["migrate", "--pid", &pid.to_string()])
+        .args(["--to", &format!("127.0.0.1:{port}"), "--tls"])
+        .arg(tls.path())
+        .args(["--log", "warn"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("fd 3: anon_inode:inotify"), "{stderr}");
+    let before = *log_values(&log).last().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(*log_values(&log).last().unwrap() > before, "it runs on");
+    assert!(child.try_wait().unwrap().is_none());
 }
 
 /// Two network namespaces joined by veth, removed on drop.
