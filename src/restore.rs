@@ -23,8 +23,15 @@
 //! 4. `arch_prctl(ARCH_MAP_VDSO_64)` at the image's `[vvar]`; it silently
 //!    lands elsewhere when the range is busy, so the maps are read back.
 //! 5. `PR_SET_MM_MAP` (needs the old executable unmapped for `exe_fd`).
-//! 6. Files (the stub's inherited fds are closed first; each is opened,
-//!    `dup3`ed to its number, seeked), cwd, name, signal actions (every
+//! 6. Files (the stub's inherited fds are closed first; each is made,
+//!    `dup3`ed to its number, seeked): paths opened again; a pipe made
+//!    once for all its fds; a FIFO through a read-write helper open, so no
+//!    open blocks; eventfd, timerfd (re-armed with the time it had left,
+//!    relative to now), signalfd; memfds by name and deleted files as new
+//!    `O_TMPFILE` files in the same directory; epolls last, once what they
+//!    watch exists. Pipe bytes and file contents are written from ferry
+//!    through a `pidfd_getfd` copy of the stub's fd, before the image's
+//!    status flags (O_NONBLOCK, …) are set. Then cwd, name, signal actions (every
 //!    signal: those the image lacks go back to `SIG_DFL`, since the stub
 //!    carries ferry's), rlimits, rseq, personality, robust list and
 //!    clear-tid address (the last four only the thread itself can set),
@@ -35,9 +42,10 @@
 //!    mask replace its state, and it is detached.
 //!
 //! What cannot be restored yet is refused by [`check`], by name, before a
-//! stub exists: process trees, pipes, FIFOs, sockets and other
-//! special files, deleted files, credentials other than ferry's, a vdso
-//! layout this kernel does not make. Any failure later kills the stub: no
+//! stub exists: process trees, a pipe with an end outside the process,
+//! sockets, inotify and other special files, an epoll watching an fd the
+//! image lacks, credentials other than ferry's, a vdso layout this kernel
+//! does not make. Any failure later kills the stub: no
 //! half-restored process is ever left running.
 //!
 //! **Life after ferry.** The stub is born a grandchild whose middle parent

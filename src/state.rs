@@ -26,6 +26,14 @@
 //! kernel refreshes the fields anyway before the thread runs user code
 //! again, here or on the destination.)
 //!
+//! Descriptors are read from `/proc/PID/fdinfo` (eventfd counts, timers,
+//! signalfd masks, epoll registrations) and, for what has contents, from
+//! copies taken with `pidfd_getfd` ([`capture_fd_data`]): a pipe's unread
+//! bytes are peeked with `tee`, a memfd's or deleted file's contents read
+//! with `pread`, so neither the pipe nor the shared file offset changes.
+//! Sockets, inotify, fanotify, io_uring and the like stay `UNSUPPORTED`,
+//! with a description that names them.
+//!
 //! Registers are saved in the form the thread resumes with after an
 //! injection ([`resume_regs`]): an interrupted syscall rewound to be
 //! issued again, since the kernel's restart logic will not run for a thread
