@@ -655,7 +655,7 @@ fn stat_of(md: &fs::Metadata) -> Stat {
 /// The process's descriptors, classified (also usable while it runs).
 /// Contents are not read: [`capture`] adds them on the frozen process.
 pub fn capture_fds(pid: i32) -> Result<Vec<pb::FileDesc>, StateError> {
-    procfs::list_fds(pid)?
+    let mut fds = procfs::list_fds(pid)?
         .into_iter()
         .map(|(fd, target)| {
             let text = procfs::read_fdinfo_text(pid, fd)?;
@@ -667,7 +667,46 @@ pub fn capture_fds(pid: i32) -> Result<Vec<pb::FileDesc>, StateError> {
                 .map(|md| stat_of(&md));
             Ok(classify(fd, &target, stat, &info, &text))
         })
-        .collect()
+        .collect::<Result<Vec<_>, StateError>>()?;
+    refuse_shared(pid, &mut fds);
+    Ok(fds)
+}
+
+/// Kinds whose state lives in the open file itself: two fds sharing one
+/// (dup) would come back as two separate counters, timers or files.
+fn stateful(k: pb::FdKind) -> bool {
+    matches!(
+        k,
+        pb::FdKind::Eventfd
+            | pb::FdKind::Timerfd
+            | pb::FdKind::Signalfd
+            | pb::FdKind::Epoll
+            | pb::FdKind::Memfd
+            | pb::FdKind::Deleted
+    )
+}
+
+/// Marks as unsupported every fd of a [`stateful`] kind that shares its
+/// open file with a lower one (`kcmp`); when `kcmp` cannot tell, too.
+fn refuse_shared(pid: i32, fds: &mut [pb::FileDesc]) {
+    fds.sort_by_key(|f| f.fd);
+    for i in 0..fds.len() {
+        if !stateful(fds[i].kind()) {
+            continue;
+        }
+        let shared = (0..i)
+            .filter(|&j| fds[j].kind == fds[i].kind)
+            .find_map(|j| match sys_fds::same_file(pid, fds[j].fd, fds[i].fd) {
+                Ok(true) => Some(format!("the same open file as fd {} (dup)", fds[j].fd)),
+                Ok(false) => None,
+                Err(e) => Some(format!("kcmp with fd {}: {e}", fds[j].fd)),
+            });
+        if let Some(why) = shared {
+            let f = &mut fds[i];
+            f.kind = pb::FdKind::Unsupported as i32;
+            f.description = format!("fd {}: {}: {why}", f.fd, f.path);
+        }
+    }
 }
 
 /// Whether `f` can be read from: a pipe's read end, or a FIFO opened for

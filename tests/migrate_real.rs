@@ -438,6 +438,8 @@ os.closerange(3, 4096)
 libc = ctypes.CDLL(None)
 i = libc.inotify_init1(0)
 assert i >= 0
+e = os.eventfd(0)
+os.dup2(e, 9)
 n = 0
 while True:
     n += 1
@@ -474,6 +476,15 @@ while True:
     assert!(!out.status.success());
     assert!(stderr.contains("fd 3: anon_inode:inotify"), "{stderr}");
     let before = *log_values(&log).last().unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    // Without the inotify, the eventfd at two numbers is refused next.
+    let mut fds = ferry::state::capture_fds(pid).unwrap();
+    fds.retain(|f| f.fd != 3);
+    let e = ferry::restore::check_fds(&fds).unwrap_err().to_string();
+    assert!(
+        e.starts_with("fd 9: anon_inode:[eventfd]: the same open file as fd 4"),
+        "{e}"
+    );
     std::thread::sleep(Duration::from_millis(200));
     assert!(*log_values(&log).last().unwrap() > before, "it runs on");
     assert!(child.try_wait().unwrap().is_none());

@@ -57,6 +57,15 @@ pub fn seals(fd: BorrowedFd<'_>) -> io::Result<u32> {
     check(n.into()).map(|n| n as u32)
 }
 
+/// Whether fds `a` and `b` of process `pid` are one open file description
+/// (one was dup'ed from the other): `kcmp(KCMP_FILE)`.
+pub fn same_file(pid: i32, a: RawFd, b: RawFd) -> io::Result<bool> {
+    const KCMP_FILE: libc::c_long = 0;
+    // SAFETY: kcmp takes pids, a type and two fd numbers; no memory.
+    let r = unsafe { libc::syscall(libc::SYS_kcmp, pid, pid, KCMP_FILE, a, b) };
+    check(r).map(|r| r == 0)
+}
+
 /// Bytes waiting in pipe `fd` (`FIONREAD`).
 fn unread(fd: BorrowedFd<'_>) -> io::Result<usize> {
     let mut n: libc::c_int = 0;
@@ -126,6 +135,15 @@ mod tests {
         drop(wf);
         std::fs::File::from(r).read_to_end(&mut left).unwrap();
         assert_eq!(left, seen);
+    }
+
+    #[test]
+    fn dups_are_one_file() {
+        let (r, w) = pipe().unwrap();
+        let d = r.try_clone().unwrap();
+        let me = std::process::id() as i32;
+        assert!(same_file(me, r.as_raw_fd(), d.as_raw_fd()).unwrap());
+        assert!(!same_file(me, r.as_raw_fd(), w.as_raw_fd()).unwrap());
     }
 
     #[test]
