@@ -523,6 +523,8 @@ pub struct FdInfo {
     /// Mount id, as in `/proc/PID/mountinfo`; 0 if the kernel does not
     /// show it (before 3.15).
     pub mnt_id: u32,
+    /// Inode number; 0 if the kernel does not show it (before 5.14).
+    pub ino: u64,
 }
 
 /// Parses `/proc/PID/fdinfo/FD`: `pos` and `flags` are required, the
@@ -530,7 +532,7 @@ pub struct FdInfo {
 /// ignored.
 pub fn parse_fdinfo(text: &str) -> Result<FdInfo, ProcError> {
     const WHAT: &str = "fdinfo";
-    let (mut pos, mut flags, mut mnt_id) = (None, None, 0u32);
+    let (mut pos, mut flags, mut mnt_id, mut ino) = (None, None, 0u32, 0u64);
     for (i, line) in text.lines().enumerate() {
         let Some((key, value)) = line.split_once(':') else {
             continue;
@@ -542,6 +544,7 @@ pub fn parse_fdinfo(text: &str) -> Result<FdInfo, ProcError> {
             "pos" => pos = Some(value.parse::<u64>().map_err(bad)?),
             "flags" => flags = Some(u32::from_str_radix(value, 8).map_err(bad)?),
             "mnt_id" => mnt_id = value.parse::<u32>().map_err(bad)?,
+            "ino" => ino = value.parse::<u64>().map_err(bad)?,
             _ => {}
         }
     }
@@ -549,7 +552,133 @@ pub fn parse_fdinfo(text: &str) -> Result<FdInfo, ProcError> {
         pos: pos.ok_or_else(|| parse_err(WHAT, 0, "missing field pos"))?,
         flags: flags.ok_or_else(|| parse_err(WHAT, 0, "missing field flags"))?,
         mnt_id,
+        ino,
     })
+}
+
+/// The `key:` lines of an fdinfo text, trimmed, with their line numbers.
+fn fdinfo_fields(text: &str) -> impl Iterator<Item = (usize, &str, &str)> {
+    text.lines()
+        .enumerate()
+        .filter_map(|(i, l)| l.split_once(':').map(|(k, v)| (i + 1, k.trim(), v.trim())))
+}
+
+/// The value of the one required `key` of an fdinfo text.
+fn fdinfo_field<'a>(
+    text: &'a str,
+    what: &'static str,
+    key: &str,
+) -> Result<(usize, &'a str), ProcError> {
+    fdinfo_fields(text)
+        .find(|(_, k, _)| *k == key)
+        .map(|(i, _, v)| (i, v))
+        .ok_or_else(|| parse_err(what, 0, format!("missing field {key}")))
+}
+
+/// An eventfd's `eventfd-count` and `eventfd-semaphore` (the latter absent
+/// before Linux 6.7: then `false`).
+pub fn parse_eventfd(text: &str) -> Result<(u64, bool), ProcError> {
+    const WHAT: &str = "eventfd fdinfo";
+    let (i, v) = fdinfo_field(text, WHAT, "eventfd-count")?;
+    // The kernel prints the count in hex (`%16llx`).
+    let count =
+        u64::from_str_radix(v, 16).map_err(|e| parse_err(WHAT, i, format!("count {v:?}: {e}")))?;
+    let semaphore = match fdinfo_field(text, WHAT, "eventfd-semaphore") {
+        Ok((_, "1")) => true,
+        Ok((_, "0")) | Err(_) => false,
+        Ok((i, v)) => return Err(parse_err(WHAT, i, format!("semaphore {v:?}"))),
+    };
+    Ok((count, semaphore))
+}
+
+/// `(seconds, nanoseconds)` as timerfd's fdinfo prints a timespec.
+fn parse_timespec(v: &str) -> Option<u64> {
+    let (s, ns) = v.strip_prefix('(')?.strip_suffix(')')?.split_once(',')?;
+    let (s, ns) = (
+        s.trim().parse::<u64>().ok()?,
+        ns.trim().parse::<u64>().ok()?,
+    );
+    if ns >= 1_000_000_000 {
+        return None;
+    }
+    s.checked_mul(1_000_000_000)?.checked_add(ns)
+}
+
+/// A timerfd's clock, pending expirations, settime flags and timer.
+pub fn parse_timerfd(text: &str) -> Result<pb::Timerfd, ProcError> {
+    const WHAT: &str = "timerfd fdinfo";
+    let num = |key: &str, radix: u32| -> Result<u64, ProcError> {
+        let (i, v) = fdinfo_field(text, WHAT, key)?;
+        u64::from_str_radix(v, radix).map_err(|e| parse_err(WHAT, i, format!("{key} {v:?}: {e}")))
+    };
+    let time = |key: &str| -> Result<u64, ProcError> {
+        let (i, v) = fdinfo_field(text, WHAT, key)?;
+        parse_timespec(v).ok_or_else(|| parse_err(WHAT, i, format!("{key} {v:?}")))
+    };
+    let clockid = num("clockid", 10)?;
+    Ok(pb::Timerfd {
+        clockid: i32::try_from(clockid)
+            .map_err(|_| parse_err(WHAT, 0, format!("clockid {clockid}")))?,
+        ticks: num("ticks", 10)?,
+        settime_flags: u32::try_from(num("settime flags", 8)?)
+            .map_err(|_| parse_err(WHAT, 0, "settime flags out of range"))?,
+        value_ns: time("it_value")?,
+        interval_ns: time("it_interval")?,
+    })
+}
+
+/// A signalfd's mask (`sigmask`, hex), bit n-1 = signal n.
+pub fn parse_signalfd(text: &str) -> Result<u64, ProcError> {
+    const WHAT: &str = "signalfd fdinfo";
+    let (i, v) = fdinfo_field(text, WHAT, "sigmask")?;
+    u64::from_str_radix(v, 16).map_err(|e| parse_err(WHAT, i, format!("sigmask {v:?}: {e}")))
+}
+
+/// An epoll's registrations, one `tfd:` line each:
+/// `tfd: FD events: HEX data: HEX pos:N ino:HEX sdev:HEX`.
+pub fn parse_epoll(text: &str) -> Result<Vec<pb::EpollTarget>, ProcError> {
+    const WHAT: &str = "epoll fdinfo";
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let Some(rest) = line.strip_prefix("tfd:") else {
+            continue;
+        };
+        let bad = |why: String| parse_err(WHAT, i + 1, why);
+        let mut words = rest.split_whitespace();
+        let fd = words.next().unwrap_or("");
+        let fd = fd
+            .parse::<i32>()
+            .map_err(|e| bad(format!("tfd {fd:?}: {e}")))?;
+        let mut t = pb::EpollTarget {
+            fd,
+            ..Default::default()
+        };
+        let (mut events, mut data) = (None, None);
+        while let Some(w) = words.next() {
+            // "events:" and "data:" are followed by a space; "ino:" is not.
+            let (key, value) = match w.split_once(':') {
+                Some((k, "")) => (k, words.next().unwrap_or("")),
+                Some((k, v)) => (k, v),
+                None => return Err(bad(format!("word {w:?}"))),
+            };
+            let hex =
+                |v: &str| u64::from_str_radix(v, 16).map_err(|e| bad(format!("{key} {v:?}: {e}")));
+            match key {
+                "events" => {
+                    events = Some(
+                        u32::try_from(hex(value)?).map_err(|_| bad(format!("events {value}")))?,
+                    )
+                }
+                "data" => data = Some(hex(value)?),
+                "ino" => t.ino = hex(value)?,
+                _ => {}
+            }
+        }
+        t.events = events.ok_or_else(|| bad("no events".into()))?;
+        t.data = data.ok_or_else(|| bad("no data".into()))?;
+        out.push(t);
+    }
+    Ok(out)
 }
 
 // ---------------------------------------------------------------- stat
@@ -657,8 +786,13 @@ pub fn list_fds(pid: i32) -> Result<Vec<(i32, String)>, ProcError> {
 /// `/proc/PID/fdinfo/FD`. A missing file is [`ProcError::NoFd`] while the
 /// process still exists, [`ProcError::NoProcess`] once it does not.
 pub fn read_fdinfo(pid: i32, fd: i32) -> Result<FdInfo, ProcError> {
+    parse_fdinfo(&read_fdinfo_text(pid, fd)?)
+}
+
+/// The text of `/proc/PID/fdinfo/FD`, for the parsers of one kind of file.
+pub fn read_fdinfo_text(pid: i32, fd: i32) -> Result<String, ProcError> {
     match read_text(pid, &format!("fdinfo/{fd}")) {
-        Ok(text) => parse_fdinfo(&text),
+        Ok(text) => Ok(text),
         Err(ProcError::NoProcess(_)) if Path::new(&format!("/proc/{pid}")).exists() => {
             Err(ProcError::NoFd { pid, fd })
         }
@@ -993,7 +1127,8 @@ mod tests {
             FdInfo {
                 pos: 1,
                 flags: 2,
-                mnt_id: 0
+                mnt_id: 0,
+                ino: 0
             }
         );
         for (bad, line) in [("pos:\t1\nflags:\t09\n", 2), ("pos:\t-1\nflags:\t0\n", 1)] {
@@ -1006,6 +1141,67 @@ mod tests {
             parse_fdinfo("flags:\t0\n"),
             Err(ProcError::Parse { line: 0, .. })
         ));
+    }
+
+    #[test]
+    fn fdinfo_of_special_files() {
+        assert_eq!(parse_eventfd(FDINFO_EVENTFD).unwrap(), (5, false));
+        // The count is hex: 0x1f = 31.
+        let sem = "eventfd-count:               1f\neventfd-semaphore: 1\n";
+        assert_eq!(parse_eventfd(sem).unwrap(), (31, true));
+        assert!(parse_eventfd("eventfd-count: xyz\n").is_err());
+        assert!(parse_eventfd("pos:\t0\n").is_err());
+
+        let t = parse_timerfd(include_str!("../tests/fixtures/proc/fdinfo_timerfd")).unwrap();
+        assert_eq!(
+            t,
+            pb::Timerfd {
+                clockid: 1,
+                ticks: 2,
+                settime_flags: 1,
+                value_ns: 4_999_376_395,
+                interval_ns: 1_500_000_000,
+            }
+        );
+        let broken =
+            "clockid: 1\nticks: 0\nsettime flags: 00\nit_value: (4 5)\nit_interval: (0, 0)\n";
+        assert!(matches!(
+            parse_timerfd(broken),
+            Err(ProcError::Parse { line: 4, .. })
+        ));
+        assert!(parse_timerfd("clockid: 1\n").is_err());
+
+        let mask = parse_signalfd(include_str!("../tests/fixtures/proc/fdinfo_signalfd")).unwrap();
+        assert_eq!(mask, (1 << 9) | (1 << 11)); // SIGUSR1, SIGUSR2
+        assert!(parse_signalfd("sigmask:\tzz\n").is_err());
+
+        let e = parse_epoll(include_str!("../tests/fixtures/proc/fdinfo_epoll")).unwrap();
+        assert_eq!(
+            e,
+            vec![
+                pb::EpollTarget {
+                    fd: 5,
+                    events: 0x8000_0019,
+                    data: 5,
+                    ino: 0x40e,
+                },
+                pb::EpollTarget {
+                    fd: 3,
+                    events: 0x19,
+                    data: u64::MAX,
+                    ino: 0x5abe8,
+                },
+            ]
+        );
+        assert!(parse_epoll("pos:\t0\nflags:\t02\n").unwrap().is_empty());
+        for bad in [
+            "tfd: x events: 1 data: 1\n",
+            "tfd: 3 events: 1\n",
+            "tfd: 3 events: 1ffffffff data: 0\n",
+            "tfd: 3 data: 0\n",
+        ] {
+            assert!(parse_epoll(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

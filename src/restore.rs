@@ -23,21 +23,32 @@
 //! 4. `arch_prctl(ARCH_MAP_VDSO_64)` at the image's `[vvar]`; it silently
 //!    lands elsewhere when the range is busy, so the maps are read back.
 //! 5. `PR_SET_MM_MAP` (needs the old executable unmapped for `exe_fd`).
-//! 6. Files (the stub's inherited fds are closed first; each is opened,
-//!    `dup3`ed to its number, seeked), cwd, name, signal actions (every
+//! 6. Files (the stub's inherited fds are closed first; each is made,
+//!    `dup3`ed to its number, seeked): paths opened again; a pipe made
+//!    once for all its fds; a FIFO through a read-write helper open, so no
+//!    open blocks; eventfd, timerfd (re-armed with the time it had left,
+//!    relative to now), signalfd; memfds by name and deleted files as new
+//!    `O_TMPFILE` files in the same directory; epolls last, once what they
+//!    watch exists. Pipe bytes and file contents are written from ferry
+//!    through a `pidfd_getfd` copy of the stub's fd, before the image's
+//!    status flags (O_NONBLOCK, …) are set. Then cwd, name, signal actions (every
 //!    signal: those the image lacks go back to `SIG_DFL`, since the stub
 //!    carries ferry's), rlimits, rseq, personality, robust list and
 //!    clear-tid address (the last four only the thread itself can set),
-//!    pending signals (queued again while everything is blocked).
+//!    pending signals (queued again while everything is blocked). Every
+//!    other thread is cloned from the stub (traced from its birth) and sets
+//!    its own rseq, robust list and pending signals; the tid glibc keeps at
+//!    each thread's clear-tid address is rewritten to the new one.
 //! 7. `munmap` the gadget from inside the gadget: the stub stops at that
 //!    syscall's exit and never runs the next instruction; the final
 //!    registers (an interrupted syscall rewound), XSAVE area and signal
-//!    mask replace its state, and it is detached.
+//!    mask replace its state and every thread's, and all are detached.
 //!
 //! What cannot be restored yet is refused by [`check`], by name, before a
-//! stub exists: process trees, pipes, FIFOs, sockets and other
-//! special files, deleted files, credentials other than ferry's, a vdso
-//! layout this kernel does not make. Any failure later kills the stub: no
+//! stub exists: process trees, a pipe with an end outside the process,
+//! sockets, inotify and other special files, an epoll watching an fd the
+//! image lacks, credentials other than ferry's, a vdso layout this kernel
+//! does not make. Any failure later kills the stub: no
 //! half-restored process is ever left running.
 //!
 //! **Life after ferry.** The stub is born a grandchild whose middle parent
@@ -129,6 +140,13 @@ pub enum RestoreError {
     NoSession(String),
     #[error("restore thread: {0}")]
     Thread(String),
+    /// Pipe bytes or file contents could not be written back.
+    #[error("{what}: {source}")]
+    FdData {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 type Result<T, E = RestoreError> = std::result::Result<T, E>;
@@ -265,8 +283,21 @@ pub fn check(tree: &pb::ProcessTree, vmas: &[pb::Vma]) -> Result<()> {
 
 /// The part of [`check`] about file descriptors: what kinds ferry restores.
 /// `ferry migrate` runs it on the live process before the first round, so
-/// an unsupported descriptor never costs a freeze.
+/// an unsupported descriptor never costs a freeze. A pipe needs both ends
+/// in the process (the other end cannot be connected again), an epoll only
+/// registrations on descriptors the image has.
 pub fn check_fds(fds: &[pb::FileDesc]) -> Result<()> {
+    let ends = |id: u64| {
+        let mode = |f: &&pb::FileDesc| f.flags & libc::O_ACCMODE as u32;
+        let group = fds
+            .iter()
+            .filter(move |f| f.kind() == pb::FdKind::Pipe && f.pipe_id == id);
+        (
+            group.clone().any(|f| mode(&f) != libc::O_WRONLY as u32),
+            group.clone().any(|f| mode(&f) != libc::O_RDONLY as u32),
+        )
+    };
+    let mut data = 0u64;
     for fd in fds {
         // The capture side may already say "fd N: what: why".
         let prefix = format!("fd {}: ", fd.fd);
@@ -274,12 +305,71 @@ pub fn check_fds(fds: &[pb::FileDesc]) -> Result<()> {
             "" => fd.path.as_str(),
             d => d.strip_prefix(&prefix).unwrap_or(d),
         };
-        match fd.kind() {
+        let refuse = |why: &str| unsupported(format!("fd {}: {desc}{why}", fd.fd));
+        data += fd.data.len() as u64;
+        if data > crate::state::MAX_FD_DATA {
+            return Err(refuse(&format!(
+                ": more than {} bytes of contents in all",
+                crate::state::MAX_FD_DATA
+            )));
+        }
+        let has_path = match fd.kind() {
             pb::FdKind::Regular
             | pb::FdKind::DevNull
             | pb::FdKind::CharDevice
-            | pb::FdKind::Directory => {}
+            | pb::FdKind::Directory
+            | pb::FdKind::Fifo => true,
+            pb::FdKind::Pipe => {
+                if ends(fd.pipe_id) != (true, true) {
+                    return Err(refuse(" whose other end is outside the process"));
+                }
+                false
+            }
+            pb::FdKind::Eventfd | pb::FdKind::Signalfd => false,
+            pb::FdKind::Timerfd if fd.timerfd.is_none() => {
+                return Err(RestoreError::Missing(format!("timer of fd {}", fd.fd)))
+            }
+            pb::FdKind::Timerfd => false,
+            pb::FdKind::Epoll => {
+                for t in &fd.epoll_targets {
+                    let target = fds.iter().find(|f| f.fd == t.fd);
+                    match target {
+                        Some(f) if f.ino == 0 || t.ino == 0 || f.ino == t.ino => {}
+                        Some(_) => {
+                            return Err(refuse(&format!(
+                                ": watches a file no longer at fd {} (closed and reused)",
+                                t.fd
+                            )))
+                        }
+                        None => {
+                            return Err(refuse(&format!(
+                                ": watches fd {}, which is not open any more",
+                                t.fd
+                            )))
+                        }
+                    }
+                }
+                false
+            }
+            pb::FdKind::Memfd => {
+                if memfd_name(&fd.path).is_none() {
+                    return Err(refuse(": not a memfd name"));
+                }
+                false
+            }
+            pb::FdKind::Deleted => {
+                let dir = deleted_dir(&fd.path);
+                if !dir.is_some_and(|d| d.is_dir()) {
+                    return Err(refuse(
+                        ": its directory is not here to hold a new unlinked file",
+                    ));
+                }
+                false
+            }
             _ => return Err(unsupported(format!("fd {}: {desc}", fd.fd))),
+        };
+        if !has_path {
+            continue;
         }
         if fd.path.is_empty() || fd.path.ends_with(" (deleted)") {
             return Err(unsupported(format!(
@@ -295,6 +385,17 @@ pub fn check_fds(fds: &[pb::FileDesc]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The name a memfd was created with, from its link target
+/// ("/memfd:NAME (deleted)").
+fn memfd_name(path: &str) -> Option<&str> {
+    path.strip_prefix("/memfd:")?.strip_suffix(" (deleted)")
+}
+
+/// The directory an unlinked file was in ("/dir/name (deleted)").
+fn deleted_dir(path: &str) -> Option<&Path> {
+    Path::new(path.strip_suffix(" (deleted)")?).parent()
 }
 
 /// The part of [`check`] that needs only the mappings: every file mapped
@@ -1295,40 +1396,77 @@ impl Restorer {
         Ok(())
     }
 
+    /// Every descriptor of the image, at its number. Pipes and FIFOs are
+    /// made per pipe (all its fds at once, its bytes written back before
+    /// the status flags are set); epolls last, once what they watch exists.
     fn files(&mut self, p: &pb::Process) -> Result<()> {
         let mut fds: Vec<&pb::FileDesc> = p.fds.iter().collect();
         fds.sort_by_key(|f| f.fd);
-        for f in fds {
-            let mut flags = (f.flags as i32 & !OPEN_DROP) | libc::O_NOCTTY;
-            if f.kind() == pb::FdKind::Directory {
-                flags |= libc::O_DIRECTORY;
+        // Helper fds live above every fd of the image, so placing one of
+        // the image's never closes them.
+        let above = fds.last().map_or(0, |f| f.fd as u64 + 1);
+        let mut pipes_done = std::collections::HashSet::new();
+        for &f in &fds {
+            match f.kind() {
+                pb::FdKind::Pipe | pb::FdKind::Fifo => {
+                    if pipes_done.insert((f.kind, f.pipe_id)) {
+                        let group: Vec<&pb::FileDesc> = fds
+                            .iter()
+                            .copied()
+                            .filter(|g| g.kind == f.kind && g.pipe_id == f.pipe_id)
+                            .collect();
+                        self.pipe(&group, above)?;
+                    }
+                }
+                pb::FdKind::Epoll => {}
+                pb::FdKind::Eventfd => self.eventfd(f)?,
+                pb::FdKind::Timerfd => self.timerfd(f)?,
+                pb::FdKind::Signalfd => {
+                    let at = self.put(0, &f.sigmask.to_le_bytes(), "a signalfd mask")?;
+                    let flags = f.flags & libc::O_NONBLOCK as u32;
+                    let fd = self.call(
+                        format!("signalfd4 for fd {}", f.fd),
+                        libc::SYS_signalfd4,
+                        [u64::MAX, at, 8, flags as u64, 0, 0],
+                    )?;
+                    self.place(fd, f)?;
+                }
+                pb::FdKind::Memfd | pb::FdKind::Deleted => self.unlinked(f, above)?,
+                _ => self.open_path(f)?,
             }
-            let at = self.put_path(&f.path)?;
+        }
+        let epolls: Vec<&pb::FileDesc> = fds
+            .iter()
+            .copied()
+            .filter(|f| f.kind() == pb::FdKind::Epoll)
+            .collect();
+        // All of them before any registration: an epoll may watch another.
+        for &f in &epolls {
             let fd = self.call(
-                format!("open of {} for fd {}", f.path, f.fd),
-                libc::SYS_openat,
-                [libc::AT_FDCWD as u64, at, flags as u64, 0, 0, 0],
+                format!("epoll_create1 for fd {}", f.fd),
+                libc::SYS_epoll_create1,
+                [0; 6],
             )?;
-            let cloexec = if f.cloexec { libc::O_CLOEXEC } else { 0 };
-            if fd != f.fd as u64 {
+            self.place(fd, f)?;
+        }
+        for &f in &epolls {
+            for t in &f.epoll_targets {
+                // struct epoll_event is packed on x86_64: events, then data.
+                let mut ev = [0u8; 12];
+                ev[..4].copy_from_slice(&t.events.to_le_bytes());
+                ev[4..].copy_from_slice(&t.data.to_le_bytes());
+                let at = self.put(0, &ev, "an epoll_event")?;
                 self.call(
-                    format!("dup3 of {} to fd {}", f.path, f.fd),
-                    libc::SYS_dup3,
-                    [fd, f.fd as u64, cloexec as u64, 0, 0, 0],
-                )?;
-                self.call("close", libc::SYS_close, [fd, 0, 0, 0, 0, 0])?;
-            } else if f.cloexec {
-                self.call(
-                    format!("fcntl(FD_CLOEXEC) of fd {}", f.fd),
-                    libc::SYS_fcntl,
-                    [fd, libc::F_SETFD as u64, libc::FD_CLOEXEC as u64, 0, 0, 0],
-                )?;
-            }
-            if f.kind() == pb::FdKind::Regular && f.pos != 0 {
-                self.call(
-                    format!("lseek of fd {} ({}) to {}", f.fd, f.path, f.pos),
-                    libc::SYS_lseek,
-                    [f.fd as u64, f.pos, libc::SEEK_SET as u64, 0, 0, 0],
+                    format!("epoll_ctl(ADD) of fd {} to epoll fd {}", t.fd, f.fd),
+                    libc::SYS_epoll_ctl,
+                    [
+                        f.fd as u64,
+                        libc::EPOLL_CTL_ADD as u64,
+                        t.fd as u64,
+                        at,
+                        0,
+                        0,
+                    ],
                 )?;
             }
         }
@@ -1341,6 +1479,342 @@ impl Restorer {
             )?;
         }
         Ok(())
+    }
+
+    /// Moves the stub's fd `fd` to `f.fd` with `f`'s close-on-exec flag.
+    fn place(&mut self, fd: u64, f: &pb::FileDesc) -> Result<()> {
+        let cloexec = if f.cloexec { libc::O_CLOEXEC } else { 0 };
+        if fd != f.fd as u64 {
+            self.call(
+                format!("dup3 of {} to fd {}", f.path, f.fd),
+                libc::SYS_dup3,
+                [fd, f.fd as u64, cloexec as u64, 0, 0, 0],
+            )?;
+            self.call("close", libc::SYS_close, [fd, 0, 0, 0, 0, 0])?;
+        } else if f.cloexec {
+            self.call(
+                format!("fcntl(FD_CLOEXEC) of fd {}", f.fd),
+                libc::SYS_fcntl,
+                [fd, libc::F_SETFD as u64, libc::FD_CLOEXEC as u64, 0, 0, 0],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// A copy of the stub's fd `fd` above every fd of the image; the
+    /// original is closed.
+    fn lift(&mut self, fd: u64, above: u64) -> Result<u64> {
+        let high = self.call(
+            "fcntl(F_DUPFD_CLOEXEC) of a helper fd",
+            libc::SYS_fcntl,
+            [fd, libc::F_DUPFD_CLOEXEC as u64, above, 0, 0, 0],
+        )?;
+        self.call("close", libc::SYS_close, [fd, 0, 0, 0, 0, 0])?;
+        Ok(high)
+    }
+
+    /// The status flags of `f` that `F_SETFL` can set (the access mode and
+    /// creation flags cannot change after open).
+    fn set_status_flags(&mut self, f: &pb::FileDesc) -> Result<()> {
+        let settable = libc::O_APPEND | libc::O_NONBLOCK | libc::O_ASYNC | libc::O_NOATIME;
+        let flags = f.flags as i32 & settable;
+        self.call(
+            format!("fcntl(F_SETFL) of fd {}", f.fd),
+            libc::SYS_fcntl,
+            [f.fd as u64, libc::F_SETFL as u64, flags as u64, 0, 0, 0],
+        )?;
+        Ok(())
+    }
+
+    /// Writes `data` through the stub's fd `fd` (a copy of it in ferry:
+    /// one write, not one injection per 16 KiB), at offset 0 for a file.
+    fn fill(&self, fd: u64, data: &[u8], f: &pb::FileDesc, at_zero: bool) -> Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::FileExt;
+        let err = |what: &str| {
+            let what = format!("fd {}: {what}", f.fd);
+            move |source| RestoreError::FdData { what, source }
+        };
+        let copy = crate::sys::fds::take_fd(self.stub.pid(), fd as i32)
+            .map_err(err("pidfd_getfd of the new file"))?;
+        let mut file = std::fs::File::from(copy);
+        if at_zero {
+            file.write_all_at(data, 0)
+        } else {
+            file.write_all(data)
+        }
+        .map_err(err(&format!("writing its {} bytes back", data.len())))
+    }
+
+    fn open_path(&mut self, f: &pb::FileDesc) -> Result<()> {
+        let mut flags = (f.flags as i32 & !OPEN_DROP) | libc::O_NOCTTY;
+        if f.kind() == pb::FdKind::Directory {
+            flags |= libc::O_DIRECTORY;
+        }
+        let at = self.put_path(&f.path)?;
+        let fd = self.call(
+            format!("open of {} for fd {}", f.path, f.fd),
+            libc::SYS_openat,
+            [libc::AT_FDCWD as u64, at, flags as u64, 0, 0, 0],
+        )?;
+        self.place(fd, f)?;
+        if f.kind() == pb::FdKind::Regular && f.pos != 0 {
+            self.seek(f)?;
+        }
+        Ok(())
+    }
+
+    fn seek(&mut self, f: &pb::FileDesc) -> Result<()> {
+        self.call(
+            format!("lseek of fd {} ({}) to {}", f.fd, f.path, f.pos),
+            libc::SYS_lseek,
+            [f.fd as u64, f.pos, libc::SEEK_SET as u64, 0, 0, 0],
+        )?;
+        Ok(())
+    }
+
+    /// One pipe or FIFO with all its fds (`group`, at least one). The
+    /// helper end(s) are non-blocking so that writing the bytes back can
+    /// fail but never hang; each fd then gets its own status flags.
+    fn pipe(&mut self, group: &[&pb::FileDesc], above: u64) -> Result<()> {
+        let first = group[0];
+        let nonblock = libc::O_NONBLOCK as u64;
+        // (read end, write end) in the stub, above the image's fds.
+        let (r, w, helper) = if first.kind() == pb::FdKind::Pipe {
+            let at = self.put(0, &[0u8; 8], "pipe2's answer")?;
+            self.call(
+                format!("pipe2 for fd {}", first.fd),
+                libc::SYS_pipe2,
+                [at, nonblock, 0, 0, 0, 0],
+            )?;
+            let mut both = [0u8; 8];
+            self.stub
+                .read(at, &mut both)
+                .map_err(|source| RestoreError::Write {
+                    what: "pipe2's answer".into(),
+                    source,
+                })?;
+            let r = u32::from_le_bytes([both[0], both[1], both[2], both[3]]) as u64;
+            let w = u32::from_le_bytes([both[4], both[5], both[6], both[7]]) as u64;
+            let (r, w) = (self.lift(r, above)?, self.lift(w, above)?);
+            (r, w, None)
+        } else {
+            // Opening a FIFO read-write never blocks (Linux): this helper
+            // is a reader and a writer while the real ends are opened.
+            let at = self.put_path(&first.path)?;
+            let flags = libc::O_RDWR | libc::O_NONBLOCK | libc::O_NOCTTY;
+            let h = self.call(
+                format!("open of FIFO {} for fd {}", first.path, first.fd),
+                libc::SYS_openat,
+                [libc::AT_FDCWD as u64, at, flags as u64, 0, 0, 0],
+            )?;
+            let h = self.lift(h, above)?;
+            (h, h, Some(h))
+        };
+        if first.pipe_size > 0 {
+            self.call(
+                format!(
+                    "fcntl(F_SETPIPE_SZ, {}) for fd {}",
+                    first.pipe_size, first.fd
+                ),
+                libc::SYS_fcntl,
+                [
+                    w,
+                    libc::F_SETPIPE_SZ as u64,
+                    first.pipe_size as u64,
+                    0,
+                    0,
+                    0,
+                ],
+            )?;
+        }
+        for f in group.iter().filter(|f| !f.data.is_empty()) {
+            if helper.is_some() && self.fifo_holds(w, f)? {
+                continue;
+            }
+            self.fill(w, &f.data, f, false)?;
+        }
+        for &f in group {
+            let fd = if let Some(_h) = helper {
+                let at = self.put_path(&f.path)?;
+                let flags = (f.flags as i32 & !OPEN_DROP) | libc::O_NOCTTY | libc::O_NONBLOCK;
+                self.call(
+                    format!("open of FIFO {} for fd {}", f.path, f.fd),
+                    libc::SYS_openat,
+                    [libc::AT_FDCWD as u64, at, flags as u64, 0, 0, 0],
+                )?
+            } else {
+                let end = if f.flags & libc::O_ACCMODE as u32 == libc::O_WRONLY as u32 {
+                    w
+                } else {
+                    r
+                };
+                self.call(
+                    format!("fcntl(F_DUPFD) of the pipe for fd {}", f.fd),
+                    libc::SYS_fcntl,
+                    [end, libc::F_DUPFD as u64, 0, 0, 0, 0],
+                )?
+            };
+            self.place(fd, f)?;
+        }
+        for &f in group {
+            self.set_status_flags(f)?;
+        }
+        self.call("close", libc::SYS_close, [r, 0, 0, 0, 0, 0])?;
+        if helper.is_none() {
+            self.call("close", libc::SYS_close, [w, 0, 0, 0, 0, 0])?;
+        }
+        Ok(())
+    }
+
+    /// Whether the FIFO open at the stub's `fd` already holds `f`'s bytes.
+    /// It does when the source ran on this host: its FIFO is the same pipe,
+    /// kept alive by the source until the restore succeeds, and writing the
+    /// bytes again would double them. Bytes of someone else's are refused.
+    fn fifo_holds(&self, fd: u64, f: &pb::FileDesc) -> Result<bool> {
+        let err = |what: &str| {
+            let what = format!("fd {}: {what}", f.fd);
+            move |source| RestoreError::FdData { what, source }
+        };
+        let copy = crate::sys::fds::take_fd(self.stub.pid(), fd as i32)
+            .map_err(err("pidfd_getfd of the FIFO"))?;
+        let there = crate::sys::fds::peek_pipe(std::os::fd::AsFd::as_fd(&copy))
+            .map_err(err("reading what the FIFO holds"))?;
+        if there.is_empty() {
+            Ok(false)
+        } else if there == f.data {
+            Ok(true)
+        } else {
+            Err(unsupported(format!(
+                "fd {}: FIFO {} holds {} bytes of another process here",
+                f.fd,
+                f.path,
+                there.len()
+            )))
+        }
+    }
+
+    fn eventfd(&mut self, f: &pb::FileDesc) -> Result<()> {
+        let mut flags = f.flags & libc::O_NONBLOCK as u32;
+        if f.eventfd_semaphore {
+            flags |= libc::EFD_SEMAPHORE as u32;
+        }
+        let fd = self.call(
+            format!("eventfd2 for fd {}", f.fd),
+            libc::SYS_eventfd2,
+            [0, flags as u64, 0, 0, 0, 0],
+        )?;
+        self.place(fd, f)?;
+        // eventfd2 takes a 32-bit start value; a write adds any 64-bit one
+        // (and never blocks on a counter at 0).
+        if f.eventfd_count > 0 {
+            let at = self.put(0, &f.eventfd_count.to_le_bytes(), "an eventfd count")?;
+            self.call(
+                format!("write of the count {} to eventfd {}", f.eventfd_count, f.fd),
+                libc::SYS_write,
+                [f.fd as u64, at, 8, 0, 0, 0],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The timer is armed relative to now with the time it had left, so
+    /// the downtime delays it; TFD_TIMER_ABSTIME and CANCEL_ON_SET are
+    /// not kept. Expirations not yet read are put back as they were.
+    fn timerfd(&mut self, f: &pb::FileDesc) -> Result<()> {
+        /// `_IOW('T', 0, u64)`.
+        const TFD_IOC_SET_TICKS: u64 = 0x4008_5400;
+        let Some(t) = &f.timerfd else {
+            return Err(RestoreError::Missing(format!("timer of fd {}", f.fd)));
+        };
+        let flags = f.flags & libc::O_NONBLOCK as u32;
+        let fd = self.call(
+            format!("timerfd_create(clock {}) for fd {}", t.clockid, f.fd),
+            libc::SYS_timerfd_create,
+            [t.clockid as u64, flags as u64, 0, 0, 0, 0],
+        )?;
+        self.place(fd, f)?;
+        if t.value_ns > 0 {
+            let ts = |ns: u64| [ns / 1_000_000_000, ns % 1_000_000_000];
+            let spec: Vec<u8> = ts(t.interval_ns)
+                .into_iter()
+                .chain(ts(t.value_ns))
+                .flat_map(u64::to_le_bytes)
+                .collect();
+            let at = self.put(0, &spec, "an itimerspec")?;
+            self.call(
+                format!("timerfd_settime of fd {}", f.fd),
+                libc::SYS_timerfd_settime,
+                [f.fd as u64, 0, at, 0, 0, 0],
+            )?;
+        }
+        if t.ticks > 0 {
+            let at = self.put(0, &t.ticks.to_le_bytes(), "timerfd ticks")?;
+            self.call(
+                format!("ioctl(TFD_IOC_SET_TICKS, {}) of fd {}", t.ticks, f.fd),
+                libc::SYS_ioctl,
+                [f.fd as u64, TFD_IOC_SET_TICKS, at, 0, 0, 0],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// A memfd (same name, same seals) or an unlinked file (a new one made
+    /// with O_TMPFILE in the same directory, same mode), with the image's
+    /// contents, offset and flags. Both are made read-write to be filled;
+    /// an fd of another access mode is then reopened through /proc.
+    fn unlinked(&mut self, f: &pb::FileDesc, above: u64) -> Result<()> {
+        let memfd = f.kind() == pb::FdKind::Memfd;
+        let fd = if memfd {
+            let name = memfd_name(&f.path)
+                .ok_or_else(|| unsupported(format!("fd {}: {}: not a memfd", f.fd, f.path)))?;
+            let at = self.put_path(name)?;
+            let sealing = if f.seals == libc::F_SEAL_SEAL as u32 {
+                0
+            } else {
+                libc::MFD_ALLOW_SEALING
+            };
+            self.call(
+                format!("memfd_create({name:?}) for fd {}", f.fd),
+                libc::SYS_memfd_create,
+                [at, sealing as u64, 0, 0, 0, 0],
+            )?
+        } else {
+            let dir = deleted_dir(&f.path)
+                .ok_or_else(|| unsupported(format!("fd {}: {}: no directory", f.fd, f.path)))?;
+            let at = self.put_path(&dir.to_string_lossy())?;
+            let flags = libc::O_TMPFILE | libc::O_RDWR;
+            self.call(
+                format!("open(O_TMPFILE) in {} for fd {}", dir.display(), f.fd),
+                libc::SYS_openat,
+                [libc::AT_FDCWD as u64, at, flags as u64, f.mode as u64, 0, 0],
+            )?
+        };
+        let fd = self.lift(fd, above)?;
+        self.fill(fd, &f.data, f, true)?;
+        if memfd && f.seals & !(libc::F_SEAL_SEAL as u32) != 0 {
+            self.call(
+                format!("fcntl(F_ADD_SEALS, {:#x}) of fd {}", f.seals, f.fd),
+                libc::SYS_fcntl,
+                [fd, libc::F_ADD_SEALS as u64, f.seals as u64, 0, 0, 0],
+            )?;
+        }
+        let fd = if f.flags & libc::O_ACCMODE as u32 == libc::O_RDWR as u32 {
+            fd
+        } else {
+            let at = self.put_path(&format!("/proc/self/fd/{fd}"))?;
+            let flags = f.flags as i32 & !OPEN_DROP & libc::O_ACCMODE;
+            let again = self.call(
+                format!("reopen of {} for fd {}", f.path, f.fd),
+                libc::SYS_openat,
+                [libc::AT_FDCWD as u64, at, flags as u64, 0, 0, 0],
+            )?;
+            self.call("close", libc::SYS_close, [fd, 0, 0, 0, 0, 0])?;
+            again
+        };
+        self.place(fd, f)?;
+        self.seek(f)?;
+        self.set_status_flags(f)
     }
 
     fn signals(&mut self, p: &pb::Process) -> Result<()> {
@@ -1655,5 +2129,53 @@ mod tests {
             check(&tree, &img.vmas).unwrap_err().to_string(),
             "fd 5: socket:[123]: not supported yet"
         );
+    }
+
+    #[test]
+    fn pipes_need_both_ends_and_epolls_their_targets() {
+        let fd = |fd: i32, kind: pb::FdKind, flags: i32, path: &str| pb::FileDesc {
+            fd,
+            kind: kind as i32,
+            flags: flags as u32,
+            path: path.into(),
+            pipe_id: 77,
+            ..Default::default()
+        };
+        let read = fd(3, pb::FdKind::Pipe, libc::O_RDONLY, "pipe:[77]");
+        let write = fd(4, pb::FdKind::Pipe, libc::O_WRONLY, "pipe:[77]");
+        assert!(check_fds(&[read.clone(), write.clone()]).is_ok());
+        assert_eq!(
+            check_fds(std::slice::from_ref(&write))
+                .unwrap_err()
+                .to_string(),
+            "fd 4: pipe:[77] whose other end is outside the process: not supported yet"
+        );
+        let mut ep = fd(5, pb::FdKind::Epoll, libc::O_RDWR, "anon_inode:[eventpoll]");
+        ep.epoll_targets = vec![pb::EpollTarget {
+            fd: 3,
+            events: 1,
+            data: 3,
+            ino: 9,
+        }];
+        let mut fds = vec![read.clone(), write.clone(), ep.clone()];
+        assert!(check_fds(&fds).is_ok());
+        fds[0].ino = 10;
+        let e = check_fds(&fds).unwrap_err().to_string();
+        assert!(e.contains("watches a file no longer at fd 3"), "{e}");
+        let e = check_fds(&[write, ep]).unwrap_err().to_string();
+        assert!(e.starts_with("fd 4: "), "{e}");
+        let mut big = fd(6, pb::FdKind::Memfd, libc::O_RDWR, "/memfd:x (deleted)");
+        assert!(check_fds(std::slice::from_ref(&big)).is_ok());
+        big.data = vec![0; crate::state::MAX_FD_DATA as usize + 1].into();
+        let e = check_fds(&[big]).unwrap_err().to_string();
+        assert!(e.contains("bytes of contents in all"), "{e}");
+        let gone = fd(
+            7,
+            pb::FdKind::Deleted,
+            libc::O_RDWR,
+            "/nonexistent/x (deleted)",
+        );
+        let e = check_fds(&[gone]).unwrap_err().to_string();
+        assert!(e.contains("its directory is not here"), "{e}");
     }
 }

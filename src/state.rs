@@ -26,6 +26,14 @@
 //! kernel refreshes the fields anyway before the thread runs user code
 //! again, here or on the destination.)
 //!
+//! Descriptors are read from `/proc/PID/fdinfo` (eventfd counts, timers,
+//! signalfd masks, epoll registrations) and, for what has contents, from
+//! copies taken with `pidfd_getfd` ([`capture_fd_data`]): a pipe's unread
+//! bytes are peeked with `tee`, a memfd's or deleted file's contents read
+//! with `pread`, so neither the pipe nor the shared file offset changes.
+//! Sockets, inotify, fanotify, io_uring and the like stay `UNSUPPORTED`,
+//! with a description that names them.
+//!
 //! Registers are saved in the form the thread resumes with after an
 //! injection ([`resume_regs`]): an interrupted syscall rewound to be
 //! issued again, since the kernel's restart logic will not run for a thread
@@ -33,13 +41,15 @@
 
 use std::fs;
 use std::io;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::fd::AsFd;
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 
 use bytes::Bytes;
 use ferry_proto::pb;
 use libc::user_regs_struct;
 
 use crate::procfs::{self, FdInfo, MapEntry, ProcError};
+use crate::sys::fds as sys_fds;
 use crate::sys::ptrace::{self, resume_regs, PtraceError, Tracee};
 use crate::sys::vm::{self, VmError};
 
@@ -93,6 +103,11 @@ pub enum StateError {
         #[source]
         source: io::Error,
     },
+    /// Pipe bytes and file contents together exceed [`MAX_FD_DATA`].
+    #[error(
+        "fd {fd}: {bytes} bytes of pipe or file contents, more than the {MAX_FD_DATA} an image holds in all"
+    )]
+    TooMuchData { fd: i32, bytes: u64 },
     /// Writing a thread's rseq area back failed: the kernel's refresh of
     /// its cpu fields stays, and the memory differs from what was sent.
     #[error("putting back the rseq area of thread {tid} at {addr:#x}: {source}")]
@@ -139,7 +154,8 @@ pub fn capture(pid: i32, tracee: &Tracee) -> Result<pb::ProcessTree, StateError>
         .iter()
         .map(|m| vma(pid, m))
         .collect();
-    let fds = capture_fds(pid)?;
+    let mut fds = capture_fds(pid)?;
+    capture_fd_data(pid, &mut fds)?;
     let rseq_areas = save_rseq_areas(pid, tracee, &tids)?;
     let injected = injected_reads(pid, tracee, &tids);
     let put_back = put_back_rseq_areas(pid, &rseq_areas);
@@ -480,6 +496,12 @@ pub fn regs_from_bytes(b: &[u8]) -> Option<user_regs_struct> {
 
 // ---------------------------------------------------------------- files
 
+/// The most file contents and pipe bytes one image carries, all
+/// descriptors together: they travel in the state message, whose frame is
+/// bounded (`ferry_proto::frame::MAX_CONTROL_FRAME`), and are written back
+/// during the downtime.
+pub const MAX_FD_DATA: u64 = 8 << 20;
+
 /// What `stat` says a descriptor's file is, as far as the image cares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Node {
@@ -491,18 +513,38 @@ pub enum Node {
     Other,
 }
 
+/// `stat` of an open file, reduced to what classifying it needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stat {
+    pub node: Node,
+    pub ino: u64,
+    pub size: u64,
+    /// Permission bits (`st_mode & 0o7777`).
+    pub mode: u32,
+}
+
 const DELETED: &str = " (deleted)";
+const MEMFD: &str = "/memfd:";
 
 /// Classifies descriptor `fd` from its link target (`readlink` of
 /// `/proc/PID/fd/N`), what `stat` of the link says (`None` when it could
-/// not be read) and its fdinfo. Pure, so every rule is unit-tested.
-pub fn classify(fd: i32, target: &str, node: Option<(Node, u64)>, info: &FdInfo) -> pb::FileDesc {
+/// not be read) and its fdinfo, parsed (`info`) and as text (for the lines
+/// of one kind of file). Pure, so every rule is unit-tested. Contents (of
+/// pipes, memfds, deleted files) are not read here: see [`capture_fd_data`].
+pub fn classify(
+    fd: i32,
+    target: &str,
+    stat: Option<Stat>,
+    info: &FdInfo,
+    fdinfo: &str,
+) -> pb::FileDesc {
     let mut d = pb::FileDesc {
         fd,
         path: target.to_owned(),
         pos: info.pos,
         flags: info.flags,
         cloexec: info.flags & libc::O_CLOEXEC as u32 != 0,
+        ino: info.ino,
         ..Default::default()
     };
     let unsupported = |d: &mut pb::FileDesc, why: &str| {
@@ -518,16 +560,63 @@ pub fn classify(fd: i32, target: &str, node: Option<(Node, u64)>, info: &FdInfo)
         d.pipe_id = ino;
         return d;
     }
+    if let Some(anon) = target.strip_prefix("anon_inode:") {
+        let parsed = match anon {
+            "[eventfd]" => procfs::parse_eventfd(fdinfo).map(|(count, sem)| {
+                d.kind = pb::FdKind::Eventfd as i32;
+                d.eventfd_count = count;
+                d.eventfd_semaphore = sem;
+            }),
+            "[timerfd]" => procfs::parse_timerfd(fdinfo).map(|t| {
+                d.kind = pb::FdKind::Timerfd as i32;
+                d.timerfd = Some(t);
+            }),
+            "[signalfd]" => procfs::parse_signalfd(fdinfo).map(|mask| {
+                d.kind = pb::FdKind::Signalfd as i32;
+                d.sigmask = mask;
+            }),
+            "[eventpoll]" => procfs::parse_epoll(fdinfo).map(|targets| {
+                d.kind = pb::FdKind::Epoll as i32;
+                d.epoll_targets = targets;
+            }),
+            _ => {
+                unsupported(&mut d, "not supported yet");
+                return d;
+            }
+        };
+        if let Err(e) = parsed {
+            unsupported(&mut d, &format!("unreadable fdinfo: {e}"));
+        }
+        return d;
+    }
     if !target.starts_with('/') {
         unsupported(&mut d, "not supported yet");
         return d;
     }
     if target.ends_with(DELETED) {
-        // Only the source has the file: its contents would have to travel.
-        unsupported(&mut d, "an unlinked file is not supported yet");
+        match stat {
+            Some(st) if st.node == Node::Regular && st.size > MAX_FD_DATA => unsupported(
+                &mut d,
+                &format!(
+                    "{} bytes to carry, more than the {MAX_FD_DATA} an image holds",
+                    st.size
+                ),
+            ),
+            Some(st) if st.node == Node::Regular => {
+                d.kind = if target.starts_with(MEMFD) {
+                    pb::FdKind::Memfd
+                } else {
+                    pb::FdKind::Deleted
+                } as i32;
+                d.mode = st.mode;
+            }
+            // Only the source has the file, and it is not one whose
+            // contents can travel.
+            _ => unsupported(&mut d, "an unlinked file of this kind is not supported yet"),
+        }
         return d;
     }
-    match node {
+    match stat.map(|s| (s.node, s.ino)) {
         Some((Node::Regular, _)) => d.kind = pb::FdKind::Regular as i32,
         Some((Node::Directory, _)) => d.kind = pb::FdKind::Directory as i32,
         Some((Node::CharDevice, _)) if target == "/dev/null" => d.kind = pb::FdKind::DevNull as i32,
@@ -542,7 +631,7 @@ pub fn classify(fd: i32, target: &str, node: Option<(Node, u64)>, info: &FdInfo)
     d
 }
 
-fn node_of(md: &fs::Metadata) -> (Node, u64) {
+fn stat_of(md: &fs::Metadata) -> Stat {
     let ft = md.file_type();
     let node = if ft.is_file() {
         Node::Regular
@@ -555,23 +644,134 @@ fn node_of(md: &fs::Metadata) -> (Node, u64) {
     } else {
         Node::Other
     };
-    (node, md.ino())
+    Stat {
+        node,
+        ino: md.ino(),
+        size: md.size(),
+        mode: md.mode() & 0o7777,
+    }
 }
 
 /// The process's descriptors, classified (also usable while it runs).
+/// Contents are not read: [`capture`] adds them on the frozen process.
 pub fn capture_fds(pid: i32) -> Result<Vec<pb::FileDesc>, StateError> {
-    procfs::list_fds(pid)?
+    let mut fds = procfs::list_fds(pid)?
         .into_iter()
         .map(|(fd, target)| {
-            let info = procfs::read_fdinfo(pid, fd)?;
+            let text = procfs::read_fdinfo_text(pid, fd)?;
+            let info = procfs::parse_fdinfo(&text)?;
             // `metadata` follows the magic link to the open file itself,
             // even one whose path no longer leads to it.
-            let node = fs::metadata(format!("/proc/{pid}/fd/{fd}"))
+            let stat = fs::metadata(format!("/proc/{pid}/fd/{fd}"))
                 .ok()
-                .map(|md| node_of(&md));
-            Ok(classify(fd, &target, node, &info))
+                .map(|md| stat_of(&md));
+            Ok(classify(fd, &target, stat, &info, &text))
         })
-        .collect()
+        .collect::<Result<Vec<_>, StateError>>()?;
+    refuse_shared(pid, &mut fds);
+    Ok(fds)
+}
+
+/// Kinds whose state lives in the open file itself: two fds sharing one
+/// (dup) would come back as two separate counters, timers or files.
+fn stateful(k: pb::FdKind) -> bool {
+    matches!(
+        k,
+        pb::FdKind::Eventfd
+            | pb::FdKind::Timerfd
+            | pb::FdKind::Signalfd
+            | pb::FdKind::Epoll
+            | pb::FdKind::Memfd
+            | pb::FdKind::Deleted
+    )
+}
+
+/// Marks as unsupported every fd of a [`stateful`] kind that shares its
+/// open file with a lower one (`kcmp`); when `kcmp` cannot tell, too.
+fn refuse_shared(pid: i32, fds: &mut [pb::FileDesc]) {
+    fds.sort_by_key(|f| f.fd);
+    for i in 0..fds.len() {
+        if !stateful(fds[i].kind()) {
+            continue;
+        }
+        let shared = (0..i)
+            .filter(|&j| fds[j].kind == fds[i].kind)
+            .find_map(|j| match sys_fds::same_file(pid, fds[j].fd, fds[i].fd) {
+                Ok(true) => Some(format!("the same open file as fd {} (dup)", fds[j].fd)),
+                Ok(false) => None,
+                Err(e) => Some(format!("kcmp with fd {}: {e}", fds[j].fd)),
+            });
+        if let Some(why) = shared {
+            let f = &mut fds[i];
+            f.kind = pb::FdKind::Unsupported as i32;
+            f.description = format!("fd {}: {}: {why}", f.fd, f.path);
+        }
+    }
+}
+
+/// Whether `f` can be read from: a pipe's read end, or a FIFO opened for
+/// reading (O_RDWR included).
+fn reads(f: &pb::FileDesc) -> bool {
+    let mode = f.flags & libc::O_ACCMODE as u32;
+    mode == libc::O_RDONLY as u32 || mode == libc::O_RDWR as u32
+}
+
+/// Reads what travels with descriptors of frozen process `pid`: the unread
+/// bytes of each pipe and FIFO it can read (left in place), and the whole
+/// contents of its memfds and deleted files. Through copies of its fds
+/// (`pidfd_getfd`): nothing of the process changes, not even an offset.
+pub fn capture_fd_data(pid: i32, fds: &mut [pb::FileDesc]) -> Result<(), StateError> {
+    let io_err = |fd: i32, what: &str| {
+        let path = format!("fd {fd} of process {pid} ({what})");
+        move |source| StateError::Io { path, source }
+    };
+    let mut total = 0u64;
+    let mut seen_pipes = std::collections::HashSet::new();
+    let mut order: Vec<usize> = (0..fds.len()).collect();
+    order.sort_by_key(|&i| fds[i].fd);
+    for i in order {
+        let f = &fds[i];
+        let (fd, kind) = (f.fd, f.kind());
+        let data = match kind {
+            pb::FdKind::Pipe | pb::FdKind::Fifo => {
+                let copy = sys_fds::take_fd(pid, fd).map_err(io_err(fd, "pidfd_getfd"))?;
+                fds[i].pipe_size =
+                    sys_fds::pipe_size(copy.as_fd()).map_err(io_err(fd, "F_GETPIPE_SZ"))?;
+                // The lowest read end carries the pipe's bytes.
+                if !reads(&fds[i]) || !seen_pipes.insert(fds[i].pipe_id) {
+                    continue;
+                }
+                sys_fds::peek_pipe(copy.as_fd()).map_err(io_err(fd, "tee of the pipe"))?
+            }
+            pb::FdKind::Memfd | pb::FdKind::Deleted => {
+                let file =
+                    fs::File::from(sys_fds::take_fd(pid, fd).map_err(io_err(fd, "pidfd_getfd"))?);
+                if kind == pb::FdKind::Memfd {
+                    fds[i].seals =
+                        sys_fds::seals(file.as_fd()).map_err(io_err(fd, "F_GET_SEALS"))?;
+                }
+                let size = file.metadata().map_err(io_err(fd, "fstat"))?.size();
+                if total + size > MAX_FD_DATA {
+                    return Err(StateError::TooMuchData { fd, bytes: size });
+                }
+                let mut data = vec![0u8; size as usize];
+                // At offset 0 by pread: the shared file offset stays put.
+                file.read_exact_at(&mut data, 0)
+                    .map_err(io_err(fd, "reading the contents"))?;
+                data
+            }
+            _ => continue,
+        };
+        total += data.len() as u64;
+        if total > MAX_FD_DATA {
+            return Err(StateError::TooMuchData {
+                fd,
+                bytes: data.len() as u64,
+            });
+        }
+        fds[i].data = Bytes::from(data);
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------- misc
@@ -615,7 +815,17 @@ mod tests {
             pos,
             flags,
             mnt_id: 0,
+            ino: 0,
         }
+    }
+
+    fn st(node: Node, ino: u64) -> Option<Stat> {
+        Some(Stat {
+            node,
+            ino,
+            size: 10,
+            mode: 0o640,
+        })
     }
 
     #[test]
@@ -670,43 +880,45 @@ mod tests {
     #[test]
     fn fd_classification() {
         let ro_cloexec = (libc::O_RDONLY | libc::O_CLOEXEC) as u32;
-        let d = classify(
-            3,
-            "/tmp/a b",
-            Some((Node::Regular, 7)),
-            &info(1234, ro_cloexec),
-        );
+        let c = |fd, target, stat, info: &FdInfo| classify(fd, target, stat, info, "");
+        let d = c(3, "/tmp/a b", st(Node::Regular, 7), &info(1234, ro_cloexec));
         assert_eq!(d.kind, pb::FdKind::Regular as i32);
         assert_eq!(
             (d.path.as_str(), d.pos, d.cloexec),
             ("/tmp/a b", 1234, true)
         );
 
-        let d = classify(4, "pipe:[991]", Some((Node::Fifo, 991)), &info(0, 1));
+        let d = c(4, "pipe:[991]", st(Node::Fifo, 991), &info(0, 1));
         assert_eq!(
             (d.kind, d.pipe_id, d.cloexec),
             (pb::FdKind::Pipe as i32, 991, false)
         );
 
-        let d = classify(5, "/dev/null", Some((Node::CharDevice, 5)), &info(0, 2));
+        let d = c(5, "/dev/null", st(Node::CharDevice, 5), &info(0, 2));
         assert_eq!(d.kind, pb::FdKind::DevNull as i32);
-        let d = classify(5, "/dev/pts/3", Some((Node::CharDevice, 6)), &info(0, 2));
+        let d = c(5, "/dev/pts/3", st(Node::CharDevice, 6), &info(0, 2));
         assert_eq!(d.kind, pb::FdKind::CharDevice as i32);
-        let d = classify(6, "/tmp/fifo", Some((Node::Fifo, 42)), &info(0, 2));
+        let d = c(6, "/tmp/fifo", st(Node::Fifo, 42), &info(0, 2));
         assert_eq!((d.kind, d.pipe_id), (pb::FdKind::Fifo as i32, 42));
-        let d = classify(7, "/", Some((Node::Directory, 2)), &info(0, 0o200000));
+        let d = c(7, "/", st(Node::Directory, 2), &info(0, 0o200000));
         assert_eq!(d.kind, pb::FdKind::Directory as i32);
 
-        for (target, node) in [
-            ("socket:[1234]", Some((Node::Other, 1234))),
-            ("anon_inode:[eventfd]", Some((Node::Other, 1))),
-            ("/tmp/gone (deleted)", Some((Node::Regular, 9))),
-            ("/memfd:x (deleted)", Some((Node::Regular, 9))),
-            ("/dev/sda", Some((Node::Other, 9))),
+        let d = c(8, "/memfd:x y (deleted)", st(Node::Regular, 9), &info(3, 2));
+        assert_eq!((d.kind, d.pos), (pb::FdKind::Memfd as i32, 3));
+        let d = c(8, "/tmp/gone (deleted)", st(Node::Regular, 9), &info(0, 2));
+        assert_eq!((d.kind, d.mode), (pb::FdKind::Deleted as i32, 0o640));
+
+        for (target, stat) in [
+            ("socket:[1234]", st(Node::Other, 1234)),
+            ("anon_inode:inotify", st(Node::Other, 1)),
+            ("anon_inode:[eventfd]", st(Node::Other, 1)), // fdinfo lacks the count
+            ("/tmp/gone (deleted)", st(Node::Directory, 9)),
+            ("/tmp/gone (deleted)", None),
+            ("/dev/sda", st(Node::Other, 9)),
             ("/somewhere", None),
             ("pipe:[notanumber]", None),
         ] {
-            let d = classify(8, target, node, &info(0, 2));
+            let d = c(8, target, stat, &info(0, 2));
             assert_eq!(d.kind, pb::FdKind::Unsupported as i32, "{target}");
             assert!(
                 d.description.starts_with(&format!("fd 8: {target}: ")),
@@ -714,5 +926,55 @@ mod tests {
                 d.description
             );
         }
+        let big = Some(Stat {
+            node: Node::Regular,
+            ino: 1,
+            size: MAX_FD_DATA + 1,
+            mode: 0o600,
+        });
+        let d = c(9, "/memfd:big (deleted)", big, &info(0, 2));
+        assert_eq!(d.kind, pb::FdKind::Unsupported as i32);
+        assert!(
+            d.description.contains("bytes to carry"),
+            "{}",
+            d.description
+        );
+    }
+
+    #[test]
+    fn special_files_are_classified_from_fdinfo() {
+        let fdinfo = "pos:\t0\nflags:\t04002\neventfd-count: 2a\neventfd-semaphore: 1\n";
+        let d = classify(5, "anon_inode:[eventfd]", None, &info(0, 0o4002), fdinfo);
+        assert_eq!(d.kind, pb::FdKind::Eventfd as i32);
+        assert_eq!((d.eventfd_count, d.eventfd_semaphore), (42, true));
+
+        let fdinfo =
+            "clockid: 0\nticks: 1\nsettime flags: 00\nit_value: (0, 5)\nit_interval: (0, 0)\n";
+        let d = classify(6, "anon_inode:[timerfd]", None, &info(0, 2), fdinfo);
+        assert_eq!(d.kind, pb::FdKind::Timerfd as i32);
+        let t = d.timerfd.unwrap();
+        assert_eq!((t.clockid, t.ticks, t.value_ns), (0, 1, 5));
+
+        let d = classify(
+            7,
+            "anon_inode:[signalfd]",
+            None,
+            &info(0, 2),
+            "sigmask:\t0000000000000002\n",
+        );
+        assert_eq!((d.kind, d.sigmask), (pb::FdKind::Signalfd as i32, 2));
+
+        let fdinfo =
+            "tfd:        5 events:       19 data:                7  pos:0 ino:40e sdev:10\n";
+        let d = classify(8, "anon_inode:[eventpoll]", None, &info(0, 2), fdinfo);
+        assert_eq!(d.kind, pb::FdKind::Epoll as i32);
+        assert_eq!(d.epoll_targets.len(), 1);
+        assert_eq!((d.epoll_targets[0].fd, d.epoll_targets[0].data), (5, 7));
+
+        let d = classify(9, "anon_inode:[timerfd]", None, &info(0, 2), "clockid: x\n");
+        assert_eq!(d.kind, pb::FdKind::Unsupported as i32);
+        assert!(d
+            .description
+            .starts_with("fd 9: anon_inode:[timerfd]: unreadable fdinfo"));
     }
 }

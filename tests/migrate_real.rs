@@ -289,6 +289,207 @@ fn python3_with_a_thread_pool_and_an_open_file_continues() {
     }
 }
 
+/// A python3 program holding one descriptor of each kind ferry carries with
+/// state: a pipe with unread bytes (both ends, non-blocking read end), an
+/// eventfd at 41, a 50 ms periodic timerfd, a signalfd for SIGUSR1, an
+/// epoll watching the pipe, a memfd and an unlinked file with contents and
+/// offsets, a FIFO with unread bytes. It logs "ready", waits for `go` to exist, then logs what each
+/// descriptor says, one `key value` line each, and "done".
+fn python_fds(log: &Path, go: &Path, dir: &Path) -> Option<Child> {
+    let script = format!(
+        r#"
+import os, time, select, signal, ctypes, struct
+os.closerange(3, 4096)
+libc = ctypes.CDLL(None, use_errno=True)
+def log(*a):
+    with open({log:?}, "a") as f:
+        f.write(" ".join(map(str, a)) + "\n")
+r, w = os.pipe()
+os.set_blocking(r, False)
+os.write(w, b"unread-bytes")
+e = os.eventfd(41, os.EFD_CLOEXEC)
+t = libc.timerfd_create(1, os.O_CLOEXEC)
+its = struct.pack("qqqq", 0, 50000000, 0, 50000000)
+assert libc.timerfd_settime(t, 0, its, None) == 0
+signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1])
+mask = ctypes.c_uint64(1 << (signal.SIGUSR1 - 1))
+s = libc.signalfd(-1, ctypes.byref(mask), os.O_CLOEXEC)
+assert s >= 0
+ep = select.epoll()
+ep.register(r, select.EPOLLIN)
+m = os.memfd_create("ferry test", os.MFD_CLOEXEC)
+os.write(m, b"memfd-contents")
+os.lseek(m, 6, os.SEEK_SET)
+path = os.path.join({dir:?}, "doomed")
+d = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+os.write(d, b"deleted-contents")
+os.lseek(d, 8, os.SEEK_SET)
+os.unlink(path)
+fifo = os.path.join({dir:?}, "fifo")
+os.mkfifo(fifo)
+ff = os.open(fifo, os.O_RDWR)
+os.write(ff, b"fifo-bytes")
+log("ready")
+n = 0
+while not os.path.exists({go:?}):
+    n += 1
+    time.sleep(0.005)
+log("epoll", ep.poll(0) == [(r, select.EPOLLIN)])
+log("pipe", os.read(r, 100), os.get_blocking(r))
+log("eventfd", os.eventfd_read(e))
+log("timer", struct.unpack("Q", os.read(t, 8))[0] > 0)
+info = os.read(s, 128)
+log("signalfd", struct.unpack("I", info[:4])[0])
+log("memfd", os.read(m, 100))
+log("deleted", os.read(d, 100))
+log("fifo", os.read(ff, 100))
+log("done")
+while True:
+    time.sleep(1)
+"#,
+        log = log.to_str().unwrap(),
+        go = go.to_str().unwrap(),
+        dir = dir.to_str().unwrap(),
+    );
+    Command::new("python3")
+        .args(["-c", &script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()
+}
+
+#[test]
+fn python3_keeps_its_pipes_eventfd_timerfd_signalfd_epoll_and_unlinked_files() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (log, go) = (dir.path().join("fds.log"), dir.path().join("go"));
+    let Some(mut child) = python_fds(&log, &go, dir.path()) else {
+        eprintln!("skipped: no python3 on this machine");
+        return;
+    };
+    let pid = child.id() as i32;
+    let text = || std::fs::read_to_string(&log).unwrap_or_default();
+    for _ in 0..300 {
+        if text().contains("ready") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(text().contains("ready"), "python set up: {}", text());
+    let tls = certs();
+    let port = free_port();
+    let _server = page_server(None, &format!("127.0.0.1:{port}"), tls.path());
+    let new = migrate(None, pid, &format!("127.0.0.1:{port}"), tls.path());
+    let _guard = Killed(vec![new]);
+    let _ = child.wait();
+    assert!(
+        matches!(proc_state(pid), '?' | 'Z' | 'X'),
+        "the source is gone"
+    );
+    // Sent to the restored process only: its signalfd must be there.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(new),
+        nix::sys::signal::Signal::SIGUSR1,
+    )
+    .unwrap();
+    std::fs::write(&go, b"").unwrap();
+    for _ in 0..300 {
+        if text().contains("done") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = text();
+    assert!(
+        out.contains("done"),
+        "the restored process got through: {out}"
+    );
+    for want in [
+        "epoll True".to_string(),
+        "pipe b'unread-bytes' False".into(),
+        "eventfd 41".into(),
+        "timer True".into(),
+        format!("signalfd {}", libc::SIGUSR1),
+        "memfd b'contents'".into(),
+        "deleted b'contents'".into(),
+        "fifo b'fifo-bytes'".into(),
+    ] {
+        assert!(out.lines().any(|l| l == want), "{want:?} in {out}");
+    }
+}
+
+#[test]
+fn descriptors_ferry_cannot_restore_are_refused_by_name_and_the_source_runs_on() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("refused.log");
+    let script = format!(
+        r#"
+import os, time, ctypes
+os.closerange(3, 4096)
+libc = ctypes.CDLL(None)
+i = libc.inotify_init1(0)
+assert i >= 0
+e = os.eventfd(0)
+os.dup2(e, 9)
+n = 0
+while True:
+    n += 1
+    with open({log:?}, "a") as f:
+        f.write("%d\n" % n)
+    time.sleep(0.01)
+"#,
+        log = log.to_str().unwrap()
+    );
+    let Ok(mut child) = Command::new("python3")
+        .args(["-c", &script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+    else {
+        eprintln!("skipped: no python3 on this machine");
+        return;
+    };
+    let pid = child.id() as i32;
+    let _guard = Killed(vec![pid]);
+    wait_for_log(&log);
+    let tls = certs();
+    let port = free_port();
+    let _server = page_server(None, &format!("127.0.0.1:{port}"), tls.path());
+    let out = ferry()
+        .args(["migrate", "--pid", &pid.to_string()])
+        .args(["--to", &format!("127.0.0.1:{port}"), "--tls"])
+        .arg(tls.path())
+        .args(["--log", "warn"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("fd 3: anon_inode:inotify"), "{stderr}");
+    let before = *log_values(&log).last().unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    // Without the inotify, the eventfd at two numbers is refused next.
+    let mut fds = ferry::state::capture_fds(pid).unwrap();
+    fds.retain(|f| f.fd != 3);
+    let e = ferry::restore::check_fds(&fds).unwrap_err().to_string();
+    assert!(
+        e.starts_with("fd 9: anon_inode:[eventfd]: the same open file as fd 4"),
+        "{e}"
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(*log_values(&log).last().unwrap() > before, "it runs on");
+    assert!(child.try_wait().unwrap().is_none());
+}
+
 /// Two network namespaces joined by veth, removed on drop.
 struct Hosts {
     a: String,

@@ -280,10 +280,14 @@ null = os.open("/dev/null", os.O_WRONLY)
 d = os.open("/", os.O_RDONLY | os.O_DIRECTORY)
 os.mkfifo(sys.argv[2])
 ff = os.open(sys.argv[2], os.O_RDWR)
+os.write(w, b"in the pipe")
+os.write(ff, b"in the fifo")
+m = os.memfd_create("mem")
+os.write(m, b"memory")
 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 hits = []
 signal.signal(signal.SIGUSR1, lambda *a: hits.append(1))
-print("ready", f.fileno(), r, w, null, d, ff, s.fileno(), flush=True)
+print("ready", f.fileno(), r, w, null, d, ff, s.fileno(), m, flush=True)
 while True:
     time.sleep(100)
 "#;
@@ -331,7 +335,7 @@ fn captures_files_signal_actions_and_pending_signals_of_python() {
         .skip(1)
         .map(|v| v.parse().unwrap())
         .collect();
-    let [f, r, w, null, dirfd, ff, sock] = n[..] else {
+    let [f, r, w, null, dirfd, ff, sock, memfd] = n[..] else {
         panic!("python said {line:?}");
     };
 
@@ -372,6 +376,18 @@ fn captures_files_signal_actions_and_pending_signals_of_python() {
     assert_eq!(rd.pipe_id, wr.pipe_id, "both ends of one pipe");
     assert_ne!(rd.pipe_id, 0);
     assert_eq!(wr.flags & libc::O_ACCMODE as u32, libc::O_WRONLY as u32);
+    // The unread bytes travel on the read end, and are still in the pipe.
+    assert_eq!(&rd.data[..], b"in the pipe");
+    assert!(wr.data.is_empty());
+    assert_eq!((rd.pipe_size, wr.pipe_size), (65536, 65536));
+    let copy = ferry::sys::fds::take_fd(pid, r).unwrap();
+    assert_eq!(
+        ferry::sys::fds::peek_pipe(std::os::fd::AsFd::as_fd(&copy)).unwrap(),
+        b"in the pipe"
+    );
+    let m = fd(p, memfd);
+    assert_eq!(m.kind, pb::FdKind::Memfd as i32);
+    assert_eq!((&m.data[..], m.pos), (&b"memory"[..], 6));
 
     assert_eq!(fd(p, null).kind, pb::FdKind::DevNull as i32);
     assert_eq!(fd(p, null).path, "/dev/null");
@@ -381,6 +397,7 @@ fn captures_files_signal_actions_and_pending_signals_of_python() {
     assert_eq!(fifo_fd.kind, pb::FdKind::Fifo as i32);
     assert_eq!(fifo_fd.path, fifo.to_str().unwrap());
     assert_eq!(fifo_fd.pipe_id, std::fs::metadata(&fifo).unwrap().ino());
+    assert_eq!(&fifo_fd.data[..], b"in the fifo");
     let s = fd(p, sock);
     assert_eq!(s.kind, pb::FdKind::Unsupported as i32);
     assert!(

@@ -14,6 +14,8 @@
 //! - [`pagemap`]: `PAGEMAP_SCAN` (layouts defined here: the distribution's
 //!   headers are older than the kernel), classic pagemap entries, and the
 //!   soft-dirty probe (soft-dirty can be silently absent).
+//! - [`fds`]: copies of another process's descriptors (`pidfd_getfd`) and
+//!   a look at a pipe's unread bytes that leaves them in place (`tee`).
 //! - [`vm`]: reading and writing another process's memory with
 //!   `process_vm_readv`/`writev`, many iovecs per call, `/proc/PID/mem` as
 //!   the fallback.
@@ -21,6 +23,7 @@
 //! Everything here is x86_64 Linux; the injection code says so where it
 //! touches registers.
 
+pub mod fds;
 pub mod pagemap;
 pub mod ptrace;
 pub mod stub;
