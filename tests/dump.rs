@@ -18,7 +18,7 @@ use ferry_page_server::store::{disk::DiskStore, mem::MemStore, FlatImage, Page, 
 use ferry_proto::batch::{is_zero, Compress};
 
 mod common;
-use common::{certs, connect, is_root, proc_state, Fixture, Server};
+use common::{certs, connect, is_root, kernel_thread, proc_state, Fixture, Server};
 
 macro_rules! need_root {
     () => {
@@ -190,23 +190,6 @@ async fn rounds_shrink_when_the_workload_dirties_little() {
         sent[2],
         sent[0]
     );
-}
-
-/// A kernel thread visible in `/proc` (`PF_KTHREAD` in the stat flags).
-fn kernel_thread() -> Option<i32> {
-    std::fs::read_dir("/proc")
-        .ok()?
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .find(|pid| {
-            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-                return false;
-            };
-            // Field 9, counted after the parenthesised comm.
-            let flags = stat
-                .rsplit_once(')')
-                .and_then(|(_, rest)| rest.split_whitespace().nth(6)?.parse::<u64>().ok());
-            flags.is_some_and(|f| f & 0x0020_0000 != 0)
-        })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -278,3 +278,20 @@ pub fn is_root() -> bool {
         .and_then(|v| v.split_whitespace().nth(1).map(|u| u == "0"))
         .unwrap_or(false)
 }
+
+/// A kernel thread visible in `/proc` (`PF_KTHREAD` in the stat flags).
+pub fn kernel_thread() -> Option<i32> {
+    std::fs::read_dir("/proc")
+        .ok()?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .find(|pid| {
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                return false;
+            };
+            // Field 9, counted after the parenthesised comm.
+            let flags = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(6)?.parse::<u64>().ok());
+            flags.is_some_and(|f| f & 0x0020_0000 != 0)
+        })
+}
