@@ -416,6 +416,19 @@ impl Client {
                 }
             }
         };
+        if let Link::Quic { conn, .. } = &self.link {
+            let st = conn.stats();
+            tracing::debug!(
+                mtu = st.path.current_mtu,
+                sent_packets = st.path.sent_packets,
+                lost_packets = st.path.lost_packets,
+                rtt_us = st.path.rtt.as_micros() as u64,
+                cwnd = st.path.cwnd,
+                udp_datagrams = st.udp_tx.datagrams,
+                udp_bytes = st.udp_tx.bytes,
+                "QUIC path at commit"
+            );
+        }
         // The answer is in: closing (draining the connection) is no business
         // of the caller, who may be holding a frozen process meanwhile.
         tokio::spawn(self.close(0, b"done"));

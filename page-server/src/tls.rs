@@ -127,14 +127,19 @@ pub fn transport() -> quinn::TransportConfig {
     t
 }
 
-/// Largest UDP payload either end accepts or probes for.
-pub const MAX_UDP_PAYLOAD: u16 = 65_527;
+/// Largest UDP payload either end accepts or probes for: what fits an IPv4
+/// packet (65535 bytes less 28 of headers; QUIC itself allows 65527, which
+/// the kernel refuses over IPv4).
+pub const MAX_UDP_PAYLOAD: u16 = 65_507;
+
+/// Socket buffer size asked for on both ends (see [`endpoint`]).
+const SOCKET_BUFFER: usize = 16 << 20;
 
 /// Endpoint settings for both ends (see [`transport`] on datagram size).
 pub fn endpoint_config() -> quinn::EndpointConfig {
     let mut e = quinn::EndpointConfig::default();
     e.max_udp_payload_size(MAX_UDP_PAYLOAD)
-        .expect("65527 is within QUIC's bounds");
+        .expect("65507 is within QUIC's bounds");
     e
 }
 
@@ -144,6 +149,13 @@ pub fn endpoint(
     server: Option<quinn::ServerConfig>,
 ) -> std::io::Result<quinn::Endpoint> {
     let socket = std::net::UdpSocket::bind(addr)?;
+    // Bulk transfers overrun the default socket buffers (about 200 KiB):
+    // the drops look like loss to QUIC, which then also gives up on large
+    // datagrams (black-hole detection) and sends 1200-byte packets. The
+    // kernel caps these at net.core.[rw]mem_max; best effort.
+    use nix::sys::socket::{setsockopt, sockopt};
+    let _ = setsockopt(&socket, sockopt::RcvBuf, &SOCKET_BUFFER);
+    let _ = setsockopt(&socket, sockopt::SndBuf, &SOCKET_BUFFER);
     quinn::Endpoint::new(
         endpoint_config(),
         server,
