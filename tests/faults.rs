@@ -16,7 +16,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{certs, free_port, is_root, proc_state, wait_for_server, Fixture};
+use common::{certs, free_port, is_root, log_values, proc_state, wait_for_server, Fixture};
 use ferry::dump::{Destination, DumpOptions};
 use ferry::migrate::migrate;
 use ferry::policy::Policy;
@@ -30,14 +30,6 @@ macro_rules! need_root {
             return;
         }
     };
-}
-
-fn log_values(path: &Path) -> Vec<u64> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.trim().parse().ok())
-        .collect()
 }
 
 /// A single-threaded fixture that dirties pages (so there are several

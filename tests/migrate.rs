@@ -16,7 +16,7 @@ use ferry_page_server::{Config, PageServer, Restorer};
 use ferry_proto::batch::{is_zero, Compress};
 
 mod common;
-use common::{certs, connect, is_root, proc_state, Fixture};
+use common::{certs, connect, is_root, log_values, proc_state, Fixture};
 
 macro_rules! need_root {
     () => {
@@ -68,14 +68,6 @@ fn options(pid: i32, addr: std::net::SocketAddr, tls: &Path) -> DumpOptions {
         compress: Compress::default(),
         restore: false,
     }
-}
-
-fn log_values(path: &Path) -> Vec<u64> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.trim().parse().ok())
-        .collect()
 }
 
 /// A 16 MiB single-threaded fixture logging to `dir/name`, ready.

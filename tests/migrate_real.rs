@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 mod common;
-use common::{certs, free_port, is_root, proc_state};
+use common::{certs, free_port, is_root, log_values, proc_state};
 
 fn ferry() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_ferry"));
@@ -18,14 +18,6 @@ fn ferry() -> Command {
 }
 
 /// Values the program wrote to its log, in order.
-fn log_values(path: &Path) -> Vec<u64> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.trim().parse().ok())
-        .collect()
-}
-
 struct Killed(Vec<i32>);
 
 impl Drop for Killed {
@@ -55,8 +47,13 @@ while True:
 "#,
         log = log.to_str().unwrap()
     );
+    run_python(&script)
+}
+
+/// `python3 -c script`, detached from our stdio; `None` without python3.
+fn run_python(script: &str) -> Option<Child> {
     Command::new("python3")
-        .args(["-c", &script])
+        .args(["-c", script])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -210,13 +207,7 @@ while True:
 "#,
         log = log.to_str().unwrap()
     );
-    Command::new("python3")
-        .args(["-c", &script])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .ok()
+    run_python(&script)
 }
 
 /// The per-thread counts of the last line of a `python_pool` log.
@@ -351,13 +342,7 @@ while True:
         go = go.to_str().unwrap(),
         dir = dir.to_str().unwrap(),
     );
-    Command::new("python3")
-        .args(["-c", &script])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .ok()
+    run_python(&script)
 }
 
 #[test]

@@ -295,3 +295,12 @@ pub fn kernel_thread() -> Option<i32> {
             flags.is_some_and(|f| f & 0x0020_0000 != 0)
         })
 }
+
+/// The numbers a fixture or test program logged, one per line.
+pub fn log_values(path: &Path) -> Vec<u64> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}

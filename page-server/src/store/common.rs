@@ -18,7 +18,7 @@ use ferry_proto::batch::DecodedBatch;
 use ferry_proto::vma::RangeSet;
 use ferry_proto::{pb, SessionId};
 
-use super::{FlatImage, LayerSummary, SessionSummary, StoreError};
+use super::{FlatImage, FlatRun, LayerSummary, SessionSummary, StoreError};
 
 /// Where a data run's bytes are: buffer `buf` of its layer (a batch in the
 /// mem store, the pages file on disk), from byte `off`. Keeping the location
@@ -448,6 +448,28 @@ pub(super) fn slice_buf(buf: Option<&Bytes>, off: u64, len: u64) -> Result<Bytes
             ))
         })?;
     Ok(b.slice(range))
+}
+
+/// The runs of a flat image from its pieces; `data(layer, loc, len)` gives
+/// the bytes of a data piece.
+pub(super) fn flat_runs(
+    pieces: Vec<Piece>,
+    ps: u32,
+    mut data: impl FnMut(u32, Loc, u64) -> Result<Bytes, StoreError>,
+) -> Result<Vec<FlatRun>, StoreError> {
+    pieces
+        .into_iter()
+        .map(|p| {
+            Ok(FlatRun {
+                addr: p.addr,
+                pages: p.pages,
+                data: match p.data {
+                    None => None,
+                    Some((li, loc)) => Some(data(li, loc, p.pages * ps as u64)?),
+                },
+            })
+        })
+        .collect()
 }
 
 pub(super) fn empty_image(ps: u32) -> FlatImage {

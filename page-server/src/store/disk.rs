@@ -37,12 +37,10 @@ use prost::Message;
 use xxhash_rust::xxh3::{xxh3_64, Xxh3};
 
 use super::common::{
-    batch_runs, check_begin, check_meta, check_vmas, empty_image, find_run, flatten_pieces, lock,
-    session_summary, slice_buf, sort_and_check, Lease, Loc, Registry, SrcRun,
+    batch_runs, check_begin, check_meta, check_vmas, empty_image, find_run, flat_runs,
+    flatten_pieces, lock, session_summary, slice_buf, sort_and_check, Lease, Loc, Registry, SrcRun,
 };
-use super::{
-    FlatImage, FlatRun, LayerSummary, Page, SessionStore, SessionSummary, Store, StoreError,
-};
+use super::{FlatImage, LayerSummary, Page, SessionStore, SessionSummary, Store, StoreError};
 
 const MAGIC: &[u8; 8] = b"FERRYIMG";
 /// Format of the files this build writes; newer ones are refused.
@@ -681,24 +679,13 @@ fn image_of(layers: &[Arc<DiskLayer>], ps: u32) -> Result<FlatImage, StoreError>
             *slot = Some(read_pages(l)?);
         }
     }
-    let runs = pieces
-        .into_iter()
-        .map(|p| {
-            let data = match p.data {
-                None => None,
-                Some((li, loc)) => Some(slice_buf(
-                    files.get(li as usize).and_then(Option::as_ref),
-                    loc.off,
-                    p.pages * ps as u64,
-                )?),
-            };
-            Ok(FlatRun {
-                addr: p.addr,
-                pages: p.pages,
-                data,
-            })
-        })
-        .collect::<Result<_, StoreError>>()?;
+    let runs = flat_runs(pieces, ps, |li, loc, len| {
+        slice_buf(
+            files.get(li as usize).and_then(Option::as_ref),
+            loc.off,
+            len,
+        )
+    })?;
     Ok(FlatImage {
         page_size: ps,
         vmas: last.vmas.clone(),

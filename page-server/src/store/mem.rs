@@ -18,12 +18,10 @@ use ferry_proto::vma::RangeSet;
 use ferry_proto::{pb, SessionId};
 
 use super::common::{
-    batch_runs, check_begin, check_meta, covered_ranges, empty_image, find_run, flatten_pieces,
-    lock, session_summary, slice_buf, sort_and_check, Lease, Registry, SrcRun,
+    batch_runs, check_begin, check_meta, covered_ranges, empty_image, find_run, flat_runs,
+    flatten_pieces, lock, session_summary, slice_buf, sort_and_check, Lease, Registry, SrcRun,
 };
-use super::{
-    FlatImage, FlatRun, LayerSummary, Page, SessionStore, SessionSummary, Store, StoreError,
-};
+use super::{FlatImage, LayerSummary, Page, SessionStore, SessionSummary, Store, StoreError};
 
 /// Sessions kept in memory. Clones share the same sessions.
 #[derive(Clone, Default)]
@@ -276,25 +274,12 @@ fn image_of(layers: &[Arc<MemLayer>], ps: u32) -> Result<FlatImage, StoreError> 
     };
     let runs: Vec<_> = layers.iter().map(|l| (&l.runs[..], &l.ranges)).collect();
     let pieces = flatten_pieces(&runs, ps);
-    let runs = pieces
-        .into_iter()
-        .map(|p| {
-            let data = match p.data {
-                None => None,
-                Some((li, loc)) => {
-                    let bufs = layers
-                        .get(li as usize)
-                        .and_then(|l| l.bufs.get(loc.buf as usize));
-                    Some(slice_buf(bufs, loc.off, p.pages * ps as u64)?)
-                }
-            };
-            Ok(FlatRun {
-                addr: p.addr,
-                pages: p.pages,
-                data,
-            })
-        })
-        .collect::<Result<_, StoreError>>()?;
+    let runs = flat_runs(pieces, ps, |li, loc, len| {
+        let bufs = layers
+            .get(li as usize)
+            .and_then(|l| l.bufs.get(loc.buf as usize));
+        slice_buf(bufs, loc.off, len)
+    })?;
     Ok(FlatImage {
         page_size: ps,
         vmas: last.vmas.clone(),
