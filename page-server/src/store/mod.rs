@@ -46,8 +46,7 @@ pub enum StoreError {
     #[error("batch for layer {got}, but layer {open} is open")]
     WrongLayer { got: u32, open: u32 },
     #[error(
-        "over quota: {what} would hold {} of page data, more than its {} ({flag})",
-        crate::limits::show_size(*would),
+        "over quota: {what} would hold {would} bytes of page data, more than its {} ({flag})",
         crate::limits::show_size(*limit)
     )]
     OverQuota {
