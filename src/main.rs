@@ -84,7 +84,8 @@ enum Command {
         mem_quota: Option<u64>,
         /// A session with no control message and no page batch for this
         /// many seconds is ended (QUIC keep-alives do not count).
-        #[arg(long, value_name = "SECS", default_value_t = 60)]
+        #[arg(long, value_name = "SECS", default_value_t = 60,
+              value_parser = clap::value_parser!(u64).range(1..))]
         idle_timeout: u64,
         /// Page data one layer (one round) may carry [default: this host's
         /// physical memory: a round larger than that could not be restored
@@ -518,9 +519,6 @@ async fn run(command: Command) -> Result<()> {
             if let Some(f) = &allow_clients_file {
                 allow.add_file(f)?;
             }
-            if !allow.is_empty() && tls.is_none() {
-                bail!("--allow-client needs QUIC with mutual TLS (--tls DIR)");
-            }
             let (transport, what) = match transport.tcp(tls.as_deref(), listen, "listening on")? {
                 Some(allow_remote) => (
                     ferry_page_server::Transport::Tcp { allow_remote },
@@ -534,6 +532,12 @@ async fn run(command: Command) -> Result<()> {
                     )
                 }
             };
+            if !allow.is_empty() && matches!(transport, ferry_page_server::Transport::Tcp { .. }) {
+                bail!(
+                    "--allow-client needs QUIC with mutual TLS: plain TCP has no client \
+                     certificates to check"
+                );
+            }
             let meminfo = std::fs::read_to_string("/proc/meminfo").ok();
             let mem_quota = mem_quota.unwrap_or(limits::default_mem_quota(meminfo.as_deref()));
             let max_layer_bytes = max_layer_size.unwrap_or(
@@ -552,7 +556,7 @@ async fn run(command: Command) -> Result<()> {
             }
             let mut cfg = Config::with_transport(transport, store);
             cfg.max_sessions = max_sessions;
-            cfg.idle_timeout = std::time::Duration::from_secs(idle_timeout.max(1));
+            cfg.idle_timeout = std::time::Duration::from_secs(idle_timeout);
             cfg.max_layer_bytes = max_layer_bytes;
             let allowed = allow.len();
             cfg.allow = (!allow.is_empty()).then_some(allow);
@@ -713,12 +717,10 @@ async fn run(command: Command) -> Result<()> {
             for f in &w.files {
                 println!("{}", f.display());
             }
-            let fp = ferry_page_server::access::pem_fingerprint(&w.files[0])?;
+            let fp = ferry_page_server::access::pem_fingerprint(&dir.join(format!("{name}.pem")))?;
             eprintln!(
-                "give {} and {} to the source (with ca.pem); allow it on the page server with \
-                 --allow-client CN={name} or --allow-client {fp}",
-                w.files[0].display(),
-                w.files[1].display()
+                "give {name}.pem and {name}.key to the source (with ca.pem); allow it on the \
+                 page server with --allow-client CN={name} or --allow-client {fp}"
             );
             Ok(())
         }
