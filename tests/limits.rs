@@ -241,3 +241,78 @@ async fn sessions_over_quota_are_ended_and_their_memory_given_back() {
     assert!(quota.used() > 0);
     server.stop().await;
 }
+
+/// The flags as the `ferry` binary takes them, and the log line a refused
+/// peer leaves: its address and its certificate's fingerprint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_allow_list_refuses_and_logs_the_peer() {
+    use std::io::Read;
+    use std::process::{Command, Stdio};
+    let tls = certs();
+    ferry::certs::issue_client(tls.path(), "intruder").unwrap();
+    let list = tls.path().join("allowed");
+    std::fs::write(&list, "# only the default source\nCN=ferry-source\n").unwrap();
+    let port = common::free_port();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut child = common::ServerProcess(
+        Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args(["page-server", "--listen", &addr.to_string(), "--tls"])
+            .arg(tls.path())
+            .arg("--allow-clients-file")
+            .arg(&list)
+            .args(["--idle-timeout", "30", "--session-quota", "64M"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    common::wait_for_server(addr, tls.path()).await;
+    let mut c = connect(addr, tls.path());
+    c.transport = ferry::client::Transport::Quic {
+        tls: client_config(&identity(tls.path(), "intruder")).unwrap(),
+        server_name: ferry_page_server::tls::SERVER_NAME.into(),
+    };
+    let e = match Client::connect(c, sender_config(2, 4096, false)).await {
+        Ok(_) => panic!("a certificate not in the allow-list file got a session"),
+        Err(e) => e.to_string(),
+    };
+    assert!(e.contains("not on this page server's allow-list"), "{e}");
+    let _ = child.0.kill();
+    let _ = child.0.wait();
+    let mut log = String::new();
+    child
+        .0
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut log)
+        .unwrap();
+    // Colours or not, the words are there: drop escape sequences.
+    let log = strip_ansi(&log);
+    let fp = pem_fingerprint(&tls.path().join("intruder.pem")).unwrap();
+    let line = log
+        .lines()
+        .find(|l| l.contains("connection refused") && l.contains(&fp.to_string()))
+        .unwrap_or_else(|| panic!("no refusal logged with the fingerprint:\n{log}"));
+    assert!(line.contains("peer=127.0.0.1:"), "{line}");
+    assert!(log.contains("1 allowed client certificate"), "{log}");
+}
+
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI: ESC [ parameters, then a final letter.
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
