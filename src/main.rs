@@ -10,6 +10,7 @@ use ferry::demo::{self, DemoOptions};
 use ferry::dump::{self, Destination, DumpOptions, DumpReport, RoundReport};
 use ferry::policy::Policy;
 use ferry::track::Backend;
+use ferry_page_server::store::quota::{Quota, QuotaStore};
 use ferry_page_server::store::{disk::DiskStore, mem::MemStore, Store};
 use ferry_page_server::tls::{client_config, server_config, TlsFiles};
 use ferry_page_server::{Config, PageServer};
@@ -54,9 +55,45 @@ enum Command {
         /// or "disk:PATH" (a directory; survives restarts).
         #[arg(long, default_value = "mem")]
         store: String,
-        /// Sessions served at once; more connections are refused.
-        #[arg(long, default_value_t = 32)]
+        /// Sessions served at once; a source connecting beyond that is
+        /// refused with the reason.
+        #[arg(long, default_value_t = ferry_page_server::server::DEFAULT_MAX_SESSIONS)]
         max_sessions: usize,
+        /// Only clients whose certificate is listed may migrate in (QUIC;
+        /// repeatable): a SHA-256 fingerprint of the certificate (see
+        /// `ferry certs fingerprint FILE.pem`) or CN=NAME (its subject
+        /// common name; see `ferry certs client`). Without any, every
+        /// client certificate the CA signed is accepted.
+        #[arg(long = "allow-client", value_name = "FINGERPRINT|CN=NAME")]
+        allow_clients: Vec<String>,
+        /// More --allow-client entries from a file: one per line, `#`
+        /// starts a comment.
+        #[arg(long, value_name = "PATH")]
+        allow_clients_file: Option<PathBuf>,
+        /// Page data one session may hold in the mem store (sizes take K,
+        /// M, G, T; "none" for no limit). A session over it is ended with
+        /// "over quota".
+        #[arg(long, value_name = "SIZE", default_value = "none", value_parser = size)]
+        session_quota: u64,
+        /// Page data all sessions together may hold in the mem store
+        /// [default: half of this host's physical memory]. A new session is
+        /// refused while it is full, a batch that would pass it ends its
+        /// session. (No spill to disk: use --store disk:PATH for images
+        /// larger than memory.)
+        #[arg(long, value_name = "SIZE", value_parser = size)]
+        mem_quota: Option<u64>,
+        /// A session with no control message and no page batch for this
+        /// many seconds is ended (QUIC keep-alives do not count).
+        #[arg(long, value_name = "SECS", default_value_t = 60,
+              value_parser = clap::value_parser!(u64).range(1..))]
+        idle_timeout: u64,
+        /// Page data one layer (one round) may carry [default: this host's
+        /// physical memory: a round larger than that could not be restored
+        /// here]. Zero pages carry none. Frames are limited by the protocol
+        /// itself: control messages to 16 MiB, page batches to 8 MiB of
+        /// payload and 256 KiB of header.
+        #[arg(long, value_name = "SIZE", value_parser = size)]
+        max_layer_size: Option<u64>,
         /// Restore committed migrations on this host (`ferry migrate`
         /// needs it). Restored processes run as their own session, under
         /// the credentials they had. The restore is warm: each round is
@@ -383,6 +420,18 @@ enum CertsCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Issue one more source identity from the CA in DIR (needs ca.key):
+    /// DIR/NAME.pem and DIR/NAME.key, with common name NAME, for a page
+    /// server that allows sources by name (--allow-client CN=NAME).
+    Client { dir: PathBuf, name: String },
+    /// Print the SHA-256 fingerprint of a certificate (PEM), as
+    /// `--allow-client` takes it.
+    Fingerprint { file: PathBuf },
+}
+
+/// A size from the command line (see `ferry_page_server::limits`).
+fn size(s: &str) -> std::result::Result<u64, String> {
+    ferry_page_server::limits::parse_size(s).map_err(|e| e.to_string())
 }
 
 #[derive(Subcommand)]
@@ -453,9 +502,23 @@ async fn run(command: Command) -> Result<()> {
             transport,
             store,
             max_sessions,
+            allow_clients,
+            allow_clients_file,
+            session_quota,
+            mem_quota,
+            idle_timeout,
+            max_layer_size,
             restore,
             cold_restore,
         } => {
+            use ferry_page_server::limits;
+            let mut allow = ferry_page_server::access::AllowList::default();
+            for a in &allow_clients {
+                allow.add(a)?;
+            }
+            if let Some(f) = &allow_clients_file {
+                allow.add_file(f)?;
+            }
             let (transport, what) = match transport.tcp(tls.as_deref(), listen, "listening on")? {
                 Some(allow_remote) => (
                     ferry_page_server::Transport::Tcp { allow_remote },
@@ -469,9 +532,34 @@ async fn run(command: Command) -> Result<()> {
                     )
                 }
             };
-            let store = open_store(&store)?;
+            if !allow.is_empty() && matches!(transport, ferry_page_server::Transport::Tcp { .. }) {
+                bail!(
+                    "--allow-client needs QUIC with mutual TLS: plain TCP has no client \
+                     certificates to check"
+                );
+            }
+            let meminfo = std::fs::read_to_string("/proc/meminfo").ok();
+            let mem_quota = mem_quota.unwrap_or(limits::default_mem_quota(meminfo.as_deref()));
+            let max_layer_bytes = max_layer_size.unwrap_or(
+                meminfo
+                    .as_deref()
+                    .and_then(limits::mem_total)
+                    .unwrap_or(2 * limits::FALLBACK_MEM_QUOTA),
+            );
+            let quota = (store == "mem").then_some(Quota {
+                session: session_quota,
+                total: mem_quota,
+            });
+            let mut store = open_store(&store)?;
+            if let Some(q) = quota {
+                store = Arc::new(QuotaStore::new(store, q));
+            }
             let mut cfg = Config::with_transport(transport, store);
             cfg.max_sessions = max_sessions;
+            cfg.idle_timeout = std::time::Duration::from_secs(idle_timeout);
+            cfg.max_layer_bytes = max_layer_bytes;
+            let allowed = allow.len();
+            cfg.allow = (!allow.is_empty()).then_some(allow);
             if cold_restore {
                 cfg.restorer = Some(Arc::new(ferry::migrate::ColdRestorer));
             } else if restore {
@@ -481,6 +569,24 @@ async fn run(command: Command) -> Result<()> {
             eprintln!(
                 "ferry page server listening on {} ({what})",
                 server.local_addr()?
+            );
+            let show = limits::show_size;
+            eprintln!(
+                "limits: {max_sessions} sessions, idle timeout {idle_timeout} s, layers up to {}{}{}",
+                show(max_layer_bytes),
+                match quota {
+                    Some(q) => format!(
+                        ", mem store quota {} per session and {} in total",
+                        show(q.session),
+                        show(q.total)
+                    ),
+                    None => String::new(),
+                },
+                if allowed > 0 {
+                    format!(", {allowed} allowed client certificate(s)")
+                } else {
+                    String::new()
+                }
             );
             server
                 .run(async {
@@ -602,6 +708,26 @@ async fn run(command: Command) -> Result<()> {
                 "copy {} to the source and the destination host; keep ca.key off both if you can",
                 dir.display()
             );
+            Ok(())
+        }
+        Command::Certs {
+            command: CertsCommand::Client { dir, name },
+        } => {
+            let w = ferry::certs::issue_client(&dir, &name)?;
+            for f in &w.files {
+                println!("{}", f.display());
+            }
+            let fp = ferry_page_server::access::pem_fingerprint(&dir.join(format!("{name}.pem")))?;
+            eprintln!(
+                "give {name}.pem and {name}.key to the source (with ca.pem); allow it on the \
+                 page server with --allow-client CN={name} or --allow-client {fp}"
+            );
+            Ok(())
+        }
+        Command::Certs {
+            command: CertsCommand::Fingerprint { file },
+        } => {
+            println!("{}", ferry_page_server::access::pem_fingerprint(&file)?);
             Ok(())
         }
         Command::Images {

@@ -1,6 +1,8 @@
 //! The destination side of ferry: a QUIC page server that receives a
 //! migration's rounds as layers and keeps them in memory or on disk.
 //!
+//! - [`access`]: the optional allow-list of client certificates.
+//! - [`limits`]: sizes and defaults of the page server's limits.
 //! - [`tls`]: mutual TLS; no peer without a certificate from the
 //!   configured CA reaches a session.
 //! - [`server`]: the endpoint and the per-connection session driver around
@@ -9,6 +11,8 @@
 //!   QUIC and for [`tcp`], the unencrypted benchmark baseline.
 //! - [`store`]: layered images, `mem` and `disk`, behind one trait.
 
+pub mod access;
+pub mod limits;
 pub mod server;
 pub mod store;
 pub mod tcp;

@@ -13,6 +13,14 @@
 //! ends that session only: the peer gets an `Abort` with the reason and (on
 //! QUIC) a connection close carrying it too, its unsealed layer is dropped,
 //! and the server goes on serving the others.
+//!
+//! Limits bound what one peer can take: sessions at once, an idle timeout
+//! on control and data progress (QUIC keep-alives only prove the peer's
+//! stack is alive, not that its session moves), the data one layer may
+//! carry, and, with a QUIC allow-list, which certificates may start a
+//! session at all. A peer refused before its session (not allowed, no room)
+//! is told why with an `Abort` on its control stream and a close reason,
+//! and the refusal is logged with its address.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -29,6 +37,8 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
+use crate::access::AllowList;
+use crate::limits::show_size;
 use crate::store::{FlatImage, SessionStore, Store, StoreError};
 use crate::tcp::TcpError;
 use crate::transport::{Conn, QuicConn, Until};
@@ -94,7 +104,19 @@ pub struct Config {
     pub max_sessions: usize,
     /// How long a new connection may take to open its control stream.
     pub handshake_timeout: Duration,
+    /// A session with no control message and no page batch for this long
+    /// is ended.
+    pub idle_timeout: Duration,
+    /// Bytes of page data one layer may carry (zero pages carry none).
+    pub max_layer_bytes: u64,
+    /// QUIC only: the client certificates that may start a session, on
+    /// top of being signed by the CA; `None` for any the CA signed.
+    pub allow: Option<AllowList>,
 }
+
+/// Defaults of the limits (the CLI shows the same).
+pub const DEFAULT_MAX_SESSIONS: usize = 32;
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl Config {
     /// QUIC with mutual TLS.
@@ -117,8 +139,11 @@ impl Config {
             transport,
             store,
             restorer: None,
-            max_sessions: 32,
+            max_sessions: DEFAULT_MAX_SESSIONS,
             handshake_timeout: Duration::from_secs(10),
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            max_layer_bytes: u64::MAX,
+            allow: None,
         }
     }
 }
@@ -156,6 +181,13 @@ pub enum SessionError {
     NoControl(Duration),
     #[error("peer closed the control stream mid-session")]
     ControlClosed,
+    #[error("idle for {0:?}: no control message or page batch (--idle-timeout)")]
+    Idle(Duration),
+    #[error(
+        "layer {layer} carries more than {} of page data (--max-layer-size)",
+        show_size(*limit)
+    )]
+    LayerTooLarge { layer: u32, limit: u64 },
     #[error("{0}")]
     Refused(String),
     #[error("pre-flight: this host could not restore the process: {0}")]
@@ -167,6 +199,7 @@ impl SessionError {
     /// ours.
     fn code(&self) -> u32 {
         match self {
+            SessionError::Store(StoreError::OverQuota { .. }) => 1,
             SessionError::Store(_) => 2,
             _ => 1,
         }
@@ -190,6 +223,9 @@ pub(crate) struct Shared {
     pub(crate) restorer: Option<Arc<dyn Restorer>>,
     pub(crate) max_sessions: usize,
     pub(crate) handshake_timeout: Duration,
+    pub(crate) idle_timeout: Duration,
+    pub(crate) max_layer_bytes: u64,
+    pub(crate) allow: Option<AllowList>,
 }
 
 impl PageServer {
@@ -212,6 +248,9 @@ impl PageServer {
                 restorer: cfg.restorer,
                 max_sessions: cfg.max_sessions,
                 handshake_timeout: cfg.handshake_timeout,
+                idle_timeout: cfg.idle_timeout,
+                max_layer_bytes: cfg.max_layer_bytes,
+                allow: cfg.allow.filter(|a| !a.is_empty()),
             }),
         })
     }
@@ -238,6 +277,9 @@ async fn run_quic(
     shutdown: impl Future<Output = ()>,
 ) {
     let sessions = Arc::new(Semaphore::new(shared.max_sessions));
+    // Telling a refused peer why costs a handshake: bound how many are
+    // told at once, and refuse the rest without a word.
+    let refusals = Arc::new(Semaphore::new(shared.max_sessions.clamp(4, 64)));
     let mut tasks = JoinSet::new();
     tokio::pin!(shutdown);
     loop {
@@ -245,18 +287,34 @@ async fn run_quic(
             _ = &mut shutdown => break,
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break };
-                let Ok(permit) = sessions.clone().try_acquire_owned() else {
-                    warn!(peer = %incoming.remote_address(),
-                          "refusing connection: {} sessions already running",
-                          shared.max_sessions);
-                    incoming.refuse();
-                    continue;
-                };
+                let peer = incoming.remote_address();
                 let shared = shared.clone();
-                tasks.spawn(async move {
-                    serve_quic(incoming, shared).await;
-                    drop(permit);
-                });
+                match sessions.clone().try_acquire_owned() {
+                    Ok(permit) => {
+                        tasks.spawn(async move {
+                            serve_quic(incoming, shared).await;
+                            drop(permit);
+                        });
+                    }
+                    Err(_) => {
+                        let full = format!(
+                            "page server refused the connection: {} sessions already \
+                             running (--max-sessions)",
+                            shared.max_sessions
+                        );
+                        warn!(%peer, "{full}");
+                        let Ok(permit) = refusals.clone().try_acquire_owned() else {
+                            incoming.refuse();
+                            continue;
+                        };
+                        tasks.spawn(async move {
+                            if let Ok(conn) = incoming.await {
+                                refuse_quic(conn, &shared, full).await;
+                            }
+                            drop(permit);
+                        });
+                    }
+                }
             }
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
         }
@@ -276,8 +334,59 @@ async fn serve_quic(incoming: quinn::Incoming, shared: Arc<Shared>) {
             return;
         }
     };
+    if let Some(allow) = &shared.allow {
+        // The handshake verified the chain; a client without a certificate
+        // never gets this far.
+        let cert = conn
+            .peer_identity()
+            .and_then(|id| {
+                id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+                    .ok()
+            })
+            .and_then(|certs| certs.first().cloned());
+        let verdict = match &cert {
+            Some(c) => allow.check(c).map_err(|e| e.to_string()),
+            None => Err("no client certificate".to_string()),
+        };
+        if let Err(why) = verdict {
+            warn!(%peer, "connection refused: {why}");
+            refuse_quic(
+                conn,
+                &shared,
+                format!("page server refused the connection: {why}"),
+            )
+            .await;
+            return;
+        }
+    }
     debug!(%peer, "connection accepted");
     serve(Arc::new(QuicConn(conn)), shared).await;
+}
+
+/// Tells a peer refused before its session why: an `Abort` on its control
+/// stream once it opens one (the source reads the reason from it at any
+/// point of its handshake), and the same reason in the close.
+async fn refuse_quic(conn: quinn::Connection, shared: &Shared, reason: String) {
+    let c = QuicConn(conn);
+    let tell = async {
+        let (mut send, mut recv) = c.accept_control().await?;
+        let abort = ferry_proto::session::control(pb::control::Msg::Abort(pb::Abort {
+            reason: reason.clone(),
+        }));
+        write_control(&mut send, &abort).await?;
+        c.finish(
+            &mut send,
+            &mut recv,
+            Until::Delivered,
+            Duration::from_millis(500),
+        )
+        .await;
+        Ok::<_, SessionError>(())
+    };
+    let _ = tokio::time::timeout(shared.handshake_timeout.min(Duration::from_secs(2)), tell).await;
+    let mut r = reason.into_bytes();
+    r.truncate(1000);
+    c.close(1, &r);
 }
 
 /// Runs one session on an accepted connection, to its end.
@@ -291,6 +400,7 @@ pub(crate) async fn serve<C: Conn>(conn: Arc<C>, shared: Arc<Shared>) {
         data: None,
         readers: JoinSet::new(),
         control: None,
+        layer_bytes: 0,
         created: false,
         preflight: false,
         warm: None,
@@ -331,6 +441,8 @@ struct Session<C: Conn> {
     /// The source will ask for a restore: check every round can be.
     preflight: bool,
     warm: Option<Box<dyn WarmRestore>>,
+    /// Page data stored in the open layer so far.
+    layer_bytes: u64,
 }
 
 /// Runs a store operation that may block (file writes, `fsync`) without
@@ -345,6 +457,7 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
 impl<C: Conn> Session<C> {
     async fn run(&mut self) -> Result<(), SessionError> {
         let timeout = self.shared.handshake_timeout;
+        let idle = self.shared.idle_timeout;
         let (mut send, mut recv) = tokio::time::timeout(timeout, self.conn.accept_control())
             .await
             .map_err(|_| SessionError::NoControl(timeout))??;
@@ -361,6 +474,9 @@ impl<C: Conn> Session<C> {
                         self.rx.handle_control(msg)?;
                     }
                     Some(b) = recv_batch(&mut self.data) => self.rx.handle_batch(b?)?,
+                    // Restarted by every message and batch; the time spent
+                    // acting on them (a restore) does not count.
+                    () = tokio::time::sleep(idle) => return Err(SessionError::Idle(idle)),
                 }
             }
         }
@@ -430,8 +546,16 @@ impl<C: Conn> Session<C> {
                         r.preflight_layer(&vmas).map_err(SessionError::Preflight)?;
                     }
                     self.store()?.begin_layer(layer, vmas)?;
+                    self.layer_bytes = 0;
                 }
                 Action::Store(b) => {
+                    self.layer_bytes = self.layer_bytes.saturating_add(b.data.len() as u64);
+                    if self.layer_bytes > self.shared.max_layer_bytes {
+                        return Err(SessionError::LayerTooLarge {
+                            layer: b.layer,
+                            limit: self.shared.max_layer_bytes,
+                        });
+                    }
                     let h = self.store()?;
                     blocking(|| h.put(&b))?;
                 }

@@ -56,7 +56,7 @@ pub enum TcpError {
     TokenInUse(String),
     #[error("session with token {0} already has {MAX_DATA_CONNECTIONS} data connections")]
     TooManyData(String),
-    #[error("{0} sessions already running")]
+    #[error("{0} sessions already running (--max-sessions)")]
     Full(usize),
 }
 

@@ -233,6 +233,16 @@ impl SessionStore for MemHandle {
         self.lease.get().summary(self.id)
     }
 
+    fn held_bytes(&self) -> u64 {
+        // Trimmed layers keep empty `Bytes` for the batches they freed.
+        let s = self.lease.get();
+        s.layers
+            .iter()
+            .flat_map(|l| l.bufs.iter())
+            .map(|b| b.len() as u64)
+            .sum()
+    }
+
     fn lookup(&self, addr: u64) -> Result<Option<Page>, StoreError> {
         let ps = self.page_size();
         let addr = addr & !(ps as u64 - 1);

@@ -14,7 +14,8 @@
 //! [`mem::MemStore`] (rounds kept in memory, for restore straight from RAM)
 //! and [`disk::DiskStore`] (a directory per session, a header with magic,
 //! version and checksum on every file, `fsync` before a layer is sealed, and
-//! sessions found again after a restart).
+//! sessions found again after a restart). [`quota::QuotaStore`] wraps
+//! either to bound the memory its sessions hold.
 
 use bytes::Bytes;
 use ferry_proto::batch::DecodedBatch;
@@ -23,6 +24,7 @@ use ferry_proto::{pb, SessionId};
 mod common;
 pub mod disk;
 pub mod mem;
+pub mod quota;
 
 #[cfg(test)]
 mod suite;
@@ -43,6 +45,16 @@ pub enum StoreError {
     NoOpenLayer,
     #[error("batch for layer {got}, but layer {open} is open")]
     WrongLayer { got: u32, open: u32 },
+    #[error(
+        "over quota: {what} would hold {would} bytes of page data, more than its {} ({flag})",
+        crate::limits::show_size(*limit)
+    )]
+    OverQuota {
+        what: &'static str,
+        would: u64,
+        limit: u64,
+        flag: &'static str,
+    },
     #[error("store data is corrupt: {0}")]
     Corrupt(String),
     #[error("{op} {path}: {source}")]
@@ -165,6 +177,12 @@ pub trait SessionStore: Send {
     fn put_state(&mut self, tree: &pb::ProcessTree) -> Result<(), StoreError>;
     fn state(&self) -> Result<Option<pb::ProcessTree>, StoreError>;
     fn summary(&self) -> SessionSummary;
+    /// Bytes of page data the sealed layers still hold (what quotas count):
+    /// less than the summary's when newer layers superseded older pages
+    /// and the store freed them.
+    fn held_bytes(&self) -> u64 {
+        self.summary().bytes
+    }
     /// The newest copy of the page at `addr` over the sealed layers (`None`
     /// where a newer layer no longer maps `addr`, see the module docs).
     fn lookup(&self, addr: u64) -> Result<Option<Page>, StoreError>;

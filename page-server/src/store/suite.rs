@@ -19,6 +19,7 @@ use ferry_proto::{frame, pb, SessionId};
 
 use super::disk::DiskStore;
 use super::mem::MemStore;
+use super::quota::{Quota, QuotaStore};
 use super::{FlatImage, Page, SessionStore, Store, StoreError};
 
 const PS: u32 = 4096;
@@ -815,7 +816,8 @@ fn newest_layer_alone_is_what_was_sent(make: Make) {
     }
 }
 
-/// Instantiates every shared test for both stores.
+/// Instantiates every shared test for both stores, and for the mem store
+/// behind quotas.
 macro_rules! suite {
     ($($name:ident),* $(,)?) => {
         mod mem {
@@ -831,6 +833,18 @@ macro_rules! suite {
                 #[test]
                 fn $name() {
                     super::on_disk(super::$name);
+                }
+            )*
+        }
+        // Quotas too large to hit: the wrapper must change nothing else.
+        mod quota {
+            $(
+                #[test]
+                fn $name() {
+                    super::$name(&|| Box::new(super::QuotaStore::new(
+                        std::sync::Arc::new(super::MemStore::new()),
+                        super::Quota { session: 1 << 40, total: 1 << 41 },
+                    )));
                 }
             )*
         }
@@ -870,6 +884,128 @@ suite!(
     random_layers_match_a_page_model,
     newest_layer_alone_is_what_was_sent,
 );
+
+/// Quotas: refused by name when hit, bytes given back when a layer is
+/// discarded or superseded and when a session goes.
+mod quotas {
+    use super::*;
+    use std::sync::Arc;
+
+    /// A layer of `pages` data pages from 0x100000, in one batch.
+    fn spec(pages: u32) -> Spec {
+        Spec {
+            vmas: vec![(0x100000, 0x100000 + 256 * P)],
+            batches: vec![vec![(0x100000, pages, false)]],
+        }
+    }
+
+    fn quota(session: u64, total: u64) -> QuotaStore {
+        QuotaStore::new(Arc::new(MemStore::new()), Quota { session, total })
+    }
+
+    fn over(e: StoreError, flag: &str) {
+        let msg = e.to_string();
+        assert!(matches!(e, StoreError::OverQuota { .. }), "{msg}");
+        assert!(
+            msg.starts_with("over quota: ") && msg.contains(flag),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn a_session_over_its_quota_is_refused_and_others_go_on() {
+        let q = quota(10 * P, 100 * P);
+        let mut a = session_with(&q, 1, &[spec(8)]);
+        assert_eq!(q.used(), 8 * P);
+        a.begin_layer(1, vmas(&spec(8).vmas)).unwrap();
+        // 8 sealed + 4 would pass 10; the same pages again (superseding
+        // the old ones) still count until the layer is sealed.
+        over(
+            a.put(&batch(1, 0, &[(0x100000, 4, false)])).unwrap_err(),
+            "--session-quota",
+        );
+        assert_eq!(q.used(), 8 * P, "a refused batch reserves nothing");
+        // Zero pages hold no memory and always fit.
+        a.put(&batch(1, 0, &[(0x100000 + 8 * P, 192, true)]))
+            .unwrap();
+        a.put(&batch(1, 1, &[(0x100000 + 200 * P, 2, false)]))
+            .unwrap();
+        a.seal().unwrap();
+        assert_eq!(q.used(), 10 * P);
+        // Another session has its own quota.
+        let b = session_with(&q, 2, &[spec(10)]);
+        assert_eq!(q.used(), 20 * P);
+        drop((a, b));
+        assert_eq!(q.used(), 20 * P, "sealed layers stay counted");
+    }
+
+    #[test]
+    fn the_total_quota_bounds_all_sessions_and_refuses_new_ones_when_full() {
+        let q = quota(u64::MAX, 12 * P);
+        let _a = session_with(&q, 1, &[spec(8)]);
+        let mut b = q.create(meta(2)).unwrap();
+        b.begin_layer(0, vmas(&spec(1).vmas)).unwrap();
+        over(
+            b.put(&batch(0, 0, &[(0x100000, 5, false)])).unwrap_err(),
+            "--mem-quota",
+        );
+        b.put(&batch(0, 0, &[(0x100000, 4, false)])).unwrap();
+        b.seal().unwrap();
+        assert_eq!(q.used(), 12 * P);
+        over(q.create(meta(3)).err().unwrap(), "--mem-quota");
+        // Removing a session gives its bytes back.
+        drop(b);
+        q.remove(id(2)).unwrap();
+        assert_eq!(q.used(), 8 * P);
+        q.create(meta(3)).unwrap();
+    }
+
+    #[test]
+    fn discarded_and_superseded_bytes_are_given_back() {
+        let q = quota(u64::MAX, u64::MAX);
+        let mut h = session_with(&q, 1, &[spec(16)]);
+        h.begin_layer(1, vmas(&spec(16).vmas)).unwrap();
+        h.put(&batch(1, 0, &[(0x100000, 4, false)])).unwrap();
+        assert_eq!(q.used(), 20 * P);
+        h.discard_open().unwrap();
+        assert_eq!(q.used(), 16 * P);
+        // A dropped handle discards its open layer, and its reservation.
+        h.begin_layer(1, vmas(&spec(16).vmas)).unwrap();
+        h.put(&batch(1, 0, &[(0x100000, 4, false)])).unwrap();
+        drop(h);
+        assert_eq!(q.used(), 16 * P);
+        // A layer resending every page of the last one frees it: the
+        // session then holds one copy, not two.
+        let mut h = q.open(id(1)).unwrap();
+        send(h.as_mut(), 1, &spec(16), &[0]);
+        assert_eq!(h.held_bytes(), 16 * P);
+        assert_eq!(q.used(), 16 * P);
+        drop(h);
+        q.remove(id(1)).unwrap();
+        assert_eq!(q.used(), 0);
+    }
+
+    #[test]
+    fn a_wrapped_store_counts_sessions_it_did_not_see_made() {
+        let mem = Arc::new(MemStore::new());
+        drop(session_with(mem.as_ref(), 1, &[spec(6)]));
+        let q = QuotaStore::new(
+            mem,
+            Quota {
+                session: 8 * P,
+                total: u64::MAX,
+            },
+        );
+        let mut h = q.open(id(1)).unwrap();
+        assert_eq!(q.used(), 6 * P);
+        h.begin_layer(1, vmas(&spec(6).vmas)).unwrap();
+        over(
+            h.put(&batch(1, 0, &[(0x100000 + 100 * P, 3, false)]))
+                .unwrap_err(),
+            "--session-quota",
+        );
+    }
+}
 
 /// What only the mem store promises: no copies, and memory given back.
 mod mem_only {
