@@ -305,6 +305,8 @@ pub fn check_fds(fds: &[pb::FileDesc]) -> Result<()> {
             "" => fd.path.as_str(),
             d => d.strip_prefix(&prefix).unwrap_or(d),
         };
+        // The refusal says "not supported yet" itself.
+        let desc = desc.strip_suffix(": not supported yet").unwrap_or(desc);
         let refuse = |why: &str| unsupported(format!("fd {}: {desc}{why}", fd.fd));
         data += fd.data.len() as u64;
         if data > crate::state::MAX_FD_DATA {
