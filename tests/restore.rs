@@ -434,19 +434,52 @@ fn assert_continues(
     assert!(our_zombies().is_empty(), "zombies: {:?}", our_zombies());
 }
 
+/// A python counter held frozen, with its image: where every test here
+/// starts. `frozen_at` is the value the file held at the freeze (or, if it
+/// was frozen between `open('w')` and the write, the last value seen).
+struct Held {
+    dir: tempfile::TempDir,
+    file: PathBuf,
+    original: Proc,
+    frozen: Seized,
+    frozen_at: u64,
+    tree: pb::ProcessTree,
+    img: FlatImage,
+}
+
+fn held_counter() -> Held {
+    let dir = tempfile::tempdir().unwrap();
+    let file: PathBuf = dir.path().join("count");
+    let original = start_counter(&file);
+    let seen = read_counter(&file);
+    let frozen = Seized::seize(original.pid).unwrap();
+    let frozen_at = counter(&file).unwrap_or(seen);
+    let (tree, img) = capture(original.pid, &frozen);
+    Held {
+        dir,
+        file,
+        original,
+        frozen,
+        frozen_at,
+        tree,
+        img,
+    }
+}
+
 #[test]
 fn a_hand_built_image_of_a_python_counter_runs_on() {
     need_root!();
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = tempfile::tempdir().unwrap();
-    let file: PathBuf = dir.path().join("count");
-    let mut original = start_counter(&file);
-
-    let seen = read_counter(&file);
-    let frozen = Seized::seize(original.pid).unwrap();
-    // Empty if frozen between open('w') and write: then the last value seen.
-    let frozen_at = counter(&file).unwrap_or(seen);
-    let (tree, img) = capture(original.pid, &frozen);
+    let Held {
+        dir: _dir,
+        file,
+        mut original,
+        frozen,
+        frozen_at,
+        tree,
+        img,
+        ..
+    } = held_counter();
     eprintln!(
         "image: {} vmas, {} pages ({} bytes of data), {} fds",
         img.vmas.len(),
@@ -648,14 +681,16 @@ fn hard_layers(img: &FlatImage) -> Vec<FlatImage> {
 fn layers_laid_one_by_one_restore_the_flat_image() {
     need_root!();
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = tempfile::tempdir().unwrap();
-    let file: PathBuf = dir.path().join("count");
-    let mut original = start_counter(&file);
-
-    let seen = read_counter(&file);
-    let frozen = Seized::seize(original.pid).unwrap();
-    let frozen_at = counter(&file).unwrap_or(seen);
-    let (tree, img) = capture(original.pid, &frozen);
+    let Held {
+        dir: _dir,
+        file,
+        mut original,
+        frozen,
+        frozen_at,
+        tree,
+        img,
+        ..
+    } = held_counter();
     let layers = hard_layers(&img);
     let mut warm = restore::Warm::start().unwrap();
     for l in layers {
@@ -670,11 +705,14 @@ fn layers_laid_one_by_one_restore_the_flat_image() {
 fn an_abandoned_warm_restore_leaves_nothing_running() {
     need_root!();
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = tempfile::tempdir().unwrap();
-    let file: PathBuf = dir.path().join("count");
-    let original = start_counter(&file);
-    let frozen = Seized::seize(original.pid).unwrap();
-    let (_, img) = capture(original.pid, &frozen);
+    let Held {
+        dir: _dir,
+        file,
+        original: _original,
+        frozen,
+        img,
+        ..
+    } = held_counter();
     drop(frozen);
     let mut warm = restore::Warm::start().unwrap();
     warm.layer(img).unwrap();
