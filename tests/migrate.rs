@@ -1,7 +1,8 @@
 //! `ferry migrate` end to end on one host: the migrated process continues
 //! from its exact state and the source is gone; and every failure before
-//! the destination runs the process leaves the source running, unchanged.
-//! Needs root.
+//! the destination runs the process leaves the source running, unchanged;
+//! and eight at once through one page server, which afterwards holds no
+//! more descriptors or threads than before. Needs root.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -318,5 +319,89 @@ async fn what_restore_cannot_do_is_refused_before_anything_is_frozen() {
     tokio::time::sleep(Duration::from_millis(50)).await;
     let b: u64 = fx.cmd("counter").parse().unwrap();
     assert!(b > a);
+    let _ = dest.stop.send(());
+}
+
+/// Open descriptors and threads of this process (the page server runs in
+/// it).
+fn own_fds_and_threads() -> (usize, usize) {
+    let count = |d: &str| std::fs::read_dir(d).map_or(0, |r| r.count());
+    (count("/proc/self/fd"), count("/proc/self/task"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_migrations_at_once_through_one_page_server() {
+    need_root!();
+    let tls = certs();
+    let dest = destination(tls.path(), Arc::new(LocalRestorer));
+    let dir = tempfile::tempdir().unwrap();
+    let fxs: Vec<(Fixture, std::path::PathBuf)> = (0..8)
+        .map(|i| single(dir.path(), &format!("load{i}")))
+        .collect();
+    let (fds0, threads0) = own_fds_and_threads();
+    let mut set = tokio::task::JoinSet::new();
+    for (i, (fx, _)) in fxs.iter().enumerate() {
+        let opts = options(fx.pid, dest.addr, tls.path());
+        set.spawn(async move {
+            let mut quiet = |_: &ferry::dump::RoundReport| {};
+            (i, migrate(opts, &mut quiet).await)
+        });
+    }
+    let mut restored = vec![0; fxs.len()];
+    while let Some(done) = set.join_next().await {
+        let (i, r) = done.unwrap();
+        let r = r.unwrap_or_else(|e| panic!("migration {i}: {e}"));
+        eprintln!(
+            "migration {i}: pid {} -> {} downtime {:?}",
+            fxs[i].0.pid, r.restored_pid, r.downtime
+        );
+        restored[i] = r.restored_pid;
+    }
+    std::thread::sleep(Duration::from_millis(400));
+    for (i, (fx, log)) in fxs.iter().enumerate() {
+        assert!(
+            matches!(proc_state(fx.pid), '?' | 'Z' | 'X'),
+            "source {i} is gone"
+        );
+        let a = log_values(log);
+        std::thread::sleep(Duration::from_millis(150));
+        let b = log_values(log);
+        assert!(b.len() > a.len(), "restored {i} logs on");
+        assert!(b.windows(2).all(|w| w[0] <= w[1]), "restored {i} counts on");
+    }
+    for &pid in &restored {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    // Sessions end: their images go, and the page server holds no more
+    // descriptors or threads than before the eight came.
+    let store = dest.store.clone();
+    for s in store.list().unwrap() {
+        store.remove(s.id).unwrap();
+    }
+    assert!(store.list().unwrap().is_empty());
+    let mut now = own_fds_and_threads();
+    for _ in 0..100 {
+        if now.0 <= fds0 && now.1 <= threads0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        now = own_fds_and_threads();
+    }
+    assert!(
+        now.0 <= fds0,
+        "descriptors: {} before the migrations, {} after",
+        fds0,
+        now.0
+    );
+    // tokio keeps idle blocking-pool threads for 10 s: a little slack.
+    assert!(
+        now.1 <= threads0 + 2,
+        "threads: {} before the migrations, {} after",
+        threads0,
+        now.1
+    );
     let _ = dest.stop.send(());
 }
