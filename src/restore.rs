@@ -1895,7 +1895,7 @@ impl Restorer {
                 });
             }
             let tid = ret as i32;
-            self.thread_self_state(tid, t)?;
+            self.thread_self_state(tid, t, 0)?;
             tids.push(tid);
         }
         for (t, &tid) in p.threads.iter().zip(&tids) {
@@ -1917,9 +1917,13 @@ impl Restorer {
         Ok(tids)
     }
 
-    /// rseq, robust list and pending signals of a thread made by
-    /// [`Restorer::threads`] (its clear-tid address came with the clone).
-    fn thread_self_state(&mut self, tid: i32, t: &pb::Thread) -> Result<()> {
+    /// rseq, robust list and pending signals (its own and `also_pending`),
+    /// which only the thread itself can set; for the main thread and those
+    /// [`Restorer::threads`] made. Pending signals are queued again by the
+    /// thread to itself with everything blocked, so none is delivered (as
+    /// a signal-delivery stop) before the image's mask is set at resume.
+    /// What is lost: the siginfo of queued real-time signals.
+    fn thread_self_state(&mut self, tid: i32, t: &pb::Thread, also_pending: u64) -> Result<()> {
         let call = |r: &mut Self, step: String, nr: libc::c_long, args: [u64; 6]| {
             let ret = r.stub.syscall_in(tid, nr, args)?;
             if (-4095..0).contains(&ret) {
@@ -1956,10 +1960,8 @@ impl Restorer {
             libc::SYS_set_robust_list,
             [t.robust_list, len, 0, 0, 0, 0],
         )?;
-        let pending = t.pending_signals & !(1 << 8 | 1 << 18);
+        let pending = (t.pending_signals | also_pending) & !(1 << 8 | 1 << 18);
         if pending != 0 {
-            // Queued with everything blocked; the image's mask comes at
-            // resume.
             self.stub.set_sigmask_of(tid, u64::MAX)?;
             let me = self.stub.pid() as u64;
             for signo in (1..=64u64).filter(|s| pending & (1 << (s - 1)) != 0) {
@@ -1974,22 +1976,10 @@ impl Restorer {
         Ok(())
     }
 
+    /// The main thread's own state, the process's personality and its
+    /// shared pending signals.
     fn thread_state(&mut self, p: &pb::Process) -> Result<()> {
         let t = &p.threads[0];
-        if let Some(rs) = t.rseq.as_ref().filter(|r| r.addr != 0) {
-            self.call(
-                format!("rseq registration at {:#x}", rs.addr),
-                libc::SYS_rseq,
-                [
-                    rs.addr,
-                    rs.len as u64,
-                    rs.flags as u64,
-                    rs.signature as u64,
-                    0,
-                    0,
-                ],
-            )?;
-        }
         if p.personality != 0 {
             self.call(
                 format!("personality({:#x})", p.personality),
@@ -1997,32 +1987,8 @@ impl Restorer {
                 [p.personality as u64, 0, 0, 0, 0, 0],
             )?;
         }
-        // Pending signals are queued again by the process to itself, with
-        // everything blocked meanwhile so none is delivered (as a
-        // signal-delivery stop) before the image's mask is set at resume.
-        // What is lost: the siginfo of queued real-time signals.
-        let pending = (p.pending_signals | t.pending_signals) & !(1 << 8 | 1 << 18);
-        if pending != 0 {
-            self.stub.set_sigmask(u64::MAX)?;
-            let me = self.stub.pid() as u64;
-            for signo in (1..=64u64).filter(|s| pending & (1 << (s - 1)) != 0) {
-                self.call(
-                    format!("tgkill to queue pending signal {signo}"),
-                    libc::SYS_tgkill,
-                    [me, me, signo, 0, 0, 0],
-                )?;
-            }
-        }
-        let len = if t.robust_list_len == 0 {
-            ROBUST_LIST_HEAD_SIZE
-        } else {
-            t.robust_list_len
-        };
-        self.call(
-            format!("set_robust_list({:#x})", t.robust_list),
-            libc::SYS_set_robust_list,
-            [t.robust_list, len, 0, 0, 0, 0],
-        )?;
+        let pid = self.stub.pid();
+        self.thread_self_state(pid, t, p.pending_signals)?;
         self.call(
             format!("set_tid_address({:#x})", t.clear_child_tid),
             libc::SYS_set_tid_address,

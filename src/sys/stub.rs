@@ -468,13 +468,17 @@ impl Stub {
         self.syscall_as(pid, base, nr, args)
     }
 
-    /// The same in thread `tid` (one [`Stub::clone_thread`] made).
+    /// The same in thread `tid`: the stub's own or one
+    /// [`Stub::clone_thread`] made.
     pub fn syscall_in(
         &mut self,
         tid: i32,
         nr: libc::c_long,
         args: [u64; 6],
     ) -> Result<i64, StubError> {
+        if tid == self.pid {
+            return self.syscall(nr, args);
+        }
         let base = self
             .threads
             .iter()
