@@ -447,6 +447,21 @@ struct Held {
     img: FlatImage,
 }
 
+impl Held {
+    /// [`assert_continues`] for the process restored as `pid`; the
+    /// original stays frozen (as after a dump) until then.
+    fn assert_restored_as(mut self, pid: i32) {
+        assert_continues(
+            &self.file,
+            &mut self.original,
+            &self.img,
+            pid,
+            self.frozen_at,
+        );
+        drop(self.frozen);
+    }
+}
+
 fn held_counter() -> Held {
     let dir = tempfile::tempdir().unwrap();
     let file: PathBuf = dir.path().join("count");
@@ -470,31 +485,19 @@ fn held_counter() -> Held {
 fn a_hand_built_image_of_a_python_counter_runs_on() {
     need_root!();
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let Held {
-        dir: _dir,
-        file,
-        mut original,
-        frozen,
-        frozen_at,
-        tree,
-        img,
-        ..
-    } = held_counter();
+    let h = held_counter();
     eprintln!(
         "image: {} vmas, {} pages ({} bytes of data), {} fds",
-        img.vmas.len(),
-        img.pages(),
-        img.data_bytes(),
-        tree.processes[0].fds.len()
+        h.img.vmas.len(),
+        h.img.pages(),
+        h.img.data_bytes(),
+        h.tree.processes[0].fds.len()
     );
-    restore::check(&tree, &img.vmas).unwrap();
+    restore::check(&h.tree, &h.img.vmas).unwrap();
     let t0 = Instant::now();
-    let pid = restore::restore(&tree, &img).unwrap();
+    let pid = restore::restore(&h.tree, &h.img).unwrap();
     eprintln!("restored as {pid} in {:?}", t0.elapsed());
-    // The original stays frozen (as after a dump) until assert_continues
-    // kills it.
-    assert_continues(&file, &mut original, &img, pid, frozen_at);
-    drop(frozen);
+    h.assert_restored_as(pid);
 }
 
 /// The layers of a warm restore that make `img` the hard way: round 0
@@ -681,24 +684,13 @@ fn hard_layers(img: &FlatImage) -> Vec<FlatImage> {
 fn layers_laid_one_by_one_restore_the_flat_image() {
     need_root!();
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let Held {
-        dir: _dir,
-        file,
-        mut original,
-        frozen,
-        frozen_at,
-        tree,
-        img,
-        ..
-    } = held_counter();
-    let layers = hard_layers(&img);
+    let h = held_counter();
     let mut warm = restore::Warm::start().unwrap();
-    for l in layers {
+    for l in hard_layers(&h.img) {
         warm.layer(l).unwrap();
     }
-    let pid = warm.finish(&tree).map_err(|f| f.error).unwrap();
-    assert_continues(&file, &mut original, &img, pid, frozen_at);
-    drop(frozen);
+    let pid = warm.finish(&h.tree).map_err(|f| f.error).unwrap();
+    h.assert_restored_as(pid);
 }
 
 #[test]
