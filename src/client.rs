@@ -422,6 +422,7 @@ impl Client {
                 mtu = st.path.current_mtu,
                 sent_packets = st.path.sent_packets,
                 lost_packets = st.path.lost_packets,
+                black_holes = st.path.black_holes_detected,
                 rtt_us = st.path.rtt.as_micros() as u64,
                 cwnd = st.path.cwnd,
                 udp_datagrams = st.udp_tx.datagrams,

@@ -120,12 +120,23 @@ pub fn transport() -> quinn::TransportConfig {
     // Loopback and jumbo-frame LANs carry far larger datagrams than the
     // 1452-byte default; fewer packets mean less per-packet crypto and
     // fewer syscalls. Discovery only probes upwards, so a 1500-byte path
-    // stays correct, it just stops at its own MTU.
+    // stays correct, it just stops at its own MTU. The bound is not the
+    // largest datagram either end accepts (`MAX_UDP_PAYLOAD`): quinn hands
+    // the kernel up to 10 datagrams in one GSO send, whose payloads together
+    // must fit one IP packet, and a batch over that fails with EMSGSIZE.
+    // quinn counts such a batch as lost, and a few such "losses" in a row
+    // are its black-hole signal, which drops the path to 1200 bytes for the
+    // rest of the connection (measured: 65507-byte probes succeeded, then
+    // every large batch failed and the path sat at 1200).
     let mut mtu = quinn::MtuDiscoveryConfig::default();
-    mtu.upper_bound(MAX_UDP_PAYLOAD);
+    mtu.upper_bound(MAX_PROBED_MTU);
     t.mtu_discovery_config(Some(mtu));
     t
 }
+
+/// Largest datagram MTU discovery probes for: 10 of them (quinn's GSO
+/// batch) fit in one 65507-byte IPv4 UDP payload.
+pub const MAX_PROBED_MTU: u16 = 6_500;
 
 /// Largest UDP payload either end accepts or probes for: what fits an IPv4
 /// packet (65535 bytes less 28 of headers; QUIC itself allows 65527, which
