@@ -291,12 +291,70 @@ pub async fn run(
             results.push(ModeResult { mode, mib, runs });
         }
     }
+    let _ = write!(out, "{}", table(&results));
+    if let (Some(cpus), Some(&mib)) = (workload_cpus.as_ref(), opts.sizes.first()) {
+        let mut control = Vec::new();
+        for run in 1..=opts.runs.min(3) {
+            control.extend(contention_control(opts, &warm, mib, run, cpus).await?);
+        }
+        if !control.is_empty() {
+            let f = spread(control.iter().map(|s| s * 100.0).collect());
+            let _ = writeln!(
+                out,
+                "\ncontrol, no migration: a busy loop on ferry's CPU slows the workload by {:.1} % ({:.1}-{:.1}, {} runs)",
+                f.median,
+                f.min,
+                f.max,
+                control.len()
+            );
+        }
+    }
     warm.stop().await;
     for s in [cold, tcp].into_iter().flatten() {
         s.stop().await;
     }
-    let _ = write!(out, "{}", table(&results));
     Ok(results)
+}
+
+/// The slowdown a plain busy loop on ferry's CPUs causes the pinned
+/// workload, with no migration at all: the part of a run's slowdown that
+/// is only two vCPUs sharing a core (on these machines they act as SMT
+/// siblings), which a migration between two hosts would not have.
+async fn contention_control(
+    opts: &BenchOptions,
+    server: &Loopback,
+    mib: u64,
+    run: usize,
+    cpus: &nix::sched::CpuSet,
+) -> Result<Option<f64>, BenchError> {
+    let log = server.scratch().join(format!("{mib}-control-{run}.log"));
+    let spec = crate::workload::Spec {
+        busy: true,
+        pattern: opts.pattern,
+        content: opts.content,
+        ..crate::workload::Spec::new(mib, opts.dirty_rate as f64)
+    };
+    let (mut child, _) = crate::workload::spawn(&spec, &log)?;
+    let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(child.id() as i32), cpus);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let start = unix_ms();
+    // The burner inherits this process's CPUs: those ferry runs on.
+    tokio::task::spawn_blocking(|| {
+        let until = std::time::Instant::now() + Duration::from_secs(2);
+        let mut x = 0u64;
+        while std::time::Instant::now() < until {
+            x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+        }
+    })
+    .await
+    .ok();
+    let end = unix_ms();
+    let _ = child.kill();
+    let _ = child.wait();
+    let samples = crate::workload::samples(&log);
+    let before = crate::workload::rate(&samples, start.saturating_sub(1000), start);
+    let during = crate::workload::rate(&samples, start, end);
+    Ok(before.zip(during).map(|(b, d)| 1.0 - d / b))
 }
 
 fn unix_ms() -> u64 {
