@@ -120,6 +120,9 @@ pub struct BenchOptions {
     /// it, so the slowdown shows what the migration does to the workload
     /// rather than two ends of a migration competing with it for two cores.
     pub pin: bool,
+    /// Cap on the data streams in wire bytes per second, standing in for a
+    /// slower link; 0 for none.
+    pub link_rate: u64,
 }
 
 /// Splits the CPUs ferry may use: the last one for the workload, the rest
@@ -249,6 +252,13 @@ pub async fn run(
         let _ = writeln!(
             out,
             "fewer than two CPUs: the workload shares them with ferry"
+        );
+    }
+    if opts.link_rate > 0 {
+        let _ = writeln!(
+            out,
+            "data streams capped at {:.1} MB/s of wire bytes (--link-rate), standing in for a slower link",
+            opts.link_rate as f64 / 1e6
         );
     }
     let warm = Loopback::start()?;
@@ -388,7 +398,8 @@ async fn one_run(
     }
     // Its pace before the migration is the baseline of the slowdown.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let connect = server.connect(if mode == Mode::OneStream { 1 } else { 4 })?;
+    let mut connect = server.connect(if mode == Mode::OneStream { 1 } else { 4 })?;
+    connect.max_rate = opts.link_rate;
     let dump = DumpOptions {
         pid: child.id() as i32,
         dest: Destination::Remote(connect),
@@ -524,6 +535,13 @@ pub fn table(results: &[ModeResult]) -> String {
                  (round 0 on the wire, medians of iterative / tcp)"
             );
         }
+        if let Some(gain) = zstd_gain(&group_owned) {
+            let _ = writeln!(
+                t,
+                "\nwith zstd, memory goes out {gain:.2} x as fast as without \
+                 (round 0 raw MB/s, medians of iterative / no-zstd)"
+            );
+        }
         if let Some(run) = group
             .iter()
             .find(|r| r.mode == Mode::Iterative)
@@ -576,6 +594,18 @@ pub fn table(results: &[ModeResult]) -> String {
 
 /// Median round-0 wire rate of `iterative` (QUIC) over that of `tcp`, when
 /// both ran (at the first size both ran at).
+/// How much faster memory goes out with zstd than without: round 0's raw
+/// rate (memory moved per second), medians of iterative / no-zstd.
+pub fn zstd_gain(results: &[ModeResult]) -> Option<f64> {
+    let rate = |m| {
+        results
+            .iter()
+            .find(|r| r.mode == m)
+            .map(|r| r.figure(|x| x.round0_rate(false)).median)
+    };
+    Some(rate(Mode::Iterative)? / rate(Mode::NoZstd)?)
+}
+
 pub fn quic_vs_tcp(results: &[ModeResult]) -> Option<f64> {
     let rate = |m| {
         results

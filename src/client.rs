@@ -104,6 +104,9 @@ pub struct Connect {
     pub compress: Compress,
     /// Longest wait for any one answer of the page server.
     pub timeout: Duration,
+    /// Cap on the data streams together, in wire bytes per second; 0 for
+    /// none (see [`crate::pace`]).
+    pub max_rate: u64,
 }
 
 impl Connect {
@@ -135,6 +138,7 @@ impl Connect {
             streams: 4,
             compress: Compress::default(),
             timeout: Duration::from_secs(60),
+            max_rate: 0,
         }
     }
 }
@@ -287,6 +291,7 @@ impl Client {
         }
         let (done_tx, done_rx) = mpsc::unbounded_channel();
         client.done_rx = done_rx;
+        let pacer = crate::pace::Pacer::new(c.max_rate).map(std::sync::Arc::new);
         for _ in 0..c.streams.max(1) {
             let send = match &client.link {
                 Link::Quic { conn, .. } => {
@@ -298,9 +303,15 @@ impl Client {
             };
             let (tx, rx) = mpsc::channel(2);
             client.lanes.push(tx);
-            client
-                .lane_tasks
-                .spawn(lane(send, rx, done_tx.clone(), page_size, c.compress, addr));
+            client.lane_tasks.spawn(lane(
+                send,
+                rx,
+                done_tx.clone(),
+                page_size,
+                c.compress,
+                pacer.clone(),
+                addr,
+            ));
         }
         Ok(client)
     }
@@ -750,6 +761,7 @@ async fn lane(
     done: mpsc::UnboundedSender<Result<Done, ClientError>>,
     page_size: u32,
     compress: Compress,
+    pacer: Option<std::sync::Arc<crate::pace::Pacer>>,
     addr: SocketAddr,
 ) {
     let mut encoder = Some(Encoder::new(page_size, compress));
@@ -778,6 +790,9 @@ async fn lane(
             Ok(b) => {
                 let prefix = frame::encode_batch_prefix(&b.header, b.wire_bytes() as usize);
                 let (wire, raw) = (b.wire_bytes(), b.raw_bytes());
+                if let Some(p) = &pacer {
+                    p.wait((prefix.len() as u64) + wire).await;
+                }
                 let mut chunks = Vec::with_capacity(1 + b.payload.len());
                 chunks.push(prefix);
                 chunks.extend(b.payload);

@@ -13,6 +13,8 @@
 //! - [`dump`]: `ferry dump`, rounds of pre-dump, freeze, final delta.
 //! - [`state`]: the process state captured at the freeze.
 //! - [`restore`]: ptrace-driven restore of an image into a new process.
+//! - [`pace`]: the bandwidth cap (`--max-rate`) shared by the data
+//!   streams.
 //! - [`migrate`]: `ferry migrate`, dump + restore on the destination + kill
 //!   of the source, as one transaction.
 //! - [`sys`]: every raw syscall and `unsafe` block of ferry (ptrace and
@@ -32,6 +34,7 @@ pub mod dump;
 pub mod fuzzing;
 pub mod loopback;
 pub mod migrate;
+pub mod pace;
 pub mod policy;
 pub mod procfs;
 pub mod restore;

@@ -230,6 +230,12 @@ enum Command {
         /// use, tcp the one for the transport's rate).
         #[arg(long)]
         compare: bool,
+        /// Stand in for a slower link: cap the data streams at this many
+        /// wire bytes per second (as `migrate --max-rate`; K/M/G suffixes),
+        /// so what compression saves on the wire shows in the rates. Both
+        /// ends still share this host's CPUs.
+        #[arg(long, default_value = "0", value_parser = size)]
+        link_rate: u64,
         /// Write the results as JSON to this file.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -337,6 +343,12 @@ struct RoundArgs {
     /// Send pages uncompressed.
     #[arg(long)]
     no_zstd: bool,
+    /// Cap the migration's bandwidth, all data streams together, in bytes
+    /// on the wire per second (suffixes K, M, G: powers of 1024; 0 or
+    /// none = no cap), to leave room on a shared link. Rounds get longer and the
+    /// freeze is planned with the capped rate.
+    #[arg(long, default_value = "0", value_parser = size)]
+    max_rate: u64,
     /// Print the rounds and the summary as one JSON document on stdout.
     #[arg(long)]
     json: bool,
@@ -385,6 +397,11 @@ impl RoundArgs {
             }
         };
         c.streams = self.streams;
+        c.max_rate = if self.max_rate == u64::MAX {
+            0
+        } else {
+            self.max_rate
+        };
         Ok(c)
     }
 
@@ -793,6 +810,7 @@ async fn run(command: Command) -> Result<()> {
             no_pin,
             modes,
             compare,
+            link_rate,
             json,
             svg,
         } => {
@@ -812,6 +830,7 @@ async fn run(command: Command) -> Result<()> {
                 runs: runs.max(1),
                 modes,
                 pin: !no_pin,
+                link_rate: if link_rate == u64::MAX { 0 } else { link_rate },
             };
             let results = ferry::bench::run(&opts, &mut std::io::stdout()).await?;
             if let Some(path) = json {
