@@ -35,6 +35,7 @@ pub mod migrate;
 pub mod policy;
 pub mod procfs;
 pub mod restore;
+pub mod sockets;
 pub mod state;
 pub mod synthetic;
 pub mod sys;
