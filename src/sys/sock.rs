@@ -38,11 +38,10 @@ pub fn socket(family: i32, ty: i32, protocol: i32) -> io::Result<OwnedFd> {
 /// A connected pair of UNIX sockets of ours, close-on-exec.
 pub fn socketpair(ty: i32) -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0 as RawFd; 2];
+    let ty = ty | libc::SOCK_CLOEXEC;
     // SAFETY: socketpair writes two ints into the array, which is ours.
-    check(
-        unsafe { libc::socketpair(libc::AF_UNIX, ty | libc::SOCK_CLOEXEC, 0, fds.as_mut_ptr()) }
-            .into(),
-    )?;
+    let r = unsafe { libc::socketpair(libc::AF_UNIX, ty, 0, fds.as_mut_ptr()) };
+    check(r.into())?;
     // SAFETY: socketpair returned two new fds that nothing else owns.
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
@@ -50,20 +49,11 @@ pub fn socketpair(ty: i32) -> io::Result<(OwnedFd, OwnedFd)> {
 /// `getsockopt` into `buf`; the length the kernel wrote.
 pub fn getsockopt(fd: BorrowedFd<'_>, level: i32, opt: i32, buf: &mut [u8]) -> io::Result<usize> {
     let mut len = buf.len() as libc::socklen_t;
+    let (raw, p) = (fd.as_raw_fd(), buf.as_mut_ptr().cast());
     // SAFETY: the kernel writes at most `len` bytes into `buf`, which is
     // ours and that long, and the written length into `len`.
-    check(
-        unsafe {
-            libc::getsockopt(
-                fd.as_raw_fd(),
-                level,
-                opt,
-                buf.as_mut_ptr().cast(),
-                &mut len,
-            )
-        }
-        .into(),
-    )?;
+    let r = unsafe { libc::getsockopt(raw, level, opt, p, &mut len) };
+    check(r.into())?;
     Ok(len as usize)
 }
 
@@ -76,20 +66,10 @@ pub fn getsockopt_int(fd: BorrowedFd<'_>, level: i32, opt: i32) -> io::Result<i3
 
 /// `setsockopt` with `val` as the option's bytes.
 pub fn setsockopt(fd: BorrowedFd<'_>, level: i32, opt: i32, val: &[u8]) -> io::Result<()> {
+    let (raw, len) = (fd.as_raw_fd(), val.len() as libc::socklen_t);
     // SAFETY: the kernel reads `val.len()` bytes from `val`, which is ours.
-    check(
-        unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                level,
-                opt,
-                val.as_ptr().cast(),
-                val.len() as libc::socklen_t,
-            )
-        }
-        .into(),
-    )
-    .map(drop)
+    let r = unsafe { libc::setsockopt(raw, level, opt, val.as_ptr().cast(), len) };
+    check(r.into()).map(drop)
 }
 
 pub fn setsockopt_int(fd: BorrowedFd<'_>, level: i32, opt: i32, val: i32) -> io::Result<()> {
@@ -118,19 +98,14 @@ pub fn address(fd: BorrowedFd<'_>, peer: bool) -> io::Result<Vec<u8>> {
 /// `bind` to raw sockaddr bytes.
 pub fn bind(fd: BorrowedFd<'_>, addr: &[u8]) -> io::Result<()> {
     let a = storage(addr)?;
+    let (p, len) = (
+        (&a as *const libc::sockaddr_storage).cast(),
+        addr.len() as libc::socklen_t,
+    );
     // SAFETY: `a` is a sockaddr_storage of ours holding `addr.len()` valid
     // bytes; the kernel reads that many.
-    check(
-        unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                (&a as *const libc::sockaddr_storage).cast(),
-                addr.len() as libc::socklen_t,
-            )
-        }
-        .into(),
-    )
-    .map(drop)
+    let r = unsafe { libc::bind(fd.as_raw_fd(), p, len) };
+    check(r.into()).map(drop)
 }
 
 /// `connect` to raw sockaddr bytes. `EINPROGRESS` (a non-blocking socket)
@@ -193,15 +168,10 @@ pub fn peek(fd: BorrowedFd<'_>, len: usize) -> io::Result<Vec<u8>> {
         return Ok(Vec::new());
     }
     let mut buf = vec![0u8; len + 1];
+    let flags = libc::MSG_PEEK | libc::MSG_DONTWAIT;
     // SAFETY: the kernel writes at most `buf.len()` bytes into `buf`.
-    let n = check(unsafe {
-        libc::recv(
-            fd.as_raw_fd(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
-        )
-    } as libc::c_long)? as usize;
+    let r = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), flags) };
+    let n = check(r as libc::c_long)? as usize;
     if n != len {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
@@ -341,10 +311,8 @@ fn ask(req: &[u8], dump: bool) -> io::Result<Vec<(u16, Vec<u8>)>> {
     let mut buf = vec![0u8; 64 << 10];
     loop {
         // SAFETY: the kernel writes at most `buf.len()` bytes into `buf`.
-        let n = check(
-            unsafe { libc::recv(nl.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) }
-                as libc::c_long,
-        )? as usize;
+        let r = unsafe { libc::recv(nl.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        let n = check(r as libc::c_long)? as usize;
         let mut at = 0;
         while at + NLHDR <= n {
             let len = u32::from_ne_bytes(buf[at..at + 4].try_into().unwrap_or_default()) as usize;
@@ -440,7 +408,8 @@ pub fn unix_diag(ino: u64) -> io::Result<Option<UnixDiag>> {
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
         Err(e) => return Err(e),
     };
-    for (_, msg) in answers {
+    // One request, one answer.
+    if let Some((_, msg)) = answers.into_iter().next() {
         // struct unix_diag_msg is 16 bytes, then attributes.
         let mut at = 16;
         let mut d = UnixDiag::default();
