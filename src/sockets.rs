@@ -244,10 +244,16 @@ pub fn kind_of(f: &Facts) -> Result<pb::FdKind, String> {
             "UNIX {} socket pair (only stream pairs keep their bytes)",
             type_name(ty)
         )),
-        (libc::AF_UNIX, ty, _) => Err(format!(
-            "UNIX {} socket on {local}, not connected",
-            type_name(ty)
-        )),
+        (libc::AF_UNIX, ty, _) => match unix_path(&f.local) {
+            UnixName::Unnamed => Err(format!(
+                "UNIX {} socket neither bound nor connected",
+                type_name(ty)
+            )),
+            _ => Err(format!(
+                "UNIX {} socket bound to {local}, not connected",
+                type_name(ty)
+            )),
+        },
         (libc::AF_NETLINK, ..) => Err("netlink socket".into()),
         (libc::AF_PACKET, ..) => Err("packet socket".into()),
         (family, ty, _) => Err(format!(

@@ -745,3 +745,104 @@ fn redis_server_keeps_its_keys_and_its_writing_client_across_a_migration() {
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "PONG");
 }
+
+/// UNIX sockets that stay inside the process: a stream pair with bytes
+/// waiting at both ends, and a listener bound to a path (whose stale file
+/// the destination replaces). The migration stays on this host.
+#[test]
+fn unix_socket_pairs_and_listeners_migrate_with_their_bytes() {
+    if !is_root() || !have("python3") {
+        eprintln!("skipped: needs root and python3");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (log, go) = (dir.path().join("unix.log"), dir.path().join("go"));
+    let path = dir.path().join("listen.sock");
+    let script = format!(
+        r#"
+import os, socket, time
+os.closerange(3, 4096)
+def say(s):
+    with open({log:?}, "a") as f:
+        f.write(s + "\n")
+a, b = socket.socketpair()
+a.sendall(b"a-to-b " * 1000)
+b.sendall(b"b-to-a")
+l = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+l.bind({path:?})
+l.listen(3)
+say("pid %d" % os.getpid())
+while not os.path.exists({go:?}):
+    time.sleep(0.01)
+got_b = b""
+while len(got_b) < 7000:
+    got_b += b.recv(65536)
+got_a = a.recv(100)
+say("pair %s %s" % (got_b == b"a-to-b " * 1000, got_a == b"b-to-a"))
+c, _ = l.accept()
+c.sendall(b"hello\n")
+time.sleep(60)
+"#,
+        log = log.to_str().unwrap(),
+        go = go.to_str().unwrap(),
+        path = path.to_str().unwrap(),
+    );
+    let child = Command::new("python3")
+        .args(["-c", &script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _kid = Kid(child);
+    let pid: i32 = wait_line(&log, "pid ").parse().unwrap();
+    let _guard = Killed(vec![pid]);
+    let fds = ferry::state::capture_fds(pid).unwrap();
+    let kinds: Vec<_> = fds.iter().map(|f| f.kind()).collect();
+    use ferry_proto::pb::FdKind;
+    assert_eq!(
+        kinds.iter().filter(|&&k| k == FdKind::UnixPair).count(),
+        2,
+        "{kinds:?}"
+    );
+    assert!(kinds.contains(&FdKind::UnixListen), "{kinds:?}");
+
+    let tls = certs();
+    let port = common::free_port();
+    let _ps = {
+        let child = Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args(["page-server", "--restore", "--log", "warn", "--listen"])
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--tls")
+            .arg(tls.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        Kid(child)
+    };
+    let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["migrate", "--pid", &pid.to_string()])
+        .args(["--to", &format!("127.0.0.1:{port}"), "--tls"])
+        .arg(tls.path())
+        .args(["--json", "--log", "warn"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "ferry migrate failed: {stderr}");
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let new = json["restored_pid"].as_i64().unwrap() as i32;
+    let _guard2 = Killed(vec![new]);
+    assert!(
+        matches!(proc_state(pid), '?' | 'Z' | 'X'),
+        "the source is gone"
+    );
+    std::fs::write(&go, b"").unwrap();
+    assert_eq!(wait_line(&log, "pair "), "True True");
+    let mut c = std::os::unix::net::UnixStream::connect(&path).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut hello = String::new();
+    BufReader::new(&mut c).read_line(&mut hello).unwrap();
+    assert_eq!(hello, "hello\n");
+}
