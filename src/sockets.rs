@@ -350,6 +350,19 @@ fn describe(
     let s = copy.as_fd();
     let f = facts(fd, s, inos, ino)?;
     let kind = kind_of(&f).map_err(|what| SocketError::Unsupported { fd, what })?;
+    // The freeze attaches a filter of ferry's own (the network lock).
+    if kind == pb::FdKind::TcpEstablished
+        && sock::has_filter(s).map_err(io_err(fd, "SO_GET_FILTER"))?
+    {
+        return Err(SocketError::Unsupported {
+            fd,
+            what: format!(
+                "TCP connection {} -> {} with a socket filter of its own",
+                addr_string(&f.local),
+                addr_string(&f.peer)
+            ),
+        });
+    }
     let flag = |level, opt| sock::getsockopt_int(s, level, opt).map(|v| v != 0);
     let mut out = pb::Socket {
         family: f.family,
