@@ -350,9 +350,11 @@ fn describe(
     let s = copy.as_fd();
     let f = facts(fd, s, inos, ino)?;
     let kind = kind_of(&f).map_err(|what| SocketError::Unsupported { fd, what })?;
-    // The freeze attaches a filter of ferry's own (the network lock).
+    // The freeze attaches a filter of ferry's own (the network lock); any
+    // other is the process's.
     if kind == pb::FdKind::TcpEstablished
         && sock::has_filter(s).map_err(io_err(fd, "SO_GET_FILTER"))?
+        && !sock::is_drop_all(s).map_err(io_err(fd, "SO_GET_FILTER"))?
     {
         return Err(SocketError::Unsupported {
             fd,

@@ -228,6 +228,34 @@ pub fn has_filter(s: BorrowedFd<'_>) -> io::Result<bool> {
     Ok(len > 0)
 }
 
+/// Whether the socket's filter is exactly the one [`attach_drop_all`]
+/// attaches (ferry's own, during a migration).
+pub fn is_drop_all(s: BorrowedFd<'_>) -> io::Result<bool> {
+    if !has_filter(s)? {
+        return Ok(false);
+    }
+    let mut insn = [0u8; 8];
+    // SO_GET_FILTER counts in instructions: room for one. A longer filter
+    // answers EINVAL, and is not ferry's.
+    let mut len: libc::socklen_t = 1;
+    // SAFETY: the kernel writes at most `len` instructions (8 bytes each)
+    // into `insn`, which is ours and 8 bytes long.
+    let r = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_GET_FILTER,
+            insn.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    match check(r.into()) {
+        Ok(_) => Ok(len == 1 && insn == [0x06, 0, 0, 0, 0, 0, 0, 0]),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// Attaches a classic BPF filter that drops every packet the socket
 /// receives: for TCP, before the stack sees it, so nothing is
 /// acknowledged.
@@ -454,6 +482,18 @@ mod tests {
                 .ino()
         };
         assert_eq!(unix_diag(ino(&a)).unwrap().unwrap().peer, ino(&b));
+    }
+
+    #[test]
+    fn the_drop_filter_is_recognised_and_comes_off() {
+        let s = socket(libc::AF_INET, libc::SOCK_STREAM, 0).unwrap();
+        assert!(!has_filter(s.as_fd()).unwrap());
+        assert!(!is_drop_all(s.as_fd()).unwrap());
+        attach_drop_all(s.as_fd()).unwrap();
+        assert!(has_filter(s.as_fd()).unwrap());
+        assert!(is_drop_all(s.as_fd()).unwrap());
+        detach_filter(s.as_fd()).unwrap();
+        assert!(!has_filter(s.as_fd()).unwrap());
     }
 
     #[test]
