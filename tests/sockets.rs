@@ -110,7 +110,17 @@ impl Net {
             .all(|(ns, dev)| ip(&["-n", ns, "link", "set", dev, "up"]))
             && ip(&["-n", a, "route", "add", "10.77.0.2/32", "dev", "ac"])
             && ip(&["-n", b, "route", "add", "10.77.0.2/32", "dev", "bc"])
-            && ip(&["-n", c, "route", "add", "10.77.0.1/32", "dev", "ca"]);
+            && ip(&["-n", c, "route", "add", "10.77.0.1/32", "dev", "ca"])
+            // IPv6 likewise (no duplicate address detection: usable at once).
+            && ip(&["-n", a, "addr", "add", "fd77::1/128", "dev", "ac", "nodad"])
+            && ip(&["-n", b, "addr", "add", "fd77::1/128", "dev", "bc", "nodad"])
+            && ip(&["-n", c, "addr", "add", "fd77::2/128", "dev", "ca", "nodad"])
+            // Neighbour discovery answers only for an interface's own
+            // addresses (ARP answers for any): B must find fd77::2 on cb.
+            && ip(&["-n", c, "addr", "add", "fd77::2/128", "dev", "cb", "nodad"])
+            && ip(&["-n", a, "-6", "route", "add", "fd77::2/128", "dev", "ac"])
+            && ip(&["-n", b, "-6", "route", "add", "fd77::2/128", "dev", "bc"])
+            && ip(&["-n", c, "-6", "route", "add", "fd77::1/128", "dev", "ca"]);
         assert!(ok, "cannot build the namespaces (is iproute2 installed?)");
         net
     }
@@ -137,6 +147,16 @@ impl Net {
             "route",
             "replace",
             "10.77.0.1/32",
+            "dev",
+            "cb"
+        ]));
+        assert!(ip(&[
+            "-n",
+            &self.c,
+            "-6",
+            "route",
+            "replace",
+            "fd77::1/128",
             "dev",
             "cb"
         ]));
@@ -238,6 +258,12 @@ l = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
 l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 l.bind(("{SERVER}", 7000))
 l.listen(7)
+l6 = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+l6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+l6.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+l6.bind(("fd77::1", 7001))
+l6.listen(5)
+l6.setblocking(False)
 say("pid %d" % os.getpid())
 c, _ = l.accept()
 c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -261,8 +287,17 @@ while len(got) < 50000:
     got += b
 c.sendall(("got %d %s\n" % (len(got), hashlib.sha256(got).hexdigest())).encode())
 say("answered")
+say("options reuseaddr=%d reuseport6=%d v6only=%d nodelay=%d nonblocking6=%d" % (
+    l.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR),
+    l6.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT),
+    l6.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY),
+    c.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY),
+    not l6.getblocking()))
 d, _ = l.accept()
 d.sendall(b"second\n")
+l6.setblocking(True)
+e, _ = l6.accept()
+e.sendall(b"v6\n")
 time.sleep(60)
 "#,
         log = log.to_str().unwrap(),
@@ -304,11 +339,16 @@ print("queued-bytes-intact", buf[:n] == bytes(i % 251 for i in range(n)), flush=
 print("answer", buf[n:].decode().strip(), flush=True)
 t = socket.create_connection(("10.77.0.1", 7000), timeout=10)
 print("second", t.recv(100).decode().strip(), flush=True)
+if len(sys.argv) > 1:
+    u = socket.create_connection(("fd77::1", 7001), timeout=10)
+    print("v6", u.recv(100).decode().strip(), flush=True)
 "#;
 
-fn tcp_client(ns: &str) -> (Kid, BufReader<ChildStdout>) {
+/// With `v6`, it also connects to the IPv6 listener at the end.
+fn tcp_client(ns: &str, v6: bool) -> (Kid, BufReader<ChildStdout>) {
     let mut child = Net::exec(ns, "python3")
         .args(["-c", TCP_CLIENT])
+        .args(v6.then_some("v6"))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -330,7 +370,7 @@ fn a_tcp_listener_and_connection_keep_their_bytes_across_a_migration() {
     let _ps = net.page_server(tls.path());
     let (_server, pid) = tcp_server(&net.a, &log, &go);
     let _guard = Killed(vec![pid]);
-    let (mut client, mut out) = tcp_client(&net.c);
+    let (mut client, mut out) = tcp_client(&net.c, true);
     let sent = read_line(&mut out);
     let queued: usize = wait_line(&log, "queued ").parse().unwrap();
     assert!(
@@ -368,7 +408,22 @@ fn a_tcp_listener_and_connection_keep_their_bytes_across_a_migration() {
     let hash = sent.strip_prefix("sent ").unwrap();
     assert_eq!(read_line(&mut out), format!("answer got 50000 {hash}"));
     assert_eq!(read_line(&mut out), "second second");
+    assert_eq!(read_line(&mut out), "v6 v6");
     assert_eq!(wait_line(&log, "answered"), "");
+    assert_eq!(
+        wait_line(&log, "options "),
+        "reuseaddr=1 reuseport6=1 v6only=1 nodelay=1 nonblocking6=1"
+    );
+    // The backlogs, as `ss` shows them in B (Send-Q of a listener).
+    let ss = Net::exec(&net.b, "ss").args(["-ltnH"]).output().unwrap();
+    let ss = String::from_utf8_lossy(&ss.stdout);
+    let backlog = |port: &str| {
+        ss.lines()
+            .find(|l| l.contains(port))
+            .and_then(|l| l.split_whitespace().nth(2).map(str::to_string))
+    };
+    assert_eq!(backlog("10.77.0.1:7000").as_deref(), Some("7"), "{ss}");
+    assert_eq!(backlog("[fd77::1]:7001").as_deref(), Some("5"), "{ss}");
 }
 
 #[test]
@@ -395,7 +450,7 @@ fn a_failed_migration_gives_the_source_its_connection_back() {
     let _ps = net.page_server(tls.path());
     let (_server, pid) = tcp_server(&net.a, &log, &go);
     let _guard = Killed(vec![pid]);
-    let (mut client, mut out) = tcp_client(&net.c);
+    let (mut client, mut out) = tcp_client(&net.c, false);
     let sent = read_line(&mut out);
     let queued: usize = wait_line(&log, "queued ").parse().unwrap();
     std::thread::sleep(Duration::from_millis(300));
