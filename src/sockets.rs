@@ -423,13 +423,11 @@ pub fn capture_data(pid: i32, fds: &mut [pb::FileDesc], budget: u64) -> Result<u
         };
         let added = match kind {
             pb::FdKind::TcpListen => {
-                let copy = sys_fds::take_fd(pid, fd).map_err(io_err(fd, "pidfd_getfd"))?;
+                // Without sock_diag (ferry in another network namespace)
+                // the accept queue is invisible: no socket option says it.
                 let pending = sock::inet_diag(s.family, 1 << TCP_LISTEN, s.ino)
                     .map_err(io_err(fd, "sock_diag of the listener"))?
                     .map_or(0, |d| d.rqueue);
-                // Without sock_diag (another namespace), the accept queue
-                // is invisible; SIOCINQ says nothing for a listener.
-                drop(copy);
                 if pending > 0 {
                     return Err(SocketError::Pending {
                         fd,

@@ -901,3 +901,84 @@ time.sleep(60)
     BufReader::new(&mut c).read_line(&mut hello).unwrap();
     assert_eq!(hello, "hello\n");
 }
+
+/// A connection waiting in a listener's accept queue cannot move: the
+/// migration fails at the freeze, and the source runs on and accepts it.
+#[test]
+fn a_listener_with_connections_not_accepted_yet_is_not_migrated() {
+    if !is_root() || !have("python3") {
+        eprintln!("skipped: needs root and python3");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (log, go) = (dir.path().join("pending.log"), dir.path().join("go"));
+    let port = common::free_port();
+    let script = format!(
+        r#"
+import os, socket, time
+os.closerange(3, 4096)
+def say(s):
+    with open({log:?}, "a") as f:
+        f.write(s + "\n")
+l = socket.socket()
+l.bind(("127.0.0.1", {port}))
+l.listen(4)
+say("pid %d" % os.getpid())
+while not os.path.exists({go:?}):
+    time.sleep(0.01)
+c, _ = l.accept()
+c.sendall(b"accepted\n")
+time.sleep(60)
+"#,
+        log = log.to_str().unwrap(),
+        go = go.to_str().unwrap(),
+    );
+    let child = Command::new("python3")
+        .args(["-c", &script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _kid = Kid(child);
+    let pid: i32 = wait_line(&log, "pid ").parse().unwrap();
+    let mut waiting = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    waiting
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let tls = certs();
+    let ps_port = common::free_port();
+    let _ps = {
+        let child = Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args(["page-server", "--restore", "--log", "warn", "--listen"])
+            .arg(format!("127.0.0.1:{ps_port}"))
+            .arg("--tls")
+            .arg(tls.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        Kid(child)
+    };
+    let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["migrate", "--pid", &pid.to_string()])
+        .args(["--to", &format!("127.0.0.1:{ps_port}"), "--tls"])
+        .arg(tls.path())
+        .args(["--log", "warn"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains(&format!(
+            "fd 3: listening socket 127.0.0.1:{port} has 1 connection(s) not accepted yet"
+        )),
+        "{stderr}"
+    );
+    assert!(stderr.contains("the source runs on"), "{stderr}");
+    std::fs::write(&go, b"").unwrap();
+    let mut line = String::new();
+    BufReader::new(&mut waiting).read_line(&mut line).unwrap();
+    assert_eq!(line, "accepted\n");
+}
