@@ -29,7 +29,11 @@
 //!    open blocks; eventfd, timerfd (re-armed with the time it had left,
 //!    relative to now), signalfd; memfds by name and deleted files as new
 //!    `O_TMPFILE` files in the same directory; epolls last, once what they
-//!    watch exists. Pipe bytes and file contents are written from ferry
+//!    watch exists; sockets made by the stub (`socket`, `socketpair`) and
+//!    set up through ferry's copy of them ([`crate::sockets`]: listeners
+//!    bound and listening, TCP connections rebuilt in repair mode, which
+//!    they leave only as the last step before the process runs, UNIX
+//!    pairs refilled). Pipe bytes and file contents are written from ferry
 //!    through a `pidfd_getfd` copy of the stub's fd, before the image's
 //!    status flags (O_NONBLOCK, …) are set. Then cwd, name, signal actions (every
 //!    signal: those the image lacks go back to `SIG_DFL`, since the stub
@@ -46,7 +50,8 @@
 //!
 //! What cannot be restored yet is refused by [`check`], by name, before a
 //! stub exists: process trees, a pipe with an end outside the process,
-//! sockets, inotify and other special files, an epoll watching an fd the
+//! sockets of the kinds [`crate::sockets`] does not migrate, inotify and
+//! other special files, an epoll watching an fd the
 //! image lacks, credentials other than ferry's, a vdso layout this kernel
 //! does not make. Any failure later kills the stub: no
 //! half-restored process is ever left running.
