@@ -61,6 +61,8 @@ pub enum DumpError {
     Kill { pid: i32, errno: nix::errno::Errno },
     #[error("capturing the process state: {0}")]
     State(#[from] StateError),
+    #[error(transparent)]
+    Socket(#[from] crate::sockets::SocketError),
 }
 
 /// Where the layers go.
@@ -144,6 +146,10 @@ pub struct FrozenParts {
 /// migrate` keeps it so until the destination answers; dropping it resumes
 /// the process.
 pub struct Frozen {
+    /// Its established TCP sockets, in repair mode since the freeze. First
+    /// field, so it is dropped (repair mode ended) before the tracee
+    /// detaches and the process runs again.
+    repair: crate::sockets::TcpRepairHold,
     tracee: Tracee,
 }
 
@@ -154,11 +160,13 @@ impl Frozen {
 
     /// Lets the process run on, untraced.
     pub fn resume(self) -> Result<(), DumpError> {
+        drop(self.repair);
         Ok(self.tracee.detach(false)?)
     }
 
     /// Detaches, leaving the process stopped (SIGSTOP).
     pub fn leave_stopped(self) -> Result<(), DumpError> {
+        drop(self.repair);
         Ok(self.tracee.detach(true)?)
     }
 
@@ -166,13 +174,15 @@ impl Frozen {
     /// runs it. SIGKILL reaches a traced, stopped process too.
     pub fn kill(self) -> Result<(), DumpError> {
         use nix::sys::signal::{kill, Signal};
-        let pid = nix::unistd::Pid::from_raw(self.pid());
-        kill(pid, Signal::SIGKILL).map_err(|errno| DumpError::Kill {
-            pid: self.pid(),
-            errno,
-        })?;
-        let pid = self.pid();
-        match self.tracee.detach(false) {
+        let Frozen { tracee, mut repair } = self;
+        // From here the destination owns the connections: the source's
+        // copies of them never leave repair mode, whatever happens, and
+        // close when this returns, after the source is gone.
+        repair.disarm();
+        let pid = tracee.pid();
+        kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL)
+            .map_err(|errno| DumpError::Kill { pid, errno })?;
+        match tracee.detach(false) {
             Ok(()) | Err(PtraceError::NoProcess(_)) => {}
             Err(e) => return Err(e.into()),
         }
@@ -246,6 +256,9 @@ pub async fn dump_frozen(
 
     let t_freeze = Instant::now();
     tracee.freeze()?;
+    // Dropped before `tracee` on any error below: out of repair mode
+    // before the process resumes.
+    let repair = crate::sockets::TcpRepairHold::enter(pid)?;
     let t_frozen = Instant::now();
     let r = round(pid, tracker.as_mut(), &mut sink, rounds.len() as u32, true).await?;
     progress(&r);
@@ -280,7 +293,7 @@ pub async fn dump_frozen(
         outcome,
         parts,
     };
-    Ok((report, Frozen { tracee }))
+    Ok((report, Frozen { tracee, repair }))
 }
 
 /// One round: find the dirty pages, send them as a layer, wait for the seal.

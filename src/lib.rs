@@ -38,6 +38,7 @@ pub mod pace;
 pub mod policy;
 pub mod procfs;
 pub mod restore;
+pub mod sockets;
 pub mod state;
 pub mod synthetic;
 pub mod sys;

@@ -29,7 +29,11 @@
 //!    open blocks; eventfd, timerfd (re-armed with the time it had left,
 //!    relative to now), signalfd; memfds by name and deleted files as new
 //!    `O_TMPFILE` files in the same directory; epolls last, once what they
-//!    watch exists. Pipe bytes and file contents are written from ferry
+//!    watch exists; sockets made by the stub (`socket`, `socketpair`) and
+//!    set up through ferry's copy of them ([`crate::sockets`]: listeners
+//!    bound and listening, TCP connections rebuilt in repair mode, which
+//!    they leave only as the last step before the process runs, UNIX
+//!    pairs refilled). Pipe bytes and file contents are written from ferry
 //!    through a `pidfd_getfd` copy of the stub's fd, before the image's
 //!    status flags (O_NONBLOCK, …) are set. Then cwd, name, signal actions (every
 //!    signal: those the image lacks go back to `SIG_DFL`, since the stub
@@ -46,7 +50,8 @@
 //!
 //! What cannot be restored yet is refused by [`check`], by name, before a
 //! stub exists: process trees, a pipe with an end outside the process,
-//! sockets, inotify and other special files, an epoll watching an fd the
+//! sockets of the kinds [`crate::sockets`] does not migrate, inotify and
+//! other special files, an epoll watching an fd the
 //! image lacks, credentials other than ferry's, a vdso layout this kernel
 //! does not make. Any failure later kills the stub: no
 //! half-restored process is ever left running.
@@ -147,6 +152,9 @@ pub enum RestoreError {
         #[source]
         source: std::io::Error,
     },
+    /// A socket could not be rebuilt.
+    #[error(transparent)]
+    Socket(#[from] crate::sockets::SocketError),
 }
 
 type Result<T, E = RestoreError> = std::result::Result<T, E>;
@@ -328,6 +336,25 @@ pub fn check_fds(fds: &[pb::FileDesc]) -> Result<()> {
                 false
             }
             pb::FdKind::Eventfd | pb::FdKind::Signalfd => false,
+            pb::FdKind::TcpListen | pb::FdKind::TcpEstablished | pb::FdKind::UnixListen
+                if fd.socket.is_none() =>
+            {
+                return Err(RestoreError::Missing(format!("socket of fd {}", fd.fd)))
+            }
+            // The repair state is read at the freeze: the live process's
+            // check (`ferry migrate`'s precheck) has none yet.
+            pb::FdKind::TcpListen | pb::FdKind::TcpEstablished | pb::FdKind::UnixListen => false,
+            pb::FdKind::UnixPair => {
+                let peer = fd.socket.as_ref().map_or(0, |s| s.peer_ino);
+                let held = fds.iter().filter(|g| {
+                    g.kind() == pb::FdKind::UnixPair
+                        && g.socket.as_ref().is_some_and(|s| s.ino == peer)
+                });
+                if held.count() != 1 {
+                    return Err(refuse(": its peer is not (once) in the image"));
+                }
+                false
+            }
             pb::FdKind::Timerfd if fd.timerfd.is_none() => {
                 return Err(RestoreError::Missing(format!("timer of fd {}", fd.fd)))
             }
@@ -825,6 +852,8 @@ struct Restorer {
     /// The last layer's mappings.
     vmas: Vec<pb::Vma>,
     mapped: Vec<Mapped>,
+    /// Restored TCP connections, in repair mode until the very end.
+    repaired: Vec<(i32, pb::Socket)>,
 }
 
 impl Restorer {
@@ -838,6 +867,7 @@ impl Restorer {
             data: 0,
             vmas: Vec::new(),
             mapped: Vec::new(),
+            repaired: Vec::new(),
         };
         r.gadget(vmas)?;
         r.empty_stub()?;
@@ -854,6 +884,7 @@ impl Restorer {
         self.signals(p)?;
         let tids = self.threads(p)?;
         self.thread_state(p)?;
+        self.leave_repair()?;
         // Last injection: unmap the gadget from inside it. The stub stays in
         // that syscall's exit stop, its rip in the unmapped page, until the
         // final registers replace it.
@@ -1434,6 +1465,24 @@ impl Restorer {
                     self.place(fd, f)?;
                 }
                 pb::FdKind::Memfd | pb::FdKind::Deleted => self.unlinked(f, above)?,
+                pb::FdKind::TcpListen | pb::FdKind::TcpEstablished | pb::FdKind::UnixListen => {
+                    self.socket(f, above)?
+                }
+                pb::FdKind::UnixPair => {
+                    let s = f
+                        .socket
+                        .as_ref()
+                        .ok_or_else(|| RestoreError::Missing(format!("socket of fd {}", f.fd)))?;
+                    // The pair is made once, at its lower fd.
+                    if let Some(peer) = fds.iter().copied().find(|g| {
+                        g.kind() == pb::FdKind::UnixPair
+                            && g.socket.as_ref().is_some_and(|t| t.ino == s.peer_ino)
+                    }) {
+                        if f.fd < peer.fd {
+                            self.unix_pair(f, peer, above)?;
+                        }
+                    }
+                }
                 _ => self.open_path(f)?,
             }
         }
@@ -1479,6 +1528,121 @@ impl Restorer {
                 libc::SYS_chdir,
                 [at, 0, 0, 0, 0, 0],
             )?;
+        }
+        Ok(())
+    }
+
+    /// A new socket in the stub, of the image's family and type, above
+    /// every fd of the image; with a copy of it in ferry. The socket is
+    /// made by the stub, so it belongs to the stub's network namespace;
+    /// the rest (options, bind, listen, TCP repair, queue contents) goes
+    /// through ferry's copy, the same socket, as pipe bytes do: megabytes
+    /// of queue need no trip through the gadget's data area.
+    fn new_socket(&mut self, f: &pb::FileDesc, above: u64) -> Result<(u64, std::os::fd::OwnedFd)> {
+        let s = f
+            .socket
+            .as_ref()
+            .ok_or_else(|| RestoreError::Missing(format!("socket of fd {}", f.fd)))?;
+        let fd = self.call(
+            format!(
+                "socket({}, {}, {}) for fd {}",
+                s.family, s.r#type, s.protocol, f.fd
+            ),
+            libc::SYS_socket,
+            [s.family as u64, s.r#type as u64, s.protocol as u64, 0, 0, 0],
+        )?;
+        let fd = self.lift(fd, above)?;
+        let copy = crate::sys::fds::take_fd(self.stub.pid(), fd as i32).map_err(|source| {
+            RestoreError::FdData {
+                what: format!("fd {}: pidfd_getfd of the new socket", f.fd),
+                source,
+            }
+        })?;
+        Ok((fd, copy))
+    }
+
+    /// A TCP or UNIX listener, or an established TCP connection (left in
+    /// repair mode until [`Restorer::leave_repair`]).
+    fn socket(&mut self, f: &pb::FileDesc, above: u64) -> Result<()> {
+        use std::os::fd::AsFd;
+        let (fd, copy) = self.new_socket(f, above)?;
+        let s = f.socket.as_ref().expect("new_socket checked it");
+        match f.kind() {
+            pb::FdKind::TcpListen => crate::sockets::restore_tcp_listen(f.fd, copy.as_fd(), s)?,
+            pb::FdKind::UnixListen => crate::sockets::restore_unix_listen(f.fd, copy.as_fd(), s)?,
+            _ => {
+                crate::sockets::restore_established(f.fd, copy.as_fd(), s)?;
+                self.repaired.push((f.fd, s.clone()));
+            }
+        }
+        self.place(fd, f)?;
+        self.set_status_flags(f)
+    }
+
+    /// Both ends of a UNIX stream pair, each with the bytes that waited at
+    /// it (sent from the other end, before the status flags are set).
+    fn unix_pair(&mut self, a: &pb::FileDesc, b: &pb::FileDesc, above: u64) -> Result<()> {
+        use std::os::fd::AsFd;
+        let s = a.socket.as_ref().expect("checked by the caller");
+        let at = self.put(0, &[0u8; 8], "socketpair's answer")?;
+        self.call(
+            format!("socketpair for fds {} and {}", a.fd, b.fd),
+            libc::SYS_socketpair,
+            [libc::AF_UNIX as u64, s.r#type as u64, 0, at, 0, 0],
+        )?;
+        let mut both = [0u8; 8];
+        self.stub
+            .read(at, &mut both)
+            .map_err(|source| RestoreError::Write {
+                what: "socketpair's answer".into(),
+                source,
+            })?;
+        let x = u32::from_le_bytes([both[0], both[1], both[2], both[3]]) as u64;
+        let y = u32::from_le_bytes([both[4], both[5], both[6], both[7]]) as u64;
+        let (x, y) = (self.lift(x, above)?, self.lift(y, above)?);
+        // What waits at one end was sent from the other.
+        for (from, f) in [(y, a), (x, b)] {
+            let unread = f
+                .socket
+                .as_ref()
+                .map(|s| s.unread.clone())
+                .unwrap_or_default();
+            if unread.is_empty() {
+                continue;
+            }
+            let copy =
+                crate::sys::fds::take_fd(self.stub.pid(), from as i32).map_err(|source| {
+                    RestoreError::FdData {
+                        what: format!("fd {}: pidfd_getfd of its peer", f.fd),
+                        source,
+                    }
+                })?;
+            crate::sys::sock::send_all(copy.as_fd(), &unread).map_err(|source| {
+                RestoreError::FdData {
+                    what: format!("fd {}: writing its {} bytes back", f.fd, unread.len()),
+                    source,
+                }
+            })?;
+        }
+        self.place(x, a)?;
+        self.place(y, b)?;
+        self.set_status_flags(a)?;
+        self.set_status_flags(b)
+    }
+
+    /// Takes the restored TCP connections out of repair mode, the last
+    /// step before the process runs: until here a failure kills sockets
+    /// that never sent a packet.
+    fn leave_repair(&mut self) -> Result<()> {
+        use std::os::fd::AsFd;
+        for (fd, s) in std::mem::take(&mut self.repaired) {
+            let copy = crate::sys::fds::take_fd(self.stub.pid(), fd).map_err(|source| {
+                RestoreError::FdData {
+                    what: format!("fd {fd}: pidfd_getfd of the socket"),
+                    source,
+                }
+            })?;
+            crate::sockets::finish_established(fd, copy.as_fd(), &s)?;
         }
         Ok(())
     }

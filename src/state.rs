@@ -31,8 +31,10 @@
 //! copies taken with `pidfd_getfd` ([`capture_fd_data`]): a pipe's unread
 //! bytes are peeked with `tee`, a memfd's or deleted file's contents read
 //! with `pread`, so neither the pipe nor the shared file offset changes.
-//! Sockets, inotify, fanotify, io_uring and the like stay `UNSUPPORTED`,
-//! with a description that names them.
+//! Sockets are classified and read by [`crate::sockets`] (listeners,
+//! established TCP connections in repair mode, UNIX pairs and listeners);
+//! other sockets, inotify, fanotify, io_uring and the like stay
+//! `UNSUPPORTED`, with a description that names them.
 //!
 //! Registers are saved in the form the thread resumes with after an
 //! injection ([`resume_regs`]): an interrupted syscall rewound to be
@@ -108,6 +110,9 @@ pub enum StateError {
         "fd {fd}: {bytes} bytes of pipe or file contents, more than the {MAX_FD_DATA} an image holds in all"
     )]
     TooMuchData { fd: i32, bytes: u64 },
+    /// A socket's state could not be read, or cannot move as it is.
+    #[error(transparent)]
+    Socket(#[from] crate::sockets::SocketError),
     /// Writing a thread's rseq area back failed: the kernel's refresh of
     /// its cpu fields stays, and the memory differs from what was sent.
     #[error("putting back the rseq area of thread {tid} at {addr:#x}: {source}")]
@@ -669,6 +674,7 @@ pub fn capture_fds(pid: i32) -> Result<Vec<pb::FileDesc>, StateError> {
         })
         .collect::<Result<Vec<_>, StateError>>()?;
     refuse_shared(pid, &mut fds);
+    crate::sockets::describe_all(pid, &mut fds);
     Ok(fds)
 }
 
@@ -771,6 +777,7 @@ pub fn capture_fd_data(pid: i32, fds: &mut [pb::FileDesc]) -> Result<(), StateEr
         }
         fds[i].data = Bytes::from(data);
     }
+    crate::sockets::capture_data(pid, fds, MAX_FD_DATA - total)?;
     Ok(())
 }
 

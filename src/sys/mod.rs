@@ -26,6 +26,7 @@
 pub mod fds;
 pub mod pagemap;
 pub mod ptrace;
+pub mod sock;
 pub mod stub;
 pub mod uffd;
 pub mod vm;
