@@ -194,13 +194,25 @@ impl Fixture {
     /// The fixture from a copy of its binary at `exe`.
     pub fn start_at(exe: &Path, args: &[&str]) -> Fixture {
         use std::io::BufRead;
-        let mut child = Command::new(exe)
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
+        // A binary copied just now may still be open for writing in a
+        // child another test thread forked while the copy was open (until
+        // that child execs): exec fails with ETXTBSY for that moment.
+        let mut tries = 0;
+        let mut child = loop {
+            match Command::new(exe)
+                .args(args)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()
+            {
+                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 50 => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                r => break r.unwrap(),
+            }
+        };
         let stdin = child.stdin.take().unwrap();
         let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
