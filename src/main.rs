@@ -105,6 +105,11 @@ enum Command {
         /// downtime; for comparison and troubleshooting).
         #[arg(long, requires = "restore")]
         cold_restore: bool,
+        /// With --restore: keep a session's image after its process is
+        /// restored (by default it is removed then: the process runs on,
+        /// and the memory or disk goes back to the page server).
+        #[arg(long, requires = "restore")]
+        keep_restored: bool,
     },
     /// Move a running process to another host: rounds of pre-dump while it
     /// runs, a freeze, the final delta and the state, a restore by the page
@@ -481,6 +486,10 @@ fn main() -> Result<()> {
         ferry::workload::run(&spec, log_file)?;
         return Ok(());
     }
+    if matches!(cli.command, Command::PageServer { .. }) {
+        // Images come and go: their memory must go back to the system.
+        ferry::sys::heap::return_large_frees();
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log));
     tracing_subscriber::fmt()
@@ -510,6 +519,7 @@ async fn run(command: Command) -> Result<()> {
             max_layer_size,
             restore,
             cold_restore,
+            keep_restored,
         } => {
             use ferry_page_server::limits;
             let mut allow = ferry_page_server::access::AllowList::default();
@@ -558,6 +568,7 @@ async fn run(command: Command) -> Result<()> {
             cfg.max_sessions = max_sessions;
             cfg.idle_timeout = std::time::Duration::from_secs(idle_timeout);
             cfg.max_layer_bytes = max_layer_bytes;
+            cfg.forget_restored = !keep_restored;
             let allowed = allow.len();
             cfg.allow = (!allow.is_empty()).then_some(allow);
             if cold_restore {

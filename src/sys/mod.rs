@@ -24,6 +24,7 @@
 //! touches registers.
 
 pub mod fds;
+pub mod heap;
 pub mod pagemap;
 pub mod ptrace;
 pub mod stub;
