@@ -147,6 +147,18 @@ pub enum RestoreError {
         #[source]
         source: std::io::Error,
     },
+    /// Failpoint (test only): a failure injected at a restore stage.
+    #[error("restore stage {0}: failure injected by FERRY_FAILPOINT=restore:{0} (test only)")]
+    Failpoint(&'static str),
+}
+
+/// Failpoint (test only): fails `stage` when FERRY_FAILPOINT=restore:STAGE
+/// (see [`crate::failpoint`]).
+fn failpoint(stage: &'static str) -> Result<()> {
+    match crate::failpoint::armed("restore", stage) {
+        true => Err(RestoreError::Failpoint(stage)),
+        false => Ok(()),
+    }
 }
 
 type Result<T, E = RestoreError> = std::result::Result<T, E>;
@@ -832,6 +844,7 @@ impl Restorer {
     /// the first layer's mappings.
     fn new(vmas: &[pb::Vma]) -> Result<Restorer> {
         let stub = Stub::spawn()?;
+        failpoint("stub")?; // failpoint (test only)
         let mut r = Restorer {
             stub,
             gadget: 0,
@@ -848,10 +861,15 @@ impl Restorer {
     fn finish(mut self, p: &pb::Process) -> Result<i32> {
         let t0 = std::time::Instant::now();
         self.protections()?;
+        failpoint("vdso")?; // failpoint (test only)
         self.vdso()?;
+        failpoint("mm")?; // failpoint (test only)
         self.mm(p)?;
+        failpoint("files")?; // failpoint (test only)
         self.files(p)?;
+        failpoint("signals")?; // failpoint (test only)
         self.signals(p)?;
+        failpoint("threads")?; // failpoint (test only)
         let tids = self.threads(p)?;
         self.thread_state(p)?;
         // Last injection: unmap the gadget from inside it. The stub stays in
@@ -883,6 +901,7 @@ impl Restorer {
                 sigmask: t.sigmask,
             })
             .collect();
+        failpoint("registers")?; // failpoint (test only)
         let pid = self.stub.resume_all(&all)?;
         tracing::info!(
             pid,
@@ -1160,6 +1179,7 @@ impl Restorer {
             })
             .collect();
         self.vmas = layer.vmas.clone();
+        failpoint("memory")?; // failpoint (test only): mapped, pages not written
         self.contents(layer, &vmas, &kept)
     }
 

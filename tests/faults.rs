@@ -17,7 +17,9 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{certs, free_port, is_root, log_values, proc_state, wait_for_server, Fixture};
+use common::{
+    assert_source_runs, certs, free_port, is_root, log_values, proc_state, wait_for_server, Fixture,
+};
 use ferry::dump::{Destination, DumpOptions};
 use ferry::migrate::migrate;
 use ferry::policy::Policy;
@@ -53,28 +55,6 @@ fn fixture(dir: &Path, name: &str) -> (Fixture, std::path::PathBuf) {
         std::thread::sleep(Duration::from_millis(10));
     }
     panic!("{} stays empty", log.display());
-}
-
-/// The source runs as it did: not traced, not stopped, counting on.
-fn assert_source_runs(fx: &Fixture, log: &Path, what: &str) {
-    for _ in 0..200 {
-        if fx.tracer() == 0 && matches!(fx.state(), 'S' | 'R') {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert_eq!(fx.tracer(), 0, "{what}: the source is left traced");
-    let s = fx.state();
-    assert!(s == 'S' || s == 'R', "{what}: the source is {s}");
-    let a = *log_values(log).last().unwrap();
-    std::thread::sleep(Duration::from_millis(300));
-    let values = log_values(log);
-    let b = *values.last().unwrap();
-    assert!(b > a, "{what}: the source counts on ({a} -> {b})");
-    assert!(
-        values.windows(2).all(|w| w[0] <= w[1]),
-        "{what}: the counter never went back"
-    );
 }
 
 /// `ferry page-server --restore` on a disk store, as a child process.
