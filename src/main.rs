@@ -78,10 +78,14 @@ enum Command {
         /// Page data all sessions together may hold in the mem store
         /// [default: half of this host's physical memory]. A new session is
         /// refused while it is full, a batch that would pass it ends its
-        /// session. (No spill to disk: use --store disk:PATH for images
-        /// larger than memory.)
+        /// session (unless --spill-dir is given).
         #[arg(long, value_name = "SIZE", value_parser = size)]
         mem_quota: Option<u64>,
+        /// With --store mem: a session that goes over --session-quota or
+        /// --mem-quota moves to a disk store in this directory (its layers
+        /// are copied there once) instead of being ended.
+        #[arg(long, value_name = "DIR")]
+        spill_dir: Option<PathBuf>,
         /// A session with no control message and no page batch for this
         /// many seconds is ended (QUIC keep-alives do not count).
         #[arg(long, value_name = "SECS", default_value_t = 60,
@@ -515,6 +519,7 @@ async fn run(command: Command) -> Result<()> {
             allow_clients_file,
             session_quota,
             mem_quota,
+            spill_dir,
             idle_timeout,
             max_layer_size,
             restore,
@@ -560,9 +565,20 @@ async fn run(command: Command) -> Result<()> {
                 session: session_quota,
                 total: mem_quota,
             });
+            if spill_dir.is_some() && quota.is_none() {
+                bail!("--spill-dir needs --store mem (a disk store has nothing to spill)");
+            }
             let mut store = open_store(&store)?;
             if let Some(q) = quota {
                 store = Arc::new(QuotaStore::new(store, q));
+            }
+            if let Some(dir) = &spill_dir {
+                let disk = DiskStore::open(dir)
+                    .with_context(|| format!("opening the spill store {}", dir.display()))?;
+                store = Arc::new(ferry_page_server::store::spill::SpillStore::new(
+                    store,
+                    Arc::new(disk),
+                ));
             }
             let mut cfg = Config::with_transport(transport, store);
             cfg.max_sessions = max_sessions;
@@ -587,9 +603,13 @@ async fn run(command: Command) -> Result<()> {
                 show(max_layer_bytes),
                 match quota {
                     Some(q) => format!(
-                        ", mem store quota {} per session and {} in total",
+                        ", mem store quota {} per session and {} in total{}",
                         show(q.session),
-                        show(q.total)
+                        show(q.total),
+                        match &spill_dir {
+                            Some(d) => format!(" (over it: spilled to {})", d.display()),
+                            None => String::new(),
+                        }
                     ),
                     None => String::new(),
                 },
