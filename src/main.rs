@@ -114,6 +114,14 @@ enum Command {
         /// and the memory or disk goes back to the page server).
         #[arg(long, requires = "restore")]
         keep_restored: bool,
+        /// Capabilities the page server keeps once started (comma
+        /// separated, e.g. sys_ptrace,checkpoint_restore; "none"; "all");
+        /// every other one is dropped from all its sets, the bounding set
+        /// included, for good. Restored processes run with at most these.
+        /// [default: none; with --restore: all (restored processes inherit
+        /// them)]
+        #[arg(long, value_name = "LIST")]
+        caps: Option<String>,
     },
     /// Move a running process to another host: rounds of pre-dump while it
     /// runs, a freeze, the final delta and the state, a restore by the page
@@ -465,6 +473,48 @@ fn open_store(spec: &str) -> Result<Arc<dyn Store>> {
     }
 }
 
+/// What the source keeps: tracing the process and reading its memory and
+/// descriptors (`CAP_SYS_PTRACE`: a root process with full capabilities
+/// may only be traced by one holding them all, or this one), killing it
+/// after the commit, and reaching files of its in other users' directories
+/// for the pre-flight check.
+const SOURCE_CAPS: &str = "sys_ptrace,kill,dac_read_search";
+
+/// Drops every capability the command does not need (README, Security).
+fn drop_capabilities(command: &Command) -> Result<()> {
+    use ferry::sys::caps;
+    let keep = match command {
+        Command::PageServer {
+            caps: list,
+            restore,
+            listen,
+            ..
+        } => {
+            let list = list
+                .as_deref()
+                .unwrap_or(if *restore { "all" } else { "none" });
+            let mut keep = caps::parse_list(list)?;
+            // Binding happens later, on the runtime.
+            if listen.port() < 1024 {
+                keep |= caps::bit("net_bind_service")?;
+            }
+            keep
+        }
+        Command::Migrate { .. } => caps::parse_list(SOURCE_CAPS)?,
+        _ => return Ok(()),
+    };
+    if keep == u64::MAX {
+        return Ok(());
+    }
+    let (eff, _, _) = caps::current()?;
+    if eff & !keep == 0 {
+        return Ok(());
+    }
+    caps::keep_only(keep).context("dropping capabilities")?;
+    tracing::debug!(kept = %caps::names(keep), "capabilities dropped");
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     // Before any runtime or thread exists: the workload closes every
@@ -500,6 +550,9 @@ fn main() -> Result<()> {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+    // Before any thread exists (capabilities are per thread; threads made
+    // later inherit the reduced sets).
+    drop_capabilities(&cli.command)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -525,6 +578,7 @@ async fn run(command: Command) -> Result<()> {
             restore,
             cold_restore,
             keep_restored,
+            caps: _,
         } => {
             use ferry_page_server::limits;
             let mut allow = ferry_page_server::access::AllowList::default();

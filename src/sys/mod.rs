@@ -23,6 +23,7 @@
 //! Everything here is x86_64 Linux; the injection code says so where it
 //! touches registers.
 
+pub mod caps;
 pub mod fds;
 pub mod heap;
 pub mod pagemap;
