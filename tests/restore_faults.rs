@@ -5,7 +5,9 @@
 //! migration then fails with an error that names the stage, the source
 //! runs on untouched, and the half-restored stub on the destination is
 //! gone: killed, and reaped by its parent (this test, their subreaper), so
-//! neither a process nor a zombie is left.
+//! neither a process nor a zombie is left. Then the same with a real cause:
+//! a page server whose hard limit on open files is below the source's, and
+//! no CAP_SYS_RESOURCE to raise it.
 //!
 //! Needs root (ptrace, restore); skipped with a message otherwise. Its own
 //! test binary: as subreaper it adopts every orphan of this process.
@@ -137,4 +139,71 @@ async fn a_restore_failing_at_any_stage_loses_nothing() {
         server.0.wait().unwrap();
         drop(fx);
     }
+
+    // A real cause, no failpoint: the page server's hard limit on open
+    // files is below the source's, and without CAP_SYS_RESOURCE the
+    // restore cannot raise it (the signals stage sets the rlimits).
+    let hard: u64 = std::fs::read_to_string("/proc/self/limits")
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(4)?.parse().ok())
+        .expect("the hard limit on open files");
+    let lower = hard / 2;
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut server = common::ServerProcess(
+        Command::new("prlimit")
+            .arg(format!("--nofile={}:{lower}", lower.min(256)))
+            .arg(env!("CARGO_BIN_EXE_ferry"))
+            .args(["page-server", "--restore", "--caps", "checkpoint_restore"])
+            .args(["--log", "warn", "--listen"])
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--tls")
+            .arg(tls.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for_server(addr, tls.path()).await;
+    let (fx, log) = fixture(dir.path(), "rlimit");
+    let known: HashSet<i32> = [server.0.id() as i32, fx.pid].into();
+    let opts = DumpOptions {
+        pid: fx.pid,
+        dest: Destination::Remote(common::connect(addr, tls.path())),
+        leave_stopped: false,
+        track: None,
+        policy: Policy {
+            max_rounds: 3,
+            ..Policy::default()
+        },
+        compress: Compress::default(),
+        restore: true,
+    };
+    let e = migrate(opts, &mut |_| {})
+        .await
+        .expect_err("the destination cannot raise the limit");
+    eprintln!("rlimit: {e}");
+    assert!(
+        e.to_string().contains("prlimit64 of resource 7") && e.to_string().contains("EPERM"),
+        "the error names the limit: {e}"
+    );
+    assert_source_runs(&fx, &log, "rlimit");
+    let mut stubs = adopted(&known);
+    for _ in 0..150 {
+        if !stubs.is_empty() && stubs.iter().all(|&(_, s)| s == 'Z') {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        stubs = adopted(&known);
+    }
+    assert!(!stubs.is_empty(), "rlimit: the restore made a stub");
+    for &(pid, state) in &stubs {
+        assert_eq!(state, 'Z', "rlimit: stub {pid} is left {state}");
+        nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None).unwrap();
+    }
+    assert!(adopted(&known).is_empty(), "rlimit: nothing is left");
+    server.0.kill().unwrap();
+    server.0.wait().unwrap();
 }
