@@ -622,7 +622,11 @@ async fn run(command: Command) -> Result<()> {
             if spill_dir.is_some() && quota.is_none() {
                 bail!("--spill-dir needs --store mem (a disk store has nothing to spill)");
             }
-            let mut store = open_store(&store)?;
+            let mut store = open_store(&store).context(
+                "cannot open the page server's store (it runs with only the capabilities \
+                 --caps lists, none by default without --restore: another user's directory \
+                 needs --caps dac_override)",
+            )?;
             if let Some(q) = quota {
                 store = Arc::new(QuotaStore::new(store, q));
             }
