@@ -30,6 +30,7 @@ pub mod certs;
 pub mod client;
 pub mod demo;
 pub mod dump;
+pub mod failpoint;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod loopback;

@@ -78,10 +78,14 @@ enum Command {
         /// Page data all sessions together may hold in the mem store
         /// [default: half of this host's physical memory]. A new session is
         /// refused while it is full, a batch that would pass it ends its
-        /// session. (No spill to disk: use --store disk:PATH for images
-        /// larger than memory.)
+        /// session (unless --spill-dir is given).
         #[arg(long, value_name = "SIZE", value_parser = size)]
         mem_quota: Option<u64>,
+        /// With --store mem: a session that goes over --session-quota or
+        /// --mem-quota moves to a disk store in this directory (its layers
+        /// are copied there once) instead of being ended.
+        #[arg(long, value_name = "DIR")]
+        spill_dir: Option<PathBuf>,
         /// A session with no control message and no page batch for this
         /// many seconds is ended (QUIC keep-alives do not count).
         #[arg(long, value_name = "SECS", default_value_t = 60,
@@ -105,6 +109,19 @@ enum Command {
         /// downtime; for comparison and troubleshooting).
         #[arg(long, requires = "restore")]
         cold_restore: bool,
+        /// With --restore: keep a session's image after its process is
+        /// restored (by default it is removed then: the process runs on,
+        /// and the memory or disk goes back to the page server).
+        #[arg(long, requires = "restore")]
+        keep_restored: bool,
+        /// Capabilities the page server keeps once started (comma
+        /// separated, e.g. sys_ptrace,checkpoint_restore; "none"; "all");
+        /// every other one is dropped from all its sets, the bounding set
+        /// included, for good. Restored processes run with at most these.
+        /// [default: none; with --restore: all (restored processes inherit
+        /// them)]
+        #[arg(long, value_name = "LIST")]
+        caps: Option<String>,
     },
     /// Move a running process to another host: rounds of pre-dump while it
     /// runs, a freeze, the final delta and the state, a restore by the page
@@ -473,6 +490,48 @@ fn open_store(spec: &str) -> Result<Arc<dyn Store>> {
     }
 }
 
+/// What the source keeps: tracing the process and reading its memory and
+/// descriptors (`CAP_SYS_PTRACE`: a root process with full capabilities
+/// may only be traced by one holding them all, or this one), killing it
+/// after the commit, and reaching files of its in other users' directories
+/// for the pre-flight check.
+const SOURCE_CAPS: &str = "sys_ptrace,kill,dac_read_search";
+
+/// Drops every capability the command does not need (README, Security).
+fn drop_capabilities(command: &Command) -> Result<()> {
+    use ferry::sys::caps;
+    let keep = match command {
+        Command::PageServer {
+            caps: list,
+            restore,
+            listen,
+            ..
+        } => {
+            let list = list
+                .as_deref()
+                .unwrap_or(if *restore { "all" } else { "none" });
+            let mut keep = caps::parse_list(list)?;
+            // Binding happens later, on the runtime.
+            if listen.port() < 1024 {
+                keep |= caps::bit("net_bind_service")?;
+            }
+            keep
+        }
+        Command::Migrate { .. } => caps::parse_list(SOURCE_CAPS)?,
+        _ => return Ok(()),
+    };
+    if keep == u64::MAX {
+        return Ok(());
+    }
+    let (eff, _, _) = caps::current()?;
+    if eff & !keep == 0 {
+        return Ok(());
+    }
+    caps::keep_only(keep).context("dropping capabilities")?;
+    tracing::debug!(kept = %caps::names(keep), "capabilities dropped");
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     // Before any runtime or thread exists: the workload closes every
@@ -498,12 +557,19 @@ fn main() -> Result<()> {
         ferry::workload::run(&spec, log_file)?;
         return Ok(());
     }
+    if matches!(cli.command, Command::PageServer { .. }) {
+        // Images come and go: their memory must go back to the system.
+        ferry::sys::heap::return_large_frees();
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+    // Before any thread exists (capabilities are per thread; threads made
+    // later inherit the reduced sets).
+    drop_capabilities(&cli.command)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -523,10 +589,13 @@ async fn run(command: Command) -> Result<()> {
             allow_clients_file,
             session_quota,
             mem_quota,
+            spill_dir,
             idle_timeout,
             max_layer_size,
             restore,
             cold_restore,
+            keep_restored,
+            caps: _,
         } => {
             use ferry_page_server::limits;
             let mut allow = ferry_page_server::access::AllowList::default();
@@ -567,14 +636,30 @@ async fn run(command: Command) -> Result<()> {
                 session: session_quota,
                 total: mem_quota,
             });
-            let mut store = open_store(&store)?;
+            if spill_dir.is_some() && quota.is_none() {
+                bail!("--spill-dir needs --store mem (a disk store has nothing to spill)");
+            }
+            let mut store = open_store(&store).context(
+                "cannot open the page server's store (it runs with only the capabilities \
+                 --caps lists, none by default without --restore: another user's directory \
+                 needs --caps dac_override)",
+            )?;
             if let Some(q) = quota {
                 store = Arc::new(QuotaStore::new(store, q));
+            }
+            if let Some(dir) = &spill_dir {
+                let disk = DiskStore::open(dir)
+                    .with_context(|| format!("opening the spill store {}", dir.display()))?;
+                store = Arc::new(ferry_page_server::store::spill::SpillStore::new(
+                    store,
+                    Arc::new(disk),
+                ));
             }
             let mut cfg = Config::with_transport(transport, store);
             cfg.max_sessions = max_sessions;
             cfg.idle_timeout = std::time::Duration::from_secs(idle_timeout);
             cfg.max_layer_bytes = max_layer_bytes;
+            cfg.forget_restored = !keep_restored;
             let allowed = allow.len();
             cfg.allow = (!allow.is_empty()).then_some(allow);
             if cold_restore {
@@ -593,9 +678,13 @@ async fn run(command: Command) -> Result<()> {
                 show(max_layer_bytes),
                 match quota {
                     Some(q) => format!(
-                        ", mem store quota {} per session and {} in total",
+                        ", mem store quota {} per session and {} in total{}",
                         show(q.session),
-                        show(q.total)
+                        show(q.total),
+                        match &spill_dir {
+                            Some(d) => format!(" (over it: spilled to {})", d.display()),
+                            None => String::new(),
+                        }
                     ),
                     None => String::new(),
                 },

@@ -155,6 +155,18 @@ pub enum RestoreError {
     /// A socket could not be rebuilt.
     #[error(transparent)]
     Socket(#[from] crate::sockets::SocketError),
+    /// Failpoint (test only): a failure injected at a restore stage.
+    #[error("restore stage {0}: failure injected by FERRY_FAILPOINT=restore:{0} (test only)")]
+    Failpoint(&'static str),
+}
+
+/// Failpoint (test only): fails `stage` when FERRY_FAILPOINT=restore:STAGE
+/// (see [`crate::failpoint`]).
+fn failpoint(stage: &'static str) -> Result<()> {
+    match crate::failpoint::armed("restore", stage) {
+        true => Err(RestoreError::Failpoint(stage)),
+        false => Ok(()),
+    }
 }
 
 type Result<T, E = RestoreError> = std::result::Result<T, E>;
@@ -861,6 +873,7 @@ impl Restorer {
     /// the first layer's mappings.
     fn new(vmas: &[pb::Vma]) -> Result<Restorer> {
         let stub = Stub::spawn()?;
+        failpoint("stub")?; // failpoint (test only)
         let mut r = Restorer {
             stub,
             gadget: 0,
@@ -878,10 +891,15 @@ impl Restorer {
     fn finish(mut self, p: &pb::Process) -> Result<i32> {
         let t0 = std::time::Instant::now();
         self.protections()?;
+        failpoint("vdso")?; // failpoint (test only)
         self.vdso()?;
+        failpoint("mm")?; // failpoint (test only)
         self.mm(p)?;
+        failpoint("files")?; // failpoint (test only)
         self.files(p)?;
+        failpoint("signals")?; // failpoint (test only)
         self.signals(p)?;
+        failpoint("threads")?; // failpoint (test only)
         let tids = self.threads(p)?;
         self.thread_state(p)?;
         self.leave_repair()?;
@@ -914,6 +932,7 @@ impl Restorer {
                 sigmask: t.sigmask,
             })
             .collect();
+        failpoint("registers")?; // failpoint (test only)
         let pid = self.stub.resume_all(&all)?;
         tracing::info!(
             pid,
@@ -1191,6 +1210,7 @@ impl Restorer {
             })
             .collect();
         self.vmas = layer.vmas.clone();
+        failpoint("memory")?; // failpoint (test only): mapped, pages not written
         self.contents(layer, &vmas, &kept)
     }
 

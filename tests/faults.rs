@@ -5,7 +5,8 @@
 //! where it was; after it, the destination runs the process and the source
 //! is gone or stopped (the stop guard). A disk store a killed page server
 //! leaves behind opens again and flattens to a consistent image of the
-//! rounds it sealed.
+//! rounds it sealed. A disk store that fills mid-round ends that session
+//! only, with "No space left on device" at the source, which runs on.
 //!
 //! Needs root (ptrace); skipped with a message otherwise.
 
@@ -16,7 +17,9 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{certs, free_port, is_root, log_values, proc_state, wait_for_server, Fixture};
+use common::{
+    assert_source_runs, certs, free_port, is_root, log_values, proc_state, wait_for_server, Fixture,
+};
 use ferry::dump::{Destination, DumpOptions};
 use ferry::migrate::migrate;
 use ferry::policy::Policy;
@@ -52,28 +55,6 @@ fn fixture(dir: &Path, name: &str) -> (Fixture, std::path::PathBuf) {
         std::thread::sleep(Duration::from_millis(10));
     }
     panic!("{} stays empty", log.display());
-}
-
-/// The source runs as it did: not traced, not stopped, counting on.
-fn assert_source_runs(fx: &Fixture, log: &Path, what: &str) {
-    for _ in 0..200 {
-        if fx.tracer() == 0 && matches!(fx.state(), 'S' | 'R') {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert_eq!(fx.tracer(), 0, "{what}: the source is left traced");
-    let s = fx.state();
-    assert!(s == 'S' || s == 'R', "{what}: the source is {s}");
-    let a = *log_values(log).last().unwrap();
-    std::thread::sleep(Duration::from_millis(300));
-    let values = log_values(log);
-    let b = *values.last().unwrap();
-    assert!(b > a, "{what}: the source counts on ({a} -> {b})");
-    assert!(
-        values.windows(2).all(|w| w[0] <= w[1]),
-        "{what}: the counter never went back"
-    );
 }
 
 /// `ferry page-server --restore` on a disk store, as a child process.
@@ -245,4 +226,168 @@ fn kill_restored(log: &Path) {
             );
         }
     }
+}
+
+/// A tmpfs of `mib` MiB mounted at `dir` for this test, unmounted (lazily,
+/// so an open file cannot keep it) when dropped, on failure too.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(dir: &Path, mib: u64) -> SmallDisk {
+        std::fs::create_dir_all(dir).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m,mode=0700")])
+            .arg(format!("ferry-test-{}", std::process::id()))
+            .arg(dir)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "mounting a tmpfs at {}", dir.display());
+        SmallDisk(dir.to_path_buf())
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_store_fails_the_session_and_nothing_else() {
+    use ferry::migrate::LocalRestorer;
+    use ferry_page_server::tls::{server_config, TlsFiles};
+    use ferry_page_server::{Config, PageServer};
+    use std::sync::Arc;
+
+    need_root!();
+    let tls = certs();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("store");
+    // Round 0 of the 16 MiB fixture fits; the rounds after it, each
+    // stored as a layer of its own, fill the rest mid-round.
+    let _disk = SmallDisk::mount(&root, 20);
+    let disk = Arc::new(DiskStore::open(&root).unwrap());
+    let store: Arc<dyn ferry_page_server::store::Store> = disk.clone();
+    let mut cfg = Config::new(server_config(&TlsFiles::server(tls.path())).unwrap(), store);
+    cfg.restorer = Some(Arc::new(LocalRestorer));
+    let server = PageServer::bind("127.0.0.1:0".parse().unwrap(), cfg).unwrap();
+    let addr = server.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(server.run(async {
+        let _ = stopped.await;
+    }));
+
+    let log = dir.path().join("full");
+    let fx = Fixture::start(&[
+        "--mib",
+        "16",
+        "--dirty-rate",
+        "4000",
+        "--single-thread",
+        "--log",
+        log.to_str().unwrap(),
+    ]);
+    for _ in 0..200 {
+        if !log_values(&log).is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let opts = |pid, max_rounds| DumpOptions {
+        pid,
+        dest: Destination::Remote(common::connect(addr, tls.path())),
+        leave_stopped: false,
+        track: None,
+        policy: Policy {
+            max_rounds,
+            max_downtime: Duration::ZERO,
+            tiny_pages: 0,
+            max_growth: 1000.0,
+        },
+        compress: Compress::default(),
+        restore: true,
+    };
+    let mut rounds = 0;
+    let e = migrate(opts(fx.pid, 400), &mut |_| rounds += 1)
+        .await
+        .expect_err("a 20 MiB store cannot take 400 rounds of a 16 MiB process");
+    eprintln!("after {rounds} rounds: {e}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("No space left on device") && msg.contains(root.to_str().unwrap()),
+        "the source is told the disk is full, and where: {msg}"
+    );
+    assert!(rounds >= 1, "round 0 fitted");
+    assert_source_runs(&fx, &log, "disk full");
+
+    // What was sealed before the disk filled is whole and readable; the
+    // round that did not fit left nothing behind.
+    let sessions = disk.list().unwrap();
+    assert_eq!(sessions.len(), 1, "{sessions:?}");
+    let s = &sessions[0];
+    assert!(s.layers >= 1, "{s:?}");
+    assert!(!s.has_state, "{s:?}");
+    let layer_dirs = std::fs::read_dir(root.join(s.id.to_hex()))
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .is_ok_and(|e| e.file_name().to_string_lossy().starts_with("layer-"))
+        })
+        .count();
+    assert_eq!(layer_dirs, s.layers as usize, "the unsealed layer is gone");
+    let img = disk.open(s.id).unwrap().flatten().unwrap();
+    // Page i of the fixture's region holds i in its first 8 bytes (a hole
+    // the dirty writer hit holds 0 there).
+    let mut data = 0;
+    for i in 0..fx.len / 4096 {
+        if let Some(ferry_page_server::store::Page::Data(d)) = img.page(fx.base + i * 4096) {
+            let first = u64::from_le_bytes(d[..8].try_into().unwrap());
+            assert!(
+                first == i || first == 0,
+                "page {i} of the sealed image holds {first}"
+            );
+            data += (first == i) as u64;
+        }
+    }
+    assert!(
+        data > fx.len / 4096 / 2,
+        "the region is in the image: {data} pages"
+    );
+    let reopened = DiskStore::open(&root).unwrap();
+    let again = reopened.list().unwrap();
+    assert_eq!(
+        again[0].layers, s.layers,
+        "a fresh look sees the same layers"
+    );
+    drop(reopened);
+    drop(fx);
+
+    // Space freed, the same page server takes and restores the next one.
+    disk.remove(s.id).unwrap();
+    let log2 = dir.path().join("after");
+    let fx2 = Fixture::start(&[
+        "--mib",
+        "4",
+        "--single-thread",
+        "--log",
+        log2.to_str().unwrap(),
+    ]);
+    for _ in 0..200 {
+        if !log_values(&log2).is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let r = migrate(opts(fx2.pid, 3), &mut |_| {})
+        .await
+        .unwrap_or_else(|e| panic!("after space was freed: {e}"));
+    eprintln!("after space was freed: {} -> {}", fx2.pid, r.restored_pid);
+    assert_log_grows_in_order(&log2, "the restored process");
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(r.restored_pid),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    let _ = stop.send(());
+    let _ = task.await;
 }

@@ -112,6 +112,10 @@ pub struct Config {
     /// QUIC only: the client certificates that may start a session, on
     /// top of being signed by the CA; `None` for any the CA signed.
     pub allow: Option<AllowList>,
+    /// Remove a session's image once its process is restored: the process
+    /// runs on, and restoring the image again would run it twice, so a
+    /// long-lived page server gives the memory (or disk) back at once.
+    pub forget_restored: bool,
 }
 
 /// Defaults of the limits (the CLI shows the same).
@@ -144,6 +148,7 @@ impl Config {
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             max_layer_bytes: u64::MAX,
             allow: None,
+            forget_restored: false,
         }
     }
 }
@@ -226,6 +231,7 @@ pub(crate) struct Shared {
     pub(crate) idle_timeout: Duration,
     pub(crate) max_layer_bytes: u64,
     pub(crate) allow: Option<AllowList>,
+    pub(crate) forget_restored: bool,
 }
 
 impl PageServer {
@@ -251,6 +257,7 @@ impl PageServer {
                 idle_timeout: cfg.idle_timeout,
                 max_layer_bytes: cfg.max_layer_bytes,
                 allow: cfg.allow.filter(|a| !a.is_empty()),
+                forget_restored: cfg.forget_restored,
             }),
         })
     }
@@ -586,7 +593,18 @@ impl<C: Conn> Session<C> {
                     // Release the session before the verdict goes out: the
                     // source may act on it at once (restore it elsewhere,
                     // list it), and the connection may linger closing.
+                    let restored = match (&outcome, self.handle.as_ref()) {
+                        (Outcome::Restored { .. }, Some(h)) if self.shared.forget_restored => {
+                            Some(h.summary().id)
+                        }
+                        _ => None,
+                    };
                     self.handle = None;
+                    if let Some(id) = restored {
+                        if let Err(e) = blocking(|| self.shared.store.remove(id)) {
+                            warn!(session = %id, "removing a restored session's image: {e}");
+                        }
+                    }
                     self.rx.finished(outcome)?;
                 }
                 Action::Aborted { reason } => {

@@ -23,7 +23,9 @@
 //! Everything here is x86_64 Linux; the injection code says so where it
 //! touches registers.
 
+pub mod caps;
 pub mod fds;
+pub mod heap;
 pub mod pagemap;
 pub mod ptrace;
 pub mod sock;

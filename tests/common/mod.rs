@@ -316,3 +316,25 @@ pub fn log_values(path: &Path) -> Vec<u64> {
         .filter_map(|l| l.trim().parse().ok())
         .collect()
 }
+
+/// The source runs as it did: not traced, not stopped, counting on.
+pub fn assert_source_runs(fx: &Fixture, log: &Path, what: &str) {
+    for _ in 0..200 {
+        if fx.tracer() == 0 && matches!(fx.state(), 'S' | 'R') {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(fx.tracer(), 0, "{what}: the source is left traced");
+    let s = fx.state();
+    assert!(s == 'S' || s == 'R', "{what}: the source is {s}");
+    let a = *log_values(log).last().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let values = log_values(log);
+    let b = *values.last().unwrap();
+    assert!(b > a, "{what}: the source counts on ({a} -> {b})");
+    assert!(
+        values.windows(2).all(|w| w[0] <= w[1]),
+        "{what}: the counter never went back"
+    );
+}

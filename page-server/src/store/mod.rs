@@ -25,6 +25,7 @@ mod common;
 pub mod disk;
 pub mod mem;
 pub mod quota;
+pub mod spill;
 
 #[cfg(test)]
 mod suite;

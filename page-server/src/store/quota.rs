@@ -10,7 +10,8 @@
 //! batch is stored and given back when its layer is discarded, when a
 //! sealed layer frees what it supersedes (see
 //! [`SessionStore::held_bytes`]), and when a session is removed. An
-//! over-quota session is refused, never spilled elsewhere.
+//! over-quota session is refused; [`super::spill::SpillStore`] wrapped
+//! around this store moves it to disk instead.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};

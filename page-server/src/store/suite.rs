@@ -1387,3 +1387,120 @@ fn flatten_1gib_disk() {
     let tmp = tempfile::TempDir::new().unwrap();
     flatten_1gib(&DiskStore::open(tmp.path()).unwrap());
 }
+
+/// A mem store behind a quota of `session_pages` data pages a session,
+/// spilling into a disk store in `dir`; also the quota store, to read
+/// what memory is still held.
+fn spilling(
+    dir: &Path,
+    session_pages: u64,
+    total_pages: u64,
+) -> (
+    super::spill::SpillStore,
+    QuotaStore,
+    std::sync::Arc<DiskStore>,
+) {
+    let mem = QuotaStore::new(
+        std::sync::Arc::new(MemStore::new()),
+        Quota {
+            session: session_pages * P,
+            total: total_pages * P,
+        },
+    );
+    let disk = std::sync::Arc::new(DiskStore::open(dir).unwrap());
+    (
+        super::spill::SpillStore::new(std::sync::Arc::new(mem.clone()), disk.clone()),
+        mem,
+        disk,
+    )
+}
+
+#[test]
+fn sessions_over_quota_spill_to_disk_and_flatten_the_same() {
+    let tmp = tempfile::TempDir::new().unwrap();
+    let (store, mem, disk) = spilling(tmp.path(), 40, 1 << 20);
+    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+    let mut spilled = 0;
+    for n in 0..16u8 {
+        let specs = random_specs(&mut rng);
+        let mut h = store.create(meta(n)).unwrap();
+        for (l, spec) in specs.iter().enumerate() {
+            let order: Vec<usize> = (0..spec.batches.len()).collect();
+            send(h.as_mut(), l as u32, spec, &order);
+        }
+        assert_flat(h.as_ref(), &specs);
+        let want = model_pages(&specs);
+        for a in (A - P..A + 8 * 64 * P + P).step_by(P as usize) {
+            assert_eq!(h.lookup(a).unwrap(), want.get(&a).cloned(), "page {a:#x}");
+        }
+        let sent_data: u64 = specs
+            .iter()
+            .flat_map(|s| s.batches.iter().flatten())
+            .filter(|r| !r.2)
+            .map(|r| r.1 as u64)
+            .sum();
+        let on_disk = disk.list().unwrap().iter().any(|s| s.id == id(n));
+        assert_eq!(
+            on_disk,
+            sent_data > 40,
+            "session {n}: {sent_data} data pages"
+        );
+        spilled += on_disk as u32;
+        drop(h);
+        // Opened again from wherever it lives, it is the same image.
+        let h = store.open(id(n)).unwrap();
+        assert_flat(h.as_ref(), &specs);
+        assert_eq!(store.list().unwrap().len(), n as usize + 1);
+    }
+    assert!(spilled >= 4, "only {spilled} sessions went over quota");
+    // What spilled holds no memory any more.
+    let in_mem: u64 = mem.list().unwrap().iter().map(|s| s.bytes).sum();
+    assert!(mem.used() <= in_mem, "{} held for {in_mem}", mem.used());
+    for s in disk.list().unwrap() {
+        store.remove(s.id).unwrap();
+    }
+    assert!(disk.list().unwrap().is_empty());
+}
+
+#[test]
+fn a_spill_keeps_the_state_and_the_open_layer() {
+    let tmp = tempfile::TempDir::new().unwrap();
+    // Layer 0 holds 7 data pages; layer 1's first batch brings the 8th, its
+    // second goes over: the spill replays the first before it.
+    let (store, mem, disk) = spilling(tmp.path(), 8, 1 << 20);
+    let mut specs = three_layers();
+    specs[1].batches = vec![
+        vec![(A + P, 1, false)],
+        vec![(A + 5 * P, 2, false), (A + 16 * P, 1, true)],
+        vec![(A + 40 * P, 3, true)],
+    ];
+    let mut h = store.create(meta(1)).unwrap();
+    send(h.as_mut(), 0, &specs[0], &[0, 1]);
+    let tree = pb::ProcessTree::default();
+    h.put_state(&tree).unwrap();
+    h.begin_layer(1, vmas(&specs[1].vmas)).unwrap();
+    h.put(&batch(1, 0, &specs[1].batches[0])).unwrap();
+    assert!(disk.list().unwrap().is_empty(), "still in memory");
+    h.put(&batch(1, 1, &specs[1].batches[1])).unwrap();
+    assert_eq!(disk.list().unwrap().len(), 1, "it spilled");
+    assert_eq!(mem.used(), 0, "and gave its memory back");
+    h.put(&batch(1, 2, &specs[1].batches[2])).unwrap();
+    h.seal().unwrap();
+    send(h.as_mut(), 2, &specs[2], &[0]);
+    assert_eq!(h.state().unwrap(), Some(tree));
+    assert_flat(h.as_ref(), &specs);
+}
+
+#[test]
+fn a_full_mem_store_starts_new_sessions_on_disk() {
+    let tmp = tempfile::TempDir::new().unwrap();
+    // Layer 0 of three_layers fills the store exactly.
+    let (store, mem, disk) = spilling(tmp.path(), 1 << 20, 7);
+    let specs = three_layers();
+    let _first = session_with(&store, 1, &specs[..1]);
+    assert_eq!(mem.used(), 7 * P);
+    let h = session_with(&store, 2, &specs);
+    assert_flat(h.as_ref(), &specs);
+    assert_eq!(disk.list().unwrap()[0].id, id(2));
+    assert_eq!(store.list().unwrap().len(), 2);
+}
