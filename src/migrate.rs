@@ -88,6 +88,22 @@ pub async fn migrate(
 /// dump's to report, by name.
 fn precheck(pid: i32) -> Result<(), MigrateError> {
     let unsupported = |reason: String| MigrateError::Unsupported { pid, reason };
+    // The source dumps whole trees (crate::tree); the destination restores
+    // one process so far.
+    if let Ok(tree) = crate::tree::discover(pid) {
+        crate::tree::refuse_zombies(&tree).map_err(|e| unsupported(e.to_string()))?;
+        if tree.len() > 1 {
+            let others: Vec<String> = tree[1..]
+                .iter()
+                .map(|s| format!("{} ({})", s.pid, s.comm))
+                .collect();
+            return Err(unsupported(format!(
+                "it has {} descendant processes ({}): restoring a process tree is not supported yet",
+                others.len(),
+                others.join(", ")
+            )));
+        }
+    }
     if let Ok(fds) = crate::state::capture_fds(pid) {
         crate::restore::check_fds(&fds).map_err(|e| unsupported(e.to_string()))?;
     }
@@ -118,6 +134,13 @@ impl Restorer for LocalRestorer {
     }
 
     fn preflight_layer(&self, vmas: &[pb::Vma]) -> Result<(), String> {
+        let spaces = crate::tree::split_vmas(vmas);
+        if spaces.len() > 1 {
+            return Err(format!(
+                "the layer holds {} address spaces: restoring a process tree is not supported yet",
+                spaces.len()
+            ));
+        }
         crate::restore::check_mappings(vmas).map_err(|e| e.to_string())
     }
 

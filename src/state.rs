@@ -219,6 +219,8 @@ pub fn capture(pid: i32, tracee: &Tracee) -> Result<pb::ProcessTree, StateError>
             .collect(),
         pending_signals: status.sig_pnd | status.shd_pnd,
         personality: procfs::read_personality(pid)?,
+        // The dump of a tree sets it; a lone process is the root.
+        space: 0,
     };
     Ok(pb::ProcessTree {
         processes: vec![process],

@@ -1,0 +1,354 @@
+//! Process trees on the source, end to end on real processes: `ferry dump`
+//! of a parent and its children (one born during the rounds) keeps every
+//! process's pages apart in one image, each equal to that process's memory
+//! at the freeze; the state lists the tree root first with its ppid, pgid
+//! and sid; what cannot be migrated yet (restoring a tree, a zombie) is
+//! refused by name before anything is frozen and the processes run on.
+//! These tests need root (ptrace; CI runs as root).
+
+use std::io::BufRead;
+use std::os::unix::fs::FileExt;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use ferry::dump::{dump_frozen, Destination, DumpError, DumpOptions, RoundReport};
+use ferry::policy::Policy;
+use ferry::procfs;
+use ferry::track;
+use ferry::tree::{self, TreeError};
+use ferry_page_server::store::{disk::DiskStore, FlatImage, Page, Store};
+use ferry_proto::batch::{is_zero, Compress};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+mod common;
+use common::{certs, connect, free_port, is_root, proc_field, proc_state};
+
+macro_rules! need_root {
+    () => {
+        if !is_root() {
+            eprintln!("skipped: needs root (ptrace, /proc/PID/mem of another process)");
+            return;
+        }
+    };
+}
+
+/// A parent that maps 16 KiB private before forking two children; each
+/// process fills it with its own byte (parent 0x10, children 0x11, 0x12),
+/// so the same address holds different pages in each. SIGUSR1 makes the
+/// parent fork one more child (0x20). Prints `addr kid kid`.
+const TREE: &str = r#"
+import ctypes, mmap, os, signal, sys, time
+buf = mmap.mmap(-1, 16384, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+def child(b):
+    if os.fork() == 0:
+        buf[:] = bytes([b]) * 16384
+        while True:
+            time.sleep(1)
+kids = []
+for b in (0x11, 0x12):
+    pid = os.fork()
+    if pid == 0:
+        buf[:] = bytes([b]) * 16384
+        while True:
+            time.sleep(1)
+    kids.append(pid)
+buf[:] = bytes([0x10]) * 16384
+signal.signal(signal.SIGUSR1, lambda *a: child(0x20))
+print(addr, *kids, flush=True)
+while True:
+    time.sleep(1)
+"#;
+
+/// A python3 process tree, every process of it killed when dropped.
+struct Tree {
+    child: Child,
+    line: String,
+}
+
+impl Tree {
+    fn start(script: &str) -> Tree {
+        let mut child = Command::new("python3")
+            .args(["-c", script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("python3");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        Tree { child, line }
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    fn words(&self) -> Vec<u64> {
+        self.line
+            .split_whitespace()
+            .map(|w| w.parse().unwrap())
+            .collect()
+    }
+}
+
+impl Drop for Tree {
+    fn drop(&mut self) {
+        if let Ok(t) = tree::discover(self.pid()) {
+            for s in t.iter().rev() {
+                let _ = kill(Pid::from_raw(s.pid), Signal::SIGKILL);
+            }
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn policy(rounds: u32) -> Policy {
+    Policy {
+        max_downtime: Duration::ZERO,
+        max_rounds: rounds,
+        tiny_pages: 0,
+        max_growth: 1000.0,
+    }
+}
+
+fn options(pid: i32, dest: Destination) -> DumpOptions {
+    DumpOptions {
+        pid,
+        dest,
+        leave_stopped: false,
+        track: None,
+        policy: policy(2),
+        compress: Compress::default(),
+        restore: false,
+    }
+}
+
+fn read_page(pid: i32, addr: u64) -> Vec<u8> {
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
+    let mut page = vec![0u8; 4096];
+    mem.read_exact_at(&mut page, addr).unwrap();
+    page
+}
+
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    for _ in 0..500 {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("timed out waiting for {what}");
+}
+
+/// Every sendable page of (stopped) process `pid` reads back from the
+/// image under its space's tag; returns the pages checked.
+fn assert_space_is_memory(pid: i32, space: u32, img: &FlatImage) -> u64 {
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
+    let mut page = vec![0u8; 4096];
+    let mut checked = 0;
+    for m in procfs::read_maps(pid)
+        .unwrap()
+        .iter()
+        .filter(|m| track::sendable(m))
+    {
+        let file = if m.is_file() && !m.shared {
+            m.path.as_ref().and_then(|p| std::fs::File::open(p).ok())
+        } else {
+            None
+        };
+        let mut a = m.start;
+        while a < m.end {
+            mem.read_exact_at(&mut page, a).unwrap();
+            let ok = match img.page(tree::tag(space, a)) {
+                Some(Page::Data(d)) => d[..] == page[..],
+                Some(Page::Zero) => is_zero(&page),
+                None => match &file {
+                    Some(f) => {
+                        let mut fp = vec![0u8; 4096];
+                        let n = f.read_at(&mut fp, m.offset + (a - m.start)).unwrap_or(0);
+                        fp[n..].fill(0);
+                        fp == page
+                    }
+                    None => is_zero(&page),
+                },
+            };
+            assert!(
+                ok,
+                "page {a:#x} of {:?} of process {pid} (space {space}) differs from the image",
+                m.path
+            );
+            checked += 1;
+            a += 4096;
+        }
+    }
+    checked
+}
+
+fn not_held(pid: i32) -> bool {
+    proc_field(pid, "TracerPid:").as_deref() == Some("0") && !matches!(proc_state(pid), 't' | 'T')
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dump_of_a_tree_keeps_every_address_space_apart() {
+    need_root!();
+    let t = Tree::start(TREE);
+    let w = t.words();
+    let (addr, kids) = (w[0], [w[1] as i32, w[2] as i32]);
+    let root = t.pid();
+    for (pid, b) in [(root, 0x10u8), (kids[0], 0x11), (kids[1], 0x12)] {
+        wait_until("the children to fill their buffers", || {
+            read_page(pid, addr)[0] == b
+        });
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // After the first round the parent forks once more: the newcomer is
+    // found at the freeze and sent whole in the final round.
+    let mut born = None;
+    let mut progress = |r: &RoundReport| {
+        eprintln!(
+            "round {} frozen={} pages={}",
+            r.round, r.frozen, r.stats.pages
+        );
+        if r.round == 0 {
+            kill(Pid::from_raw(root), Signal::SIGUSR1).unwrap();
+            wait_until("a third child", || {
+                let t = tree::discover(root).unwrap();
+                born = t
+                    .iter()
+                    .map(|s| s.pid)
+                    .find(|p| *p != root && !kids.contains(p));
+                born.is_some_and(|p| read_page(p, addr)[0] == 0x20)
+            });
+        }
+    };
+    let (report, frozen) = dump_frozen(
+        options(root, Destination::ImagesDir(dir.path().into())),
+        &mut progress,
+    )
+    .await
+    .unwrap();
+    let born = born.unwrap();
+    let mut pids = frozen.pids();
+    pids.sort();
+    let mut want = vec![root, kids[0], kids[1], born];
+    want.sort();
+    assert_eq!(pids, want, "every process of the tree is held");
+
+    let store = DiskStore::open(dir.path()).unwrap();
+    let session = store.open(report.session).unwrap();
+    let state = session.state().unwrap().unwrap();
+    let img = session.flatten().unwrap();
+    let procs = &state.processes;
+    assert_eq!(procs.len(), 4);
+    assert_eq!(procs[0].pid, root, "the root first");
+    assert_eq!(procs[0].space, 0, "the root's addresses are untagged");
+    let mut spaces: Vec<u32> = procs.iter().map(|p| p.space).collect();
+    spaces.sort();
+    spaces.dedup();
+    assert_eq!(spaces.len(), 4, "one space per process");
+    for p in procs {
+        let stat = procfs::read_stat_fields(p.pid).unwrap();
+        assert_eq!(
+            (p.ppid, p.pgid, p.sid),
+            (stat.ppid, stat.pgrp, stat.session),
+            "ppid, pgid and sid of {}",
+            p.pid
+        );
+        if p.pid != root {
+            assert_eq!(p.ppid, root);
+        }
+        let want = match p.pid {
+            pid if pid == root => 0x10,
+            pid if pid == kids[0] => 0x11,
+            pid if pid == kids[1] => 0x12,
+            _ => 0x20,
+        };
+        for off in [0u64, 4096, 8192, 12288] {
+            match img.page(tree::tag(p.space, addr + off)) {
+                Some(Page::Data(d)) => assert!(
+                    d.iter().all(|&b| b == want),
+                    "process {} page {:#x}",
+                    p.pid,
+                    addr + off
+                ),
+                other => panic!("process {} page {:#x}: {other:?}", p.pid, addr + off),
+            }
+        }
+        let checked = assert_space_is_memory(p.pid, p.space, &img);
+        assert!(checked > 100, "checked {checked} pages of {}", p.pid);
+    }
+    // The image is a tree: the restore refuses it by name.
+    let e = ferry::restore::restore_from_images_dir(dir.path(), None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("process tree"), "{e}");
+
+    frozen.resume().unwrap();
+    for pid in want {
+        wait_until("the tree to run on, untraced", || not_held(pid));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrating_a_tree_is_refused_before_anything_is_frozen() {
+    need_root!();
+    let t = Tree::start(TREE);
+    let w = t.words();
+    let tls = certs();
+    let port = free_port();
+    let dest = Destination::Remote(connect(
+        format!("127.0.0.1:{port}").parse().unwrap(),
+        tls.path(),
+    ));
+    let e = ferry::migrate::migrate(options(t.pid(), dest), &mut |_| {})
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        matches!(e, ferry::migrate::MigrateError::Unsupported { .. }),
+        "{msg}"
+    );
+    for kid in &w[1..] {
+        assert!(msg.contains(&kid.to_string()), "names child {kid}: {msg}");
+    }
+    assert!(
+        msg.contains("process tree") && msg.contains("nothing was frozen"),
+        "{msg}"
+    );
+    for pid in [t.pid(), w[1] as i32, w[2] as i32] {
+        assert!(not_held(pid), "process {pid} runs on untraced");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zombie_in_the_tree_is_refused_by_name() {
+    need_root!();
+    // The child exits at once; the parent never reaps it.
+    let t = Tree::start(
+        "import os, time\npid = os.fork()\nif pid == 0:\n    os._exit(3)\nprint(pid, flush=True)\nwhile True:\n    time.sleep(1)\n",
+    );
+    let zombie = t.words()[0] as i32;
+    wait_until("the zombie", || proc_state(zombie) == 'Z');
+    let dir = tempfile::tempdir().unwrap();
+    let e = dump_frozen(
+        options(t.pid(), Destination::ImagesDir(dir.path().into())),
+        &mut |_| {},
+    )
+    .await
+    .map(|_| ())
+    .unwrap_err();
+    match &e {
+        DumpError::Tree(TreeError::Zombie { pid, ppid, .. }) => {
+            assert_eq!((*pid, *ppid), (zombie, t.pid()));
+        }
+        other => panic!("{other}"),
+    }
+    assert!(e.to_string().contains(&format!("process {zombie}")), "{e}");
+    wait_until("the parent to run on", || not_held(t.pid()));
+}
