@@ -88,20 +88,40 @@ pub async fn migrate(
 /// dump's to report, by name.
 fn precheck(pid: i32) -> Result<(), MigrateError> {
     let unsupported = |reason: String| MigrateError::Unsupported { pid, reason };
-    // The source dumps whole trees (crate::tree); the destination restores
-    // one process so far.
+    // A tree: what its restore cannot make yet (pipes between processes,
+    // shared anonymous memory, sessions and groups without an order, a
+    // zombie), from a look at every process, by name.
     if let Ok(tree) = crate::tree::discover(pid) {
         crate::tree::refuse_zombies(&tree).map_err(|e| unsupported(e.to_string()))?;
         if tree.len() > 1 {
-            let others: Vec<String> = tree[1..]
+            let procs: Vec<pb::Process> = tree
                 .iter()
-                .map(|s| format!("{} ({})", s.pid, s.comm))
+                .enumerate()
+                .filter_map(|(i, s)| {
+                    let stat = crate::procfs::read_stat_fields(s.pid).ok()?;
+                    Some(pb::Process {
+                        pid: s.pid,
+                        ppid: s.ppid,
+                        pgid: stat.pgrp,
+                        sid: stat.session,
+                        comm: s.comm.clone(),
+                        space: i as u32,
+                        fds: crate::state::capture_fds(s.pid).ok()?,
+                        vmas: crate::procfs::read_maps(s.pid)
+                            .ok()?
+                            .iter()
+                            .map(|m| m.to_vma())
+                            .collect(),
+                        ..Default::default()
+                    })
+                })
                 .collect();
-            return Err(unsupported(format!(
-                "it has {} descendant processes ({}): restoring a process tree is not supported yet",
-                others.len(),
-                others.join(", ")
-            )));
+            crate::tree::check_tree(&procs)
+                .map_err(|e| unsupported(format!("{e}: not supported yet")))?;
+            for p in &procs[1..] {
+                crate::restore::check_fds(&p.fds)
+                    .map_err(|e| unsupported(format!("process {} ({}): {e}", p.pid, p.comm)))?;
+            }
         }
     }
     if let Ok(fds) = crate::state::capture_fds(pid) {
@@ -134,14 +154,14 @@ impl Restorer for LocalRestorer {
     }
 
     fn preflight_layer(&self, vmas: &[pb::Vma]) -> Result<(), String> {
-        let spaces = crate::tree::split_vmas(vmas);
-        if spaces.len() > 1 {
-            return Err(format!(
-                "the layer holds {} address spaces: restoring a process tree is not supported yet",
-                spaces.len()
-            ));
+        // A tree's layer: each process's mappings on their own.
+        for (space, own) in crate::tree::split_vmas(vmas) {
+            crate::restore::check_mappings(&own).map_err(|e| match space {
+                0 => e.to_string(),
+                _ => format!("address space {space}: {e}"),
+            })?;
         }
-        crate::restore::check_mappings(vmas).map_err(|e| e.to_string())
+        Ok(())
     }
 
     fn restore(&self, session: &mut dyn SessionStore) -> Result<i32, String> {

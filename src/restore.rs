@@ -216,16 +216,40 @@ fn own_vdso_layout() -> Result<Vec<(String, u64, u64)>> {
 
 /// Refuses, by name and before anything happens, what cannot be restored.
 pub fn check(tree: &pb::ProcessTree, vmas: &[pb::Vma]) -> Result<()> {
-    let proc = match tree.processes.as_slice() {
-        [] => return Err(RestoreError::Missing("process".into())),
-        [p] => p,
+    match tree.processes.as_slice() {
+        [] => Err(RestoreError::Missing("process".into())),
+        [p] if p.space == 0 && crate::tree::split_vmas(vmas).len() <= 1 => check_process(p, vmas),
         many => {
-            return Err(unsupported(format!(
-                "{} processes: restoring a process tree",
-                many.len()
-            )))
+            crate::tree::check_tree(many).map_err(unsupported)?;
+            let spaces = crate::tree::split_vmas(vmas);
+            for p in many {
+                let own = spaces.get(&p.space).ok_or_else(|| {
+                    RestoreError::Missing(format!(
+                        "mappings of process {} (space {})",
+                        p.pid, p.space
+                    ))
+                })?;
+                check_process(p, own).map_err(|e| match e {
+                    RestoreError::Unsupported(s) => {
+                        unsupported(format!("process {} ({}): {s}", p.pid, p.comm))
+                    }
+                    e => e,
+                })?;
+            }
+            if spaces.len() != many.len() {
+                return Err(unsupported(format!(
+                    "{} address spaces for {} processes",
+                    spaces.len(),
+                    many.len()
+                )));
+            }
+            Ok(())
         }
-    };
+    }
+}
+
+/// [`check`] for one process and its own mappings.
+fn check_process(proc: &pb::Process, vmas: &[pb::Vma]) -> Result<()> {
     if proc.threads.is_empty() {
         return Err(RestoreError::Missing("thread".into()));
     }
@@ -486,6 +510,15 @@ fn check_vdso(vmas: &[pb::Vma]) -> Result<()> {
 /// given the whole image as one layer).
 pub fn restore(tree: &pb::ProcessTree, img: &FlatImage) -> Result<i32> {
     check(tree, &img.vmas)?;
+    if tree.processes.len() > 1 {
+        let (tree, img) = (tree.clone(), img.clone());
+        return std::thread::Builder::new()
+            .name("ferry-restore".into())
+            .spawn(move || restore_tree(&tree, &img))
+            .map_err(|e| RestoreError::Thread(e.to_string()))?
+            .join()
+            .map_err(|_| RestoreError::Thread("panicked".into()))?;
+    }
     let mut w = Warm::start()?;
     w.layer(img.clone())?;
     w.finish(tree).map_err(|f| f.error)
@@ -573,6 +606,14 @@ impl Warm {
     /// already given up; [`Warm::finish`] says why.
     pub fn layer(&mut self, img: FlatImage) -> Result<()> {
         let stopped = || RestoreError::Thread("the warm restore stopped".into());
+        // Which process forks which is only known from the state, at
+        // commit: a tree is restored cold, from the flattened image.
+        let spaces = crate::tree::split_vmas(&img.vmas).len();
+        if spaces > 1 {
+            return Err(unsupported(format!(
+                "a warm restore of {spaces} address spaces (a process tree restores at commit)"
+            )));
+        }
         self.catch_up().map_err(|_| stopped())?;
         self.vmas = img.vmas.clone();
         self.layers += 1;
@@ -673,6 +714,110 @@ fn warm_worker(
             }
         }
     }
+}
+
+/// The part of a tree image that is process `space`'s, with its own
+/// addresses.
+fn space_image(img: &FlatImage, space: u32, vmas: Vec<pb::Vma>) -> FlatImage {
+    let runs = img
+        .runs
+        .iter()
+        .filter(|r| crate::tree::untag(r.addr).0 == space)
+        .map(|r| ferry_page_server::store::FlatRun {
+            addr: crate::tree::untag(r.addr).1,
+            pages: r.pages,
+            data: r.data.clone(),
+        })
+        .collect();
+    FlatImage {
+        page_size: img.page_size,
+        vmas,
+        runs,
+    }
+}
+
+/// Restores a checked tree (see [`crate::tree`]): the root's stub is made
+/// and emptied as for one process, then every other process is forked
+/// from its parent's stub while they are all still empty (gadget only), in
+/// tree order, and given its session and group right away, before it forks
+/// children of its own ([`crate::tree::plan`]). Then each gets its memory,
+/// files and threads as a lone process would; only when every one is ready
+/// are they let go, the root last. Any failure before that kills every
+/// stub (each `Stub` is killed when dropped). Runs on the calling thread,
+/// which must be a plain thread (ptrace affinity); returns the root's pid.
+fn restore_tree(tree: &pb::ProcessTree, img: &FlatImage) -> Result<i32> {
+    let procs = &tree.processes;
+    let plan = crate::tree::plan(procs).map_err(unsupported)?;
+    let spaces = crate::tree::split_vmas(&img.vmas);
+    // The gadget sits at one address in every process (they are forked
+    // with it), so it must miss every process's mappings.
+    let all_vmas: Vec<pb::Vma> = spaces.values().flatten().cloned().collect();
+    let mut rs: Vec<Restorer> = vec![Restorer::new(&all_vmas)?];
+    for (i, p) in procs.iter().enumerate().skip(1) {
+        let step = plan[i];
+        let parent = step.parent.unwrap_or(0);
+        let stub = rs[parent].stub.fork_child()?;
+        let mut r = Restorer {
+            stub,
+            gadget: rs[0].gadget,
+            data: rs[0].data,
+            vmas: Vec::new(),
+            mapped: Vec::new(),
+        };
+        if step.setsid {
+            r.call(
+                format!("setsid of process {}", p.pid),
+                libc::SYS_setsid,
+                [0; 6],
+            )?;
+        }
+        let leader = match step.group {
+            crate::tree::Group::Inherit => None,
+            crate::tree::Group::Own => Some(0),
+            crate::tree::Group::Join(j) => Some(rs[j].stub.pid() as u64),
+        };
+        if let Some(l) = leader {
+            r.call(
+                format!("setpgid of process {} (group {})", p.pid, p.pgid),
+                libc::SYS_setpgid,
+                [0, l, 0, 0, 0, 0],
+            )?;
+        }
+        rs.push(r);
+    }
+    for (r, p) in rs.iter_mut().zip(procs) {
+        let own = spaces.get(&p.space).cloned().unwrap_or_default();
+        r.apply(&space_image(img, p.space, own))?;
+    }
+    let mut ready = Vec::with_capacity(rs.len());
+    for (r, p) in rs.iter_mut().zip(procs) {
+        ready.push(r.prepare(p)?);
+    }
+    let root = rs[0].stub.pid();
+    let mut let_go: Vec<i32> = Vec::new();
+    // Children first, so none is still a stub when its parent runs.
+    for (r, all) in rs.into_iter().zip(ready).rev() {
+        match r.stub.resume_all(&all) {
+            Ok(pid) => let_go.push(pid),
+            Err(e) => {
+                // Nothing half restored runs: what was let go dies too (the
+                // stubs left are killed as they are dropped).
+                for pid in let_go {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+                return Err(e.into());
+            }
+        }
+    }
+    tracing::info!(
+        pid = root,
+        processes = procs.len(),
+        "restored a process tree"
+    );
+    Ok(root)
 }
 
 /// Restores a session of the disk store in `dir`: `session`, or the only or
@@ -847,6 +992,22 @@ impl Restorer {
     /// Thread and process state on top of the laid layers, then resume.
     fn finish(mut self, p: &pb::Process) -> Result<i32> {
         let t0 = std::time::Instant::now();
+        let all = self.prepare(p)?;
+        let threads = all.len();
+        let pid = self.stub.resume_all(&all)?;
+        tracing::info!(
+            pid,
+            source_pid = p.pid,
+            threads,
+            state_ms = t0.elapsed().as_secs_f64() * 1e3,
+            "restored"
+        );
+        Ok(pid)
+    }
+
+    /// Everything of [`Restorer::finish`] but letting the process go: the
+    /// final state of each thread, to hand to [`Stub::resume_all`].
+    fn prepare<'p>(&mut self, p: &'p pb::Process) -> Result<Vec<stub::Resume<'p>>> {
         self.protections()?;
         self.vdso()?;
         self.mm(p)?;
@@ -883,15 +1044,7 @@ impl Restorer {
                 sigmask: t.sigmask,
             })
             .collect();
-        let pid = self.stub.resume_all(&all)?;
-        tracing::info!(
-            pid,
-            source_pid = p.pid,
-            threads = tids.len(),
-            state_ms = t0.elapsed().as_secs_f64() * 1e3,
-            "restored"
-        );
-        Ok(pid)
+        Ok(all)
     }
 
     fn stub_maps(&self) -> Result<Vec<MapEntry>> {

@@ -208,6 +208,150 @@ pub fn order_processes(root: i32, procs: Vec<pb::Process>) -> Vec<pb::Process> {
     order.iter().filter_map(|s| by_pid.remove(&s.pid)).collect()
 }
 
+// ---------------------------------------------------------------- restore
+
+/// How the restore sets up process `i` of a tree right after forking it
+/// from its parent, before it forks children of its own (so they inherit
+/// the result): a session first, then a group, the order CRIU uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Setup {
+    /// Index of the parent in the tree (`None` for the root).
+    pub parent: Option<usize>,
+    /// `setsid()`: the process leads its own session (and group).
+    pub setsid: bool,
+    pub group: Group,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Group {
+    /// Stays in the group it was forked into (its parent's).
+    Inherit,
+    /// `setpgid(0, 0)`: leads a group of its own.
+    Own,
+    /// `setpgid(0, leader)`: joins the group led by process `.0` of the tree
+    /// (restored earlier, same session).
+    Join(usize),
+}
+
+/// The restore plan of a tree's sessions and groups (`procs` root first).
+/// The root is restored leading a new session and group whatever it had
+/// (a session it only belonged to lies outside the tree); below it every
+/// session and group must be made inside the tree, in tree order: a
+/// process's session is its own or its parent's, its group its own, its
+/// parent's, or one led by a process before it in the same session.
+pub fn plan(procs: &[pb::Process]) -> Result<Vec<Setup>, String> {
+    let mut out = Vec::with_capacity(procs.len());
+    for (i, p) in procs.iter().enumerate() {
+        if i == 0 {
+            out.push(Setup {
+                parent: None,
+                setsid: false,
+                group: Group::Inherit,
+            });
+            continue;
+        }
+        let name = format!("process {} ({})", p.pid, p.comm);
+        let parent = procs[..i]
+            .iter()
+            .position(|q| q.pid == p.ppid)
+            .ok_or_else(|| format!("{name}: its parent {} comes not before it", p.ppid))?;
+        let pp = &procs[parent];
+        let setsid = p.sid == p.pid;
+        if !setsid && p.sid != pp.sid {
+            return Err(format!(
+                "{name}: session {} is neither its own nor its parent's ({})",
+                p.sid, pp.sid
+            ));
+        }
+        let group = if setsid {
+            if p.pgid != p.pid {
+                return Err(format!(
+                    "{name}: leads session {} but is in group {}",
+                    p.sid, p.pgid
+                ));
+            }
+            Group::Inherit
+        } else if p.pgid == p.pid {
+            Group::Own
+        } else if p.pgid == pp.pgid {
+            Group::Inherit
+        } else {
+            match procs[..i]
+                .iter()
+                .position(|q| q.pid == p.pgid && q.sid == p.sid)
+            {
+                Some(j) => Group::Join(j),
+                None => {
+                    return Err(format!(
+                        "{name}: its process group {} is led by no process restored before it in its session",
+                        p.pgid
+                    ))
+                }
+            }
+        };
+        out.push(Setup {
+            parent: Some(parent),
+            setsid,
+            group,
+        });
+    }
+    Ok(out)
+}
+
+/// What a tree image holds that the restore cannot make yet, by name:
+/// pipes (and FIFOs) shared between processes, shared anonymous memory.
+/// A tree that is not one (root not first, a parent after its child,
+/// two processes in one space) is refused too, as are its sessions and
+/// groups when [`plan`] has no order for them.
+pub fn check_tree(procs: &[pb::Process]) -> Result<(), String> {
+    let Some(root) = procs.first() else {
+        return Err("an empty process tree".into());
+    };
+    if root.space != 0 {
+        return Err(format!(
+            "the root {} has space {}, not 0",
+            root.pid, root.space
+        ));
+    }
+    let mut spaces = HashSet::new();
+    for p in procs {
+        if !spaces.insert(p.space) || p.space >= MAX_SPACES {
+            return Err(format!(
+                "process {}: space {} taken twice or out of range",
+                p.pid, p.space
+            ));
+        }
+    }
+    let mut pipes: BTreeMap<u64, (i32, i32)> = BTreeMap::new();
+    for p in procs {
+        for f in &p.fds {
+            if !matches!(f.kind(), pb::FdKind::Pipe | pb::FdKind::Fifo) {
+                continue;
+            }
+            match pipes.get(&f.pipe_id) {
+                Some(&(pid, fd)) if pid != p.pid => {
+                    return Err(format!(
+                        "fd {} of process {} ({}): a pipe also open in process {pid} (fd {fd}), shared between processes",
+                        f.fd, p.pid, p.comm
+                    ))
+                }
+                _ => {
+                    pipes.insert(f.pipe_id, (p.pid, f.fd));
+                }
+            }
+        }
+        if procs.len() > 1 {
+            if let Some(v) = p.vmas.iter().find(|v| v.kind() == pb::VmaKind::SharedAnon) {
+                return Err(format!(
+                    "mapping {:#x}-{:#x} of process {} ({}): shared anonymous memory in a process tree",
+                    v.start, v.end, p.pid, p.comm
+                ));
+            }
+        }
+    }
+    plan(procs).map(|_| ())
+}
+
 /// Scans `/proc` once. Processes that vanish while it runs are skipped.
 pub fn scan() -> Result<Vec<Seen>, TreeError> {
     let mut out = Vec::new();
@@ -502,6 +646,105 @@ mod tests {
         let v = order_processes(5, vec![p(9, 7), p(7, 5), p(5, 1), p(6, 5)]);
         let got: Vec<i32> = v.iter().map(|p| p.pid).collect();
         assert_eq!(got, vec![5, 6, 7, 9]);
+    }
+
+    fn proc(pid: i32, ppid: i32, pgid: i32, sid: i32) -> pb::Process {
+        pb::Process {
+            pid,
+            ppid,
+            pgid,
+            sid,
+            space: pid as u32 % 100,
+            comm: format!("p{pid}"),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_shell_job_inherits_the_roots_session_and_group() {
+        // sh -c 'a | b' started from a terminal: nobody in the tree leads
+        // the session (1) or the group (7).
+        let t = vec![
+            proc(100, 7, 7, 1),
+            proc(101, 100, 7, 1),
+            proc(102, 100, 7, 1),
+        ];
+        let p = plan(&t).unwrap();
+        assert_eq!(p[0].parent, None);
+        for s in &p[1..] {
+            assert_eq!(
+                (s.parent, s.setsid, s.group),
+                (Some(0), false, Group::Inherit)
+            );
+        }
+    }
+
+    #[test]
+    fn sessions_come_before_groups_and_groups_join_earlier_leaders() {
+        // 100 leads session and group 100; 101 leads its own group with
+        // 103 (a grandchild) in it; 102 starts a session of its own; 104
+        // joins group 101 from a cousin branch.
+        let t = vec![
+            proc(100, 1, 100, 100),
+            proc(101, 100, 101, 100),
+            proc(102, 100, 102, 102),
+            proc(103, 101, 101, 100),
+            proc(104, 100, 101, 100),
+        ];
+        let p = plan(&t).unwrap();
+        assert_eq!(p[1].group, Group::Own);
+        assert!(p[2].setsid && p[2].group == Group::Inherit);
+        assert_eq!((p[3].parent, p[3].group), (Some(1), Group::Inherit));
+        assert_eq!((p[4].parent, p[4].group), (Some(0), Group::Join(1)));
+        assert!(check_tree(&t).is_ok());
+    }
+
+    #[test]
+    fn plans_without_an_order_are_refused_by_name() {
+        // The group's leader comes after its member.
+        let t = vec![
+            proc(100, 1, 100, 100),
+            proc(101, 100, 102, 100),
+            proc(102, 100, 102, 100),
+        ];
+        let e = plan(&t).unwrap_err();
+        assert!(e.contains("process 101") && e.contains("group 102"), "{e}");
+        // A session that is neither its own nor its parent's.
+        let t = vec![proc(100, 1, 100, 100), proc(101, 100, 101, 55)];
+        assert!(plan(&t).unwrap_err().contains("session 55"));
+        // A parent after its child.
+        let t = vec![
+            proc(100, 1, 100, 100),
+            proc(102, 101, 100, 100),
+            proc(101, 100, 100, 100),
+        ];
+        assert!(plan(&t).unwrap_err().contains("parent 101"));
+    }
+
+    #[test]
+    fn pipes_between_processes_and_shared_anon_are_refused() {
+        let fd = |fd, pipe_id| pb::FileDesc {
+            fd,
+            kind: pb::FdKind::Pipe as i32,
+            pipe_id,
+            ..Default::default()
+        };
+        let mut t = vec![proc(100, 1, 100, 100), proc(101, 100, 100, 100)];
+        t[0].fds = vec![fd(3, 9), fd(4, 9)];
+        t[1].fds = vec![fd(0, 8), fd(1, 8)];
+        assert!(check_tree(&t).is_ok(), "pipes of one process each");
+        t[1].fds.push(fd(5, 9));
+        let e = check_tree(&t).unwrap_err();
+        assert!(
+            e.contains("fd 5 of process 101") && e.contains("process 100"),
+            "{e}"
+        );
+        t[1].fds.pop();
+        t[1].vmas = vec![vma(0x1000, 0x2000, pb::VmaKind::SharedAnon)];
+        let e = check_tree(&t).unwrap_err();
+        assert!(e.contains("0x1000-0x2000 of process 101"), "{e}");
+        t[1].space = 0;
+        assert!(check_tree(&t).unwrap_err().contains("space 0"));
     }
 
     #[test]
