@@ -118,10 +118,12 @@ fn precheck(pid: i32) -> Result<(), MigrateError> {
                 .collect();
             crate::tree::check_tree(&procs)
                 .map_err(|e| unsupported(format!("{e}: not supported yet")))?;
-            for p in &procs[1..] {
-                crate::restore::check_fds(&p.fds)
+            let tree_fds: Vec<pb::FileDesc> = procs.iter().flat_map(|p| p.fds.clone()).collect();
+            for p in &procs {
+                crate::restore::check_fds_in(&p.fds, &tree_fds)
                     .map_err(|e| unsupported(format!("process {} ({}): {e}", p.pid, p.comm)))?;
             }
+            return Ok(());
         }
     }
     if let Ok(fds) = crate::state::capture_fds(pid) {

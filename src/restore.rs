@@ -68,6 +68,7 @@
 //! (`clone3` `set_tid`) and `CLOCK_MONOTONIC` continuity (time namespace).
 
 use std::collections::HashMap;
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::Path;
 
 use ferry_page_server::store::disk::DiskStore;
@@ -218,10 +219,13 @@ fn own_vdso_layout() -> Result<Vec<(String, u64, u64)>> {
 pub fn check(tree: &pb::ProcessTree, vmas: &[pb::Vma]) -> Result<()> {
     match tree.processes.as_slice() {
         [] => Err(RestoreError::Missing("process".into())),
-        [p] if p.space == 0 && crate::tree::split_vmas(vmas).len() <= 1 => check_process(p, vmas),
+        [p] if p.space == 0 && crate::tree::split_vmas(vmas).len() <= 1 => {
+            check_process(p, vmas, &p.fds)
+        }
         many => {
             crate::tree::check_tree(many).map_err(unsupported)?;
             let spaces = crate::tree::split_vmas(vmas);
+            let tree_fds: Vec<pb::FileDesc> = many.iter().flat_map(|p| p.fds.clone()).collect();
             for p in many {
                 let own = spaces.get(&p.space).ok_or_else(|| {
                     RestoreError::Missing(format!(
@@ -229,7 +233,7 @@ pub fn check(tree: &pb::ProcessTree, vmas: &[pb::Vma]) -> Result<()> {
                         p.pid, p.space
                     ))
                 })?;
-                check_process(p, own).map_err(|e| match e {
+                check_process(p, own, &tree_fds).map_err(|e| match e {
                     RestoreError::Unsupported(s) => {
                         unsupported(format!("process {} ({}): {s}", p.pid, p.comm))
                     }
@@ -248,8 +252,9 @@ pub fn check(tree: &pb::ProcessTree, vmas: &[pb::Vma]) -> Result<()> {
     }
 }
 
-/// [`check`] for one process and its own mappings.
-fn check_process(proc: &pb::Process, vmas: &[pb::Vma]) -> Result<()> {
+/// [`check`] for one process and its own mappings; `tree_fds` are the fds
+/// of the whole tree (its own for a lone process).
+fn check_process(proc: &pb::Process, vmas: &[pb::Vma], tree_fds: &[pb::FileDesc]) -> Result<()> {
     if proc.threads.is_empty() {
         return Err(RestoreError::Missing("thread".into()));
     }
@@ -296,7 +301,7 @@ fn check_process(proc: &pb::Process, vmas: &[pb::Vma]) -> Result<()> {
             )));
         }
     }
-    check_fds(&proc.fds)?;
+    check_fds_in(&proc.fds, tree_fds)?;
     for s in &proc.sigactions {
         if !(1..=64).contains(&s.signo) || s.signo == 9 || s.signo == 19 {
             return Err(unsupported(format!("an action for signal {}", s.signo)));
@@ -311,9 +316,15 @@ fn check_process(proc: &pb::Process, vmas: &[pb::Vma]) -> Result<()> {
 /// in the process (the other end cannot be connected again), an epoll only
 /// registrations on descriptors the image has.
 pub fn check_fds(fds: &[pb::FileDesc]) -> Result<()> {
+    check_fds_in(fds, fds)
+}
+
+/// [`check_fds`] for one process of a tree: a pipe's other end may be in
+/// any process of it (`tree_fds`, every fd of the tree).
+pub fn check_fds_in(fds: &[pb::FileDesc], tree_fds: &[pb::FileDesc]) -> Result<()> {
     let ends = |id: u64| {
         let mode = |f: &&pb::FileDesc| f.flags & libc::O_ACCMODE as u32;
-        let group = fds
+        let group = tree_fds
             .iter()
             .filter(move |f| f.kind() == pb::FdKind::Pipe && f.pipe_id == id);
         (
@@ -347,7 +358,12 @@ pub fn check_fds(fds: &[pb::FileDesc]) -> Result<()> {
             | pb::FdKind::Fifo => true,
             pb::FdKind::Pipe => {
                 if ends(fd.pipe_id) != (true, true) {
-                    return Err(refuse(" whose other end is outside the process"));
+                    let outside = if tree_fds.len() > fds.len() {
+                        " whose other end is outside the process tree"
+                    } else {
+                        " whose other end is outside the process"
+                    };
+                    return Err(refuse(outside));
                 }
                 false
             }
@@ -716,6 +732,45 @@ fn warm_worker(
     }
 }
 
+/// The pipes with ends in more than one process of `procs`, made in ferry
+/// with their capacity and their unread bytes, keyed by pipe id.
+fn shared_pipes(
+    procs: &[pb::Process],
+) -> Result<HashMap<u64, (std::os::fd::OwnedFd, std::os::fd::OwnedFd)>> {
+    use std::io::Write;
+    let mut holders: HashMap<u64, Vec<(usize, &pb::FileDesc)>> = HashMap::new();
+    for (i, p) in procs.iter().enumerate() {
+        for f in p.fds.iter().filter(|f| f.kind() == pb::FdKind::Pipe) {
+            holders.entry(f.pipe_id).or_default().push((i, f));
+        }
+    }
+    let mut out = HashMap::new();
+    for (id, fds) in holders {
+        if fds.iter().all(|(i, _)| *i == fds[0].0) {
+            continue;
+        }
+        let err = |what: String| move |source| RestoreError::FdData { what, source };
+        let (r, w) = crate::sys::fds::new_pipe().map_err(err(format!("pipe {id}: pipe2")))?;
+        if let Some(size) = fds.iter().map(|(_, f)| f.pipe_size).find(|&n| n > 0) {
+            crate::sys::fds::set_pipe_size(w.as_fd(), size)
+                .map_err(err(format!("pipe {id}: F_SETPIPE_SZ {size}")))?;
+        }
+        // Lowest process first, as the image lists them.
+        if let Some((i, f)) = fds.iter().find(|(_, f)| !f.data.is_empty()) {
+            std::fs::File::from(w.try_clone().map_err(err(format!("pipe {id}: dup")))?)
+                .write_all(&f.data)
+                .map_err(err(format!(
+                    "fd {} of process {}: writing {} unread bytes back",
+                    f.fd,
+                    procs[*i].pid,
+                    f.data.len()
+                )))?;
+        }
+        out.insert(id, (r, w));
+    }
+    Ok(out)
+}
+
 /// The part of a tree image that is process `space`'s, with its own
 /// addresses.
 fn space_image(img: &FlatImage, space: u32, vmas: Vec<pb::Vma>) -> FlatImage {
@@ -752,7 +807,18 @@ fn restore_tree(tree: &pb::ProcessTree, img: &FlatImage) -> Result<i32> {
     // The gadget sits at one address in every process (they are forked
     // with it), so it must miss every process's mappings.
     let all_vmas: Vec<pb::Vma> = spaces.values().flatten().cloned().collect();
-    let mut rs: Vec<Restorer> = vec![Restorer::new(&all_vmas)?];
+    // Pipes between processes are made here, in ferry, filled once with
+    // their unread bytes (every process holding a read end captured the
+    // same bytes), and each process takes its ends from ferry; ferry's
+    // copies close when this returns.
+    let shared = shared_pipes(procs)?;
+    let shared_fds: HashMap<u64, (i32, i32)> = shared
+        .iter()
+        .map(|(&id, (r, w))| (id, (r.as_raw_fd(), w.as_raw_fd())))
+        .collect();
+    let mut root = Restorer::new(&all_vmas)?;
+    root.shared_pipes = shared_fds.clone();
+    let mut rs: Vec<Restorer> = vec![root];
     for (i, p) in procs.iter().enumerate().skip(1) {
         let step = plan[i];
         let parent = step.parent.unwrap_or(0);
@@ -763,6 +829,7 @@ fn restore_tree(tree: &pb::ProcessTree, img: &FlatImage) -> Result<i32> {
             data: rs[0].data,
             vmas: Vec::new(),
             mapped: Vec::new(),
+            shared_pipes: shared_fds.clone(),
         };
         if step.setsid {
             r.call(
@@ -970,6 +1037,9 @@ struct Restorer {
     /// The last layer's mappings.
     vmas: Vec<pb::Vma>,
     mapped: Vec<Mapped>,
+    /// Pipes of a tree shared between processes: pipe id → ferry's own
+    /// (read end, write end), each process takes its ends from there.
+    shared_pipes: HashMap<u64, (i32, i32)>,
 }
 
 impl Restorer {
@@ -983,6 +1053,7 @@ impl Restorer {
             data: 0,
             vmas: Vec::new(),
             mapped: Vec::new(),
+            shared_pipes: HashMap::new(),
         };
         r.gadget(vmas)?;
         r.empty_stub()?;
@@ -1563,6 +1634,9 @@ impl Restorer {
         let mut pipes_done = std::collections::HashSet::new();
         for &f in &fds {
             match f.kind() {
+                pb::FdKind::Pipe if self.shared_pipes.contains_key(&f.pipe_id) => {
+                    self.take_shared_pipe_end(f)?;
+                }
                 pb::FdKind::Pipe | pb::FdKind::Fifo => {
                     if pipes_done.insert((f.kind, f.pipe_id)) {
                         let group: Vec<&pb::FileDesc> = fds
@@ -1634,6 +1708,47 @@ impl Restorer {
             )?;
         }
         Ok(())
+    }
+
+    /// Fd `f`, an end of a pipe shared with other processes of the tree,
+    /// taken from ferry's copy (`pidfd_getfd` injected, through a pidfd of
+    /// ferry) and given `f`'s number, close-on-exec flag and status flags.
+    fn take_shared_pipe_end(&mut self, f: &pb::FileDesc) -> Result<()> {
+        let (r, w) = self.shared_pipes[&f.pipe_id];
+        let end = if f.flags & libc::O_ACCMODE as u32 == libc::O_WRONLY as u32 {
+            w
+        } else {
+            r
+        };
+        let ferry = std::process::id() as u64;
+        let pidfd = self.call(
+            format!("pidfd_open of ferry ({ferry}) for fd {}", f.fd),
+            libc::SYS_pidfd_open,
+            [ferry, 0, 0, 0, 0, 0],
+        )?;
+        let got = self.call(
+            format!("pidfd_getfd of the shared pipe for fd {}", f.fd),
+            libc::SYS_pidfd_getfd,
+            [pidfd, end as u64, 0, 0, 0, 0],
+        );
+        self.call(
+            "close of ferry's pidfd",
+            libc::SYS_close,
+            [pidfd, 0, 0, 0, 0, 0],
+        )?;
+        let fd = got?;
+        if fd != f.fd as u64 {
+            self.place(fd, f)?;
+        } else {
+            // pidfd_getfd sets close-on-exec; the image says whether to.
+            let flag = if f.cloexec { libc::FD_CLOEXEC } else { 0 };
+            self.call(
+                format!("fcntl(F_SETFD) of fd {}", f.fd),
+                libc::SYS_fcntl,
+                [fd, libc::F_SETFD as u64, flag as u64, 0, 0, 0],
+            )?;
+        }
+        self.set_status_flags(f)
     }
 
     /// Moves the stub's fd `fd` to `f.fd` with `f`'s close-on-exec flag.

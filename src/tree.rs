@@ -299,7 +299,7 @@ pub fn plan(procs: &[pb::Process]) -> Result<Vec<Setup>, String> {
 }
 
 /// What a tree image holds that the restore cannot make yet, by name:
-/// pipes (and FIFOs) shared between processes, shared anonymous memory.
+/// FIFOs open in more than one process, shared anonymous memory.
 /// A tree that is not one (root not first, a parent after its child,
 /// two processes in one space) is refused too, as are its sessions and
 /// groups when [`plan`] has no order for them.
@@ -325,13 +325,15 @@ pub fn check_tree(procs: &[pb::Process]) -> Result<(), String> {
     let mut pipes: BTreeMap<u64, (i32, i32)> = BTreeMap::new();
     for p in procs {
         for f in &p.fds {
-            if !matches!(f.kind(), pb::FdKind::Pipe | pb::FdKind::Fifo) {
+            // Pipes are made once and shared by the restore; a FIFO would
+            // be opened by each process with its unread bytes twice.
+            if f.kind() != pb::FdKind::Fifo {
                 continue;
             }
             match pipes.get(&f.pipe_id) {
                 Some(&(pid, fd)) if pid != p.pid => {
                     return Err(format!(
-                        "fd {} of process {} ({}): a pipe also open in process {pid} (fd {fd}), shared between processes",
+                        "fd {} of process {} ({}): a FIFO also open in process {pid} (fd {fd}), shared between processes",
                         f.fd, p.pid, p.comm
                     ))
                 }
@@ -722,17 +724,28 @@ mod tests {
     }
 
     #[test]
-    fn pipes_between_processes_and_shared_anon_are_refused() {
+    fn fifos_between_processes_and_shared_anon_are_refused() {
         let fd = |fd, pipe_id| pb::FileDesc {
             fd,
-            kind: pb::FdKind::Pipe as i32,
+            kind: pb::FdKind::Fifo as i32,
             pipe_id,
             ..Default::default()
         };
         let mut t = vec![proc(100, 1, 100, 100), proc(101, 100, 100, 100)];
         t[0].fds = vec![fd(3, 9), fd(4, 9)];
         t[1].fds = vec![fd(0, 8), fd(1, 8)];
-        assert!(check_tree(&t).is_ok(), "pipes of one process each");
+        assert!(check_tree(&t).is_ok(), "FIFOs of one process each");
+        let mut piped = t.clone();
+        piped[1].fds = vec![pb::FileDesc {
+            fd: 0,
+            kind: pb::FdKind::Pipe as i32,
+            pipe_id: 9,
+            ..Default::default()
+        }];
+        assert!(
+            check_tree(&piped).is_ok(),
+            "pipes are shared by the restore"
+        );
         t[1].fds.push(fd(5, 9));
         let e = check_tree(&t).unwrap_err();
         assert!(

@@ -70,7 +70,7 @@ struct Tree {
 
 impl Tree {
     fn start(script: &str) -> Tree {
-        let mut child = Command::new("python3")
+        let mut child = Command::new(python())
             .args(["-c", script])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -105,6 +105,26 @@ impl Drop for Tree {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+fn python() -> &'static str {
+    if std::path::Path::new("/usr/bin/python3").exists() {
+        "/usr/bin/python3"
+    } else {
+        "python3"
+    }
+}
+
+/// `cmd` with nothing inherited from the harness but 0-2 (cargo's
+/// jobserver pipe, say, would be a pipe to a process outside the tree).
+fn only_stdio(cmd: &mut Command) -> &mut Command {
+    // SAFETY: close_range is async-signal-safe and touches no memory.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+            Ok(())
+        })
     }
 }
 
@@ -283,13 +303,13 @@ async fn dump_of_a_tree_keeps_every_address_space_apart() {
         let checked = assert_space_is_memory(p.pid, p.space, &img);
         assert!(checked > 100, "checked {checked} pages of {}", p.pid);
     }
-    // Its processes share their stdout, a pipe to this test: the restore
-    // refuses that by name.
+    // Its processes write to a pipe read by this test, outside the tree:
+    // the restore refuses that by name.
     let e = ferry::restore::restore_from_images_dir(dir.path(), None)
         .unwrap_err()
         .to_string();
     assert!(
-        e.contains("shared between processes: not supported yet"),
+        e.contains("whose other end is outside the process tree"),
         "{e}"
     );
 
@@ -299,8 +319,8 @@ async fn dump_of_a_tree_keeps_every_address_space_apart() {
     }
 }
 
-/// The tree of [`TREE`] shares its stdout, a pipe to this test, between
-/// its processes: refused by name, nothing frozen, everyone runs on.
+/// The processes of [`TREE`] write to a pipe whose reader is this test,
+/// outside the tree: refused by name, nothing frozen, everyone runs on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_a_tree_restore_cannot_make_is_refused_before_anything_is_frozen() {
     need_root!();
@@ -322,7 +342,7 @@ async fn what_a_tree_restore_cannot_make_is_refused_before_anything_is_frozen() 
         "{msg}"
     );
     assert!(
-        msg.contains("shared between processes: not supported yet")
+        msg.contains("whose other end is outside the process tree")
             && msg.contains(&format!("process {}", t.pid()))
             && msg.contains("nothing was frozen"),
         "{msg}"
@@ -417,21 +437,13 @@ async fn a_parent_with_two_children_migrates_with_its_sessions_and_groups() {
     use ferry_page_server::tls::{server_config, TlsFiles};
     use std::sync::Arc;
     let dir = tempfile::tempdir().unwrap();
-    let mut cmd = Command::new("python3");
+    let mut cmd = Command::new(python());
     cmd.args(["-c", FAMILY])
         .arg(dir.path())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-    // Nothing inherited from the harness (cargo's jobserver pipe, say).
-    // SAFETY: close_range is async-signal-safe and touches no memory.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
-            Ok(())
-        });
-    }
-    let child = cmd.spawn().unwrap();
+    let child = only_stdio(&mut cmd).spawn().unwrap();
     let t = Tree {
         child,
         line: String::new(),
@@ -508,5 +520,113 @@ async fn a_parent_with_two_children_migrates_with_its_sessions_and_groups() {
         let want: Vec<u64> = (1..=v.len() as u64).collect();
         assert_eq!(v, want, "{} counts on without a gap", l.display());
     }
+    server.stop().await;
+}
+
+const PRODUCER: &str = "import time\ni = 0\nwhile True:\n    i += 1\n    print(i, flush=True)\n    time.sleep(0.001)\n";
+/// Slower than the producer, so the pipes fill up.
+const CONSUMER: &str = "import sys, time\nf = open(sys.argv[1], 'a', buffering=1)\nfor line in sys.stdin:\n    f.write(line)\n    time.sleep(0.002)\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shell_pipeline_migrates_with_its_bytes_in_flight() {
+    need_root!();
+    use ferry_page_server::store::mem::MemStore;
+    use ferry_page_server::tls::{server_config, TlsFiles};
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let (prod, cons, out) = (
+        dir.path().join("producer.py"),
+        dir.path().join("consumer.py"),
+        dir.path().join("out"),
+    );
+    std::fs::write(&prod, PRODUCER).unwrap();
+    std::fs::write(&cons, CONSUMER).unwrap();
+    let py = python();
+    let line = format!(
+        "{py} -u {} | grep --line-buffered -v x | {py} {} {}",
+        prod.display(),
+        cons.display(),
+        out.display()
+    );
+    let mut cmd = Command::new("/bin/sh");
+    cmd.args(["-c", &line])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let t = Tree {
+        child: only_stdio(&mut cmd).spawn().unwrap(),
+        line: String::new(),
+    };
+    wait_until("the pipeline to deliver", || logged(&out).len() >= 300);
+    let source: Vec<i32> = tree::discover(t.pid())
+        .unwrap()
+        .iter()
+        .map(|s| s.pid)
+        .collect();
+    assert_eq!(source.len(), 4, "sh and its three commands");
+
+    let tls = certs();
+    let store: Arc<dyn ferry_page_server::store::Store> = Arc::new(MemStore::new());
+    let mut cfg = ferry_page_server::Config::new(
+        server_config(&TlsFiles::server(tls.path())).unwrap(),
+        store.clone(),
+    );
+    cfg.restorer = Some(Arc::new(ferry::migrate::LocalRestorer));
+    let server = common::Server::start_with(cfg);
+    let mut opts = options(
+        t.pid(),
+        Destination::Remote(connect(server.addr, tls.path())),
+    );
+    opts.policy = Policy {
+        max_rounds: 3,
+        ..Policy::default()
+    };
+    let report = ferry::migrate::migrate(opts, &mut |_| {}).await.unwrap();
+    let root = report.restored_pid;
+    let _restored = Restored(root);
+    for &pid in &source {
+        wait_until("the source to be gone", || {
+            matches!(proc_state(pid), 'Z' | 'X' | '?')
+        });
+    }
+    // Bytes were in flight: the image holds unread pipe contents.
+    let state = store
+        .open(report.dump.session)
+        .unwrap()
+        .state()
+        .unwrap()
+        .unwrap();
+    let in_flight: usize = state
+        .processes
+        .iter()
+        .flat_map(|p| &p.fds)
+        .filter(|f| f.kind() == ferry_proto::pb::FdKind::Pipe)
+        .map(|f| f.data.len())
+        .sum();
+    assert!(in_flight > 0, "no bytes in the pipes at the freeze");
+    let shape = tree::discover(root).unwrap();
+    assert_eq!(shape.len(), 4, "{shape:?}");
+    for s in &shape[1..] {
+        assert_eq!(s.ppid, root, "{s:?}");
+    }
+
+    // The output goes on: nothing lost, nothing repeated.
+    let before = logged(&out).len();
+    wait_until("the restored pipeline to deliver", || {
+        logged(&out).len() > before + 300
+    });
+    let v = logged(&out);
+    let want: Vec<u64> = (1..=v.len() as u64).collect();
+    if v != want {
+        let bad = v.iter().zip(&want).position(|(a, b)| a != b);
+        panic!(
+            "the sequence breaks at line {bad:?} of {} ({in_flight} bytes were in flight)",
+            v.len()
+        );
+    }
+    eprintln!(
+        "{} lines, {in_flight} bytes in flight at the freeze",
+        v.len()
+    );
     server.stop().await;
 }

@@ -36,6 +36,16 @@ pub fn take_fd(pid: i32, fd: RawFd) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(ours as RawFd) })
 }
 
+/// A new pipe of ferry's own, `(read end, write end)`, close-on-exec and
+/// non-blocking (a restore fills it without ever waiting).
+pub fn new_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: pipe2 writes two fds into the array.
+    check(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) }.into())?;
+    // SAFETY: pipe2 returned two new fds that nothing else owns.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
 /// The capacity of the pipe or FIFO `fd` in bytes (`F_GETPIPE_SZ`).
 pub fn pipe_size(fd: BorrowedFd<'_>) -> io::Result<u32> {
     // SAFETY: F_GETPIPE_SZ takes no argument and touches no memory.
