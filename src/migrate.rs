@@ -82,8 +82,9 @@ pub async fn migrate(
     }
 }
 
-/// What restore cannot do yet, found on the live process before anything
-/// is frozen: descriptors of kinds it cannot recreate. (The destination
+/// What restore cannot do yet, found on the live process (every process of
+/// its tree) before anything is frozen: descriptors of kinds it cannot
+/// recreate, pipes to processes outside the tree, zombies. (The destination
 /// checks the mappings every round.) A process that is not there is the
 /// dump's to report, by name.
 fn precheck(pid: i32) -> Result<(), MigrateError> {
@@ -123,11 +124,33 @@ fn precheck(pid: i32) -> Result<(), MigrateError> {
                 crate::restore::check_fds_in(&p.fds, &tree_fds)
                     .map_err(|e| unsupported(format!("process {} ({}): {e}", p.pid, p.comm)))?;
             }
+            shared_state(&procs).map_err(unsupported)?;
             return Ok(());
         }
     }
     if let Ok(fds) = crate::state::capture_fds(pid) {
         crate::restore::check_fds(&fds).map_err(|e| unsupported(e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// An open file with state of its own (eventfd, timerfd, memfd, …) held by
+/// two processes of a tree would come back as two: refused by name.
+fn shared_state(procs: &[pb::Process]) -> Result<(), String> {
+    for (i, p) in procs.iter().enumerate() {
+        for f in p.fds.iter().filter(|f| crate::state::stateful(f.kind())) {
+            for q in &procs[..i] {
+                for g in q.fds.iter().filter(|g| g.kind == f.kind) {
+                    // When kcmp cannot tell, refusing is the safe answer.
+                    if crate::sys::fds::same_file_of(q.pid, g.fd, p.pid, f.fd).unwrap_or(true) {
+                        return Err(format!(
+                            "fd {} of process {} ({}): {}, the same open file as fd {} of process {}, shared between processes: not supported yet",
+                            f.fd, p.pid, p.comm, f.path, g.fd, q.pid
+                        ));
+                    }
+                }
+            }
+        }
     }
     Ok(())
 }

@@ -44,8 +44,16 @@
 //!    registers (an interrupted syscall rewound), XSAVE area and signal
 //!    mask replace its state and every thread's, and all are detached.
 //!
+//! **Trees** ([`restore`] of an image with several processes): the root's
+//! stub is made and emptied, then every other process is forked from its
+//! parent's stub ([`Stub::fork_child`]) while all hold only the gadget, in
+//! tree order, each given its session and group at once
+//! ([`crate::tree::plan`]); then each is rebuilt as above from its own
+//! address space of the image, and only when all are ready are they let
+//! go. Pipes between processes are made by ferry and taken by each.
+//!
 //! What cannot be restored yet is refused by [`check`], by name, before a
-//! stub exists: process trees, a pipe with an end outside the process,
+//! stub exists: a pipe with an end outside the process (tree),
 //! sockets, inotify and other special files, an epoll watching an fd the
 //! image lacks, credentials other than ferry's, a vdso layout this kernel
 //! does not make. Any failure later kills the stub: no
@@ -750,7 +758,7 @@ fn shared_pipes(
             continue;
         }
         let err = |what: String| move |source| RestoreError::FdData { what, source };
-        let (r, w) = crate::sys::fds::new_pipe().map_err(err(format!("pipe {id}: pipe2")))?;
+        let (r, w) = crate::sys::fds::pipe().map_err(err(format!("pipe {id}: pipe2")))?;
         if let Some(size) = fds.iter().map(|(_, f)| f.pipe_size).find(|&n| n > 0) {
             crate::sys::fds::set_pipe_size(w.as_fd(), size)
                 .map_err(err(format!("pipe {id}: F_SETPIPE_SZ {size}")))?;

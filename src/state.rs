@@ -676,7 +676,7 @@ pub fn capture_fds(pid: i32) -> Result<Vec<pb::FileDesc>, StateError> {
 
 /// Kinds whose state lives in the open file itself: two fds sharing one
 /// (dup) would come back as two separate counters, timers or files.
-fn stateful(k: pb::FdKind) -> bool {
+pub(crate) fn stateful(k: pb::FdKind) -> bool {
     matches!(
         k,
         pb::FdKind::Eventfd

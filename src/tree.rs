@@ -27,7 +27,15 @@
 //! fuzz corpus need no change. The kernel-provided `[vsyscall]` mapping
 //! (above 2^56) is listed for the root only. `pb::Process.space` records
 //! which space holds each process's pages; [`split_vmas`] takes a layer's
-//! VMA list apart again.
+//! VMA list apart again. (The alternative, one page-server session per
+//! process, would have needed a second level of sessions on the server,
+//! one commit over several of them, and a restore gathering them: far
+//! more moving parts for the same result.)
+//!
+//! **Restore order** ([`plan`], pure): processes are forked from their
+//! parent in tree order, each given its session (`setsid`) and then its
+//! group (`setpgid`) before it forks children of its own, as CRIU does;
+//! [`check_tree`] refuses by name what the restore cannot make yet.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Mutex;

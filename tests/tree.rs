@@ -630,3 +630,52 @@ async fn a_shell_pipeline_migrates_with_its_bytes_in_flight() {
     );
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_eventfd_shared_by_parent_and_child_is_refused_by_name() {
+    need_root!();
+    // One eventfd, inherited by the child: restored apart, the two would
+    // count apart.
+    let script = "import os, sys, time\nfd = os.eventfd(5)\nos.set_inheritable(fd, True)\npid = os.fork()\nif pid == 0:\n    while True:\n        time.sleep(1)\nwith open(sys.argv[1] + '.tmp', 'w') as f:\n    f.write('%d %d' % (pid, fd))\nos.rename(sys.argv[1] + '.tmp', sys.argv[1])\nwhile True:\n    time.sleep(1)\n";
+    let dir = tempfile::tempdir().unwrap();
+    let info = dir.path().join("info");
+    let mut cmd = Command::new(python());
+    cmd.args(["-c", script])
+        .arg(&info)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let t = Tree {
+        child: only_stdio(&mut cmd).spawn().unwrap(),
+        line: String::new(),
+    };
+    wait_until("the child", || info.exists());
+    let w: Vec<i32> = std::fs::read_to_string(&info)
+        .unwrap()
+        .split_whitespace()
+        .map(|x| x.parse().unwrap())
+        .collect();
+    let tls = certs();
+    let dest = Destination::Remote(connect(
+        format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+        tls.path(),
+    ));
+    let e = ferry::migrate::migrate(options(t.pid(), dest), &mut |_| {})
+        .await
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(&format!(
+            "fd {} of process {} (python3): anon_inode:[eventfd], the same open file as fd {} of process {}",
+            w[1],
+            w[0],
+            w[1],
+            t.pid()
+        )) && e.contains("nothing was frozen"),
+        "{e}"
+    );
+    for pid in [t.pid(), w[0]] {
+        assert!(not_held(pid), "process {pid} runs on untraced");
+    }
+}

@@ -36,16 +36,6 @@ pub fn take_fd(pid: i32, fd: RawFd) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(ours as RawFd) })
 }
 
-/// A new pipe of ferry's own, `(read end, write end)`, close-on-exec and
-/// non-blocking (a restore fills it without ever waiting).
-pub fn new_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0 as libc::c_int; 2];
-    // SAFETY: pipe2 writes two fds into the array.
-    check(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) }.into())?;
-    // SAFETY: pipe2 returned two new fds that nothing else owns.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
-}
-
 /// The capacity of the pipe or FIFO `fd` in bytes (`F_GETPIPE_SZ`).
 pub fn pipe_size(fd: BorrowedFd<'_>) -> io::Result<u32> {
     // SAFETY: F_GETPIPE_SZ takes no argument and touches no memory.
@@ -76,6 +66,15 @@ pub fn same_file(pid: i32, a: RawFd, b: RawFd) -> io::Result<bool> {
     check(r).map(|r| r == 0)
 }
 
+/// Whether fd `a` of process `pa` and fd `b` of process `pb` are one open
+/// file description (inherited across a fork, say): `kcmp(KCMP_FILE)`.
+pub fn same_file_of(pa: i32, a: RawFd, pb: i32, b: RawFd) -> io::Result<bool> {
+    const KCMP_FILE: libc::c_long = 0;
+    // SAFETY: kcmp takes pids, a type and two fd numbers; no memory.
+    let r = unsafe { libc::syscall(libc::SYS_kcmp, pa, pb, KCMP_FILE, a, b) };
+    check(r).map(|r| r == 0)
+}
+
 /// Bytes waiting in pipe `fd` (`FIONREAD`).
 fn unread(fd: BorrowedFd<'_>) -> io::Result<usize> {
     let mut n: libc::c_int = 0;
@@ -85,7 +84,7 @@ fn unread(fd: BorrowedFd<'_>) -> io::Result<usize> {
 }
 
 /// A new pipe, close-on-exec and non-blocking: (read end, write end).
-fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0 as RawFd; 2];
     // SAFETY: pipe2 writes two ints into the array, which is ours.
     check(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) }.into())?;
