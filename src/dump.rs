@@ -583,6 +583,19 @@ fn capture_state(tree: &TreeTracee) -> Result<pb::ProcessTree, DumpError> {
     if let Some(e) = failed {
         return Err(e.into());
     }
+    for (z, status) in tree.zombies() {
+        let stat = procfs::read_stat_fields(z.pid)?;
+        procs.push(pb::Process {
+            pid: z.pid,
+            ppid: z.ppid,
+            pgid: stat.pgrp,
+            sid: stat.session,
+            comm: z.comm,
+            zombie: true,
+            exit_status: status,
+            ..Default::default()
+        });
+    }
     Ok(pb::ProcessTree {
         processes: crate::tree::order_processes(tree.root(), procs),
     })

@@ -93,10 +93,11 @@ fn precheck(pid: i32) -> Result<(), MigrateError> {
     // shared anonymous memory, sessions and groups without an order, a
     // zombie), from a look at every process, by name.
     if let Ok(tree) = crate::tree::discover(pid) {
-        crate::tree::refuse_zombies(&tree).map_err(|e| unsupported(e.to_string()))?;
+        crate::tree::zombies(&tree).map_err(|e| unsupported(e.to_string()))?;
         if tree.len() > 1 {
             let procs: Vec<pb::Process> = tree
                 .iter()
+                .filter(|s| s.state != 'Z')
                 .enumerate()
                 .filter_map(|(i, s)| {
                     let stat = crate::procfs::read_stat_fields(s.pid).ok()?;

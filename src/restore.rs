@@ -234,7 +234,7 @@ pub fn check(tree: &pb::ProcessTree, vmas: &[pb::Vma]) -> Result<()> {
             crate::tree::check_tree(many).map_err(unsupported)?;
             let spaces = crate::tree::split_vmas(vmas);
             let tree_fds: Vec<pb::FileDesc> = many.iter().flat_map(|p| p.fds.clone()).collect();
-            for p in many {
+            for p in many.iter().filter(|p| !p.zombie) {
                 let own = spaces.get(&p.space).ok_or_else(|| {
                     RestoreError::Missing(format!(
                         "mappings of process {} (space {})",
@@ -248,11 +248,11 @@ pub fn check(tree: &pb::ProcessTree, vmas: &[pb::Vma]) -> Result<()> {
                     e => e,
                 })?;
             }
-            if spaces.len() != many.len() {
+            let live = many.iter().filter(|p| !p.zombie).count();
+            if spaces.len() != live {
                 return Err(unsupported(format!(
-                    "{} address spaces for {} processes",
+                    "{} address spaces for {live} live processes",
                     spaces.len(),
-                    many.len()
                 )));
             }
             Ok(())
@@ -672,6 +672,13 @@ impl Warm {
     /// the restore once every queued layer is in: the process runs.
     pub fn finish(mut self, tree: &pb::ProcessTree) -> Result<i32, WarmFailure> {
         check(tree, &self.vmas).map_err(WarmFailure::state)?;
+        if tree.processes.len() > 1 {
+            // One address space laid warm (a root whose only other
+            // processes are zombies): the tree is made cold all the same.
+            return Err(WarmFailure::layers(unsupported(
+                "a warm restore of a process tree (it restores from the flattened image)",
+            )));
+        }
         let p = Box::new(tree.processes[0].clone());
         let sent = self
             .tx
@@ -860,19 +867,25 @@ fn restore_tree(tree: &pb::ProcessTree, img: &FlatImage) -> Result<i32> {
         }
         rs.push(r);
     }
-    for (r, p) in rs.iter_mut().zip(procs) {
+    for (r, p) in rs.iter_mut().zip(procs).filter(|(_, p)| !p.zombie) {
         let own = spaces.get(&p.space).cloned().unwrap_or_default();
         r.apply(&space_image(img, p.space, own))?;
     }
     let mut ready = Vec::with_capacity(rs.len());
     for (r, p) in rs.iter_mut().zip(procs) {
-        ready.push(r.prepare(p)?);
+        ready.push(if p.zombie { None } else { Some(r.prepare(p)?) });
     }
     let root = rs[0].stub.pid();
     let mut let_go: Vec<i32> = Vec::new();
-    // Children first, so none is still a stub when its parent runs.
-    for (r, all) in rs.into_iter().zip(ready).rev() {
-        match r.stub.resume_all(&all) {
+    // Children first, so none is still a stub when its parent runs; a
+    // zombie exits now, its parent still stopped (the SIGCHLD waits for it).
+    for ((r, all), p) in rs.into_iter().zip(ready).zip(procs).rev() {
+        let done = match all {
+            Some(all) => r.stub.resume_all(&all),
+            None => r.stub.exit_as_zombie(p.exit_status),
+        };
+
+        match done {
             Ok(pid) => let_go.push(pid),
             Err(e) => {
                 // Nothing half restored runs: what was let go dies too (the

@@ -221,6 +221,8 @@ pub fn capture(pid: i32, tracee: &Tracee) -> Result<pb::ProcessTree, StateError>
         personality: procfs::read_personality(pid)?,
         // The dump of a tree sets it; a lone process is the root.
         space: 0,
+        zombie: false,
+        exit_status: 0,
     };
     Ok(pb::ProcessTree {
         processes: vec![process],

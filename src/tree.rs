@@ -15,7 +15,11 @@
 //! new: a frozen process cannot fork, so once every known process is frozen
 //! and the scan is unchanged, the tree is complete. Processes that left the
 //! tree meanwhile (exited and reaped, or reparented away) are let go.
-//! Zombies are refused by name: nothing of theirs can be restored yet.
+//! Zombies are not seized (they have nothing to freeze); the freeze's last
+//! scan records them with their wait status, so the restore can make each
+//! again as a child of its parent that has exited, still to be reaped. A
+//! zombie killed by a signal is refused by name (the restore only makes
+//! zombies that exited).
 //!
 //! **One image, several address spaces** (DESIGN.md §5 extended). Pages of
 //! different processes live at the same addresses, so every address in a
@@ -58,9 +62,14 @@ pub enum TreeError {
     #[error("no process {0}")]
     NoProcess(i32),
     #[error(
-        "process {pid} ({comm}), child of {ppid}, is a zombie: migrating zombies is not supported yet"
+        "process {pid} ({comm}), child of {ppid}, is a zombie killed by signal {signal}: migrating such zombies is not supported yet"
     )]
-    Zombie { pid: i32, comm: String, ppid: i32 },
+    Zombie {
+        pid: i32,
+        comm: String,
+        ppid: i32,
+        signal: i32,
+    },
     #[error(
         "the tree of process {root} has {count} processes, at most {MAX_SPACES} are supported"
     )]
@@ -187,16 +196,39 @@ pub fn subtree(root: i32, all: &[Seen]) -> Vec<Seen> {
     out
 }
 
-/// The first zombie of a tree, refused by name.
-pub fn refuse_zombies(tree: &[Seen]) -> Result<(), TreeError> {
-    match tree.iter().find(|s| s.state == 'Z') {
-        Some(z) => Err(TreeError::Zombie {
-            pid: z.pid,
-            comm: z.comm.clone(),
-            ppid: z.ppid,
-        }),
-        None => Ok(()),
+/// The wait status in the text of /proc/PID/stat (field 52, `exit_code`),
+/// if the kernel shows it.
+pub fn parse_exit_status(stat: &str) -> Option<i32> {
+    // Fields after the comm, which may hold spaces and parentheses: the
+    // state is field 3, so field 52 is the 50th.
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(49)?.parse().ok()
+}
+
+/// The wait status of zombie `pid`.
+pub fn exit_status(pid: i32) -> Result<i32, TreeError> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map_err(|_| TreeError::NoProcess(pid))?;
+    parse_exit_status(&text).ok_or(TreeError::NoProcess(pid))
+}
+
+/// The zombies of a tree with their wait status; one killed by a signal
+/// is refused by name.
+pub fn zombies(tree: &[Seen]) -> Result<Vec<(Seen, i32)>, TreeError> {
+    let mut out = Vec::new();
+    for z in tree.iter().filter(|s| s.state == 'Z') {
+        let status = exit_status(z.pid)?;
+        if status & 0x7f != 0 {
+            return Err(TreeError::Zombie {
+                pid: z.pid,
+                comm: z.comm.clone(),
+                ppid: z.ppid,
+                signal: status & 0x7f,
+            });
+        }
+        out.push((z.clone(), status));
     }
+    Ok(out)
 }
 
 /// Orders the processes of an image as `pb::ProcessTree` wants them (root
@@ -323,6 +355,23 @@ pub fn check_tree(procs: &[pb::Process]) -> Result<(), String> {
     }
     let mut spaces = HashSet::new();
     for p in procs {
+        if p.zombie {
+            if p.exit_status & 0x7f != 0 {
+                return Err(format!(
+                    "process {} ({}): a zombie killed by signal {}",
+                    p.pid,
+                    p.comm,
+                    p.exit_status & 0x7f
+                ));
+            }
+            if let Some(c) = procs.iter().find(|c| c.ppid == p.pid) {
+                return Err(format!(
+                    "process {} ({}): a child of zombie {}",
+                    c.pid, c.comm, p.pid
+                ));
+            }
+            continue;
+        }
         if !spaces.insert(p.space) || p.space >= MAX_SPACES {
             return Err(format!(
                 "process {}: space {} taken twice or out of range",
@@ -412,6 +461,8 @@ pub struct TreeTracee {
     late: Mutex<Vec<Member>>,
     /// Pids no longer part of the tree (exited, reparented away).
     gone: Mutex<BTreeSet<i32>>,
+    /// The zombies of the tree at the freeze, with their wait status.
+    zombies: Mutex<Vec<(Seen, i32)>>,
 }
 
 fn seize_one(pid: i32) -> Result<Tracee, TreeError> {
@@ -420,13 +471,14 @@ fn seize_one(pid: i32) -> Result<Tracee, TreeError> {
 
 impl TreeTracee {
     /// Seizes `root` and every process under it, scanning again until a
-    /// scan finds no process not yet seized. Zombies are refused before
+    /// scan finds no process not yet seized. Zombies killed by a signal are
+    /// refused before
     /// anything is seized. The processes keep running.
     pub fn seize(root: i32) -> Result<TreeTracee, TreeError> {
         // The root first: its refusals (no such process, a kernel thread,
         // a thread id) are the precise ones.
         let tracee = seize_one(root)?;
-        refuse_zombies(&discover(root)?)?;
+        zombies(&discover(root)?)?;
         let mut members = vec![Member {
             space: 0,
             pid: root,
@@ -444,6 +496,7 @@ impl TreeTracee {
                     members,
                     late: Mutex::new(Vec::new()),
                     gone: Mutex::new(BTreeSet::new()),
+                    zombies: Mutex::new(Vec::new()),
                 });
             }
             for s in new {
@@ -516,8 +569,12 @@ impl TreeTracee {
                 }
             }
             let tree = discover(self.root)?;
-            refuse_zombies(&tree)?;
-            let in_tree: HashSet<i32> = tree.iter().map(|s| s.pid).collect();
+            let dead = zombies(&tree)?;
+            let in_tree: HashSet<i32> = tree
+                .iter()
+                .filter(|s| s.state != 'Z')
+                .map(|s| s.pid)
+                .collect();
             for m in self.members.iter().chain(late.iter()) {
                 if !gone.contains(&m.pid) && !in_tree.contains(&m.pid) {
                     // Reparented away or exited: no longer ours to move.
@@ -528,8 +585,14 @@ impl TreeTracee {
             let known = |pid: i32| {
                 self.members.iter().chain(late.iter()).any(|m| m.pid == pid) && !gone.contains(&pid)
             };
-            let new: Vec<i32> = tree.iter().map(|s| s.pid).filter(|&p| !known(p)).collect();
+            let new: Vec<i32> = tree
+                .iter()
+                .filter(|s| s.state != 'Z')
+                .map(|s| s.pid)
+                .filter(|&p| !known(p))
+                .collect();
             if new.is_empty() {
+                *self.zombies.lock().unwrap_or_else(|p| p.into_inner()) = dead;
                 return Ok(joined);
             }
             for pid in new {
@@ -569,6 +632,11 @@ impl TreeTracee {
             .filter(|m| !gone.contains(&m.pid))
             .map(&mut f)
             .collect()
+    }
+
+    /// The zombies the freeze found, with their wait status.
+    pub fn zombies(&self) -> Vec<(Seen, i32)> {
+        self.zombies.lock().map(|z| z.clone()).unwrap_or_default()
     }
 
     /// Pids of the live members, root first.
@@ -635,15 +703,16 @@ mod tests {
     }
 
     #[test]
-    fn zombies_are_refused_by_name() {
-        let mut all = vec![seen(10, 1), seen(11, 10)];
-        assert!(refuse_zombies(&all).is_ok());
-        all[1].state = 'Z';
-        let e = refuse_zombies(&all).unwrap_err().to_string();
-        assert!(
-            e.contains("process 11 (p11)") && e.contains("zombie"),
-            "{e}"
-        );
+    fn the_exit_status_is_field_52_of_stat() {
+        // A zombie python3 that called os._exit(3), its comm with a space
+        // and a parenthesis to make the split honest.
+        let mut f: Vec<String> = (3..=52).map(|n| n.to_string()).collect();
+        f[0] = "Z".into();
+        f[49] = "768".into();
+        let stat = format!("4242 (a) b) {}\n", f.join(" "));
+        assert_eq!(parse_exit_status(&stat), Some(768));
+        assert_eq!(parse_exit_status("4242 (short) Z 1 2"), None);
+        assert_eq!(parse_exit_status("no parenthesis"), None);
     }
 
     #[test]

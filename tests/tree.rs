@@ -353,11 +353,11 @@ async fn what_a_tree_restore_cannot_make_is_refused_before_anything_is_frozen() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_zombie_in_the_tree_is_refused_by_name() {
+async fn a_zombie_killed_by_a_signal_is_refused_by_name() {
     need_root!();
-    // The child exits at once; the parent never reaps it.
+    // The child kills itself with SIGKILL; the parent never reaps it.
     let t = Tree::start(
-        "import os, time\npid = os.fork()\nif pid == 0:\n    os._exit(3)\nprint(pid, flush=True)\nwhile True:\n    time.sleep(1)\n",
+        "import os, signal, time\npid = os.fork()\nif pid == 0:\n    os.kill(os.getpid(), signal.SIGKILL)\nprint(pid, flush=True)\nwhile True:\n    time.sleep(1)\n",
     );
     let zombie = t.words()[0] as i32;
     wait_until("the zombie", || proc_state(zombie) == 'Z');
@@ -370,13 +370,104 @@ async fn a_zombie_in_the_tree_is_refused_by_name() {
     .map(|_| ())
     .unwrap_err();
     match &e {
-        DumpError::Tree(TreeError::Zombie { pid, ppid, .. }) => {
-            assert_eq!((*pid, *ppid), (zombie, t.pid()));
+        DumpError::Tree(TreeError::Zombie {
+            pid, ppid, signal, ..
+        }) => {
+            assert_eq!((*pid, *ppid, *signal), (zombie, t.pid(), 9));
         }
         other => panic!("{other}"),
     }
     assert!(e.to_string().contains(&format!("process {zombie}")), "{e}");
     wait_until("the parent to run on", || not_held(t.pid()));
+}
+
+/// A parent with a child that exited with status 3 and is not reaped yet;
+/// once `argv[1]/reap` exists the parent reaps it and writes
+/// `pid exit-code` to `argv[1]/reaped`.
+const ZOMBIE_PARENT: &str = r#"
+import os, sys, time
+d = sys.argv[1]
+pid = os.fork()
+if pid == 0:
+    os._exit(3)
+with open(d + '/info.tmp', 'w') as f:
+    f.write('%d' % pid)
+os.rename(d + '/info.tmp', d + '/info')
+while not os.path.exists(d + '/reap'):
+    time.sleep(0.02)
+got, status = os.wait()
+with open(d + '/reaped.tmp', 'w') as f:
+    f.write('%d %d' % (got, os.waitstatus_to_exitcode(status)))
+os.rename(d + '/reaped.tmp', d + '/reaped')
+while True:
+    time.sleep(1)
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zombie_child_migrates_and_its_parent_reaps_it() {
+    need_root!();
+    use ferry_page_server::store::mem::MemStore;
+    use ferry_page_server::tls::{server_config, TlsFiles};
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(python());
+    cmd.args(["-c", ZOMBIE_PARENT])
+        .arg(dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let t = Tree {
+        child: only_stdio(&mut cmd).spawn().unwrap(),
+        line: String::new(),
+    };
+    let info = dir.path().join("info");
+    wait_until("the child", || info.exists());
+    let zombie: i32 = std::fs::read_to_string(&info).unwrap().parse().unwrap();
+    wait_until("the zombie", || proc_state(zombie) == 'Z');
+
+    let tls = certs();
+    let store: Arc<dyn ferry_page_server::store::Store> = Arc::new(MemStore::new());
+    let mut cfg = ferry_page_server::Config::new(
+        server_config(&TlsFiles::server(tls.path())).unwrap(),
+        store.clone(),
+    );
+    cfg.restorer = Some(Arc::new(ferry::migrate::LocalRestorer));
+    let server = common::Server::start_with(cfg);
+    let opts = options(
+        t.pid(),
+        Destination::Remote(connect(server.addr, tls.path())),
+    );
+    let report = ferry::migrate::migrate(opts, &mut |_| {}).await.unwrap();
+    let root = report.restored_pid;
+    let state = store
+        .open(report.dump.session)
+        .unwrap()
+        .state()
+        .unwrap()
+        .unwrap();
+    let z: Vec<_> = state.processes.iter().filter(|p| p.zombie).collect();
+    assert_eq!(z.len(), 1, "the image records the zombie");
+    assert_eq!((z[0].pid, z[0].exit_status), (zombie, 3 << 8));
+    let _restored = Restored(root);
+    wait_until("the source to be gone", || {
+        matches!(proc_state(t.pid()), 'Z' | 'X' | '?')
+    });
+    let shape = tree::discover(root).unwrap();
+    assert_eq!(shape.len(), 2, "{shape:?}");
+    let z = &shape[1];
+    assert_eq!((z.ppid, z.state), (root, 'Z'), "{z:?}");
+    assert_eq!(tree::exit_status(z.pid).unwrap(), 3 << 8);
+
+    std::fs::write(dir.path().join("reap"), b"").unwrap();
+    let reaped = dir.path().join("reaped");
+    wait_until("the restored parent to reap its zombie", || reaped.exists());
+    let got = std::fs::read_to_string(&reaped).unwrap();
+    assert_eq!(
+        got,
+        format!("{} 3", z.pid),
+        "pid and exit code of the reaped child"
+    );
+    server.stop().await;
 }
 
 /// A parent and two children, each appending 1, 2, 3, … to its own log in

@@ -655,6 +655,20 @@ impl Stub {
         Ok(child)
     }
 
+    /// Makes the stub exit with wait status `status` (an exit code in bits
+    /// 8-15): `exit_group` injected, the stub let go at its entry. It
+    /// stays a zombie until its parent reaps it. Returns its pid.
+    pub fn exit_as_zombie(mut self, status: i32) -> Result<i32, StubError> {
+        let pid = self.pid;
+        let code = ((status >> 8) & 0xff) as u64;
+        let regs = self.regs_for(self.base, libc::SYS_exit_group, [code, 0, 0, 0, 0, 0]);
+        req::set_regs(pid, &regs)?;
+        self.syscall_stop(pid, "exit_group: instead of the entry stop")?;
+        req::simple("PTRACE_DETACH", libc::PTRACE_DETACH, pid, 0)?;
+        self.alive = false;
+        Ok(pid)
+    }
+
     /// Sets the blocked signals of thread `tid` (the stub's or one it made).
     pub fn set_sigmask_of(&self, tid: i32, mask: u64) -> Result<(), StubError> {
         req::set_sigmask(tid, mask)
