@@ -566,22 +566,15 @@ fn vma_of(m: &MapEntry) -> pb::Vma {
 /// process captured as a one-process tree, told its space, and ordered
 /// root first, children after their parent.
 fn capture_state(tree: &TreeTracee) -> Result<pb::ProcessTree, DumpError> {
+    // All at once: the frozen time grows with the slowest process, not
+    // with the sum.
     let mut procs = Vec::new();
-    let mut failed = None;
-    tree.each(|m| {
-        match crate::state::capture(m.pid, &m.tracee) {
-            Ok(t) => procs.extend(t.processes.into_iter().map(|mut p| {
-                p.space = m.space;
-                p
-            })),
-            Err(e) => {
-                failed.get_or_insert(e);
-            }
-        }
-        Ok(())
-    })?;
-    if let Some(e) = failed {
-        return Err(e.into());
+    for r in tree.each_parallel(|m| crate::state::capture(m.pid, &m.tracee).map(|t| (m.space, t))) {
+        let (space, t) = r?;
+        procs.extend(t.processes.into_iter().map(|mut p| {
+            p.space = space;
+            p
+        }));
     }
     for (z, status) in tree.zombies() {
         let stat = procfs::read_stat_fields(z.pid)?;

@@ -634,6 +634,28 @@ impl TreeTracee {
             .collect()
     }
 
+    /// Runs `f` on every live member at once, one thread each (each
+    /// member's tracee has its own tracer thread, so nothing waits on
+    /// another process); results root first, then the late ones.
+    pub fn each_parallel<T: Send>(&self, f: impl Fn(&Member) -> T + Sync) -> Vec<T> {
+        let late = self.late.lock().unwrap_or_else(|p| p.into_inner());
+        let gone = self.gone.lock().unwrap_or_else(|p| p.into_inner());
+        let live: Vec<&Member> = self
+            .members
+            .iter()
+            .chain(late.iter())
+            .filter(|m| !gone.contains(&m.pid))
+            .collect();
+        let f = &f;
+        std::thread::scope(|s| {
+            let running: Vec<_> = live.iter().map(|&m| s.spawn(move || f(m))).collect();
+            running
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                .collect()
+        })
+    }
+
     /// The zombies the freeze found, with their wait status.
     pub fn zombies(&self) -> Vec<(Seen, i32)> {
         self.zombies.lock().map(|z| z.clone()).unwrap_or_default()
