@@ -882,7 +882,21 @@ fn restore_tree(tree: &pb::ProcessTree, img: &FlatImage) -> Result<i32> {
     for ((r, all), p) in rs.into_iter().zip(ready).zip(procs).rev() {
         let done = match all {
             Some(all) => r.stub.resume_all(&all),
-            None => r.stub.exit_as_zombie(p.exit_status),
+            None => r.stub.exit_as_zombie(p.exit_status).and_then(|pid| {
+                // Dead before its parent runs, so the parent finds a
+                // zombie to reap, as it would have on the source.
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+                while !matches!(procfs::read_status(pid).map(|s| s.state), Ok('Z') | Err(_)) {
+                    if std::time::Instant::now() > deadline {
+                        return Err(StubError::Unexpected {
+                            pid,
+                            what: "still running 5 s after its exit_group".into(),
+                        });
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                Ok(pid)
+            }),
         };
 
         match done {

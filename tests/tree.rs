@@ -37,7 +37,8 @@ macro_rules! need_root {
 /// A parent that maps 16 KiB private before forking two children; each
 /// process fills it with its own byte (parent 0x10, children 0x11, 0x12),
 /// so the same address holds different pages in each. SIGUSR1 makes the
-/// parent fork one more child (0x20). Prints `addr kid kid`.
+/// parent fork one more child (0x20); SIGUSR2 makes a child exit with
+/// status 7 (the parent never reaps it). Prints `addr kid kid`.
 const TREE: &str = r#"
 import ctypes, mmap, os, signal, sys, time
 buf = mmap.mmap(-1, 16384, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
@@ -51,6 +52,7 @@ kids = []
 for b in (0x11, 0x12):
     pid = os.fork()
     if pid == 0:
+        signal.signal(signal.SIGUSR2, lambda *a: os._exit(7))
         buf[:] = bytes([b]) * 16384
         while True:
             time.sleep(1)
@@ -228,7 +230,8 @@ async fn dump_of_a_tree_keeps_every_address_space_apart() {
     }
     let dir = tempfile::tempdir().unwrap();
     // After the first round the parent forks once more: the newcomer is
-    // found at the freeze and sent whole in the final round.
+    // found at the freeze and sent whole in the final round. And a child
+    // exits: a zombie at the freeze, recorded with its status.
     let mut born = None;
     let mut progress = |r: &RoundReport| {
         eprintln!(
@@ -236,6 +239,8 @@ async fn dump_of_a_tree_keeps_every_address_space_apart() {
             r.round, r.frozen, r.stats.pages
         );
         if r.round == 0 {
+            kill(Pid::from_raw(kids[1]), Signal::SIGUSR2).unwrap();
+            wait_until("a zombie", || proc_state(kids[1]) == 'Z');
             kill(Pid::from_raw(root), Signal::SIGUSR1).unwrap();
             wait_until("a third child", || {
                 let t = tree::discover(root).unwrap();
@@ -256,23 +261,28 @@ async fn dump_of_a_tree_keeps_every_address_space_apart() {
     let born = born.unwrap();
     let mut pids = frozen.pids();
     pids.sort();
-    let mut want = vec![root, kids[0], kids[1], born];
+    let mut want = vec![root, kids[0], born];
     want.sort();
-    assert_eq!(pids, want, "every process of the tree is held");
+    assert_eq!(pids, want, "every live process of the tree is held");
 
     let store = DiskStore::open(dir.path()).unwrap();
     let session = store.open(report.session).unwrap();
     let state = session.state().unwrap().unwrap();
     let img = session.flatten().unwrap();
-    let procs = &state.processes;
-    assert_eq!(procs.len(), 4);
+    let (dead, procs): (Vec<_>, Vec<_>) = state.processes.iter().partition(|p| p.zombie);
+    assert_eq!(dead.len(), 1, "the zombie is in the image");
+    assert_eq!(
+        (dead[0].pid, dead[0].ppid, dead[0].exit_status),
+        (kids[1], root, 7 << 8)
+    );
+    assert_eq!(procs.len(), 3);
     assert_eq!(procs[0].pid, root, "the root first");
     assert_eq!(procs[0].space, 0, "the root's addresses are untagged");
     let mut spaces: Vec<u32> = procs.iter().map(|p| p.space).collect();
     spaces.sort();
     spaces.dedup();
-    assert_eq!(spaces.len(), 4, "one space per process");
-    for p in procs {
+    assert_eq!(spaces.len(), 3, "one space per live process");
+    for p in &procs {
         let stat = procfs::read_stat_fields(p.pid).unwrap();
         assert_eq!(
             (p.ppid, p.pgid, p.sid),
@@ -286,7 +296,6 @@ async fn dump_of_a_tree_keeps_every_address_space_apart() {
         let want = match p.pid {
             pid if pid == root => 0x10,
             pid if pid == kids[0] => 0x11,
-            pid if pid == kids[1] => 0x12,
             _ => 0x20,
         };
         for off in [0u64, 4096, 8192, 12288] {
