@@ -30,9 +30,10 @@ use crate::client::{Client, ClientError, CommitOutcome, Connect, LayerStats};
 use crate::policy::{Decision, Policy, RoundStats, StopReason};
 use crate::procfs::{self, MapEntry, ProcError};
 use crate::state::StateError;
-use crate::sys::ptrace::{PtraceError, Tracee};
+use crate::sys::ptrace::PtraceError;
 use crate::sys::vm::{self, VmError};
 use crate::track::{self, Backend, Delta, TrackError, Tracker};
+use crate::tree::{TreeError, TreeTracee};
 
 /// Pages read and sent as one batch (4 MiB of 4 KiB pages).
 const BATCH_PAGES: u64 = 1024;
@@ -63,6 +64,8 @@ pub enum DumpError {
     State(#[from] StateError),
     #[error(transparent)]
     Socket(#[from] crate::sockets::SocketError),
+    #[error("process tree: {0}")]
+    Tree(#[from] TreeError),
 }
 
 /// Where the layers go.
@@ -141,68 +144,96 @@ pub struct FrozenParts {
     pub commit: Duration,
 }
 
-/// A process left frozen (ptrace-stopped) after a successful dump: its
-/// memory is exactly what the image holds until it is released. `ferry
+/// A process tree left frozen (ptrace-stopped) after a successful dump:
+/// its memory is exactly what the image holds until it is released. `ferry
 /// migrate` keeps it so until the destination answers; dropping it resumes
-/// the process.
+/// every process.
 pub struct Frozen {
-    /// Its established TCP sockets, in repair mode since the freeze. First
-    /// field, so it is dropped (repair mode ended) before the tracee
-    /// detaches and the process runs again.
-    repair: crate::sockets::TcpRepairHold,
-    tracee: Tracee,
+    /// Its established TCP sockets (every process's), in repair mode since
+    /// the freeze. First field, so it is dropped (repair mode ended) before
+    /// the tracees detach and the processes run again.
+    repair: Vec<crate::sockets::TcpRepairHold>,
+    tree: TreeTracee,
 }
 
 impl Frozen {
+    /// The root's pid.
     pub fn pid(&self) -> i32 {
-        self.tracee.pid()
+        self.tree.root()
     }
 
-    /// Lets the process run on, untraced.
+    /// Every frozen process, root first.
+    pub fn pids(&self) -> Vec<i32> {
+        self.tree.pids()
+    }
+
+    /// Lets the processes run on, untraced.
     pub fn resume(self) -> Result<(), DumpError> {
         drop(self.repair);
-        Ok(self.tracee.detach(false)?)
+        detach_all(self.tree, false)
     }
 
-    /// Detaches, leaving the process stopped (SIGSTOP).
+    /// Detaches, leaving every process stopped (SIGSTOP).
     pub fn leave_stopped(self) -> Result<(), DumpError> {
         drop(self.repair);
-        Ok(self.tracee.detach(true)?)
+        detach_all(self.tree, true)
     }
 
-    /// Kills the process: the end of a migration, once the destination
-    /// runs it. SIGKILL reaches a traced, stopped process too.
+    /// Kills every process of the tree: the end of a migration, once the
+    /// destination runs it. SIGKILL reaches a traced, stopped process too.
     pub fn kill(self) -> Result<(), DumpError> {
         use nix::sys::signal::{kill, Signal};
-        let Frozen { tracee, mut repair } = self;
+        let Frozen { tree, mut repair } = self;
         // From here the destination owns the connections: the source's
         // copies of them never leave repair mode, whatever happens, and
         // close when this returns, after the source is gone.
-        repair.disarm();
-        let pid = tracee.pid();
-        kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL)
-            .map_err(|errno| DumpError::Kill { pid, errno })?;
-        match tracee.detach(false) {
-            Ok(()) | Err(PtraceError::NoProcess(_)) => {}
-            Err(e) => return Err(e.into()),
+        for r in &mut repair {
+            r.disarm();
+        }
+        let members = tree.into_members();
+        for m in &members {
+            kill(nix::unistd::Pid::from_raw(m.pid), Signal::SIGKILL)
+                .map_err(|errno| DumpError::Kill { pid: m.pid, errno })?;
+        }
+        let pids: Vec<i32> = members.iter().map(|m| m.pid).collect();
+        for m in members {
+            match m.tracee.detach(false) {
+                Ok(()) | Err(PtraceError::NoProcess(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
         }
         // SIGKILL is delivered asynchronously: report success only once the
         // source is really gone (a zombie waiting for its parent counts).
         let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            match procfs::read_status(pid) {
-                Err(ProcError::NoProcess(_)) => return Ok(()),
-                Ok(st) if matches!(st.state, 'Z' | 'X') => return Ok(()),
-                _ if Instant::now() > deadline => {
-                    return Err(DumpError::Kill {
-                        pid,
-                        errno: nix::errno::Errno::ETIMEDOUT,
-                    })
+        for pid in pids {
+            loop {
+                match procfs::read_status(pid) {
+                    Err(ProcError::NoProcess(_)) => break,
+                    Ok(st) if matches!(st.state, 'Z' | 'X') => break,
+                    _ if Instant::now() > deadline => {
+                        return Err(DumpError::Kill {
+                            pid,
+                            errno: nix::errno::Errno::ETIMEDOUT,
+                        })
+                    }
+                    _ => std::thread::sleep(Duration::from_millis(2)),
                 }
-                _ => std::thread::sleep(Duration::from_millis(2)),
             }
         }
+        Ok(())
     }
+}
+
+/// Detaches every process; all are let go even if one fails, the first
+/// failure is reported.
+fn detach_all(tree: TreeTracee, leave_stopped: bool) -> Result<(), DumpError> {
+    let mut first = None;
+    for m in tree.into_members() {
+        if let Err(e) = m.tracee.detach(leave_stopped) {
+            first.get_or_insert(e);
+        }
+    }
+    first.map_or(Ok(()), |e| Err(e.into()))
 }
 
 /// Runs a dump and releases the process as `opts.leave_stopped` says;
@@ -221,7 +252,15 @@ pub async fn dump(
     Ok(report)
 }
 
-/// Runs a dump and returns with the process still frozen.
+/// One address space of the dump: a process of the tree and its tracker.
+struct Space<'t> {
+    space: u32,
+    pid: i32,
+    tracker: Box<dyn Tracker + 't>,
+}
+
+/// Runs a dump of `opts.pid` and every process under it (see
+/// [`crate::tree`]) and returns with them all still frozen.
 pub async fn dump_frozen(
     opts: DumpOptions,
     progress: &mut (dyn FnMut(&RoundReport) + Send),
@@ -229,9 +268,25 @@ pub async fn dump_frozen(
     let t_start = Instant::now();
     let pid = opts.pid;
     let restore = opts.restore;
-    let tracee = Tracee::seize(pid)?;
-    let mut tracker = track::choose(&tracee, opts.track)?;
-    let backend = tracker.backend();
+    let tree = TreeTracee::seize(pid).map_err(|e| match e {
+        // The root's own refusal keeps its precise form.
+        TreeError::Ptrace { pid: p, source } if p == pid => DumpError::Ptrace(source),
+        e => DumpError::Tree(e),
+    })?;
+    let root = track::choose(tree.root_tracee(), opts.track)?;
+    let backend = root.backend();
+    let mut spaces = vec![Space {
+        space: 0,
+        pid,
+        tracker: root,
+    }];
+    for m in &tree.members()[1..] {
+        spaces.push(Space {
+            space: m.space,
+            pid: m.pid,
+            tracker: track::choose(&m.tracee, Some(backend))?,
+        });
+    }
     let session = SessionId(random_id());
     let mut sink = Sink::open(opts.dest, session, pid, opts.compress, restore).await?;
 
@@ -242,7 +297,8 @@ pub async fn dump_frozen(
             Decision::Freeze(reason) => break reason,
             Decision::PreDump => {}
         }
-        let mut r = round(pid, tracker.as_mut(), &mut sink, rounds.len() as u32, false).await?;
+        let n = rounds.len() as u32;
+        let mut r = round(&tree, &mut spaces, &mut sink, n, false).await?;
         history.push(RoundStats {
             pages: r.stats.pages,
             raw_bytes: r.stats.raw_bytes,
@@ -255,23 +311,39 @@ pub async fn dump_frozen(
     };
 
     let t_freeze = Instant::now();
-    tracee.freeze()?;
-    // Dropped before `tracee` on any error below: out of repair mode
-    // before the process resumes.
-    let repair = crate::sockets::TcpRepairHold::enter(pid)?;
+    // Processes born since the seize are frozen too and sent whole: a
+    // checksum tracker's first look returns every page with content.
+    for (space, pid) in tree.freeze()? {
+        spaces.push(Space {
+            space,
+            pid,
+            tracker: Box::new(track::Checksum::new(pid)?),
+        });
+    }
+    // Dropped before the tracees on any error below: out of repair mode
+    // before the processes resume.
+    let repair = tree
+        .pids()
+        .into_iter()
+        .map(crate::sockets::TcpRepairHold::enter)
+        .collect::<Result<Vec<_>, _>>()?;
     let t_frozen = Instant::now();
-    let r = round(pid, tracker.as_mut(), &mut sink, rounds.len() as u32, true).await?;
+    let r = round(&tree, &mut spaces, &mut sink, rounds.len() as u32, true).await?;
     progress(&r);
     rounds.push(r);
     let t_final = Instant::now();
-    let state = capture_state(pid, &tracee)?;
+    let state = capture_state(&tree)?;
     sink.state(state).await?;
     let t_state = Instant::now();
     if restore {
         // From the commit on, the destination may run the process: should
         // ferry die before it has killed the source, the source must stay
         // stopped, not run beside it.
-        tracee.guard_stop()?;
+        tree.each(|m| {
+            m.tracee
+                .guard_stop()
+                .map_err(|source| TreeError::Ptrace { pid: m.pid, source })
+        })?;
     }
     let outcome = sink.commit(restore).await?;
     let frozen = t_freeze.elapsed();
@@ -281,7 +353,7 @@ pub async fn dump_frozen(
         state: t_state - t_final,
         commit: t_state.elapsed(),
     };
-    drop(tracker);
+    drop(spaces);
     let report = DumpReport {
         pid,
         session,
@@ -293,23 +365,49 @@ pub async fn dump_frozen(
         outcome,
         parts,
     };
-    Ok((report, Frozen { tracee, repair }))
+    Ok((report, Frozen { repair, tree }))
 }
 
-/// One round: find the dirty pages, send them as a layer, wait for the seal.
+/// One round: find the dirty pages of every process, send them as one
+/// layer (each process's addresses tagged with its space), wait for the
+/// seal.
 async fn round(
-    pid: i32,
-    tracker: &mut dyn Tracker,
+    tree: &TreeTracee,
+    spaces: &mut [Space<'_>],
     sink: &mut Sink,
     round: u32,
     frozen: bool,
 ) -> Result<RoundReport, DumpError> {
     let t0 = Instant::now();
-    let maps = procfs::read_maps(pid)?;
-    let delta = tokio::task::block_in_place(|| tracker.collect(&maps))?;
+    let mut work: Vec<(usize, Vec<MapEntry>, Delta)> = Vec::new();
+    for (i, s) in spaces.iter_mut().enumerate() {
+        if tree.is_gone(s.pid) {
+            continue;
+        }
+        let maps = match procfs::read_maps(s.pid) {
+            Ok(m) => m,
+            // A child that exited while the tree ran: the freeze's scan
+            // tells whether it is really gone.
+            Err(ProcError::NoProcess(_)) if s.space != 0 && !frozen => continue,
+            Err(e) => {
+                put_back(spaces, &work);
+                return Err(e.into());
+            }
+        };
+        match tokio::task::block_in_place(|| s.tracker.collect(&maps)) {
+            Ok(delta) => work.push((i, maps, delta)),
+            Err(e) => {
+                put_back(spaces, &work);
+                return Err(e.into());
+            }
+        }
+    }
     let scan = t0.elapsed();
-    let dirty_pages = delta.pages(track::page_size());
-    match send_layer(pid, &maps, &delta, sink, tracker).await {
+    let dirty_pages = work
+        .iter()
+        .map(|(_, _, d)| d.pages(track::page_size()))
+        .sum();
+    match send_layer(spaces, &work, sink).await {
         Ok(stats) => Ok(RoundReport {
             round,
             frozen,
@@ -321,20 +419,44 @@ async fn round(
         }),
         Err(e) => {
             // Nothing lost: should the dump be retried, these pages are due.
-            tracker.put_back(&delta);
+            put_back(spaces, &work);
             Err(e)
         }
     }
 }
 
+fn put_back(spaces: &mut [Space<'_>], work: &[(usize, Vec<MapEntry>, Delta)]) {
+    for (i, _, delta) in work {
+        spaces[*i].tracker.put_back(delta);
+    }
+}
+
 async fn send_layer(
+    spaces: &mut [Space<'_>],
+    work: &[(usize, Vec<MapEntry>, Delta)],
+    sink: &mut Sink,
+) -> Result<LayerStats, DumpError> {
+    let mut vmas = Vec::new();
+    for (i, maps, _) in work {
+        let own = maps.iter().map(vma_of).collect();
+        vmas.extend(crate::tree::tag_vmas(spaces[*i].space, own)?);
+    }
+    sink.begin(vmas).await?;
+    for (i, _, delta) in work {
+        let s = &mut spaces[*i];
+        send_space(s.space, s.pid, delta, sink, s.tracker.as_mut()).await?;
+    }
+    sink.end().await
+}
+
+/// The pages of one process in the layer being sent.
+async fn send_space(
+    space: u32,
     pid: i32,
-    maps: &[MapEntry],
     delta: &Delta,
     sink: &mut Sink,
     tracker: &mut dyn Tracker,
-) -> Result<LayerStats, DumpError> {
-    sink.begin(maps.iter().map(vma_of).collect()).await?;
+) -> Result<(), DumpError> {
     let ps = track::page_size();
     let batches = split(&delta.data, BATCH_PAGES * ps);
     let (tx, mut rx) = mpsc::channel::<Result<Vec<(u64, Bytes)>, DumpError>>(READ_AHEAD);
@@ -352,14 +474,22 @@ async fn send_layer(
         let ranges = item?;
         if !ranges.is_empty() {
             tracker.sent(&ranges);
-            sink.data(ranges).await?;
+            let tagged = ranges
+                .into_iter()
+                .map(|(a, b)| (crate::tree::tag(space, a), b))
+                .collect();
+            sink.data(tagged).await?;
         }
     }
     reader.await.map_err(|e| DumpError::Reader(e.to_string()))?;
     for chunk in delta.zero.chunks(MAX_RUNS / 2) {
-        sink.zero(chunk.to_vec()).await?;
+        let tagged = chunk
+            .iter()
+            .map(|&(s, e)| (crate::tree::tag(space, s), crate::tree::tag(space, e)))
+            .collect();
+        sink.zero(tagged).await?;
     }
-    sink.end().await
+    Ok(())
 }
 
 /// Reads one batch of ranges. A range whose memory vanished since the scan
@@ -454,9 +584,36 @@ fn vma_of(m: &MapEntry) -> pb::Vma {
     v
 }
 
-/// The frozen process's state (DESIGN.md §6), see [`crate::state`].
-fn capture_state(pid: i32, tracee: &Tracee) -> Result<pb::ProcessTree, DumpError> {
-    Ok(crate::state::capture(pid, tracee)?)
+/// The frozen tree's state (DESIGN.md §6), see [`crate::state`]: each
+/// process captured as a one-process tree, told its space, and ordered
+/// root first, children after their parent.
+fn capture_state(tree: &TreeTracee) -> Result<pb::ProcessTree, DumpError> {
+    // All at once: the frozen time grows with the slowest process, not
+    // with the sum.
+    let mut procs = Vec::new();
+    for r in tree.each_parallel(|m| crate::state::capture(m.pid, &m.tracee).map(|t| (m.space, t))) {
+        let (space, t) = r?;
+        procs.extend(t.processes.into_iter().map(|mut p| {
+            p.space = space;
+            p
+        }));
+    }
+    for (z, status) in tree.zombies() {
+        let stat = procfs::read_stat_fields(z.pid)?;
+        procs.push(pb::Process {
+            pid: z.pid,
+            ppid: z.ppid,
+            pgid: stat.pgrp,
+            sid: stat.session,
+            comm: z.comm,
+            zombie: true,
+            exit_status: status,
+            ..Default::default()
+        });
+    }
+    Ok(pb::ProcessTree {
+        processes: crate::tree::order_processes(tree.root(), procs),
+    })
 }
 
 fn random_id() -> [u8; 16] {

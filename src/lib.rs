@@ -12,6 +12,8 @@
 //!   checksum) behind one trait.
 //! - [`dump`]: `ferry dump`, rounds of pre-dump, freeze, final delta.
 //! - [`state`]: the process state captured at the freeze.
+//! - [`tree`]: process trees: discovery, freezing them together, and the
+//!   address-space tags that keep their pages apart in one image.
 //! - [`restore`]: ptrace-driven restore of an image into a new process.
 //! - [`pace`]: the bandwidth cap (`--max-rate`) shared by the data
 //!   streams.
@@ -44,6 +46,7 @@ pub mod state;
 pub mod synthetic;
 pub mod sys;
 pub mod track;
+pub mod tree;
 pub mod workload;
 
 pub use ferry_page_server as page_server;

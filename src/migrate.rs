@@ -82,14 +82,76 @@ pub async fn migrate(
     }
 }
 
-/// What restore cannot do yet, found on the live process before anything
-/// is frozen: descriptors of kinds it cannot recreate. (The destination
+/// What restore cannot do yet, found on the live process (every process of
+/// its tree) before anything is frozen: descriptors of kinds it cannot
+/// recreate, pipes to processes outside the tree, zombies. (The destination
 /// checks the mappings every round.) A process that is not there is the
 /// dump's to report, by name.
 fn precheck(pid: i32) -> Result<(), MigrateError> {
     let unsupported = |reason: String| MigrateError::Unsupported { pid, reason };
+    // A tree: what its restore cannot make yet (pipes between processes,
+    // shared anonymous memory, sessions and groups without an order, a
+    // zombie), from a look at every process, by name.
+    if let Ok(tree) = crate::tree::discover(pid) {
+        crate::tree::zombies(&tree).map_err(|e| unsupported(e.to_string()))?;
+        if tree.len() > 1 {
+            let procs: Vec<pb::Process> = tree
+                .iter()
+                .filter(|s| s.state != 'Z')
+                .enumerate()
+                .filter_map(|(i, s)| {
+                    let stat = crate::procfs::read_stat_fields(s.pid).ok()?;
+                    Some(pb::Process {
+                        pid: s.pid,
+                        ppid: s.ppid,
+                        pgid: stat.pgrp,
+                        sid: stat.session,
+                        comm: s.comm.clone(),
+                        space: i as u32,
+                        fds: crate::state::capture_fds(s.pid).ok()?,
+                        vmas: crate::procfs::read_maps(s.pid)
+                            .ok()?
+                            .iter()
+                            .map(|m| m.to_vma())
+                            .collect(),
+                        ..Default::default()
+                    })
+                })
+                .collect();
+            crate::tree::check_tree(&procs)
+                .map_err(|e| unsupported(format!("{e}: not supported yet")))?;
+            let tree_fds: Vec<pb::FileDesc> = procs.iter().flat_map(|p| p.fds.clone()).collect();
+            for p in &procs {
+                crate::restore::check_fds_in(&p.fds, &tree_fds)
+                    .map_err(|e| unsupported(format!("process {} ({}): {e}", p.pid, p.comm)))?;
+            }
+            shared_state(&procs).map_err(unsupported)?;
+            return Ok(());
+        }
+    }
     if let Ok(fds) = crate::state::capture_fds(pid) {
         crate::restore::check_fds(&fds).map_err(|e| unsupported(e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// An open file with state of its own (eventfd, timerfd, memfd, …) held by
+/// two processes of a tree would come back as two: refused by name.
+fn shared_state(procs: &[pb::Process]) -> Result<(), String> {
+    for (i, p) in procs.iter().enumerate() {
+        for f in p.fds.iter().filter(|f| crate::state::stateful(f.kind())) {
+            for q in &procs[..i] {
+                for g in q.fds.iter().filter(|g| g.kind == f.kind) {
+                    // When kcmp cannot tell, refusing is the safe answer.
+                    if crate::sys::fds::same_file_of(q.pid, g.fd, p.pid, f.fd).unwrap_or(true) {
+                        return Err(format!(
+                            "fd {} of process {} ({}): {}, the same open file as fd {} of process {}, shared between processes: not supported yet",
+                            f.fd, p.pid, p.comm, f.path, g.fd, q.pid
+                        ));
+                    }
+                }
+            }
+        }
     }
     Ok(())
 }
@@ -118,7 +180,14 @@ impl Restorer for LocalRestorer {
     }
 
     fn preflight_layer(&self, vmas: &[pb::Vma]) -> Result<(), String> {
-        crate::restore::check_mappings(vmas).map_err(|e| e.to_string())
+        // A tree's layer: each process's mappings on their own.
+        for (space, own) in crate::tree::split_vmas(vmas) {
+            crate::restore::check_mappings(&own).map_err(|e| match space {
+                0 => e.to_string(),
+                _ => format!("address space {space}: {e}"),
+            })?;
+        }
+        Ok(())
     }
 
     fn restore(&self, session: &mut dyn SessionStore) -> Result<i32, String> {

@@ -48,8 +48,16 @@
 //!    registers (an interrupted syscall rewound), XSAVE area and signal
 //!    mask replace its state and every thread's, and all are detached.
 //!
+//! **Trees** ([`restore`] of an image with several processes): the root's
+//! stub is made and emptied, then every other process is forked from its
+//! parent's stub ([`Stub::fork_child`]) while all hold only the gadget, in
+//! tree order, each given its session and group at once
+//! ([`crate::tree::plan`]); then each is rebuilt as above from its own
+//! address space of the image, and only when all are ready are they let
+//! go. Pipes between processes are made by ferry and taken by each.
+//!
 //! What cannot be restored yet is refused by [`check`], by name, before a
-//! stub exists: process trees, a pipe with an end outside the process,
+//! stub exists: a pipe with an end outside the process (tree),
 //! sockets of the kinds [`crate::sockets`] does not migrate, inotify and
 //! other special files, an epoll watching an fd the
 //! image lacks, credentials other than ferry's, a vdso layout this kernel
@@ -73,6 +81,7 @@
 //! (`clone3` `set_tid`) and `CLOCK_MONOTONIC` continuity (time namespace).
 
 use std::collections::HashMap;
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::Path;
 
 use ferry_page_server::store::disk::DiskStore;
@@ -236,16 +245,44 @@ fn own_vdso_layout() -> Result<Vec<(String, u64, u64)>> {
 
 /// Refuses, by name and before anything happens, what cannot be restored.
 pub fn check(tree: &pb::ProcessTree, vmas: &[pb::Vma]) -> Result<()> {
-    let proc = match tree.processes.as_slice() {
-        [] => return Err(RestoreError::Missing("process".into())),
-        [p] => p,
-        many => {
-            return Err(unsupported(format!(
-                "{} processes: restoring a process tree",
-                many.len()
-            )))
+    match tree.processes.as_slice() {
+        [] => Err(RestoreError::Missing("process".into())),
+        [p] if p.space == 0 && crate::tree::split_vmas(vmas).len() <= 1 => {
+            check_process(p, vmas, &p.fds)
         }
-    };
+        many => {
+            crate::tree::check_tree(many).map_err(unsupported)?;
+            let spaces = crate::tree::split_vmas(vmas);
+            let tree_fds: Vec<pb::FileDesc> = many.iter().flat_map(|p| p.fds.clone()).collect();
+            for p in many.iter().filter(|p| !p.zombie) {
+                let own = spaces.get(&p.space).ok_or_else(|| {
+                    RestoreError::Missing(format!(
+                        "mappings of process {} (space {})",
+                        p.pid, p.space
+                    ))
+                })?;
+                check_process(p, own, &tree_fds).map_err(|e| match e {
+                    RestoreError::Unsupported(s) => {
+                        unsupported(format!("process {} ({}): {s}", p.pid, p.comm))
+                    }
+                    e => e,
+                })?;
+            }
+            let live = many.iter().filter(|p| !p.zombie).count();
+            if spaces.len() != live {
+                return Err(unsupported(format!(
+                    "{} address spaces for {live} live processes",
+                    spaces.len(),
+                )));
+            }
+            Ok(())
+        }
+    }
+}
+
+/// [`check`] for one process and its own mappings; `tree_fds` are the fds
+/// of the whole tree (its own for a lone process).
+fn check_process(proc: &pb::Process, vmas: &[pb::Vma], tree_fds: &[pb::FileDesc]) -> Result<()> {
     if proc.threads.is_empty() {
         return Err(RestoreError::Missing("thread".into()));
     }
@@ -292,7 +329,7 @@ pub fn check(tree: &pb::ProcessTree, vmas: &[pb::Vma]) -> Result<()> {
             )));
         }
     }
-    check_fds(&proc.fds)?;
+    check_fds_in(&proc.fds, tree_fds)?;
     for s in &proc.sigactions {
         if !(1..=64).contains(&s.signo) || s.signo == 9 || s.signo == 19 {
             return Err(unsupported(format!("an action for signal {}", s.signo)));
@@ -307,9 +344,15 @@ pub fn check(tree: &pb::ProcessTree, vmas: &[pb::Vma]) -> Result<()> {
 /// in the process (the other end cannot be connected again), an epoll only
 /// registrations on descriptors the image has.
 pub fn check_fds(fds: &[pb::FileDesc]) -> Result<()> {
+    check_fds_in(fds, fds)
+}
+
+/// [`check_fds`] for one process of a tree: a pipe's other end may be in
+/// any process of it (`tree_fds`, every fd of the tree).
+pub fn check_fds_in(fds: &[pb::FileDesc], tree_fds: &[pb::FileDesc]) -> Result<()> {
     let ends = |id: u64| {
         let mode = |f: &&pb::FileDesc| f.flags & libc::O_ACCMODE as u32;
-        let group = fds
+        let group = tree_fds
             .iter()
             .filter(move |f| f.kind() == pb::FdKind::Pipe && f.pipe_id == id);
         (
@@ -343,7 +386,12 @@ pub fn check_fds(fds: &[pb::FileDesc]) -> Result<()> {
             | pb::FdKind::Fifo => true,
             pb::FdKind::Pipe => {
                 if ends(fd.pipe_id) != (true, true) {
-                    return Err(refuse(" whose other end is outside the process"));
+                    let outside = if tree_fds.len() > fds.len() {
+                        " whose other end is outside the process tree"
+                    } else {
+                        " whose other end is outside the process"
+                    };
+                    return Err(refuse(outside));
                 }
                 false
             }
@@ -525,6 +573,15 @@ fn check_vdso(vmas: &[pb::Vma]) -> Result<()> {
 /// given the whole image as one layer).
 pub fn restore(tree: &pb::ProcessTree, img: &FlatImage) -> Result<i32> {
     check(tree, &img.vmas)?;
+    if tree.processes.len() > 1 {
+        let (tree, img) = (tree.clone(), img.clone());
+        return std::thread::Builder::new()
+            .name("ferry-restore".into())
+            .spawn(move || restore_tree(&tree, &img))
+            .map_err(|e| RestoreError::Thread(e.to_string()))?
+            .join()
+            .map_err(|_| RestoreError::Thread("panicked".into()))?;
+    }
     let mut w = Warm::start()?;
     w.layer(img.clone())?;
     w.finish(tree).map_err(|f| f.error)
@@ -612,6 +669,14 @@ impl Warm {
     /// already given up; [`Warm::finish`] says why.
     pub fn layer(&mut self, img: FlatImage) -> Result<()> {
         let stopped = || RestoreError::Thread("the warm restore stopped".into());
+        // Which process forks which is only known from the state, at
+        // commit: a tree is restored cold, from the flattened image.
+        let spaces = crate::tree::split_vmas(&img.vmas).len();
+        if spaces > 1 {
+            return Err(unsupported(format!(
+                "a warm restore of {spaces} address spaces (a process tree restores at commit)"
+            )));
+        }
         self.catch_up().map_err(|_| stopped())?;
         self.vmas = img.vmas.clone();
         self.layers += 1;
@@ -646,6 +711,13 @@ impl Warm {
     /// the restore once every queued layer is in: the process runs.
     pub fn finish(mut self, tree: &pb::ProcessTree) -> Result<i32, WarmFailure> {
         check(tree, &self.vmas).map_err(WarmFailure::state)?;
+        if tree.processes.len() > 1 {
+            // One address space laid warm (a root whose only other
+            // processes are zombies): the tree is made cold all the same.
+            return Err(WarmFailure::layers(unsupported(
+                "a warm restore of a process tree (it restores from the flattened image)",
+            )));
+        }
         let p = Box::new(tree.processes[0].clone());
         let sent = self
             .tx
@@ -712,6 +784,182 @@ fn warm_worker(
             }
         }
     }
+}
+
+/// The pipes with ends in more than one process of `procs`, made in ferry
+/// with their capacity and their unread bytes, keyed by pipe id.
+fn shared_pipes(
+    procs: &[pb::Process],
+) -> Result<HashMap<u64, (std::os::fd::OwnedFd, std::os::fd::OwnedFd)>> {
+    use std::io::Write;
+    let mut holders: HashMap<u64, Vec<(usize, &pb::FileDesc)>> = HashMap::new();
+    for (i, p) in procs.iter().enumerate() {
+        for f in p.fds.iter().filter(|f| f.kind() == pb::FdKind::Pipe) {
+            holders.entry(f.pipe_id).or_default().push((i, f));
+        }
+    }
+    let mut out = HashMap::new();
+    for (id, fds) in holders {
+        if fds.iter().all(|(i, _)| *i == fds[0].0) {
+            continue;
+        }
+        let err = |what: String| move |source| RestoreError::FdData { what, source };
+        let (r, w) = crate::sys::fds::pipe().map_err(err(format!("pipe {id}: pipe2")))?;
+        if let Some(size) = fds.iter().map(|(_, f)| f.pipe_size).find(|&n| n > 0) {
+            crate::sys::fds::set_pipe_size(w.as_fd(), size)
+                .map_err(err(format!("pipe {id}: F_SETPIPE_SZ {size}")))?;
+        }
+        // Lowest process first, as the image lists them.
+        if let Some((i, f)) = fds.iter().find(|(_, f)| !f.data.is_empty()) {
+            std::fs::File::from(w.try_clone().map_err(err(format!("pipe {id}: dup")))?)
+                .write_all(&f.data)
+                .map_err(err(format!(
+                    "fd {} of process {}: writing {} unread bytes back",
+                    f.fd,
+                    procs[*i].pid,
+                    f.data.len()
+                )))?;
+        }
+        out.insert(id, (r, w));
+    }
+    Ok(out)
+}
+
+/// The part of a tree image that is process `space`'s, with its own
+/// addresses.
+fn space_image(img: &FlatImage, space: u32, vmas: Vec<pb::Vma>) -> FlatImage {
+    let runs = img
+        .runs
+        .iter()
+        .filter(|r| crate::tree::untag(r.addr).0 == space)
+        .map(|r| ferry_page_server::store::FlatRun {
+            addr: crate::tree::untag(r.addr).1,
+            pages: r.pages,
+            data: r.data.clone(),
+        })
+        .collect();
+    FlatImage {
+        page_size: img.page_size,
+        vmas,
+        runs,
+    }
+}
+
+/// Restores a checked tree (see [`crate::tree`]): the root's stub is made
+/// and emptied as for one process, then every other process is forked
+/// from its parent's stub while they are all still empty (gadget only), in
+/// tree order, and given its session and group right away, before it forks
+/// children of its own ([`crate::tree::plan`]). Then each gets its memory,
+/// files and threads as a lone process would; only when every one is ready
+/// are they let go, the root last. Any failure before that kills every
+/// stub (each `Stub` is killed when dropped). Runs on the calling thread,
+/// which must be a plain thread (ptrace affinity); returns the root's pid.
+fn restore_tree(tree: &pb::ProcessTree, img: &FlatImage) -> Result<i32> {
+    let procs = &tree.processes;
+    let plan = crate::tree::plan(procs).map_err(unsupported)?;
+    let spaces = crate::tree::split_vmas(&img.vmas);
+    // The gadget sits at one address in every process (they are forked
+    // with it), so it must miss every process's mappings.
+    let all_vmas: Vec<pb::Vma> = spaces.values().flatten().cloned().collect();
+    // Pipes between processes are made here, in ferry, filled once with
+    // their unread bytes (every process holding a read end captured the
+    // same bytes), and each process takes its ends from ferry; ferry's
+    // copies close when this returns.
+    let shared = shared_pipes(procs)?;
+    let shared_fds: HashMap<u64, (i32, i32)> = shared
+        .iter()
+        .map(|(&id, (r, w))| (id, (r.as_raw_fd(), w.as_raw_fd())))
+        .collect();
+    let mut root = Restorer::new(&all_vmas)?;
+    root.shared_pipes = shared_fds.clone();
+    let mut rs: Vec<Restorer> = vec![root];
+    for (i, p) in procs.iter().enumerate().skip(1) {
+        let step = plan[i];
+        let parent = step.parent.unwrap_or(0);
+        let stub = rs[parent].stub.fork_child()?;
+        let mut r = Restorer {
+            stub,
+            gadget: rs[0].gadget,
+            data: rs[0].data,
+            vmas: Vec::new(),
+            mapped: Vec::new(),
+            repaired: Vec::new(),
+            shared_pipes: shared_fds.clone(),
+        };
+        if step.setsid {
+            r.call(
+                format!("setsid of process {}", p.pid),
+                libc::SYS_setsid,
+                [0; 6],
+            )?;
+        }
+        let leader = match step.group {
+            crate::tree::Group::Inherit => None,
+            crate::tree::Group::Own => Some(0),
+            crate::tree::Group::Join(j) => Some(rs[j].stub.pid() as u64),
+        };
+        if let Some(l) = leader {
+            r.call(
+                format!("setpgid of process {} (group {})", p.pid, p.pgid),
+                libc::SYS_setpgid,
+                [0, l, 0, 0, 0, 0],
+            )?;
+        }
+        rs.push(r);
+    }
+    for (r, p) in rs.iter_mut().zip(procs).filter(|(_, p)| !p.zombie) {
+        let own = spaces.get(&p.space).cloned().unwrap_or_default();
+        r.apply(&space_image(img, p.space, own))?;
+    }
+    let mut ready = Vec::with_capacity(rs.len());
+    for (r, p) in rs.iter_mut().zip(procs) {
+        ready.push(if p.zombie { None } else { Some(r.prepare(p)?) });
+    }
+    let root = rs[0].stub.pid();
+    let mut let_go: Vec<i32> = Vec::new();
+    // Children first, so none is still a stub when its parent runs; a
+    // zombie exits now, its parent still stopped (the SIGCHLD waits for it).
+    for ((r, all), p) in rs.into_iter().zip(ready).zip(procs).rev() {
+        let done = match all {
+            Some(all) => r.stub.resume_all(&all),
+            None => r.stub.exit_as_zombie(p.exit_status).and_then(|pid| {
+                // Dead before its parent runs, so the parent finds a
+                // zombie to reap, as it would have on the source.
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+                while !matches!(procfs::read_status(pid).map(|s| s.state), Ok('Z') | Err(_)) {
+                    if std::time::Instant::now() > deadline {
+                        return Err(StubError::Unexpected {
+                            pid,
+                            what: "still running 5 s after its exit_group".into(),
+                        });
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                Ok(pid)
+            }),
+        };
+
+        match done {
+            Ok(pid) => let_go.push(pid),
+            Err(e) => {
+                // Nothing half restored runs: what was let go dies too (the
+                // stubs left are killed as they are dropped).
+                for pid in let_go {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+                return Err(e.into());
+            }
+        }
+    }
+    tracing::info!(
+        pid = root,
+        processes = procs.len(),
+        "restored a process tree"
+    );
+    Ok(root)
 }
 
 /// Restores a session of the disk store in `dir`: `session`, or the only or
@@ -866,6 +1114,9 @@ struct Restorer {
     mapped: Vec<Mapped>,
     /// Restored TCP connections, in repair mode until the very end.
     repaired: Vec<(i32, pb::Socket)>,
+    /// Pipes of a tree shared between processes: pipe id → ferry's own
+    /// (read end, write end), each process takes its ends from there.
+    shared_pipes: HashMap<u64, (i32, i32)>,
 }
 
 impl Restorer {
@@ -881,6 +1132,7 @@ impl Restorer {
             vmas: Vec::new(),
             mapped: Vec::new(),
             repaired: Vec::new(),
+            shared_pipes: HashMap::new(),
         };
         r.gadget(vmas)?;
         r.empty_stub()?;
@@ -890,6 +1142,22 @@ impl Restorer {
     /// Thread and process state on top of the laid layers, then resume.
     fn finish(mut self, p: &pb::Process) -> Result<i32> {
         let t0 = std::time::Instant::now();
+        let all = self.prepare(p)?;
+        let threads = all.len();
+        let pid = self.stub.resume_all(&all)?;
+        tracing::info!(
+            pid,
+            source_pid = p.pid,
+            threads,
+            state_ms = t0.elapsed().as_secs_f64() * 1e3,
+            "restored"
+        );
+        Ok(pid)
+    }
+
+    /// Everything of [`Restorer::finish`] but letting the process go: the
+    /// final state of each thread, to hand to [`Stub::resume_all`].
+    fn prepare<'p>(&mut self, p: &'p pb::Process) -> Result<Vec<stub::Resume<'p>>> {
         self.protections()?;
         failpoint("vdso")?; // failpoint (test only)
         self.vdso()?;
@@ -933,15 +1201,7 @@ impl Restorer {
             })
             .collect();
         failpoint("registers")?; // failpoint (test only)
-        let pid = self.stub.resume_all(&all)?;
-        tracing::info!(
-            pid,
-            source_pid = p.pid,
-            threads = tids.len(),
-            state_ms = t0.elapsed().as_secs_f64() * 1e3,
-            "restored"
-        );
-        Ok(pid)
+        Ok(all)
     }
 
     fn stub_maps(&self) -> Result<Vec<MapEntry>> {
@@ -1461,6 +1721,9 @@ impl Restorer {
         let mut pipes_done = std::collections::HashSet::new();
         for &f in &fds {
             match f.kind() {
+                pb::FdKind::Pipe if self.shared_pipes.contains_key(&f.pipe_id) => {
+                    self.take_shared_pipe_end(f)?;
+                }
                 pb::FdKind::Pipe | pb::FdKind::Fifo => {
                     if pipes_done.insert((f.kind, f.pipe_id)) {
                         let group: Vec<&pb::FileDesc> = fds
@@ -1665,6 +1928,47 @@ impl Restorer {
             crate::sockets::finish_established(fd, copy.as_fd(), &s)?;
         }
         Ok(())
+    }
+
+    /// Fd `f`, an end of a pipe shared with other processes of the tree,
+    /// taken from ferry's copy (`pidfd_getfd` injected, through a pidfd of
+    /// ferry) and given `f`'s number, close-on-exec flag and status flags.
+    fn take_shared_pipe_end(&mut self, f: &pb::FileDesc) -> Result<()> {
+        let (r, w) = self.shared_pipes[&f.pipe_id];
+        let end = if f.flags & libc::O_ACCMODE as u32 == libc::O_WRONLY as u32 {
+            w
+        } else {
+            r
+        };
+        let ferry = std::process::id() as u64;
+        let pidfd = self.call(
+            format!("pidfd_open of ferry ({ferry}) for fd {}", f.fd),
+            libc::SYS_pidfd_open,
+            [ferry, 0, 0, 0, 0, 0],
+        )?;
+        let got = self.call(
+            format!("pidfd_getfd of the shared pipe for fd {}", f.fd),
+            libc::SYS_pidfd_getfd,
+            [pidfd, end as u64, 0, 0, 0, 0],
+        );
+        self.call(
+            "close of ferry's pidfd",
+            libc::SYS_close,
+            [pidfd, 0, 0, 0, 0, 0],
+        )?;
+        let fd = got?;
+        if fd != f.fd as u64 {
+            self.place(fd, f)?;
+        } else {
+            // pidfd_getfd sets close-on-exec; the image says whether to.
+            let flag = if f.cloexec { libc::FD_CLOEXEC } else { 0 };
+            self.call(
+                format!("fcntl(F_SETFD) of fd {}", f.fd),
+                libc::SYS_fcntl,
+                [fd, libc::F_SETFD as u64, flag as u64, 0, 0, 0],
+            )?;
+        }
+        self.set_status_flags(f)
     }
 
     /// Moves the stub's fd `fd` to `f.fd` with `f`'s close-on-exec flag.

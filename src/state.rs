@@ -224,6 +224,10 @@ pub fn capture(pid: i32, tracee: &Tracee) -> Result<pb::ProcessTree, StateError>
             .collect(),
         pending_signals: status.sig_pnd | status.shd_pnd,
         personality: procfs::read_personality(pid)?,
+        // The dump of a tree sets it; a lone process is the root.
+        space: 0,
+        zombie: false,
+        exit_status: 0,
     };
     Ok(pb::ProcessTree {
         processes: vec![process],
@@ -680,7 +684,7 @@ pub fn capture_fds(pid: i32) -> Result<Vec<pb::FileDesc>, StateError> {
 
 /// Kinds whose state lives in the open file itself: two fds sharing one
 /// (dup) would come back as two separate counters, timers or files.
-fn stateful(k: pb::FdKind) -> bool {
+pub(crate) fn stateful(k: pb::FdKind) -> bool {
     matches!(
         k,
         pb::FdKind::Eventfd
@@ -689,6 +693,10 @@ fn stateful(k: pb::FdKind) -> bool {
             | pb::FdKind::Epoll
             | pb::FdKind::Memfd
             | pb::FdKind::Deleted
+            | pb::FdKind::TcpListen
+            | pb::FdKind::TcpEstablished
+            | pb::FdKind::UnixPair
+            | pb::FdKind::UnixListen
     )
 }
 

@@ -821,8 +821,9 @@ fn check_refuses_what_it_cannot_restore_by_name() {
     let two = pb::ProcessTree {
         processes: vec![pb::Process::default(), pb::Process::default()],
     };
+    // Two processes in one address space are no tree.
     let e = restore::check(&two, &img.vmas).unwrap_err().to_string();
-    assert!(e.contains("2 processes"), "{e}");
+    assert!(e.contains("space 0 taken twice"), "{e}");
     let mut v = pb::Vma {
         start: 0x10000,
         end: 0x11000,

@@ -66,6 +66,15 @@ pub fn same_file(pid: i32, a: RawFd, b: RawFd) -> io::Result<bool> {
     check(r).map(|r| r == 0)
 }
 
+/// Whether fd `a` of process `pa` and fd `b` of process `pb` are one open
+/// file description (inherited across a fork, say): `kcmp(KCMP_FILE)`.
+pub fn same_file_of(pa: i32, a: RawFd, pb: i32, b: RawFd) -> io::Result<bool> {
+    const KCMP_FILE: libc::c_long = 0;
+    // SAFETY: kcmp takes pids, a type and two fd numbers; no memory.
+    let r = unsafe { libc::syscall(libc::SYS_kcmp, pa, pb, KCMP_FILE, a, b) };
+    check(r).map(|r| r == 0)
+}
+
 /// Bytes waiting in pipe `fd` (`FIONREAD`).
 fn unread(fd: BorrowedFd<'_>) -> io::Result<usize> {
     let mut n: libc::c_int = 0;
@@ -75,7 +84,7 @@ fn unread(fd: BorrowedFd<'_>) -> io::Result<usize> {
 }
 
 /// A new pipe, close-on-exec and non-blocking: (read end, write end).
-fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0 as RawFd; 2];
     // SAFETY: pipe2 writes two ints into the array, which is ours.
     check(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) }.into())?;

@@ -49,6 +49,7 @@ use crate::sys::vm::{self, VmError};
 
 const PTRACE_EVENT_STOP: i32 = 128;
 const PTRACE_EVENT_CLONE: i32 = 3;
+const PTRACE_EVENT_FORK: i32 = 1;
 /// `si_status` of a syscall stop with `PTRACE_O_TRACESYSGOOD`.
 const SYSCALL_STOP: i32 = libc::SIGTRAP | 0x80;
 /// Not in every libc crate version.
@@ -589,6 +590,83 @@ impl Stub {
         self.threads.push((tid, req::get_regs(tid)?));
         self.syscall_stop(pid, "clone: instead of the exit stop")?;
         Ok(req::get_regs(pid)?.rax as i64)
+    }
+
+    /// Forks the stub with an injected `fork` (`PTRACE_O_TRACEFORK`: the
+    /// child is traced from its birth and inherits the stub's options,
+    /// `PTRACE_O_EXITKILL` included). The child is a copy of the stub as it
+    /// is now, the gadget and the injection address included, and the
+    /// stub's child: a tree restored this way keeps its parent relations.
+    /// Call it on a single-threaded stub.
+    pub fn fork_child(&mut self) -> Result<Stub, StubError> {
+        let opts = libc::PTRACE_O_TRACESYSGOOD
+            | libc::PTRACE_O_EXITKILL
+            | libc::PTRACE_O_TRACEFORK
+            | if self.tracing_clones {
+                libc::PTRACE_O_TRACECLONE
+            } else {
+                0
+            };
+        let pid = self.pid;
+        req::simple(
+            "PTRACE_SETOPTIONS",
+            libc::PTRACE_SETOPTIONS,
+            pid,
+            opts as libc::c_ulong,
+        )?;
+        let regs = self.regs_for(self.base, libc::SYS_fork, [0; 6]);
+        req::set_regs(pid, &regs)?;
+        self.syscall_stop(pid, "fork: instead of the entry stop")?;
+        req::simple("PTRACE_SYSCALL", libc::PTRACE_SYSCALL, pid, 0)?;
+        let st = req::wait(pid)?;
+        let fork_event =
+            libc::WIFSTOPPED(st) && st >> 8 == (libc::SIGTRAP | (PTRACE_EVENT_FORK << 8));
+        if !fork_event {
+            let what = if libc::WIFSTOPPED(st) && libc::WSTOPSIG(st) == SYSCALL_STOP {
+                format!("fork failed: {}", req::get_regs(pid)?.rax as i64)
+            } else {
+                format!("fork: {} instead of the fork event", req::describe(st))
+            };
+            return Err(StubError::Unexpected { pid, what });
+        }
+        let child_pid = req::event_msg(pid)? as i32;
+        // From here on the child is ours: dropping it kills it.
+        let mut child = Stub {
+            pid: child_pid,
+            base: self.base,
+            syscall_at: self.syscall_at,
+            alive: true,
+            threads: Vec::new(),
+            tracing_clones: false,
+            _not_send: PhantomData,
+        };
+        let st = req::wait(child_pid)?;
+        if !(libc::WIFSTOPPED(st) && st >> 16 == PTRACE_EVENT_STOP) {
+            return Err(StubError::Unexpected {
+                pid: child_pid,
+                what: format!(
+                    "new process: {} instead of its first stop",
+                    req::describe(st)
+                ),
+            });
+        }
+        child.base = req::get_regs(child_pid)?;
+        self.syscall_stop(pid, "fork: instead of the exit stop")?;
+        Ok(child)
+    }
+
+    /// Makes the stub exit with wait status `status` (an exit code in bits
+    /// 8-15): `exit_group` injected, the stub let go at its entry. It
+    /// stays a zombie until its parent reaps it. Returns its pid.
+    pub fn exit_as_zombie(mut self, status: i32) -> Result<i32, StubError> {
+        let pid = self.pid;
+        let code = ((status >> 8) & 0xff) as u64;
+        let regs = self.regs_for(self.base, libc::SYS_exit_group, [code, 0, 0, 0, 0, 0]);
+        req::set_regs(pid, &regs)?;
+        self.syscall_stop(pid, "exit_group: instead of the entry stop")?;
+        req::simple("PTRACE_DETACH", libc::PTRACE_DETACH, pid, 0)?;
+        self.alive = false;
+        Ok(pid)
     }
 
     /// Sets the blocked signals of thread `tid` (the stub's or one it made).
