@@ -10,7 +10,7 @@
 use std::time::Duration;
 
 use ferry_page_server::store::{FlatImage, SessionStore};
-use ferry_page_server::{Restorer, WarmRestore};
+use ferry_page_server::{LazyEvent, LazyProcess, Restorer, WarmRestore};
 use ferry_proto::pb;
 
 use crate::client::CommitOutcome;
@@ -189,6 +189,99 @@ impl WarmRestore for LocalWarm {
                 crate::restore::restore(&tree, &img).map_err(|e| e.to_string())
             }
             Err(f) => Err(f.error.to_string()),
+        }
+    }
+
+    fn post_copy(&self) -> bool {
+        true
+    }
+
+    fn finish_lazy(
+        self: Box<Self>,
+        session: &mut dyn SessionStore,
+        lazy: &[pb::LazyRange],
+    ) -> Result<Box<dyn LazyProcess>, String> {
+        (*self).lazy(session, lazy)
+    }
+}
+
+impl LocalWarm {
+    fn lazy(
+        self,
+        session: &mut dyn SessionStore,
+        lazy: &[pb::LazyRange],
+    ) -> Result<Box<dyn LazyProcess>, String> {
+        let tree = session_state(session)?;
+        let ranges = lazy.iter().map(|r| (r.start, r.end)).collect();
+        match self.0.finish_lazy(&tree, ranges) {
+            Ok((_, Some(missing))) => Ok(Box::new(LocalLazy {
+                missing,
+                complete: std::sync::atomic::AtomicBool::new(false),
+            })),
+            Ok((pid, None)) => Err(format!(
+                "process {pid} was restored without a userfaultfd (no post-copy ranges)"
+            )),
+            // A cold restore cannot leave pages missing: refuse, so the
+            // source runs on.
+            Err(f) => Err(f.error.to_string()),
+        }
+    }
+}
+
+/// A restored process waiting for its post-copy pages, through its
+/// userfaultfd ([`crate::sys::uffd::Missing`]). Dropped before every page
+/// is in, it kills the process first.
+struct LocalLazy {
+    missing: crate::sys::uffd::Missing,
+    complete: std::sync::atomic::AtomicBool,
+}
+
+impl LazyProcess for LocalLazy {
+    fn pid(&self) -> i32 {
+        self.missing.pid()
+    }
+
+    fn place(&self, addr: u64, data: &[u8]) -> Result<u64, String> {
+        self.missing.copy(addr, data).map_err(|e| e.to_string())
+    }
+
+    fn zero(&self, addr: u64) -> Result<(), String> {
+        self.missing.zero(addr).map_err(|e| e.to_string())
+    }
+
+    fn wait(&self, timeout_ms: i32) -> Result<(), String> {
+        self.missing.wait(timeout_ms).map_err(|e| e.to_string())
+    }
+
+    fn read_event(&self) -> Result<Option<LazyEvent>, String> {
+        use crate::sys::uffd::MissingEvent as M;
+        Ok(self
+            .missing
+            .read_event()
+            .map_err(|e| e.to_string())?
+            .map(|e| match e {
+                M::Fault { addr } => LazyEvent::Fault(addr),
+                M::Removed { start, end } => LazyEvent::Removed(start, end),
+                M::Remapped { from, to, len } => LazyEvent::Remapped { from, to, len },
+            }))
+    }
+
+    fn complete(&self) {
+        self.complete
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn kill(&self) {
+        if let Err(e) = self.missing.kill() {
+            tracing::warn!(pid = self.missing.pid(), "killing the restored process: {e}");
+        }
+    }
+}
+
+impl Drop for LocalLazy {
+    fn drop(&mut self) {
+        if !self.complete.load(std::sync::atomic::Ordering::Relaxed) {
+            self.kill();
         }
     }
 }

@@ -78,6 +78,7 @@ use nix::errno::Errno;
 
 use crate::procfs::{self, MapEntry};
 use crate::sys::stub::{self, Stub, StubError};
+use crate::sys::uffd::Missing;
 use crate::sys::vm::VmError;
 use crate::sys::{page_size, USER_ADDR_END};
 use crate::track::{intersect, normalize, subtract};
@@ -147,6 +148,11 @@ pub enum RestoreError {
         #[source]
         source: std::io::Error,
     },
+    /// Post-copy: a range the source left out cannot be made lazy here.
+    #[error("post-copy: {0}")]
+    Lazy(String),
+    #[error("post-copy: {0}")]
+    Uffd(#[from] crate::sys::uffd::UffdError),
 }
 
 type Result<T, E = RestoreError> = std::result::Result<T, E>;
@@ -163,6 +169,16 @@ fn is_special(v: &pb::Vma) -> bool {
         v.name.as_str(),
         "[vdso]" | "[vvar]" | "[vvar_vclock]" | "[vsyscall]"
     )
+}
+
+/// Memory post-copy may leave missing: anonymous and private (heap and
+/// stacks included). Shared memory and file pages go in before the resume.
+pub fn lazy_eligible(v: &pb::Vma) -> bool {
+    matches!(
+        v.kind(),
+        pb::VmaKind::Anon | pb::VmaKind::Heap | pb::VmaKind::Stack
+    ) && !is_shared(v)
+        && !is_special(v)
 }
 
 fn is_file(v: &pb::Vma) -> bool {
@@ -510,14 +526,14 @@ pub struct Warm {
     applied_rx: std::sync::mpsc::Receiver<i32>,
     applied: u32,
     stub_pid: Option<i32>,
-    worker: Option<std::thread::JoinHandle<Result<i32, WarmFailure>>>,
+    worker: Option<std::thread::JoinHandle<Result<(i32, Option<Missing>), WarmFailure>>>,
     vmas: Vec<pb::Vma>,
     layers: u32,
 }
 
 enum Cmd {
     Layer(FlatImage),
-    Finish(Box<pb::Process>),
+    Finish(Box<pb::Process>, Vec<(u64, u64)>),
 }
 
 /// Why a warm restore failed, and whether the layers already had: then a
@@ -605,13 +621,27 @@ impl Warm {
 
     /// Checks the state against the last layer's mappings, then finishes
     /// the restore once every queued layer is in: the process runs.
-    pub fn finish(mut self, tree: &pb::ProcessTree) -> Result<i32, WarmFailure> {
+    pub fn finish(self, tree: &pb::ProcessTree) -> Result<i32, WarmFailure> {
+        self.finish_lazy(tree, Vec::new()).map(|(pid, _)| pid)
+    }
+
+    /// [`Warm::finish`] for post-copy: the pages of `lazy` (page aligned,
+    /// sorted, each inside one anonymous private mapping) are dropped from
+    /// the process before it resumes and registered with a userfaultfd in
+    /// MISSING mode, returned with the pid: the process runs, and waits on
+    /// each such page it touches until it is placed through the
+    /// [`Missing`].
+    pub fn finish_lazy(
+        mut self,
+        tree: &pb::ProcessTree,
+        lazy: Vec<(u64, u64)>,
+    ) -> Result<(i32, Option<Missing>), WarmFailure> {
         check(tree, &self.vmas).map_err(WarmFailure::state)?;
         let p = Box::new(tree.processes[0].clone());
         let sent = self
             .tx
             .take()
-            .is_some_and(|tx| tx.send(Cmd::Finish(p)).is_ok());
+            .is_some_and(|tx| tx.send(Cmd::Finish(p, lazy)).is_ok());
         let joined = self
             .worker
             .take()
@@ -639,7 +669,7 @@ impl Drop for Warm {
 fn warm_worker(
     rx: std::sync::mpsc::Receiver<Cmd>,
     applied: std::sync::mpsc::Sender<i32>,
-) -> Result<i32, WarmFailure> {
+) -> Result<(i32, Option<Missing>), WarmFailure> {
     let mut r: Option<Restorer> = None;
     let mut layers = 0u32;
     loop {
@@ -660,11 +690,11 @@ fn warm_worker(
                 layers += 1;
                 let _ = applied.send(restorer.stub.pid());
             }
-            Ok(Cmd::Finish(p)) => {
+            Ok(Cmd::Finish(p, lazy)) => {
                 let r = r.ok_or_else(|| {
                     WarmFailure::layers(RestoreError::Missing("memory image (no layer)".into()))
                 })?;
-                return r.finish(&p).map_err(WarmFailure::state);
+                return r.finish(&p, &lazy).map_err(WarmFailure::state);
             }
             Err(_) => {
                 return Err(WarmFailure::layers(RestoreError::Thread(
@@ -844,8 +874,9 @@ impl Restorer {
         Ok(r)
     }
 
-    /// Thread and process state on top of the laid layers, then resume.
-    fn finish(mut self, p: &pb::Process) -> Result<i32> {
+    /// Thread and process state on top of the laid layers, then resume;
+    /// with `lazy` ranges, those are left missing (see [`Warm::finish_lazy`]).
+    fn finish(mut self, p: &pb::Process, lazy: &[(u64, u64)]) -> Result<(i32, Option<Missing>)> {
         let t0 = std::time::Instant::now();
         self.protections()?;
         self.vdso()?;
@@ -854,6 +885,13 @@ impl Restorer {
         self.signals(p)?;
         let tids = self.threads(p)?;
         self.thread_state(p)?;
+        // After the files: the userfaultfd takes the lowest free fd number
+        // for a moment, which must not be one of the image's.
+        let missing = if lazy.is_empty() {
+            None
+        } else {
+            Some(self.lazy(lazy)?)
+        };
         // Last injection: unmap the gadget from inside it. The stub stays in
         // that syscall's exit stop, its rip in the unmapped page, until the
         // final registers replace it.
@@ -889,9 +927,64 @@ impl Restorer {
             source_pid = p.pid,
             threads = tids.len(),
             state_ms = t0.elapsed().as_secs_f64() * 1e3,
+            lazy_ranges = lazy.len(),
             "restored"
         );
-        Ok(pid)
+        Ok((pid, missing))
+    }
+
+    /// Drops the stale copies of the lazy ranges (`MADV_DONTNEED` makes
+    /// anonymous private pages missing) and registers every mapping that
+    /// holds one with a userfaultfd made inside the process, in MISSING
+    /// mode. Whole mappings are registered, which splits none: their other
+    /// pages are present and never fault, and a never-touched page there
+    /// faults once and gets a zero page from the server.
+    fn lazy(&mut self, lazy: &[(u64, u64)]) -> Result<Missing> {
+        let mut hulls: Vec<(u64, u64)> = Vec::new();
+        for &(s, e) in lazy {
+            let v = self
+                .vmas
+                .iter()
+                .find(|v| v.start <= s && e <= v.end)
+                .ok_or_else(|| {
+                    RestoreError::Lazy(format!(
+                        "{s:#x}-{e:#x} is not inside one mapping of the image"
+                    ))
+                })?;
+            if !lazy_eligible(v) {
+                return Err(RestoreError::Lazy(format!(
+                    "{s:#x}-{e:#x} lies in {} ({:?}), not anonymous private memory",
+                    if v.name.is_empty() { "a mapping" } else { &v.name },
+                    v.kind()
+                )));
+            }
+            if hulls.last() != Some(&(v.start, v.end)) {
+                hulls.push((v.start, v.end));
+            }
+        }
+        let mut drops = lazy.to_vec();
+        normalize(&mut drops);
+        for (a, b) in drops {
+            self.call(
+                format!("madvise(MADV_DONTNEED) of the lazy range {a:#x}-{b:#x}"),
+                libc::SYS_madvise,
+                [a, b - a, libc::MADV_DONTNEED as u64, 0, 0, 0],
+            )?;
+        }
+        let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64;
+        let fd = self.call("userfaultfd()", libc::SYS_userfaultfd, [flags, 0, 0, 0, 0, 0])?;
+        let adopted = Missing::adopt(self.stub.pid(), fd as i32);
+        self.call(
+            "close of the process's userfaultfd",
+            libc::SYS_close,
+            [fd, 0, 0, 0, 0, 0],
+        )?;
+        let missing = adopted?;
+        normalize(&mut hulls);
+        for (a, b) in hulls {
+            missing.register(a, b)?;
+        }
+        Ok(missing)
     }
 
     fn stub_maps(&self) -> Result<Vec<MapEntry>> {
