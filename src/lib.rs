@@ -15,6 +15,8 @@
 //! - [`restore`]: ptrace-driven restore of an image into a new process.
 //! - [`migrate`]: `ferry migrate`, dump + restore on the destination + kill
 //!   of the source, as one transaction.
+//! - [`postcopy`]: `ferry migrate --post-copy`, serving the pages the
+//!   resumed destination still lacks from the frozen source.
 //! - [`sys`]: every raw syscall and `unsafe` block of ferry (ptrace and
 //!   syscall injection, userfaultfd, `PAGEMAP_SCAN`, `process_vm_readv`)
 //!   behind safe wrappers.
@@ -33,6 +35,7 @@ pub mod fuzzing;
 pub mod loopback;
 pub mod migrate;
 pub mod policy;
+pub mod postcopy;
 pub mod procfs;
 pub mod restore;
 pub mod state;

@@ -14,7 +14,11 @@ use ferry_page_server::{LazyEvent, LazyProcess, Restorer, WarmRestore};
 use ferry_proto::pb;
 
 use crate::client::CommitOutcome;
-use crate::dump::{dump_frozen, DumpError, DumpOptions, DumpReport, RoundReport};
+use crate::dump::{
+    dump_frozen, dump_frozen_with, Destination, DumpError, DumpOptions, DumpReport, Frozen,
+    RoundReport,
+};
+use crate::postcopy::{PostCopyError, PostCopyOptions, PostCopyReport};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {
@@ -35,6 +39,18 @@ pub enum MigrateError {
         source_pid: i32,
         error: DumpError,
     },
+    #[error(
+        "post-copy failed after the destination resumed the process as pid {pid}: {error}. \
+         The destination kills its copy (pages were still missing). The source {source_pid} \
+         is left stopped (SIGSTOP) with its memory as at the freeze; it cannot take over by \
+         itself since the destination's copy already ran: `kill -CONT {source_pid}` if \
+         running it again from the freeze is safe, else kill it"
+    )]
+    PostCopy {
+        pid: i32,
+        source_pid: i32,
+        error: PostCopyError,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -44,6 +60,8 @@ pub struct MigrateReport {
     pub restored_pid: i32,
     /// From the freeze to the destination's `Restored`: the outage.
     pub downtime: Duration,
+    /// With `--post-copy`: what serving the missing pages took.
+    pub post_copy: Option<PostCopyReport>,
 }
 
 /// Migrates `opts.pid` to the page server in `opts.dest`, which must run
@@ -67,6 +85,7 @@ pub async fn migrate(
                 downtime: report.frozen,
                 dump: report,
                 restored_pid: pid,
+                post_copy: None,
             })
         }
         Some(CommitOutcome::Failed { reason }) => {
@@ -78,6 +97,93 @@ pub async fn migrate(
             Err(MigrateError::Refused(format!(
                 "unexpected answer {other:?}"
             )))
+        }
+    }
+}
+
+/// Migrates `opts.pid` with post-copy (`ferry migrate --post-copy`): the
+/// rounds as [`migrate`], then a freeze, the state and only the pages that
+/// cannot wait; the destination resumes the process at once and the last
+/// round's other dirty pages follow, asked for on fault or pushed. The
+/// source is killed once every page is in. Before `Restored`, any failure
+/// resumes the source as [`migrate`] does; after it, the source can no
+/// longer take over and is left stopped ([`MigrateError::PostCopy`]).
+pub async fn migrate_post_copy(
+    mut opts: DumpOptions,
+    pc: &PostCopyOptions,
+    progress: &mut (dyn FnMut(&RoundReport) + Send),
+) -> Result<MigrateReport, MigrateError> {
+    opts.restore = true;
+    let pid = opts.pid;
+    if let Destination::Remote(c) = &opts.dest {
+        if matches!(c.transport, crate::client::Transport::Tcp { .. }) {
+            return Err(MigrateError::Unsupported {
+                pid,
+                reason: "post-copy needs QUIC, not plain TCP".into(),
+            });
+        }
+    }
+    precheck(pid)?;
+    let (report, frozen, lazy) = dump_frozen_with(opts, true, progress).await?;
+    match (report.outcome.clone(), lazy) {
+        (Some(CommitOutcome::Restored { pid }), Some(lazy)) => {
+            let source_pid = frozen.pid();
+            tracing::info!(
+                pid,
+                source_pid,
+                lazy_ranges = lazy.ranges.len(),
+                "resumed on the destination; serving the missing pages"
+            );
+            let mut held = StopOnDrop(Some(frozen));
+            match crate::postcopy::serve(lazy.link, source_pid, lazy.ranges, pc).await {
+                Ok(pcr) => {
+                    let frozen = held.0.take().expect("held until here");
+                    frozen.kill().map_err(|error| MigrateError::Kill {
+                        pid,
+                        source_pid,
+                        error,
+                    })?;
+                    Ok(MigrateReport {
+                        downtime: report.frozen,
+                        dump: report,
+                        restored_pid: pid,
+                        post_copy: Some(pcr),
+                    })
+                }
+                Err(error) => {
+                    drop(held);
+                    Err(MigrateError::PostCopy {
+                        pid,
+                        source_pid,
+                        error,
+                    })
+                }
+            }
+        }
+        (Some(CommitOutcome::Failed { reason }), _) => {
+            frozen.resume()?;
+            Err(MigrateError::Refused(reason))
+        }
+        (other, _) => {
+            frozen.resume()?;
+            Err(MigrateError::Refused(format!(
+                "unexpected answer {other:?}"
+            )))
+        }
+    }
+}
+
+/// The source after the destination ran: never resumed by accident (ferry
+/// interrupted, an error), only left stopped.
+struct StopOnDrop(Option<Frozen>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            let pid = f.pid();
+            if let Err(e) = f.leave_stopped() {
+                tracing::warn!(pid, "leaving the source stopped: {e}");
+            }
         }
     }
 }

@@ -118,8 +118,12 @@ pub(crate) async fn serve(
     let t0 = Instant::now();
     let pid = lazy.pid();
     let total = set.pages();
+    let orig = set.clone();
     let set = Arc::new(Mutex::new(set));
     let stop = Arc::new(AtomicBool::new(false));
+    // Also when this future is dropped (the server shutting down): the
+    // thread lets go of the process, whose last holder kills it.
+    let _stop_on_drop = StopOnDrop(stop.clone());
     let (ev_tx, mut events) = mpsc::unbounded_channel();
     let reader = {
         let (lazy, set, stop) = (lazy.clone(), set.clone(), stop.clone());
@@ -136,6 +140,7 @@ pub(crate) async fn serve(
         faults: 0,
         local_faults: 0,
         zeros: vec![0u8; 256 * page_size as usize],
+        orig,
     };
     let r = match reader {
         Ok(_) => s.run(send, recv, cbuf, ch, &mut events, stall).await,
@@ -178,6 +183,14 @@ pub(crate) async fn serve(
     }
 }
 
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 struct Serving {
     lazy: Arc<dyn LazyProcess>,
     set: Arc<Mutex<LazySet>>,
@@ -188,6 +201,7 @@ struct Serving {
     faults: u64,
     local_faults: u64,
     zeros: Vec<u8>,
+    orig: LazySet,
 }
 
 type Events = mpsc::UnboundedReceiver<Result<LazyEvent, String>>;
@@ -224,7 +238,7 @@ impl Serving {
                     Some(Ok(LazyEvent::Remapped { from, to, len })) => {
                         return Err(LazyServeError::Remapped { pid, from, to, len })
                     }
-                    Some(Ok(LazyEvent::Removed(..))) => {}
+                    Some(Ok(LazyEvent::Removed(a, b))) => eprintln!("DBG removed {a:#x}-{b:#x}"),
                     Some(Err(why)) => return Err(LazyServeError::Place { pid, why }),
                     None => return Err(LazyServeError::Place { pid, why: "the fault thread ended".into() }),
                 },
@@ -267,6 +281,7 @@ impl Serving {
         if !missing {
             // Arrived meanwhile, or never had data: nothing to ask for.
             self.local_faults += 1;
+            eprintln!("DBG local fault {addr:#x} orig {}", self.orig.contains(page));
             if let Err(e) = self.lazy.zero(page) {
                 debug!(page, "zero page for a local fault: {e}");
             }

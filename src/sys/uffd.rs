@@ -723,7 +723,12 @@ impl Missing {
             match errno {
                 // Present already, or no longer a registered mapping: this
                 // page needs nothing from us.
-                Errno::EEXIST | Errno::ENOENT => done += ps,
+                Errno::EEXIST | Errno::ENOENT => {
+                    if std::env::var_os("FERRY_DBG").is_some() {
+                        eprintln!("DBG copy skip {:#x} {errno}", dst + done);
+                    }
+                    done += ps
+                }
                 Errno::EAGAIN => {}
                 errno => {
                     return Err(UffdError::Ioctl {
