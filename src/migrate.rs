@@ -348,7 +348,10 @@ impl LazyProcess for LocalLazy {
     }
 
     fn place(&self, addr: u64, data: &[u8]) -> Result<u64, String> {
-        self.missing.copy(addr, data).map_err(|e| e.to_string())
+        self.missing
+            .copy(addr, data)
+            .map(|(_, done)| done)
+            .map_err(|e| e.to_string())
     }
 
     fn zero(&self, addr: u64) -> Result<(), String> {

@@ -981,18 +981,8 @@ impl Restorer {
         )?;
         let missing = adopted?;
         normalize(&mut hulls);
-        for &(a, b) in &hulls {
+        for (a, b) in hulls {
             missing.register(a, b)?;
-        }
-        if std::env::var_os("FERRY_DBG").is_some() {
-            let smaps = std::fs::read_to_string(format!("/proc/{}/smaps", self.stub.pid())).unwrap_or_default();
-            let mut cur = String::new();
-            for l in smaps.lines() {
-                if l.contains('-') && !l.starts_with("VmFlags") && l.split_whitespace().next().is_some_and(|f| f.contains('-')) { cur = l.to_string(); }
-                if l.starts_with("VmFlags") { eprintln!("DBG {cur} :: {l}"); }
-            }
-            eprintln!("DBG hulls {hulls:x?}");
-            eprintln!("DBG lazy {} ranges, first {:x?}", lazy.len(), &lazy[..lazy.len().min(5)]);
         }
         Ok(missing)
     }

@@ -19,7 +19,7 @@ use ferry::postcopy::PostCopyOptions;
 use ferry_proto::batch::Compress;
 
 mod common;
-use common::{is_root, proc_state};
+use common::{is_root, proc_field, proc_state};
 
 macro_rules! need_root {
     () => {
@@ -176,9 +176,14 @@ async fn the_connection_gone_after_the_resume_kills_the_copy_and_leaves_the_sour
     let restored = tokio::task::spawn_blocking(move || {
         let mut found = 0;
         wait_until("the destination copy runs", Duration::from_secs(60), || {
+            // Resumed: running or sleeping, no longer traced by the restore.
             found = pids_with_cmdline(&cmdline)
                 .into_iter()
-                .find(|&p| p != source)
+                .find(|&p| {
+                    p != source
+                        && matches!(proc_state(p), 'S' | 'R')
+                        && proc_field(p, "TracerPid:").as_deref() == Some("0")
+                })
                 .unwrap_or(0);
             found != 0
         });

@@ -55,7 +55,9 @@ pub enum LazyEvent {
 pub trait LazyProcess: Send + Sync {
     fn pid(&self) -> i32;
     /// Places whole pages at `addr` and wakes their waiters; pages present
-    /// already are skipped. Returns the pages placed.
+    /// already are skipped. Returns the bytes of `data` done: fewer than
+    /// all while the process is changing its mappings (place the rest once
+    /// the pending event was read).
     fn place(&self, addr: u64, data: &[u8]) -> Result<u64, String>;
     /// Resolves a fault on a page no data will come for (never in the
     /// image, or dropped by the process): a zero page, or a wake-up if the
@@ -118,7 +120,6 @@ pub(crate) async fn serve(
     let t0 = Instant::now();
     let pid = lazy.pid();
     let total = set.pages();
-    let orig = set.clone();
     let set = Arc::new(Mutex::new(set));
     let stop = Arc::new(AtomicBool::new(false));
     // Also when this future is dropped (the server shutting down): the
@@ -140,7 +141,6 @@ pub(crate) async fn serve(
         faults: 0,
         local_faults: 0,
         zeros: vec![0u8; 256 * page_size as usize],
-        orig,
     };
     let r = match reader {
         Ok(_) => s.run(send, recv, cbuf, ch, &mut events, stall).await,
@@ -201,7 +201,6 @@ struct Serving {
     faults: u64,
     local_faults: u64,
     zeros: Vec<u8>,
-    orig: LazySet,
 }
 
 type Events = mpsc::UnboundedReceiver<Result<LazyEvent, String>>;
@@ -238,7 +237,7 @@ impl Serving {
                     Some(Ok(LazyEvent::Remapped { from, to, len })) => {
                         return Err(LazyServeError::Remapped { pid, from, to, len })
                     }
-                    Some(Ok(LazyEvent::Removed(a, b))) => eprintln!("DBG removed {a:#x}-{b:#x}"),
+                    Some(Ok(LazyEvent::Removed(a, b))) => debug!(a, b, "dropped by the process"),
                     Some(Err(why)) => return Err(LazyServeError::Place { pid, why }),
                     None => return Err(LazyServeError::Place { pid, why: "the fault thread ended".into() }),
                 },
@@ -246,13 +245,13 @@ impl Serving {
                     let b = b.ok_or_else(|| lost(self, "data streams closed".into()))?
                         .map_err(|e| lost(self, e.to_string()))?;
                     last_data = Instant::now();
-                    self.place(&b)?;
+                    self.place_all(&b).await?;
                 }
                 b = ch.data.recv() => {
                     let b = b.ok_or_else(|| lost(self, "data streams closed".into()))?
                         .map_err(|e| lost(self, e.to_string()))?;
                     last_data = Instant::now();
-                    self.place(&b)?;
+                    self.place_all(&b).await?;
                 }
                 msg = read_control(recv, cbuf) => match msg {
                     Ok(Some(pb::Control { msg: Some(pb::control::Msg::Abort(a)) })) => {
@@ -281,7 +280,7 @@ impl Serving {
         if !missing {
             // Arrived meanwhile, or never had data: nothing to ask for.
             self.local_faults += 1;
-            eprintln!("DBG local fault {addr:#x} orig {}", self.orig.contains(page));
+            debug!(addr, "fault served locally");
             if let Err(e) = self.lazy.zero(page) {
                 debug!(page, "zero page for a local fault: {e}");
             }
@@ -299,8 +298,19 @@ impl Serving {
         write_control(send, &req).await
     }
 
-    /// Places the parts of a batch that are still missing.
-    fn place(&mut self, b: &DecodedBatch) -> Result<(), LazyServeError> {
+    /// Places a batch, waiting out the moments the process changes its
+    /// mappings (the fault thread reads the event meanwhile, which needs
+    /// the lock `place` lets go of).
+    async fn place_all(&mut self, b: &DecodedBatch) -> Result<(), LazyServeError> {
+        while !self.place(b)? {
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+        Ok(())
+    }
+
+    /// Places the parts of a batch that are still missing; false if it
+    /// stopped early (see [`LazyProcess::place`]).
+    fn place(&mut self, b: &DecodedBatch) -> Result<bool, LazyServeError> {
         let pid = self.lazy.pid();
         let ps = self.ps;
         let mut set = self.set.lock().map_err(|_| LazyServeError::Place {
@@ -316,37 +326,41 @@ impl Serving {
                 .map(|(s, e)| (s.max(run.addr), e.min(end)))
                 .collect();
             for (s, e) in parts {
-                match &data {
-                    Some(d) => {
-                        let bytes = &d[(s - run.addr) as usize..(e - run.addr) as usize];
-                        crate::server::blocking(|| self.lazy.place(s, bytes))
-                    }
-                    None => {
-                        let mut at = s;
-                        let mut r = Ok(0);
-                        while at < e && r.is_ok() {
-                            let n = (e - at).min(self.zeros.len() as u64);
-                            r = self.lazy.place(at, &self.zeros[..n as usize]);
-                            at += n;
+                // Zero runs in slices of the zero buffer.
+                let step = if data.is_some() {
+                    e - s
+                } else {
+                    self.zeros.len() as u64
+                };
+                let mut at = s;
+                while at < e {
+                    let n = (e - at).min(step);
+                    let bytes = match &data {
+                        Some(d) => &d[(at - run.addr) as usize..(at + n - run.addr) as usize],
+                        None => &self.zeros[..n as usize],
+                    };
+                    let done = crate::server::blocking(|| self.lazy.place(at, bytes))
+                        .map_err(|why| LazyServeError::Place { pid, why })?;
+                    set.remove(at, at + done);
+                    let now = Instant::now();
+                    let arrived: Vec<u64> =
+                        self.pending.range(at..at + done).map(|(&p, _)| p).collect();
+                    for p in arrived {
+                        if let Some(t) = self.pending.remove(&p) {
+                            self.latencies.push((now - t).as_micros() as u64);
                         }
-                        r
                     }
-                }
-                .map_err(|why| LazyServeError::Place { pid, why })?;
-                set.remove(s, e);
-                let now = Instant::now();
-                let done: Vec<u64> = self.pending.range(s..e).map(|(&p, _)| p).collect();
-                for p in done {
-                    if let Some(t) = self.pending.remove(&p) {
-                        self.latencies.push((now - t).as_micros() as u64);
+                    if done < n {
+                        return Ok(false);
                     }
+                    at += n;
                 }
             }
         }
         if b.layer == LAZY_URGENT_LAYER {
             debug!(seq = b.seq, "requested pages placed");
         }
-        Ok(())
+        Ok(true)
     }
 }
 

@@ -689,8 +689,10 @@ impl Missing {
     /// Places `data` (whole pages) at `dst` and wakes whoever waits there.
     /// Pages already present (faulted in as zero after a removal, or placed
     /// before) are skipped, as are pages the process unmapped meanwhile.
-    /// Returns the pages placed.
-    pub fn copy(&self, dst: u64, data: &[u8]) -> Result<u64, UffdError> {
+    /// Returns the pages placed and the bytes of `data` done: fewer than
+    /// all when the process is changing its mappings (`EAGAIN`), then the
+    /// rest is to be placed again once its pending event was read.
+    pub fn copy(&self, dst: u64, data: &[u8]) -> Result<(u64, u64), UffdError> {
         let ps = page_size();
         let len = data.len() as u64;
         let mut done = 0u64;
@@ -714,6 +716,7 @@ impl Missing {
             };
             if r == 0 {
                 placed += (len - done) / ps;
+                done = len;
                 break;
             }
             let errno = Errno::last();
@@ -723,13 +726,10 @@ impl Missing {
             match errno {
                 // Present already, or no longer a registered mapping: this
                 // page needs nothing from us.
-                Errno::EEXIST | Errno::ENOENT => {
-                    if std::env::var_os("FERRY_DBG").is_some() {
-                        eprintln!("DBG copy skip {:#x} {errno}", dst + done);
-                    }
-                    done += ps
-                }
-                Errno::EAGAIN => {}
+                Errno::EEXIST | Errno::ENOENT => done += ps,
+                // The process is changing its mappings and the event that
+                // says how is not read yet: the caller reads it first.
+                Errno::EAGAIN => return Ok((placed, done)),
                 errno => {
                     return Err(UffdError::Ioctl {
                         op: "UFFDIO_COPY",
@@ -740,7 +740,7 @@ impl Missing {
                 }
             }
         }
-        Ok(placed)
+        Ok((placed, done))
     }
 
     /// Resolves a fault on a page that has no data to come (never in the
