@@ -491,7 +491,11 @@ pub fn table(results: &[ModeResult]) -> String {
         }
         for r in group.iter().filter(|r| r.mode == Mode::PostCopy) {
             let pc = |f: &dyn Fn(&crate::postcopy::PostCopyReport) -> f64| {
-                let v: Vec<f64> = r.runs.iter().filter_map(|x| x.post_copy.as_ref().map(f)).collect();
+                let v: Vec<f64> = r
+                    .runs
+                    .iter()
+                    .filter_map(|x| x.post_copy.as_ref().map(f))
+                    .collect();
                 if v.is_empty() {
                     f64::NAN
                 } else {

@@ -411,9 +411,7 @@ impl Client {
     /// Commits a post-copy session: like [`Client::commit`], but on
     /// `Restored` the connection stays open and is handed over to serve
     /// the missing pages (QUIC only).
-    pub async fn commit_lazy(
-        mut self,
-    ) -> Result<(CommitOutcome, Option<LazyLink>), ClientError> {
+    pub async fn commit_lazy(mut self) -> Result<(CommitOutcome, Option<LazyLink>), ClientError> {
         let outcome = self.verdict(true).await?;
         if !matches!(outcome, CommitOutcome::Restored { .. }) {
             tokio::spawn(self.close(0, b"done"));

@@ -414,16 +414,15 @@ fn hot_pages(state: &pb::ProcessTree, ps: u64) -> Vec<(u64, u64)> {
     hot
 }
 
+/// Page-aligned `[start, end)` address ranges.
+type Ranges = Vec<(u64, u64)>;
+
 /// Splits the last round's data ranges into those sent before the resume
 /// and those left for post-copy: only anonymous private memory may wait
 /// (shared and file-backed pages, and zero runs, always go first), and
 /// never the `hot` pages. Lazy ranges are cut at mapping boundaries, so
 /// each lies inside one mapping, as the destination requires.
-pub fn split_lazy(
-    vmas: &[pb::Vma],
-    data: &[(u64, u64)],
-    hot: &[(u64, u64)],
-) -> (Vec<(u64, u64)>, Vec<(u64, u64)>) {
+pub fn split_lazy(vmas: &[pb::Vma], data: &[(u64, u64)], hot: &[(u64, u64)]) -> (Ranges, Ranges) {
     let mut lazy = Vec::new();
     for v in vmas.iter().filter(|v| crate::restore::lazy_eligible(v)) {
         let inside = track::intersect(data, &[(v.start, v.end)]);

@@ -49,7 +49,7 @@ pub enum MigrateError {
     PostCopy {
         pid: i32,
         source_pid: i32,
-        error: PostCopyError,
+        error: Box<PostCopyError>,
     },
 }
 
@@ -155,7 +155,7 @@ pub async fn migrate_post_copy(
                     Err(MigrateError::PostCopy {
                         pid,
                         source_pid,
-                        error,
+                        error: Box::new(error),
                     })
                 }
             }
@@ -382,7 +382,10 @@ impl LazyProcess for LocalLazy {
 
     fn kill(&self) {
         if let Err(e) = self.missing.kill() {
-            tracing::warn!(pid = self.missing.pid(), "killing the restored process: {e}");
+            tracing::warn!(
+                pid = self.missing.pid(),
+                "killing the restored process: {e}"
+            );
         }
     }
 }

@@ -526,10 +526,14 @@ pub struct Warm {
     applied_rx: std::sync::mpsc::Receiver<i32>,
     applied: u32,
     stub_pid: Option<i32>,
-    worker: Option<std::thread::JoinHandle<Result<(i32, Option<Missing>), WarmFailure>>>,
+    worker: Option<std::thread::JoinHandle<WarmDone>>,
     vmas: Vec<pb::Vma>,
     layers: u32,
 }
+
+/// What the restore thread ends with: the pid, running, and with lazy
+/// ranges the userfaultfd they wait on.
+type WarmDone = Result<(i32, Option<Missing>), WarmFailure>;
 
 enum Cmd {
     Layer(FlatImage),
@@ -669,7 +673,7 @@ impl Drop for Warm {
 fn warm_worker(
     rx: std::sync::mpsc::Receiver<Cmd>,
     applied: std::sync::mpsc::Sender<i32>,
-) -> Result<(i32, Option<Missing>), WarmFailure> {
+) -> WarmDone {
     let mut r: Option<Restorer> = None;
     let mut layers = 0u32;
     loop {
@@ -954,7 +958,11 @@ impl Restorer {
             if !lazy_eligible(v) {
                 return Err(RestoreError::Lazy(format!(
                     "{s:#x}-{e:#x} lies in {} ({:?}), not anonymous private memory",
-                    if v.name.is_empty() { "a mapping" } else { &v.name },
+                    if v.name.is_empty() {
+                        "a mapping"
+                    } else {
+                        &v.name
+                    },
                     v.kind()
                 )));
             }
@@ -964,15 +972,13 @@ impl Restorer {
         }
         let mut drops = lazy.to_vec();
         normalize(&mut drops);
-        for (a, b) in drops {
-            self.call(
-                format!("madvise(MADV_DONTNEED) of the lazy range {a:#x}-{b:#x}"),
-                libc::SYS_madvise,
-                [a, b - a, libc::MADV_DONTNEED as u64, 0, 0, 0],
-            )?;
-        }
+        self.drop_pages(&drops)?;
         let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64;
-        let fd = self.call("userfaultfd()", libc::SYS_userfaultfd, [flags, 0, 0, 0, 0, 0])?;
+        let fd = self.call(
+            "userfaultfd()",
+            libc::SYS_userfaultfd,
+            [flags, 0, 0, 0, 0, 0],
+        )?;
         let adopted = Missing::adopt(self.stub.pid(), fd as i32);
         self.call(
             "close of the process's userfaultfd",
@@ -1376,6 +1382,62 @@ impl Restorer {
         for (a, b) in drops {
             self.call(
                 format!("madvise(MADV_DONTNEED) of the zero run {a:#x}-{b:#x}"),
+                libc::SYS_madvise,
+                [a, b - a, libc::MADV_DONTNEED as u64, 0, 0, 0],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// `MADV_DONTNEED` on every range, all of it frozen time: batched, up
+    /// to `IOV_MAX` ranges per injected `process_madvise` on the process
+    /// itself (any advice is allowed on oneself since Linux 6.13), or one
+    /// `madvise` per range where that is refused.
+    fn drop_pages(&mut self, ranges: &[(u64, u64)]) -> Result<()> {
+        const IOV_MAX: usize = 1024;
+        let room = (GADGET_DATA_PAGES * page_size()) as usize / 16;
+        let per_call = IOV_MAX.min(room);
+        let pid = self.stub.pid() as u64;
+        let pidfd = self.call(
+            "pidfd_open of itself",
+            libc::SYS_pidfd_open,
+            [pid, 0, 0, 0, 0, 0],
+        );
+        let mut left = ranges;
+        if let Ok(pidfd) = pidfd {
+            while !left.is_empty() {
+                let (chunk, rest) = left.split_at(left.len().min(per_call));
+                let mut iov = Vec::with_capacity(chunk.len() * 16);
+                for &(a, b) in chunk {
+                    iov.extend_from_slice(&a.to_ne_bytes());
+                    iov.extend_from_slice(&(b - a).to_ne_bytes());
+                }
+                let at = self.put(0, &iov, "the lazy ranges")?;
+                let want: u64 = chunk.iter().map(|(a, b)| b - a).sum();
+                let args = [
+                    pidfd,
+                    at,
+                    chunk.len() as u64,
+                    libc::MADV_DONTNEED as u64,
+                    0,
+                    0,
+                ];
+                let ret = self.stub.syscall(libc::SYS_process_madvise, args)?;
+                if ret as u64 != want {
+                    tracing::debug!(ret, "process_madvise on itself refused; madvise per range");
+                    break;
+                }
+                left = rest;
+            }
+            self.call(
+                "close of its pidfd",
+                libc::SYS_close,
+                [pidfd, 0, 0, 0, 0, 0],
+            )?;
+        }
+        for &(a, b) in left {
+            self.call(
+                format!("madvise(MADV_DONTNEED) of the lazy range {a:#x}-{b:#x}"),
                 libc::SYS_madvise,
                 [a, b - a, libc::MADV_DONTNEED as u64, 0, 0, 0],
             )?;

@@ -45,7 +45,10 @@ fn workload(mib: u64, rate: u64, log: &Path) -> Child {
         .expect("ferry workload starts");
     let t0 = Instant::now();
     while ferry::workload::last_count(log).is_none() {
-        assert!(t0.elapsed() < Duration::from_secs(60), "the workload never logs");
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the workload never logs"
+        );
         if let Ok(Some(st)) = child.try_wait() {
             panic!("the workload exited: {st}");
         }
@@ -242,7 +245,10 @@ async fn a_page_server_without_post_copy_is_refused_and_the_source_runs_on() {
     .await
     .unwrap_err();
     eprintln!("{err}");
-    assert!(err.to_string().contains("does not offer post-copy"), "{err}");
+    assert!(
+        err.to_string().contains("does not offer post-copy"),
+        "{err}"
+    );
     let s = proc_state(source);
     assert!(s == 'S' || s == 'R', "the source runs on: {s}");
     let before = ferry::workload::last_count(&log).unwrap();

@@ -89,7 +89,12 @@ pub enum LazyServeError {
         "post-copy: process {pid} moved memory ({from:#x} to {to:#x}, {len} bytes) while \
          pages were missing, which post-copy cannot follow; it was killed"
     )]
-    Remapped { pid: i32, from: u64, to: u64, len: u64 },
+    Remapped {
+        pid: i32,
+        from: u64,
+        to: u64,
+        len: u64,
+    },
     #[error("post-copy: placing pages into process {pid} failed, it was killed: {why}")]
     Place { pid: i32, why: String },
 }
@@ -110,7 +115,6 @@ pub(crate) struct Channels<'a> {
 pub(crate) async fn serve(
     lazy: Arc<dyn LazyProcess>,
     set: LazySet,
-    page_size: u32,
     send: &mut (impl AsyncWrite + Unpin),
     recv: &mut (impl AsyncRead + Unpin),
     cbuf: &mut BytesMut,
@@ -120,6 +124,7 @@ pub(crate) async fn serve(
     let t0 = Instant::now();
     let pid = lazy.pid();
     let total = set.pages();
+    let ps = set.page_size();
     let set = Arc::new(Mutex::new(set));
     let stop = Arc::new(AtomicBool::new(false));
     // Also when this future is dropped (the server shutting down): the
@@ -135,12 +140,12 @@ pub(crate) async fn serve(
     let mut s = Serving {
         lazy: lazy.clone(),
         set,
-        ps: u64::from(page_size),
+        ps,
         pending: BTreeMap::new(),
         latencies: Vec::new(),
         faults: 0,
         local_faults: 0,
-        zeros: vec![0u8; 256 * page_size as usize],
+        zeros: vec![0u8; 256 * ps as usize],
     };
     let r = match reader {
         Ok(_) => s.run(send, recv, cbuf, ch, &mut events, stall).await,

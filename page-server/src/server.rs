@@ -555,7 +555,6 @@ impl<C: Conn> Session<C> {
         let done = crate::lazy::serve(
             std::sync::Arc::from(lazy),
             set,
-            self.page_size,
             send,
             recv,
             cbuf,

@@ -66,6 +66,10 @@ impl LazySet {
         Ok(set)
     }
 
+    pub fn page_size(&self) -> u64 {
+        self.page_size
+    }
+
     /// Pages still missing.
     pub fn pages(&self) -> u64 {
         self.pages

@@ -23,9 +23,9 @@
 
 pub mod batch;
 pub mod frame;
-pub mod lazy;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod lazy;
 pub mod preamble;
 pub mod session;
 pub mod vma;

@@ -796,8 +796,7 @@ impl Sender {
                     });
                 }
                 let wanted = |f: &str| self.cfg.features.iter().any(|x| x == f);
-                if wanted(FEATURE_POST_COPY) && !w.features.iter().any(|x| x == FEATURE_POST_COPY)
-                {
+                if wanted(FEATURE_POST_COPY) && !w.features.iter().any(|x| x == FEATURE_POST_COPY) {
                     return Err(ProtocolError::MissingFeature {
                         feature: "post-copy",
                         why: "it needs `ferry page-server --restore` with warm restore, \

@@ -843,7 +843,8 @@ fn parse_msg(msg: &[u8]) -> Option<MissingEvent> {
     if msg.len() < 32 {
         return None;
     }
-    let word = |i: usize| u64::from_ne_bytes(msg[8 + 8 * i..16 + 8 * i].try_into().unwrap_or([0; 8]));
+    let word =
+        |i: usize| u64::from_ne_bytes(msg[8 + 8 * i..16 + 8 * i].try_into().unwrap_or([0; 8]));
     match msg[0] {
         UFFD_EVENT_PAGEFAULT => Some(MissingEvent::Fault { addr: word(1) }),
         UFFD_EVENT_REMOVE | UFFD_EVENT_UNMAP => Some(MissingEvent::Removed {
@@ -871,7 +872,10 @@ mod tests {
         let mut m = [0u8; 32];
         m[0] = UFFD_EVENT_PAGEFAULT;
         m[16..24].copy_from_slice(&0x7f00_1234u64.to_ne_bytes());
-        assert_eq!(parse_msg(&m), Some(MissingEvent::Fault { addr: 0x7f00_1234 }));
+        assert_eq!(
+            parse_msg(&m),
+            Some(MissingEvent::Fault { addr: 0x7f00_1234 })
+        );
         m[0] = UFFD_EVENT_UNMAP;
         m[8..16].copy_from_slice(&0x7f00_0000u64.to_ne_bytes());
         assert_eq!(

@@ -609,7 +609,13 @@ fn post_copy_needs_the_feature_in_welcome() {
     rx.handle_control(tx.hello().unwrap()).unwrap();
     let welcome = drive_receiver(&mut rx, &mut store, 0).remove(0);
     let e = tx.handle_control(welcome).unwrap_err();
-    assert!(matches!(e, ProtocolError::MissingFeature { feature: "post-copy", .. }));
+    assert!(matches!(
+        e,
+        ProtocolError::MissingFeature {
+            feature: "post-copy",
+            ..
+        }
+    ));
     assert!(e.to_string().contains("does not offer post-copy"), "{e}");
 
     let mut tx = post_copy_sender();
@@ -659,5 +665,11 @@ fn post_copy_ranges_are_checked_against_the_last_layer() {
     let e = rx
         .handle_control(control(Msg::PostCopy(pb::PostCopy { ranges: vec![] })))
         .unwrap_err();
-    assert!(matches!(e, ProtocolError::Unexpected { msg: "PostCopy", .. }));
+    assert!(matches!(
+        e,
+        ProtocolError::Unexpected {
+            msg: "PostCopy",
+            ..
+        }
+    ));
 }
