@@ -10,7 +10,12 @@
 //! hashing instead of uffd-wp), `one-stream` (one QUIC data stream instead
 //! of four), `tcp` (plain TCP with the same framing instead of QUIC with
 //! mutual TLS: the baseline for what the secure transport costs; its
-//! page server restores warm too). Each run reports its rounds (pages, bytes raw and on the wire,
+//! page server restores warm too), `post-copy` (the same rounds, then the
+//! process resumes on the destination with the last round's dirty pages
+//! still to come, see [`crate::postcopy`]; it also reports the faults that
+//! asked the source for a page, their latency, the time until the last
+//! page arrived and the workload's slowdown in the second after the
+//! resume). Each run reports its rounds (pages, bytes raw and on the wire,
 //! time, rate, predicted downtime), its downtime broken into parts (freeze,
 //! final round, state, restore), how much the rounds slowed the workload,
 //! and that the migrated workload found its whole memory intact; each mode
@@ -51,7 +56,7 @@ pub enum BenchError {
         #[source]
         source: crate::migrate::MigrateError,
     },
-    #[error("unknown mode {0:?}: use iterative, stop-and-copy, cold-restore, no-zstd, checksum, one-stream or tcp")]
+    #[error("unknown mode {0:?}: use iterative, stop-and-copy, cold-restore, no-zstd, checksum, one-stream, tcp or post-copy")]
     Mode(String),
     #[error("{mode}, run {run}: the migrated workload is not intact: {source}")]
     Verify {
@@ -73,10 +78,12 @@ pub enum Mode {
     OneStream,
     /// Iterative over plain TCP (unencrypted, loopback only).
     Tcp,
+    /// Iterative rounds, then post-copy instead of the final delta.
+    PostCopy,
 }
 
 impl Mode {
-    pub const ALL: [Mode; 7] = [
+    pub const ALL: [Mode; 8] = [
         Mode::Iterative,
         Mode::StopAndCopy,
         Mode::ColdRestore,
@@ -84,6 +91,7 @@ impl Mode {
         Mode::Checksum,
         Mode::OneStream,
         Mode::Tcp,
+        Mode::PostCopy,
     ];
 
     pub fn name(self) -> &'static str {
@@ -95,6 +103,7 @@ impl Mode {
             Mode::Checksum => "checksum",
             Mode::OneStream => "one-stream",
             Mode::Tcp => "tcp",
+            Mode::PostCopy => "post-copy",
         }
     }
 
@@ -164,6 +173,11 @@ pub struct Run {
     pub slowdown: Option<f64>,
     /// Pages the migrated workload checked and found intact.
     pub verified: u64,
+    /// Post-copy mode: what serving the missing pages took.
+    pub post_copy: Option<crate::postcopy::PostCopyReport>,
+    /// Post-copy mode: 1 − (work rate in the second after the resume ÷
+    /// before the migration).
+    pub slowdown_after: Option<f64>,
 }
 
 impl Run {
@@ -421,7 +435,12 @@ async fn one_run(
         restore: true,
     };
     let start = unix_ms();
-    let result = migrate(dump, &mut |_| {}).await;
+    let result = if mode == Mode::PostCopy {
+        let pc = crate::postcopy::PostCopyOptions::default();
+        crate::migrate::migrate_post_copy(dump, &pc, &mut |_| {}).await
+    } else {
+        migrate(dump, &mut |_| {}).await
+    };
     let end = unix_ms();
     let _ = child.kill();
     let _ = child.wait();
@@ -445,7 +464,14 @@ async fn one_run(
         source,
     })?;
     let samples = crate::workload::samples(&log);
-    let frozen = end.saturating_sub(report.downtime.as_millis() as u64);
+    // The resume: the end, less the post-copy phase.
+    let resumed = end.saturating_sub(
+        report
+            .post_copy
+            .as_ref()
+            .map_or(0, |p| p.elapsed.as_millis() as u64),
+    );
+    let frozen = resumed.saturating_sub(report.downtime.as_millis() as u64);
     let before = crate::workload::rate(&samples, start.saturating_sub(1000), start);
     let during = crate::workload::rate(&samples, start, frozen);
     tracing::debug!(
@@ -462,6 +488,11 @@ async fn one_run(
         total: report.dump.total,
         slowdown: before.zip(during).map(|(b, d)| 1.0 - d / b),
         verified,
+        slowdown_after: report.post_copy.as_ref().and_then(|_| {
+            let after = crate::workload::rate(&samples, resumed, resumed + 1000)?;
+            before.map(|b| 1.0 - after / b)
+        }),
+        post_copy: report.post_copy.clone(),
     })
 }
 
@@ -525,6 +556,38 @@ pub fn table(results: &[ModeResult]) -> String {
                 r.figure(|x| x.round0_rate(false)).median,
                 r.figure(|x| x.round0_rate(true)).median,
                 slow,
+            );
+        }
+        for r in group.iter().filter(|r| r.mode == Mode::PostCopy) {
+            let pc = |f: &dyn Fn(&crate::postcopy::PostCopyReport) -> f64| {
+                let v: Vec<f64> = r
+                    .runs
+                    .iter()
+                    .filter_map(|x| x.post_copy.as_ref().map(f))
+                    .collect();
+                if v.is_empty() {
+                    f64::NAN
+                } else {
+                    spread(v).median
+                }
+            };
+            let after: Vec<f64> = r.runs.iter().filter_map(|x| x.slowdown_after).collect();
+            let _ = writeln!(
+                t,
+                "\npost-copy (medians): {:.0} pages lazy, last page {:.1} ms after the resume; \
+                 {:.0} faults asked the source, latency median {:.0} µs, p99 {:.0} µs; \
+                 {:.0} served locally; slowdown in the second after the resume {}",
+                pc(&|p| p.lazy_pages as f64),
+                pc(&|p| p.last_page.as_secs_f64() * 1e3),
+                pc(&|p| p.faults as f64),
+                pc(&|p| p.fault_median_us as f64),
+                pc(&|p| p.fault_p99_us as f64),
+                pc(&|p| p.local_faults as f64),
+                if after.is_empty() {
+                    "-".to_string()
+                } else {
+                    format!("{:.1} %", spread(after).median * 100.0)
+                },
             );
         }
         let group_owned: Vec<ModeResult> = group.iter().map(|r| (*r).clone()).collect();
@@ -641,6 +704,16 @@ pub fn json(results: &[ModeResult]) -> serde_json::Value {
                         "downtime_ms": ms(run.downtime),
                         "slowdown": run.slowdown,
                         "verified_pages": run.verified,
+                        "post_copy": run.post_copy.as_ref().map(|p| serde_json::json!({
+                            "lazy_pages": p.lazy_pages,
+                            "faults": p.faults,
+                            "local_faults": p.local_faults,
+                            "fault_median_us": p.fault_median_us,
+                            "fault_p99_us": p.fault_p99_us,
+                            "fault_max_us": p.fault_max_us,
+                            "last_page_ms": ms(p.last_page),
+                            "slowdown_after": run.slowdown_after,
+                        })),
                         "rounds": run.rounds.iter().map(|x| serde_json::json!({
                             "round": x.round,
                             "frozen": x.frozen,
@@ -773,6 +846,8 @@ mod tests {
             total: Duration::from_secs(1),
             slowdown: Some(0.05),
             verified: 1,
+            post_copy: None,
+            slowdown_after: None,
         }
     }
 

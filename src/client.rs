@@ -408,9 +408,53 @@ impl Client {
         self.write(&msg).await
     }
 
+    /// Post-copy: names the ranges left out of the last layer (before
+    /// [`Client::commit_lazy`]).
+    pub async fn post_copy(&mut self, ranges: &[(u64, u64)]) -> Result<(), ClientError> {
+        let ranges = ranges
+            .iter()
+            .map(|&(start, end)| pb::LazyRange { start, end })
+            .collect();
+        let msg = self.sender.post_copy(ranges)?;
+        self.write(&msg).await
+    }
+
+    /// Commits a post-copy session: like [`Client::commit`], but on
+    /// `Restored` the connection stays open and is handed over to serve
+    /// the missing pages (QUIC only).
+    pub async fn commit_lazy(mut self) -> Result<(CommitOutcome, Option<LazyLink>), ClientError> {
+        let outcome = self.verdict(true).await?;
+        if !matches!(outcome, CommitOutcome::Restored { .. }) {
+            tokio::spawn(self.close(0, b"done"));
+            return Ok((outcome, None));
+        }
+        self.lanes.clear();
+        self.lane_tasks.shutdown().await;
+        let Link::Quic { endpoint, conn } = self.link else {
+            return Err(ClientError::Lane("post-copy needs QUIC".into()));
+        };
+        let link = LazyLink {
+            endpoint,
+            conn,
+            control: self.control,
+            cbuf: self.cbuf,
+            addr: self.addr,
+            page_size: self.sender.page_size(),
+        };
+        Ok((outcome, Some(link)))
+    }
+
     /// Commits the session and waits for the page server's verdict; layers
     /// still unsealed are waited for on the way. Closes the connection.
     pub async fn commit(mut self, restore: bool) -> Result<CommitOutcome, ClientError> {
+        let outcome = self.verdict(restore).await?;
+        // The answer is in: closing (draining the connection) is no business
+        // of the caller, who may be holding a frozen process meanwhile.
+        tokio::spawn(self.close(0, b"done"));
+        Ok(outcome)
+    }
+
+    async fn verdict(&mut self, restore: bool) -> Result<CommitOutcome, ClientError> {
         let msg = self.sender.commit(restore)?;
         self.write(&msg).await?;
         let outcome = loop {
@@ -441,9 +485,6 @@ impl Client {
                 "QUIC path at commit"
             );
         }
-        // The answer is in: closing (draining the connection) is no business
-        // of the caller, who may be holding a frozen process meanwhile.
-        tokio::spawn(self.close(0, b"done"));
         Ok(outcome)
     }
 
@@ -576,6 +617,106 @@ impl Client {
             Event::Aborted { reason } => Err(ClientError::Aborted(reason)),
             e => Ok(e),
         }
+    }
+}
+
+/// The connection of a post-copy session after `Restored`: the control
+/// stream (page requests in, `PostCopyDone` in) and the means to open data
+/// streams for the pages (see [`crate::postcopy`]).
+pub struct LazyLink {
+    endpoint: quinn::Endpoint,
+    conn: quinn::Connection,
+    control: Control,
+    cbuf: BytesMut,
+    addr: SocketAddr,
+    page_size: u32,
+}
+
+/// A data stream of a post-copy session.
+pub struct LazyStream(quinn::SendStream);
+
+impl LazyLink {
+    pub fn page_size(&self) -> u32 {
+        self.page_size
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// A new data stream; a higher `priority` is sent first.
+    pub async fn open_stream(&self, priority: i32) -> Result<LazyStream, ClientError> {
+        let s = self
+            .conn
+            .open_uni()
+            .await
+            .map_err(|source| ClientError::Connection {
+                addr: self.addr,
+                source,
+            })?;
+        let _ = s.set_priority(priority);
+        Ok(LazyStream(s))
+    }
+
+    /// The page server's next control message (no time limit: a process
+    /// that faults rarely asks rarely; a dead peer ends the connection by
+    /// QUIC's idle timeout).
+    pub async fn next_message(&mut self) -> Result<pb::Control, ClientError> {
+        loop {
+            if let Some(m) = frame::decode_control(&mut self.cbuf)? {
+                return Ok(m);
+            }
+            let n = self.control.read(&mut self.cbuf, self.addr).await?;
+            if n == 0 {
+                frame::check_eof(&self.cbuf)?;
+                return Err(ClientError::Closed);
+            }
+        }
+    }
+
+    /// Ends the session: closes the connection and waits (briefly) until
+    /// the page server has it.
+    pub async fn close(self, code: u32, reason: &[u8]) {
+        self.conn.close(code.into(), reason);
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+    }
+
+    /// Tells the page server to give up (it kills the process it holds).
+    pub async fn abort(mut self, reason: &str) {
+        let msg = ferry_proto::session::control(pb::control::Msg::Abort(pb::Abort {
+            reason: reason.into(),
+        }));
+        let _ = self.control.write(&encode(&msg), self.addr).await;
+        self.control.finish(Duration::from_secs(1)).await;
+        self.close(1, reason.as_bytes()).await;
+    }
+}
+
+impl LazyStream {
+    /// Writes one encoded batch.
+    pub async fn write(
+        &mut self,
+        b: ferry_proto::batch::EncodedBatch,
+        addr: SocketAddr,
+    ) -> Result<(), ClientError> {
+        let prefix = frame::encode_batch_prefix(&b.header, b.wire_bytes() as usize);
+        let mut chunks = Vec::with_capacity(1 + b.payload.len());
+        chunks.push(prefix);
+        chunks.extend(b.payload);
+        self.0
+            .write_all_chunks(&mut chunks)
+            .await
+            .map_err(|e| match e {
+                quinn::WriteError::ConnectionLost(source) => {
+                    ClientError::Connection { addr, source }
+                }
+                e => ClientError::Write(e),
+            })
+    }
+
+    /// Ends the stream once what was written is sent.
+    pub fn finish(&mut self) {
+        let _ = self.0.finish();
     }
 }
 

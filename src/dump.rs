@@ -26,7 +26,7 @@ use ferry_proto::session::SenderConfig;
 use ferry_proto::{pb, SessionId};
 use tokio::sync::mpsc;
 
-use crate::client::{Client, ClientError, CommitOutcome, Connect, LayerStats};
+use crate::client::{Client, ClientError, CommitOutcome, Connect, LayerStats, LazyLink};
 use crate::policy::{Decision, Policy, RoundStats, StopReason};
 use crate::procfs::{self, MapEntry, ProcError};
 use crate::state::StateError;
@@ -66,6 +66,10 @@ pub enum DumpError {
     Socket(#[from] crate::sockets::SocketError),
     #[error("process tree: {0}")]
     Tree(#[from] TreeError),
+    #[error("post-copy needs a page server (--to), not an images directory")]
+    LazyLocal,
+    #[error("post-copy of a process tree ({0} processes) is not supported yet; migrate it without --post-copy")]
+    LazyTree(usize),
 }
 
 /// Where the layers go.
@@ -173,6 +177,14 @@ impl Frozen {
         detach_all(self.tree, false)
     }
 
+    /// From here the destination owns the TCP connections: the source's
+    /// stay in repair mode (silent) whatever happens to the source next.
+    pub fn disarm_repair(&mut self) {
+        for r in &mut self.repair {
+            r.disarm();
+        }
+    }
+
     /// Detaches, leaving every process stopped (SIGSTOP).
     pub fn leave_stopped(self) -> Result<(), DumpError> {
         drop(self.repair);
@@ -265,9 +277,37 @@ pub async fn dump_frozen(
     opts: DumpOptions,
     progress: &mut (dyn FnMut(&RoundReport) + Send),
 ) -> Result<(DumpReport, Frozen), DumpError> {
+    let (report, frozen, _) = dump_frozen_with(opts, false, progress).await?;
+    Ok((report, frozen))
+}
+
+/// Post-copy's hand-over after `Restored`: the open connection and the
+/// ranges the destination's process still lacks.
+pub struct Lazy {
+    pub link: LazyLink,
+    pub ranges: Vec<(u64, u64)>,
+}
+
+/// Pages around each thread's stack pointer that go in before the resume
+/// even in post-copy: the first thing every thread touches. Below the
+/// pointer: the red zone and the next calls; above: the callers' frames.
+const HOT_STACK_BELOW: u64 = 4;
+const HOT_STACK_ABOVE: u64 = 12;
+
+/// [`dump_frozen`], with `post_copy`: the last round sends only the pages
+/// that cannot be left out (see [`split_lazy`]), names the rest in
+/// `PostCopy`, and a `Restored` comes with the [`Lazy`] hand-over.
+pub async fn dump_frozen_with(
+    opts: DumpOptions,
+    post_copy: bool,
+    progress: &mut (dyn FnMut(&RoundReport) + Send),
+) -> Result<(DumpReport, Frozen, Option<Lazy>), DumpError> {
     let t_start = Instant::now();
     let pid = opts.pid;
     let restore = opts.restore;
+    if post_copy && matches!(opts.dest, Destination::ImagesDir(_)) {
+        return Err(DumpError::LazyLocal);
+    }
     let tree = TreeTracee::seize(pid).map_err(|e| match e {
         // The root's own refusal keeps its precise form.
         TreeError::Ptrace { pid: p, source } if p == pid => DumpError::Ptrace(source),
@@ -287,8 +327,18 @@ pub async fn dump_frozen(
             tracker: track::choose(&m.tracee, Some(backend))?,
         });
     }
+    if post_copy && spaces.len() > 1 {
+        return Err(DumpError::LazyTree(spaces.len()));
+    }
     let session = SessionId(random_id());
-    let mut sink = Sink::open(opts.dest, session, pid, opts.compress, restore).await?;
+    let mut features = Vec::new();
+    if restore {
+        features.push(ferry_proto::FEATURE_RESTORE.to_string());
+    }
+    if post_copy {
+        features.push(ferry_proto::FEATURE_POST_COPY.to_string());
+    }
+    let mut sink = Sink::open(opts.dest, session, pid, opts.compress, features).await?;
 
     let mut rounds: Vec<RoundReport> = Vec::new();
     let mut history: Vec<RoundStats> = Vec::new();
@@ -328,12 +378,28 @@ pub async fn dump_frozen(
         .map(crate::sockets::TcpRepairHold::enter)
         .collect::<Result<Vec<_>, _>>()?;
     let t_frozen = Instant::now();
-    let r = round(&tree, &mut spaces, &mut sink, rounds.len() as u32, true).await?;
-    progress(&r);
-    rounds.push(r);
-    let t_final = Instant::now();
-    let state = capture_state(&tree)?;
-    sink.state(state).await?;
+    let n = rounds.len() as u32;
+    let (t_final, lazy_ranges) = if post_copy {
+        // The state first: its stack pointers and thread blocks say which
+        // pages are hot.
+        let state = capture_state(&tree)?;
+        let hot = hot_pages(&state, track::page_size());
+        let (r, lazy) = lazy_round(&mut spaces, &mut sink, n, &hot).await?;
+        progress(&r);
+        rounds.push(r);
+        let t_final = Instant::now();
+        sink.state(state).await?;
+        sink.post_copy(&lazy).await?;
+        (t_final, Some(lazy))
+    } else {
+        let r = round(&tree, &mut spaces, &mut sink, n, true).await?;
+        progress(&r);
+        rounds.push(r);
+        let t_final = Instant::now();
+        let state = capture_state(&tree)?;
+        sink.state(state).await?;
+        (t_final, None)
+    };
     let t_state = Instant::now();
     if restore {
         // From the commit on, the destination may run the process: should
@@ -345,7 +411,13 @@ pub async fn dump_frozen(
                 .map_err(|source| TreeError::Ptrace { pid: m.pid, source })
         })?;
     }
-    let outcome = sink.commit(restore).await?;
+    let (outcome, lazy) = match lazy_ranges {
+        Some(ranges) => {
+            let (outcome, link) = sink.commit_lazy().await?;
+            (outcome, link.map(|link| Lazy { link, ranges }))
+        }
+        None => (sink.commit(restore).await?, None),
+    };
     let frozen = t_freeze.elapsed();
     let parts = FrozenParts {
         freeze: t_frozen - t_freeze,
@@ -365,7 +437,104 @@ pub async fn dump_frozen(
         outcome,
         parts,
     };
-    Ok((report, Frozen { repair, tree }))
+    Ok((report, Frozen { repair, tree }, lazy))
+}
+
+/// The final round of a post-copy migration: the dirty pages that may be
+/// left out are, the rest is sent as usual. Returns the round and the
+/// ranges left out.
+async fn lazy_round(
+    spaces: &mut [Space<'_>],
+    sink: &mut Sink,
+    round: u32,
+    hot: &[(u64, u64)],
+) -> Result<(RoundReport, Vec<(u64, u64)>), DumpError> {
+    let t0 = Instant::now();
+    // Post-copy migrates one process (checked at the seize): space 0.
+    let s = &mut spaces[0];
+    let maps = procfs::read_maps(s.pid)?;
+    let delta = tokio::task::block_in_place(|| s.tracker.collect(&maps))?;
+    let scan = t0.elapsed();
+    let dirty_pages = delta.pages(track::page_size());
+    let vmas: Vec<pb::Vma> = maps.iter().map(|m| m.to_vma()).collect();
+    let (eager, lazy) = split_lazy(&vmas, &delta.data, hot);
+    let work = vec![(
+        0,
+        maps,
+        Delta {
+            data: eager,
+            zero: delta.zero.clone(),
+        },
+    )];
+    match send_layer(spaces, &work, sink).await {
+        Ok(stats) => Ok((
+            RoundReport {
+                round,
+                frozen: true,
+                dirty_pages,
+                stats,
+                scan,
+                total: t0.elapsed(),
+                predicted_downtime: None,
+            },
+            lazy,
+        )),
+        Err(e) => {
+            // Nothing lost: the whole delta, lazy part included, is due.
+            spaces[0].tracker.put_back(&delta);
+            Err(e)
+        }
+    }
+}
+
+/// The pages that must be in place before the resume even in post-copy:
+/// around every thread's stack pointer (see [`HOT_STACK_BELOW`]), the
+/// thread's TLS block (`fs_base`), and what the kernel itself reads or
+/// writes for the thread (its rseq area, robust list and clear-tid word,
+/// all in glibc's thread control block). The kernel touches the rseq area
+/// on the way out of every syscall the restore injects, and the restore
+/// writes the new tid into the clear-tid word: such a page would be filled
+/// behind the userfaultfd's back, so it cannot wait.
+fn hot_pages(state: &pb::ProcessTree, ps: u64) -> Vec<(u64, u64)> {
+    let page = |a: u64| a - a % ps;
+    let mut hot = Vec::new();
+    for t in state.processes.iter().flat_map(|p| p.threads.iter()) {
+        if let Ok(r) = crate::sys::stub::regs_from_bytes(&t.gpregs) {
+            let sp = page(r.rsp);
+            hot.push((
+                sp.saturating_sub(HOT_STACK_BELOW * ps),
+                sp.saturating_add(HOT_STACK_ABOVE * ps),
+            ));
+        }
+        let rseq = t.rseq.as_ref().map_or(0, |r| r.addr);
+        for a in [t.fs_base, rseq, t.robust_list, t.clear_child_tid] {
+            if a != 0 {
+                // A structure may straddle a page boundary.
+                hot.push((page(a), page(a) + 2 * ps));
+            }
+        }
+    }
+    track::normalize(&mut hot);
+    hot
+}
+
+/// Page-aligned `[start, end)` address ranges.
+type Ranges = Vec<(u64, u64)>;
+
+/// Splits the last round's data ranges into those sent before the resume
+/// and those left for post-copy: only anonymous private memory may wait
+/// (shared and file-backed pages, and zero runs, always go first), and
+/// never the `hot` pages. Lazy ranges are cut at mapping boundaries, so
+/// each lies inside one mapping, as the destination requires.
+pub fn split_lazy(vmas: &[pb::Vma], data: &[(u64, u64)], hot: &[(u64, u64)]) -> (Ranges, Ranges) {
+    let mut lazy = Vec::new();
+    for v in vmas.iter().filter(|v| crate::restore::lazy_eligible(v)) {
+        let inside = track::intersect(data, &[(v.start, v.end)]);
+        lazy.extend(track::subtract(&inside, hot));
+    }
+    lazy.sort_unstable();
+    let eager = track::subtract(data, &lazy);
+    (eager, lazy)
 }
 
 /// One round: find the dirty pages of every process, send them as one
@@ -548,7 +717,7 @@ fn slice_ranges(ranges: &[(u64, u64)], buf: Vec<u8>) -> Vec<(u64, Bytes)> {
 }
 
 /// Cuts ranges into batches of at most `max` bytes.
-fn split(ranges: &[(u64, u64)], max: u64) -> Vec<Vec<(u64, u64)>> {
+pub(crate) fn split(ranges: &[(u64, u64)], max: u64) -> Vec<Vec<(u64, u64)>> {
     let mut out = Vec::new();
     let mut cur = Vec::new();
     let mut size = 0;
@@ -646,7 +815,7 @@ impl Sink {
         session: SessionId,
         pid: i32,
         compress: Compress,
-        restore: bool,
+        features: Vec<String>,
     ) -> Result<Sink, DumpError> {
         let comm = procfs::read_status(pid).map(|s| s.name).unwrap_or_default();
         let label = format!("pid {pid} {comm}");
@@ -662,11 +831,7 @@ impl Sink {
                         kernel: kernel_release(),
                         label,
                         resume: false,
-                        features: if restore {
-                            vec![ferry_proto::FEATURE_RESTORE.into()]
-                        } else {
-                            Vec::new()
-                        },
+                        features,
                     },
                 )
                 .await?;
@@ -762,6 +927,25 @@ impl Sink {
         }
     }
 
+    async fn post_copy(&mut self, ranges: &[(u64, u64)]) -> Result<(), DumpError> {
+        match self {
+            Sink::Remote(c) => Ok(c.post_copy(ranges).await?),
+            Sink::Local(_) => Err(DumpError::LazyLocal),
+        }
+    }
+
+    /// Commits a post-copy migration: the verdict, and on `Restored` the
+    /// connection for the missing pages.
+    async fn commit_lazy(self) -> Result<(Option<CommitOutcome>, Option<LazyLink>), DumpError> {
+        match self {
+            Sink::Remote(c) => {
+                let (o, link) = c.commit_lazy().await?;
+                Ok((Some(o), link))
+            }
+            Sink::Local(_) => Err(DumpError::LazyLocal),
+        }
+    }
+
     /// Commits; with `restore`, the destination's verdict is returned as
     /// is (a `Failed` is the caller's to act on, not an error here).
     async fn commit(self, restore: bool) -> Result<Option<CommitOutcome>, DumpError> {
@@ -804,6 +988,42 @@ fn kernel_release() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_anonymous_private_pages_away_from_stack_pointers_wait() {
+        let vma = |start, end, kind: pb::VmaKind, flags: i32| pb::Vma {
+            start,
+            end,
+            kind: kind as i32,
+            flags: flags as u32,
+            ..Default::default()
+        };
+        let private = libc::MAP_PRIVATE;
+        let vmas = [
+            vma(0x10000, 0x20000, pb::VmaKind::File, private),
+            vma(0x20000, 0x40000, pb::VmaKind::Anon, private),
+            vma(0x40000, 0x50000, pb::VmaKind::SharedAnon, libc::MAP_SHARED),
+            vma(0x50000, 0x60000, pb::VmaKind::Heap, private),
+            vma(0x60000, 0x70000, pb::VmaKind::Stack, private),
+        ];
+        // One dirty run across every mapping; a hot window in the stack.
+        let data = [(0x18000, 0x70000)];
+        let hot = [(0x64000, 0x68000)];
+        let (eager, lazy) = split_lazy(&vmas, &data, &hot);
+        assert_eq!(
+            lazy,
+            vec![
+                (0x20000, 0x40000),
+                (0x50000, 0x60000),
+                (0x60000, 0x64000),
+                (0x68000, 0x70000)
+            ]
+        );
+        assert_eq!(
+            eager,
+            vec![(0x18000, 0x20000), (0x40000, 0x50000), (0x64000, 0x68000)]
+        );
+    }
 
     #[test]
     fn split_cuts_at_the_byte_limit() {

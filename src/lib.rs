@@ -19,6 +19,8 @@
 //!   streams.
 //! - [`migrate`]: `ferry migrate`, dump + restore on the destination + kill
 //!   of the source, as one transaction.
+//! - [`postcopy`]: `ferry migrate --post-copy`, serving the pages the
+//!   resumed destination still lacks from the frozen source.
 //! - [`sys`]: every raw syscall and `unsafe` block of ferry (ptrace and
 //!   syscall injection, userfaultfd, `PAGEMAP_SCAN`, `process_vm_readv`)
 //!   behind safe wrappers.
@@ -39,6 +41,7 @@ pub mod loopback;
 pub mod migrate;
 pub mod pace;
 pub mod policy;
+pub mod postcopy;
 pub mod procfs;
 pub mod restore;
 pub mod sockets;

@@ -143,6 +143,22 @@ enum Command {
         transport: TransportArgs,
         #[command(flatten)]
         rounds: RoundArgs,
+        /// Post-copy: after the rounds, freeze and send only the state and
+        /// the pages that cannot wait; the destination resumes the process
+        /// at once and fetches the last round's other dirty pages on fault
+        /// while the source pushes them. After the resume the source can no
+        /// longer take over (see README, `ferry migrate --post-copy`).
+        /// Needs QUIC and a page server with warm restore.
+        #[arg(long)]
+        post_copy: bool,
+        /// With --post-copy: at most N pre-copy rounds before the freeze
+        /// (same as --max-rounds N).
+        #[arg(long, value_name = "N", requires = "post_copy")]
+        post_copy_after: Option<u32>,
+        /// With --post-copy: cap the background push at this many bytes a
+        /// second (K/M/G suffixes); requested pages are never held back.
+        #[arg(long, value_name = "SIZE", value_parser = size, requires = "post_copy")]
+        post_copy_bandwidth: Option<u64>,
     },
     /// Restore a dumped process on this host from an image directory.
     Restore {
@@ -240,7 +256,7 @@ enum Command {
         #[arg(long)]
         no_pin: bool,
         /// Modes to run: iterative, stop-and-copy, cold-restore, no-zstd,
-        /// checksum, one-stream, tcp (comma separated).
+        /// checksum, one-stream, tcp, post-copy (comma separated).
         #[arg(long, value_delimiter = ',', default_value = "iterative")]
         modes: Vec<String>,
         /// All modes (stop-and-copy is the baseline the downtime ratios
@@ -751,20 +767,66 @@ async fn run(command: Command) -> Result<()> {
             tls,
             transport,
             rounds,
+            post_copy,
+            post_copy_after,
+            post_copy_bandwidth,
         } => {
             let dest = Destination::Remote(rounds.connect(&to, &transport, tls.as_deref())?);
-            let opts = rounds.options(pid, dest)?;
+            let mut opts = rounds.options(pid, dest)?;
+            if let Some(n) = post_copy_after {
+                opts.policy.max_rounds = n;
+            }
             let mut show = rounds.progress();
-            let report = tokio::select! {
-                r = ferry::migrate::migrate(opts, &mut show) => r?,
-                _ = interrupted() => bail!("interrupted: the source process was left running and untraced"),
+            let report = if post_copy {
+                let pc = ferry::postcopy::PostCopyOptions {
+                    bandwidth: post_copy_bandwidth,
+                };
+                tokio::select! {
+                    r = ferry::migrate::migrate_post_copy(opts, &pc, &mut show) => r?,
+                    _ = interrupted() => bail!(
+                        "interrupted: before the destination resumed the process, the source \
+                         was left running and untraced; after it, the source was left stopped \
+                         and the destination kills its copy"
+                    ),
+                }
+            } else {
+                tokio::select! {
+                    r = ferry::migrate::migrate(opts, &mut show) => r?,
+                    _ = interrupted() => bail!("interrupted: the source process was left running and untraced"),
+                }
             };
             if rounds.json {
                 let mut j = report_json(&report.dump);
                 j["restored_pid"] = report.restored_pid.into();
                 j["downtime_ms"] = (report.downtime.as_secs_f64() * 1e3).into();
+                if let Some(pc) = &report.post_copy {
+                    j["post_copy"] = serde_json::json!({
+                        "lazy_pages": pc.lazy_pages,
+                        "faults": pc.faults,
+                        "local_faults": pc.local_faults,
+                        "fault_median_us": pc.fault_median_us,
+                        "fault_p99_us": pc.fault_p99_us,
+                        "fault_max_us": pc.fault_max_us,
+                        "requests": pc.requests,
+                        "pushed_pages": pc.pushed_pages,
+                        "last_page_ms": pc.last_page.as_secs_f64() * 1e3,
+                    });
+                }
                 println!("{}", serde_json::to_string_pretty(&j)?);
             } else {
+                if let Some(pc) = &report.post_copy {
+                    eprintln!(
+                        "post-copy: {} pages served after the resume, the last {:.1} ms after \
+                         it; {} faults asked the source (median {} µs, p99 {} µs), {} served \
+                         locally",
+                        pc.lazy_pages,
+                        pc.last_page.as_secs_f64() * 1e3,
+                        pc.faults,
+                        pc.fault_median_us,
+                        pc.fault_p99_us,
+                        pc.local_faults,
+                    );
+                }
                 let p = report.dump.parts;
                 let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
                 eprintln!(

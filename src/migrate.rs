@@ -10,11 +10,15 @@
 use std::time::Duration;
 
 use ferry_page_server::store::{FlatImage, SessionStore};
-use ferry_page_server::{Restorer, WarmRestore};
+use ferry_page_server::{LazyEvent, LazyProcess, Restorer, WarmRestore};
 use ferry_proto::pb;
 
 use crate::client::CommitOutcome;
-use crate::dump::{dump_frozen, DumpError, DumpOptions, DumpReport, RoundReport};
+use crate::dump::{
+    dump_frozen, dump_frozen_with, Destination, DumpError, DumpOptions, DumpReport, Frozen,
+    RoundReport,
+};
+use crate::postcopy::{PostCopyError, PostCopyOptions, PostCopyReport};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {
@@ -35,6 +39,18 @@ pub enum MigrateError {
         source_pid: i32,
         error: DumpError,
     },
+    #[error(
+        "post-copy failed after the destination resumed the process as pid {pid}: {error}. \
+         The destination kills its copy (pages were still missing). The source {source_pid} \
+         is left stopped (SIGSTOP) with its memory as at the freeze; it cannot take over by \
+         itself since the destination's copy already ran: `kill -CONT {source_pid}` if \
+         running it again from the freeze is safe, else kill it"
+    )]
+    PostCopy {
+        pid: i32,
+        source_pid: i32,
+        error: Box<PostCopyError>,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -44,6 +60,8 @@ pub struct MigrateReport {
     pub restored_pid: i32,
     /// From the freeze to the destination's `Restored`: the outage.
     pub downtime: Duration,
+    /// With `--post-copy`: what serving the missing pages took.
+    pub post_copy: Option<PostCopyReport>,
 }
 
 /// Migrates `opts.pid` to the page server in `opts.dest`, which must run
@@ -67,6 +85,7 @@ pub async fn migrate(
                 downtime: report.frozen,
                 dump: report,
                 restored_pid: pid,
+                post_copy: None,
             })
         }
         Some(CommitOutcome::Failed { reason }) => {
@@ -78,6 +97,97 @@ pub async fn migrate(
             Err(MigrateError::Refused(format!(
                 "unexpected answer {other:?}"
             )))
+        }
+    }
+}
+
+/// Migrates `opts.pid` with post-copy (`ferry migrate --post-copy`): the
+/// rounds as [`migrate`], then a freeze, the state and only the pages that
+/// cannot wait; the destination resumes the process at once and the last
+/// round's other dirty pages follow, asked for on fault or pushed. The
+/// source is killed once every page is in. Before `Restored`, any failure
+/// resumes the source as [`migrate`] does; after it, the source can no
+/// longer take over and is left stopped ([`MigrateError::PostCopy`]).
+pub async fn migrate_post_copy(
+    mut opts: DumpOptions,
+    pc: &PostCopyOptions,
+    progress: &mut (dyn FnMut(&RoundReport) + Send),
+) -> Result<MigrateReport, MigrateError> {
+    opts.restore = true;
+    let pid = opts.pid;
+    if let Destination::Remote(c) = &opts.dest {
+        if matches!(c.transport, crate::client::Transport::Tcp { .. }) {
+            return Err(MigrateError::Unsupported {
+                pid,
+                reason: "post-copy needs QUIC, not plain TCP".into(),
+            });
+        }
+    }
+    precheck(pid)?;
+    let (report, frozen, lazy) = dump_frozen_with(opts, true, progress).await?;
+    match (report.outcome.clone(), lazy) {
+        (Some(CommitOutcome::Restored { pid }), Some(lazy)) => {
+            let source_pid = frozen.pid();
+            tracing::info!(
+                pid,
+                source_pid,
+                lazy_ranges = lazy.ranges.len(),
+                "resumed on the destination; serving the missing pages"
+            );
+            let mut held = StopOnDrop(Some(frozen));
+            match crate::postcopy::serve(lazy.link, source_pid, lazy.ranges, pc).await {
+                Ok(pcr) => {
+                    let frozen = held.0.take().expect("held until here");
+                    frozen.kill().map_err(|error| MigrateError::Kill {
+                        pid,
+                        source_pid,
+                        error,
+                    })?;
+                    Ok(MigrateReport {
+                        downtime: report.frozen,
+                        dump: report,
+                        restored_pid: pid,
+                        post_copy: Some(pcr),
+                    })
+                }
+                Err(error) => {
+                    drop(held);
+                    Err(MigrateError::PostCopy {
+                        pid,
+                        source_pid,
+                        error: Box::new(error),
+                    })
+                }
+            }
+        }
+        (Some(CommitOutcome::Failed { reason }), _) => {
+            frozen.resume()?;
+            Err(MigrateError::Refused(reason))
+        }
+        (other, _) => {
+            frozen.resume()?;
+            Err(MigrateError::Refused(format!(
+                "unexpected answer {other:?}"
+            )))
+        }
+    }
+}
+
+/// The source after the destination ran: never resumed by accident (ferry
+/// interrupted, an error), only left stopped.
+struct StopOnDrop(Option<Frozen>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            let pid = f.pid();
+            // The destination owns the connections now: the source's stay
+            // in repair mode, silent, while it waits stopped.
+            let mut f = f;
+            f.disarm_repair();
+            if let Err(e) = f.leave_stopped() {
+                tracing::warn!(pid, "leaving the source stopped: {e}");
+            }
         }
     }
 }
@@ -258,6 +368,105 @@ impl WarmRestore for LocalWarm {
                 crate::restore::restore(&tree, &img).map_err(|e| e.to_string())
             }
             Err(f) => Err(f.error.to_string()),
+        }
+    }
+
+    fn post_copy(&self) -> bool {
+        true
+    }
+
+    fn finish_lazy(
+        self: Box<Self>,
+        session: &mut dyn SessionStore,
+        lazy: &[pb::LazyRange],
+    ) -> Result<Box<dyn LazyProcess>, String> {
+        (*self).lazy(session, lazy)
+    }
+}
+
+impl LocalWarm {
+    fn lazy(
+        self,
+        session: &mut dyn SessionStore,
+        lazy: &[pb::LazyRange],
+    ) -> Result<Box<dyn LazyProcess>, String> {
+        let tree = session_state(session)?;
+        let ranges = lazy.iter().map(|r| (r.start, r.end)).collect();
+        match self.0.finish_lazy(&tree, ranges) {
+            Ok((_, Some(missing))) => Ok(Box::new(LocalLazy {
+                missing,
+                complete: std::sync::atomic::AtomicBool::new(false),
+            })),
+            Ok((pid, None)) => Err(format!(
+                "process {pid} was restored without a userfaultfd (no post-copy ranges)"
+            )),
+            // A cold restore cannot leave pages missing: refuse, so the
+            // source runs on.
+            Err(f) => Err(f.error.to_string()),
+        }
+    }
+}
+
+/// A restored process waiting for its post-copy pages, through its
+/// userfaultfd ([`crate::sys::uffd::Missing`]). Dropped before every page
+/// is in, it kills the process first.
+struct LocalLazy {
+    missing: crate::sys::uffd::Missing,
+    complete: std::sync::atomic::AtomicBool,
+}
+
+impl LazyProcess for LocalLazy {
+    fn pid(&self) -> i32 {
+        self.missing.pid()
+    }
+
+    fn place(&self, addr: u64, data: &[u8]) -> Result<u64, String> {
+        self.missing
+            .copy(addr, data)
+            .map(|(_, done)| done)
+            .map_err(|e| e.to_string())
+    }
+
+    fn zero(&self, addr: u64) -> Result<(), String> {
+        self.missing.zero(addr).map_err(|e| e.to_string())
+    }
+
+    fn wait(&self, timeout_ms: i32) -> Result<(), String> {
+        self.missing.wait(timeout_ms).map_err(|e| e.to_string())
+    }
+
+    fn read_event(&self) -> Result<Option<LazyEvent>, String> {
+        use crate::sys::uffd::MissingEvent as M;
+        Ok(self
+            .missing
+            .read_event()
+            .map_err(|e| e.to_string())?
+            .map(|e| match e {
+                M::Fault { addr } => LazyEvent::Fault(addr),
+                M::Removed { start, end } => LazyEvent::Removed(start, end),
+                M::Remapped { from, to, len } => LazyEvent::Remapped { from, to, len },
+            }))
+    }
+
+    fn complete(&self) {
+        self.complete
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn kill(&self) {
+        if let Err(e) = self.missing.kill() {
+            tracing::warn!(
+                pid = self.missing.pid(),
+                "killing the restored process: {e}"
+            );
+        }
+    }
+}
+
+impl Drop for LocalLazy {
+    fn drop(&mut self) {
+        if !self.complete.load(std::sync::atomic::Ordering::Relaxed) {
+            self.kill();
         }
     }
 }

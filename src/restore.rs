@@ -92,6 +92,7 @@ use nix::errno::Errno;
 
 use crate::procfs::{self, MapEntry};
 use crate::sys::stub::{self, Stub, StubError};
+use crate::sys::uffd::Missing;
 use crate::sys::vm::VmError;
 use crate::sys::{page_size, USER_ADDR_END};
 use crate::track::{intersect, normalize, subtract};
@@ -167,6 +168,11 @@ pub enum RestoreError {
     /// Failpoint (test only): a failure injected at a restore stage.
     #[error("restore stage {0}: failure injected by FERRY_FAILPOINT=restore:{0} (test only)")]
     Failpoint(&'static str),
+    /// Post-copy: a range the source left out cannot be made lazy here.
+    #[error("post-copy: {0}")]
+    Lazy(String),
+    #[error("post-copy: {0}")]
+    Uffd(#[from] crate::sys::uffd::UffdError),
 }
 
 /// Failpoint (test only): fails `stage` when FERRY_FAILPOINT=restore:STAGE
@@ -192,6 +198,16 @@ fn is_special(v: &pb::Vma) -> bool {
         v.name.as_str(),
         "[vdso]" | "[vvar]" | "[vvar_vclock]" | "[vsyscall]"
     )
+}
+
+/// Memory post-copy may leave missing: anonymous and private (heap and
+/// stacks included). Shared memory and file pages go in before the resume.
+pub fn lazy_eligible(v: &pb::Vma) -> bool {
+    matches!(
+        v.kind(),
+        pb::VmaKind::Anon | pb::VmaKind::Heap | pb::VmaKind::Stack
+    ) && !is_shared(v)
+        && !is_special(v)
 }
 
 fn is_file(v: &pb::Vma) -> bool {
@@ -606,14 +622,18 @@ pub struct Warm {
     applied_rx: std::sync::mpsc::Receiver<i32>,
     applied: u32,
     stub_pid: Option<i32>,
-    worker: Option<std::thread::JoinHandle<Result<i32, WarmFailure>>>,
+    worker: Option<std::thread::JoinHandle<WarmDone>>,
     vmas: Vec<pb::Vma>,
     layers: u32,
 }
 
+/// What the restore thread ends with: the pid, running, and with lazy
+/// ranges the userfaultfd they wait on.
+type WarmDone = Result<(i32, Option<Missing>), WarmFailure>;
+
 enum Cmd {
     Layer(FlatImage),
-    Finish(Box<pb::Process>),
+    Finish(Box<pb::Process>, Vec<(u64, u64)>),
 }
 
 /// Why a warm restore failed, and whether the layers already had: then a
@@ -709,7 +729,21 @@ impl Warm {
 
     /// Checks the state against the last layer's mappings, then finishes
     /// the restore once every queued layer is in: the process runs.
-    pub fn finish(mut self, tree: &pb::ProcessTree) -> Result<i32, WarmFailure> {
+    pub fn finish(self, tree: &pb::ProcessTree) -> Result<i32, WarmFailure> {
+        self.finish_lazy(tree, Vec::new()).map(|(pid, _)| pid)
+    }
+
+    /// [`Warm::finish`] for post-copy: the pages of `lazy` (page aligned,
+    /// sorted, each inside one anonymous private mapping) are dropped from
+    /// the process before it resumes and registered with a userfaultfd in
+    /// MISSING mode, returned with the pid: the process runs, and waits on
+    /// each such page it touches until it is placed through the
+    /// [`Missing`].
+    pub fn finish_lazy(
+        mut self,
+        tree: &pb::ProcessTree,
+        lazy: Vec<(u64, u64)>,
+    ) -> Result<(i32, Option<Missing>), WarmFailure> {
         check(tree, &self.vmas).map_err(WarmFailure::state)?;
         if tree.processes.len() > 1 {
             // One address space laid warm (a root whose only other
@@ -722,7 +756,7 @@ impl Warm {
         let sent = self
             .tx
             .take()
-            .is_some_and(|tx| tx.send(Cmd::Finish(p)).is_ok());
+            .is_some_and(|tx| tx.send(Cmd::Finish(p, lazy)).is_ok());
         let joined = self
             .worker
             .take()
@@ -750,7 +784,7 @@ impl Drop for Warm {
 fn warm_worker(
     rx: std::sync::mpsc::Receiver<Cmd>,
     applied: std::sync::mpsc::Sender<i32>,
-) -> Result<i32, WarmFailure> {
+) -> WarmDone {
     let mut r: Option<Restorer> = None;
     let mut layers = 0u32;
     loop {
@@ -771,11 +805,11 @@ fn warm_worker(
                 layers += 1;
                 let _ = applied.send(restorer.stub.pid());
             }
-            Ok(Cmd::Finish(p)) => {
+            Ok(Cmd::Finish(p, lazy)) => {
                 let r = r.ok_or_else(|| {
                     WarmFailure::layers(RestoreError::Missing("memory image (no layer)".into()))
                 })?;
-                return r.finish(&p).map_err(WarmFailure::state);
+                return r.finish(&p, &lazy).map_err(WarmFailure::state);
             }
             Err(_) => {
                 return Err(WarmFailure::layers(RestoreError::Thread(
@@ -913,7 +947,11 @@ fn restore_tree(tree: &pb::ProcessTree, img: &FlatImage) -> Result<i32> {
     }
     let mut ready = Vec::with_capacity(rs.len());
     for (r, p) in rs.iter_mut().zip(procs) {
-        ready.push(if p.zombie { None } else { Some(r.prepare(p)?) });
+        ready.push(if p.zombie {
+            None
+        } else {
+            Some(r.prepare(p, &[])?.0)
+        });
     }
     let root = rs[0].stub.pid();
     let mut let_go: Vec<i32> = Vec::new();
@@ -1139,10 +1177,11 @@ impl Restorer {
         Ok(r)
     }
 
-    /// Thread and process state on top of the laid layers, then resume.
-    fn finish(mut self, p: &pb::Process) -> Result<i32> {
+    /// Thread and process state on top of the laid layers, then resume;
+    /// with `lazy` ranges, those are left missing (see [`Warm::finish_lazy`]).
+    fn finish(mut self, p: &pb::Process, lazy: &[(u64, u64)]) -> Result<(i32, Option<Missing>)> {
         let t0 = std::time::Instant::now();
-        let all = self.prepare(p)?;
+        let (all, missing) = self.prepare(p, lazy)?;
         let threads = all.len();
         let pid = self.stub.resume_all(&all)?;
         tracing::info!(
@@ -1150,14 +1189,20 @@ impl Restorer {
             source_pid = p.pid,
             threads,
             state_ms = t0.elapsed().as_secs_f64() * 1e3,
+            lazy_ranges = lazy.len(),
             "restored"
         );
-        Ok(pid)
+        Ok((pid, missing))
     }
 
     /// Everything of [`Restorer::finish`] but letting the process go: the
-    /// final state of each thread, to hand to [`Stub::resume_all`].
-    fn prepare<'p>(&mut self, p: &'p pb::Process) -> Result<Vec<stub::Resume<'p>>> {
+    /// final state of each thread, to hand to [`Stub::resume_all`], and the
+    /// userfaultfd of the `lazy` ranges if there are any.
+    fn prepare<'p>(
+        &mut self,
+        p: &'p pb::Process,
+        lazy: &[(u64, u64)],
+    ) -> Result<(Vec<stub::Resume<'p>>, Option<Missing>)> {
         self.protections()?;
         failpoint("vdso")?; // failpoint (test only)
         self.vdso()?;
@@ -1171,6 +1216,13 @@ impl Restorer {
         let tids = self.threads(p)?;
         self.thread_state(p)?;
         self.leave_repair()?;
+        // After the files: the userfaultfd takes the lowest free fd number
+        // for a moment, which must not be one of the image's.
+        let missing = if lazy.is_empty() {
+            None
+        } else {
+            Some(self.lazy(lazy)?)
+        };
         // Last injection: unmap the gadget from inside it. The stub stays in
         // that syscall's exit stop, its rip in the unmapped page, until the
         // final registers replace it.
@@ -1201,7 +1253,63 @@ impl Restorer {
             })
             .collect();
         failpoint("registers")?; // failpoint (test only)
-        Ok(all)
+        Ok((all, missing))
+    }
+
+    /// Drops the stale copies of the lazy ranges (`MADV_DONTNEED` makes
+    /// anonymous private pages missing) and registers every mapping that
+    /// holds one with a userfaultfd made inside the process, in MISSING
+    /// mode. Whole mappings are registered, which splits none: their other
+    /// pages are present and never fault, and a never-touched page there
+    /// faults once and gets a zero page from the server.
+    fn lazy(&mut self, lazy: &[(u64, u64)]) -> Result<Missing> {
+        let mut hulls: Vec<(u64, u64)> = Vec::new();
+        for &(s, e) in lazy {
+            let v = self
+                .vmas
+                .iter()
+                .find(|v| v.start <= s && e <= v.end)
+                .ok_or_else(|| {
+                    RestoreError::Lazy(format!(
+                        "{s:#x}-{e:#x} is not inside one mapping of the image"
+                    ))
+                })?;
+            if !lazy_eligible(v) {
+                return Err(RestoreError::Lazy(format!(
+                    "{s:#x}-{e:#x} lies in {} ({:?}), not anonymous private memory",
+                    if v.name.is_empty() {
+                        "a mapping"
+                    } else {
+                        &v.name
+                    },
+                    v.kind()
+                )));
+            }
+            if hulls.last() != Some(&(v.start, v.end)) {
+                hulls.push((v.start, v.end));
+            }
+        }
+        let mut drops = lazy.to_vec();
+        normalize(&mut drops);
+        self.drop_pages(&drops)?;
+        let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64;
+        let fd = self.call(
+            "userfaultfd()",
+            libc::SYS_userfaultfd,
+            [flags, 0, 0, 0, 0, 0],
+        )?;
+        let adopted = Missing::adopt(self.stub.pid(), fd as i32);
+        self.call(
+            "close of the process's userfaultfd",
+            libc::SYS_close,
+            [fd, 0, 0, 0, 0, 0],
+        )?;
+        let missing = adopted?;
+        normalize(&mut hulls);
+        for (a, b) in hulls {
+            missing.register(a, b)?;
+        }
+        Ok(missing)
     }
 
     fn stub_maps(&self) -> Result<Vec<MapEntry>> {
@@ -1594,6 +1702,62 @@ impl Restorer {
         for (a, b) in drops {
             self.call(
                 format!("madvise(MADV_DONTNEED) of the zero run {a:#x}-{b:#x}"),
+                libc::SYS_madvise,
+                [a, b - a, libc::MADV_DONTNEED as u64, 0, 0, 0],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// `MADV_DONTNEED` on every range, all of it frozen time: batched, up
+    /// to `IOV_MAX` ranges per injected `process_madvise` on the process
+    /// itself (any advice is allowed on oneself since Linux 6.13), or one
+    /// `madvise` per range where that is refused.
+    fn drop_pages(&mut self, ranges: &[(u64, u64)]) -> Result<()> {
+        const IOV_MAX: usize = 1024;
+        let room = (GADGET_DATA_PAGES * page_size()) as usize / 16;
+        let per_call = IOV_MAX.min(room);
+        let pid = self.stub.pid() as u64;
+        let pidfd = self.call(
+            "pidfd_open of itself",
+            libc::SYS_pidfd_open,
+            [pid, 0, 0, 0, 0, 0],
+        );
+        let mut left = ranges;
+        if let Ok(pidfd) = pidfd {
+            while !left.is_empty() {
+                let (chunk, rest) = left.split_at(left.len().min(per_call));
+                let mut iov = Vec::with_capacity(chunk.len() * 16);
+                for &(a, b) in chunk {
+                    iov.extend_from_slice(&a.to_ne_bytes());
+                    iov.extend_from_slice(&(b - a).to_ne_bytes());
+                }
+                let at = self.put(0, &iov, "the lazy ranges")?;
+                let want: u64 = chunk.iter().map(|(a, b)| b - a).sum();
+                let args = [
+                    pidfd,
+                    at,
+                    chunk.len() as u64,
+                    libc::MADV_DONTNEED as u64,
+                    0,
+                    0,
+                ];
+                let ret = self.stub.syscall(libc::SYS_process_madvise, args)?;
+                if ret as u64 != want {
+                    tracing::debug!(ret, "process_madvise on itself refused; madvise per range");
+                    break;
+                }
+                left = rest;
+            }
+            self.call(
+                "close of its pidfd",
+                libc::SYS_close,
+                [pidfd, 0, 0, 0, 0, 0],
+            )?;
+        }
+        for &(a, b) in left {
+            self.call(
+                format!("madvise(MADV_DONTNEED) of the lazy range {a:#x}-{b:#x}"),
                 libc::SYS_madvise,
                 [a, b - a, libc::MADV_DONTNEED as u64, 0, 0, 0],
             )?;

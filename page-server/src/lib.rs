@@ -9,9 +9,12 @@
 //!   `ferry_proto::session::Receiver`.
 //! - `transport`: what the session driver needs from a connection, for
 //!   QUIC and for [`tcp`], the unencrypted benchmark baseline.
+//! - [`lazy`]: post-copy: serving the faults of a process restored with
+//!   pages missing, and placing the pages the source pushes.
 //! - [`store`]: layered images, `mem` and `disk`, behind one trait.
 
 pub mod access;
+pub mod lazy;
 pub mod limits;
 pub mod server;
 pub mod store;
@@ -19,4 +22,5 @@ pub mod tcp;
 pub mod tls;
 mod transport;
 
+pub use lazy::{LazyEvent, LazyProcess};
 pub use server::{Config, PageServer, Restorer, Transport, WarmRestore};

@@ -38,6 +38,7 @@ use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
 use crate::access::AllowList;
+use crate::lazy::{LazyProcess, LazyServeError};
 use crate::limits::show_size;
 use crate::store::{FlatImage, SessionStore, Store, StoreError};
 use crate::tcp::TcpError;
@@ -84,7 +85,29 @@ pub trait WarmRestore: Send {
     /// At commit: finishes the restore (or restores cold if the warm one
     /// failed on the way) and returns the pid of the running process.
     fn finish(self: Box<Self>, session: &mut dyn SessionStore) -> Result<i32, String>;
+
+    /// Whether [`WarmRestore::finish_lazy`] works here (post-copy is
+    /// offered to the source only then).
+    fn post_copy(&self) -> bool {
+        false
+    }
+
+    /// Post-copy: finishes the restore with the pages of `lazy` missing
+    /// and the process running, waiting on each such page it touches until
+    /// it is placed through the returned [`LazyProcess`].
+    fn finish_lazy(
+        self: Box<Self>,
+        _session: &mut dyn SessionStore,
+        _lazy: &[pb::LazyRange],
+    ) -> Result<Box<dyn LazyProcess>, String> {
+        Err("this restorer cannot leave pages missing (no post-copy)".into())
+    }
 }
+
+/// Longest post-copy wait for the next page from the source while pages
+/// are missing (capped by the idle timeout): after it, the source counts
+/// as gone and the process is killed.
+pub const POST_COPY_STALL: Duration = Duration::from_secs(5);
 
 /// What the page server listens with.
 pub enum Transport {
@@ -197,6 +220,8 @@ pub enum SessionError {
     Refused(String),
     #[error("pre-flight: this host could not restore the process: {0}")]
     Preflight(String),
+    #[error("{0}")]
+    PostCopy(#[from] LazyServeError),
 }
 
 impl SessionError {
@@ -411,6 +436,10 @@ pub(crate) async fn serve<C: Conn>(conn: Arc<C>, shared: Arc<Shared>) {
         created: false,
         preflight: false,
         warm: None,
+        lazy_ranges: None,
+        lazy: None,
+        urgent: None,
+        page_size: 0,
     };
     match s.run().await {
         Ok(()) => info!(%peer, session = %s.session_name(), "session finished"),
@@ -450,11 +479,19 @@ struct Session<C: Conn> {
     warm: Option<Box<dyn WarmRestore>>,
     /// Page data stored in the open layer so far.
     layer_bytes: u64,
+    /// Post-copy: the ranges the source left out, then the process that
+    /// waits for them.
+    lazy_ranges: Option<Vec<pb::LazyRange>>,
+    lazy: Option<Box<dyn LazyProcess>>,
+    /// Batches of pages the process faulted on (post-copy), apart from the
+    /// rest so they are placed first.
+    urgent: Option<mpsc::Receiver<BatchResult>>,
+    page_size: u32,
 }
 
 /// Runs a store operation that may block (file writes, `fsync`) without
 /// stalling the other tasks of a multi-threaded runtime.
-fn blocking<T>(f: impl FnOnce() -> T) -> T {
+pub(crate) fn blocking<T>(f: impl FnOnce() -> T) -> T {
     match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
         Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
         _ => f(),
@@ -488,6 +525,10 @@ impl<C: Conn> Session<C> {
             }
         }
         .await;
+        let result = match (result, self.lazy.take()) {
+            (Ok(()), Some(lazy)) => self.post_copy(lazy, &mut send, &mut recv, &mut cbuf).await,
+            (r, _) => r,
+        };
         self.control = Some((send, recv));
         result?;
         // Let the last answer reach the source before the connection goes.
@@ -499,12 +540,45 @@ impl<C: Conn> Session<C> {
         Ok(())
     }
 
+    /// Serves the process restored with pages missing until every page is
+    /// in, then tells the source (see [`crate::lazy`]).
+    async fn post_copy(
+        &mut self,
+        lazy: Box<dyn LazyProcess>,
+        send: &mut C::Send,
+        recv: &mut C::Recv,
+        cbuf: &mut BytesMut,
+    ) -> Result<(), SessionError> {
+        let ranges = self.lazy_ranges.take().unwrap_or_default();
+        let set = ferry_proto::lazy::LazySet::new(&ranges, self.page_size)
+            .map_err(ProtocolError::from)?;
+        let (Some(data), Some(urgent)) = (self.data.as_mut(), self.urgent.as_mut()) else {
+            lazy.kill();
+            return Err(SessionError::Protocol(ProtocolError::Misuse(
+                "post-copy without data streams",
+            )));
+        };
+        let stall = POST_COPY_STALL.min(self.shared.idle_timeout);
+        let done = crate::lazy::serve(
+            std::sync::Arc::from(lazy),
+            set,
+            send,
+            recv,
+            cbuf,
+            crate::lazy::Channels { data, urgent },
+            stall,
+        )
+        .await?;
+        write_control(send, &crate::lazy::done_message(done)).await
+    }
+
     /// Carries out everything the receiver asked for.
     async fn act(&mut self, send: &mut C::Send) -> Result<(), SessionError> {
         while let Some(a) = self.rx.poll_action() {
             match a {
                 Action::Send(c) => write_control(send, &c).await?,
                 Action::OpenSession { id, hello } => {
+                    let mut offer = Vec::new();
                     if hello
                         .features
                         .iter()
@@ -523,6 +597,12 @@ impl<C: Conn> Session<C> {
                         // into a process: it restores cold.
                         if !hello.resume {
                             self.warm = r.warm();
+                        }
+                        let asks = |f: &str| hello.features.iter().any(|x| x == f);
+                        if asks(ferry_proto::FEATURE_POST_COPY)
+                            && self.warm.as_ref().is_some_and(|w| w.post_copy())
+                        {
+                            offer.push(ferry_proto::FEATURE_POST_COPY.to_string());
                         }
                     }
                     let store = &self.shared.store;
@@ -544,7 +624,8 @@ impl<C: Conn> Session<C> {
                     info!(peer = %self.conn.remote_address(), session = %id,
                           label = %hello.label, resume = hello.resume, "session opened");
                     self.created = !hello.resume;
-                    self.rx.session_ready(h.sealed_layers())?;
+                    self.rx.session_ready_with(h.sealed_layers(), offer)?;
+                    self.page_size = hello.page_size;
                     self.handle = Some(h);
                     self.start_data(hello.page_size);
                 }
@@ -584,6 +665,7 @@ impl<C: Conn> Session<C> {
                     }
                     self.rx.sealed(layer)?;
                 }
+                Action::PostCopy { ranges } => self.lazy_ranges = Some(ranges),
                 Action::StoreState(tree) => {
                     let h = self.store()?;
                     blocking(|| h.put_state(&tree))?;
@@ -651,6 +733,22 @@ impl<C: Conn> Session<C> {
             Some(r) => {
                 let r = r.clone();
                 let warm = self.warm.take();
+                if let Some(ranges) = self.lazy_ranges.as_ref() {
+                    let done = match warm {
+                        Some(w) => blocking(|| w.finish_lazy(h.as_mut(), ranges)),
+                        None => Err("post-copy needs the warm restore, which gave up during \
+                                     the rounds (see the page server's log)"
+                            .into()),
+                    };
+                    return match done {
+                        Ok(lazy) => {
+                            let pid = lazy.pid();
+                            self.lazy = Some(lazy);
+                            Outcome::Restored { pid }
+                        }
+                        Err(reason) => Outcome::Failed { reason },
+                    };
+                }
                 let done = blocking(|| match warm {
                     Some(w) => w.finish(h.as_mut()),
                     None => r.restore(h.as_mut()),
@@ -666,12 +764,14 @@ impl<C: Conn> Session<C> {
     /// Accepts the data streams of the session and reads each in a task.
     fn start_data(&mut self, page_size: u32) {
         let (tx, rx) = mpsc::channel(16);
+        let (urgent_tx, urgent_rx) = mpsc::channel(16);
         self.data = Some(rx);
+        self.urgent = Some(urgent_rx);
         let conn = self.conn.clone();
         self.readers.spawn(async move {
             let mut streams = JoinSet::new();
             while let Some(recv) = conn.accept_data().await {
-                streams.spawn(read_data(recv, page_size, tx.clone()));
+                streams.spawn(read_data(recv, page_size, tx.clone(), urgent_tx.clone()));
             }
             streams.shutdown().await;
         });
@@ -721,7 +821,7 @@ async fn recv_batch(rx: &mut Option<mpsc::Receiver<BatchResult>>) -> Option<Batc
     }
 }
 
-async fn write_control(
+pub(crate) async fn write_control(
     send: &mut (impl AsyncWrite + Unpin),
     msg: &pb::Control,
 ) -> Result<(), SessionError> {
@@ -750,7 +850,7 @@ async fn read_more(
 
 /// Reads until one whole control message is buffered; `None` at a clean end
 /// of stream.
-async fn read_control(
+pub(crate) async fn read_control(
     recv: &mut (impl AsyncRead + Unpin),
     buf: &mut BytesMut,
 ) -> Result<Option<pb::Control>, SessionError> {
@@ -766,10 +866,12 @@ async fn read_control(
 }
 
 /// Reads one data stream: frames, then batches checked and decompressed.
+/// Post-copy pages the process faulted on go to `urgent`.
 async fn read_data(
     mut recv: impl AsyncRead + Unpin,
     page_size: u32,
     tx: mpsc::Sender<BatchResult>,
+    urgent: mpsc::Sender<BatchResult>,
 ) {
     let mut buf = BytesMut::with_capacity(1 << 20);
     loop {
@@ -787,7 +889,11 @@ async fn read_data(
         };
         if let Some(r) = r {
             let fatal = r.is_err();
-            if tx.send(r).await.is_err() || fatal {
+            let to = match &r {
+                Ok(b) if b.layer == ferry_proto::LAZY_URGENT_LAYER => &urgent,
+                _ => &tx,
+            };
+            if to.send(r).await.is_err() || fatal {
                 return;
             }
         }

@@ -436,7 +436,7 @@ impl Model {
     fn drive(&mut self, rx: &mut Receiver) {
         while let Some(a) = rx.poll_action() {
             match a {
-                Action::Send(_) | Action::Aborted { .. } => {}
+                Action::Send(_) | Action::Aborted { .. } | Action::PostCopy { .. } => {}
                 Action::OpenSession { hello, .. } => {
                     self.next_layer = hello.resume as u32;
                     rx.session_ready(self.next_layer).expect("session_ready");

@@ -14,6 +14,8 @@
 //!   and the digests that prove a layer arrived whole.
 //! - [`session`]: the sender (source) and receiver (destination) state
 //!   machines, and the protocol's sequence diagram.
+//! - [`lazy`]: the page set post-copy still waits for, and fault latency
+//!   figures.
 //! - [`vma`]: address-range checks shared by both ends.
 //! - [`preamble`]: how a connection of the plain-TCP baseline transport
 //!   says what it carries (TCP has no streams: each is a connection).
@@ -23,6 +25,7 @@ pub mod batch;
 pub mod frame;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod lazy;
 pub mod preamble;
 pub mod session;
 pub mod vma;
@@ -41,6 +44,16 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// the destination must be able to restore and checks it can, round by
 /// round, before the source is ever frozen.
 pub const FEATURE_RESTORE: &str = "restore";
+
+/// Hello feature: the source asks for post-copy (see `PostCopy` in the
+/// schema); a page server that can do it echoes it in `Welcome`, and the
+/// source refuses to go on with one that does not.
+pub const FEATURE_POST_COPY: &str = "post-copy";
+
+/// Batch layer of pages the destination asked for (post-copy).
+pub const LAZY_URGENT_LAYER: u32 = u32::MAX;
+/// Batch layer of pages the source pushes in the background (post-copy).
+pub const LAZY_PUSH_LAYER: u32 = u32::MAX - 1;
 
 /// ALPN protocol id of a ferry connection.
 pub const ALPN: &[u8] = b"ferry/1";

@@ -36,9 +36,10 @@
 use std::collections::{HashSet, VecDeque};
 
 use crate::batch::{DecodedBatch, LayerDigest};
+use crate::lazy::{LazyError, LazySet};
 use crate::pb::{self, control::Msg};
 use crate::vma::{RangeSet, VmaError};
-use crate::{valid_page_size, SessionId, PROTOCOL_VERSION};
+use crate::{valid_page_size, SessionId, FEATURE_POST_COPY, PROTOCOL_VERSION};
 
 /// Most batches in one layer (at 1024 pages each, 4 TiB of 4 KiB pages).
 pub const MAX_BATCHES_PER_LAYER: u32 = 1 << 20;
@@ -92,6 +93,15 @@ pub enum ProtocolError {
     NoState,
     #[error("{0}")]
     Misuse(&'static str),
+    #[error("the page server does not offer {feature} (an older version, or one that cannot do it: {why})")]
+    MissingFeature {
+        feature: &'static str,
+        why: &'static str,
+    },
+    #[error("{0}")]
+    Lazy(#[from] LazyError),
+    #[error("post-copy range {start:#x}-{end:#x} lies outside the last layer's mappings")]
+    LazyOutside { start: u64, end: u64 },
 }
 
 fn msg_name(m: &Msg) -> &'static str {
@@ -107,6 +117,9 @@ fn msg_name(m: &Msg) -> &'static str {
         Msg::Restored(_) => "Restored",
         Msg::Failed(_) => "Failed",
         Msg::Abort(_) => "Abort",
+        Msg::PostCopy(_) => "PostCopy",
+        Msg::PageRequest(_) => "PageRequest",
+        Msg::PostCopyDone(_) => "PostCopyDone",
     }
 }
 
@@ -144,6 +157,12 @@ pub enum Action {
     /// Keep or restore the image, then call [`Receiver::finished`].
     Commit {
         restore: bool,
+    },
+    /// The source will leave these ranges out of the image and serve them
+    /// after the resume (post-copy); they were checked against the last
+    /// layer's mappings. Comes before [`Action::Commit`].
+    PostCopy {
+        ranges: Vec<pb::LazyRange>,
     },
     /// The source gave up: drop the open layer. The session is over.
     Aborted {
@@ -207,6 +226,8 @@ pub struct Receiver {
     has_state: bool,
     pending_commit: Option<bool>,
     actions: VecDeque<Action>,
+    /// The mappings of the newest layer begun.
+    last_ranges: Option<RangeSet>,
 }
 
 impl Default for Receiver {
@@ -229,6 +250,7 @@ impl Receiver {
             has_state: false,
             pending_commit: None,
             actions: VecDeque::new(),
+            last_ranges: None,
         }
     }
 
@@ -324,6 +346,29 @@ impl Receiver {
                     .push_back(Action::StoreState(s.tree.unwrap_or_default()));
                 Ok(())
             }
+            (RState::Ready, Msg::PostCopy(p)) => {
+                if self.layer_open() {
+                    return Err(ProtocolError::Unexpected {
+                        state: "a layer is open",
+                        msg: "PostCopy",
+                    });
+                }
+                LazySet::new(&p.ranges, self.page_size)?;
+                let within = self.last_ranges.as_ref();
+                if let Some(r) = p
+                    .ranges
+                    .iter()
+                    .find(|r| !within.is_some_and(|w| w.contains(r.start, r.end)))
+                {
+                    return Err(ProtocolError::LazyOutside {
+                        start: r.start,
+                        end: r.end,
+                    });
+                }
+                self.actions
+                    .push_back(Action::PostCopy { ranges: p.ranges });
+                Ok(())
+            }
             (RState::Ready, Msg::Commit(c)) => {
                 if self.layer_open() || self.pending_commit.is_some() {
                     return Err(ProtocolError::Unexpected {
@@ -372,6 +417,7 @@ impl Receiver {
                 layer: b.layer,
                 source,
             })?;
+        self.last_ranges = Some(ranges.clone());
         self.open = Some(OpenLayer {
             layer: b.layer,
             ranges,
@@ -539,6 +585,16 @@ impl Receiver {
 
     /// The store has the session; `next_layer` is its sealed layer count.
     pub fn session_ready(&mut self, next_layer: u32) -> Result<(), ProtocolError> {
+        self.session_ready_with(next_layer, Vec::new())
+    }
+
+    /// [`Receiver::session_ready`], offering `features` (those of the
+    /// source's `Hello` this destination can do) in `Welcome`.
+    pub fn session_ready_with(
+        &mut self,
+        next_layer: u32,
+        features: Vec<String>,
+    ) -> Result<(), ProtocolError> {
         if self.state != RState::Opening {
             return Err(ProtocolError::Misuse("session_ready outside Opening"));
         }
@@ -548,7 +604,7 @@ impl Receiver {
             .push_back(Action::Send(control(Msg::Welcome(pb::Welcome {
                 version: PROTOCOL_VERSION,
                 next_layer,
-                features: Vec::new(),
+                features,
             }))));
         Ok(())
     }
@@ -739,6 +795,14 @@ impl Sender {
                         expected: 0,
                     });
                 }
+                let wanted = |f: &str| self.cfg.features.iter().any(|x| x == f);
+                if wanted(FEATURE_POST_COPY) && !w.features.iter().any(|x| x == FEATURE_POST_COPY) {
+                    return Err(ProtocolError::MissingFeature {
+                        feature: "post-copy",
+                        why: "it needs `ferry page-server --restore` with warm restore, \
+                              a fresh session, and a version with post-copy",
+                    });
+                }
                 self.next_layer = w.next_layer;
                 self.state = SState::Idle;
                 Ok(Event::Welcomed {
@@ -872,6 +936,23 @@ impl Sender {
             return Err(ProtocolError::Misuse("state() outside Idle"));
         }
         Ok(control(Msg::State(pb::State { tree: Some(tree) })))
+    }
+
+    /// The ranges left out of the image for post-copy (before
+    /// [`Sender::commit`]; the session must have asked for
+    /// [`crate::FEATURE_POST_COPY`]).
+    pub fn post_copy(&mut self, ranges: Vec<pb::LazyRange>) -> Result<pb::Control, ProtocolError> {
+        if self.state != SState::Idle || self.next_layer == 0 {
+            return Err(ProtocolError::Misuse(
+                "post_copy() outside Idle or before any layer",
+            ));
+        }
+        if !self.cfg.features.iter().any(|f| f == FEATURE_POST_COPY) {
+            return Err(ProtocolError::Misuse(
+                "post_copy() in a session that did not ask for it",
+            ));
+        }
+        Ok(control(Msg::PostCopy(pb::PostCopy { ranges })))
     }
 
     pub fn commit(&mut self, restore: bool) -> Result<pb::Control, ProtocolError> {

@@ -418,16 +418,24 @@ impl WriteProtect {
     }
 }
 
-/// Copies fd `fd` of process `pid` into ours (`pidfd_getfd`, close-on-exec).
-fn take_fd(pid: i32, fd: RawFd) -> Result<OwnedFd, UffdError> {
-    let err = |op| move |errno| UffdError::Fd { op, pid, errno };
+fn pidfd_open(pid: i32) -> Result<OwnedFd, UffdError> {
     // SAFETY: pidfd_open takes a pid and flags; no memory is passed.
     let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
     if pidfd < 0 {
-        return Err(err("pidfd_open")(Errno::last()));
+        return Err(UffdError::Fd {
+            op: "pidfd_open",
+            pid,
+            errno: Errno::last(),
+        });
     }
     // SAFETY: pidfd_open returned a new fd that nothing else owns.
-    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) };
+    Ok(unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) })
+}
+
+/// Copies fd `fd` of process `pid` into ours (`pidfd_getfd`, close-on-exec).
+fn take_fd(pid: i32, fd: RawFd) -> Result<OwnedFd, UffdError> {
+    let err = |op| move |errno| UffdError::Fd { op, pid, errno };
+    let pidfd = pidfd_open(pid)?;
     // SAFETY: pidfd_getfd takes two fds and flags; no memory is passed.
     let ours = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
     if ours < 0 {
@@ -518,9 +526,369 @@ fn remove_range(ranges: &mut Vec<(u64, u64)>, start: u64, end: u64) {
     *ranges = out;
 }
 
+// ------------------------------------------------------------- post-copy
+
+/// The process's own `madvise(MADV_DONTNEED)` on a registered range.
+const UFFD_FEATURE_EVENT_REMOVE: u64 = 1 << 3;
+/// The process's `munmap` of a registered range.
+const UFFD_FEATURE_EVENT_UNMAP: u64 = 1 << 6;
+/// The process's `mremap` of a registered range.
+const UFFD_FEATURE_EVENT_REMAP: u64 = 1 << 2;
+const MISSING_FEATURES: u64 =
+    UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_EVENT_UNMAP | UFFD_FEATURE_EVENT_REMAP;
+const UFFDIO_REGISTER_MODE_MISSING: u64 = 1 << 0;
+const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
+const UFFD_EVENT_REMAP: u8 = 0x14;
+const UFFD_EVENT_REMOVE: u8 = 0x15;
+const UFFD_EVENT_UNMAP: u8 = 0x16;
+
+#[repr(C)]
+struct UffdioCopy {
+    dst: u64,
+    src: u64,
+    len: u64,
+    mode: u64,
+    copy: i64,
+}
+
+#[repr(C)]
+struct UffdioZeropage {
+    range: UffdioRange,
+    mode: u64,
+    zeropage: i64,
+}
+
+const UFFDIO_WAKE: u64 = ior::<UffdioRange>(0xaa, 0x02);
+const UFFDIO_COPY: u64 = iowr::<UffdioCopy>(0xaa, 0x03);
+const UFFDIO_ZEROPAGE: u64 = iowr::<UffdioZeropage>(0xaa, 0x04);
+
+/// What the restored process did, read from its userfaultfd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MissingEvent {
+    /// A thread touched a missing page at `addr` and waits for it.
+    Fault { addr: u64 },
+    /// The process dropped `[start, end)` itself (`MADV_DONTNEED`) or
+    /// unmapped it: what was there is no longer wanted.
+    Removed { start: u64, end: u64 },
+    /// The process moved `len` bytes from `from` to `to` (`mremap`).
+    Remapped { from: u64, to: u64, len: u64 },
+}
+
+/// A userfaultfd in MISSING mode on a restored process (post-copy): faults
+/// on registered ranges wait until [`Missing::copy`] places the page. Made
+/// like [`WriteProtect`]: created inside the process by an injected call,
+/// copied out with `pidfd_getfd`, the process's copy closed by the caller.
+/// Dropping it closes the fd, which unregisters everything: a page not
+/// placed by then reads as zero, so the owner kills the process first when
+/// pages are still missing.
+///
+/// Reading events and placing pages may happen from two threads at once.
+pub struct Missing {
+    pid: i32,
+    uffd: OwnedFd,
+    /// Taken while the process is still stopped under ptrace, so a kill
+    /// can never reach a reused pid.
+    pidfd: OwnedFd,
+}
+
+impl Missing {
+    /// Takes fd `remote` of `pid` (a fresh userfaultfd the caller made in
+    /// it) and enables the events post-copy needs.
+    pub fn adopt(pid: i32, remote: RawFd) -> Result<Missing, UffdError> {
+        let uffd = take_fd(pid, remote)?;
+        let pidfd = pidfd_open(pid)?;
+        let mut api = UffdioApi {
+            api: UFFD_API,
+            features: MISSING_FEATURES,
+            ioctls: 0,
+        };
+        // SAFETY: `uffd` is an open userfaultfd and `api` a valid `struct
+        // uffdio_api` that the kernel reads and writes back.
+        let r = unsafe {
+            libc::ioctl(
+                uffd.as_raw_fd(),
+                UFFDIO_API as libc::Ioctl,
+                &mut api as *mut UffdioApi,
+            )
+        };
+        if r < 0 {
+            return Err(UffdError::Api(Errno::last()));
+        }
+        Ok(Missing { pid, uffd, pidfd })
+    }
+
+    /// SIGKILLs the process and waits (at most 5 s) until it is gone: a
+    /// process whose missing pages cannot come any more must not run on,
+    /// and must be gone before the userfaultfd closes (missing pages would
+    /// read as zeros).
+    pub fn kill(&self) -> Result<(), UffdError> {
+        // SAFETY: pidfd_send_signal with a pidfd we own, no siginfo.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                self.pidfd.as_raw_fd(),
+                libc::SIGKILL,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
+        if r < 0 && Errno::last() != Errno::ESRCH {
+            return Err(UffdError::Fd {
+                op: "pidfd_send_signal(SIGKILL)",
+                pid: self.pid,
+                errno: Errno::last(),
+            });
+        }
+        let mut pfd = libc::pollfd {
+            fd: self.pidfd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, count 1; a pidfd polls readable once
+        // the process has exited.
+        unsafe { libc::poll(&mut pfd, 1, 5000) };
+        Ok(())
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// Registers `[start, end)` (page aligned, anonymous private memory)
+    /// in MISSING mode: from now on a touch of a page not present there
+    /// waits for [`Missing::copy`] or [`Missing::zero`].
+    pub fn register(&self, start: u64, end: u64) -> Result<(), UffdError> {
+        let mut reg = UffdioRegister {
+            range: UffdioRange {
+                start,
+                len: end.saturating_sub(start),
+            },
+            mode: UFFDIO_REGISTER_MODE_MISSING,
+            ioctls: 0,
+        };
+        // SAFETY: `reg` is a valid `struct uffdio_register` the kernel reads
+        // and writes back; the userfaultfd is open.
+        let r = unsafe {
+            libc::ioctl(
+                self.uffd.as_raw_fd(),
+                UFFDIO_REGISTER as libc::Ioctl,
+                &mut reg as *mut UffdioRegister,
+            )
+        };
+        if r < 0 {
+            return Err(UffdError::Ioctl {
+                op: "UFFDIO_REGISTER (missing)",
+                start,
+                end,
+                errno: Errno::last(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Places `data` (whole pages) at `dst` and wakes whoever waits there.
+    /// Pages already present (faulted in as zero after a removal, or placed
+    /// before) are skipped, as are pages the process unmapped meanwhile.
+    /// Returns the pages placed and the bytes of `data` done: fewer than
+    /// all when the process is changing its mappings (`EAGAIN`), then the
+    /// rest is to be placed again once its pending event was read.
+    pub fn copy(&self, dst: u64, data: &[u8]) -> Result<(u64, u64), UffdError> {
+        let ps = page_size();
+        let len = data.len() as u64;
+        let mut done = 0u64;
+        let mut placed = 0u64;
+        while done < len {
+            let mut c = UffdioCopy {
+                dst: dst + done,
+                src: data.as_ptr() as u64 + done,
+                len: len - done,
+                mode: 0,
+                copy: 0,
+            };
+            // SAFETY: `src..src+len` lies inside `data`, which outlives the
+            // call and is only read; `c` is a valid `struct uffdio_copy`.
+            let r = unsafe {
+                libc::ioctl(
+                    self.uffd.as_raw_fd(),
+                    UFFDIO_COPY as libc::Ioctl,
+                    &mut c as *mut UffdioCopy,
+                )
+            };
+            if r == 0 {
+                placed += (len - done) / ps;
+                done = len;
+                break;
+            }
+            let errno = Errno::last();
+            let got = if c.copy > 0 { c.copy as u64 } else { 0 };
+            placed += got / ps;
+            done += got;
+            match errno {
+                // Present already, or no longer a registered mapping: this
+                // page needs nothing from us.
+                Errno::EEXIST | Errno::ENOENT => done += ps,
+                // The process is changing its mappings and the event that
+                // says how is not read yet: the caller reads it first.
+                Errno::EAGAIN => return Ok((placed, done)),
+                errno => {
+                    return Err(UffdError::Ioctl {
+                        op: "UFFDIO_COPY",
+                        start: dst + done,
+                        end: dst + len,
+                        errno,
+                    })
+                }
+            }
+        }
+        Ok((placed, done))
+    }
+
+    /// Resolves a fault on a page that has no data to come (never in the
+    /// image, or removed by the process): a zero page; if the page is
+    /// present by now, only wakes the waiter.
+    pub fn zero(&self, addr: u64) -> Result<(), UffdError> {
+        let ps = page_size();
+        let mut z = UffdioZeropage {
+            range: UffdioRange {
+                start: addr,
+                len: ps,
+            },
+            mode: 0,
+            zeropage: 0,
+        };
+        // SAFETY: `z` is a valid `struct uffdio_zeropage`; the fd is open.
+        let r = unsafe {
+            libc::ioctl(
+                self.uffd.as_raw_fd(),
+                UFFDIO_ZEROPAGE as libc::Ioctl,
+                &mut z as *mut UffdioZeropage,
+            )
+        };
+        match (r, Errno::last()) {
+            (0, _) | (_, Errno::ENOENT) => Ok(()),
+            (_, Errno::EEXIST) => self.wake(addr, ps),
+            (_, errno) => Err(UffdError::Ioctl {
+                op: "UFFDIO_ZEROPAGE",
+                start: addr,
+                end: addr + ps,
+                errno,
+            }),
+        }
+    }
+
+    /// Wakes threads waiting on `[start, start + len)`.
+    pub fn wake(&self, start: u64, len: u64) -> Result<(), UffdError> {
+        let mut range = UffdioRange { start, len };
+        // SAFETY: `range` is a valid `struct uffdio_range`; the fd is open.
+        let r = unsafe {
+            libc::ioctl(
+                self.uffd.as_raw_fd(),
+                UFFDIO_WAKE as libc::Ioctl,
+                &mut range as *mut UffdioRange,
+            )
+        };
+        if r < 0 {
+            return Err(UffdError::Ioctl {
+                op: "UFFDIO_WAKE",
+                start,
+                end: start + len,
+                errno: Errno::last(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Waits up to `timeout_ms` until an event is there to read.
+    pub fn wait(&self, timeout_ms: i32) -> Result<(), UffdError> {
+        let mut pfd = libc::pollfd {
+            fd: self.uffd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, count 1.
+        let n = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+        if n < 0 && Errno::last() != Errno::EINTR {
+            return Err(UffdError::Fd {
+                op: "poll of the userfaultfd",
+                pid: self.pid,
+                errno: Errno::last(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The next event if one is there (the fd is non-blocking).
+    pub fn read_event(&self) -> Result<Option<MissingEvent>, UffdError> {
+        let mut msg = [0u8; 32];
+        // SAFETY: reads at most 32 bytes into a 32-byte buffer of ours.
+        let r = unsafe { libc::read(self.uffd.as_raw_fd(), msg.as_mut_ptr().cast(), msg.len()) };
+        if r < 0 {
+            return match Errno::last() {
+                Errno::EAGAIN | Errno::EINTR => Ok(None),
+                errno => Err(UffdError::Fd {
+                    op: "read of the userfaultfd",
+                    pid: self.pid,
+                    errno,
+                }),
+            };
+        }
+        Ok(parse_msg(&msg[..r as usize]))
+    }
+}
+
+/// Decodes one `struct uffd_msg` (32 bytes: event, padding, then the
+/// event's fields from byte 8); events post-copy does not ask for are
+/// `None`.
+fn parse_msg(msg: &[u8]) -> Option<MissingEvent> {
+    if msg.len() < 32 {
+        return None;
+    }
+    let word =
+        |i: usize| u64::from_ne_bytes(msg[8 + 8 * i..16 + 8 * i].try_into().unwrap_or([0; 8]));
+    match msg[0] {
+        UFFD_EVENT_PAGEFAULT => Some(MissingEvent::Fault { addr: word(1) }),
+        UFFD_EVENT_REMOVE | UFFD_EVENT_UNMAP => Some(MissingEvent::Removed {
+            start: word(0),
+            end: word(1),
+        }),
+        UFFD_EVENT_REMAP => Some(MissingEvent::Remapped {
+            from: word(0),
+            to: word(1),
+            len: word(2),
+        }),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn missing_uapi_and_messages() {
+        assert_eq!(UFFDIO_WAKE, 0x8010_aa02);
+        assert_eq!(UFFDIO_COPY, 0xc028_aa03);
+        assert_eq!(UFFDIO_ZEROPAGE, 0xc020_aa04);
+        let mut m = [0u8; 32];
+        m[0] = UFFD_EVENT_PAGEFAULT;
+        m[16..24].copy_from_slice(&0x7f00_1234u64.to_ne_bytes());
+        assert_eq!(
+            parse_msg(&m),
+            Some(MissingEvent::Fault { addr: 0x7f00_1234 })
+        );
+        m[0] = UFFD_EVENT_UNMAP;
+        m[8..16].copy_from_slice(&0x7f00_0000u64.to_ne_bytes());
+        assert_eq!(
+            parse_msg(&m),
+            Some(MissingEvent::Removed {
+                start: 0x7f00_0000,
+                end: 0x7f00_1234
+            })
+        );
+        m[0] = 0x13; // fork: not asked for
+        assert_eq!(parse_msg(&m), None);
+        assert_eq!(parse_msg(&m[..8]), None);
+    }
 
     #[test]
     fn uapi_numbers() {

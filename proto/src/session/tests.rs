@@ -122,6 +122,7 @@ struct ModelStore {
     state: bool,
     committed: bool,
     aborted: Option<String>,
+    lazy: Option<Vec<pb::LazyRange>>,
 }
 
 impl ModelStore {
@@ -171,6 +172,7 @@ fn drive_receiver(rx: &mut Receiver, store: &mut ModelStore, resume_at: u32) -> 
                 })
                 .unwrap();
             }
+            Action::PostCopy { ranges } => store.lazy = Some(ranges),
             Action::Aborted { reason } => store.aborted = Some(reason),
         }
     }
@@ -589,4 +591,85 @@ fn sender_api_misuse_is_an_error() {
     tx.batch_sent(t, 0, 0).unwrap();
     tx.end_layer().unwrap();
     assert!(tx.begin_layer(vec![]).is_err(), "layer 0 not sealed yet");
+}
+
+fn post_copy_sender() -> Sender {
+    let mut tx = sender();
+    tx.cfg.features = vec![crate::FEATURE_POST_COPY.into()];
+    tx
+}
+
+#[test]
+fn post_copy_needs_the_feature_in_welcome() {
+    // A page server that does not echo the feature (an old one, or one
+    // without warm restore) is refused at the handshake, by name.
+    let mut tx = post_copy_sender();
+    let mut rx = Receiver::default();
+    let mut store = ModelStore::default();
+    rx.handle_control(tx.hello().unwrap()).unwrap();
+    let welcome = drive_receiver(&mut rx, &mut store, 0).remove(0);
+    let e = tx.handle_control(welcome).unwrap_err();
+    assert!(matches!(
+        e,
+        ProtocolError::MissingFeature {
+            feature: "post-copy",
+            ..
+        }
+    ));
+    assert!(e.to_string().contains("does not offer post-copy"), "{e}");
+
+    let mut tx = post_copy_sender();
+    let mut rx = Receiver::default();
+    rx.handle_control(tx.hello().unwrap()).unwrap();
+    assert!(matches!(rx.poll_action(), Some(Action::OpenSession { .. })));
+    rx.session_ready_with(0, vec![crate::FEATURE_POST_COPY.into()])
+        .unwrap();
+    let Some(Action::Send(welcome)) = rx.poll_action() else {
+        panic!("no Welcome")
+    };
+    assert!(matches!(
+        tx.handle_control(welcome).unwrap(),
+        Event::Welcomed { next_layer: 0 }
+    ));
+    // Without the feature asked for, post_copy() is misuse.
+    assert!(sender().post_copy(vec![]).is_err());
+}
+
+#[test]
+fn post_copy_ranges_are_checked_against_the_last_layer() {
+    let lazy = |start, end| pb::LazyRange { start, end };
+    let send = |ranges: Vec<pb::LazyRange>| {
+        let (mut rx, mut tx, mut store) = ready_receiver();
+        tx.cfg.features = vec![crate::FEATURE_POST_COPY.into()];
+        rx.handle_control(tx.end_layer().unwrap()).unwrap();
+        drive_receiver(&mut rx, &mut store, 0);
+        let r = rx.handle_control(tx.post_copy(ranges).unwrap());
+        drive_receiver(&mut rx, &mut store, 0);
+        (r, store.lazy)
+    };
+    let (r, got) = send(vec![lazy(0x11000, 0x13000), lazy(0x18000, 0x19000)]);
+    r.unwrap();
+    assert_eq!(got.unwrap().len(), 2);
+    let (r, _) = send(vec![lazy(0x1f000, 0x21000)]);
+    assert_eq!(
+        r.unwrap_err(),
+        ProtocolError::LazyOutside {
+            start: 0x1f000,
+            end: 0x21000
+        }
+    );
+    let (r, _) = send(vec![lazy(0x11000, 0x11800)]);
+    assert!(matches!(r.unwrap_err(), ProtocolError::Lazy(_)));
+    // Mid-layer it is out of order.
+    let (mut rx, _, _) = ready_receiver();
+    let e = rx
+        .handle_control(control(Msg::PostCopy(pb::PostCopy { ranges: vec![] })))
+        .unwrap_err();
+    assert!(matches!(
+        e,
+        ProtocolError::Unexpected {
+            msg: "PostCopy",
+            ..
+        }
+    ));
 }
