@@ -509,9 +509,10 @@ fn open_store(spec: &str) -> Result<Arc<dyn Store>> {
 /// What the source keeps: tracing the process and reading its memory and
 /// descriptors (`CAP_SYS_PTRACE`: a root process with full capabilities
 /// may only be traced by one holding them all, or this one), killing it
-/// after the commit, and reaching files of its in other users' directories
-/// for the pre-flight check.
-const SOURCE_CAPS: &str = "sys_ptrace,kill,dac_read_search";
+/// after the commit, reaching files of its in other users' directories
+/// for the pre-flight check, and TCP repair of its connections
+/// (`CAP_NET_ADMIN`).
+const SOURCE_CAPS: &str = "sys_ptrace,kill,dac_read_search,net_admin";
 
 /// Drops every capability the command does not need (README, Security).
 fn drop_capabilities(command: &Command) -> Result<()> {

@@ -3,7 +3,7 @@
 //! every set and the bounding set of every thread, and still migrates with
 //! `--restore --caps checkpoint_restore`; a restored process holds no more
 //! than its page server; `ferry migrate` runs with
-//! `sys_ptrace,kill,dac_read_search` only.
+//! `sys_ptrace,kill,dac_read_search,net_admin` only.
 //!
 //! Needs root; skipped with a message otherwise.
 
@@ -136,7 +136,7 @@ async fn page_servers_drop_capabilities_and_still_migrate() {
     assert!(out.status.success(), "ferry migrate: {stderr}");
     assert!(
         stderr.contains("capabilities dropped")
-            && stderr.contains("dac_read_search,kill,sys_ptrace"),
+            && stderr.contains("dac_read_search,kill,net_admin,sys_ptrace"),
         "the source drops the rest: {stderr}"
     );
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
