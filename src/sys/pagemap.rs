@@ -256,7 +256,10 @@ impl Pagemap {
         // where the partial output ends.
         let recover = flags & PM_SCAN_CHECK_WPASYNC != 0;
         let mut from = start;
-        let mut reported = start;
+        // What this walk has reported so far (sorted, disjoint): a
+        // continuation may report it again, and only that is dropped.
+        let mut reported: Vec<(u64, u64)> = Vec::new();
+        let first_out = out.len();
         while from < end {
             if recover {
                 self.vec.fill(Region::default());
@@ -291,12 +294,16 @@ impl Pagemap {
                 return Err(match errno {
                     Errno::EPERM if recover => {
                         let n = self.vec.iter().take_while(|r| r.end > r.start).count();
-                        out.extend(self.vec[..n].iter().filter(|r| r.end > reported).map(|r| {
-                            Region {
-                                start: r.start.max(reported),
-                                ..*r
+                        for reg in &self.vec[..n] {
+                            for (s, e) in unreported(&reported, reg.start, reg.end) {
+                                out.push(Region {
+                                    start: s,
+                                    end: e,
+                                    ..*reg
+                                });
                             }
-                        }));
+                        }
+                        out[first_out..].sort_unstable_by_key(|r| r.start);
                         PagemapError::NotWpAsync {
                             pid: self.pid,
                             start: from,
@@ -316,15 +323,19 @@ impl Pagemap {
             // A continuation may report again what an earlier call of this
             // walk did: the kernel can leave `walk_end` behind regions it
             // already returned (6.18 does, after an internal buffer flush).
+            // Only those pages are dropped. A page in that stretch that the
+            // earlier call did *not* report (clean then, written since) is
+            // new, and with PM_SCAN_WP_MATCHING the kernel has just
+            // protected it again: dropping it would lose the write for good.
             for reg in &self.vec[..n] {
-                if reg.end <= reported {
-                    continue;
+                for (s, e) in unreported(&reported, reg.start, reg.end) {
+                    out.push(Region {
+                        start: s,
+                        end: e,
+                        ..*reg
+                    });
                 }
-                out.push(Region {
-                    start: reg.start.max(reported),
-                    ..*reg
-                });
-                reported = reg.end;
+                cover(&mut reported, reg.start, reg.end);
             }
             if arg.walk_end >= end {
                 break;
@@ -338,6 +349,8 @@ impl Pagemap {
             }
             from = arg.walk_end;
         }
+        // Continuations can report out of order; callers merge sorted runs.
+        out[first_out..].sort_unstable_by_key(|r| r.start);
         Ok(())
     }
 
@@ -533,9 +546,66 @@ pub fn clear_soft_dirty(pid: i32) -> Result<(), PagemapError> {
     })
 }
 
+/// The parts of `[start, end)` not covered by `done` (sorted, disjoint).
+fn unreported(done: &[(u64, u64)], start: u64, end: u64) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    let mut at = start;
+    let first = done.partition_point(|&(_, e)| e <= start);
+    for &(s, e) in &done[first..] {
+        if s >= end {
+            break;
+        }
+        if s > at {
+            out.push((at, s));
+        }
+        at = at.max(e);
+        if at >= end {
+            break;
+        }
+    }
+    if at < end {
+        out.push((at, end));
+    }
+    out
+}
+
+/// Adds `[start, end)` to `done`, keeping it sorted and disjoint.
+fn cover(done: &mut Vec<(u64, u64)>, start: u64, end: u64) {
+    if start >= end {
+        return;
+    }
+    let i = done.partition_point(|&(_, e)| e < start);
+    let mut j = i;
+    let (mut s, mut e) = (start, end);
+    while j < done.len() && done[j].0 <= e {
+        s = s.min(done[j].0);
+        e = e.max(done[j].1);
+        j += 1;
+    }
+    done.splice(i..j, [(s, e)]);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_continuation_drops_only_what_was_reported() {
+        let mut done = Vec::new();
+        cover(&mut done, 0x1000, 0x2000);
+        cover(&mut done, 0x5000, 0x6000);
+        // Re-reported pages go, the clean-then-written gap between them stays.
+        assert_eq!(unreported(&done, 0x1000, 0x6000), vec![(0x2000, 0x5000)]);
+        assert_eq!(unreported(&done, 0x3000, 0x4000), vec![(0x3000, 0x4000)]);
+        assert_eq!(unreported(&done, 0x1800, 0x5800), vec![(0x2000, 0x5000)]);
+        assert!(unreported(&done, 0x1000, 0x2000).is_empty());
+        assert_eq!(unreported(&done, 0x6000, 0x7000), vec![(0x6000, 0x7000)]);
+        cover(&mut done, 0x2000, 0x5000);
+        assert_eq!(done, vec![(0x1000, 0x6000)]);
+        cover(&mut done, 0x8000, 0x9000);
+        cover(&mut done, 0x7000, 0x8000);
+        assert_eq!(done, vec![(0x1000, 0x6000), (0x7000, 0x9000)]);
+    }
 
     #[test]
     fn layouts_match_the_uapi() {
