@@ -657,26 +657,25 @@ pub fn table(results: &[ModeResult]) -> String {
 
 /// Median round-0 wire rate of `iterative` (QUIC) over that of `tcp`, when
 /// both ran (at the first size both ran at).
+/// Median round-0 rate of `a` over that of `b` (on the wire or raw).
+fn rate_ratio(results: &[ModeResult], a: Mode, b: Mode, wire: bool) -> Option<f64> {
+    let rate = |m| {
+        results
+            .iter()
+            .find(|r| r.mode == m)
+            .map(|r| r.figure(|x| x.round0_rate(wire)).median)
+    };
+    Some(rate(a)? / rate(b)?)
+}
+
 /// How much faster memory goes out with zstd than without: round 0's raw
 /// rate (memory moved per second), medians of iterative / no-zstd.
 pub fn zstd_gain(results: &[ModeResult]) -> Option<f64> {
-    let rate = |m| {
-        results
-            .iter()
-            .find(|r| r.mode == m)
-            .map(|r| r.figure(|x| x.round0_rate(false)).median)
-    };
-    Some(rate(Mode::Iterative)? / rate(Mode::NoZstd)?)
+    rate_ratio(results, Mode::Iterative, Mode::NoZstd, false)
 }
 
 pub fn quic_vs_tcp(results: &[ModeResult]) -> Option<f64> {
-    let rate = |m| {
-        results
-            .iter()
-            .find(|r| r.mode == m)
-            .map(|r| r.figure(|x| x.round0_rate(true)).median)
-    };
-    Some(rate(Mode::Iterative)? / rate(Mode::Tcp)?)
+    rate_ratio(results, Mode::Iterative, Mode::Tcp, true)
 }
 
 pub fn json(results: &[ModeResult]) -> serde_json::Value {

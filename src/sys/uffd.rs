@@ -186,22 +186,8 @@ impl WriteProtect {
             what: "close() of the target's userfaultfd",
             source,
         })?;
-        let mut api = UffdioApi {
-            api: UFFD_API,
-            features: REQUIRED,
-            ioctls: 0,
-        };
-        // SAFETY: `uffd` is an open userfaultfd and `api` a valid `struct
-        // uffdio_api` that the kernel reads and writes back.
-        let r = unsafe {
-            libc::ioctl(
-                uffd.as_raw_fd(),
-                UFFDIO_API as libc::Ioctl,
-                &mut api as *mut UffdioApi,
-            )
-        };
-        if r < 0 {
-            return Err(match Errno::last() {
+        if let Err(errno) = api_handshake(&uffd, REQUIRED) {
+            return Err(match errno {
                 Errno::EINVAL => UffdError::Unsupported {
                     missing: feature_names(REQUIRED),
                     available: 0,
@@ -460,23 +446,33 @@ fn kernel_features() -> Option<u64> {
             }
             // SAFETY: userfaultfd returned a new fd that nothing else owns.
             let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
-            let mut api = UffdioApi {
-                api: UFFD_API,
-                features: 0,
-                ioctls: 0,
-            };
-            // SAFETY: `api` is a valid `struct uffdio_api`; the fd is open.
-            let r = unsafe {
-                libc::ioctl(
-                    fd.as_raw_fd(),
-                    UFFDIO_API as libc::Ioctl,
-                    &mut api as *mut UffdioApi,
-                )
-            };
-            return (r == 0).then_some(api.features);
+            return api_handshake(&fd, 0).ok();
         }
         None
     })
+}
+
+/// The `UFFDIO_API` handshake on `uffd`, asking for `features`: the
+/// features the kernel offers (all of them when `features` is 0).
+fn api_handshake(uffd: &OwnedFd, features: u64) -> Result<u64, Errno> {
+    let mut api = UffdioApi {
+        api: UFFD_API,
+        features,
+        ioctls: 0,
+    };
+    // SAFETY: `uffd` is an open userfaultfd and `api` a valid `struct
+    // uffdio_api` that the kernel reads and writes back.
+    let r = unsafe {
+        libc::ioctl(
+            uffd.as_raw_fd(),
+            UFFDIO_API as libc::Ioctl,
+            &mut api as *mut UffdioApi,
+        )
+    };
+    if r < 0 {
+        return Err(Errno::last());
+    }
+    Ok(api.features)
 }
 
 fn feature_names(bits: u64) -> String {
@@ -597,23 +593,7 @@ impl Missing {
     pub fn adopt(pid: i32, remote: RawFd) -> Result<Missing, UffdError> {
         let uffd = take_fd(pid, remote)?;
         let pidfd = pidfd_open(pid)?;
-        let mut api = UffdioApi {
-            api: UFFD_API,
-            features: MISSING_FEATURES,
-            ioctls: 0,
-        };
-        // SAFETY: `uffd` is an open userfaultfd and `api` a valid `struct
-        // uffdio_api` that the kernel reads and writes back.
-        let r = unsafe {
-            libc::ioctl(
-                uffd.as_raw_fd(),
-                UFFDIO_API as libc::Ioctl,
-                &mut api as *mut UffdioApi,
-            )
-        };
-        if r < 0 {
-            return Err(UffdError::Api(Errno::last()));
-        }
+        api_handshake(&uffd, MISSING_FEATURES).map_err(UffdError::Api)?;
         Ok(Missing { pid, uffd, pidfd })
     }
 
