@@ -265,8 +265,10 @@ async fn a_full_disk_store_fails_the_session_and_nothing_else() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("store");
     // Round 0 of the 16 MiB fixture fits; the rounds after it, each
-    // stored as a layer of its own, fill the rest mid-round.
-    let _disk = SmallDisk::mount(&root, 20);
+    // stored as a layer of its own, fill the rest mid-round. The fixture
+    // dirties fast enough (80 MB/s) that no round comes back empty: an
+    // empty round would fit the zero downtime asked and end the rounds.
+    let _disk = SmallDisk::mount(&root, 18);
     let disk = Arc::new(DiskStore::open(&root).unwrap());
     let store: Arc<dyn ferry_page_server::store::Store> = disk.clone();
     let mut cfg = Config::new(server_config(&TlsFiles::server(tls.path())).unwrap(), store);
@@ -283,7 +285,7 @@ async fn a_full_disk_store_fails_the_session_and_nothing_else() {
         "--mib",
         "16",
         "--dirty-rate",
-        "4000",
+        "20000",
         "--single-thread",
         "--log",
         log.to_str().unwrap(),
@@ -311,7 +313,7 @@ async fn a_full_disk_store_fails_the_session_and_nothing_else() {
     let mut rounds = 0;
     let e = migrate(opts(fx.pid, 400), &mut |_| rounds += 1)
         .await
-        .expect_err("a 20 MiB store cannot take 400 rounds of a 16 MiB process");
+        .expect_err("an 18 MiB store cannot take 400 rounds of a 16 MiB process");
     eprintln!("after {rounds} rounds: {e}");
     let msg = e.to_string();
     assert!(
