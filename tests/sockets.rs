@@ -51,6 +51,35 @@ impl Drop for Kid {
     }
 }
 
+/// `ferry migrate --pid PID` (with `--json` if asked) through a
+/// `ferry page-server --restore` started for it on loopback, gone when
+/// this returns (a restored process does not depend on it).
+fn migrate_on_this_host(pid: i32, json: bool) -> std::process::Output {
+    let tls = certs();
+    let port = common::free_port();
+    let _ps = {
+        let child = Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args(["page-server", "--restore", "--log", "warn", "--listen"])
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--tls")
+            .arg(tls.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        Kid(child)
+    };
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferry"));
+    cmd.args(["migrate", "--pid", &pid.to_string()])
+        .args(["--to", &format!("127.0.0.1:{port}"), "--tls"])
+        .arg(tls.path());
+    if json {
+        cmd.arg("--json");
+    }
+    cmd.args(["--log", "warn"]).output().unwrap()
+}
+
 /// Namespaces A (source), B (destination), C (client); removed on drop.
 struct Net {
     a: String,
@@ -527,28 +556,7 @@ while True:
         assert!(Instant::now() < deadline, "the program does not start");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let tls = certs();
-    let port = common::free_port();
-    let _ps = {
-        let child = Command::new(env!("CARGO_BIN_EXE_ferry"))
-            .args(["page-server", "--restore", "--log", "warn", "--listen"])
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("--tls")
-            .arg(tls.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(Duration::from_millis(300));
-        Kid(child)
-    };
-    let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(["migrate", "--pid", &pid.to_string()])
-        .args(["--to", &format!("127.0.0.1:{port}"), "--tls"])
-        .arg(tls.path())
-        .args(["--log", "warn"])
-        .output()
-        .unwrap();
+    let out = migrate_on_this_host(pid, false);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
@@ -862,28 +870,7 @@ time.sleep(60)
     );
     assert!(kinds.contains(&FdKind::UnixListen), "{kinds:?}");
 
-    let tls = certs();
-    let port = common::free_port();
-    let _ps = {
-        let child = Command::new(env!("CARGO_BIN_EXE_ferry"))
-            .args(["page-server", "--restore", "--log", "warn", "--listen"])
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("--tls")
-            .arg(tls.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(Duration::from_millis(300));
-        Kid(child)
-    };
-    let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(["migrate", "--pid", &pid.to_string()])
-        .args(["--to", &format!("127.0.0.1:{port}"), "--tls"])
-        .arg(tls.path())
-        .args(["--json", "--log", "warn"])
-        .output()
-        .unwrap();
+    let out = migrate_on_this_host(pid, true);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "ferry migrate failed: {stderr}");
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -946,28 +933,7 @@ time.sleep(60)
     waiting
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
-    let tls = certs();
-    let ps_port = common::free_port();
-    let _ps = {
-        let child = Command::new(env!("CARGO_BIN_EXE_ferry"))
-            .args(["page-server", "--restore", "--log", "warn", "--listen"])
-            .arg(format!("127.0.0.1:{ps_port}"))
-            .arg("--tls")
-            .arg(tls.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(Duration::from_millis(300));
-        Kid(child)
-    };
-    let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(["migrate", "--pid", &pid.to_string()])
-        .args(["--to", &format!("127.0.0.1:{ps_port}"), "--tls"])
-        .arg(tls.path())
-        .args(["--log", "warn"])
-        .output()
-        .unwrap();
+    let out = migrate_on_this_host(pid, false);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(

@@ -257,25 +257,8 @@ impl WriteProtect {
         // (the target may have replaced a mapping): only that gets armed.
         let fresh = self.untracked(start, end)?;
 
-        let mut reg = UffdioRegister {
-            range: UffdioRange {
-                start,
-                len: end - start,
-            },
-            mode: UFFDIO_REGISTER_MODE_WP,
-            ioctls: 0,
-        };
-        // SAFETY: `reg` is a valid `struct uffdio_register` the kernel reads
-        // and writes back; the userfaultfd is open.
-        let r = unsafe {
-            libc::ioctl(
-                self.uffd.as_raw_fd(),
-                UFFDIO_REGISTER as libc::Ioctl,
-                &mut reg as *mut UffdioRegister,
-            )
-        };
-        if r < 0 {
-            return Err(match Errno::last() {
+        if let Err(errno) = uffdio_register(&self.uffd, start, end, UFFDIO_REGISTER_MODE_WP) {
+            return Err(match errno {
                 errno @ (Errno::EINVAL | Errno::ENOMEM | Errno::EBUSY | Errno::EPERM) => {
                     UffdError::Unregistrable { start, end, errno }
                 }
@@ -450,6 +433,31 @@ fn kernel_features() -> Option<u64> {
         }
         None
     })
+}
+
+/// `UFFDIO_REGISTER` of `[start, end)` on `uffd` in `mode`.
+fn uffdio_register(uffd: &OwnedFd, start: u64, end: u64, mode: u64) -> Result<(), Errno> {
+    let mut reg = UffdioRegister {
+        range: UffdioRange {
+            start,
+            len: end.saturating_sub(start),
+        },
+        mode,
+        ioctls: 0,
+    };
+    // SAFETY: `reg` is a valid `struct uffdio_register` the kernel reads and
+    // writes back; the userfaultfd is open.
+    let r = unsafe {
+        libc::ioctl(
+            uffd.as_raw_fd(),
+            UFFDIO_REGISTER as libc::Ioctl,
+            &mut reg as *mut UffdioRegister,
+        )
+    };
+    if r < 0 {
+        return Err(Errno::last());
+    }
+    Ok(())
 }
 
 /// The `UFFDIO_API` handshake on `uffd`, asking for `features`: the
@@ -638,32 +646,14 @@ impl Missing {
     /// in MISSING mode: from now on a touch of a page not present there
     /// waits for [`Missing::copy`] or [`Missing::zero`].
     pub fn register(&self, start: u64, end: u64) -> Result<(), UffdError> {
-        let mut reg = UffdioRegister {
-            range: UffdioRange {
-                start,
-                len: end.saturating_sub(start),
-            },
-            mode: UFFDIO_REGISTER_MODE_MISSING,
-            ioctls: 0,
-        };
-        // SAFETY: `reg` is a valid `struct uffdio_register` the kernel reads
-        // and writes back; the userfaultfd is open.
-        let r = unsafe {
-            libc::ioctl(
-                self.uffd.as_raw_fd(),
-                UFFDIO_REGISTER as libc::Ioctl,
-                &mut reg as *mut UffdioRegister,
-            )
-        };
-        if r < 0 {
-            return Err(UffdError::Ioctl {
+        uffdio_register(&self.uffd, start, end, UFFDIO_REGISTER_MODE_MISSING).map_err(|errno| {
+            UffdError::Ioctl {
                 op: "UFFDIO_REGISTER (missing)",
                 start,
                 end,
-                errno: Errno::last(),
-            });
-        }
-        Ok(())
+                errno,
+            }
+        })
     }
 
     /// Places `data` (whole pages) at `dst` and wakes whoever waits there.
