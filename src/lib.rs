@@ -15,6 +15,8 @@
 //! - [`tree`]: process trees: discovery, freezing them together, and the
 //!   address-space tags that keep their pages apart in one image.
 //! - [`restore`]: ptrace-driven restore of an image into a new process.
+//! - [`creds`]: credentials of a restored process: exactly the image's,
+//!   or refused when the page server cannot give them.
 //! - [`pace`]: the bandwidth cap (`--max-rate`) shared by the data
 //!   streams.
 //! - [`migrate`]: `ferry migrate`, dump + restore on the destination + kill
@@ -32,6 +34,7 @@
 pub mod bench;
 pub mod certs;
 pub mod client;
+pub mod creds;
 pub mod demo;
 pub mod dump;
 pub mod failpoint;

@@ -1369,10 +1369,13 @@ pub struct Creds {
     pub cap_bnd: u64,
     /// `CapAmb` (absent before 4.3: 0).
     pub cap_amb: u64,
+    /// `NoNewPrivs` (absent before 4.10: false).
+    pub no_new_privs: bool,
 }
 
 /// Parses the credentials out of `/proc/PID/status`: `Uid`, `Gid`,
-/// `Groups` and the five capability sets are required except `CapAmb`.
+/// `Groups` and the five capability sets are required except `CapAmb`;
+/// `NoNewPrivs` too is read when present.
 pub fn parse_creds(text: &str) -> Result<Creds, ProcError> {
     const WHAT: &str = "status";
     let mut c = Creds::default();
@@ -1409,6 +1412,13 @@ pub fn parse_creds(text: &str) -> Result<Creds, ProcError> {
             "CapEff" => (c.cap_eff, seen[5]) = (mask(value)?, true),
             "CapBnd" => (c.cap_bnd, seen[6]) = (mask(value)?, true),
             "CapAmb" => c.cap_amb = mask(value)?,
+            "NoNewPrivs" => {
+                c.no_new_privs = match value {
+                    "0" => false,
+                    "1" => true,
+                    v => return Err(parse_err(WHAT, n, format!("{key} {v:?}: not 0 or 1"))),
+                }
+            }
             _ => {}
         }
     }
@@ -1503,6 +1513,12 @@ pub fn read_creds(pid: i32) -> Result<Creds, ProcError> {
     parse_creds(&read_text(pid, "status")?)
 }
 
+/// The credentials of one thread (`/proc/PID/task/TID/status`): threads
+/// of a process may differ.
+pub fn read_task_creds(pid: i32, tid: i32) -> Result<Creds, ProcError> {
+    parse_creds(&read_text(pid, &format!("task/{tid}/status"))?)
+}
+
 /// See [`parse_limits`].
 pub fn read_limits(pid: i32) -> Result<Vec<Limit>, ProcError> {
     parse_limits(&read_text(pid, "limits")?)
@@ -1580,6 +1596,10 @@ mod state_tests {
         assert!(parse_creds(&root).unwrap().groups.is_empty());
         assert!(parse_creds(&text.replace("CapBnd", "CapXxx")).is_err());
         assert!(parse_creds(&text.replace("\t1003", "")).is_err());
+        assert!(!c.no_new_privs);
+        let nnp = format!("{text}NoNewPrivs:\t1\n");
+        assert!(parse_creds(&nnp).unwrap().no_new_privs);
+        assert!(parse_creds(&nnp.replace("NoNewPrivs:\t1", "NoNewPrivs:\t2")).is_err());
     }
 
     #[test]

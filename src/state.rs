@@ -8,7 +8,9 @@
 //! Most of the state is read from outside (`/proc`, ptrace requests,
 //! `get_robust_list`), but three things only the target itself can say:
 //! its signal actions (`rt_sigaction`), each thread's `clear_child_tid`
-//! (`prctl(PR_GET_TID_ADDRESS)`) and the current break (`brk(0)`). Those
+//! (`prctl(PR_GET_TID_ADDRESS)`) and the current break (`brk(0)`) (and,
+//! answered in a register, each thread's securebits and the process's
+//! dumpable flag, which `/proc` does not show). Those
 //! are injected syscalls whose answers the kernel writes into target
 //! memory, so a private scratch mapping is injected first, read back with
 //! `process_vm_readv`, and unmapped before returning, on error paths too.
@@ -57,6 +59,8 @@ use crate::sys::vm::{self, VmError};
 
 /// `prctl` option missing from the libc crate (`linux/prctl.h`).
 const PR_GET_TID_ADDRESS: u64 = 40;
+const PR_GET_DUMPABLE: u64 = 3;
+const PR_GET_SECUREBITS: u64 = 27;
 /// Size of the kernel's `struct sigaction` on x86_64: handler, flags,
 /// restorer, mask, each 8 bytes.
 const KSIGACTION: usize = 32;
@@ -91,6 +95,9 @@ pub enum StateError {
         #[source]
         source: PtraceError,
     },
+    /// An injected syscall that cannot fail answered an error.
+    #[error("{what} answered {ret}")]
+    Answer { what: String, ret: i64 },
     /// Reading the answers back from the scratch area failed.
     #[error("reading the scratch area of process {pid}: {source}")]
     Read {
@@ -169,7 +176,8 @@ pub fn capture(pid: i32, tracee: &Tracee) -> Result<pb::ProcessTree, StateError>
     let threads = tids
         .iter()
         .zip(&injected.clear_child_tid)
-        .map(|(&tid, &ctid)| capture_thread(pid, tracee, tid, ctid))
+        .zip(&injected.securebits)
+        .map(|((&tid, &ctid), &sb)| capture_thread(pid, tracee, tid, ctid, sb))
         .collect::<Result<Vec<_>, _>>()?;
     let mm = pb::MmFields {
         start_code: stat.start_code,
@@ -193,22 +201,7 @@ pub fn capture(pid: i32, tracee: &Tracee) -> Result<pb::ProcessTree, StateError>
         sid: stat.session,
         comm: procfs::read_comm(pid)?,
         cwd: read_link(pid, "cwd")?,
-        creds: Some(pb::Credentials {
-            uid: creds.uid[0],
-            euid: creds.uid[1],
-            suid: creds.uid[2],
-            fsuid: creds.uid[3],
-            gid: creds.gid[0],
-            egid: creds.gid[1],
-            sgid: creds.gid[2],
-            fsgid: creds.gid[3],
-            groups: creds.groups,
-            cap_inheritable: creds.cap_inh,
-            cap_permitted: creds.cap_prm,
-            cap_effective: creds.cap_eff,
-            cap_bounding: creds.cap_bnd,
-            cap_ambient: creds.cap_amb,
-        }),
+        creds: Some(crate::creds::Creds::from_proc(creds, injected.securebits[0]).to_pb()),
         mm: Some(mm),
         vmas,
         threads,
@@ -228,6 +221,7 @@ pub fn capture(pid: i32, tracee: &Tracee) -> Result<pb::ProcessTree, StateError>
         space: 0,
         zombie: false,
         exit_status: 0,
+        dumpable: Some(injected.dumpable),
     };
     Ok(pb::ProcessTree {
         processes: vec![process],
@@ -301,6 +295,9 @@ struct Injected {
     /// One per thread, in the order given.
     clear_child_tid: Vec<u64>,
     sigactions: Vec<pb::SigAction>,
+    /// One per thread, in the order given.
+    securebits: Vec<u32>,
+    dumpable: u32,
 }
 
 /// The signals whose action can be asked for: all but SIGKILL and SIGSTOP,
@@ -379,9 +376,26 @@ fn ask(
             .syscall_in(lead, libc::SYS_rt_sigaction, &[u64::from(sig), 0, slot, 8])
             .map_err(inject_err(format!("rt_sigaction({sig}) in thread {lead}")))?;
     }
+    // Answered in rax: nothing lands in memory.
+    let answer = |tid: i32, op: u64, what: &str| -> Result<u32, StateError> {
+        let what = format!("prctl({what}) in thread {tid}");
+        let ret = tracee
+            .syscall_in(tid, libc::SYS_prctl, &[op])
+            .map_err(inject_err(what.clone()))?;
+        u32::try_from(ret).map_err(|_| StateError::Answer { what, ret })
+    };
+    let securebits = tids
+        .iter()
+        .map(|&tid| answer(tid, PR_GET_SECUREBITS, "PR_GET_SECUREBITS"))
+        .collect::<Result<Vec<_>, _>>()?;
+    let dumpable = answer(lead, PR_GET_DUMPABLE, "PR_GET_DUMPABLE")?;
     let mut buf = vec![0u8; len as usize];
     vm::read(pid, scratch, &mut buf).map_err(|source| StateError::Read { pid, source })?;
-    Ok(decode_scratch(&buf, tids.len(), brk))
+    Ok(Injected {
+        securebits,
+        dumpable,
+        ..decode_scratch(&buf, tids.len(), brk)
+    })
 }
 
 fn u64_at(buf: &[u8], off: usize) -> u64 {
@@ -413,6 +427,8 @@ fn decode_scratch(buf: &[u8], threads: usize, brk: u64) -> Injected {
         brk,
         clear_child_tid,
         sigactions,
+        securebits: vec![0; threads],
+        dumpable: 0,
     }
 }
 
@@ -423,8 +439,10 @@ fn capture_thread(
     tracee: &Tracee,
     tid: i32,
     clear_child_tid: u64,
+    securebits: u32,
 ) -> Result<pb::Thread, StateError> {
     let regs = resume_regs(&tracee.regs(tid)?);
+    let creds = crate::creds::Creds::from_proc(procfs::read_task_creds(pid, tid)?, securebits);
     let rseq = tracee.rseq_config(tid)?;
     let (robust_list, robust_list_len) = ptrace::robust_list(tid)?;
     Ok(pb::Thread {
@@ -444,6 +462,7 @@ fn capture_thread(
             flags: rseq.flags,
         }),
         pending_signals: procfs::read_task_status(pid, tid)?.sig_pnd,
+        creds: Some(creds.to_pb()),
     })
 }
 

@@ -96,7 +96,7 @@ pub fn names(mask: u64) -> String {
 }
 
 /// The highest capability this kernel knows.
-fn last_cap() -> u32 {
+pub fn last_cap() -> u32 {
     std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
         .ok()
         .and_then(|s| s.trim().parse().ok())
@@ -142,6 +142,19 @@ pub fn current() -> Result<(u64, u64, u64), CapsError> {
         join(|d| d.permitted),
         join(|d| d.inheritable),
     ))
+}
+
+/// This thread's securebits (`prctl(PR_GET_SECUREBITS)`).
+pub fn securebits() -> Result<u32, CapsError> {
+    // SAFETY: prctl with integer arguments only.
+    let r = unsafe { libc::prctl(libc::PR_GET_SECUREBITS, 0, 0, 0, 0) };
+    if r < 0 {
+        return Err(CapsError::Syscall {
+            op: "prctl(PR_GET_SECUREBITS)".into(),
+            errno: Errno::last(),
+        });
+    }
+    Ok(r as u32)
 }
 
 /// Keeps only the capabilities in `keep`, in every set, for good. Call it
