@@ -66,6 +66,10 @@ pub enum CredsError {
     Locked { have: u32, want: u32 },
     #[error("{0}")]
     Invalid(String),
+    /// What the restore made differs from the image (read back from
+    /// `/proc`).
+    #[error("restored, the thread holds {0}")]
+    Mismatch(String),
     #[error("reading this thread's credentials: {0}")]
     Own(String),
 }
@@ -397,7 +401,10 @@ pub fn plan(want: &Creds, have: &Creds, last_cap: u32) -> Result<Vec<Step>, Cred
         }
         need(CAP_SETPCAP, why)?;
         if !securebits_may_change(*sb, to) {
-            return Err(CredsError::Locked { have: *sb, want: to });
+            return Err(CredsError::Locked {
+                have: *sb,
+                want: to,
+            });
         }
         steps.push(Step::Securebits(to));
         *sb = to;
@@ -407,7 +414,9 @@ pub fn plan(want: &Creds, have: &Creds, last_cap: u32) -> Result<Vec<Step>, Cred
     let mut groups = want.groups.clone();
     groups.sort_unstable();
     if groups != have.groups {
-        need(CAP_SETGID, &|| format!("setting the groups {:?}", want.groups))?;
+        need(CAP_SETGID, &|| {
+            format!("setting the groups {:?}", want.groups)
+        })?;
         steps.push(Step::SetGroups(want.groups.clone()));
     }
     if want.uid != have.uid {
@@ -738,7 +747,10 @@ mod tests {
         assert_eq!(s.syscall(0x1000).1[..2], [0x1000, 0x1008]);
         let g = Step::SetGroups(vec![1, 2]);
         assert_eq!(g.memory().unwrap().len(), 8);
-        assert_eq!(g.syscall(0x2000), (libc::SYS_setgroups, [2, 0x2000, 0, 0, 0, 0]));
+        assert_eq!(
+            g.syscall(0x2000),
+            (libc::SYS_setgroups, [2, 0x2000, 0, 0, 0, 0])
+        );
         assert_eq!(
             Step::Resuid([1, 2, 3]).syscall(0),
             (libc::SYS_setresuid, [1, 2, 3, 0, 0, 0])

@@ -101,6 +101,9 @@ const ARCH_MAP_VDSO_64: u64 = 0x2003;
 const PR_SET_MM: u64 = 35;
 const PR_SET_MM_MAP: u64 = 14;
 const PR_SET_NAME: u64 = 15;
+const PR_GET_DUMPABLE: u64 = 3;
+const PR_SET_DUMPABLE: u64 = 4;
+const PR_GET_SECUREBITS: u64 = 27;
 /// `sizeof(struct prctl_mm_map)`.
 const PRCTL_MM_MAP_SIZE: usize = 104;
 const RSEQ_FLAG_UNREGISTER: u64 = 1;
@@ -173,6 +176,13 @@ pub enum RestoreError {
     Lazy(String),
     #[error("post-copy: {0}")]
     Uffd(#[from] crate::sys::uffd::UffdError),
+    /// The image's credentials cannot be restored exactly here.
+    #[error("{who}: credentials: {source}")]
+    Creds {
+        who: String,
+        #[source]
+        source: crate::creds::CredsError,
+    },
 }
 
 /// Failpoint (test only): fails `stage` when FERRY_FAILPOINT=restore:STAGE
@@ -331,27 +341,55 @@ fn check_process(proc: &pb::Process, vmas: &[pb::Vma], tree_fds: &[pb::FileDesc]
             mm.auxv.len()
         )));
     }
-    if let Some(c) = &proc.creds {
-        let (uid, gid) = (
-            nix::unistd::geteuid().as_raw(),
-            nix::unistd::getegid().as_raw(),
-        );
-        if [c.uid, c.euid, c.suid, c.fsuid] != [uid; 4]
-            || [c.gid, c.egid, c.sgid, c.fsgid] != [gid; 4]
-        {
-            return Err(unsupported(format!(
-                "credentials uid {}/gid {} (ferry runs as {uid}/{gid}): restoring other credentials",
-                c.euid, c.egid
-            )));
-        }
-    }
     check_fds_in(&proc.fds, tree_fds)?;
     for s in &proc.sigactions {
         if !(1..=64).contains(&s.signo) || s.signo == 9 || s.signo == 19 {
             return Err(unsupported(format!("an action for signal {}", s.signo)));
         }
     }
-    check_mappings(vmas)
+    check_mappings(vmas)?;
+    check_creds(proc)
+}
+
+/// Whether this ferry can give every thread of `proc` exactly the
+/// credentials of the image (see [`crate::creds::plan`]): the stub is
+/// forked from the calling thread and starts with its credentials.
+pub fn check_creds(proc: &pb::Process) -> Result<()> {
+    let have = crate::creds::own().map_err(|source| creds_err(proc, None, source))?;
+    let last = crate::sys::caps::last_cap();
+    for t in &proc.threads {
+        let want = thread_creds(proc, t)?;
+        crate::creds::plan(&want, &have, last).map_err(|e| creds_err(proc, Some(t), e))?;
+    }
+    Ok(())
+}
+
+/// A thread's own credentials in the image, else its process's.
+fn thread_creds(proc: &pb::Process, t: &pb::Thread) -> Result<crate::creds::Creds> {
+    t.creds
+        .as_ref()
+        .or(proc.creds.as_ref())
+        .map(crate::creds::Creds::from_pb)
+        .ok_or_else(|| {
+            RestoreError::Missing(format!(
+                "credentials of process {} ({})",
+                proc.pid, proc.comm
+            ))
+        })
+}
+
+fn creds_err(
+    proc: &pb::Process,
+    t: Option<&pb::Thread>,
+    source: crate::creds::CredsError,
+) -> RestoreError {
+    let who = match t {
+        Some(t) if t.tid != proc.pid && t.tid != 0 => {
+            format!("process {} ({}) thread {}", proc.pid, proc.comm, t.tid)
+        }
+        _ => format!("process {} ({})", proc.pid, proc.comm),
+    };
+    RestoreError::Creds { who, source }
 }
 
 /// The part of [`check`] about file descriptors: what kinds ferry restores.
@@ -1223,9 +1261,13 @@ impl Restorer {
         } else {
             Some(self.lazy(lazy)?)
         };
-        // Last injection: unmap the gadget from inside it. The stub stays in
-        // that syscall's exit stop, its rip in the unmapped page, until the
-        // final registers replace it.
+        // The last privileged step: after it the process may be another
+        // user's, which ferry can no longer write into.
+        self.creds(p, &tids)?;
+        failpoint("creds")?; // failpoint (test only)
+                             // Last injection: unmap the gadget from inside it. The stub stays in
+                             // that syscall's exit stop, its rip in the unmapped page, until the
+                             // final registers replace it.
         let (g, len) = (
             self.gadget,
             (GADGET_CODE_PAGES + GADGET_DATA_PAGES) * page_size(),
@@ -2624,6 +2666,112 @@ impl Restorer {
                     [me, tid as u64, signo, 0, 0, 0],
                 )?;
             }
+        }
+        Ok(())
+    }
+
+    /// Every thread's credentials as the image has them
+    /// ([`crate::creds::plan`], injected into each thread: the raw
+    /// syscalls change the calling thread only), then the dumpable flag,
+    /// then a check of each thread's `/proc` status and securebits against
+    /// the image. Every pointer argument is written into the process
+    /// before the first step: once a thread leaves ferry's uid the process
+    /// is no longer dumpable, and writing into it would need
+    /// `CAP_SYS_PTRACE`.
+    fn creds(&mut self, p: &pb::Process, tids: &[i32]) -> Result<()> {
+        use crate::creds::{self, Step};
+        let last = crate::sys::caps::last_cap();
+        let mut plans: Vec<(&pb::Thread, i32, creds::Creds, Vec<Step>)> = Vec::new();
+        for (t, &tid) in p.threads.iter().zip(tids) {
+            let want = thread_creds(p, t)?;
+            let have = self.stub_creds(tid)?;
+            let steps = creds::plan(&want, &have, last).map_err(|e| creds_err(p, Some(t), e))?;
+            plans.push((t, tid, want, steps));
+        }
+        let room = GADGET_DATA_PAGES * page_size();
+        let mut placed: HashMap<Vec<u8>, u64> = HashMap::new();
+        let mut off = 0u64;
+        for m in plans.iter().flat_map(|pl| &pl.3).filter_map(Step::memory) {
+            if placed.contains_key(&m) {
+                continue;
+            }
+            if off + m.len() as u64 > room {
+                return Err(unsupported(format!(
+                    "credentials of process {} ({}): more groups and capability sets than the {room} bytes of the restore's scratch area",
+                    p.pid, p.comm
+                )));
+            }
+            let at = self.put(off, &m, "groups and capability sets")?;
+            off = (off + m.len() as u64).next_multiple_of(8);
+            placed.insert(m, at);
+        }
+        for (t, tid, _, steps) in &plans {
+            for step in steps {
+                let mem = step.memory().map_or(0, |m| placed[&m]);
+                let (nr, args) = step.syscall(mem);
+                let ret = self.stub.syscall_in(*tid, nr, args)?;
+                tracing::trace!(tid, %step, ret, "credentials");
+                if !step.unchecked() && (-4095..0).contains(&ret) {
+                    return Err(RestoreError::Syscall {
+                        step: format!("{step} in thread {} (now {tid})", t.tid),
+                        errno: Errno::from_raw(-ret as i32),
+                    });
+                }
+            }
+        }
+        self.dumpable(p)?;
+        let known = creds::known_mask(last);
+        for (t, tid, want, _) in &plans {
+            let got = self.stub_creds(*tid)?;
+            if let Some(d) = got.differs_from(want, known) {
+                return Err(creds_err(p, Some(t), creds::CredsError::Mismatch(d)));
+            }
+        }
+        Ok(())
+    }
+
+    /// What thread `tid` of the stub holds now.
+    fn stub_creds(&mut self, tid: i32) -> Result<crate::creds::Creds> {
+        let pid = self.stub.pid();
+        let c = procfs::read_task_creds(pid, tid).map_err(|source| RestoreError::Proc {
+            what: format!("/proc/{pid}/task/{tid}/status"),
+            source,
+        })?;
+        let sb = self
+            .stub
+            .syscall_in(tid, libc::SYS_prctl, [PR_GET_SECUREBITS, 0, 0, 0, 0, 0])?;
+        if sb < 0 {
+            return Err(RestoreError::Syscall {
+                step: format!("prctl(PR_GET_SECUREBITS) in thread {tid}"),
+                errno: Errno::from_raw(-sb as i32),
+            });
+        }
+        Ok(crate::creds::Creds::from_proc(c, sb as u32))
+    }
+
+    /// The image's dumpable flag: a change of uid has just set it to the
+    /// `fs.suid_dumpable` sysctl. `prctl` sets only 0 and 1; an image with
+    /// 2 (suidsafe) keeps the sysctl's value if that is 2, else gets 0 (as
+    /// CRIU does: never more dumpable than it was).
+    fn dumpable(&mut self, p: &pb::Process) -> Result<()> {
+        let Some(want) = p.dumpable else {
+            return Ok(());
+        };
+        let now = self.call(
+            "prctl(PR_GET_DUMPABLE)",
+            libc::SYS_prctl,
+            [PR_GET_DUMPABLE, 0, 0, 0, 0, 0],
+        )?;
+        let set = match want {
+            0 | 1 => want as u64,
+            _ => 0,
+        };
+        if now != u64::from(want) && now != set {
+            self.call(
+                format!("prctl(PR_SET_DUMPABLE, {set})"),
+                libc::SYS_prctl,
+                [PR_SET_DUMPABLE, set, 0, 0, 0, 0],
+            )?;
         }
         Ok(())
     }

@@ -1,5 +1,5 @@
 //! Restore failing at each of its stages (issue 7): stub, memory layers,
-//! vdso, mm, files, signals, threads, final registers. Each is made to fail
+//! vdso, mm, files, signals, threads, credentials, final registers. Each is made to fail
 //! in a real `ferry page-server --restore` by the test-only failpoint
 //! (`FERRY_FAILPOINT=restore:STAGE`, see src/failpoint.rs); a real
 //! migration then fails with an error that names the stage, the source
@@ -25,7 +25,7 @@ use ferry::migrate::migrate;
 use ferry::policy::Policy;
 use ferry_proto::batch::Compress;
 
-const STAGES: [&str; 8] = [
+const STAGES: [&str; 9] = [
     "stub",
     "memory",
     "vdso",
@@ -33,6 +33,7 @@ const STAGES: [&str; 8] = [
     "files",
     "signals",
     "threads",
+    "creds",
     "registers",
 ];
 

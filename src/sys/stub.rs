@@ -749,7 +749,12 @@ impl Drop for Stub {
         }
         // SAFETY: kill takes integers; the pid is our tracee, which cannot
         // have been reaped and reused while we trace it.
-        unsafe { libc::kill(self.pid, libc::SIGKILL) };
+        if unsafe { libc::kill(self.pid, libc::SIGKILL) } != 0 {
+            // A stub that took the image's credentials (another uid) may be
+            // beyond kill(2) without CAP_KILL; its tracer can always kill it.
+            // SAFETY: ptrace with integer arguments, on our own tracee.
+            unsafe { libc::ptrace(libc::PTRACE_KILL, self.pid, 0, 0) };
+        }
         // Collect the tracees' exit notifications; the real parent (init or
         // a subreaper) reaps the zombie.
         for &(tid, _) in &self.threads {
