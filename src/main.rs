@@ -117,9 +117,10 @@ enum Command {
         /// Capabilities the page server keeps once started (comma
         /// separated, e.g. sys_ptrace,checkpoint_restore; "none"; "all");
         /// every other one is dropped from all its sets, the bounding set
-        /// included, for good. Restored processes run with at most these.
-        /// [default: none; with --restore: all (restored processes inherit
-        /// them)]
+        /// included, for good. A restored process gets exactly its own
+        /// credentials; an image needing a capability not kept here is
+        /// refused by name. [default: none; with --restore: all (every
+        /// ordinary process's bounding set is full)]
         #[arg(long, value_name = "LIST")]
         caps: Option<String>,
     },

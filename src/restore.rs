@@ -43,7 +43,11 @@
 //!    other thread is cloned from the stub (traced from its birth) and sets
 //!    its own rseq, robust list and pending signals; the tid glibc keeps at
 //!    each thread's clear-tid address is rewritten to the new one.
-//! 7. `munmap` the gadget from inside the gadget: the stub stops at that
+//! 7. Credentials, in every thread ([`crate::creds`]): groups, gids, uids,
+//!    capability sets, securebits, no_new_privs, then the dumpable flag,
+//!    read back and compared with the image. Last of the privileged steps:
+//!    the process may now be another user's.
+//! 8. `munmap` the gadget from inside the gadget: the stub stops at that
 //!    syscall's exit and never runs the next instruction; the final
 //!    registers (an interrupted syscall rewound), XSAVE area and signal
 //!    mask replace its state and every thread's, and all are detached.
@@ -60,7 +64,8 @@
 //! stub exists: a pipe with an end outside the process (tree),
 //! sockets of the kinds [`crate::sockets`] does not migrate, inotify and
 //! other special files, an epoll watching an fd the
-//! image lacks, credentials other than ferry's, a vdso layout this kernel
+//! image lacks, credentials this ferry cannot give exactly (more
+//! capabilities than it holds, say), a vdso layout this kernel
 //! does not make. Any failure later kills the stub: no
 //! half-restored process is ever left running.
 //!

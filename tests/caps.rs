@@ -1,8 +1,8 @@
 //! Capabilities (issue 7): a page server keeps only the capabilities it is
 //! told to (`--caps`; none by default without --restore), dropped from
 //! every set and the bounding set of every thread, and still migrates with
-//! `--restore --caps checkpoint_restore`; a restored process holds no more
-//! than its page server; `ferry migrate` runs with
+//! `--restore --caps checkpoint_restore` (a process that needs no more);
+//! a restored process holds exactly its own sets; `ferry migrate` runs with
 //! `sys_ptrace,kill,dac_read_search,net_admin` only.
 //!
 //! Needs root; skipped with a message otherwise.
@@ -99,13 +99,22 @@ async fn page_servers_drop_capabilities_and_still_migrate() {
     }
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("log");
-    let fx = Fixture::start(&[
-        "--mib",
-        "8",
-        "--single-thread",
-        "--log",
-        log.to_str().unwrap(),
-    ]);
+    // Such a page server restores only processes that need no more than
+    // it holds (tests/creds.rs): a root process whose bounding set, hence
+    // every set, holds checkpoint_restore alone.
+    let fx = Fixture::start_at(
+        std::path::Path::new("/usr/bin/setpriv"),
+        &[
+            "--bounding-set=-all,+checkpoint_restore",
+            "--",
+            env!("CARGO_BIN_EXE_ferry-fixture"),
+            "--mib",
+            "8",
+            "--single-thread",
+            "--log",
+            log.to_str().unwrap(),
+        ],
+    );
     for _ in 0..200 {
         if !log_values(&log).is_empty() {
             break;
@@ -150,9 +159,10 @@ async fn page_servers_drop_capabilities_and_still_migrate() {
     std::thread::sleep(Duration::from_millis(400));
     let after = *log_values(&log).last().unwrap();
     assert!(after > before, "the restored process counts on");
-    // It has no more than the page server that restored it.
-    assert_eq!(caps(new, "CapEff") & !CHECKPOINT_RESTORE, 0);
-    assert_eq!(caps(new, "CapBnd") & !CHECKPOINT_RESTORE, 0);
+    // It has exactly what it had, no more than the page server.
+    for set in ["CapEff", "CapPrm", "CapBnd"] {
+        assert_eq!(caps(new, set), CHECKPOINT_RESTORE, "{set}");
+    }
     drop(restoring);
 }
 

@@ -1,7 +1,8 @@
 //! Credentials (issue 7 item 6): a restored process gets exactly the uids,
 //! gids, groups, capability sets and no_new_privs it had, in every thread,
 //! never the page server's; a page server that cannot give them all
-//! refuses the image by name and the source runs on; a stub that already
+//! refuses the image by name and the source runs on; threads whose
+//! credentials differ keep theirs; a stub that already
 //! took another user's credentials is still killed when the restore fails
 //! after that. Real processes started with `setpriv` (util-linux), migrated
 //! with `ferry migrate` through a real `ferry page-server --restore`.
@@ -405,4 +406,78 @@ async fn a_failure_after_the_credentials_kills_the_half_restored_process() {
     let _kill = Killer(new);
     assert_eq!(before, thread_creds(new));
     drop(ps);
+}
+
+/// A python3 process whose threads hold different credentials: the main
+/// thread is root with every capability, one thread switched itself alone
+/// to uid/gid 1000 with the raw syscalls (glibc's wrappers would switch
+/// every thread), one dropped cap_net_raw from its own bounding set.
+/// Every thread stays alive; the main one appends a
+/// counter to `log`.
+const PER_THREAD: &str = r#"
+import ctypes, os, sys, threading, time
+os.closerange(3, 4096)
+libc = ctypes.CDLL(None, use_errno=True)
+SYS_setresuid, SYS_setresgid, PR_CAPBSET_DROP = 117, 119, 24
+ready = []
+def other_user():
+    assert libc.syscall(SYS_setresgid, 1000, 1000, 1000) == 0
+    assert libc.syscall(SYS_setresuid, 1000, 1000, 1000) == 0
+    ready.append(1)
+    while True:
+        time.sleep(0.05)
+def fewer_caps():
+    assert libc.prctl(PR_CAPBSET_DROP, 13, 0, 0, 0) == 0
+    ready.append(2)
+    while True:
+        time.sleep(0.05)
+for f in (other_user, fewer_caps):
+    threading.Thread(target=f, daemon=True).start()
+n = 0
+while True:
+    n += 1
+    if len(ready) == 2:
+        with open(sys.argv[1], "a") as f:
+            f.write("%d\n" % n)
+    time.sleep(0.05)
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn threads_with_different_credentials_keep_theirs() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let Ok(child) = Command::new("python3")
+        .args(["-c", PER_THREAD])
+        .arg(&log)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+    else {
+        eprintln!("skipped: no python3");
+        return;
+    };
+    let src = Source(child);
+    for _ in 0..500 {
+        if !log_values(&log).is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(!log_values(&log).is_empty(), "the program runs");
+    let creds = thread_creds(src.pid());
+    assert_eq!(creds.len(), 3, "{creds:?}");
+    assert!(
+        creds
+            .iter()
+            .any(|c| c.starts_with("Uid: 1000 1000 1000 1000"))
+            && creds.iter().any(|c| c.starts_with("Uid: 0 0 0 0"))
+            && creds.iter().collect::<std::collections::HashSet<_>>().len() == 3,
+        "three different threads: {creds:?}"
+    );
+    migrates_with_exactly_its_creds(&src, &log, "threads that differ").await;
 }
