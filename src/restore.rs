@@ -2685,6 +2685,7 @@ impl Restorer {
     /// `CAP_SYS_PTRACE`.
     fn creds(&mut self, p: &pb::Process, tids: &[i32]) -> Result<()> {
         use crate::creds::{self, Step};
+        let t0 = std::time::Instant::now();
         let last = crate::sys::caps::last_cap();
         let mut plans: Vec<(&pb::Thread, i32, creds::Creds, Vec<Step>)> = Vec::new();
         for (t, &tid) in p.threads.iter().zip(tids) {
@@ -2732,6 +2733,13 @@ impl Restorer {
                 return Err(creds_err(p, Some(t), creds::CredsError::Mismatch(d)));
             }
         }
+        tracing::debug!(
+            pid = p.pid,
+            threads = plans.len(),
+            steps = plans.iter().map(|pl| pl.3.len()).sum::<usize>(),
+            us = t0.elapsed().as_micros() as u64,
+            "credentials restored"
+        );
         Ok(())
     }
 
