@@ -17,6 +17,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use common::{certs, free_port, is_root, log_values, proc_field, proc_state, wait_for_server};
+use ferry::sys::ptrace::Tracee;
 
 const CREDS: [&str; 9] = [
     "Uid",
@@ -187,7 +188,7 @@ impl Drop for Killer {
 /// Migrates `fx` through a default page server and checks that the
 /// restored process's threads hold exactly the credentials the source's
 /// did, and that it runs on.
-async fn migrates_with_exactly_its_creds(fx: &Source, log: &Path, what: &str) {
+async fn migrates_with_exactly_its_creds(fx: &Source, log: &Path, what: &str) -> Killer {
     let tls = certs();
     let port = free_port();
     let ps = server(tls.path(), port, &[], &[]);
@@ -214,6 +215,27 @@ async fn migrates_with_exactly_its_creds(fx: &Source, log: &Path, what: &str) {
         "{what}: the restored process counts on"
     );
     drop(ps);
+    _kill
+}
+
+/// What `/proc` does not show, as a capture sees it: each thread's
+/// securebits and the process's dumpable flag.
+fn injected_creds(pid: i32) -> (Vec<u32>, Option<u32>) {
+    let tr = Tracee::seize(pid).expect("seize");
+    tr.freeze().expect("freeze");
+    let tree = ferry::state::capture(pid, &tr).expect("capture");
+    drop(tr);
+    let p = &tree.processes[0];
+    let sb = p
+        .threads
+        .iter()
+        .map(|t| t.creds.as_ref().expect("thread creds").securebits)
+        .collect();
+    assert_eq!(
+        p.creds.as_ref().unwrap().securebits,
+        p.threads[0].creds.as_ref().unwrap().securebits
+    );
+    (sb, p.dumpable)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -245,7 +267,13 @@ async fn nobody_migrates_as_nobody() {
         ) && c.ends_with("NoNewPrivs: 1")),
         "{creds:?}"
     );
-    migrates_with_exactly_its_creds(&fx, &log, "nobody").await;
+    // Securebits (noroot, locked) and dumpable, captured, then again from
+    // the restored process.
+    let (sb, dumpable) = injected_creds(fx.pid());
+    assert!(sb.len() >= 4 && sb.iter().all(|&b| b == 0b11), "{sb:?}");
+    assert_eq!(dumpable, Some(1));
+    let new = migrates_with_exactly_its_creds(&fx, &log, "nobody").await;
+    assert_eq!(injected_creds(new.0), (sb, dumpable), "after the restore");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -277,7 +305,7 @@ async fn root_with_dropped_sets_keeps_all_five() {
         ) && c.contains("CapAmb: 0000000000002020")),
         "{creds:?}"
     );
-    migrates_with_exactly_its_creds(&fx, &log, "root with dropped sets").await;
+    let _new = migrates_with_exactly_its_creds(&fx, &log, "root with dropped sets").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -479,5 +507,5 @@ async fn threads_with_different_credentials_keep_theirs() {
             && creds.iter().collect::<std::collections::HashSet<_>>().len() == 3,
         "three different threads: {creds:?}"
     );
-    migrates_with_exactly_its_creds(&src, &log, "threads that differ").await;
+    let _new = migrates_with_exactly_its_creds(&src, &log, "threads that differ").await;
 }

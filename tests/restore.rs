@@ -274,6 +274,11 @@ fn capture(pid: i32, frozen: &Seized) -> (pb::ProcessTree, FlatImage) {
             .unwrap()
             .to_string_lossy()
             .into_owned(),
+        // Its credentials as /proc shows them (securebits: none, as in
+        // this test).
+        creds: Some(
+            ferry::creds::Creds::from_proc(ferry::procfs::read_creds(pid).unwrap(), 0).to_pb(),
+        ),
         mm: Some(mm),
         vmas: vmas.clone(),
         threads: vec![thread],
