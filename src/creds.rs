@@ -195,6 +195,47 @@ pub fn own() -> Result<Creds, CredsError> {
     Ok(Creds::from_proc(c, sb))
 }
 
+/// The distinct credentials of the threads of `pid` and its descendants
+/// as `/proc` shows them now (securebits read as 0: only an injection into
+/// the frozen process can read them), for the page server's pre-flight
+/// (`Hello.creds`). Threads that vanish meanwhile are skipped: the
+/// capture at the freeze is what counts.
+pub fn of_tree(pid: i32) -> Vec<pb::Credentials> {
+    let pids: Vec<i32> = match crate::tree::discover(pid) {
+        Ok(tree) => tree
+            .iter()
+            .filter(|s| s.state != 'Z')
+            .map(|s| s.pid)
+            .collect(),
+        Err(_) => vec![pid],
+    };
+    let mut out: Vec<pb::Credentials> = Vec::new();
+    for p in pids {
+        for tid in procfs::list_tasks(p).unwrap_or_default() {
+            if let Ok(c) = procfs::read_task_creds(p, tid) {
+                let c = Creds::from_proc(c, 0).to_pb();
+                if !out.contains(&c) {
+                    out.push(c);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The page server's pre-flight of `Hello.creds` (of the process the
+/// Hello's `label` names): the first of them this ferry could not restore
+/// exactly, and why.
+pub fn preflight(creds: &[pb::Credentials], label: &str) -> Result<(), String> {
+    let have = own().map_err(|e| e.to_string())?;
+    let last = crate::sys::caps::last_cap();
+    for c in creds {
+        plan(&Creds::from_pb(c), &have, last)
+            .map_err(|e| format!("{label}: a thread of uid {}: credentials: {e}", c.euid))?;
+    }
+    Ok(())
+}
+
 /// The capabilities this kernel knows, as a mask.
 pub fn known_mask(last_cap: u32) -> u64 {
     match last_cap {

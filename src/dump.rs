@@ -831,6 +831,11 @@ impl Sink {
                         kernel: kernel_release(),
                         label,
                         resume: false,
+                        creds: if features.iter().any(|f| f == ferry_proto::FEATURE_RESTORE) {
+                            crate::creds::of_tree(pid)
+                        } else {
+                            Vec::new()
+                        },
                         features,
                     },
                 )

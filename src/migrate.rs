@@ -286,7 +286,7 @@ impl Restorer for LocalRestorer {
                 hello.page_size
             ));
         }
-        Ok(())
+        crate::creds::preflight(&hello.creds, &hello.label)
     }
 
     fn preflight_layer(&self, vmas: &[pb::Vma]) -> Result<(), String> {

@@ -326,9 +326,13 @@ async fn a_page_server_lacking_a_capability_refuses_and_the_source_runs_on() {
     let out = migrate(fx.pid(), port, tls.path());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "migrated: {stderr}");
+    // At the handshake, from what the source read in /proc: before the
+    // first round, nothing frozen.
     assert!(
-        stderr.contains(&format!("process {}", fx.pid()))
-            && stderr.contains("credentials: its permitted set holds cap_chown,")
+        stderr.contains(&format!(
+            "pre-flight: this host could not restore the process: pid {} ",
+            fx.pid()
+        )) && stderr.contains("credentials: its permitted set holds cap_chown,")
             && stderr.contains("which this page server does not hold"),
         "{stderr}"
     );
@@ -356,6 +360,31 @@ async fn a_page_server_lacking_a_capability_refuses_and_the_source_runs_on() {
         "{stderr}"
     );
     fx.runs_on(&log, "nobody refused");
+    drop(fx);
+    // Root with SECBIT_NOROOT and only that capability: the pre-flight
+    // (securebits read as 0) lets it through, the state captured at the
+    // freeze has securebits 0x1, which the page server cannot set without
+    // cap_setpcap: refused at the restore, and the source resumes.
+    let log = dir.path().join("noroot");
+    let fx = start(
+        &[
+            "--securebits=+noroot",
+            "--bounding-set=-all,+checkpoint_restore",
+        ],
+        &exe,
+        &log,
+        1,
+    );
+    let out = migrate(fx.pid(), port, tls.path());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "migrated: {stderr}");
+    assert!(
+        !stderr.contains("pre-flight")
+            && stderr.contains(&format!("process {} (", fx.pid()))
+            && stderr.contains("setting the securebits 0x1 needs cap_setpcap"),
+        "{stderr}"
+    );
+    fx.runs_on(&log, "noroot refused at the restore");
     drop(ps);
 }
 

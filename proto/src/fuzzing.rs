@@ -667,6 +667,7 @@ fn sender(resume: bool) -> Sender {
         label: "fuzz seed".into(),
         resume,
         features: vec![crate::FEATURE_RESTORE.into()],
+        creds: Vec::new(),
     })
 }
 

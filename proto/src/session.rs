@@ -677,6 +677,9 @@ pub struct SenderConfig {
     /// [`crate::FEATURE_RESTORE`]: a destination that cannot do it refuses
     /// at the handshake instead of at the commit.
     pub features: Vec<String>,
+    /// The credentials of the threads to migrate, for the destination's
+    /// pre-flight (Hello.creds); empty when unknown.
+    pub creds: Vec<pb::Credentials>,
 }
 
 /// What the destination told the sender.
@@ -765,6 +768,7 @@ impl Sender {
             features: self.cfg.features.clone(),
             resume: self.cfg.resume,
             label: self.cfg.label.clone(),
+            creds: self.cfg.creds.clone(),
         })))
     }
 

@@ -69,6 +69,7 @@ pub fn sender_config(id: u8, page_size: u32, resume: bool) -> SenderConfig {
         label: format!("test session {id}"),
         resume,
         features: Vec::new(),
+        creds: Vec::new(),
     }
 }
 
@@ -164,6 +165,7 @@ pub async fn wait_for_server(addr: SocketAddr, tls: &Path) {
             label: "probe".into(),
             resume: false,
             features: Vec::new(),
+            creds: Vec::new(),
         };
         if let Ok(client) = Client::connect(c, s).await {
             client.abort("probe").await;

@@ -188,6 +188,7 @@ fn sender() -> Sender {
         label: "test".into(),
         resume: false,
         features: Vec::new(),
+        creds: Vec::new(),
     })
 }
 
@@ -518,6 +519,7 @@ fn resume_continues_at_the_sealed_count() {
     let mut tx = Sender::new(SenderConfig {
         resume: true,
         features: Vec::new(),
+        creds: Vec::new(),
         ..sender().cfg
     });
     let mut rx = Receiver::default();
