@@ -2,7 +2,8 @@
 //! gids, groups, capability sets and no_new_privs it had, in every thread,
 //! never the page server's; a page server that cannot give them all
 //! refuses the image by name and the source runs on; threads whose
-//! credentials differ keep theirs; a stub that already
+//! credentials differ keep theirs, and so do the processes of a tree; a
+//! stub that already
 //! took another user's credentials is still killed when the restore fails
 //! after that. Real processes started with `setpriv` (util-linux), migrated
 //! with `ferry migrate` through a real `ferry page-server --restore`.
@@ -537,4 +538,87 @@ async fn threads_with_different_credentials_keep_theirs() {
         "three different threads: {creds:?}"
     );
     let _new = migrates_with_exactly_its_creds(&src, &log, "threads that differ").await;
+}
+
+/// A tree: a root python3 parent whose child runs as nobody (setpriv),
+/// each appending a counter to its own log.
+const TREE: &str = r#"
+import os, subprocess, sys, time
+os.closerange(3, 4096)
+d = sys.argv[1]
+child = "import time\nn = 0\nwhile True:\n    n += 1\n    open(%r, 'a').write('%%d\\n' %% n)\n    time.sleep(0.05)\n" % (d + "/child")
+subprocess.Popen(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--",
+                  sys.executable, "-c", child],
+                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+n = 0
+while True:
+    n += 1
+    with open(d + "/parent", "a") as f:
+        f.write("%d\n" % n)
+    time.sleep(0.05)
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tree_keeps_each_process_its_own_credentials() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let Ok(child) = Command::new("python3")
+        .args(["-c", TREE])
+        .arg(dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+    else {
+        eprintln!("skipped: no python3");
+        return;
+    };
+    let src = Source(child);
+    let (plog, clog) = (dir.path().join("parent"), dir.path().join("child"));
+    for _ in 0..500 {
+        if !log_values(&plog).is_empty() && !log_values(&clog).is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(!log_values(&clog).is_empty(), "the child runs");
+    let kid = |pid: i32| -> i32 {
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .expect("a child")
+            .parse()
+            .unwrap()
+    };
+    let old_kid = kid(src.pid());
+    let (parent_before, child_before) = (thread_creds(src.pid()), thread_creds(old_kid));
+    assert!(
+        child_before[0].starts_with("Uid: 65534"),
+        "{child_before:?}"
+    );
+    let tls = certs();
+    let port = free_port();
+    let ps = server(tls.path(), port, &[], &[]);
+    wait_for_server(format!("127.0.0.1:{port}").parse().unwrap(), tls.path()).await;
+    let out = migrate(src.pid(), port, tls.path());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "ferry migrate: {stderr}");
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let new = json["restored_pid"].as_i64().unwrap() as i32;
+    let new_kid = kid(new);
+    let _kill = (Killer(new_kid), Killer(new));
+    assert_eq!(thread_creds(new), parent_before, "the parent");
+    assert_eq!(thread_creds(new_kid), child_before, "the child");
+    let n = *log_values(&clog).last().unwrap();
+    std::thread::sleep(Duration::from_millis(400));
+    assert!(
+        *log_values(&clog).last().unwrap() > n,
+        "the child counts on"
+    );
+    drop(ps);
 }
