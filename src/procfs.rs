@@ -131,6 +131,35 @@ impl MapEntry {
         }
     }
 
+    /// A memfd ("/memfd:name (deleted)"): a file only the source has, its
+    /// contents in RAM like anonymous shared memory.
+    pub fn is_memfd(&self) -> bool {
+        self.inode != 0
+            && self
+                .path
+                .as_deref()
+                .is_some_and(|p| p.starts_with("/memfd:") && p.ends_with(DELETED))
+    }
+
+    /// A System V shared memory segment ("/SYSV<key> (deleted)").
+    pub fn is_sysv(&self) -> bool {
+        self.shared
+            && self
+                .path
+                .as_deref()
+                .is_some_and(|p| p.starts_with("/SYSV") && p.ends_with(DELETED))
+    }
+
+    /// The `(inode, device)` of the shared memory object behind a
+    /// `MAP_SHARED` mapping whose contents live only in RAM: anonymous
+    /// shared memory (`/dev/zero` included) and memfds, System V segments
+    /// too (refused by name where unsupported). `None` for the rest.
+    pub fn shm_key(&self) -> Option<(u64, u64)> {
+        let shmem = self.kind() == pb::VmaKind::SharedAnon || self.is_memfd();
+        (self.shared && shmem && self.inode != 0)
+            .then(|| (self.inode, libc::makedev(self.dev_major, self.dev_minor)))
+    }
+
     /// Backed by a file: the last column is a path, the inode is not 0,
     /// and it is not anonymous shared memory in disguise (`/dev/zero`,
     /// `/SYSV…`). Exactly the entries whose [`MapEntry::kind`] is `File`.
@@ -213,6 +242,7 @@ impl MapEntry {
             size: 0,
             mtime_ns: 0,
         });
+        let (shm_ino, shm_dev) = self.shm_key().unwrap_or_default();
         pb::Vma {
             start: self.start,
             end: self.end,
@@ -222,6 +252,8 @@ impl MapEntry {
             kind: kind as i32,
             file,
             name: self.path.clone().unwrap_or_default(),
+            shm_ino,
+            shm_dev,
         }
     }
 }
