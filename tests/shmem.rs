@@ -361,3 +361,112 @@ async fn shared_memory_memfd_and_fifo_of_a_tree_migrate_as_one() {
     );
     server.stop().await;
 }
+
+/// A parent fills 64 MiB of shared anonymous memory and forks a child
+/// that keeps writing 16 of its pages; the parent writes nothing.
+const BIG: &str = r#"
+import mmap, os, sys, time
+N = 16384
+shm = mmap.mmap(-1, N * 4096)
+shm[:] = bytes(range(256)) * (N * 16)
+import ctypes
+addr = ctypes.addressof(ctypes.c_char.from_buffer(shm))
+pid = os.fork()
+if pid == 0:
+    i = 0
+    while True:
+        i += 1
+        shm[(i % 16) * 4096 * 7:(i % 16) * 4096 * 7 + 8] = i.to_bytes(8, "little")
+        time.sleep(0.002)
+print(addr, pid, flush=True)
+while True:
+    time.sleep(1)
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_memory_is_tracked_in_the_rounds_and_sent_once() {
+    need_root!();
+    use ferry_page_server::store::disk::DiskStore;
+    use ferry_page_server::store::Page;
+    use std::io::BufRead;
+    let mut cmd = Command::new(python());
+    cmd.args(["-c", BIG])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    // SAFETY: close_range is async-signal-safe and touches no memory.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let root = child.id() as i32;
+    let _t = Tree(root, Some(child));
+    let w: Vec<u64> = line
+        .split_whitespace()
+        .map(|x| x.parse().unwrap())
+        .collect();
+    let (addr, kid) = (w[0], w[1] as i32);
+    let pages = 16384u64;
+    let dir = tempfile::tempdir().unwrap();
+    let opts = DumpOptions {
+        pid: root,
+        dest: Destination::ImagesDir(dir.path().into()),
+        leave_stopped: true,
+        track: None,
+        policy: Policy {
+            max_downtime: Duration::ZERO,
+            max_rounds: 4,
+            tiny_pages: 0,
+            max_growth: 1000.0,
+        },
+        compress: Compress::default(),
+        restore: false,
+    };
+    let (report, frozen) = ferry::dump::dump_frozen(opts, &mut |r| {
+        eprintln!(
+            "round {} frozen={} dirty={} sent={}",
+            r.round, r.frozen, r.dirty_pages, r.stats.pages
+        );
+        // Time for the child to write during the rounds.
+        std::thread::sleep(Duration::from_millis(100));
+    })
+    .await
+    .unwrap();
+    let sent: Vec<u64> = report.rounds.iter().map(|r| r.stats.pages).collect();
+    // Round 0 carries the region once (not once per process); every later
+    // round only what was written since (uffd-wp tracks shmem here), far
+    // less than the region.
+    assert!(
+        sent[0] >= pages && sent[0] < 2 * pages,
+        "round 0 sent {sent:?}"
+    );
+    for (i, &n) in sent.iter().enumerate().skip(1) {
+        assert!(n < pages / 8, "round {i} sent {n} pages: {sent:?}");
+    }
+    // The slot holds the region as the frozen processes see it.
+    let store = DiskStore::open(dir.path()).unwrap();
+    let img = store.open(report.session).unwrap().flatten().unwrap();
+    let slot = img
+        .vmas
+        .iter()
+        .find(|v| v.name == ferry::shmem::SLOT_NAME)
+        .expect("a slot for the region");
+    assert_eq!(slot.end - slot.start, pages * 4096);
+    let mem = std::fs::File::open(format!("/proc/{kid}/mem")).unwrap();
+    let mut page = vec![0u8; 4096];
+    for i in 0..pages {
+        std::os::unix::fs::FileExt::read_exact_at(&mem, &mut page, addr + i * 4096).unwrap();
+        match img.page(slot.start + i * 4096) {
+            Some(Page::Data(d)) => assert!(d[..] == page[..], "page {i} of the region differs"),
+            other => panic!("page {i} of the region: {other:?}"),
+        }
+    }
+    drop(frozen);
+}
