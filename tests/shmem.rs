@@ -470,3 +470,102 @@ async fn shared_memory_is_tracked_in_the_rounds_and_sent_once() {
     }
     drop(frozen);
 }
+
+/// Prints a line once its shared memory is set up, then sleeps: a System V
+/// segment attached before a fork (removed at once, so it goes with the
+/// processes), or a memfd mapped by a lone process.
+const SYSV: &str = r#"
+import ctypes, os, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+libc.shmat.restype = ctypes.c_void_p
+sid = libc.shmget(0, 4096, 0o1600)
+at = libc.shmat(sid, None, 0)
+libc.shmctl(sid, 0, None)
+ctypes.memset(at, 7, 4096)
+pid = os.fork()
+if pid == 0:
+    while True:
+        time.sleep(1)
+print(at, pid, flush=True)
+while True:
+    time.sleep(1)
+"#;
+const LONE_MEMFD: &str = r#"
+import mmap, os, time
+fd = os.memfd_create("lone")
+os.ftruncate(fd, 4096)
+m = mmap.mmap(fd, 4096)
+m[:5] = b"hello"
+os.close(fd)
+print(0, 0, flush=True)
+os.dup2(os.open("/dev/null", os.O_WRONLY), 1)
+while True:
+    time.sleep(1)
+"#;
+
+fn not_held(pid: i32) -> bool {
+    common::proc_field(pid, "TracerPid:").as_deref() == Some("0")
+        && !matches!(proc_state(pid), 't' | 'T')
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_shared_memory_cannot_make_is_refused_by_name_before_the_freeze() {
+    need_root!();
+    use std::io::BufRead;
+    for (script, want) in [
+        (SYSV, "System V shared memory /SYSV00000000 (deleted)"),
+        (
+            LONE_MEMFD,
+            "/memfd:lone (deleted): a memfd mapped by a lone process",
+        ),
+    ] {
+        let mut cmd = Command::new(python());
+        cmd.args(["-c", script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        // SAFETY: close_range is async-signal-safe and touches no memory.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let root = child.id() as i32;
+        let _t = Tree(root, Some(child));
+        let kid: i32 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+        let tls = certs();
+        let dest = Destination::Remote(connect(
+            format!("127.0.0.1:{}", common::free_port())
+                .parse()
+                .unwrap(),
+            tls.path(),
+        ));
+        let opts = DumpOptions {
+            pid: root,
+            dest,
+            leave_stopped: false,
+            track: None,
+            policy: Policy::default(),
+            compress: Compress::default(),
+            restore: false,
+        };
+        let e = ferry::migrate::migrate(opts, &mut |_| {})
+            .await
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(want) && e.contains("nothing was frozen"), "{e}");
+        if kid != 0 {
+            assert!(e.contains(&format!("of process {root} (python3)")), "{e}");
+        }
+        for pid in [root, kid].into_iter().filter(|&p| p != 0) {
+            assert!(not_held(pid), "process {pid} runs on untraced");
+        }
+    }
+}
