@@ -588,6 +588,34 @@ async fn round(
         *shm = Some(crate::shmem::Registry::default());
     }
     let collected: Vec<Delta> = work.iter().map(|(_, _, d)| d.clone()).collect();
+    if let Some(reg) = shm.as_ref() {
+        // An object new to the dump goes whole: every page it holds, also
+        // those no page table shows (see crate::shmem::resident).
+        for (i, maps, delta) in work.iter_mut() {
+            let pid = spaces[*i].pid;
+            for m in maps
+                .iter()
+                .filter(|m| m.shm_key().is_some() && track::sendable(m) && !reg.knows(m))
+            {
+                let found = tree.each(|t| {
+                    Ok(match t.pid == pid {
+                        true => Some(crate::shmem::resident(&t.tracee, m)),
+                        false => None,
+                    })
+                });
+                match found.map(|v| v.into_iter().flatten().next()) {
+                    Ok(Some(Ok(r))) => delta.data.extend(r),
+                    Ok(Some(Err(e))) if !frozen && s_gone(&e) => {}
+                    Ok(Some(Err(e))) => {
+                        put_back_collected(spaces, &work, &collected);
+                        return Err(DumpError::Shm(e));
+                    }
+                    Ok(None) | Err(_) => {}
+                }
+            }
+            track::normalize(&mut delta.data);
+        }
+    }
     let sends = match shm.as_mut() {
         Some(reg) => {
             let mut parts: Vec<crate::shmem::Part<'_>> = work
@@ -624,6 +652,19 @@ async fn round(
             Err(e)
         }
     }
+}
+
+/// A process of the tree that exited while a round asked it something:
+/// the freeze's scan tells whether it is really gone.
+fn s_gone(e: &crate::shmem::ShmError) -> bool {
+    matches!(
+        e,
+        crate::shmem::ShmError::Resident {
+            source: crate::sys::ptrace::PtraceError::NoProcess(_)
+                | crate::sys::ptrace::PtraceError::ThreadExited(_),
+            ..
+        }
+    )
 }
 
 fn put_back(spaces: &mut [Space<'_>], work: &[(usize, Vec<MapEntry>, Delta)]) {

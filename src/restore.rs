@@ -194,6 +194,8 @@ fn shm_error(e: crate::shmem::ShmError) -> RestoreError {
     match e {
         crate::shmem::ShmError::Unsupported(s) => RestoreError::Unsupported(s),
         crate::shmem::ShmError::Io { what, source } => RestoreError::FdData { what, source },
+        // The source side's; not met here.
+        other => RestoreError::Unsupported(other.to_string()),
     }
 }
 

@@ -64,6 +64,21 @@ pub enum ShmError {
     /// What the restore cannot make, named.
     #[error("{0}: not supported yet")]
     Unsupported(String),
+    /// Asking a process which pages of an object it can see failed.
+    #[error("process {pid}: which pages of shared memory {start:#x}-{end:#x} hold data: {source}")]
+    Resident {
+        pid: i32,
+        start: u64,
+        end: u64,
+        #[source]
+        source: crate::sys::ptrace::PtraceError,
+    },
+    #[error("process {pid}: reading mincore's answer: {source}")]
+    ResidentRead {
+        pid: i32,
+        #[source]
+        source: crate::sys::vm::VmError,
+    },
     #[error("shared memory object {what}: {source}")]
     Io {
         what: String,
@@ -100,6 +115,9 @@ pub struct Part<'a> {
     pub delta: &'a mut Delta,
 }
 
+/// Ranges of one process to read, each `(start, end, tagged destination)`.
+pub type Reads = Vec<(u64, u64, u64)>;
+
 /// What a round sends of the objects: which pages of which process to
 /// read, and where each range goes.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -108,7 +126,7 @@ pub struct Sends {
     pub vmas: Vec<pb::Vma>,
     /// Per process (in the order of the parts): its pid and the ranges to
     /// read, each `(start, end, tagged destination)`, ascending.
-    pub reads: Vec<(i32, Vec<(u64, u64, u64)>)>,
+    pub reads: Vec<(i32, Reads)>,
 }
 
 /// The objects' slots over a whole dump: an object keeps its slot from
@@ -147,7 +165,7 @@ impl Registry {
             p.delta.zero = subtract(&p.delta.zero, &own);
         }
         let mut sends = Sends::default();
-        let mut reads: Vec<Vec<(u64, u64, u64)>> = vec![Vec::new(); parts.len()];
+        let mut reads: Vec<Reads> = vec![Vec::new(); parts.len()];
         for (k, ms) in &maps {
             let size = ms
                 .iter()
@@ -188,6 +206,11 @@ impl Registry {
         Ok(sends)
     }
 
+    /// Whether `m` maps an object a round before this one has seen.
+    pub fn knows(&self, m: &MapEntry) -> bool {
+        key_of_entry(m).is_some_and(|k| self.slots.contains_key(&k))
+    }
+
     fn slot(&mut self, k: ShmKey, size: u64) -> Result<u64, ShmError> {
         let n = self.slots.len() as u64;
         let base = *self.slots.entry(k).or_insert((n + 1) * SLOT);
@@ -204,6 +227,55 @@ impl Registry {
         }
         Ok(base)
     }
+}
+
+/// The pages of shared memory mapping `m` of process `tracee` that hold
+/// data, as address ranges: `mincore` (injected, with a scratch vector
+/// mapped in the process for the call) answers from the object's page
+/// cache, so it also finds pages no page table holds, which neither
+/// pagemap nor the write-protect scan can: written by a child that has
+/// exited since, or through a descriptor closed since. Asked once per
+/// mapping of an object new to the dump; the trackers follow the writes
+/// from there.
+pub fn resident(
+    tracee: &crate::sys::ptrace::Tracee,
+    m: &MapEntry,
+) -> Result<Vec<(u64, u64)>, ShmError> {
+    let ps = crate::sys::page_size();
+    let pages = m.len() / ps;
+    let pid = tracee.pid();
+    let fail = |source| ShmError::Resident {
+        pid,
+        start: m.start,
+        end: m.end,
+        source,
+    };
+    let len = pages.div_ceil(ps).max(1) * ps;
+    let rw = (libc::PROT_READ | libc::PROT_WRITE) as u64;
+    let anon = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64;
+    let vec = tracee
+        .syscall(libc::SYS_mmap, &[0, len, rw, anon, u64::MAX, 0])
+        .map_err(fail)? as u64;
+    let asked = tracee.syscall(libc::SYS_mincore, &[m.start, m.len(), vec]);
+    let mut buf = Vec::new();
+    let read = asked.map_err(fail).and_then(|_| {
+        crate::sys::vm::read_ranges(pid, &[(vec, vec + len)], &mut buf)
+            .map_err(|source| ShmError::ResidentRead { pid, source })
+    });
+    let unmapped = tracee.syscall(libc::SYS_munmap, &[vec, len]).map_err(fail);
+    read?;
+    unmapped?;
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (i, &b) in buf.iter().take(pages as usize).enumerate() {
+        if b & 1 != 0 {
+            let a = m.start + i as u64 * ps;
+            match out.last_mut() {
+                Some(last) if last.1 == a => last.1 = a + ps,
+                _ => out.push((a, a + ps)),
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Where the bytes read at `addr` go, given a process's read table.
@@ -401,7 +473,8 @@ pub fn slots(vmas: &[pb::Vma]) -> Vec<pb::Vma> {
 }
 
 /// Makes `obj` in ferry: created, sized, filled with `data` (its memfd's
-/// contents at the freeze, if held open) and the image's pages, sealed.
+/// whole contents at the freeze, if held open) or else the image's pages,
+/// sealed.
 pub fn make(
     obj: &Object,
     data: &[u8],
@@ -418,44 +491,47 @@ pub fn make(
     };
     let ps = img.page_size as u64;
     let size = obj.size.max(data.len() as u64);
+    let memfd = |name: &str, sealing: bool| -> Result<OwnedFd, ShmError> {
+        let fd = crate::sys::shm::memfd(name, sealing).map_err(err("memfd_create"))?;
+        std::fs::File::from(fd.try_clone().map_err(err("dup"))?)
+            .set_len(size)
+            .map_err(err("ftruncate"))?;
+        Ok(fd)
+    };
     let fd = match &obj.memfd {
-        Some(name) => {
-            let sealing = obj.seals & libc::F_SEAL_SEAL as u32 == 0 || obj.seals == 0;
-            let fd = crate::sys::shm::memfd(name, sealing).map_err(err("memfd_create"))?;
-            std::fs::File::from(fd.try_clone().map_err(err("dup"))?)
-                .set_len(size)
-                .map_err(err("ftruncate"))?;
-            fd
-        }
-        None => crate::sys::shm::anon_shared(size.div_ceil(ps).max(1) * ps)
-            .map_err(err("a shared anonymous mapping"))?,
+        // Made without MFD_ALLOW_SEALING, a memfd shows F_SEAL_SEAL alone.
+        Some(name) => memfd(name, obj.seals != libc::F_SEAL_SEAL as u32)?,
+        None => match crate::sys::shm::anon_shared(size.div_ceil(ps).max(1) * ps) {
+            Ok(fd) => fd,
+            // Opening /proc/self/map_files needs CAP_CHECKPOINT_RESTORE (or
+            // CAP_SYS_ADMIN); without it the object is a memfd, the same
+            // memory under another name in /proc/PID/maps.
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+                tracing::debug!("anonymous shared memory as a memfd: map_files: {e}");
+                memfd("dev/zero", false)?
+            }
+            Err(e) => return Err(err("a shared anonymous mapping")(e)),
+        },
     };
     let file = std::fs::File::from(fd.try_clone().map_err(err("dup"))?);
     file.write_all_at(data, 0)
         .map_err(err("writing its contents"))?;
-    let zeros = vec![0u8; (64 * ps) as usize];
-    for (off, bytes) in contents(obj, img, slots) {
-        match bytes {
-            Some(b) => file.write_all_at(b, off),
-            None if off < data.len() as u64 => {
-                // A zero run over bytes the descriptor's contents set.
-                let end = (off + ps).min(data.len() as u64);
-                let mut at = off;
-                let mut r = Ok(());
-                while at < end && r.is_ok() {
-                    let n = (end - at).min(zeros.len() as u64) as usize;
-                    r = file.write_all_at(&zeros[..n], at);
-                    at += n as u64;
-                }
-                r
+    // A memfd held open was read whole at the freeze: newer than any page
+    // of the rounds (a write(2) to it is no write to a page table, which
+    // the trackers would see). Otherwise the object is its pages; zero
+    // runs need nothing in a new object.
+    if obj.fds.is_empty() {
+        for (off, bytes) in contents(obj, img, slots) {
+            if let Some(b) = bytes {
+                file.write_all_at(b, off)
+                    .map_err(err(&format!("writing its pages at offset {off:#x}")))?;
             }
-            None => Ok(()),
         }
-        .map_err(err(&format!("writing its pages at offset {off:#x}")))?;
     }
-    let seals = obj.seals & !(libc::F_SEAL_SEAL as u32);
-    if obj.memfd.is_some() && seals != 0 {
-        crate::sys::shm::add_seals(fd.as_fd(), seals).map_err(err("F_ADD_SEALS"))?;
+    // After the filling (a write seal would forbid it), before any process
+    // maps it (F_SEAL_WRITE cannot be added over a shared writable map).
+    if obj.memfd.is_some() && obj.seals & !(libc::F_SEAL_SEAL as u32) != 0 {
+        crate::sys::shm::add_seals(fd.as_fd(), obj.seals).map_err(err("F_ADD_SEALS"))?;
     }
     Ok(fd)
 }

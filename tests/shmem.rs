@@ -59,11 +59,18 @@ os.ftruncate(mfd, 16 * PS)
 os.write(mfd, b"memfd-head")
 fcntl.fcntl(mfd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
 mm = mmap.mmap(mfd, 16 * PS)
+ro = os.memfd_create("ferry sealed", os.MFD_ALLOW_SEALING)
+os.write(ro, b"sealed" * 100)
+os.ftruncate(ro, PS)
+fcntl.fcntl(ro, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+rm = mmap.mmap(ro, PS, prot=mmap.PROT_READ)
 fifo = os.path.join(d, "fifo")
 os.mkfifo(fifo)
 import ctypes
 addr = ctypes.addressof(ctypes.c_char.from_buffer(shm))
 maddr = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+import re
+raddr = [int(l.split("-")[0], 16) for l in open("/proc/self/maps") if "ferry sealed" in l][0]
 
 def run(i):
     log = open(os.path.join(d, "log%d" % i), "a", buffering=1)
@@ -111,6 +118,12 @@ def run(i):
             log.write(" ".join(str(x) for x in [c] + seen + mem) + "\n")
         time.sleep(0.001)
 
+# A page only an exited child ever touched: in no page table at the dump.
+pid = os.fork()
+if pid == 0:
+    shm[220 * PS:220 * PS + 16] = b"from-a-dead-kid!"
+    os._exit(0)
+os.waitpid(pid, 0)
 kids = []
 for i in (1, 2):
     pid = os.fork()
@@ -118,7 +131,7 @@ for i in (1, 2):
         run(i)
     kids.append(pid)
 with open(os.path.join(d, "info.tmp"), "w") as f:
-    f.write("%d %d %d %d %d\n" % (addr, maddr, mfd, kids[0], kids[1]))
+    f.write("%d %d %d %d %d %d %d\n" % (addr, maddr, mfd, kids[0], kids[1], raddr, ro))
 os.rename(os.path.join(d, "info.tmp"), os.path.join(d, "info"))
 run(0)
 "#;
@@ -226,6 +239,17 @@ async fn shared_memory_memfd_and_fifo_of_a_tree_migrate_as_one() {
     wait_until("records through the FIFO", &mut || {
         lines(&fifo_log).len() >= 200
     });
+    // Page 220 of the region is in the object but in no page table (the
+    // others are 16 or more pages away: no read fault maps it around them).
+    let present = |pid: i32, a: u64| {
+        let pm = std::fs::File::open(format!("/proc/{pid}/pagemap")).unwrap();
+        let mut e = [0u8; 8];
+        std::os::unix::fs::FileExt::read_exact_at(&pm, &mut e, a / 4096 * 8).unwrap();
+        u64::from_le_bytes(e) >> 63 == 1
+    };
+    for pid in [src, w[3] as i32, w[4] as i32] {
+        assert!(!present(pid, addr + 220 * 4096), "page 220 mapped in {pid}");
+    }
 
     let tls = certs();
     let store: Arc<dyn Store> = Arc::new(MemStore::new());
@@ -286,6 +310,30 @@ async fn shared_memory_memfd_and_fifo_of_a_tree_migrate_as_one() {
     std::os::unix::fs::FileExt::read_exact_at(&f, &mut head, 0).unwrap();
     assert_eq!(&head, b"memfd-head");
     assert_eq!(f.metadata().unwrap().len(), 16 * 4096);
+    // A write-sealed memfd, mapped read-only by all three: one object,
+    // every seal kept.
+    let (raddr, ro) = (w[5], w[6] as i32);
+    let sealed: Vec<procfs::MapEntry> = pids.iter().map(|&p| map_at(p, raddr)).collect();
+    for m in &sealed {
+        assert_eq!((m.shared, m.write, m.inode), (true, false, sealed[0].inode));
+    }
+    let f = std::fs::File::open(format!("/proc/{root}/fd/{ro}")).unwrap();
+    assert_eq!(f.metadata().unwrap().ino(), sealed[0].inode);
+    // SAFETY: F_GET_SEALS takes no argument and touches no memory.
+    let seals = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GET_SEALS) };
+    assert_eq!(
+        seals,
+        libc::F_SEAL_WRITE | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL
+    );
+    let mut head = [0u8; 12];
+    std::os::unix::fs::FileExt::read_exact_at(&f, &mut head, 0).unwrap();
+    assert_eq!(&head, b"sealedsealed");
+
+    // The page the exited child wrote came along.
+    let mem = std::fs::File::open(format!("/proc/{root}/mem")).unwrap();
+    let mut b = [0u8; 16];
+    std::os::unix::fs::FileExt::read_exact_at(&mem, &mut b, addr + 220 * 4096).unwrap();
+    assert_eq!(&b, b"from-a-dead-kid!");
 
     // The image holds each shared page once: in the objects' slots, none
     // at a process's own address.
@@ -304,7 +352,7 @@ async fn shared_memory_memfd_and_fifo_of_a_tree_migrate_as_one() {
             );
         }
     }
-    assert!(in_slots >= 192, "{in_slots} pages in the slots");
+    assert!(in_slots >= 193, "{in_slots} pages in the slots");
     let state = store
         .open(report.dump.session)
         .unwrap()
