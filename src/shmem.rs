@@ -24,13 +24,17 @@
 //! sends an offset may change between rounds as mappings come and go).
 //! Zero runs of shared mappings are dropped: a hole in one process's page
 //! table says nothing of the object (another may have the page), and an
-//! object's slot is never reused, so nothing stale shows through.
+//! object's slot is never reused, so nothing stale shows through. An
+//! object new to the dump goes whole, as [`resident`] finds it in the
+//! object's page cache: a page no page table holds (written by a child
+//! that has exited since) is no write the trackers could see.
 //!
 //! **Destination.** [`objects`] groups the image's mappings and memfd
 //! descriptors into objects; [`make`] makes each once in ferry (anonymous
-//! shared memory the kernel's way, memfds by name), sized, filled once (the
-//! memfd's contents read at the freeze, then the pages of its slot), and
-//! sealed; the restore maps it into every process at its address, offset
+//! shared memory the kernel's way, memfds by name), sized, filled once (a
+//! memfd held open with its whole contents read at the freeze, which a
+//! `write(2)` unseen by the trackers cannot have made stale; any other
+//! object with the pages of its slot), and sealed; the restore maps it into every process at its address, offset
 //! and protection and hands memfd descriptors over, so a write by one
 //! process is seen by the others after the migration too.
 //!
