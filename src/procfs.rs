@@ -913,6 +913,28 @@ mod tests {
     }
 
     #[test]
+    fn shared_memory_objects_are_named_by_their_inode() {
+        let maps = parse_maps(MAPS).unwrap();
+        let key = |p: &str| by_path(&maps, p).shm_key();
+        let shm = libc::makedev(0, 1);
+        assert_eq!(key("[anon_shmem:ring]"), Some((2051, shm)));
+        let memfd = by_path(&maps, "/memfd:ferry pool (deleted)");
+        assert!(memfd.is_memfd() && !memfd.is_sysv());
+        assert_eq!(memfd.shm_key(), Some((1027, shm)));
+        let v = memfd.to_vma();
+        assert_eq!(
+            (v.shm_ino, v.shm_dev, v.kind()),
+            (1027, shm, pb::VmaKind::File)
+        );
+        assert!(by_path(&maps, "/SYSV00000000 (deleted)").is_sysv());
+        // Files, private memory and the heap are no such objects.
+        for p in ["/tmp/fx/my file (v2).bin", "[heap]", "[anon:ferry buf]"] {
+            assert_eq!(key(p), None, "{p}");
+            assert_eq!(by_path(&maps, p).to_vma().shm_ino, 0, "{p}");
+        }
+    }
+
+    #[test]
     fn maps_kinds() {
         let maps = parse_maps(MAPS).unwrap();
         let kind = |p: &str| by_path(&maps, p).kind();

@@ -2990,4 +2990,45 @@ mod tests {
         let e = check_fds(&[gone]).unwrap_err().to_string();
         assert!(e.contains("its directory is not here"), "{e}");
     }
+
+    #[test]
+    fn a_lone_process_refuses_a_memfd_mapped_or_held_twice_by_name() {
+        let memfd = |fd, ino| pb::FileDesc {
+            fd,
+            kind: pb::FdKind::Memfd as i32,
+            path: "/memfd:pool (deleted)".into(),
+            ino,
+            ..Default::default()
+        };
+        assert!(check_lone_memfds(&[memfd(3, 7), memfd(4, 8)], &[]).is_ok());
+        let e = check_lone_memfds(&[memfd(3, 7), memfd(5, 7)], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("fd 5: /memfd:pool (deleted): the same memfd as fd 3"),
+            "{e}"
+        );
+        let mapped = pb::Vma {
+            start: 0x10000,
+            end: 0x11000,
+            kind: pb::VmaKind::File as i32,
+            name: "/memfd:pool (deleted)".into(),
+            shm_ino: 7,
+            ..Default::default()
+        };
+        let e = check_lone_shm(std::slice::from_ref(&mapped))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("mapping 0x10000-0x11000 of /memfd:pool (deleted)"),
+            "{e}"
+        );
+        // Anonymous shared memory of a lone process is restored as before.
+        let anon = pb::Vma {
+            kind: pb::VmaKind::SharedAnon as i32,
+            name: "/dev/zero (deleted)".into(),
+            ..mapped
+        };
+        assert!(check_lone_shm(&[anon]).is_ok());
+    }
 }
