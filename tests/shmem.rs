@@ -617,3 +617,105 @@ async fn what_shared_memory_cannot_make_is_refused_by_name_before_the_freeze() {
         }
     }
 }
+
+/// `ferry dump` to a directory and `ferry restore` from it take the same
+/// path: the tree of [`SHARED`], dumped, killed, restored cold from the
+/// images, shares its region, memfd and FIFO again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tree_dumped_to_a_directory_restores_its_shared_memory() {
+    need_root!();
+    let dir = tempfile::tempdir().unwrap();
+    let images = tempfile::tempdir().unwrap();
+    let stderr = dir.path().join("stderr");
+    let mut cmd = Command::new(python());
+    cmd.args(["-c", SHARED])
+        .arg(dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&stderr).unwrap());
+    // SAFETY: close_range is async-signal-safe and touches no memory.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().unwrap();
+    let src = child.id() as i32;
+    let _t = Tree(src, Some(child));
+    let wait = |what: &str, f: &mut dyn FnMut() -> bool| {
+        for _ in 0..1500 {
+            if f() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!(
+            "timed out waiting for {what}; stderr: {}",
+            std::fs::read_to_string(&stderr).unwrap_or_default()
+        );
+    };
+    let info = dir.path().join("info");
+    wait("the children", &mut || info.exists());
+    let w: Vec<u64> = std::fs::read_to_string(&info)
+        .unwrap()
+        .split_whitespace()
+        .map(|x| x.parse().unwrap())
+        .collect();
+    let logs: Vec<_> = (0..3).map(|i| dir.path().join(format!("log{i}"))).collect();
+    let fifo_log = dir.path().join("fifo.log");
+    wait("records through the FIFO", &mut || {
+        lines(&fifo_log).len() >= 100 && logs.iter().all(|l| lines(l).len() >= 3)
+    });
+    let opts = DumpOptions {
+        pid: src,
+        dest: Destination::ImagesDir(images.path().into()),
+        leave_stopped: true,
+        track: None,
+        policy: Policy {
+            max_rounds: 2,
+            ..Policy::default()
+        },
+        compress: Compress::default(),
+        restore: false,
+    };
+    let (_, frozen) = ferry::dump::dump_frozen(opts, &mut |_| {}).await.unwrap();
+    // The source goes before the copy runs: the FIFO's path is one.
+    frozen.kill().unwrap();
+    for pid in [src, w[3] as i32, w[4] as i32] {
+        wait("the source to be gone", &mut || {
+            matches!(proc_state(pid), 'Z' | 'X' | '?')
+        });
+    }
+    let root = ferry::restore::restore_from_images_dir(images.path(), None).unwrap();
+    let _restored = Tree(root, None);
+    let pids: Vec<i32> = tree::discover(root)
+        .unwrap()
+        .iter()
+        .map(|s| s.pid)
+        .collect();
+    assert_eq!(pids.len(), 3);
+    let region: Vec<u64> = pids.iter().map(|&p| map_at(p, w[0]).inode).collect();
+    assert!(region.iter().all(|&i| i == region[0]), "{region:?}");
+    // Each count soon seen by the others, the FIFO going on without a gap.
+    let pos: Vec<usize> = logs.iter().map(|l| lines(l).len()).collect();
+    for j in 0..3 {
+        wait("a count logged after the restore", &mut || {
+            lines(&logs[j]).len() > pos[j] + 2
+        });
+        let x = lines(&logs[j]).last().unwrap()[0];
+        for i in (0..3).filter(|&i| i != j) {
+            wait("another process to see the new count", &mut || {
+                lines(&logs[i])
+                    .last()
+                    .is_some_and(|l| l.len() == 7 && l[1 + j] > x && l[4 + j] > x)
+            });
+        }
+    }
+    let before = lines(&fifo_log).len();
+    wait("records through the restored FIFO", &mut || {
+        lines(&fifo_log).len() > before + 200
+    });
+    let v: Vec<u64> = lines(&fifo_log).into_iter().map(|l| l[0]).collect();
+    assert_eq!(v, (1..=v.len() as u64).collect::<Vec<_>>(), "FIFO records");
+}
