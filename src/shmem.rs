@@ -365,6 +365,16 @@ pub fn objects(
                 ),
                 _ => None,
             };
+            let end = v.offset.checked_add(v.end.saturating_sub(v.start));
+            let Some(end) = end.filter(|&e| v.end > v.start && e <= SLOT) else {
+                return Err(ShmError::Unsupported(format!(
+                    "mapping {:#x}-{:#x} at offset {:#x} of {}: shared memory beyond {SLOT} bytes or an empty range",
+                    v.start,
+                    v.end,
+                    v.offset,
+                    who()
+                )));
+            };
             let o = out.entry(k).or_insert_with(|| Object {
                 key: k,
                 memfd: memfd.clone(),
@@ -373,7 +383,7 @@ pub fn objects(
                 fds: Vec::new(),
                 seals: 0,
             });
-            o.size = o.size.max(v.offset + (v.end - v.start));
+            o.size = o.size.max(end);
             o.maps.push((space, v.start, v.end, v.offset));
             if memfd.is_some() {
                 by_ino.insert(k.ino, k);
@@ -418,6 +428,7 @@ pub fn objects(
             seals: 0,
         });
         for (i, f) in fds {
+            // Contents are bounded by the image's budget for descriptors.
             o.size = o.size.max(f.data.len() as u64);
             o.seals |= f.seals;
             o.fds.push((i, f.fd));
@@ -493,7 +504,7 @@ pub fn make(
         let what = format!("{what}: {step}");
         move |source| ShmError::Io { what, source }
     };
-    let ps = img.page_size as u64;
+    let ps = crate::sys::page_size();
     let size = obj.size.max(data.len() as u64);
     let memfd = |name: &str, sealing: bool| -> Result<OwnedFd, ShmError> {
         let fd = crate::sys::shm::memfd(name, sealing).map_err(err("memfd_create"))?;
@@ -805,6 +816,15 @@ mod tests {
             "{e}"
         );
         procs[2].fds[0].pos = 0;
+        // A mapping past the largest object, or reversed, is refused.
+        let mut huge = spaces.clone();
+        huge.insert(1, vec![vma(0x10000, 0x12000, u64::MAX - 0x1000, 7, ZERO)]);
+        assert!(objects(&procs, &huge)
+            .unwrap_err()
+            .to_string()
+            .contains("beyond"));
+        huge.insert(1, vec![vma(0x12000, 0x10000, 0, 7, ZERO)]);
+        assert!(objects(&procs, &huge).is_err());
         // So is System V shared memory.
         let mut sysv = spaces.clone();
         sysv.insert(
