@@ -597,19 +597,23 @@ async fn round(
                 .iter()
                 .filter(|m| m.shm_key().is_some() && track::sendable(m) && !reg.knows(m))
             {
-                let found = tree.each(|t| {
-                    Ok(match t.pid == pid {
-                        true => Some(crate::shmem::resident(&t.tracee, m)),
-                        false => None,
+                // A few injected syscalls, through the tracer's thread.
+                let found = tokio::task::block_in_place(|| {
+                    tree.each(|t| {
+                        Ok(match t.pid == pid {
+                            true => Some(crate::shmem::resident(&t.tracee, m)),
+                            false => None,
+                        })
                     })
                 });
                 match found.map(|v| v.into_iter().flatten().next()) {
                     Ok(Some(Ok(r))) => delta.data.extend(r),
-                    Ok(Some(Err(e))) if !frozen && s_gone(&e) => {}
+                    Ok(Some(Err(e))) if !frozen && exited(&e) => {}
                     Ok(Some(Err(e))) => {
                         put_back_collected(spaces, &work, &collected);
                         return Err(DumpError::Shm(e));
                     }
+                    // Left the tree since the scan.
                     Ok(None) | Err(_) => {}
                 }
             }
@@ -656,7 +660,7 @@ async fn round(
 
 /// A process of the tree that exited while a round asked it something:
 /// the freeze's scan tells whether it is really gone.
-fn s_gone(e: &crate::shmem::ShmError) -> bool {
+fn exited(e: &crate::shmem::ShmError) -> bool {
     matches!(
         e,
         crate::shmem::ShmError::Resident {
