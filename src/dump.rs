@@ -64,6 +64,8 @@ pub enum DumpError {
     State(#[from] StateError),
     #[error(transparent)]
     Socket(#[from] crate::sockets::SocketError),
+    #[error("shared memory: {0}")]
+    Shm(#[from] crate::shmem::ShmError),
     #[error("process tree: {0}")]
     Tree(#[from] TreeError),
     #[error("post-copy needs a page server (--to), not an images directory")]
@@ -342,13 +344,15 @@ pub async fn dump_frozen_with(
 
     let mut rounds: Vec<RoundReport> = Vec::new();
     let mut history: Vec<RoundStats> = Vec::new();
+    // Shared memory objects of a tree, sent once each (see crate::shmem).
+    let mut shm: Option<crate::shmem::Registry> = None;
     let stop = loop {
         match opts.policy.decide(&history) {
             Decision::Freeze(reason) => break reason,
             Decision::PreDump => {}
         }
         let n = rounds.len() as u32;
-        let mut r = round(&tree, &mut spaces, &mut sink, n, false).await?;
+        let mut r = round(&tree, &mut spaces, &mut shm, &mut sink, n, false).await?;
         history.push(RoundStats {
             pages: r.stats.pages,
             raw_bytes: r.stats.raw_bytes,
@@ -392,7 +396,7 @@ pub async fn dump_frozen_with(
         sink.post_copy(&lazy).await?;
         (t_final, Some(lazy))
     } else {
-        let r = round(&tree, &mut spaces, &mut sink, n, true).await?;
+        let r = round(&tree, &mut spaces, &mut shm, &mut sink, n, true).await?;
         progress(&r);
         rounds.push(r);
         let t_final = Instant::now();
@@ -466,7 +470,7 @@ async fn lazy_round(
             zero: delta.zero.clone(),
         },
     )];
-    match send_layer(spaces, &work, sink).await {
+    match send_layer(spaces, &work, &crate::shmem::Sends::default(), sink).await {
         Ok(stats) => Ok((
             RoundReport {
                 round,
@@ -543,6 +547,7 @@ pub fn split_lazy(vmas: &[pb::Vma], data: &[(u64, u64)], hot: &[(u64, u64)]) -> 
 async fn round(
     tree: &TreeTracee,
     spaces: &mut [Space<'_>],
+    shm: &mut Option<crate::shmem::Registry>,
     sink: &mut Sink,
     round: u32,
     frozen: bool,
@@ -576,7 +581,66 @@ async fn round(
         .iter()
         .map(|(_, _, d)| d.pages(track::page_size()))
         .sum();
-    match send_layer(spaces, &work, sink).await {
+    // A tree (from the first round with two processes on): the shared
+    // memory pages leave the processes' deltas for the objects' slots. The
+    // deltas as collected are what goes back should the round fail.
+    if spaces.len() > 1 && shm.is_none() {
+        *shm = Some(crate::shmem::Registry::default());
+    }
+    let collected: Vec<Delta> = work.iter().map(|(_, _, d)| d.clone()).collect();
+    if let Some(reg) = shm.as_ref() {
+        // An object new to the dump goes whole: every page it holds, also
+        // those no page table shows (see crate::shmem::resident).
+        for (i, maps, delta) in work.iter_mut() {
+            let pid = spaces[*i].pid;
+            for m in maps
+                .iter()
+                .filter(|m| m.shm_key().is_some() && track::sendable(m) && !reg.knows(m))
+            {
+                // A few injected syscalls, through the tracer's thread.
+                let found = tokio::task::block_in_place(|| {
+                    tree.each(|t| {
+                        Ok(match t.pid == pid {
+                            true => Some(crate::shmem::resident(&t.tracee, m)),
+                            false => None,
+                        })
+                    })
+                });
+                match found.map(|v| v.into_iter().flatten().next()) {
+                    Ok(Some(Ok(r))) => delta.data.extend(r),
+                    Ok(Some(Err(e))) if !frozen && exited(&e) => {}
+                    Ok(Some(Err(e))) => {
+                        put_back_collected(spaces, &work, &collected);
+                        return Err(DumpError::Shm(e));
+                    }
+                    // Left the tree since the scan.
+                    Ok(None) | Err(_) => {}
+                }
+            }
+            track::normalize(&mut delta.data);
+        }
+    }
+    let sends = match shm.as_mut() {
+        Some(reg) => {
+            let mut parts: Vec<crate::shmem::Part<'_>> = work
+                .iter_mut()
+                .map(|(i, maps, delta)| crate::shmem::Part {
+                    pid: spaces[*i].pid,
+                    maps,
+                    delta,
+                })
+                .collect();
+            match reg.take(&mut parts) {
+                Ok(s) => s,
+                Err(e) => {
+                    put_back_collected(spaces, &work, &collected);
+                    return Err(DumpError::Shm(e));
+                }
+            }
+        }
+        None => crate::shmem::Sends::default(),
+    };
+    match send_layer(spaces, &work, &sends, sink).await {
         Ok(stats) => Ok(RoundReport {
             round,
             frozen,
@@ -588,10 +652,23 @@ async fn round(
         }),
         Err(e) => {
             // Nothing lost: should the dump be retried, these pages are due.
-            put_back(spaces, &work);
+            put_back_collected(spaces, &work, &collected);
             Err(e)
         }
     }
+}
+
+/// A process of the tree that exited while a round asked it something:
+/// the freeze's scan tells whether it is really gone.
+fn exited(e: &crate::shmem::ShmError) -> bool {
+    matches!(
+        e,
+        crate::shmem::ShmError::Resident {
+            source: crate::sys::ptrace::PtraceError::NoProcess(_)
+                | crate::sys::ptrace::PtraceError::ThreadExited(_),
+            ..
+        }
+    )
 }
 
 fn put_back(spaces: &mut [Space<'_>], work: &[(usize, Vec<MapEntry>, Delta)]) {
@@ -600,9 +677,22 @@ fn put_back(spaces: &mut [Space<'_>], work: &[(usize, Vec<MapEntry>, Delta)]) {
     }
 }
 
+/// [`put_back`] of the deltas as the trackers returned them (shared
+/// memory pages included).
+fn put_back_collected(
+    spaces: &mut [Space<'_>],
+    work: &[(usize, Vec<MapEntry>, Delta)],
+    collected: &[Delta],
+) {
+    for ((i, _, _), delta) in work.iter().zip(collected) {
+        spaces[*i].tracker.put_back(delta);
+    }
+}
+
 async fn send_layer(
     spaces: &mut [Space<'_>],
     work: &[(usize, Vec<MapEntry>, Delta)],
+    shm: &crate::shmem::Sends,
     sink: &mut Sink,
 ) -> Result<LayerStats, DumpError> {
     let mut vmas = Vec::new();
@@ -610,12 +700,47 @@ async fn send_layer(
         let own = maps.iter().map(vma_of).collect();
         vmas.extend(crate::tree::tag_vmas(spaces[*i].space, own)?);
     }
+    // The slots' space comes after every process's: the list stays sorted.
+    vmas.extend(shm.vmas.iter().cloned());
     sink.begin(vmas).await?;
     for (i, _, delta) in work {
         let s = &mut spaces[*i];
         send_space(s.space, s.pid, delta, sink, s.tracker.as_mut()).await?;
     }
+    for (pid, reads) in &shm.reads {
+        send_shm(*pid, reads, sink).await?;
+    }
     sink.end().await
+}
+
+/// Shared memory pages read from process `pid` and sent to their objects'
+/// slots (see [`crate::shmem`]).
+async fn send_shm(pid: i32, reads: &[(u64, u64, u64)], sink: &mut Sink) -> Result<(), DumpError> {
+    let ps = track::page_size();
+    let ranges: Vec<(u64, u64)> = reads.iter().map(|&(s, e, _)| (s, e)).collect();
+    let batches = split(&ranges, BATCH_PAGES * ps);
+    let (tx, mut rx) = mpsc::channel::<Result<Vec<(u64, Bytes)>, DumpError>>(READ_AHEAD);
+    let reader = tokio::task::spawn_blocking(move || {
+        let mut buf = Vec::new();
+        for ranges in batches {
+            let r = read_batch(pid, &ranges, &mut buf);
+            let stop = r.is_err();
+            if tx.blocking_send(r).is_err() || stop {
+                return;
+            }
+        }
+    });
+    while let Some(item) = rx.recv().await {
+        let mut moved: Vec<(u64, Bytes)> = item?
+            .into_iter()
+            .filter_map(|(a, b)| Some((crate::shmem::destination(reads, a)?, b)))
+            .collect();
+        moved.sort_unstable_by_key(|r| r.0);
+        if !moved.is_empty() {
+            sink.data(moved).await?;
+        }
+    }
+    reader.await.map_err(|e| DumpError::Reader(e.to_string()))
 }
 
 /// The pages of one process in the layer being sent.

@@ -14,6 +14,8 @@
 //! - [`state`]: the process state captured at the freeze.
 //! - [`tree`]: process trees: discovery, freezing them together, and the
 //!   address-space tags that keep their pages apart in one image.
+//! - [`shmem`]: shared memory of a tree (`MAP_SHARED` anonymous memory,
+//!   memfds): each object's pages sent once, made once on the destination.
 //! - [`restore`]: ptrace-driven restore of an image into a new process.
 //! - [`creds`]: credentials of a restored process: exactly the image's,
 //!   or refused when the page server cannot give them.
@@ -47,6 +49,7 @@ pub mod policy;
 pub mod postcopy;
 pub mod procfs;
 pub mod restore;
+pub mod shmem;
 pub mod sockets;
 pub mod state;
 pub mod synthetic;

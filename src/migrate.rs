@@ -230,6 +230,8 @@ fn precheck(pid: i32) -> Result<(), MigrateError> {
                 .collect();
             crate::tree::check_tree(&procs)
                 .map_err(|e| unsupported(format!("{e}: not supported yet")))?;
+            let spaces = procs.iter().map(|p| (p.space, p.vmas.clone())).collect();
+            crate::shmem::objects(&procs, &spaces).map_err(|e| unsupported(e.to_string()))?;
             let tree_fds: Vec<pb::FileDesc> = procs.iter().flat_map(|p| p.fds.clone()).collect();
             for p in &procs {
                 crate::restore::check_fds_in(&p.fds, &tree_fds)
@@ -241,6 +243,10 @@ fn precheck(pid: i32) -> Result<(), MigrateError> {
     }
     if let Ok(fds) = crate::state::capture_fds(pid) {
         crate::restore::check_fds(&fds).map_err(|e| unsupported(e.to_string()))?;
+        let vmas: Vec<pb::Vma> = crate::procfs::read_maps(pid)
+            .map(|m| m.iter().map(|m| m.to_vma()).collect())
+            .unwrap_or_default();
+        crate::restore::check_lone_memfds(&fds, &vmas).map_err(|e| unsupported(e.to_string()))?;
     }
     Ok(())
 }
@@ -249,7 +255,10 @@ fn precheck(pid: i32) -> Result<(), MigrateError> {
 /// two processes of a tree would come back as two: refused by name.
 fn shared_state(procs: &[pb::Process]) -> Result<(), String> {
     for (i, p) in procs.iter().enumerate() {
-        for f in p.fds.iter().filter(|f| crate::state::stateful(f.kind())) {
+        // memfds shared between processes are one object (crate::shmem).
+        let stateful =
+            |f: &&pb::FileDesc| crate::state::stateful(f.kind()) && f.kind() != pb::FdKind::Memfd;
+        for f in p.fds.iter().filter(stateful) {
             for q in &procs[..i] {
                 for g in q.fds.iter().filter(|g| g.kind == f.kind) {
                     // When kcmp cannot tell, refusing is the safe answer.
@@ -291,7 +300,11 @@ impl Restorer for LocalRestorer {
 
     fn preflight_layer(&self, vmas: &[pb::Vma]) -> Result<(), String> {
         // A tree's layer: each process's mappings on their own.
-        for (space, own) in crate::tree::split_vmas(vmas) {
+        let spaces = crate::tree::split_vmas(vmas);
+        if spaces.len() == 1 {
+            crate::restore::check_lone_shm(vmas).map_err(|e| e.to_string())?;
+        }
+        for (space, own) in spaces {
             crate::restore::check_mappings(&own).map_err(|e| match space {
                 0 => e.to_string(),
                 _ => format!("address space {space}: {e}"),

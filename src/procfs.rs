@@ -131,6 +131,35 @@ impl MapEntry {
         }
     }
 
+    /// A memfd ("/memfd:name (deleted)"): a file only the source has, its
+    /// contents in RAM like anonymous shared memory.
+    pub fn is_memfd(&self) -> bool {
+        self.inode != 0
+            && self
+                .path
+                .as_deref()
+                .is_some_and(|p| p.starts_with("/memfd:") && p.ends_with(DELETED))
+    }
+
+    /// A System V shared memory segment ("/SYSV<key> (deleted)").
+    pub fn is_sysv(&self) -> bool {
+        self.shared
+            && self
+                .path
+                .as_deref()
+                .is_some_and(|p| p.starts_with("/SYSV") && p.ends_with(DELETED))
+    }
+
+    /// The `(inode, device)` of the shared memory object behind a
+    /// `MAP_SHARED` mapping whose contents live only in RAM: anonymous
+    /// shared memory (`/dev/zero` included) and memfds, System V segments
+    /// too (refused by name where unsupported). `None` for the rest.
+    pub fn shm_key(&self) -> Option<(u64, u64)> {
+        let shmem = self.kind() == pb::VmaKind::SharedAnon || self.is_memfd();
+        (self.shared && shmem && self.inode != 0)
+            .then(|| (self.inode, libc::makedev(self.dev_major, self.dev_minor)))
+    }
+
     /// Backed by a file: the last column is a path, the inode is not 0,
     /// and it is not anonymous shared memory in disguise (`/dev/zero`,
     /// `/SYSV…`). Exactly the entries whose [`MapEntry::kind`] is `File`.
@@ -213,6 +242,7 @@ impl MapEntry {
             size: 0,
             mtime_ns: 0,
         });
+        let (shm_ino, shm_dev) = self.shm_key().unwrap_or_default();
         pb::Vma {
             start: self.start,
             end: self.end,
@@ -222,6 +252,8 @@ impl MapEntry {
             kind: kind as i32,
             file,
             name: self.path.clone().unwrap_or_default(),
+            shm_ino,
+            shm_dev,
         }
     }
 }
@@ -878,6 +910,28 @@ mod tests {
         let memfd = by_path(&maps, "/memfd:ferry pool (deleted)");
         assert_eq!(memfd.kind(), pb::VmaKind::File);
         assert!(memfd.is_deleted());
+    }
+
+    #[test]
+    fn shared_memory_objects_are_named_by_their_inode() {
+        let maps = parse_maps(MAPS).unwrap();
+        let key = |p: &str| by_path(&maps, p).shm_key();
+        let shm = libc::makedev(0, 1);
+        assert_eq!(key("[anon_shmem:ring]"), Some((2051, shm)));
+        let memfd = by_path(&maps, "/memfd:ferry pool (deleted)");
+        assert!(memfd.is_memfd() && !memfd.is_sysv());
+        assert_eq!(memfd.shm_key(), Some((1027, shm)));
+        let v = memfd.to_vma();
+        assert_eq!(
+            (v.shm_ino, v.shm_dev, v.kind()),
+            (1027, shm, pb::VmaKind::File)
+        );
+        assert!(by_path(&maps, "/SYSV00000000 (deleted)").is_sysv());
+        // Files, private memory and the heap are no such objects.
+        for p in ["/tmp/fx/my file (v2).bin", "[heap]", "[anon:ferry buf]"] {
+            assert_eq!(key(p), None, "{p}");
+            assert_eq!(by_path(&maps, p).to_vma().shm_ino, 0, "{p}");
+        }
     }
 
     #[test]

@@ -205,6 +205,15 @@ fn unsupported(s: impl Into<String>) -> RestoreError {
     RestoreError::Unsupported(s.into())
 }
 
+fn shm_error(e: crate::shmem::ShmError) -> RestoreError {
+    match e {
+        crate::shmem::ShmError::Unsupported(s) => RestoreError::Unsupported(s),
+        crate::shmem::ShmError::Io { what, source } => RestoreError::FdData { what, source },
+        // The source side's; not met here.
+        other => RestoreError::Unsupported(other.to_string()),
+    }
+}
+
 fn is_special(v: &pb::Vma) -> bool {
     matches!(
         v.kind(),
@@ -279,11 +288,15 @@ pub fn check(tree: &pb::ProcessTree, vmas: &[pb::Vma]) -> Result<()> {
     match tree.processes.as_slice() {
         [] => Err(RestoreError::Missing("process".into())),
         [p] if p.space == 0 && crate::tree::split_vmas(vmas).len() <= 1 => {
+            check_lone_memfds(&p.fds, vmas)?;
             check_process(p, vmas, &p.fds)
         }
         many => {
             crate::tree::check_tree(many).map_err(unsupported)?;
-            let spaces = crate::tree::split_vmas(vmas);
+            let mut spaces = crate::tree::split_vmas(vmas);
+            crate::shmem::objects(many, &spaces).map_err(shm_error)?;
+            // The shared memory objects' slots are no process's.
+            spaces.remove(&crate::shmem::SHM_SPACE);
             let tree_fds: Vec<pb::FileDesc> = many.iter().flat_map(|p| p.fds.clone()).collect();
             for p in many.iter().filter(|p| !p.zombie) {
                 let own = spaces.get(&p.space).ok_or_else(|| {
@@ -546,6 +559,41 @@ fn deleted_dir(path: &str) -> Option<&Path> {
     Path::new(path.strip_suffix(" (deleted)")?).parent()
 }
 
+/// A lone process's memfd mappings: made from the tree's objects only
+/// (see [`crate::shmem`]), refused by name for one process alone.
+pub fn check_lone_shm(vmas: &[pb::Vma]) -> Result<()> {
+    check_lone_memfds(&[], vmas)
+}
+
+/// [`check_lone_shm`], and a memfd held by two descriptors of a lone
+/// process (a `dup`): both refused by name.
+pub fn check_lone_memfds(fds: &[pb::FileDesc], vmas: &[pb::Vma]) -> Result<()> {
+    for (i, f) in fds.iter().enumerate() {
+        if f.kind() != pb::FdKind::Memfd || f.ino == 0 {
+            continue;
+        }
+        if let Some(g) = fds[..i]
+            .iter()
+            .find(|g| g.kind() == pb::FdKind::Memfd && g.ino == f.ino)
+        {
+            return Err(unsupported(format!(
+                "fd {}: {}: the same memfd as fd {}, in a lone process (supported in a process tree only)",
+                f.fd, f.path, g.fd
+            )));
+        }
+    }
+    match vmas
+        .iter()
+        .find(|v| is_file(v) && crate::shmem::key_of(v).is_some())
+    {
+        Some(v) => Err(unsupported(format!(
+            "mapping {:#x}-{:#x} of {}: a memfd mapped by a lone process (supported in a process tree only)",
+            v.start, v.end, v.name
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// The part of [`check`] that needs only the mappings: every file mapped
 /// must be here, unchanged, and the vdso block must fit this kernel's. The
 /// page server runs it on every round's mappings (pre-flight), so a
@@ -570,6 +618,8 @@ pub fn check_mappings(vmas: &[pb::Vma]) -> Result<()> {
                     v.start, v.end, v.name
                 )))
             }
+            // A memfd: made by the restore (a tree's shared memory).
+            pb::VmaKind::File if crate::shmem::key_of(v).is_some() => {}
             pb::VmaKind::File => check_file(v)?,
             _ => {}
         }
@@ -937,7 +987,11 @@ fn restore_tree(tree: &pb::ProcessTree, img: &FlatImage) -> Result<i32> {
     let spaces = crate::tree::split_vmas(&img.vmas);
     // The gadget sits at one address in every process (they are forked
     // with it), so it must miss every process's mappings.
-    let all_vmas: Vec<pb::Vma> = spaces.values().flatten().cloned().collect();
+    let all_vmas: Vec<pb::Vma> = spaces
+        .iter()
+        .filter(|(&s, _)| s != crate::shmem::SHM_SPACE)
+        .flat_map(|(_, v)| v.iter().cloned())
+        .collect();
     // Pipes between processes are made here, in ferry, filled once with
     // their unread bytes (every process holding a read end captured the
     // same bytes), and each process takes its ends from ferry; ferry's
@@ -947,8 +1001,44 @@ fn restore_tree(tree: &pb::ProcessTree, img: &FlatImage) -> Result<i32> {
         .iter()
         .map(|(&id, (r, w))| (id, (r.as_raw_fd(), w.as_raw_fd())))
         .collect();
+    // Shared memory objects: made and filled once here, mapped by each
+    // process from ferry's fd (ferry's copies close when this returns).
+    let objects = crate::shmem::objects(procs, &spaces).map_err(shm_error)?;
+    let slots = crate::shmem::slots(&img.vmas);
+    let mut made: Vec<(crate::shmem::Object, std::os::fd::OwnedFd)> = Vec::new();
+    for o in objects {
+        // The contents a descriptor of it carried (the memfd's at the
+        // freeze), read before the pages laid over them.
+        let data = o
+            .fds
+            .iter()
+            .find_map(|&(i, fd)| {
+                procs[i]
+                    .fds
+                    .iter()
+                    .find(|f| f.fd == fd && !f.data.is_empty())
+                    .map(|f| f.data.clone())
+            })
+            .unwrap_or_default();
+        let fd = crate::shmem::make(&o, &data, img, &slots).map_err(shm_error)?;
+        made.push((o, fd));
+    }
+    let shm: HashMap<crate::shmem::ShmKey, i32> =
+        made.iter().map(|(o, fd)| (o.key, fd.as_raw_fd())).collect();
+    let shm_fds = |i: usize| -> HashMap<i32, i32> {
+        made.iter()
+            .flat_map(|(o, fd)| {
+                o.fds
+                    .iter()
+                    .filter(move |&&(j, _)| j == i)
+                    .map(move |&(_, n)| (n, fd.as_raw_fd()))
+            })
+            .collect()
+    };
     let mut root = Restorer::new(&all_vmas)?;
     root.shared_pipes = shared_fds.clone();
+    root.shm = shm.clone();
+    root.shm_fds = shm_fds(0);
     let mut rs: Vec<Restorer> = vec![root];
     for (i, p) in procs.iter().enumerate().skip(1) {
         let step = plan[i];
@@ -962,6 +1052,8 @@ fn restore_tree(tree: &pb::ProcessTree, img: &FlatImage) -> Result<i32> {
             mapped: Vec::new(),
             repaired: Vec::new(),
             shared_pipes: shared_fds.clone(),
+            shm: shm.clone(),
+            shm_fds: shm_fds(i),
         };
         if step.setsid {
             r.call(
@@ -1133,6 +1225,9 @@ struct MapKey {
     /// contents live in the file); everything else is mapped read-write
     /// and gets its protection at the end.
     prot: Option<u32>,
+    /// A tree's shared memory object, mapped from ferry's fd of it (with
+    /// the image's protection: it is filled through that fd).
+    shm: Option<i32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1172,6 +1267,7 @@ fn map_key(v: &pb::Vma) -> Result<MapKey> {
         shared,
         flags,
         prot,
+        shm: None,
     })
 }
 
@@ -1198,6 +1294,11 @@ struct Restorer {
     /// Pipes of a tree shared between processes: pipe id → ferry's own
     /// (read end, write end), each process takes its ends from there.
     shared_pipes: HashMap<u64, (i32, i32)>,
+    /// Shared memory objects of a tree (see [`crate::shmem`]): object →
+    /// ferry's fd of it, mapped from there.
+    shm: HashMap<crate::shmem::ShmKey, i32>,
+    /// This process's memfd descriptors of those objects: fd → ferry's fd.
+    shm_fds: HashMap<i32, i32>,
 }
 
 impl Restorer {
@@ -1214,6 +1315,8 @@ impl Restorer {
             mapped: Vec::new(),
             repaired: Vec::new(),
             shared_pipes: HashMap::new(),
+            shm: HashMap::new(),
+            shm_fds: HashMap::new(),
         };
         r.gadget(vmas)?;
         r.empty_stub()?;
@@ -1572,7 +1675,15 @@ impl Restorer {
         }
         let keys = vmas
             .iter()
-            .map(|v| map_key(v))
+            .map(|v| {
+                let mut k = map_key(v)?;
+                if let Some(&fd) = self.shm_of(v) {
+                    k.file = None;
+                    k.prot = Some(v.prot);
+                    k.shm = Some(fd);
+                }
+                Ok(k)
+            })
             .collect::<Result<Vec<_>>>()?;
         // Per VMA: the parts mapped already with the same key keep their
         // contents; the rest is mapped fresh.
@@ -1645,8 +1756,25 @@ impl Restorer {
                 } else {
                     libc::MAP_PRIVATE
                 };
-            let (fd, offset, what) = match &key.file {
-                Some(f) => {
+            let (fd, offset, what) = match (&key.file, key.shm) {
+                (_, Some(ours)) => {
+                    let name = format!("shared memory object (ferry fd {ours})");
+                    let fd = match fds.get(&(name.clone(), true)) {
+                        Some(&fd) => fd,
+                        None => {
+                            let fd = self.take_from_ferry(ours, &name)?;
+                            fds.insert((name.clone(), true), fd);
+                            fd
+                        }
+                    };
+                    let what = if v.name.is_empty() {
+                        "shared memory".to_string()
+                    } else {
+                        v.name.clone()
+                    };
+                    (fd, v.offset + (a - v.start), what)
+                }
+                (Some(f), None) => {
                     let fd = match fds.get(&(f.path.clone(), f.rw)) {
                         Some(&fd) => fd,
                         None => {
@@ -1658,7 +1786,7 @@ impl Restorer {
                     };
                     (fd, v.offset + (a - v.start), f.path.clone())
                 }
-                None => {
+                (None, None) => {
                     flags |= libc::MAP_ANONYMOUS;
                     let what = if v.name.is_empty() {
                         "anonymous memory".to_string()
@@ -1703,7 +1831,8 @@ impl Restorer {
             let first = vmas.partition_point(|v| v.end <= s);
             for v in vmas[first..].iter().take_while(|v| v.start < e) {
                 let (a, b) = (s.max(v.start), e.min(v.end));
-                if a >= b || (is_file(v) && is_shared(v)) {
+                // A tree's shared memory object was filled in ferry.
+                if a >= b || (is_file(v) && is_shared(v)) || self.shm_of(v).is_some() {
                     continue;
                 }
                 match &run.data {
@@ -1819,6 +1948,7 @@ impl Restorer {
             .vmas
             .iter()
             .filter(|v| !(is_special(v) || is_file(v) && is_shared(v)) && v.prot != WARM_PROT)
+            .filter(|v| self.shm_of(v).is_none())
             .map(|v| (v.start, v.end, v.prot, v.name.clone()))
             .collect();
         for (a, b, prot, name) in todo {
@@ -1958,6 +2088,7 @@ impl Restorer {
                     )?;
                     self.place(fd, f)?;
                 }
+                pb::FdKind::Memfd if self.shm_fds.contains_key(&f.fd) => self.shared_memfd(f)?,
                 pb::FdKind::Memfd | pb::FdKind::Deleted => self.unlinked(f, above)?,
                 pb::FdKind::TcpListen | pb::FdKind::TcpEstablished | pb::FdKind::UnixListen => {
                     self.socket(f, above)?
@@ -2139,6 +2270,67 @@ impl Restorer {
             crate::sockets::finish_established(fd, copy.as_fd(), &s)?;
         }
         Ok(())
+    }
+
+    /// The tree's shared memory object behind `v`, if it is one: ferry's fd.
+    fn shm_of(&self, v: &pb::Vma) -> Option<&i32> {
+        crate::shmem::key_of(v).and_then(|k| self.shm.get(&k))
+    }
+
+    /// A copy of ferry's fd `ours` in the stub (`pidfd_getfd` injected,
+    /// through a pidfd of ferry), close-on-exec; its number.
+    fn take_from_ferry(&mut self, ours: i32, what: &str) -> Result<u64> {
+        let ferry = std::process::id() as u64;
+        let pidfd = self.call(
+            format!("pidfd_open of ferry ({ferry}) for {what}"),
+            libc::SYS_pidfd_open,
+            [ferry, 0, 0, 0, 0, 0],
+        )?;
+        let got = self.call(
+            format!("pidfd_getfd of {what}"),
+            libc::SYS_pidfd_getfd,
+            [pidfd, ours as u64, 0, 0, 0, 0],
+        );
+        self.call(
+            "close of ferry's pidfd",
+            libc::SYS_close,
+            [pidfd, 0, 0, 0, 0, 0],
+        )?;
+        got
+    }
+
+    /// Fd `f`, a memfd of the tree's shared memory objects: ferry's, taken
+    /// (one open file for every process, as after a fork), or reopened
+    /// through /proc for an access mode other than read-write; then its
+    /// number, offset and flags.
+    fn shared_memfd(&mut self, f: &pb::FileDesc) -> Result<()> {
+        let ours = self.shm_fds[&f.fd];
+        let fd = self.take_from_ferry(ours, &format!("memfd {} for fd {}", f.path, f.fd))?;
+        let fd = if f.flags & libc::O_ACCMODE as u32 == libc::O_RDWR as u32 {
+            fd
+        } else {
+            let at = self.put_path(&format!("/proc/self/fd/{fd}"))?;
+            let flags = f.flags as i32 & !OPEN_DROP & libc::O_ACCMODE;
+            let again = self.call(
+                format!("reopen of {} for fd {}", f.path, f.fd),
+                libc::SYS_openat,
+                [libc::AT_FDCWD as u64, at, flags as u64, 0, 0, 0],
+            )?;
+            self.call("close", libc::SYS_close, [fd, 0, 0, 0, 0, 0])?;
+            again
+        };
+        if fd != f.fd as u64 {
+            self.place(fd, f)?;
+        } else {
+            let flag = if f.cloexec { libc::FD_CLOEXEC } else { 0 };
+            self.call(
+                format!("fcntl(F_SETFD) of fd {}", f.fd),
+                libc::SYS_fcntl,
+                [fd, libc::F_SETFD as u64, flag as u64, 0, 0, 0],
+            )?;
+        }
+        self.seek(f)?;
+        self.set_status_flags(f)
     }
 
     /// Fd `f`, an end of a pipe shared with other processes of the tree,
@@ -2958,5 +3150,46 @@ mod tests {
         );
         let e = check_fds(&[gone]).unwrap_err().to_string();
         assert!(e.contains("its directory is not here"), "{e}");
+    }
+
+    #[test]
+    fn a_lone_process_refuses_a_memfd_mapped_or_held_twice_by_name() {
+        let memfd = |fd, ino| pb::FileDesc {
+            fd,
+            kind: pb::FdKind::Memfd as i32,
+            path: "/memfd:pool (deleted)".into(),
+            ino,
+            ..Default::default()
+        };
+        assert!(check_lone_memfds(&[memfd(3, 7), memfd(4, 8)], &[]).is_ok());
+        let e = check_lone_memfds(&[memfd(3, 7), memfd(5, 7)], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("fd 5: /memfd:pool (deleted): the same memfd as fd 3"),
+            "{e}"
+        );
+        let mapped = pb::Vma {
+            start: 0x10000,
+            end: 0x11000,
+            kind: pb::VmaKind::File as i32,
+            name: "/memfd:pool (deleted)".into(),
+            shm_ino: 7,
+            ..Default::default()
+        };
+        let e = check_lone_shm(std::slice::from_ref(&mapped))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("mapping 0x10000-0x11000 of /memfd:pool (deleted)"),
+            "{e}"
+        );
+        // Anonymous shared memory of a lone process is restored as before.
+        let anon = pb::Vma {
+            kind: pb::VmaKind::SharedAnon as i32,
+            name: "/dev/zero (deleted)".into(),
+            ..mapped
+        };
+        assert!(check_lone_shm(&[anon]).is_ok());
     }
 }

@@ -724,7 +724,9 @@ pub(crate) fn stateful(k: pb::FdKind) -> bool {
 fn refuse_shared(pid: i32, fds: &mut [pb::FileDesc]) {
     fds.sort_by_key(|f| f.fd);
     for i in 0..fds.len() {
-        if !stateful(fds[i].kind()) {
+        // A memfd held twice is one object of the tree (crate::shmem); a
+        // lone process's is refused by the restore's check.
+        if !stateful(fds[i].kind()) || fds[i].kind() == pb::FdKind::Memfd {
             continue;
         }
         let shared = (0..i)

@@ -18,7 +18,9 @@
 //! or swapped); of private file mappings only the pages copied on write (the
 //! rest comes from the file); shared file mappings never (their contents
 //! live in the file); `[vdso]`-like mappings never. Shared anonymous memory
-//! lives only in RAM, so it is sent like private anonymous memory.
+//! and memfd mappings live only in RAM, so they are sent like private
+//! anonymous memory (a tree sends each object's pages once: see
+//! [`crate::shmem`]).
 //!
 //! Mappings are followed from round to round by identity (range,
 //! permissions, offset, file). One that appears, changes or is found no
@@ -114,7 +116,8 @@ pub trait Tracker: Send {
 
 /// Whether a mapping's pages are sent at all.
 pub fn sendable(m: &MapEntry) -> bool {
-    let lives_in_file = m.shared && m.is_file();
+    // A memfd's file exists only on the source: its pages travel.
+    let lives_in_file = m.shared && m.is_file() && !m.is_memfd();
     m.read && !m.is_special() && !lives_in_file
 }
 

@@ -339,7 +339,7 @@ pub fn plan(procs: &[pb::Process]) -> Result<Vec<Setup>, String> {
 }
 
 /// What a tree image holds that the restore cannot make yet, by name:
-/// FIFOs open in more than one process, shared anonymous memory.
+/// System V shared memory.
 /// A tree that is not one (root not first, a parent after its child,
 /// two processes in one space) is refused too, as are its sessions and
 /// groups when [`plan`] has no order for them.
@@ -379,33 +379,19 @@ pub fn check_tree(procs: &[pb::Process]) -> Result<(), String> {
             ));
         }
     }
-    let mut pipes: BTreeMap<u64, (i32, i32)> = BTreeMap::new();
+    // A FIFO open in several processes is opened by each at its path and
+    // filled once (the restore finds its bytes there already); shared
+    // memory is made once (crate::shmem). System V segments are not.
     for p in procs {
-        for f in &p.fds {
-            // Pipes are made once and shared by the restore; a FIFO would
-            // be opened by each process with its unread bytes twice.
-            if f.kind() != pb::FdKind::Fifo {
-                continue;
-            }
-            match pipes.get(&f.pipe_id) {
-                Some(&(pid, fd)) if pid != p.pid => {
-                    return Err(format!(
-                        "fd {} of process {} ({}): a FIFO also open in process {pid} (fd {fd}), shared between processes",
-                        f.fd, p.pid, p.comm
-                    ))
-                }
-                _ => {
-                    pipes.insert(f.pipe_id, (p.pid, f.fd));
-                }
-            }
-        }
-        if procs.len() > 1 {
-            if let Some(v) = p.vmas.iter().find(|v| v.kind() == pb::VmaKind::SharedAnon) {
-                return Err(format!(
-                    "mapping {:#x}-{:#x} of process {} ({}): shared anonymous memory in a process tree",
-                    v.start, v.end, p.pid, p.comm
-                ));
-            }
+        if let Some(v) = p
+            .vmas
+            .iter()
+            .find(|v| v.kind() == pb::VmaKind::SharedAnon && v.name.starts_with("/SYSV"))
+        {
+            return Err(format!(
+                "mapping {:#x}-{:#x} of process {} ({}): System V shared memory {}",
+                v.start, v.end, p.pid, p.comm, v.name
+            ));
         }
     }
     plan(procs).map(|_| ())
@@ -823,7 +809,7 @@ mod tests {
     }
 
     #[test]
-    fn fifos_between_processes_and_shared_anon_are_refused() {
+    fn fifos_and_shared_memory_between_processes_pass_but_system_v_is_refused() {
         let fd = |fd, pipe_id| pb::FileDesc {
             fd,
             kind: pb::FdKind::Fifo as i32,
@@ -832,29 +818,17 @@ mod tests {
         };
         let mut t = vec![proc(100, 1, 100, 100), proc(101, 100, 100, 100)];
         t[0].fds = vec![fd(3, 9), fd(4, 9)];
-        t[1].fds = vec![fd(0, 8), fd(1, 8)];
-        assert!(check_tree(&t).is_ok(), "FIFOs of one process each");
-        let mut piped = t.clone();
-        piped[1].fds = vec![pb::FileDesc {
-            fd: 0,
-            kind: pb::FdKind::Pipe as i32,
-            pipe_id: 9,
-            ..Default::default()
-        }];
-        assert!(
-            check_tree(&piped).is_ok(),
-            "pipes are shared by the restore"
-        );
-        t[1].fds.push(fd(5, 9));
+        t[1].fds = vec![fd(0, 9), fd(5, 9)];
+        assert!(check_tree(&t).is_ok(), "a FIFO open in both processes");
+        t[1].vmas = vec![vma(0x1000, 0x2000, pb::VmaKind::SharedAnon)];
+        assert!(check_tree(&t).is_ok(), "shared anonymous memory");
+        t[1].vmas[0].name = "/SYSV0000abcd (deleted)".into();
         let e = check_tree(&t).unwrap_err();
         assert!(
-            e.contains("fd 5 of process 101") && e.contains("process 100"),
+            e.contains("0x1000-0x2000 of process 101") && e.contains("System V"),
             "{e}"
         );
-        t[1].fds.pop();
-        t[1].vmas = vec![vma(0x1000, 0x2000, pb::VmaKind::SharedAnon)];
-        let e = check_tree(&t).unwrap_err();
-        assert!(e.contains("0x1000-0x2000 of process 101"), "{e}");
+        t[1].vmas.clear();
         t[1].space = 0;
         assert!(check_tree(&t).unwrap_err().contains("space 0"));
     }

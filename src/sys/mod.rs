@@ -16,6 +16,8 @@
 //!   soft-dirty probe (soft-dirty can be silently absent).
 //! - [`fds`]: copies of another process's descriptors (`pidfd_getfd`) and
 //!   a look at a pipe's unread bytes that leaves them in place (`tee`).
+//! - [`shm`]: shared memory objects (anonymous shared memory, memfds) made
+//!   in ferry for a restored tree.
 //! - [`vm`]: reading and writing another process's memory with
 //!   `process_vm_readv`/`writev`, many iovecs per call, `/proc/PID/mem` as
 //!   the fallback.
@@ -28,6 +30,7 @@ pub mod fds;
 pub mod heap;
 pub mod pagemap;
 pub mod ptrace;
+pub mod shm;
 pub mod sock;
 pub mod stub;
 pub mod uffd;
