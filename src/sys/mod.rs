@@ -29,6 +29,7 @@ pub mod heap;
 pub mod pagemap;
 pub mod ptrace;
 pub mod sock;
+pub mod pidns;
 pub mod stub;
 pub mod uffd;
 pub mod vm;
