@@ -411,6 +411,7 @@ impl RoundArgs {
                 Compress::default()
             },
             restore: false,
+            keep_pids: false,
         })
     }
 

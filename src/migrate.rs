@@ -58,6 +58,9 @@ pub struct MigrateReport {
     pub dump: DumpReport,
     /// The process on the destination.
     pub restored_pid: i32,
+    /// With `--keep-pids`: its pid inside its new pid namespace and that
+    /// namespace's inode number (else 0, 0).
+    pub restored_ns: (i32, u64),
     /// From the freeze to the destination's `Restored`: the outage.
     pub downtime: Duration,
     /// With `--post-copy`: what serving the missing pages took.
@@ -74,7 +77,11 @@ pub async fn migrate(
     precheck(opts.pid)?;
     let (report, frozen) = dump_frozen(opts, progress).await?;
     match report.outcome.clone() {
-        Some(CommitOutcome::Restored { pid }) => {
+        Some(CommitOutcome::Restored {
+            pid,
+            ns_pid,
+            pid_ns,
+        }) => {
             let source_pid = frozen.pid();
             frozen.kill().map_err(|error| MigrateError::Kill {
                 pid,
@@ -85,6 +92,7 @@ pub async fn migrate(
                 downtime: report.frozen,
                 dump: report,
                 restored_pid: pid,
+                restored_ns: (ns_pid, pid_ns),
                 post_copy: None,
             })
         }
@@ -126,7 +134,7 @@ pub async fn migrate_post_copy(
     precheck(pid)?;
     let (report, frozen, lazy) = dump_frozen_with(opts, true, progress).await?;
     match (report.outcome.clone(), lazy) {
-        (Some(CommitOutcome::Restored { pid }), Some(lazy)) => {
+        (Some(CommitOutcome::Restored { pid, .. }), Some(lazy)) => {
             let source_pid = frozen.pid();
             tracing::info!(
                 pid,
@@ -147,6 +155,7 @@ pub async fn migrate_post_copy(
                         downtime: report.frozen,
                         dump: report,
                         restored_pid: pid,
+                        restored_ns: (0, 0),
                         post_copy: Some(pcr),
                     })
                 }

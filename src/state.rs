@@ -228,6 +228,9 @@ pub fn capture(pid: i32, tracee: &Tracee) -> Result<pb::ProcessTree, StateError>
         space: 0,
         zombie: false,
         exit_status: 0,
+        // Pid namespace ids: filled for the whole tree by the dump
+        // (crate::pidns::record).
+        ..Default::default()
     };
     Ok(pb::ProcessTree {
         processes: vec![process],
@@ -444,6 +447,8 @@ fn capture_thread(
             flags: rseq.flags,
         }),
         pending_signals: procfs::read_task_status(pid, tid)?.sig_pnd,
+        // ns_tid: filled by the dump (crate::pidns::record).
+        ..Default::default()
     })
 }
 

@@ -107,6 +107,7 @@ async fn a_restore_failing_at_any_stage_loses_nothing() {
             },
             compress: Compress::default(),
             restore: true,
+            keep_pids: false,
         };
         let e = migrate(opts, &mut |_| {})
             .await
@@ -180,6 +181,7 @@ async fn a_restore_failing_at_any_stage_loses_nothing() {
         },
         compress: Compress::default(),
         restore: true,
+        keep_pids: false,
     };
     let e = migrate(opts, &mut |_| {})
         .await

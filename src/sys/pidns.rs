@@ -6,18 +6,18 @@
 //! leaves the outer ones to the kernel. It needs `CAP_SYS_ADMIN` (or
 //! `CAP_CHECKPOINT_RESTORE`) over the user namespace owning that pid
 //! namespace, fails with `EEXIST` when the pid is taken and `EINVAL` when
-//! it is above that namespace's `pid_max`. A child lands in the caller's
-//! `pid_for_children` namespace, which `setns(fd, CLONE_NEWPID)` changes
-//! for the calling thread only: ferry does that in a short-lived forked
-//! child ([`Birth`], used by [`crate::sys::stub::Stub::spawn_with`]), never in
-//! its own threads, so its own children stay where they were.
+//! it is above that namespace's `pid_max`.
 //!
-//! Inside a namespace the first process must be pid 1; a process whose
-//! parent is in that namespace already is made by injecting `clone3` into
-//! the parent (tree children, threads): the same [`CloneArgs`], written
-//! into the stub's memory.
-
-use std::os::fd::{BorrowedFd, OwnedFd};
+//! The first process of a namespace is its pid 1: ferry makes it with
+//! `clone3(CLONE_NEWPID)` from a short-lived forked child ([`Birth`], used
+//! by [`crate::sys::stub::Stub::spawn_with`]), so none of ferry's own
+//! threads ever changes namespace. Every other process is made from inside
+//! the namespace, by `clone3` with `set_tid` injected into its parent's
+//! stub (the root from pid 1, tree children from their parent, threads
+//! from their process): [`CloneArgs`] written into the stub's memory. A
+//! process made from outside (`setns` then `clone3`) would be orphaned to
+//! ferry's init when its forking parent exits, not to the namespace's pid
+//! 1 (the kernel picks the reaper of the *parent's* namespace).
 
 use nix::errno::Errno;
 
@@ -67,25 +67,22 @@ impl CloneArgs {
 /// Where and with which pid [`crate::sys::stub::Stub::spawn_with`] makes a
 /// stub.
 #[derive(Debug, Clone, Copy)]
-pub enum Birth<'a> {
+pub enum Birth {
     /// A plain `fork`, in ferry's own pid namespace.
     Here,
     /// Pid 1 of a new pid namespace (`clone3` with `CLONE_NEWPID`).
     NewPidNs,
-    /// Pid `pid` of the pid namespace `ns` (an open `/proc/P/ns/pid`).
-    Into { ns: BorrowedFd<'a>, pid: i32 },
 }
 
 /// Makes the child for `birth`, like `fork`: 0 in the child, the child's
 /// pid (in the caller's namespace) in the parent, `-errno` on failure; the
-/// step that failed is `*failed_at` (0 setns, 1 clone3).
+/// step that failed is `*failed_at` (1: the fork or clone3).
 ///
 /// # Safety
 /// Only for a single-threaded caller that is itself a fresh `fork` child
 /// of ferry: it makes async-signal-safe raw syscalls only, and the child
 /// returns into the caller's stack like after `fork`.
-pub unsafe fn born(birth: &Birth<'_>, failed_at: &mut i32) -> i64 {
-    let mut want = [0i32; 1];
+pub unsafe fn born(birth: &Birth, failed_at: &mut i32) -> i64 {
     let mut args = CloneArgs {
         exit_signal: libc::SIGCHLD as u64,
         ..CloneArgs::default()
@@ -102,22 +99,9 @@ pub unsafe fn born(birth: &Birth<'_>, failed_at: &mut i32) -> i64 {
             };
         }
         Birth::NewPidNs => args.flags = libc::CLONE_NEWPID as u64,
-        Birth::Into { ns, pid } => {
-            use std::os::fd::AsRawFd;
-            *failed_at = 0;
-            // SAFETY: setns takes an fd and a flag; it changes only this
-            // (single) thread's pid namespace for children.
-            let r = unsafe { libc::syscall(libc::SYS_setns, ns.as_raw_fd(), libc::CLONE_NEWPID) };
-            if r < 0 {
-                return -errno();
-            }
-            want[0] = pid;
-            args.set_tid = want.as_ptr() as u64;
-            args.set_tid_size = 1;
-        }
     }
     *failed_at = 1;
-    // SAFETY: `args` and `want` live across the call; without CLONE_VM the
+    // SAFETY: `args` lives across the call; without CLONE_VM the
     // child runs on a copy of this stack and returns from here like after
     // fork.
     let r = unsafe {
@@ -139,14 +123,6 @@ fn errno() -> i64 {
     // SAFETY: __errno_location returns this thread's errno slot, always
     // valid for reads.
     unsafe { *libc::__errno_location() as i64 }
-}
-
-/// Opens the pid namespace of process `pid` (`/proc/PID/ns/pid`).
-pub fn open_pid_ns(pid: i32) -> Result<OwnedFd, Errno> {
-    let path = format!("/proc/{pid}/ns/pid");
-    std::fs::File::open(&path)
-        .map(OwnedFd::from)
-        .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))
 }
 
 /// The inode number that names process `pid`'s pid namespace (what

@@ -327,11 +327,11 @@ impl Stub {
     }
 
     /// [`Stub::spawn`] with the stub born as `birth` says: in ferry's pid
-    /// namespace, as pid 1 of a new one, or with a chosen pid in a given
-    /// one (`--keep-pids`, [`crate::sys::pidns`]). The middle child makes
+    /// namespace, or as pid 1 of a new one (`--keep-pids`,
+    /// [`crate::sys::pidns`]). The middle child makes
     /// the stub and reports its pid as ferry sees it; the stub reports the
     /// pid it sees itself, once it leads its session.
-    pub fn spawn_with(birth: Birth<'_>) -> Result<Stub, StubError> {
+    pub fn spawn_with(birth: Birth) -> Result<Stub, StubError> {
         let pipe = || {
             let mut fds = [0; 2];
             // SAFETY: pipe2 writes two fds into the array.
@@ -444,10 +444,8 @@ impl Stub {
         unsafe { libc::close(rd) };
         if let Some((step, errno)) = failed {
             let op = match (step, birth) {
-                (0, _) => "setns(CLONE_NEWPID) into the restore's pid namespace",
-                (_, Birth::Here) => "fork",
-                (_, Birth::NewPidNs) => "clone3(CLONE_NEWPID)",
-                (_, Birth::Into { .. }) => "clone3 with set_tid",
+                (1, Birth::NewPidNs) => "clone3(CLONE_NEWPID) of a new pid namespace's pid 1",
+                _ => "fork",
             };
             return Err(StubError::Os {
                 op,
@@ -614,12 +612,14 @@ impl Stub {
     /// first stop. Returns its tid (or the clone's `-errno`).
     pub fn clone_thread(&mut self, flags: u64, ctid: u64) -> Result<i64, StubError> {
         let regs = self.regs_for(self.base, libc::SYS_clone, [flags, 0, 0, ctid, 0, 0]);
-        self.clone_via(regs)
+        Ok(self.clone_via(regs)?.0)
     }
 
     /// [`Stub::clone_thread`] with the new thread's tid chosen: `clone3`
     /// with `set_tid = [vtid]` (the tid in the stub's own pid namespace),
     /// its arguments written at `scratch` as for [`Stub::fork_child_as`].
+    /// Returns the new thread's tid as ferry sees it (the one ptrace and
+    /// [`Stub::syscall_in`] take), or the clone's `-errno`.
     pub fn clone_thread_as(
         &mut self,
         flags: u64,
@@ -637,10 +637,15 @@ impl Stub {
             scratch,
         )?;
         let regs = self.regs_for(self.base, libc::SYS_clone3, args);
-        self.clone_via(regs)
+        Ok(match self.clone_via(regs)? {
+            (ret, Some(tid)) if ret >= 0 => tid as i64,
+            (ret, _) => ret,
+        })
     }
 
-    fn clone_via(&mut self, regs: user_regs_struct) -> Result<i64, StubError> {
+    /// The injected clone's result and the new thread's tid as ferry sees
+    /// it (from the ptrace event; none if the clone failed).
+    fn clone_via(&mut self, regs: user_regs_struct) -> Result<(i64, Option<i32>), StubError> {
         if !self.tracing_clones {
             let opts =
                 libc::PTRACE_O_TRACESYSGOOD | libc::PTRACE_O_EXITKILL | libc::PTRACE_O_TRACECLONE;
@@ -662,7 +667,7 @@ impl Stub {
         if !clone_event {
             // A failed clone goes straight to the exit stop.
             if libc::WIFSTOPPED(st) && libc::WSTOPSIG(st) == SYSCALL_STOP {
-                return Ok(req::get_regs(pid)?.rax as i64);
+                return Ok((req::get_regs(pid)?.rax as i64, None));
             }
             return Err(StubError::Unexpected {
                 pid,
@@ -683,7 +688,7 @@ impl Stub {
         }
         self.threads.push((tid, req::get_regs(tid)?));
         self.syscall_stop(pid, "clone: instead of the exit stop")?;
-        Ok(req::get_regs(pid)?.rax as i64)
+        Ok((req::get_regs(pid)?.rax as i64, Some(tid)))
     }
 
     /// Forks the stub with an injected `fork` (`PTRACE_O_TRACEFORK`: the
@@ -811,6 +816,22 @@ impl Stub {
         req::simple("PTRACE_DETACH", libc::PTRACE_DETACH, pid, 0)?;
         self.alive = false;
         Ok(pid)
+    }
+
+    /// Lets the stub run the code at `rip` (in its own memory) with no
+    /// signal blocked and its other registers as they were at its birth;
+    /// detaches. Returns the pid.
+    pub fn run_at(self, rip: u64) -> Result<i32, StubError> {
+        let mut regs = self.base;
+        regs.rip = rip;
+        regs.orig_rax = u64::MAX;
+        let pid = self.pid;
+        self.resume_all(&[Resume {
+            tid: pid,
+            regs,
+            xstate: &[],
+            sigmask: 0,
+        }])
     }
 
     /// Sets the blocked signals of thread `tid` (the stub's or one it made).
