@@ -771,7 +771,16 @@ impl Stub {
             libc::WIFSTOPPED(st) && st >> 8 == (libc::SIGTRAP | (PTRACE_EVENT_FORK << 8));
         if !fork_event {
             let what = if libc::WIFSTOPPED(st) && libc::WSTOPSIG(st) == SYSCALL_STOP {
-                format!("fork failed: {}", req::get_regs(pid)?.rax as i64)
+                let ret = req::get_regs(pid)?.rax as i64;
+                if let (Some(_), -4095..=-1) = (vpid, ret) {
+                    // The errno says why the pid could not be had.
+                    return Err(StubError::Ptrace {
+                        op: "injected clone3 with set_tid",
+                        pid,
+                        errno: Errno::from_raw(-ret as i32),
+                    });
+                }
+                format!("fork failed: {ret}")
             } else {
                 format!("fork: {} instead of the fork event", req::describe(st))
             };
