@@ -159,11 +159,20 @@ pub struct LayerStats {
 /// How a commit ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CommitOutcome {
-    Stored { layers: u32, pages: u64 },
+    Stored {
+        layers: u32,
+        pages: u64,
+    },
     /// `pid` on the destination; with `--keep-pids` also its pid inside
     /// the pid namespace it was restored into and that namespace's inode.
-    Restored { pid: i32, ns_pid: i32, pid_ns: u64 },
-    Failed { reason: String },
+    Restored {
+        pid: i32,
+        ns_pid: i32,
+        pid_ns: u64,
+    },
+    Failed {
+        reason: String,
+    },
 }
 
 struct Job {

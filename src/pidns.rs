@@ -48,9 +48,7 @@ pub enum PidNsError {
         "--keep-pids: process {pid} ({comm}) has pid 1 in its namespace but is not the root of the tree"
     )]
     NotRootInit { pid: i32, comm: String },
-    #[error(
-        "--keep-pids: {what} {pid} needs pid {ns_pid}, above this host's pid_max ({pid_max})"
-    )]
+    #[error("--keep-pids: {what} {pid} needs pid {ns_pid}, above this host's pid_max ({pid_max})")]
     AbovePidMax {
         what: &'static str,
         pid: i32,
@@ -82,11 +80,10 @@ fn innermost(path: String) -> Result<i32, PidNsError> {
 pub fn record(tree: &mut pb::ProcessTree) -> Result<(), PidNsError> {
     for p in &mut tree.processes {
         p.ns_pid = innermost(format!("/proc/{}/status", p.pid))?;
-        p.pid_ns =
-            crate::sys::pidns::pid_ns_inode(p.pid).map_err(|errno| PidNsError::Read {
-                path: format!("/proc/{}/ns/pid", p.pid),
-                source: std::io::Error::from_raw_os_error(errno as i32),
-            })?;
+        p.pid_ns = crate::sys::pidns::pid_ns_inode(p.pid).map_err(|errno| PidNsError::Read {
+            path: format!("/proc/{}/ns/pid", p.pid),
+            source: std::io::Error::from_raw_os_error(errno as i32),
+        })?;
         for t in &mut p.threads {
             t.ns_tid = innermost(format!("/proc/{}/task/{}/status", p.pid, t.tid))?;
         }

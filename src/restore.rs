@@ -178,7 +178,9 @@ pub enum RestoreError {
     #[error(transparent)]
     PidNs(#[from] crate::pidns::PidNsError),
     /// `--keep-pids`: a process or thread did not get its pid.
-    #[error("--keep-pids: {what} {pid} could not get pid {ns_pid} in the new pid namespace: {why}")]
+    #[error(
+        "--keep-pids: {what} {pid} could not get pid {ns_pid} in the new pid namespace: {why}"
+    )]
     PidTaken {
         what: &'static str,
         pid: i32,
@@ -2735,7 +2737,6 @@ impl Restorer {
     }
 }
 
-
 // ------------------------------------------------------------ --keep-pids
 
 /// A tree restored with `--keep-pids`: the root's pid as ferry sees it,
@@ -2817,15 +2818,14 @@ impl Restorer {
     /// (`--keep-pids`), else whatever `fork` gives.
     fn child(&mut self, p: Option<&pb::Process>) -> Result<Restorer> {
         let stub = match p {
-            Some(p) => self
-                .stub
-                .fork_child_as(p.ns_pid, self.data)
-                .map_err(|e| RestoreError::PidTaken {
+            Some(p) => self.stub.fork_child_as(p.ns_pid, self.data).map_err(|e| {
+                RestoreError::PidTaken {
                     what: "process",
                     pid: p.pid,
                     ns_pid: p.ns_pid,
                     why: e.to_string(),
-                })?,
+                }
+            })?,
             None => self.stub.fork_child()?,
         };
         let r = Restorer {
@@ -2873,7 +2873,11 @@ impl Restorer {
     fn become_reaper(&mut self) -> Result<u64> {
         self.signals(&pb::Process::default())?;
         let root = self.put_path("/")?;
-        self.call("chdir(\"/\") of the reaper", libc::SYS_chdir, [root, 0, 0, 0, 0, 0])?;
+        self.call(
+            "chdir(\"/\") of the reaper",
+            libc::SYS_chdir,
+            [root, 0, 0, 0, 0, 0],
+        )?;
         let name = self.put(0, b"ferry-init\0", "the reaper's name")?;
         self.call(
             "prctl(PR_SET_NAME) of the reaper",

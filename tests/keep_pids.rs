@@ -71,7 +71,11 @@ fn ns_ids(path: &str, field: &str) -> Vec<i32> {
         .unwrap_or_default()
         .lines()
         .find_map(|l| l.strip_prefix(field))
-        .map(|v| v.split_whitespace().filter_map(|w| w.parse().ok()).collect())
+        .map(|v| {
+            v.split_whitespace()
+                .filter_map(|w| w.parse().ok())
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -221,7 +225,11 @@ async fn threads_keep_their_pid_and_tids_in_a_new_pid_namespace() {
 
     let tls = certs();
     let server = page_server(tls.path());
-    let opts = options(pid, Destination::Remote(connect(server.addr, tls.path())), true);
+    let opts = options(
+        pid,
+        Destination::Remote(connect(server.addr, tls.path())),
+        true,
+    );
     let report = ferry::migrate::migrate(opts, &mut |_| {}).await.unwrap();
     let new = report.restored_pid;
     let reaper = proc_field(new, "PPid:").unwrap().parse::<i32>().unwrap();
@@ -240,7 +248,10 @@ async fn threads_keep_their_pid_and_tids_in_a_new_pid_namespace() {
         format!("pid:[{}]", report.restored_ns.1),
         "the namespace the page server reported"
     );
-    assert_eq!(report.restored_ns.0, ns_pid, "the pid the page server reported");
+    assert_eq!(
+        report.restored_ns.0, ns_pid,
+        "the pid the page server reported"
+    );
     assert_eq!(inner(reaper, "NSpid:"), 1, "the reaper is pid 1");
     assert_eq!(pid_ns(reaper), pid_ns(new));
     assert_eq!(proc_field(reaper, "Name:").as_deref(), Some("ferry-init"));
@@ -287,7 +298,11 @@ async fn without_keep_pids_the_process_lands_in_the_page_servers_namespace() {
     wait_until("the threads to log", || thread_log(&log).len() > 10);
     let tls = certs();
     let server = page_server(tls.path());
-    let opts = options(pid, Destination::Remote(connect(server.addr, tls.path())), false);
+    let opts = options(
+        pid,
+        Destination::Remote(connect(server.addr, tls.path())),
+        false,
+    );
     let report = ferry::migrate::migrate(opts, &mut |_| {}).await.unwrap();
     let new = report.restored_pid;
     let _new = KillOnDrop(new);
@@ -347,7 +362,10 @@ fn own_view(pid: i32, parent_ns_pid: i32) -> (i32, i32, i32, i32) {
 fn last_line(path: &std::path::Path) -> Option<[i64; 5]> {
     let text = std::fs::read_to_string(path).ok()?;
     let l = text.lines().last()?;
-    let v: Vec<i64> = l.split_whitespace().filter_map(|w| w.parse().ok()).collect();
+    let v: Vec<i64> = l
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
     v.try_into().ok()
 }
 
@@ -388,7 +406,11 @@ async fn a_tree_keeps_its_pids_parents_sessions_and_groups() {
 
     let tls = certs();
     let server = page_server(tls.path());
-    let opts = options(root, Destination::Remote(connect(server.addr, tls.path())), true);
+    let opts = options(
+        root,
+        Destination::Remote(connect(server.addr, tls.path())),
+        true,
+    );
     let report = ferry::migrate::migrate(opts, &mut |_| {}).await.unwrap();
     let new = report.restored_pid;
     let reaper = proc_field(new, "PPid:").unwrap().parse::<i32>().unwrap();
@@ -463,7 +485,11 @@ async fn a_tree_across_two_pid_namespaces_is_refused_before_the_freeze() {
     let nested = tree::discover(root).unwrap()[2].pid;
     let tls = certs();
     let server = page_server(tls.path());
-    let opts = options(root, Destination::Remote(connect(server.addr, tls.path())), true);
+    let opts = options(
+        root,
+        Destination::Remote(connect(server.addr, tls.path())),
+        true,
+    );
     let e = ferry::migrate::migrate(opts, &mut |_| {})
         .await
         .unwrap_err()
@@ -477,5 +503,50 @@ async fn a_tree_across_two_pid_namespaces_is_refused_before_the_freeze() {
         assert_eq!(proc_field(s.pid, "TracerPid:").as_deref(), Some("0"));
         assert!(!matches!(proc_state(s.pid), 't' | 'T'), "{}", s.pid);
     }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_namespaces_pid_1_is_restored_as_pid_1_of_the_new_one() {
+    need_root!();
+    if Command::new("unshare").arg("--help").output().is_err() {
+        eprintln!("skipped: no unshare");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("threads");
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--pid", "--fork", python(), "-c", THREADS])
+        .arg(&log)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let src = Source(only_stdio(&mut cmd).spawn().unwrap());
+    let outer = src.0.id() as i32;
+    wait_until("python to log", || thread_log(&log).len() > 30);
+    let pid = tree::discover(outer).unwrap()[1].pid;
+    assert_eq!(inner(pid, "NSpid:"), 1, "python is its namespace's pid 1");
+    let tids = inner_tids(pid);
+
+    let tls = certs();
+    let server = page_server(tls.path());
+    let opts = options(
+        pid,
+        Destination::Remote(connect(server.addr, tls.path())),
+        true,
+    );
+    let report = ferry::migrate::migrate(opts, &mut |_| {}).await.unwrap();
+    let new = report.restored_pid;
+    let _ns = KillOnDrop(new);
+    assert_eq!(inner(new, "NSpid:"), 1, "pid 1 again, no reaper above it");
+    assert_eq!(inner_tids(new), tids, "every thread's tid");
+    assert_ne!(pid_ns(new), pid_ns(std::process::id() as i32));
+    let before = thread_log(&log).len();
+    wait_until("the restored threads to log on", || {
+        thread_log(&log).len() > before + 30
+    });
+    assert!(thread_log(&log)
+        .iter()
+        .all(|&(p, t, _)| p == 1 && tids.contains(&t)));
     server.stop().await;
 }

@@ -173,11 +173,20 @@ pub enum Action {
 /// How a commit ended, as the driver reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
-    Stored { layers: u32, pages: u64 },
+    Stored {
+        layers: u32,
+        pages: u64,
+    },
     /// `pid` as the page server sees it; with `--keep-pids` also the pid
     /// inside the new pid namespace and that namespace's inode (else 0).
-    Restored { pid: i32, ns_pid: i32, pid_ns: u64 },
-    Failed { reason: String },
+    Restored {
+        pid: i32,
+        ns_pid: i32,
+        pid_ns: u64,
+    },
+    Failed {
+        reason: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -692,13 +701,29 @@ pub struct SenderConfig {
 /// What the destination told the sender.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    Welcomed { next_layer: u32 },
-    Sealed { layer: u32, pages: u64 },
-    Stored { layers: u32, pages: u64 },
+    Welcomed {
+        next_layer: u32,
+    },
+    Sealed {
+        layer: u32,
+        pages: u64,
+    },
+    Stored {
+        layers: u32,
+        pages: u64,
+    },
     /// See [`Outcome::Restored`].
-    Restored { pid: i32, ns_pid: i32, pid_ns: u64 },
-    Failed { reason: String },
-    Aborted { reason: String },
+    Restored {
+        pid: i32,
+        ns_pid: i32,
+        pid_ns: u64,
+    },
+    Failed {
+        reason: String,
+    },
+    Aborted {
+        reason: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -92,11 +92,7 @@ pub unsafe fn born(birth: &Birth, failed_at: &mut i32) -> i64 {
             *failed_at = 1;
             // SAFETY: the caller is a fresh single-threaded fork child.
             let r = unsafe { libc::fork() };
-            return if r < 0 {
-                -errno()
-            } else {
-                r as i64
-            };
+            return if r < 0 { -errno() } else { r as i64 };
         }
         Birth::NewPidNs => args.flags = libc::CLONE_NEWPID as u64,
     }
@@ -104,13 +100,7 @@ pub unsafe fn born(birth: &Birth, failed_at: &mut i32) -> i64 {
     // SAFETY: `args` lives across the call; without CLONE_VM the
     // child runs on a copy of this stack and returns from here like after
     // fork.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_clone3,
-            &args as *const CloneArgs,
-            CLONE_ARGS_SIZE,
-        )
-    };
+    let r = unsafe { libc::syscall(libc::SYS_clone3, &args as *const CloneArgs, CLONE_ARGS_SIZE) };
     if r < 0 {
         -errno()
     } else {

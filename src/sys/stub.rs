@@ -743,11 +743,7 @@ impl Stub {
         ])
     }
 
-    fn fork_via(
-        &mut self,
-        regs: user_regs_struct,
-        vpid: Option<i32>,
-    ) -> Result<Stub, StubError> {
+    fn fork_via(&mut self, regs: user_regs_struct, vpid: Option<i32>) -> Result<Stub, StubError> {
         let opts = libc::PTRACE_O_TRACESYSGOOD
             | libc::PTRACE_O_EXITKILL
             | libc::PTRACE_O_TRACEFORK
