@@ -71,14 +71,20 @@
 //! it when it exits. Ferry holds no child of its own afterwards, so it
 //! leaves no zombie whether it exits first or not.
 //!
+//! **Pids** ([`restore_keeping_pids`], `--keep-pids`): the tree goes into
+//! a fresh pid namespace with the pids and tids of the source's own
+//! namespace (`clone3` `set_tid` injected into each parent's stub, see
+//! [`crate::pidns`]); its pid 1 is the root or a reaper made first, the
+//! root's parent. Otherwise pids are new.
+//!
 //! **Blocking.** The whole restore runs on one dedicated `std::thread`
 //! (ptrace requests must come from the thread that forked and attached the
 //! stub) and [`restore`] waits for it: call it from `spawn_blocking` or a
 //! plain thread, not from an async task.
 //!
 //! Not carried over yet (not in the image): umask, interval timers,
-//! `sigaltstack`, the siginfo of queued real-time signals, the pid itself
-//! (`clone3` `set_tid`) and `CLOCK_MONOTONIC` continuity (time namespace).
+//! `sigaltstack`, the siginfo of queued real-time signals and
+//! `CLOCK_MONOTONIC` continuity (time namespace).
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd};

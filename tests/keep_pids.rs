@@ -550,3 +550,90 @@ async fn a_namespaces_pid_1_is_restored_as_pid_1_of_the_new_one() {
         .all(|&(p, t, _)| p == 1 && tids.contains(&t)));
     server.stop().await;
 }
+
+/// Processes other than `except` whose command line mentions `needle`.
+fn copies_of(needle: &str, except: i32) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&p| p != except)
+        .filter(|p| {
+            std::fs::read(format!("/proc/{p}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(needle))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_failing_in_the_new_namespace_loses_nothing() {
+    need_root!();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("threads-failing");
+    let mut cmd = Command::new(python());
+    cmd.args(["-c", THREADS])
+        .arg(&log)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let src = Source(only_stdio(&mut cmd).spawn().unwrap());
+    let pid = src.0.id() as i32;
+    wait_until("the threads to log", || thread_log(&log).len() > 10);
+
+    // A real page server whose restore fails once the threads are made.
+    let tls = certs();
+    let port = common::free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let _server = common::ServerProcess(
+        Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args([
+                "page-server",
+                "--restore",
+                "--log",
+                "warn",
+                "--listen",
+                &addr,
+            ])
+            .arg("--tls")
+            .arg(tls.path())
+            .env(ferry::failpoint::VAR, "restore:threads")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    common::wait_for_server(addr.parse().unwrap(), tls.path()).await;
+    let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args([
+            "migrate",
+            "--pid",
+            &pid.to_string(),
+            "--to",
+            &addr,
+            "--keep-pids",
+        ])
+        .arg("--tls")
+        .arg(tls.path())
+        .args(["--log", "warn"])
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("restore stage threads"), "{stderr}");
+    // The source runs on, untraced; nothing of the half-made namespace is
+    // left (its pid 1 killed, and everything in it with it).
+    wait_until("the source to be let go", || {
+        proc_field(pid, "TracerPid:").as_deref() == Some("0")
+            && !matches!(proc_state(pid), 't' | 'T')
+    });
+    let before = thread_log(&log).len();
+    wait_until("the source to log on", || {
+        thread_log(&log).len() > before + 10
+    });
+    let needle = log.to_str().unwrap();
+    wait_until("no copy of the source to be left", || {
+        copies_of(needle, pid)
+            .iter()
+            .all(|&p| matches!(proc_state(p), 'Z' | 'X' | '?'))
+    });
+}

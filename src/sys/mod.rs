@@ -16,6 +16,8 @@
 //!   soft-dirty probe (soft-dirty can be silently absent).
 //! - [`fds`]: copies of another process's descriptors (`pidfd_getfd`) and
 //!   a look at a pipe's unread bytes that leaves them in place (`tee`).
+//! - [`pidns`]: `clone3` with `set_tid` and a new pid namespace's pid 1
+//!   (`--keep-pids`).
 //! - [`vm`]: reading and writing another process's memory with
 //!   `process_vm_readv`/`writev`, many iovecs per call, `/proc/PID/mem` as
 //!   the fallback.
