@@ -807,13 +807,17 @@ fn capture_state(tree: &TreeTracee, keep_pids: bool) -> Result<pb::ProcessTree, 
     let mut state = pb::ProcessTree {
         processes: crate::tree::order_processes(tree.root(), procs),
     };
-    crate::pidns::record(&mut state)?;
     if keep_pids {
+        crate::pidns::record(&mut state)?;
         // The destination's pid_max is checked there.
         crate::pidns::check(&state, i32::MAX)?;
         if let Some(root) = state.processes.first_mut() {
             root.keep_pids = true;
         }
+    } else if let Err(e) = crate::pidns::record(&mut state) {
+        // Only --keep-pids needs them; a later `ferry restore --keep-pids`
+        // of this image refuses it by name.
+        tracing::debug!("pid namespace ids not recorded: {e}");
     }
     Ok(state)
 }
