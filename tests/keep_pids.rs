@@ -637,3 +637,71 @@ async fn a_restore_failing_in_the_new_namespace_loses_nothing() {
             .all(|&p| matches!(proc_state(p), 'Z' | 'X' | '?'))
     });
 }
+
+/// A parent with a child that exited with status 3 and is not reaped yet;
+/// once `argv[1]/reap` exists the parent reaps it and writes `pid
+/// exit-code` (what `wait()` said) to `argv[1]/reaped`.
+const ZOMBIE_PARENT: &str = r#"
+import os, sys, time
+d = sys.argv[1]
+pid = os.fork()
+if pid == 0:
+    os._exit(3)
+with open(d + '/info.tmp', 'w') as f:
+    f.write('%d' % pid)
+os.rename(d + '/info.tmp', d + '/info')
+while not os.path.exists(d + '/reap'):
+    time.sleep(0.02)
+got, status = os.wait()
+with open(d + '/reaped.tmp', 'w') as f:
+    f.write('%d %d' % (got, os.waitstatus_to_exitcode(status)))
+os.rename(d + '/reaped.tmp', d + '/reaped')
+while True:
+    time.sleep(1)
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zombie_keeps_its_pid_and_its_parents_wait_returns_it() {
+    need_root!();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(python());
+    cmd.args(["-c", ZOMBIE_PARENT])
+        .arg(dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let src = Source(only_stdio(&mut cmd).spawn().unwrap());
+    let parent = src.0.id() as i32;
+    let info = dir.path().join("info");
+    wait_until("the child", || info.exists());
+    // As the parent saw it: its own namespace's pid.
+    let zombie: i32 = std::fs::read_to_string(&info).unwrap().parse().unwrap();
+    let outer = tree::discover(parent).unwrap()[1].pid;
+    wait_until("the zombie", || proc_state(outer) == 'Z');
+
+    let tls = certs();
+    let server = page_server(tls.path());
+    let opts = options(
+        parent,
+        Destination::Remote(connect(server.addr, tls.path())),
+        true,
+    );
+    let report = ferry::migrate::migrate(opts, &mut |_| {}).await.unwrap();
+    let new = report.restored_pid;
+    let reaper = proc_field(new, "PPid:").unwrap().parse::<i32>().unwrap();
+    let _ns = KillOnDrop(reaper);
+    let shape = tree::discover(new).unwrap();
+    assert_eq!(shape.len(), 2, "{shape:?}");
+    assert_eq!(shape[1].state, 'Z');
+    assert_eq!(inner(shape[1].pid, "NSpid:"), zombie, "the zombie's pid");
+
+    std::fs::write(dir.path().join("reap"), b"").unwrap();
+    let reaped = dir.path().join("reaped");
+    wait_until("the restored parent to reap its zombie", || reaped.exists());
+    assert_eq!(
+        std::fs::read_to_string(&reaped).unwrap(),
+        format!("{zombie} 3"),
+        "wait() returns the pid the parent had from fork(), and the status"
+    );
+    server.stop().await;
+}
