@@ -60,6 +60,7 @@ async fn stream_rate(content: &str, compress: Compress, tls: &std::path::Path) -
                 },
                 compress,
                 restore: false,
+                keep_pids: false,
             },
             &mut |_| {},
         )

@@ -433,6 +433,7 @@ async fn one_run(
             Compress::default()
         },
         restore: true,
+        keep_pids: false,
     };
     let start = unix_ms();
     let result = if mode == Mode::PostCopy {

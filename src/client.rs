@@ -159,9 +159,20 @@ pub struct LayerStats {
 /// How a commit ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CommitOutcome {
-    Stored { layers: u32, pages: u64 },
-    Restored { pid: i32 },
-    Failed { reason: String },
+    Stored {
+        layers: u32,
+        pages: u64,
+    },
+    /// `pid` on the destination; with `--keep-pids` also its pid inside
+    /// the pid namespace it was restored into and that namespace's inode.
+    Restored {
+        pid: i32,
+        ns_pid: i32,
+        pid_ns: u64,
+    },
+    Failed {
+        reason: String,
+    },
 }
 
 struct Job {
@@ -461,7 +472,17 @@ impl Client {
             match self.next_event().await? {
                 Event::Sealed { .. } => continue,
                 Event::Stored { layers, pages } => break CommitOutcome::Stored { layers, pages },
-                Event::Restored { pid } => break CommitOutcome::Restored { pid },
+                Event::Restored {
+                    pid,
+                    ns_pid,
+                    pid_ns,
+                } => {
+                    break CommitOutcome::Restored {
+                        pid,
+                        ns_pid,
+                        pid_ns,
+                    }
+                }
                 Event::Failed { reason } => break CommitOutcome::Failed { reason },
                 e => {
                     return Err(ClientError::Protocol(ProtocolError::Unexpected {

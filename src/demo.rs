@@ -89,6 +89,7 @@ pub async fn run(
             policy: Policy::default(),
             compress: opts.compress,
             restore: true,
+            keep_pids: false,
         },
         progress,
     )

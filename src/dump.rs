@@ -54,6 +54,12 @@ pub enum DumpError {
     Client(#[from] ClientError),
     #[error("image directory: {0}")]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    PidNs(#[from] crate::pidns::PidNsError),
+    #[error("--keep-pids needs a page server's restore (ferry migrate), not an image directory")]
+    KeepPidsLocal,
+    #[error("--keep-pids and --post-copy together: not supported yet (--keep-pids restores cold, at commit)")]
+    KeepPidsLazy,
     #[error("the destination did not keep the image: {0}")]
     Commit(String),
     #[error("the reader thread failed: {0}")]
@@ -94,6 +100,9 @@ pub struct DumpOptions {
     /// Ask the page server to restore the image on commit (`ferry migrate`);
     /// the answer is in [`DumpReport::outcome`].
     pub restore: bool,
+    /// With `restore`: ask for the process (tree) to keep its pids, in a
+    /// fresh pid namespace on the destination (`ferry migrate --keep-pids`).
+    pub keep_pids: bool,
 }
 
 /// One round as the display and `--json` show it.
@@ -310,6 +319,13 @@ pub async fn dump_frozen_with(
     if post_copy && matches!(opts.dest, Destination::ImagesDir(_)) {
         return Err(DumpError::LazyLocal);
     }
+    let keep_pids = opts.keep_pids;
+    if keep_pids && !restore {
+        return Err(DumpError::KeepPidsLocal);
+    }
+    if keep_pids && post_copy {
+        return Err(DumpError::KeepPidsLazy);
+    }
     let tree = TreeTracee::seize(pid).map_err(|e| match e {
         // The root's own refusal keeps its precise form.
         TreeError::Ptrace { pid: p, source } if p == pid => DumpError::Ptrace(source),
@@ -332,6 +348,11 @@ pub async fn dump_frozen_with(
     if post_copy && spaces.len() > 1 {
         return Err(DumpError::LazyTree(spaces.len()));
     }
+    if keep_pids {
+        // Before any freeze: a tree that cannot keep its pids is refused
+        // while it runs on untouched.
+        crate::pidns::precheck(&tree.pids())?;
+    }
     let session = SessionId(random_id());
     let mut features = Vec::new();
     if restore {
@@ -339,6 +360,9 @@ pub async fn dump_frozen_with(
     }
     if post_copy {
         features.push(ferry_proto::FEATURE_POST_COPY.to_string());
+    }
+    if keep_pids {
+        features.push(ferry_proto::FEATURE_KEEP_PIDS.to_string());
     }
     let mut sink = Sink::open(opts.dest, session, pid, opts.compress, features).await?;
 
@@ -386,7 +410,7 @@ pub async fn dump_frozen_with(
     let (t_final, lazy_ranges) = if post_copy {
         // The state first: its stack pointers and thread blocks say which
         // pages are hot.
-        let state = capture_state(&tree)?;
+        let state = capture_state(&tree, keep_pids)?;
         let hot = hot_pages(&state, track::page_size());
         let (r, lazy) = lazy_round(&mut spaces, &mut sink, n, &hot).await?;
         progress(&r);
@@ -400,7 +424,7 @@ pub async fn dump_frozen_with(
         progress(&r);
         rounds.push(r);
         let t_final = Instant::now();
-        let state = capture_state(&tree)?;
+        let state = capture_state(&tree, keep_pids)?;
         sink.state(state).await?;
         (t_final, None)
     };
@@ -881,7 +905,7 @@ fn vma_of(m: &MapEntry) -> pb::Vma {
 /// The frozen tree's state (DESIGN.md §6), see [`crate::state`]: each
 /// process captured as a one-process tree, told its space, and ordered
 /// root first, children after their parent.
-fn capture_state(tree: &TreeTracee) -> Result<pb::ProcessTree, DumpError> {
+fn capture_state(tree: &TreeTracee, keep_pids: bool) -> Result<pb::ProcessTree, DumpError> {
     // All at once: the frozen time grows with the slowest process, not
     // with the sum.
     let mut procs = Vec::new();
@@ -905,9 +929,22 @@ fn capture_state(tree: &TreeTracee) -> Result<pb::ProcessTree, DumpError> {
             ..Default::default()
         });
     }
-    Ok(pb::ProcessTree {
+    let mut state = pb::ProcessTree {
         processes: crate::tree::order_processes(tree.root(), procs),
-    })
+    };
+    if keep_pids {
+        crate::pidns::record(&mut state)?;
+        // The destination's pid_max is checked there.
+        crate::pidns::check(&state, i32::MAX)?;
+        if let Some(root) = state.processes.first_mut() {
+            root.keep_pids = true;
+        }
+    } else if let Err(e) = crate::pidns::record(&mut state) {
+        // Only --keep-pids needs them; a later `ferry restore --keep-pids`
+        // of this image refuses it by name.
+        tracing::debug!("pid namespace ids not recorded: {e}");
+    }
+    Ok(state)
 }
 
 fn random_id() -> [u8; 16] {

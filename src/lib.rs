@@ -45,6 +45,7 @@ pub mod fuzzing;
 pub mod loopback;
 pub mod migrate;
 pub mod pace;
+pub mod pidns;
 pub mod policy;
 pub mod postcopy;
 pub mod procfs;

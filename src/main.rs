@@ -160,6 +160,12 @@ enum Command {
         /// second (K/M/G suffixes); requested pages are never held back.
         #[arg(long, value_name = "SIZE", value_parser = size, requires = "post_copy")]
         post_copy_bandwidth: Option<u64>,
+        /// Restore into a fresh pid namespace on the destination where the
+        /// process (tree) keeps the pid and thread ids it has in its own
+        /// pid namespace (see README, `--keep-pids`). The restore is then
+        /// cold, at commit.
+        #[arg(long, conflicts_with = "post_copy")]
+        keep_pids: bool,
     },
     /// Restore a dumped process on this host from an image directory.
     Restore {
@@ -170,6 +176,10 @@ enum Command {
         /// a process state.
         #[arg(long)]
         session: Option<String>,
+        /// Restore into a fresh pid namespace with the pids and thread ids
+        /// the process (tree) had in its own pid namespace.
+        #[arg(long)]
+        keep_pids: bool,
     },
     /// Dump a running process in rounds while it runs (iterative pre-dump),
     /// then freeze it and send the final delta and its state. The layers go
@@ -412,6 +422,7 @@ impl RoundArgs {
                 Compress::default()
             },
             restore: false,
+            keep_pids: false,
         })
     }
 
@@ -772,9 +783,11 @@ async fn run(command: Command) -> Result<()> {
             post_copy,
             post_copy_after,
             post_copy_bandwidth,
+            keep_pids,
         } => {
             let dest = Destination::Remote(rounds.connect(&to, &transport, tls.as_deref())?);
             let mut opts = rounds.options(pid, dest)?;
+            opts.keep_pids = keep_pids;
             if let Some(n) = post_copy_after {
                 opts.policy.max_rounds = n;
             }
@@ -800,6 +813,10 @@ async fn run(command: Command) -> Result<()> {
             if rounds.json {
                 let mut j = report_json(&report.dump);
                 j["restored_pid"] = report.restored_pid.into();
+                if report.restored_ns.1 != 0 {
+                    j["restored_ns_pid"] = report.restored_ns.0.into();
+                    j["restored_pid_ns"] = report.restored_ns.1.into();
+                }
                 j["downtime_ms"] = (report.downtime.as_secs_f64() * 1e3).into();
                 if let Some(pc) = &report.post_copy {
                     j["post_copy"] = serde_json::json!({
@@ -831,8 +848,12 @@ async fn run(command: Command) -> Result<()> {
                 }
                 let p = report.dump.parts;
                 let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+                let ns = match report.restored_ns {
+                    (_, 0) => String::new(),
+                    (ns_pid, ns) => format!(" (pid {ns_pid} in its new pid namespace pid:[{ns}])"),
+                };
                 eprintln!(
-                    "migrated pid {} to {to}: running there as pid {}; downtime {:.1} ms \
+                    "migrated pid {} to {to}: running there as pid {}{ns}; downtime {:.1} ms \
                      (freeze {:.1} + final round {:.1} + state {:.1} + restore {:.1}), \
                      {} rounds, stopped because {}; the source is gone",
                     report.dump.pid,
@@ -851,6 +872,7 @@ async fn run(command: Command) -> Result<()> {
         Command::Restore {
             images_dir,
             session,
+            keep_pids,
         } => {
             let session = match session {
                 Some(s) => Some(
@@ -859,6 +881,18 @@ async fn run(command: Command) -> Result<()> {
                 ),
                 None => None,
             };
+            if keep_pids {
+                let k = tokio::task::spawn_blocking(move || {
+                    ferry::restore::restore_from_images_dir_keeping_pids(&images_dir, session)
+                })
+                .await??;
+                println!("{}", k.pid);
+                eprintln!(
+                    "restored as pid {} (pid {} in its new pid namespace pid:[{}]), running",
+                    k.pid, k.ns_pid, k.pid_ns
+                );
+                return Ok(());
+            }
             let pid = tokio::task::spawn_blocking(move || {
                 ferry::restore::restore_from_images_dir(&images_dir, session)
             })

@@ -10,7 +10,7 @@
 use std::time::Duration;
 
 use ferry_page_server::store::{FlatImage, SessionStore};
-use ferry_page_server::{LazyEvent, LazyProcess, Restorer, WarmRestore};
+use ferry_page_server::{LazyEvent, LazyProcess, RestoredPid, Restorer, WarmRestore};
 use ferry_proto::pb;
 
 use crate::client::CommitOutcome;
@@ -58,6 +58,9 @@ pub struct MigrateReport {
     pub dump: DumpReport,
     /// The process on the destination.
     pub restored_pid: i32,
+    /// With `--keep-pids`: its pid inside its new pid namespace and that
+    /// namespace's inode number (else 0, 0).
+    pub restored_ns: (i32, u64),
     /// From the freeze to the destination's `Restored`: the outage.
     pub downtime: Duration,
     /// With `--post-copy`: what serving the missing pages took.
@@ -74,7 +77,11 @@ pub async fn migrate(
     precheck(opts.pid)?;
     let (report, frozen) = dump_frozen(opts, progress).await?;
     match report.outcome.clone() {
-        Some(CommitOutcome::Restored { pid }) => {
+        Some(CommitOutcome::Restored {
+            pid,
+            ns_pid,
+            pid_ns,
+        }) => {
             let source_pid = frozen.pid();
             frozen.kill().map_err(|error| MigrateError::Kill {
                 pid,
@@ -85,6 +92,7 @@ pub async fn migrate(
                 downtime: report.frozen,
                 dump: report,
                 restored_pid: pid,
+                restored_ns: (ns_pid, pid_ns),
                 post_copy: None,
             })
         }
@@ -126,7 +134,7 @@ pub async fn migrate_post_copy(
     precheck(pid)?;
     let (report, frozen, lazy) = dump_frozen_with(opts, true, progress).await?;
     match (report.outcome.clone(), lazy) {
-        (Some(CommitOutcome::Restored { pid }), Some(lazy)) => {
+        (Some(CommitOutcome::Restored { pid, .. }), Some(lazy)) => {
             let source_pid = frozen.pid();
             tracing::info!(
                 pid,
@@ -147,6 +155,7 @@ pub async fn migrate_post_copy(
                         downtime: report.frozen,
                         dump: report,
                         restored_pid: pid,
+                        restored_ns: (0, 0),
                         post_copy: Some(pcr),
                     })
                 }
@@ -314,9 +323,13 @@ impl Restorer for LocalRestorer {
     }
 
     fn restore(&self, session: &mut dyn SessionStore) -> Result<i32, String> {
+        self.restore_in_ns(session).map(|r| r.pid)
+    }
+
+    fn restore_in_ns(&self, session: &mut dyn SessionStore) -> Result<RestoredPid, String> {
         let tree = session_state(session)?;
         let img = session.flatten().map_err(|e| e.to_string())?;
-        crate::restore::restore(&tree, &img).map_err(|e| e.to_string())
+        restore_as_asked(&tree, &img)
     }
 
     fn warm(&self) -> Option<Box<dyn WarmRestore>> {
@@ -347,6 +360,28 @@ impl Restorer for ColdRestorer {
     fn restore(&self, session: &mut dyn SessionStore) -> Result<i32, String> {
         LocalRestorer.restore(session)
     }
+
+    fn restore_in_ns(&self, session: &mut dyn SessionStore) -> Result<RestoredPid, String> {
+        LocalRestorer.restore_in_ns(session)
+    }
+}
+
+/// A cold restore of `tree`, into a pid namespace of its own when the
+/// source asked for `--keep-pids` (the root's `keep_pids`).
+fn restore_as_asked(tree: &pb::ProcessTree, img: &FlatImage) -> Result<RestoredPid, String> {
+    if tree.processes.first().is_some_and(|p| p.keep_pids) {
+        let k = crate::restore::restore_keeping_pids(tree, img).map_err(|e| e.to_string())?;
+        return Ok(RestoredPid {
+            pid: k.pid,
+            ns_pid: k.ns_pid,
+            pid_ns: k.pid_ns,
+        });
+    }
+    let pid = crate::restore::restore(tree, img).map_err(|e| e.to_string())?;
+    Ok(RestoredPid {
+        pid,
+        ..RestoredPid::default()
+    })
 }
 
 fn session_state(session: &dyn SessionStore) -> Result<pb::ProcessTree, String> {
@@ -367,6 +402,13 @@ impl WarmRestore for LocalWarm {
     fn finish(self: Box<Self>, session: &mut dyn SessionStore) -> Result<i32, String> {
         let tree = session_state(session)?;
         let layers = self.0.layers();
+        if tree.processes.first().is_some_and(|p| p.keep_pids) {
+            // A source that asked for --keep-pids without saying so in its
+            // Hello: the stub laid warm is in the wrong pid namespace.
+            drop(self);
+            let img = session.flatten().map_err(|e| e.to_string())?;
+            return restore_as_asked(&tree, &img).map(|r| r.pid);
+        }
         match self.0.finish(&tree) {
             Ok(pid) => Ok(pid),
             Err(f) if f.in_layers => {

@@ -76,14 +76,20 @@
 //! it when it exits. Ferry holds no child of its own afterwards, so it
 //! leaves no zombie whether it exits first or not.
 //!
+//! **Pids** ([`restore_keeping_pids`], `--keep-pids`): the tree goes into
+//! a fresh pid namespace with the pids and tids of the source's own
+//! namespace (`clone3` `set_tid` injected into each parent's stub, see
+//! [`crate::pidns`]); its pid 1 is the root or a reaper made first, the
+//! root's parent. Otherwise pids are new.
+//!
 //! **Blocking.** The whole restore runs on one dedicated `std::thread`
 //! (ptrace requests must come from the thread that forked and attached the
 //! stub) and [`restore`] waits for it: call it from `spawn_blocking` or a
 //! plain thread, not from an async task.
 //!
 //! Not carried over yet (not in the image): umask, interval timers,
-//! `sigaltstack`, the siginfo of queued real-time signals, the pid itself
-//! (`clone3` `set_tid`) and `CLOCK_MONOTONIC` continuity (time namespace).
+//! `sigaltstack`, the siginfo of queued real-time signals and
+//! `CLOCK_MONOTONIC` continuity (time namespace).
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd};
@@ -96,6 +102,7 @@ use libc::user_regs_struct;
 use nix::errno::Errno;
 
 use crate::procfs::{self, MapEntry};
+use crate::sys::pidns::Birth;
 use crate::sys::stub::{self, Stub, StubError};
 use crate::sys::uffd::Missing;
 use crate::sys::vm::VmError;
@@ -187,6 +194,19 @@ pub enum RestoreError {
         who: String,
         #[source]
         source: crate::creds::CredsError,
+    },
+    /// `--keep-pids`: a pid the tree cannot have.
+    #[error(transparent)]
+    PidNs(#[from] crate::pidns::PidNsError),
+    /// `--keep-pids`: a process or thread did not get its pid.
+    #[error(
+        "--keep-pids: {what} {pid} could not get pid {ns_pid} in the new pid namespace: {why}"
+    )]
+    PidTaken {
+        what: &'static str,
+        pid: i32,
+        ns_pid: i32,
+        why: String,
     },
 }
 
@@ -982,6 +1002,23 @@ fn space_image(img: &FlatImage, space: u32, vmas: Vec<pb::Vma>) -> FlatImage {
 /// stub (each `Stub` is killed when dropped). Runs on the calling thread,
 /// which must be a plain thread (ptrace affinity); returns the root's pid.
 fn restore_tree(tree: &pb::ProcessTree, img: &FlatImage) -> Result<i32> {
+    restore_tree_as(tree, img, Root::Spawn)
+}
+
+/// How the root of a restored tree comes to be.
+enum Root<'a> {
+    /// Forked from ferry, in ferry's pid namespace.
+    Spawn,
+    /// `--keep-pids` with a root whose pid was 1: pid 1 of a new pid
+    /// namespace.
+    Init,
+    /// `--keep-pids`: forked with its pid from the namespace's reaper.
+    FromReaper(&'a mut Restorer),
+}
+
+/// [`restore_tree`] with the root made as `how` says; with `--keep-pids`
+/// every process below it gets its pid.
+fn restore_tree_as(tree: &pb::ProcessTree, img: &FlatImage, how: Root<'_>) -> Result<i32> {
     let procs = &tree.processes;
     let plan = crate::tree::plan(procs).map_err(unsupported)?;
     let spaces = crate::tree::split_vmas(&img.vmas);
@@ -1035,7 +1072,25 @@ fn restore_tree(tree: &pb::ProcessTree, img: &FlatImage) -> Result<i32> {
             })
             .collect()
     };
-    let mut root = Restorer::new(&all_vmas)?;
+    let keep = !matches!(how, Root::Spawn);
+    let mut root = match how {
+        Root::Spawn => Restorer::new(&all_vmas)?,
+        Root::Init => {
+            let r = Restorer::new_with(&all_vmas, Birth::NewPidNs)?;
+            r.has_pid("process", &procs[0], 1)?;
+            r
+        }
+        Root::FromReaper(reaper) => {
+            let mut r = reaper.child(Some(&procs[0]))?;
+            // Like a spawned stub: the leader of its own session.
+            r.call(
+                format!("setsid of process {}", procs[0].pid),
+                libc::SYS_setsid,
+                [0; 6],
+            )?;
+            r
+        }
+    };
     root.shared_pipes = shared_fds.clone();
     root.shm = shm.clone();
     root.shm_fds = shm_fds(0);
@@ -1043,18 +1098,9 @@ fn restore_tree(tree: &pb::ProcessTree, img: &FlatImage) -> Result<i32> {
     for (i, p) in procs.iter().enumerate().skip(1) {
         let step = plan[i];
         let parent = step.parent.unwrap_or(0);
-        let stub = rs[parent].stub.fork_child()?;
-        let mut r = Restorer {
-            stub,
-            gadget: rs[0].gadget,
-            data: rs[0].data,
-            vmas: Vec::new(),
-            mapped: Vec::new(),
-            repaired: Vec::new(),
-            shared_pipes: shared_fds.clone(),
-            shm: shm.clone(),
-            shm_fds: shm_fds(i),
-        };
+        let mut r = rs[parent].child(keep.then_some(p))?;
+        r.shm = shm.clone();
+        r.shm_fds = shm_fds(i);
         if step.setsid {
             r.call(
                 format!("setsid of process {}", p.pid),
@@ -1065,7 +1111,8 @@ fn restore_tree(tree: &pb::ProcessTree, img: &FlatImage) -> Result<i32> {
         let leader = match step.group {
             crate::tree::Group::Inherit => None,
             crate::tree::Group::Own => Some(0),
-            crate::tree::Group::Join(j) => Some(rs[j].stub.pid() as u64),
+            // As the process itself sees it.
+            crate::tree::Group::Join(j) => Some(rs[j].stub.vpid() as u64),
         };
         if let Some(l) = leader {
             r.call(
@@ -1138,6 +1185,20 @@ fn restore_tree(tree: &pb::ProcessTree, img: &FlatImage) -> Result<i32> {
 /// Restores a session of the disk store in `dir`: `session`, or the only or
 /// newest session that holds a process state.
 pub fn restore_from_images_dir(dir: &Path, session: Option<SessionId>) -> Result<i32> {
+    let (tree, img) = load_images_dir(dir, session)?;
+    restore(&tree, &img)
+}
+
+/// [`restore_from_images_dir`] with `--keep-pids` ([`restore_keeping_pids`]).
+pub fn restore_from_images_dir_keeping_pids(
+    dir: &Path,
+    session: Option<SessionId>,
+) -> Result<Kept> {
+    let (tree, img) = load_images_dir(dir, session)?;
+    restore_keeping_pids(&tree, &img)
+}
+
+fn load_images_dir(dir: &Path, session: Option<SessionId>) -> Result<(pb::ProcessTree, FlatImage)> {
     let store = DiskStore::open(dir)?;
     let id = match session {
         Some(id) => id,
@@ -1163,7 +1224,7 @@ pub fn restore_from_images_dir(dir: &Path, session: Option<SessionId>) -> Result
         .ok_or_else(|| RestoreError::NoSession(format!("session {id} has no process state")))?;
     let img = session.flatten()?;
     drop(session);
-    restore(&tree, &img)
+    Ok((tree, img))
 }
 
 /// The registers to resume with: an interrupted syscall is rewound so it is
@@ -1299,13 +1360,21 @@ struct Restorer {
     shm: HashMap<crate::shmem::ShmKey, i32>,
     /// This process's memfd descriptors of those objects: fd → ferry's fd.
     shm_fds: HashMap<i32, i32>,
+    /// `--keep-pids`: the stub lives in a pid namespace of its own and its
+    /// threads get their tids from the image.
+    keep_pids: bool,
 }
 
 impl Restorer {
     /// Stub, gadget, and an empty address space, with the gadget far from
     /// the first layer's mappings.
     fn new(vmas: &[pb::Vma]) -> Result<Restorer> {
-        let stub = Stub::spawn()?;
+        Restorer::new_with(vmas, Birth::Here)
+    }
+
+    /// [`Restorer::new`] with the stub born as `birth` says.
+    fn new_with(vmas: &[pb::Vma], birth: Birth) -> Result<Restorer> {
+        let stub = Stub::spawn_with(birth)?;
         failpoint("stub")?; // failpoint (test only)
         let mut r = Restorer {
             stub,
@@ -1317,6 +1386,7 @@ impl Restorer {
             shared_pipes: HashMap::new(),
             shm: HashMap::new(),
             shm_fds: HashMap::new(),
+            keep_pids: !matches!(birth, Birth::Here),
         };
         r.gadget(vmas)?;
         r.empty_stub()?;
@@ -2775,10 +2845,21 @@ impl Restorer {
             if t.clear_child_tid != 0 {
                 flags |= libc::CLONE_CHILD_CLEARTID;
             }
-            let ret = self
-                .stub
-                .clone_thread(flags as u64, t.clear_child_tid)
-                .map_err(RestoreError::Stub)?;
+            let ret = if self.keep_pids {
+                self.stub
+                    .clone_thread_as(flags as u64, t.clear_child_tid, t.ns_tid, self.data)
+            } else {
+                self.stub.clone_thread(flags as u64, t.clear_child_tid)
+            }
+            .map_err(RestoreError::Stub)?;
+            if ret < 0 && self.keep_pids {
+                return Err(RestoreError::PidTaken {
+                    what: "thread",
+                    pid: t.tid,
+                    ns_pid: t.ns_tid,
+                    why: Errno::from_raw(-ret as i32).to_string(),
+                });
+            }
             if ret < 0 {
                 return Err(RestoreError::Syscall {
                     step: format!("clone of thread {}", t.tid),
@@ -2790,12 +2871,16 @@ impl Restorer {
             tids.push(tid);
         }
         for (t, &tid) in p.threads.iter().zip(&tids) {
-            if t.clear_child_tid == 0 {
+            // With --keep-pids the word already holds the right tid.
+            if t.clear_child_tid == 0 || self.keep_pids {
                 continue;
             }
+            // glibc keeps the tid the thread sees itself: the one of its
+            // own pid namespace, where the image has it.
+            let old = if t.ns_tid != 0 { t.ns_tid } else { t.tid };
             let mut word = [0u8; 4];
             if self.stub.read(t.clear_child_tid, &mut word).is_ok()
-                && i32::from_ne_bytes(word) == t.tid
+                && i32::from_ne_bytes(word) == old
             {
                 self.stub
                     .write(t.clear_child_tid, &tid.to_ne_bytes())
@@ -2854,13 +2939,21 @@ impl Restorer {
         let pending = (t.pending_signals | also_pending) & !(1 << 8 | 1 << 18);
         if pending != 0 {
             self.stub.set_sigmask_of(tid, u64::MAX)?;
-            let me = self.stub.pid() as u64;
+            // tgkill runs in the process: the ids it sees itself.
+            let me = self.stub.vpid() as u64;
+            let vtid = if !self.keep_pids {
+                tid
+            } else if tid == self.stub.pid() {
+                self.stub.vpid()
+            } else {
+                t.ns_tid
+            };
             for signo in (1..=64u64).filter(|s| pending & (1 << (s - 1)) != 0) {
                 call(
                     self,
                     format!("tgkill to queue pending signal {signo}"),
                     libc::SYS_tgkill,
-                    [me, tid as u64, signo, 0, 0, 0],
+                    [me, vtid as u64, signo, 0, 0, 0],
                 )?;
             }
         }
@@ -3000,6 +3093,173 @@ impl Restorer {
             [t.clear_child_tid, 0, 0, 0, 0, 0],
         )?;
         Ok(())
+    }
+}
+
+// ------------------------------------------------------------ --keep-pids
+
+/// A tree restored with `--keep-pids`: the root's pid as ferry sees it,
+/// its pid inside the new pid namespace (the source's own) and that
+/// namespace's inode number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Kept {
+    pub pid: i32,
+    pub ns_pid: i32,
+    pub pid_ns: u64,
+}
+
+/// Restores the image's process or tree into a fresh pid namespace where
+/// every process and thread has the pid and tid it had in its own pid
+/// namespace on the source (`--keep-pids`, see [`crate::pidns`]).
+///
+/// Pid 1 of the namespace is the root itself if that was its pid, else a
+/// reaper made first, from which the root is forked with its pid (a
+/// process forked from outside would be orphaned to ferry's init, not to
+/// the namespace's); the reaper runs only once the tree does, and any
+/// failure kills it, which kills the whole namespace. Cold only: the pids
+/// must be known when the first stub is made.
+pub fn restore_keeping_pids(tree: &pb::ProcessTree, img: &FlatImage) -> Result<Kept> {
+    check(tree, &img.vmas)?;
+    crate::pidns::check(tree, crate::pidns::pid_max()?)?;
+    let (tree, img) = (tree.clone(), img.clone());
+    std::thread::Builder::new()
+        .name("ferry-restore".into())
+        .spawn(move || restore_in_new_ns(&tree, &img))
+        .map_err(|e| RestoreError::Thread(e.to_string()))?
+        .join()
+        .map_err(|_| RestoreError::Thread("panicked".into()))?
+}
+
+fn restore_in_new_ns(tree: &pb::ProcessTree, img: &FlatImage) -> Result<Kept> {
+    let root = tree
+        .processes
+        .first()
+        .ok_or_else(|| RestoreError::Missing("process".into()))?;
+    let kept = |pid: i32| Kept {
+        pid,
+        ns_pid: root.ns_pid,
+        pid_ns: crate::sys::pidns::pid_ns_inode(pid).unwrap_or(0),
+    };
+    if root.ns_pid == 1 {
+        let pid = restore_tree_as(tree, img, Root::Init)?;
+        tracing::info!(pid, "restored as pid 1 of a new pid namespace");
+        return Ok(kept(pid));
+    }
+    // The reaper's gadget (which every process forked from it inherits)
+    // must miss every process's mappings.
+    let all_vmas: Vec<pb::Vma> = crate::tree::split_vmas(&img.vmas)
+        .into_values()
+        .flatten()
+        .collect();
+    let mut reaper = Restorer::new_with(&all_vmas, Birth::NewPidNs)?;
+    reaper.has_pid("the reaper", &pb::Process::default(), 1)?;
+    let pid = restore_tree_as(tree, img, Root::FromReaper(&mut reaper))?;
+    let done = kept(pid);
+    // The tree runs; until the reaper does too, what is orphaned in the
+    // namespace waits as a zombie. A failure here drops (kills) the
+    // reaper, and with it everything in the namespace.
+    let rip = reaper.become_reaper()?;
+    let reaper_pid = reaper.stub.pid();
+    reaper.stub.run_at(rip)?;
+    tracing::info!(
+        pid,
+        ns_pid = done.ns_pid,
+        pid_ns = done.pid_ns,
+        reaper = reaper_pid,
+        "restored into a new pid namespace with the source's pids"
+    );
+    Ok(done)
+}
+
+impl Restorer {
+    /// A process forked from this stub (gadget and all), with pid
+    /// `p.ns_pid` in the stub's pid namespace when `p` is given
+    /// (`--keep-pids`), else whatever `fork` gives.
+    fn child(&mut self, p: Option<&pb::Process>) -> Result<Restorer> {
+        let stub = match p {
+            Some(p) => self.stub.fork_child_as(p.ns_pid, self.data).map_err(|e| {
+                RestoreError::PidTaken {
+                    what: "process",
+                    pid: p.pid,
+                    ns_pid: p.ns_pid,
+                    why: e.to_string(),
+                }
+            })?,
+            None => self.stub.fork_child()?,
+        };
+        let r = Restorer {
+            stub,
+            gadget: self.gadget,
+            data: self.data,
+            vmas: Vec::new(),
+            mapped: Vec::new(),
+            repaired: Vec::new(),
+            shared_pipes: self.shared_pipes.clone(),
+            shm: self.shm.clone(),
+            shm_fds: HashMap::new(),
+            keep_pids: p.is_some(),
+        };
+        if let Some(p) = p {
+            r.has_pid("process", p, p.ns_pid)?;
+        }
+        Ok(r)
+    }
+
+    /// Checks, from its `NSpid`, that the stub has pid `want` in its own
+    /// namespace (and is in a namespace below ferry's).
+    fn has_pid(&self, what: &'static str, p: &pb::Process, want: i32) -> Result<()> {
+        let pid = self.stub.pid();
+        let path = format!("/proc/{pid}/status");
+        let text = std::fs::read_to_string(&path).map_err(|e| RestoreError::FdData {
+            what: path.clone(),
+            source: e,
+        })?;
+        let ids = crate::pidns::parse_nspid(&text).unwrap_or_default();
+        if ids.len() < 2 || ids.last() != Some(&want) || self.stub.vpid() != want {
+            return Err(RestoreError::PidTaken {
+                what,
+                pid: p.pid,
+                ns_pid: want,
+                why: format!("it got NSpid {ids:?}"),
+            });
+        }
+        Ok(())
+    }
+
+    /// Turns this emptied stub into the namespace's reaper: every signal
+    /// at its default, no fd (closed when it was emptied), `/` as its cwd,
+    /// named `ferry-init`, and [`crate::pidns::REAPER_CODE`] in the last
+    /// page of the gadget's data area, made executable. Returns where to
+    /// start it.
+    fn become_reaper(&mut self) -> Result<u64> {
+        self.signals(&pb::Process::default())?;
+        let root = self.put_path("/")?;
+        self.call(
+            "chdir(\"/\") of the reaper",
+            libc::SYS_chdir,
+            [root, 0, 0, 0, 0, 0],
+        )?;
+        let name = self.put(0, b"ferry-init\0", "the reaper's name")?;
+        self.call(
+            "prctl(PR_SET_NAME) of the reaper",
+            libc::SYS_prctl,
+            [PR_SET_NAME, name, 0, 0, 0, 0],
+        )?;
+        let ps = page_size();
+        let at = self.data + (GADGET_DATA_PAGES - 1) * ps;
+        self.stub
+            .write(at, &crate::pidns::REAPER_CODE)
+            .map_err(|source| RestoreError::Write {
+                what: "the reaper's code".into(),
+                source,
+            })?;
+        let rx = (libc::PROT_READ | libc::PROT_EXEC) as u64;
+        self.call(
+            "mprotect of the reaper's code",
+            libc::SYS_mprotect,
+            [at, ps, rx, 0, 0, 0],
+        )?;
+        Ok(at + crate::pidns::REAPER_ENTRY as u64)
     }
 }
 

@@ -222,6 +222,9 @@ pub fn capture(pid: i32, tracee: &Tracee) -> Result<pb::ProcessTree, StateError>
         zombie: false,
         exit_status: 0,
         dumpable: Some(injected.dumpable),
+        // Pid namespace ids: filled for the whole tree by the dump
+        // (crate::pidns::record).
+        ..Default::default()
     };
     Ok(pb::ProcessTree {
         processes: vec![process],
@@ -463,6 +466,8 @@ fn capture_thread(
         }),
         pending_signals: procfs::read_task_status(pid, tid)?.sig_pnd,
         creds: Some(creds.to_pb()),
+        // ns_tid: filled by the dump (crate::pidns::record).
+        ..Default::default()
     })
 }
 

@@ -92,6 +92,7 @@ fn options(fx: &Fixture, dest: Destination, rounds: u32, track: Option<Backend>)
         policy: policy(rounds),
         compress: Compress::default(),
         restore: false,
+        keep_pids: false,
     }
 }
 
@@ -206,6 +207,7 @@ async fn clear_errors_for_a_dead_pid_a_kernel_thread_and_no_permission() {
         policy: policy(1),
         compress: Compress::default(),
         restore: false,
+        keep_pids: false,
     };
     let e = dump(opts(dead), &mut |_| {}).await.unwrap_err();
     assert!(
@@ -320,6 +322,7 @@ async fn a_page_server_that_dies_mid_round_leaves_the_target_running() {
                 policy: policy(1000),
                 compress: Compress::Off,
                 restore: false,
+                keep_pids: false,
             },
             &mut |_| {},
         )
@@ -350,6 +353,7 @@ async fn a_target_that_exits_mid_round_is_a_clear_error() {
                 policy: policy(1000),
                 compress: Compress::default(),
                 restore: false,
+                keep_pids: false,
             },
             &mut |_| {},
         )

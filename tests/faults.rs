@@ -101,6 +101,7 @@ async fn a_page_server_killed_after_any_round_loses_nothing() {
             },
             compress: Compress::default(),
             restore: true,
+            keep_pids: false,
         };
         let server_pid = server.id() as i32;
         let e = migrate(opts, &mut |r| {
@@ -309,6 +310,7 @@ async fn a_full_disk_store_fails_the_session_and_nothing_else() {
         },
         compress: Compress::default(),
         restore: true,
+        keep_pids: false,
     };
     let mut rounds = 0;
     let e = migrate(opts(fx.pid, 400), &mut |_| rounds += 1)

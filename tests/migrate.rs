@@ -68,6 +68,7 @@ fn options(pid: i32, addr: std::net::SocketAddr, tls: &Path) -> DumpOptions {
         },
         compress: Compress::default(),
         restore: false,
+        keep_pids: false,
     }
 }
 

@@ -306,7 +306,11 @@ async fn hostile_input_ends_only_its_own_session() {
 
     // A message only the destination may send.
     let mut r = Raw::connect(addr, tls.path()).await;
-    r.write(Msg::Restored(pb::Restored { pid: 1 })).await;
+    r.write(Msg::Restored(pb::Restored {
+        pid: 1,
+        ..Default::default()
+    }))
+    .await;
     cases.push(("unexpected Restored", r.reason().await));
 
     for (want, got) in &cases {

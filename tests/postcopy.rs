@@ -69,6 +69,7 @@ fn options(pid: i32, server: &Loopback, rounds: u32) -> DumpOptions {
         },
         compress: Compress::default(),
         restore: true,
+        keep_pids: false,
     }
 }
 

@@ -901,6 +901,7 @@ fn dump_then_restore_from_an_images_dir() {
         },
         compress: Default::default(),
         restore: false,
+        keep_pids: false,
     };
     let seen = read_counter(&file);
     let (report, frozen) = tokio::runtime::Builder::new_multi_thread()

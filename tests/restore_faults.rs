@@ -122,6 +122,7 @@ async fn a_restore_failing_at_any_stage_loses_nothing() {
             },
             compress: Compress::default(),
             restore: true,
+            keep_pids: false,
         };
         let e = migrate(opts, &mut |_| {})
             .await
@@ -203,6 +204,7 @@ async fn a_restore_failing_at_any_stage_loses_nothing() {
         },
         compress: Compress::default(),
         restore: true,
+        keep_pids: false,
     };
     let e = migrate(opts, &mut |_| {})
         .await

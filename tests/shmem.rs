@@ -270,6 +270,7 @@ async fn shared_memory_memfd_and_fifo_of_a_tree_migrate_as_one() {
         },
         compress: Compress::default(),
         restore: false,
+        keep_pids: false,
     };
     let report = ferry::migrate::migrate(opts, &mut |_| {}).await.unwrap();
     let root = report.restored_pid;
@@ -476,6 +477,7 @@ async fn shared_memory_is_tracked_in_the_rounds_and_sent_once() {
         },
         compress: Compress::default(),
         restore: false,
+        keep_pids: false,
     };
     let (report, frozen) = ferry::dump::dump_frozen(opts, &mut |r| {
         eprintln!(
@@ -602,6 +604,7 @@ async fn what_shared_memory_cannot_make_is_refused_by_name_before_the_freeze() {
             policy: Policy::default(),
             compress: Compress::default(),
             restore: false,
+            keep_pids: false,
         };
         let e = ferry::migrate::migrate(opts, &mut |_| {})
             .await
@@ -678,6 +681,7 @@ async fn a_tree_dumped_to_a_directory_restores_its_shared_memory() {
         },
         compress: Compress::default(),
         restore: false,
+        keep_pids: false,
     };
     let (_, frozen) = ferry::dump::dump_frozen(opts, &mut |_| {}).await.unwrap();
     // The source goes before the copy runs: the FIFO's path is one.

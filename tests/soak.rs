@@ -174,6 +174,7 @@ async fn fifty_hops_back_and_forth_lose_nothing_and_leak_nothing() {
             },
             compress: Compress::default(),
             restore: true,
+            keep_pids: false,
         };
         let t0 = Instant::now();
         let report = migrate(opts, &mut |r| {

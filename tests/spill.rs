@@ -89,6 +89,7 @@ async fn a_session_over_quota_spills_to_disk_and_restores_exactly() {
         },
         compress: Compress::default(),
         restore: true,
+        keep_pids: false,
     };
     let report = migrate(opts, &mut |_| {})
         .await

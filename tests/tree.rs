@@ -148,6 +148,7 @@ fn options(pid: i32, dest: Destination) -> DumpOptions {
         policy: policy(2),
         compress: Compress::default(),
         restore: false,
+        keep_pids: false,
     }
 }
 

@@ -23,4 +23,4 @@ pub mod tls;
 mod transport;
 
 pub use lazy::{LazyEvent, LazyProcess};
-pub use server::{Config, PageServer, Restorer, Transport, WarmRestore};
+pub use server::{Config, PageServer, RestoredPid, Restorer, Transport, WarmRestore};

@@ -51,6 +51,16 @@ pub trait Restorer: Send + Sync + 'static {
     /// running; or why it could not.
     fn restore(&self, session: &mut dyn SessionStore) -> Result<i32, String>;
 
+    /// [`Restorer::restore`] that also says where the process's pids live:
+    /// with `--keep-pids` the restore makes a pid namespace, and the pid
+    /// inside it and the namespace go back to the source.
+    fn restore_in_ns(&self, session: &mut dyn SessionStore) -> Result<RestoredPid, String> {
+        self.restore(session).map(|pid| RestoredPid {
+            pid,
+            ..RestoredPid::default()
+        })
+    }
+
     /// Pre-flight at the handshake of a session that will ask for a
     /// restore: can this host run what the source describes at all
     /// (architecture, page size)?
@@ -70,6 +80,16 @@ pub trait Restorer: Send + Sync + 'static {
     fn warm(&self) -> Option<Box<dyn WarmRestore>> {
         None
     }
+}
+
+/// Where a restored process runs: its pid as the page server sees it and,
+/// when it was restored into a pid namespace of its own (`--keep-pids`),
+/// its pid there and the namespace's inode number (0 otherwise).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RestoredPid {
+    pub pid: i32,
+    pub ns_pid: i32,
+    pub pid_ns: u64,
 }
 
 /// A restore begun at the first round: every sealed layer is laid into the
@@ -593,12 +613,14 @@ impl<C: Conn> Session<C> {
                         };
                         r.preflight_hello(&hello).map_err(SessionError::Preflight)?;
                         self.preflight = true;
+                        let asks = |f: &str| hello.features.iter().any(|x| x == f);
                         // A resumed session's earlier layers were never laid
-                        // into a process: it restores cold.
-                        if !hello.resume {
+                        // into a process, and --keep-pids makes its stubs
+                        // in a pid namespace only the state describes: both
+                        // restore cold.
+                        if !hello.resume && !asks(ferry_proto::FEATURE_KEEP_PIDS) {
                             self.warm = r.warm();
                         }
-                        let asks = |f: &str| hello.features.iter().any(|x| x == f);
                         if asks(ferry_proto::FEATURE_POST_COPY)
                             && self.warm.as_ref().is_some_and(|w| w.post_copy())
                         {
@@ -744,17 +766,28 @@ impl<C: Conn> Session<C> {
                         Ok(lazy) => {
                             let pid = lazy.pid();
                             self.lazy = Some(lazy);
-                            Outcome::Restored { pid }
+                            Outcome::Restored {
+                                pid,
+                                ns_pid: 0,
+                                pid_ns: 0,
+                            }
                         }
                         Err(reason) => Outcome::Failed { reason },
                     };
                 }
                 let done = blocking(|| match warm {
-                    Some(w) => w.finish(h.as_mut()),
-                    None => r.restore(h.as_mut()),
+                    Some(w) => w.finish(h.as_mut()).map(|pid| RestoredPid {
+                        pid,
+                        ..RestoredPid::default()
+                    }),
+                    None => r.restore_in_ns(h.as_mut()),
                 });
                 match done {
-                    Ok(pid) => Outcome::Restored { pid },
+                    Ok(r) => Outcome::Restored {
+                        pid: r.pid,
+                        ns_pid: r.ns_pid,
+                        pid_ns: r.pid_ns,
+                    },
                     Err(reason) => Outcome::Failed { reason },
                 }
             }

@@ -478,7 +478,11 @@ impl Model {
                     assert!(!restore || self.has_state, "a restore with no state");
                     self.committed = true;
                     let outcome = if restore {
-                        Outcome::Restored { pid: 1 }
+                        Outcome::Restored {
+                            pid: 1,
+                            ns_pid: 0,
+                            pid_ns: 0,
+                        }
                     } else {
                         Outcome::Stored {
                             layers: self.next_layer,
@@ -620,7 +624,10 @@ pub fn seeds() -> Vec<Seed> {
             layers: 1,
             pages: 9,
         }),
-        Msg::Restored(pb::Restored { pid: 4242 }),
+        Msg::Restored(pb::Restored {
+            pid: 4242,
+            ..Default::default()
+        }),
         Msg::Failed(pb::Failed {
             reason: "no room".into(),
         }),

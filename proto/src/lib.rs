@@ -49,6 +49,9 @@ pub const FEATURE_RESTORE: &str = "restore";
 /// schema); a page server that can do it echoes it in `Welcome`, and the
 /// source refuses to go on with one that does not.
 pub const FEATURE_POST_COPY: &str = "post-copy";
+/// Hello feature of `ferry migrate --keep-pids`: the restore makes a pid
+/// namespace and keeps the process's pids, so it is done cold, at commit.
+pub const FEATURE_KEEP_PIDS: &str = "keep-pids";
 
 /// Batch layer of pages the destination asked for (post-copy).
 pub const LAZY_URGENT_LAYER: u32 = u32::MAX;

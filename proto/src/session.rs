@@ -173,9 +173,20 @@ pub enum Action {
 /// How a commit ended, as the driver reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
-    Stored { layers: u32, pages: u64 },
-    Restored { pid: i32 },
-    Failed { reason: String },
+    Stored {
+        layers: u32,
+        pages: u64,
+    },
+    /// `pid` as the page server sees it; with `--keep-pids` also the pid
+    /// inside the new pid namespace and that namespace's inode (else 0).
+    Restored {
+        pid: i32,
+        ns_pid: i32,
+        pid_ns: u64,
+    },
+    Failed {
+        reason: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -639,7 +650,15 @@ impl Receiver {
         self.state = RState::Done;
         let m = match outcome {
             Outcome::Stored { layers, pages } => Msg::Stored(pb::Stored { layers, pages }),
-            Outcome::Restored { pid } => Msg::Restored(pb::Restored { pid }),
+            Outcome::Restored {
+                pid,
+                ns_pid,
+                pid_ns,
+            } => Msg::Restored(pb::Restored {
+                pid,
+                ns_pid,
+                pid_ns,
+            }),
             Outcome::Failed { reason } => Msg::Failed(pb::Failed { reason }),
         };
         self.actions.push_back(Action::Send(control(m)));
@@ -685,12 +704,29 @@ pub struct SenderConfig {
 /// What the destination told the sender.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    Welcomed { next_layer: u32 },
-    Sealed { layer: u32, pages: u64 },
-    Stored { layers: u32, pages: u64 },
-    Restored { pid: i32 },
-    Failed { reason: String },
-    Aborted { reason: String },
+    Welcomed {
+        next_layer: u32,
+    },
+    Sealed {
+        layer: u32,
+        pages: u64,
+    },
+    Stored {
+        layers: u32,
+        pages: u64,
+    },
+    /// See [`Outcome::Restored`].
+    Restored {
+        pid: i32,
+        ns_pid: i32,
+        pid_ns: u64,
+    },
+    Failed {
+        reason: String,
+    },
+    Aborted {
+        reason: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -837,7 +873,11 @@ impl Sender {
             }
             (SState::Committing, Msg::Restored(r)) if self.unsealed.is_empty() => {
                 self.state = SState::Done;
-                Ok(Event::Restored { pid: r.pid })
+                Ok(Event::Restored {
+                    pid: r.pid,
+                    ns_pid: r.ns_pid,
+                    pid_ns: r.pid_ns,
+                })
             }
             (SState::Committing, Msg::Failed(f)) => {
                 self.state = SState::Done;

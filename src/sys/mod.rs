@@ -18,6 +18,8 @@
 //!   a look at a pipe's unread bytes that leaves them in place (`tee`).
 //! - [`shm`]: shared memory objects (anonymous shared memory, memfds) made
 //!   in ferry for a restored tree.
+//! - [`pidns`]: `clone3` with `set_tid` and a new pid namespace's pid 1
+//!   (`--keep-pids`).
 //! - [`vm`]: reading and writing another process's memory with
 //!   `process_vm_readv`/`writev`, many iovecs per call, `/proc/PID/mem` as
 //!   the fallback.
@@ -29,6 +31,7 @@ pub mod caps;
 pub mod fds;
 pub mod heap;
 pub mod pagemap;
+pub mod pidns;
 pub mod ptrace;
 pub mod shm;
 pub mod sock;

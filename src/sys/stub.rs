@@ -45,9 +45,15 @@ use std::os::fd::FromRawFd;
 use libc::user_regs_struct;
 use nix::errno::Errno;
 
+use crate::sys::pidns::{Birth, CloneArgs};
 use crate::sys::vm::{self, VmError};
 
 const PTRACE_EVENT_STOP: i32 = 128;
+/// Tags of the 8-byte reports on the stub's birth pipe.
+const MSG_OUTER: i32 = 1;
+const MSG_SELF: i32 = 2;
+/// `MSG_FAILED + step` (see [`crate::sys::pidns::born`]), then the errno.
+const MSG_FAILED: i32 = 10;
 const PTRACE_EVENT_CLONE: i32 = 3;
 const PTRACE_EVENT_FORK: i32 = 1;
 /// `si_status` of a syscall stop with `PTRACE_O_TRACESYSGOOD`.
@@ -292,6 +298,9 @@ mod req {
 /// runs.
 pub struct Stub {
     pid: i32,
+    /// The pid the stub sees itself (`getpid()`): `pid` unless it lives
+    /// in a pid namespace below ferry's. Injected syscalls take this one.
+    vpid: i32,
     base: user_regs_struct,
     syscall_at: u64,
     alive: bool,
@@ -314,6 +323,15 @@ impl Stub {
     /// `PTRACE_O_EXITKILL` (if ferry dies mid-restore, so does the stub) and
     /// stops it.
     pub fn spawn() -> Result<Stub, StubError> {
+        Stub::spawn_with(Birth::Here)
+    }
+
+    /// [`Stub::spawn`] with the stub born as `birth` says: in ferry's pid
+    /// namespace, or as pid 1 of a new one (`--keep-pids`,
+    /// [`crate::sys::pidns`]). The middle child makes
+    /// the stub and reports its pid as ferry sees it; the stub reports the
+    /// pid it sees itself, once it leads its session.
+    pub fn spawn_with(birth: Birth) -> Result<Stub, StubError> {
         let pipe = || {
             let mut fds = [0; 2];
             // SAFETY: pipe2 writes two fds into the array.
@@ -337,26 +355,38 @@ impl Stub {
                 return Err(e);
             }
         };
-        // SAFETY: the child only makes async-signal-safe calls (fork,
-        // setsid, getpid, close, write, read, _exit) and never returns into
-        // Rust.
+        // SAFETY: the child only makes async-signal-safe calls (fork or
+        // setns and clone3, setsid, getpid, close, write, read, _exit) and
+        // never returns into Rust.
         let middle = unsafe { libc::fork() };
         if middle == 0 {
             // SAFETY: async-signal-safe calls only, in the forked child; no
             // memory is allocated and `wr` stays open for the grandchild.
+            // Each report is one 8-byte write (tag, value): atomic on a pipe.
             unsafe {
-                if libc::fork() == 0 {
+                let report = |tag: i32, v: i32| {
+                    let m = [tag, v];
+                    libc::write(wr, m.as_ptr().cast(), 8);
+                };
+                let mut failed_at = 0;
+                let child = crate::sys::pidns::born(&birth, &mut failed_at);
+                if child == 0 {
                     libc::close(go_wr);
                     if libc::setsid() < 0 {
                         libc::_exit(1);
                     }
-                    let pid: i32 = libc::getpid();
-                    libc::write(wr, (&pid as *const i32).cast(), 4);
+                    report(MSG_SELF, libc::getpid());
+                    libc::close(wr);
                     let mut b = 0u8;
                     while libc::read(go_rd, (&mut b as *mut u8).cast(), 1) < 0
                         && *libc::__errno_location() == libc::EINTR
                     {}
                     libc::_exit(1);
+                }
+                if child < 0 {
+                    report(MSG_FAILED + failed_at, -child as i32);
+                } else {
+                    report(MSG_OUTER, child as i32);
                 }
                 libc::_exit(0);
             }
@@ -382,27 +412,56 @@ impl Stub {
         while unsafe { libc::waitpid(middle, &mut status, 0) } < 0 && Errno::last() == Errno::EINTR
         {
         }
-        let mut buf = [0u8; 4];
-        let mut got = 0;
-        while got < 4 {
-            // SAFETY: reading into the rest of a local buffer.
-            let n = unsafe { libc::read(rd, buf[got..].as_mut_ptr().cast(), 4 - got) };
-            if n > 0 {
-                got += n as usize;
-            } else if n < 0 && Errno::last() == Errno::EINTR {
-                continue;
-            } else {
+        // Both reports, in either order; the middle has exited, so a
+        // missing one ends in end-of-file once the stub is gone too.
+        let (mut outer, mut inner, mut failed) = (None, None, None);
+        while (outer.is_none() || inner.is_none()) && failed.is_none() {
+            let mut buf = [0u8; 8];
+            let mut got = 0;
+            while got < 8 {
+                // SAFETY: reading into the rest of a local buffer.
+                let n = unsafe { libc::read(rd, buf[got..].as_mut_ptr().cast(), 8 - got) };
+                if n > 0 {
+                    got += n as usize;
+                } else if n < 0 && Errno::last() == Errno::EINTR {
+                    continue;
+                } else {
+                    break;
+                }
+            }
+            if got < 8 {
                 break;
+            }
+            let tag = i32::from_ne_bytes(buf[..4].try_into().unwrap_or_default());
+            let v = i32::from_ne_bytes(buf[4..].try_into().unwrap_or_default());
+            match tag {
+                MSG_OUTER => outer = Some(v),
+                MSG_SELF => inner = Some(v),
+                t => failed = Some((t - MSG_FAILED, v)),
             }
         }
         // SAFETY: closing the read end, ours alone.
         unsafe { libc::close(rd) };
-        if got < 4 {
-            return Err(StubError::NoPid);
+        if let Some((step, errno)) = failed {
+            let op = match (step, birth) {
+                (1, Birth::NewPidNs) => "clone3(CLONE_NEWPID) of a new pid namespace's pid 1",
+                _ => "fork",
+            };
+            return Err(StubError::Os {
+                op,
+                errno: Errno::from_raw(errno),
+            });
         }
-        let pid = i32::from_ne_bytes(buf);
+        let (Some(pid), Some(vpid)) = (outer, inner) else {
+            if let Some(pid) = outer {
+                // SAFETY: kill takes integers; a stub that never reported.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+            return Err(StubError::NoPid);
+        };
         let mut stub = Stub {
             pid,
+            vpid,
             base: {
                 // SAFETY: all-zero is a valid user_regs_struct.
                 unsafe { std::mem::zeroed() }
@@ -427,6 +486,12 @@ impl Stub {
 
     pub fn pid(&self) -> i32 {
         self.pid
+    }
+
+    /// The pid as the stub sees itself: what injected syscalls that name a
+    /// process (setpgid, tgkill) must be given.
+    pub fn vpid(&self) -> i32 {
+        self.vpid
     }
 
     /// The address of a `syscall` instruction in the stub's `[vdso]`, for
@@ -546,6 +611,41 @@ impl Stub {
     /// from its main thread; the new thread is traced too and waits at its
     /// first stop. Returns its tid (or the clone's `-errno`).
     pub fn clone_thread(&mut self, flags: u64, ctid: u64) -> Result<i64, StubError> {
+        let regs = self.regs_for(self.base, libc::SYS_clone, [flags, 0, 0, ctid, 0, 0]);
+        Ok(self.clone_via(regs)?.0)
+    }
+
+    /// [`Stub::clone_thread`] with the new thread's tid chosen: `clone3`
+    /// with `set_tid = [vtid]` (the tid in the stub's own pid namespace),
+    /// its arguments written at `scratch` as for [`Stub::fork_child_as`].
+    /// Returns the new thread's tid as ferry sees it (the one ptrace and
+    /// [`Stub::syscall_in`] take), or the clone's `-errno`.
+    pub fn clone_thread_as(
+        &mut self,
+        flags: u64,
+        ctid: u64,
+        vtid: i32,
+        scratch: u64,
+    ) -> Result<i64, StubError> {
+        let args = self.put_clone_args(
+            CloneArgs {
+                flags,
+                child_tid: ctid,
+                ..CloneArgs::default()
+            },
+            vtid,
+            scratch,
+        )?;
+        let regs = self.regs_for(self.base, libc::SYS_clone3, args);
+        Ok(match self.clone_via(regs)? {
+            (ret, Some(tid)) if ret >= 0 => tid as i64,
+            (ret, _) => ret,
+        })
+    }
+
+    /// The injected clone's result and the new thread's tid as ferry sees
+    /// it (from the ptrace event; none if the clone failed).
+    fn clone_via(&mut self, regs: user_regs_struct) -> Result<(i64, Option<i32>), StubError> {
         if !self.tracing_clones {
             let opts =
                 libc::PTRACE_O_TRACESYSGOOD | libc::PTRACE_O_EXITKILL | libc::PTRACE_O_TRACECLONE;
@@ -558,7 +658,6 @@ impl Stub {
             self.tracing_clones = true;
         }
         let pid = self.pid;
-        let regs = self.regs_for(self.base, libc::SYS_clone, [flags, 0, 0, ctid, 0, 0]);
         req::set_regs(pid, &regs)?;
         self.syscall_stop(pid, "clone: instead of the entry stop")?;
         req::simple("PTRACE_SYSCALL", libc::PTRACE_SYSCALL, pid, 0)?;
@@ -568,7 +667,7 @@ impl Stub {
         if !clone_event {
             // A failed clone goes straight to the exit stop.
             if libc::WIFSTOPPED(st) && libc::WSTOPSIG(st) == SYSCALL_STOP {
-                return Ok(req::get_regs(pid)?.rax as i64);
+                return Ok((req::get_regs(pid)?.rax as i64, None));
             }
             return Err(StubError::Unexpected {
                 pid,
@@ -589,7 +688,7 @@ impl Stub {
         }
         self.threads.push((tid, req::get_regs(tid)?));
         self.syscall_stop(pid, "clone: instead of the exit stop")?;
-        Ok(req::get_regs(pid)?.rax as i64)
+        Ok((req::get_regs(pid)?.rax as i64, Some(tid)))
     }
 
     /// Forks the stub with an injected `fork` (`PTRACE_O_TRACEFORK`: the
@@ -599,6 +698,52 @@ impl Stub {
     /// stub's child: a tree restored this way keeps its parent relations.
     /// Call it on a single-threaded stub.
     pub fn fork_child(&mut self) -> Result<Stub, StubError> {
+        let regs = self.regs_for(self.base, libc::SYS_fork, [0; 6]);
+        self.fork_via(regs, None)
+    }
+
+    /// [`Stub::fork_child`] with the child's pid chosen: `clone3` with
+    /// `set_tid = [vpid]` injected, its arguments written at `scratch` (80
+    /// bytes and the pid; writable memory of the stub). The pid is the one
+    /// in the stub's own pid namespace (`--keep-pids`).
+    pub fn fork_child_as(&mut self, vpid: i32, scratch: u64) -> Result<Stub, StubError> {
+        let args = self.put_clone_args(
+            CloneArgs {
+                exit_signal: libc::SIGCHLD as u64,
+                ..CloneArgs::default()
+            },
+            vpid,
+            scratch,
+        )?;
+        let regs = self.regs_for(self.base, libc::SYS_clone3, args);
+        self.fork_via(regs, Some(vpid))
+    }
+
+    /// Writes `args` with `set_tid = [vpid]` at `scratch`; the syscall's
+    /// arguments.
+    fn put_clone_args(
+        &self,
+        mut args: CloneArgs,
+        vpid: i32,
+        scratch: u64,
+    ) -> Result<[u64; 6], StubError> {
+        let tid_at = scratch + crate::sys::pidns::CLONE_ARGS_SIZE as u64;
+        args.set_tid = tid_at;
+        args.set_tid_size = 1;
+        let mut bytes = args.to_bytes().to_vec();
+        bytes.extend_from_slice(&vpid.to_ne_bytes());
+        vm::write(self.pid, scratch, &bytes)?;
+        Ok([
+            scratch,
+            crate::sys::pidns::CLONE_ARGS_SIZE as u64,
+            0,
+            0,
+            0,
+            0,
+        ])
+    }
+
+    fn fork_via(&mut self, regs: user_regs_struct, vpid: Option<i32>) -> Result<Stub, StubError> {
         let opts = libc::PTRACE_O_TRACESYSGOOD
             | libc::PTRACE_O_EXITKILL
             | libc::PTRACE_O_TRACEFORK
@@ -614,7 +759,6 @@ impl Stub {
             pid,
             opts as libc::c_ulong,
         )?;
-        let regs = self.regs_for(self.base, libc::SYS_fork, [0; 6]);
         req::set_regs(pid, &regs)?;
         self.syscall_stop(pid, "fork: instead of the entry stop")?;
         req::simple("PTRACE_SYSCALL", libc::PTRACE_SYSCALL, pid, 0)?;
@@ -623,7 +767,16 @@ impl Stub {
             libc::WIFSTOPPED(st) && st >> 8 == (libc::SIGTRAP | (PTRACE_EVENT_FORK << 8));
         if !fork_event {
             let what = if libc::WIFSTOPPED(st) && libc::WSTOPSIG(st) == SYSCALL_STOP {
-                format!("fork failed: {}", req::get_regs(pid)?.rax as i64)
+                let ret = req::get_regs(pid)?.rax as i64;
+                if let (Some(_), -4095..=-1) = (vpid, ret) {
+                    // The errno says why the pid could not be had.
+                    return Err(StubError::Ptrace {
+                        op: "injected clone3 with set_tid",
+                        pid,
+                        errno: Errno::from_raw(-ret as i32),
+                    });
+                }
+                format!("fork failed: {ret}")
             } else {
                 format!("fork: {} instead of the fork event", req::describe(st))
             };
@@ -633,6 +786,7 @@ impl Stub {
         // From here on the child is ours: dropping it kills it.
         let mut child = Stub {
             pid: child_pid,
+            vpid: vpid.unwrap_or(child_pid),
             base: self.base,
             syscall_at: self.syscall_at,
             alive: true,
@@ -667,6 +821,22 @@ impl Stub {
         req::simple("PTRACE_DETACH", libc::PTRACE_DETACH, pid, 0)?;
         self.alive = false;
         Ok(pid)
+    }
+
+    /// Lets the stub run the code at `rip` (in its own memory) with no
+    /// signal blocked and its other registers as they were at its birth;
+    /// detaches. Returns the pid.
+    pub fn run_at(self, rip: u64) -> Result<i32, StubError> {
+        let mut regs = self.base;
+        regs.rip = rip;
+        regs.orig_rax = u64::MAX;
+        let pid = self.pid;
+        self.resume_all(&[Resume {
+            tid: pid,
+            regs,
+            xstate: &[],
+            sigmask: 0,
+        }])
     }
 
     /// Sets the blocked signals of thread `tid` (the stub's or one it made).

@@ -554,7 +554,10 @@ fn sender_refuses_what_the_destination_must_not_say() {
     let mut tx = sender();
     tx.hello().unwrap();
     let e = tx
-        .handle_control(control(Msg::Restored(pb::Restored { pid: 1 })))
+        .handle_control(control(Msg::Restored(pb::Restored {
+            pid: 1,
+            ..Default::default()
+        })))
         .unwrap_err();
     assert!(matches!(
         e,

@@ -1,0 +1,707 @@
+//! `ferry migrate --keep-pids`, end to end on real processes through a
+//! page server of this test (restoring on this host): a python3 with
+//! threads keeps its pid and every thread id, in a new pid namespace whose
+//! pid 1 is ferry's reaper, and reports the same ids itself after the
+//! move; a tree keeps its pids, parents, sessions and groups; a tree that
+//! spans two pid namespaces is refused by name before any freeze and runs
+//! on; without the flag the process lands in the page server's namespace.
+//! CI runs this inside `unshare --pid --fork --mount-proc`: the sources'
+//! pids are then those of that namespace, which is what is kept. Needs
+//! root.
+
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry::dump::{Destination, DumpOptions};
+use ferry::policy::Policy;
+use ferry::tree;
+use ferry_page_server::store::mem::MemStore;
+use ferry_page_server::tls::{server_config, TlsFiles};
+use ferry_proto::batch::Compress;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+mod common;
+use common::{certs, connect, is_root, proc_field, proc_state};
+
+macro_rules! need_root {
+    () => {
+        if !is_root() {
+            eprintln!("skipped: needs root (ptrace, clone3 with set_tid)");
+            return;
+        }
+    };
+}
+
+fn python() -> &'static str {
+    if std::path::Path::new("/usr/bin/python3").exists() {
+        "/usr/bin/python3"
+    } else {
+        "python3"
+    }
+}
+
+/// `cmd` with nothing inherited from the harness but 0-2 (a pipe to a
+/// process outside the tree would be refused).
+fn only_stdio(cmd: &mut Command) -> &mut Command {
+    // SAFETY: close_range is async-signal-safe and touches no memory.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+            Ok(())
+        })
+    }
+}
+
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    for _ in 0..1000 {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("timed out waiting for {what}");
+}
+
+/// The ids of a `/proc/.../status` line such as `NSpid:`, outermost first.
+fn ns_ids(path: &str, field: &str) -> Vec<i32> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .map(|v| {
+            v.split_whitespace()
+                .filter_map(|w| w.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The last (innermost) id of `field` of process `pid`.
+fn inner(pid: i32, field: &str) -> i32 {
+    *ns_ids(&format!("/proc/{pid}/status"), field)
+        .last()
+        .unwrap_or_else(|| panic!("no {field} for {pid}"))
+}
+
+/// The innermost tids of every thread of `pid`, sorted.
+fn inner_tids(pid: i32) -> Vec<i32> {
+    let mut v: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .map(|e| {
+            let path = format!("{}/status", e.path().display());
+            *ns_ids(&path, "NSpid:").last().unwrap()
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+fn pid_ns(pid: i32) -> String {
+    std::fs::read_link(format!("/proc/{pid}/ns/pid"))
+        .unwrap()
+        .display()
+        .to_string()
+}
+
+fn options(pid: i32, dest: Destination, keep_pids: bool) -> DumpOptions {
+    DumpOptions {
+        pid,
+        dest,
+        leave_stopped: false,
+        track: None,
+        policy: Policy {
+            max_rounds: 3,
+            ..Policy::default()
+        },
+        compress: Compress::default(),
+        restore: true,
+        keep_pids,
+    }
+}
+
+fn page_server(tls: &std::path::Path) -> common::Server {
+    let mut cfg = ferry_page_server::Config::new(
+        server_config(&TlsFiles::server(tls)).unwrap(),
+        Arc::new(MemStore::new()),
+    );
+    cfg.restorer = Some(Arc::new(ferry::migrate::LocalRestorer));
+    common::Server::start_with(cfg)
+}
+
+/// Kills a process when dropped: a source left behind by a failure, or a
+/// restored namespace's pid 1 (which takes everything in it along).
+struct KillOnDrop(i32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = kill(Pid::from_raw(self.0), Signal::SIGKILL);
+    }
+}
+
+/// Kills a source tree when dropped.
+struct Source(Child);
+
+impl Drop for Source {
+    fn drop(&mut self) {
+        if let Ok(t) = tree::discover(self.0.id() as i32) {
+            for s in t.iter().rev() {
+                let _ = kill(Pid::from_raw(s.pid), Signal::SIGKILL);
+            }
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Three threads that each log `getpid native_id n` to `argv[1]` every
+/// 10 ms, taking a lock around a shared counter; `n` counts per thread.
+const THREADS: &str = r#"
+import os, sys, threading, time
+lock = threading.Lock()
+total = [0]
+log = open(sys.argv[1], 'a', buffering=1)
+def work():
+    n = 0
+    while True:
+        n += 1
+        with lock:
+            total[0] += 1
+            log.write('%d %d %d\n' % (os.getpid(), threading.get_native_id(), n))
+        time.sleep(0.01)
+for _ in range(3):
+    threading.Thread(target=work, daemon=True).start()
+while True:
+    time.sleep(1)
+"#;
+
+/// (pid, native thread id, count) per line of a `THREADS` log.
+fn thread_log(path: &std::path::Path) -> Vec<(i32, i32, u64)> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            Some((
+                w.next()?.parse().ok()?,
+                w.next()?.parse().ok()?,
+                w.next()?.parse().ok()?,
+            ))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn threads_keep_their_pid_and_tids_in_a_new_pid_namespace() {
+    need_root!();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("threads");
+    let mut cmd = Command::new(python());
+    cmd.args(["-c", THREADS])
+        .arg(&log)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let src = Source(only_stdio(&mut cmd).spawn().unwrap());
+    let pid = src.0.id() as i32;
+    wait_until("every thread to log", || {
+        let l = thread_log(&log);
+        let mut t: Vec<i32> = l.iter().map(|x| x.1).collect();
+        t.sort();
+        t.dedup();
+        t.len() == 3 && l.len() > 30
+    });
+    let ns_pid = inner(pid, "NSpid:");
+    let tids = inner_tids(pid);
+    assert_eq!(tids.len(), 4, "main thread and three workers");
+    let source_ns = pid_ns(pid);
+    // What python itself says before: its pid and its threads' ids.
+    let said: std::collections::BTreeSet<(i32, i32)> =
+        thread_log(&log).iter().map(|x| (x.0, x.1)).collect();
+    assert!(said.iter().all(|&(p, t)| p == ns_pid && tids.contains(&t)));
+
+    let tls = certs();
+    let server = page_server(tls.path());
+    let opts = options(
+        pid,
+        Destination::Remote(connect(server.addr, tls.path())),
+        true,
+    );
+    let report = ferry::migrate::migrate(opts, &mut |_| {}).await.unwrap();
+    let new = report.restored_pid;
+    let reaper = proc_field(new, "PPid:").unwrap().parse::<i32>().unwrap();
+    let _ns = KillOnDrop(reaper);
+    wait_until("the source to be gone", || {
+        matches!(proc_state(pid), 'Z' | 'X' | '?')
+    });
+
+    // Its own pid and every tid again, in a namespace of its own whose
+    // pid 1 is the reaper.
+    assert_eq!(inner(new, "NSpid:"), ns_pid, "the pid in its namespace");
+    assert_eq!(inner_tids(new), tids, "every thread's tid");
+    assert_ne!(pid_ns(new), source_ns, "a new pid namespace");
+    assert_eq!(
+        pid_ns(new),
+        format!("pid:[{}]", report.restored_ns.1),
+        "the namespace the page server reported"
+    );
+    assert_eq!(
+        report.restored_ns.0, ns_pid,
+        "the pid the page server reported"
+    );
+    assert_eq!(inner(reaper, "NSpid:"), 1, "the reaper is pid 1");
+    assert_eq!(pid_ns(reaper), pid_ns(new));
+    assert_eq!(proc_field(reaper, "Name:").as_deref(), Some("ferry-init"));
+
+    // python goes on, and what it says about itself is unchanged: every
+    // thread counts on from where it was, with the same ids.
+    let before = thread_log(&log).len();
+    wait_until("the restored threads to log on", || {
+        thread_log(&log).len() > before + 30
+    });
+    let after = thread_log(&log);
+    let mut last: std::collections::HashMap<i32, u64> = std::collections::HashMap::new();
+    for &(p, t, n) in &after {
+        assert!(
+            said.contains(&(p, t)),
+            "line ({p}, {t}, {n}): ids python did not have before"
+        );
+        if let Some(prev) = last.insert(t, n) {
+            assert_eq!(n, prev + 1, "thread {t} counts on without a gap");
+        }
+    }
+
+    // The namespace lives on its pid 1: killing it ends the process.
+    kill(Pid::from_raw(reaper), Signal::SIGKILL).unwrap();
+    wait_until("the namespace to end", || {
+        matches!(proc_state(new), 'Z' | 'X' | '?')
+    });
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_keep_pids_the_process_lands_in_the_page_servers_namespace() {
+    need_root!();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("threads");
+    let mut cmd = Command::new(python());
+    cmd.args(["-c", THREADS])
+        .arg(&log)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let src = Source(only_stdio(&mut cmd).spawn().unwrap());
+    let pid = src.0.id() as i32;
+    wait_until("the threads to log", || thread_log(&log).len() > 10);
+    let tls = certs();
+    let server = page_server(tls.path());
+    let opts = options(
+        pid,
+        Destination::Remote(connect(server.addr, tls.path())),
+        false,
+    );
+    let report = ferry::migrate::migrate(opts, &mut |_| {}).await.unwrap();
+    let new = report.restored_pid;
+    let _new = KillOnDrop(new);
+    assert_eq!(report.restored_ns, (0, 0), "no namespace reported");
+    assert_ne!(new, pid, "a new pid");
+    assert_eq!(pid_ns(new), pid_ns(std::process::id() as i32));
+    assert_eq!(ns_ids(&format!("/proc/{new}/status"), "NSpid:").len(), 1);
+    let before = thread_log(&log).len();
+    wait_until("the restored threads to log on", || {
+        thread_log(&log).len() > before + 10
+    });
+    server.stop().await;
+}
+
+/// A parent and two children, each logging a count to its own file in
+/// `argv[1]`; `a` leads a session of its own, `b` a process group of its
+/// own in the parent's session. Writes `pid_a pid_b` (as the tree sees
+/// them) to `argv[1]/info`.
+const FAMILY: &str = r#"
+import os, sys, time
+d = sys.argv[1]
+def run(name):
+    log = open(os.path.join(d, name), 'a', buffering=1)
+    n = 0
+    while True:
+        n += 1
+        log.write('%d %d %d %d %d\n' % (n, os.getpid(), os.getppid(), os.getsid(0), os.getpgid(0)))
+        time.sleep(0.02)
+kids = []
+for name in ('a', 'b'):
+    pid = os.fork()
+    if pid == 0:
+        if name == 'a':
+            os.setsid()
+        else:
+            os.setpgid(0, 0)
+        run(name)
+    kids.append(pid)
+with open(os.path.join(d, 'info.tmp'), 'w') as f:
+    f.write('%d %d\n' % (kids[0], kids[1]))
+os.rename(os.path.join(d, 'info.tmp'), os.path.join(d, 'info'))
+run('root')
+"#;
+
+/// (pid, ppid, sid, pgid) as a process of the tree sees them: its own
+/// namespace's ids.
+fn own_view(pid: i32, parent_ns_pid: i32) -> (i32, i32, i32, i32) {
+    (
+        inner(pid, "NSpid:"),
+        parent_ns_pid,
+        inner(pid, "NSsid:"),
+        inner(pid, "NSpgid:"),
+    )
+}
+
+/// The last line of a `FAMILY` log: (n, pid, ppid, sid, pgid).
+fn last_line(path: &std::path::Path) -> Option<[i64; 5]> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let l = text.lines().last()?;
+    let v: Vec<i64> = l
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    v.try_into().ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tree_keeps_its_pids_parents_sessions_and_groups() {
+    need_root!();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(python());
+    cmd.args(["-c", FAMILY])
+        .arg(dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let src = Source(only_stdio(&mut cmd).spawn().unwrap());
+    let root = src.0.id() as i32;
+    let info = dir.path().join("info");
+    wait_until("the children", || info.exists());
+    let logs = ["root", "a", "b"].map(|n| dir.path().join(n));
+    for l in &logs {
+        wait_until("every log to start", || {
+            last_line(l).is_some_and(|v| v[0] >= 3)
+        });
+    }
+    let shape = tree::discover(root).unwrap();
+    assert_eq!(shape.len(), 3);
+    let root_ns = inner(root, "NSpid:");
+    let mut before: Vec<(i32, i32, i32, i32)> = shape[1..]
+        .iter()
+        .map(|s| own_view(s.pid, root_ns))
+        .collect();
+    before.sort();
+    // What the children say of themselves matches /proc.
+    for l in &logs[1..] {
+        let v = last_line(l).unwrap();
+        let mine = (v[1] as i32, v[2] as i32, v[3] as i32, v[4] as i32);
+        assert!(before.contains(&mine), "{mine:?} in {before:?}");
+    }
+
+    let tls = certs();
+    let server = page_server(tls.path());
+    let opts = options(
+        root,
+        Destination::Remote(connect(server.addr, tls.path())),
+        true,
+    );
+    let report = ferry::migrate::migrate(opts, &mut |_| {}).await.unwrap();
+    let new = report.restored_pid;
+    let reaper = proc_field(new, "PPid:").unwrap().parse::<i32>().unwrap();
+    let _ns = KillOnDrop(reaper);
+    for s in &shape {
+        wait_until("the source to be gone", || {
+            matches!(proc_state(s.pid), 'Z' | 'X' | '?')
+        });
+    }
+    assert_eq!(inner(reaper, "NSpid:"), 1, "ferry's reaper is pid 1");
+
+    let restored = tree::discover(new).unwrap();
+    assert_eq!(restored.len(), 3, "{restored:?}");
+    assert_eq!(inner(new, "NSpid:"), root_ns, "the root's pid");
+    // The root leads a session and group of its own (as any restored
+    // root), under its own pid.
+    assert_eq!(
+        (inner(new, "NSsid:"), inner(new, "NSpgid:")),
+        (root_ns, root_ns)
+    );
+    let mut after: Vec<(i32, i32, i32, i32)> = restored[1..]
+        .iter()
+        .map(|s| {
+            assert_eq!(s.ppid, new, "a child of the restored root");
+            own_view(s.pid, inner(s.ppid, "NSpid:"))
+        })
+        .collect();
+    after.sort();
+    // The children's sessions and groups are their own or the root's,
+    // which kept its pid: the same tuples.
+    let expect: Vec<(i32, i32, i32, i32)> = before
+        .iter()
+        .map(|&(p, pp, sid, pgid)| {
+            let fix = |x: i32| if x == p { x } else { root_ns };
+            (p, pp, fix(sid), fix(pgid))
+        })
+        .collect();
+    assert_eq!(after, expect, "pid, ppid, sid, pgid of each child");
+    // And what they say of themselves: each goes on counting with the
+    // same ids.
+    for l in &logs[1..] {
+        let n = last_line(l).unwrap()[0];
+        wait_until("the restored tree to log on", || {
+            last_line(l).is_some_and(|v| v[0] > n + 5)
+        });
+        let v = last_line(l).unwrap();
+        let mine = (v[1] as i32, v[2] as i32, v[3] as i32, v[4] as i32);
+        assert!(after.contains(&mine), "{mine:?} in {after:?}");
+    }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tree_across_two_pid_namespaces_is_refused_before_the_freeze() {
+    need_root!();
+    if Command::new("unshare").arg("--help").output().is_err() {
+        eprintln!("skipped: no unshare");
+        return;
+    }
+    // sh, its child unshare, and unshare's child in a pid namespace of
+    // its own.
+    let mut cmd = Command::new("/bin/sh");
+    cmd.args(["-c", "unshare --pid --fork sleep 1000 & wait"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let src = Source(only_stdio(&mut cmd).spawn().unwrap());
+    let root = src.0.id() as i32;
+    wait_until("the nested process", || {
+        tree::discover(root).is_ok_and(|t| t.len() == 3)
+    });
+    let nested = tree::discover(root).unwrap()[2].pid;
+    let tls = certs();
+    let server = page_server(tls.path());
+    let opts = options(
+        root,
+        Destination::Remote(connect(server.addr, tls.path())),
+        true,
+    );
+    let e = ferry::migrate::migrate(opts, &mut |_| {})
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(&format!("process {nested} (sleep)")) && e.contains("nested pid namespaces"),
+        "{e}"
+    );
+    // Never frozen: every process runs on, untraced.
+    for s in tree::discover(root).unwrap() {
+        assert_eq!(proc_field(s.pid, "TracerPid:").as_deref(), Some("0"));
+        assert!(!matches!(proc_state(s.pid), 't' | 'T'), "{}", s.pid);
+    }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_namespaces_pid_1_is_restored_as_pid_1_of_the_new_one() {
+    need_root!();
+    if Command::new("unshare").arg("--help").output().is_err() {
+        eprintln!("skipped: no unshare");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("threads");
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--pid", "--fork", python(), "-c", THREADS])
+        .arg(&log)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let src = Source(only_stdio(&mut cmd).spawn().unwrap());
+    let outer = src.0.id() as i32;
+    wait_until("python to log", || thread_log(&log).len() > 30);
+    let pid = tree::discover(outer).unwrap()[1].pid;
+    assert_eq!(inner(pid, "NSpid:"), 1, "python is its namespace's pid 1");
+    let tids = inner_tids(pid);
+
+    let tls = certs();
+    let server = page_server(tls.path());
+    let opts = options(
+        pid,
+        Destination::Remote(connect(server.addr, tls.path())),
+        true,
+    );
+    let report = ferry::migrate::migrate(opts, &mut |_| {}).await.unwrap();
+    let new = report.restored_pid;
+    let _ns = KillOnDrop(new);
+    assert_eq!(inner(new, "NSpid:"), 1, "pid 1 again, no reaper above it");
+    assert_eq!(inner_tids(new), tids, "every thread's tid");
+    assert_ne!(pid_ns(new), pid_ns(std::process::id() as i32));
+    let before = thread_log(&log).len();
+    wait_until("the restored threads to log on", || {
+        thread_log(&log).len() > before + 30
+    });
+    assert!(thread_log(&log)
+        .iter()
+        .all(|&(p, t, _)| p == 1 && tids.contains(&t)));
+    server.stop().await;
+}
+
+/// Processes other than `except` whose command line mentions `needle`.
+fn copies_of(needle: &str, except: i32) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&p| p != except)
+        .filter(|p| {
+            std::fs::read(format!("/proc/{p}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(needle))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_failing_in_the_new_namespace_loses_nothing() {
+    need_root!();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("threads-failing");
+    let mut cmd = Command::new(python());
+    cmd.args(["-c", THREADS])
+        .arg(&log)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let src = Source(only_stdio(&mut cmd).spawn().unwrap());
+    let pid = src.0.id() as i32;
+    wait_until("the threads to log", || thread_log(&log).len() > 10);
+
+    // A real page server whose restore fails once the threads are made.
+    let tls = certs();
+    let port = common::free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let _server = common::ServerProcess(
+        Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args([
+                "page-server",
+                "--restore",
+                "--log",
+                "warn",
+                "--listen",
+                &addr,
+            ])
+            .arg("--tls")
+            .arg(tls.path())
+            .env(ferry::failpoint::VAR, "restore:threads")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    common::wait_for_server(addr.parse().unwrap(), tls.path()).await;
+    let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args([
+            "migrate",
+            "--pid",
+            &pid.to_string(),
+            "--to",
+            &addr,
+            "--keep-pids",
+        ])
+        .arg("--tls")
+        .arg(tls.path())
+        .args(["--log", "warn"])
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("restore stage threads"), "{stderr}");
+    // The source runs on, untraced; nothing of the half-made namespace is
+    // left (its pid 1 killed, and everything in it with it).
+    wait_until("the source to be let go", || {
+        proc_field(pid, "TracerPid:").as_deref() == Some("0")
+            && !matches!(proc_state(pid), 't' | 'T')
+    });
+    let before = thread_log(&log).len();
+    wait_until("the source to log on", || {
+        thread_log(&log).len() > before + 10
+    });
+    let needle = log.to_str().unwrap();
+    wait_until("no copy of the source to be left", || {
+        copies_of(needle, pid)
+            .iter()
+            .all(|&p| matches!(proc_state(p), 'Z' | 'X' | '?'))
+    });
+}
+
+/// A parent with a child that exited with status 3 and is not reaped yet;
+/// once `argv[1]/reap` exists the parent reaps it and writes `pid
+/// exit-code` (what `wait()` said) to `argv[1]/reaped`.
+const ZOMBIE_PARENT: &str = r#"
+import os, sys, time
+d = sys.argv[1]
+pid = os.fork()
+if pid == 0:
+    os._exit(3)
+with open(d + '/info.tmp', 'w') as f:
+    f.write('%d' % pid)
+os.rename(d + '/info.tmp', d + '/info')
+while not os.path.exists(d + '/reap'):
+    time.sleep(0.02)
+got, status = os.wait()
+with open(d + '/reaped.tmp', 'w') as f:
+    f.write('%d %d' % (got, os.waitstatus_to_exitcode(status)))
+os.rename(d + '/reaped.tmp', d + '/reaped')
+while True:
+    time.sleep(1)
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zombie_keeps_its_pid_and_its_parents_wait_returns_it() {
+    need_root!();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(python());
+    cmd.args(["-c", ZOMBIE_PARENT])
+        .arg(dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let src = Source(only_stdio(&mut cmd).spawn().unwrap());
+    let parent = src.0.id() as i32;
+    let info = dir.path().join("info");
+    wait_until("the child", || info.exists());
+    // As the parent saw it: its own namespace's pid.
+    let zombie: i32 = std::fs::read_to_string(&info).unwrap().parse().unwrap();
+    let outer = tree::discover(parent).unwrap()[1].pid;
+    wait_until("the zombie", || proc_state(outer) == 'Z');
+
+    let tls = certs();
+    let server = page_server(tls.path());
+    let opts = options(
+        parent,
+        Destination::Remote(connect(server.addr, tls.path())),
+        true,
+    );
+    let report = ferry::migrate::migrate(opts, &mut |_| {}).await.unwrap();
+    let new = report.restored_pid;
+    let reaper = proc_field(new, "PPid:").unwrap().parse::<i32>().unwrap();
+    let _ns = KillOnDrop(reaper);
+    let shape = tree::discover(new).unwrap();
+    assert_eq!(shape.len(), 2, "{shape:?}");
+    assert_eq!(shape[1].state, 'Z');
+    assert_eq!(inner(shape[1].pid, "NSpid:"), zombie, "the zombie's pid");
+
+    std::fs::write(dir.path().join("reap"), b"").unwrap();
+    let reaped = dir.path().join("reaped");
+    wait_until("the restored parent to reap its zombie", || reaped.exists());
+    assert_eq!(
+        std::fs::read_to_string(&reaped).unwrap(),
+        format!("{zombie} 3"),
+        "wait() returns the pid the parent had from fork(), and the status"
+    );
+    server.stop().await;
+}
