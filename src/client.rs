@@ -892,6 +892,7 @@ fn event_name(e: &Event) -> &'static str {
         Event::Restored { .. } => "Restored",
         Event::Failed { .. } => "Failed",
         Event::Aborted { .. } => "Abort",
+        Event::Ready { .. } => "Ready",
     }
 }
 

@@ -2,6 +2,7 @@
 //! migration's rounds as layers and keeps them in memory or on disk.
 //!
 //! - [`access`]: the optional allow-list of client certificates.
+//! - [`fates`]: what became of recent two-phase sessions, for `Query`.
 //! - [`limits`]: sizes and defaults of the page server's limits.
 //! - [`tls`]: mutual TLS; no peer without a certificate from the
 //!   configured CA reaches a session.
@@ -15,6 +16,7 @@
 
 pub mod access;
 pub mod lazy;
+pub mod fates;
 pub mod limits;
 pub mod server;
 pub mod store;

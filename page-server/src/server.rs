@@ -689,6 +689,13 @@ impl<C: Conn> Session<C> {
                     }
                     self.rx.finished(outcome)?;
                 }
+                // This driver does not opt in (`Receiver::with_ready_go`):
+                // the receiver never asks for these.
+                Action::Release { .. } | Action::Abandon { .. } | Action::Lookup { .. } => {
+                    return Err(SessionError::Protocol(ProtocolError::Misuse(
+                        "two-phase action on a page server without ready-go",
+                    )))
+                }
                 Action::Aborted { reason } => {
                     info!(session = %self.session_name(), "source aborted: {reason}");
                     self.warm = None;
