@@ -91,6 +91,7 @@ use libc::user_regs_struct;
 use nix::errno::Errno;
 
 use crate::procfs::{self, MapEntry};
+use crate::readygo::{Gate, Prepared};
 use crate::sys::stub::{self, Stub, StubError};
 use crate::sys::uffd::Missing;
 use crate::sys::vm::VmError;
@@ -173,6 +174,9 @@ pub enum RestoreError {
     Lazy(String),
     #[error("post-copy: {0}")]
     Uffd(#[from] crate::sys::uffd::UffdError),
+    /// Two-phase end: the prepared process was killed, never run (no `Go`).
+    #[error("the prepared process was abandoned (killed before it ran)")]
+    Abandoned,
 }
 
 /// Failpoint (test only): fails `stage` when FERRY_FAILPOINT=restore:STAGE
@@ -593,7 +597,7 @@ pub fn restore(tree: &pb::ProcessTree, img: &FlatImage) -> Result<i32> {
         let (tree, img) = (tree.clone(), img.clone());
         return std::thread::Builder::new()
             .name("ferry-restore".into())
-            .spawn(move || restore_tree(&tree, &img))
+            .spawn(move || restore_tree(&tree, &img, None))
             .map_err(|e| RestoreError::Thread(e.to_string()))?
             .join()
             .map_err(|_| RestoreError::Thread("panicked".into()))?;
@@ -601,6 +605,27 @@ pub fn restore(tree: &pb::ProcessTree, img: &FlatImage) -> Result<i32> {
     let mut w = Warm::start()?;
     w.layer(img.clone())?;
     w.finish(tree).map_err(|f| f.error)
+}
+
+/// [`restore`], ending prepared instead of running (the two-phase end, see
+/// [`crate::readygo`]).
+pub fn prepare(tree: &pb::ProcessTree, img: &FlatImage) -> Result<Prepared> {
+    check(tree, &img.vmas)?;
+    if tree.processes.len() > 1 {
+        let (tree, img) = (tree.clone(), img.clone());
+        let (gate, waiting) = crate::readygo::gate();
+        let h = std::thread::Builder::new()
+            .name("ferry-restore".into())
+            .spawn(move || restore_tree(&tree, &img, Some(gate)))
+            .map_err(|e| RestoreError::Thread(e.to_string()))?;
+        return waiting.prepared(Box::new(move || {
+            h.join()
+                .map_err(|_| RestoreError::Thread("panicked".into()))?
+        }));
+    }
+    let mut w = Warm::start()?;
+    w.layer(img.clone())?;
+    w.prepare(tree).map_err(|f| f.error)
 }
 
 /// A restore that follows the rounds: the process skeleton (stub, gadget,
@@ -633,7 +658,8 @@ type WarmDone = Result<(i32, Option<Missing>), WarmFailure>;
 
 enum Cmd {
     Layer(FlatImage),
-    Finish(Box<pb::Process>, Vec<(u64, u64)>),
+    /// With a gate, the process is held prepared until its verdict.
+    Finish(Box<pb::Process>, Vec<(u64, u64)>, Option<Gate>),
 }
 
 /// Why a warm restore failed, and whether the layers already had: then a
@@ -744,6 +770,39 @@ impl Warm {
         tree: &pb::ProcessTree,
         lazy: Vec<(u64, u64)>,
     ) -> Result<(i32, Option<Missing>), WarmFailure> {
+        let sent = self.send_finish(tree, lazy, None)?;
+        Self::join(self.worker.take(), sent)
+    }
+
+    /// [`Warm::finish`], ending prepared instead of running (see
+    /// [`crate::readygo`]).
+    pub fn prepare(mut self, tree: &pb::ProcessTree) -> Result<Prepared, WarmFailure> {
+        let (gate, waiting) = crate::readygo::gate();
+        let sent = self.send_finish(tree, Vec::new(), Some(gate))?;
+        let worker = self.worker.take();
+        let in_layers = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let seen = in_layers.clone();
+        waiting
+            .prepared(Box::new(move || {
+                Self::join(worker, sent).map(|(pid, _)| pid).map_err(|f| {
+                    seen.store(f.in_layers, std::sync::atomic::Ordering::Relaxed);
+                    f.error
+                })
+            }))
+            .map_err(|error| WarmFailure {
+                in_layers: in_layers.load(std::sync::atomic::Ordering::Relaxed),
+                error,
+            })
+    }
+
+    /// Checks the state and hands it to the worker; false if the worker
+    /// had already stopped.
+    fn send_finish(
+        &mut self,
+        tree: &pb::ProcessTree,
+        lazy: Vec<(u64, u64)>,
+        gate: Option<Gate>,
+    ) -> Result<bool, WarmFailure> {
         check(tree, &self.vmas).map_err(WarmFailure::state)?;
         if tree.processes.len() > 1 {
             // One address space laid warm (a root whose only other
@@ -753,13 +812,17 @@ impl Warm {
             )));
         }
         let p = Box::new(tree.processes[0].clone());
-        let sent = self
+        Ok(self
             .tx
             .take()
-            .is_some_and(|tx| tx.send(Cmd::Finish(p, lazy)).is_ok());
-        let joined = self
-            .worker
-            .take()
+            .is_some_and(|tx| tx.send(Cmd::Finish(p, lazy, gate)).is_ok()))
+    }
+
+    fn join(
+        worker: Option<std::thread::JoinHandle<WarmDone>>,
+        sent: bool,
+    ) -> Result<(i32, Option<Missing>), WarmFailure> {
+        let joined = worker
             .map(|w| w.join())
             .ok_or_else(|| WarmFailure::state(RestoreError::Thread("no worker".into())))?;
         match joined {
@@ -805,11 +868,11 @@ fn warm_worker(
                 layers += 1;
                 let _ = applied.send(restorer.stub.pid());
             }
-            Ok(Cmd::Finish(p, lazy)) => {
+            Ok(Cmd::Finish(p, lazy, gate)) => {
                 let r = r.ok_or_else(|| {
                     WarmFailure::layers(RestoreError::Missing("memory image (no layer)".into()))
                 })?;
-                return r.finish(&p, &lazy).map_err(WarmFailure::state);
+                return r.finish(&p, &lazy, gate).map_err(WarmFailure::state);
             }
             Err(_) => {
                 return Err(WarmFailure::layers(RestoreError::Thread(
@@ -886,9 +949,11 @@ fn space_image(img: &FlatImage, space: u32, vmas: Vec<pb::Vma>) -> FlatImage {
 /// children of its own ([`crate::tree::plan`]). Then each gets its memory,
 /// files and threads as a lone process would; only when every one is ready
 /// are they let go, the root last. Any failure before that kills every
-/// stub (each `Stub` is killed when dropped). Runs on the calling thread,
-/// which must be a plain thread (ptrace affinity); returns the root's pid.
-fn restore_tree(tree: &pb::ProcessTree, img: &FlatImage) -> Result<i32> {
+/// stub (each `Stub` is killed when dropped). With a `gate`, every process
+/// is held prepared there first (see [`crate::readygo`]). Runs on the
+/// calling thread, which must be a plain thread (ptrace affinity); returns
+/// the root's pid.
+fn restore_tree(tree: &pb::ProcessTree, img: &FlatImage, gate: Option<Gate>) -> Result<i32> {
     let procs = &tree.processes;
     let plan = crate::tree::plan(procs).map_err(unsupported)?;
     let spaces = crate::tree::split_vmas(&img.vmas);
@@ -954,30 +1019,44 @@ fn restore_tree(tree: &pb::ProcessTree, img: &FlatImage) -> Result<i32> {
         });
     }
     let root = rs[0].stub.pid();
-    let mut let_go: Vec<i32> = Vec::new();
-    // Children first, so none is still a stub when its parent runs; a
-    // zombie exits now, its parent still stopped (the SIGCHLD waits for it).
-    for ((r, all), p) in rs.into_iter().zip(ready).zip(procs).rev() {
-        let done = match all {
-            Some(all) => r.stub.resume_all(&all),
-            None => r.stub.exit_as_zombie(p.exit_status).and_then(|pid| {
-                // Dead before its parent runs, so the parent finds a
-                // zombie to reap, as it would have on the source.
-                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-                while !matches!(procfs::read_status(pid).map(|s| s.state), Ok('Z') | Err(_)) {
-                    if std::time::Instant::now() > deadline {
-                        return Err(StubError::Unexpected {
-                            pid,
-                            what: "still running 5 s after its exit_group".into(),
-                        });
+    // Every process gets its final state, children first; a zombie exits
+    // now, its parent still stopped (the SIGCHLD waits for it).
+    let mut held: Vec<(Stub, Vec<i32>)> = Vec::new();
+    for ((mut r, all), p) in rs.into_iter().zip(ready).zip(procs).rev() {
+        match all {
+            Some(all) => {
+                r.stub.set_final(&all)?;
+                held.push((r.stub, all.iter().map(|t| t.tid).collect()));
+            }
+            None => {
+                r.stub.exit_as_zombie(p.exit_status).and_then(|pid| {
+                    // Dead before its parent runs, so the parent finds a
+                    // zombie to reap, as it would have on the source.
+                    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+                    while !matches!(procfs::read_status(pid).map(|s| s.state), Ok('Z') | Err(_)) {
+                        if std::time::Instant::now() > deadline {
+                            return Err(StubError::Unexpected {
+                                pid,
+                                what: "still running 5 s after its exit_group".into(),
+                            });
+                        }
+                        std::thread::sleep(std::time::Duration::from_millis(1));
                     }
-                    std::thread::sleep(std::time::Duration::from_millis(1));
-                }
-                Ok(pid)
-            }),
-        };
-
-        match done {
+                    Ok(pid)
+                })?;
+            }
+        }
+    }
+    if let Some(g) = gate {
+        if !g.wait(root) {
+            // Every stub is killed as `held` drops.
+            return Err(RestoreError::Abandoned);
+        }
+    }
+    let mut let_go: Vec<i32> = Vec::new();
+    // Children first, so none is still a stub when its parent runs.
+    for (stub, tids) in held {
+        match stub.release(&tids) {
             Ok(pid) => let_go.push(pid),
             Err(e) => {
                 // Nothing half restored runs: what was let go dies too (the
@@ -1179,11 +1258,25 @@ impl Restorer {
 
     /// Thread and process state on top of the laid layers, then resume;
     /// with `lazy` ranges, those are left missing (see [`Warm::finish_lazy`]).
-    fn finish(mut self, p: &pb::Process, lazy: &[(u64, u64)]) -> Result<(i32, Option<Missing>)> {
+    /// With a `gate`, the process is held prepared there until its verdict
+    /// (see [`crate::readygo`]); abandoned, it is killed as `self` drops.
+    fn finish(
+        mut self,
+        p: &pb::Process,
+        lazy: &[(u64, u64)],
+        gate: Option<Gate>,
+    ) -> Result<(i32, Option<Missing>)> {
         let t0 = std::time::Instant::now();
         let (all, missing) = self.prepare(p, lazy)?;
         let threads = all.len();
-        let pid = self.stub.resume_all(&all)?;
+        self.stub.set_final(&all)?;
+        if let Some(g) = gate {
+            if !g.wait(self.stub.pid()) {
+                return Err(RestoreError::Abandoned);
+            }
+        }
+        let tids: Vec<i32> = all.iter().map(|t| t.tid).collect();
+        let pid = self.stub.release(&tids)?;
         tracing::info!(
             pid,
             source_pid = p.pid,

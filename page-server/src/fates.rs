@@ -12,7 +12,7 @@ use ferry_proto::session::Fate;
 use ferry_proto::SessionId;
 
 /// Sessions remembered at most.
-pub const DEFAULT_CAPACITY: usize = 1024;
+pub const DEFAULT_CAPACITY: usize = 1 << 16;
 /// How long a session's fate is remembered.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(600);
 

@@ -15,8 +15,8 @@
 //! - [`store`]: layered images, `mem` and `disk`, behind one trait.
 
 pub mod access;
-pub mod lazy;
 pub mod fates;
+pub mod lazy;
 pub mod limits;
 pub mod server;
 pub mod store;
@@ -25,4 +25,4 @@ pub mod tls;
 mod transport;
 
 pub use lazy::{LazyEvent, LazyProcess};
-pub use server::{Config, PageServer, Restorer, Transport, WarmRestore};
+pub use server::{Config, PageServer, PreparedProcess, Restorer, Transport, WarmRestore};

@@ -57,9 +57,7 @@ use crate::batch::{DecodedBatch, LayerDigest};
 use crate::lazy::{LazyError, LazySet};
 use crate::pb::{self, control::Msg};
 use crate::vma::{RangeSet, VmaError};
-use crate::{
-    valid_page_size, SessionId, FEATURE_POST_COPY, FEATURE_READY_GO, PROTOCOL_VERSION,
-};
+use crate::{valid_page_size, SessionId, FEATURE_POST_COPY, FEATURE_READY_GO, PROTOCOL_VERSION};
 
 /// Most batches in one layer (at 1024 pages each, 4 TiB of 4 KiB pages).
 pub const MAX_BATCHES_PER_LAYER: u32 = 1 << 20;
@@ -241,6 +239,7 @@ impl Fate {
             fate: fate as i32,
             pid,
             reason,
+            uptime_ms: 0,
         }
     }
 
@@ -868,12 +867,28 @@ impl Receiver {
     /// Answers the `Query` asked for by [`Action::Lookup`]; ends the
     /// connection's business.
     pub fn answer(&mut self, fate: &Fate) -> Result<(), ProtocolError> {
+        self.answer_with(fate, "", 0)
+    }
+
+    /// [`Receiver::answer`], with what the page server can add: a `note`
+    /// on an unknown session and its uptime (see `Outcome` in the schema).
+    pub fn answer_with(
+        &mut self,
+        fate: &Fate,
+        note: &str,
+        uptime_ms: u64,
+    ) -> Result<(), ProtocolError> {
         if self.state != RState::Querying {
             return Err(ProtocolError::Misuse("answer() with no Query"));
         }
         self.state = RState::Done;
+        let mut o = fate.to_pb();
+        if o.reason.is_empty() {
+            o.reason = note.into();
+        }
+        o.uptime_ms = uptime_ms;
         self.actions
-            .push_back(Action::Send(control(Msg::Outcome(fate.to_pb()))));
+            .push_back(Action::Send(control(Msg::Outcome(o))));
         Ok(())
     }
 
