@@ -45,23 +45,8 @@ pub enum MigrateError {
         source_pid: i32,
         error: DumpError,
     },
-    #[error(
-        "the destination was told to run the process (pid {pid} there), but its answer never \
-         came ({error}) and the page server could not say what became of session {session} \
-         within {waited:?} ({last}). Two copies must never run, so the source {source_pid} is \
-         left stopped (SIGSTOP). Decide by hand: if pid {pid} runs on the destination (its \
-         page server's log names the session's fate: \"released\" or \"abandoned\"), \
-         `kill -KILL {source_pid}`; if it does not, `kill -CONT {source_pid}` resumes the source \
-         (its TCP connections stay silent in repair mode)"
-    )]
-    InDoubt {
-        pid: i32,
-        source_pid: i32,
-        session: String,
-        error: String,
-        waited: Duration,
-        last: String,
-    },
+    #[error(transparent)]
+    InDoubt(Box<InDoubt>),
     #[error(
         "post-copy failed after the destination resumed the process as pid {pid}: {error}. \
          The destination kills its copy (pages were still missing). The source {source_pid} \
@@ -74,6 +59,31 @@ pub enum MigrateError {
         source_pid: i32,
         error: Box<PostCopyError>,
     },
+}
+
+/// After `Go`, no answer and no word from the page server: the source is
+/// left stopped (see [`MigrateError::InDoubt`]).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the destination was told to run the process (pid {pid} there), but its answer never \
+         came ({error}) and the page server could not say what became of session {session} \
+         within {waited:?} ({last}). Two copies must never run, so the source {source_pid} is \
+         left stopped (SIGSTOP). Decide by hand: if pid {pid} runs on the destination (its \
+         page server's log names the session's fate: \"released\" or \"abandoned\"), \
+         `kill -KILL {source_pid}`; if it does not, `kill -CONT {source_pid}` resumes the source \
+         (its TCP connections stay silent in repair mode)"
+)]
+pub struct InDoubt {
+    /// The destination's process.
+    pub pid: i32,
+    pub source_pid: i32,
+    pub session: String,
+    /// Why the answer after `Go` never came.
+    pub error: String,
+    /// How long the page server was asked.
+    pub waited: Duration,
+    /// Its last answer, or why there was none.
+    pub last: String,
 }
 
 #[derive(Debug, Clone)]
@@ -155,14 +165,16 @@ pub async fn migrate(
                          runs there: {why}"
                     )))
                 }
-                Resolution::Unknown { waited, last } => Err(MigrateError::InDoubt {
-                    pid,
-                    source_pid,
-                    session: report.session.to_hex(),
-                    error,
-                    waited,
-                    last,
-                }),
+                Resolution::Unknown { waited, last } => {
+                    Err(MigrateError::InDoubt(Box::new(InDoubt {
+                        pid,
+                        source_pid,
+                        session: report.session.to_hex(),
+                        error,
+                        waited,
+                        last,
+                    })))
+                }
             }
         }
         other => {
@@ -691,5 +703,52 @@ impl Drop for LocalLazy {
         if !self.complete.load(std::sync::atomic::Ordering::Relaxed) {
             self.kill();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::QueryAnswer;
+    use ferry_proto::session::Fate;
+
+    fn answer(fate: Fate, uptime_s: u64) -> QueryAnswer {
+        QueryAnswer {
+            fate,
+            note: "never seen by this page server".into(),
+            uptime: Duration::from_secs(uptime_s),
+        }
+    }
+
+    #[test]
+    fn only_a_resumed_session_kills_the_source() {
+        let since = Duration::from_secs(3);
+        assert_eq!(
+            judge(&answer(Fate::Resumed { pid: 9 }, 100), since),
+            Some(Resolution::Resumed { pid: 9 })
+        );
+        let abandoned = Fate::Abandoned {
+            reason: "no Go".into(),
+        };
+        assert!(matches!(
+            judge(&answer(abandoned, 100), since),
+            Some(Resolution::NoCopy { why }) if why.contains("no Go")
+        ));
+        // Not decided yet there: ask again.
+        assert_eq!(judge(&answer(Fate::Pending, 100), since), None);
+    }
+
+    #[test]
+    fn an_unknown_session_is_no_copy_only_from_a_page_server_up_since_before_go() {
+        let since = Duration::from_secs(3);
+        assert!(matches!(
+            judge(&answer(Fate::Unknown, 100), since),
+            Some(Resolution::NoCopy { why }) if why.contains("never seen")
+        ));
+        // Restarted since Go: it may have run the process and forgotten.
+        assert!(matches!(
+            judge(&answer(Fate::Unknown, 2), since),
+            Some(Resolution::Unknown { last, .. }) if last.contains("may have restarted")
+        ));
     }
 }

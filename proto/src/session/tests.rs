@@ -977,3 +977,31 @@ fn outcomes_round_trip_and_nonsense_is_refused() {
     assert!(read_outcome(abort).is_err());
     assert!(read_outcome(control(Msg::Go(pb::Go {}))).is_err());
 }
+
+#[test]
+fn an_answer_carries_the_note_and_the_uptime() {
+    let mut rx = Receiver::default().with_ready_go();
+    rx.handle_control(query(SessionId([5; 16]))).unwrap();
+    assert!(matches!(rx.poll_action(), Some(Action::Lookup { .. })));
+    rx.answer_with(&Fate::Unknown, "never seen", 1234).unwrap();
+    let Some(Action::Send(c)) = rx.poll_action() else {
+        panic!("no Outcome")
+    };
+    let Some(Msg::Outcome(o)) = c.msg else {
+        panic!("not an Outcome")
+    };
+    assert_eq!((o.reason.as_str(), o.uptime_ms), ("never seen", 1234));
+    // An abandoned session's own reason is kept over the note.
+    let mut rx = Receiver::default().with_ready_go();
+    rx.handle_control(query(SessionId([5; 16]))).unwrap();
+    rx.poll_action();
+    let gone = Fate::Abandoned {
+        reason: "no Go".into(),
+    };
+    rx.answer_with(&gone, "note", 1).unwrap();
+    let Some(Action::Send(c)) = rx.poll_action() else {
+        panic!("no Outcome")
+    };
+    assert_eq!(read_outcome(c).unwrap(), gone);
+    assert!(rx.answer(&Fate::Unknown).is_err(), "one answer per query");
+}
