@@ -183,14 +183,6 @@ impl Frozen {
         detach_all(self.tree, false)
     }
 
-    /// The destination was told `Go`: from then on resuming the source
-    /// needs the destination's word that no copy runs.
-    pub fn go_sent(&self) -> bool {
-        self.go
-            .as_ref()
-            .is_some_and(|g| g.load(std::sync::atomic::Ordering::SeqCst))
-    }
-
     /// From here the destination owns the TCP connections: the source's
     /// stay in repair mode (silent) whatever happens to the source next.
     pub fn disarm_repair(&mut self) {

@@ -285,4 +285,13 @@ async fn a_destination_slower_than_the_source_never_runs_a_second_copy() {
     assert_source_runs(&fx, &log, "after the destination gave up");
     show(&slog);
     kill_all(&log);
+
+    // A session it never saw is unknown to it, and it says so honestly.
+    let c = common::connect(addr, tls.path());
+    let a = ferry::client::Client::query(&c, ferry_proto::SessionId([7; 16]))
+        .await
+        .unwrap();
+    assert_eq!(a.fate, ferry_proto::session::Fate::Unknown);
+    assert!(a.note.contains("never seen"), "{a:?}");
+    assert!(a.uptime >= Duration::from_secs(5), "{a:?}");
 }
