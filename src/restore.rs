@@ -1023,29 +1023,29 @@ fn restore_tree(tree: &pb::ProcessTree, img: &FlatImage, gate: Option<Gate>) -> 
     // now, its parent still stopped (the SIGCHLD waits for it).
     let mut held: Vec<(Stub, Vec<i32>)> = Vec::new();
     for ((mut r, all), p) in rs.into_iter().zip(ready).zip(procs).rev() {
-        match all {
+        let done = match all {
             Some(all) => {
                 r.stub.set_final(&all)?;
                 held.push((r.stub, all.iter().map(|t| t.tid).collect()));
+                continue;
             }
-            None => {
-                r.stub.exit_as_zombie(p.exit_status).and_then(|pid| {
-                    // Dead before its parent runs, so the parent finds a
-                    // zombie to reap, as it would have on the source.
-                    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-                    while !matches!(procfs::read_status(pid).map(|s| s.state), Ok('Z') | Err(_)) {
-                        if std::time::Instant::now() > deadline {
-                            return Err(StubError::Unexpected {
-                                pid,
-                                what: "still running 5 s after its exit_group".into(),
-                            });
-                        }
-                        std::thread::sleep(std::time::Duration::from_millis(1));
+            None => r.stub.exit_as_zombie(p.exit_status).and_then(|pid| {
+                // Dead before its parent runs, so the parent finds a
+                // zombie to reap, as it would have on the source.
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+                while !matches!(procfs::read_status(pid).map(|s| s.state), Ok('Z') | Err(_)) {
+                    if std::time::Instant::now() > deadline {
+                        return Err(StubError::Unexpected {
+                            pid,
+                            what: "still running 5 s after its exit_group".into(),
+                        });
                     }
-                    Ok(pid)
-                })?;
-            }
-        }
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                Ok(pid)
+            }),
+        };
+        done?;
     }
     if let Some(g) = gate {
         if !g.wait(root) {
