@@ -60,8 +60,20 @@ fn page_server(
     failpoint: Option<&str>,
     log: &Path,
 ) -> common::ServerProcess {
+    page_server_waiting(tls, port, failpoint, log, 2)
+}
+
+/// [`page_server`] with a Go timeout of `go_timeout` seconds.
+fn page_server_waiting(
+    tls: &Path,
+    port: u16,
+    failpoint: Option<&str>,
+    log: &Path,
+    go_timeout: u64,
+) -> common::ServerProcess {
     let mut c = Command::new(env!("CARGO_BIN_EXE_ferry"));
-    c.args(["page-server", "--restore", "--go-timeout", "2"])
+    c.args(["page-server", "--restore", "--go-timeout"])
+        .arg(go_timeout.to_string())
         .args(["--log", "info", "--listen"])
         .arg(format!("127.0.0.1:{port}"))
         .arg("--tls")
@@ -127,6 +139,21 @@ fn options(fx: &Fixture, c: ferry::client::Connect) -> DumpOptions {
     }
 }
 
+/// `ferry migrate` of `fx`, SIGKILLed by its failpoint on `Ready`.
+fn migrate_dying_at_ready(fx: &Fixture, port: u16, tls: &Path) -> std::process::ExitStatus {
+    Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["migrate", "--pid", &fx.pid.to_string(), "--to"])
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--tls")
+        .arg(tls)
+        .args(["--max-rounds", "3", "--log", "warn"])
+        .env(ferry::failpoint::VAR, "client:ready")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap()
+}
+
 fn text(p: &Path) -> String {
     std::fs::read_to_string(p).unwrap_or_default()
 }
@@ -157,17 +184,7 @@ fn go_that_never_comes_leaves_no_copy_on_the_destination() {
     let _server = page_server(tls.path(), port, None, &slog);
     std::thread::sleep(Duration::from_millis(500));
     let (fx, log) = fixture(dir.path(), "a.log");
-    let status = Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(["migrate", "--pid", &fx.pid.to_string(), "--to"])
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("--tls")
-        .arg(tls.path())
-        .args(["--max-rounds", "3", "--log", "warn"])
-        .env(ferry::failpoint::VAR, "client:ready")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .unwrap();
+    let status = migrate_dying_at_ready(&fx, port, tls.path());
     assert_eq!(
         std::os::unix::process::ExitStatusExt::signal(&status),
         Some(libc::SIGKILL),
@@ -294,4 +311,45 @@ async fn a_destination_slower_than_the_source_never_runs_a_second_copy() {
     assert_eq!(a.fate, ferry_proto::session::Fate::Unknown);
     assert!(a.note.contains("never seen"), "{a:?}");
     assert!(a.uptime >= Duration::from_secs(5), "{a:?}");
+}
+
+/// The page server killed while it holds a prepared process (the source's
+/// ferry died after `Ready`, so no `Go` comes): the held process dies with
+/// it (`PTRACE_O_EXITKILL`) instead of running unasked; only the stopped
+/// source is left.
+#[test]
+fn a_page_server_killed_while_holding_takes_the_held_process_along() {
+    need_root!();
+    let tls = certs();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let slog = dir.path().join("server.log");
+    let server = page_server_waiting(tls.path(), port, None, &slog, 60);
+    std::thread::sleep(Duration::from_millis(500));
+    let (fx, log) = fixture(dir.path(), "d.log");
+    let status = migrate_dying_at_ready(&fx, port, tls.path());
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(libc::SIGKILL)
+    );
+    assert!(text(&slog).contains("restored and held"), "{}", text(&slog));
+    let held = copies(&log);
+    assert_eq!(
+        held.len(),
+        2,
+        "the stopped source and the held copy: {held:?}"
+    );
+    assert!(
+        held.iter().all(|&(_, s)| matches!(s, 't' | 'T')),
+        "{held:?}"
+    );
+    server.kill();
+    assert!(
+        eventually(5, || copies(&log).len() == 1),
+        "the held copy died with the page server: {:?}",
+        copies(&log)
+    );
+    assert!(eventually(5, || fx.tracer() == 0));
+    assert_eq!(copies(&log), vec![(fx.pid, 'T')], "only the stopped source");
+    kill_all(&log);
 }
