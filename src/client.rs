@@ -14,6 +14,8 @@
 
 use std::io::IoSlice;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -22,7 +24,8 @@ use ferry_proto::batch::{BatchError, Compress, Encoder};
 use ferry_proto::frame::{self, FrameError};
 use ferry_proto::pb;
 use ferry_proto::preamble::{Kind, Preamble};
-use ferry_proto::session::{Event, ProtocolError, Sender, SenderConfig, Ticket};
+use ferry_proto::session::{Event, Fate, ProtocolError, Sender, SenderConfig, Ticket};
+use ferry_proto::SessionId;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
@@ -173,6 +176,23 @@ pub enum CommitOutcome {
     Failed {
         reason: String,
     },
+    /// Two-phase end: the source said `Go` for the destination's process
+    /// `pid`, but the answer never came: whether that copy runs is only
+    /// known by asking ([`Client::query`]).
+    InDoubt {
+        pid: i32,
+        error: String,
+    },
+}
+
+/// The page server's answer to [`Client::query`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueryAnswer {
+    pub fate: Fate,
+    /// What it can tell about a session it does not know.
+    pub note: String,
+    /// How long it has been up.
+    pub uptime: Duration,
 }
 
 struct Job {
@@ -236,6 +256,9 @@ pub struct Client {
     outstanding: usize,
     stats: LayerStats,
     lane_tasks: JoinSet<()>,
+    /// Set once `Go` is on its way: from then on the destination may run
+    /// the process.
+    go_sent: Arc<AtomicBool>,
 }
 
 impl Client {
@@ -245,36 +268,12 @@ impl Client {
     pub async fn connect(c: Connect, session: SenderConfig) -> Result<Client, ClientError> {
         let addr = c.addr;
         let conn_err = |source| ClientError::Connection { addr, source };
-        let (link, control) = match &c.transport {
-            Transport::Quic { tls, server_name } => {
-                let bind: SocketAddr = if addr.is_ipv6() {
-                    "[::]:0".parse().expect("literal")
-                } else {
-                    "0.0.0.0:0".parse().expect("literal")
-                };
-                let endpoint =
-                    ferry_page_server::tls::endpoint(bind, None).map_err(ClientError::Endpoint)?;
-                let conn = endpoint
-                    .connect_with(tls.clone(), addr, server_name)
-                    .map_err(|source| ClientError::Connect { addr, source })?;
-                let conn = tokio::time::timeout(c.timeout, conn)
-                    .await
-                    .map_err(|_| ClientError::Timeout(c.timeout))?
-                    .map_err(conn_err)?;
-                let (send, recv) = conn.open_bi().await.map_err(conn_err)?;
-                (Link::Quic { endpoint, conn }, Control::Quic { send, recv })
-            }
-            Transport::Tcp { allow_remote } => {
-                check_plaintext_addr(addr, *allow_remote)?;
-                tracing::warn!(%addr, "{}", ferry_page_server::tcp::WARNING);
-                let token = random_token().map_err(ClientError::Token)?;
-                let sock = open_tcp(addr, Kind::Control, token, c.timeout).await?;
-                let (recv, send) = sock.into_split();
-                (Link::Tcp { token }, Control::Tcp { send, recv })
-            }
-        };
-
+        let (link, control) = open(&c).await?;
         let page_size = session.page_size;
+        let asked_ready_go = session
+            .features
+            .iter()
+            .any(|f| f == ferry_proto::FEATURE_READY_GO);
         let mut client = Client {
             link,
             addr,
@@ -288,6 +287,7 @@ impl Client {
             outstanding: 0,
             stats: LayerStats::default(),
             lane_tasks: JoinSet::new(),
+            go_sent: Arc::new(AtomicBool::new(false)),
         };
         let hello = client.sender.hello()?;
         client.write(&hello).await?;
@@ -299,6 +299,14 @@ impl Client {
                     msg: event_name(&e),
                 }))
             }
+        }
+        if asked_ready_go && !client.sender.ready_go() {
+            tracing::warn!(
+                %addr,
+                "the page server does not offer the two-phase end (ready-go; an older \
+                 version?): the migration ends in one phase, and should its answer be lost \
+                 the source resumes although the destination may run the process too"
+            );
         }
         let (done_tx, done_rx) = mpsc::unbounded_channel();
         client.done_rx = done_rx;
@@ -327,6 +335,86 @@ impl Client {
         Ok(client)
     }
 
+    /// Asks the page server at `c` what became of `session` (a two-phase
+    /// session whose answer was lost after `Go`), on a new connection with
+    /// the same identity; no session is created.
+    pub async fn query(c: &Connect, session: SessionId) -> Result<QueryAnswer, ClientError> {
+        let (link, mut control) = open(c).await?;
+        let ask = async {
+            control
+                .write(&encode(&ferry_proto::session::query(session)), c.addr)
+                .await?;
+            let mut buf = BytesMut::new();
+            loop {
+                if let Some(m) = frame::decode_control(&mut buf)? {
+                    return Ok::<_, ClientError>(m);
+                }
+                if control.read(&mut buf, c.addr).await? == 0 {
+                    frame::check_eof(&buf)?;
+                    return Err(ClientError::Closed);
+                }
+            }
+        };
+        let msg = tokio::time::timeout(c.timeout, ask)
+            .await
+            .map_err(|_| ClientError::Timeout(c.timeout));
+        if let Link::Quic { endpoint, conn } = &link {
+            conn.close(0u32.into(), b"done");
+            let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+        }
+        let msg = msg??;
+        let (note, uptime_ms) = match &msg.msg {
+            Some(pb::control::Msg::Outcome(o)) => (o.reason.clone(), o.uptime_ms),
+            _ => (String::new(), 0),
+        };
+        Ok(QueryAnswer {
+            fate: ferry_proto::session::read_outcome(msg)?,
+            note,
+            uptime: Duration::from_millis(uptime_ms),
+        })
+    }
+
+    /// Set once `Go` has gone out (see [`CommitOutcome::InDoubt`]).
+    pub fn go_flag(&self) -> Arc<AtomicBool> {
+        self.go_sent.clone()
+    }
+}
+
+/// Opens the connection and its control stream.
+async fn open(c: &Connect) -> Result<(Link, Control), ClientError> {
+    let addr = c.addr;
+    let conn_err = |source| ClientError::Connection { addr, source };
+    Ok(match &c.transport {
+        Transport::Quic { tls, server_name } => {
+            let bind: SocketAddr = if addr.is_ipv6() {
+                "[::]:0".parse().expect("literal")
+            } else {
+                "0.0.0.0:0".parse().expect("literal")
+            };
+            let endpoint =
+                ferry_page_server::tls::endpoint(bind, None).map_err(ClientError::Endpoint)?;
+            let conn = endpoint
+                .connect_with(tls.clone(), addr, server_name)
+                .map_err(|source| ClientError::Connect { addr, source })?;
+            let conn = tokio::time::timeout(c.timeout, conn)
+                .await
+                .map_err(|_| ClientError::Timeout(c.timeout))?
+                .map_err(conn_err)?;
+            let (send, recv) = conn.open_bi().await.map_err(conn_err)?;
+            (Link::Quic { endpoint, conn }, Control::Quic { send, recv })
+        }
+        Transport::Tcp { allow_remote } => {
+            check_plaintext_addr(addr, *allow_remote)?;
+            tracing::warn!(%addr, "{}", ferry_page_server::tcp::WARNING);
+            let token = random_token().map_err(ClientError::Token)?;
+            let sock = open_tcp(addr, Kind::Control, token, c.timeout).await?;
+            let (recv, send) = sock.into_split();
+            (Link::Tcp { token }, Control::Tcp { send, recv })
+        }
+    })
+}
+
+impl Client {
     /// The id the next layer gets.
     pub fn next_layer(&self) -> u32 {
         self.sender.next_layer()
@@ -484,6 +572,7 @@ impl Client {
                     }
                 }
                 Event::Failed { reason } => break CommitOutcome::Failed { reason },
+                Event::Ready { pid } => break self.go(pid).await,
                 e => {
                     return Err(ClientError::Protocol(ProtocolError::Unexpected {
                         state: "committing",
@@ -507,6 +596,41 @@ impl Client {
             );
         }
         Ok(outcome)
+    }
+
+    /// Two-phase end, the destination holding `pid` ready: says `Go` and
+    /// waits for `Restored`. From the moment `Go` is written the outcome
+    /// can only be in doubt, never a failure to resume on: any error is
+    /// [`CommitOutcome::InDoubt`].
+    async fn go(&mut self, pid: i32) -> CommitOutcome {
+        if crate::failpoint::armed("client", "ready") {
+            // Test only: ferry dies between Ready and Go.
+            let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+        }
+        let in_doubt = |error: String| CommitOutcome::InDoubt { pid, error };
+        let go = match self.sender.go() {
+            Ok(go) => go,
+            Err(e) => return in_doubt(e.to_string()),
+        };
+        self.go_sent.store(true, Ordering::SeqCst);
+        if let Err(e) = self.write(&go).await {
+            return in_doubt(e.to_string());
+        }
+        match self.next_event().await {
+            Ok(Event::Restored {
+                pid,
+                ns_pid,
+                pid_ns,
+            }) => CommitOutcome::Restored {
+                pid,
+                ns_pid,
+                pid_ns,
+            },
+            // The release failed and the process was killed: none runs.
+            Ok(Event::Failed { reason }) => CommitOutcome::Failed { reason },
+            Ok(e) => in_doubt(format!("unexpected {} after Go", event_name(&e))),
+            Err(e) => in_doubt(e.to_string()),
+        }
     }
 
     /// Gives up: tells the page server why, so it drops the unsealed layer.
@@ -913,6 +1037,7 @@ fn event_name(e: &Event) -> &'static str {
         Event::Restored { .. } => "Restored",
         Event::Failed { .. } => "Failed",
         Event::Aborted { .. } => "Abort",
+        Event::Ready { .. } => "Ready",
     }
 }
 

@@ -169,6 +169,9 @@ pub struct Frozen {
     /// the tracees detach and the processes run again.
     repair: Vec<crate::sockets::TcpRepairHold>,
     tree: TreeTracee,
+    /// Set once the two-phase end's `Go` went out: dropped or detached,
+    /// the processes then stay stopped (see `Tracee::hold_stopped_while`).
+    go: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl Frozen {
@@ -184,6 +187,9 @@ impl Frozen {
 
     /// Lets the processes run on, untraced.
     pub fn resume(self) -> Result<(), DumpError> {
+        if let Some(go) = &self.go {
+            go.store(false, std::sync::atomic::Ordering::SeqCst);
+        }
         drop(self.repair);
         detach_all(self.tree, false)
     }
@@ -206,7 +212,9 @@ impl Frozen {
     /// destination runs it. SIGKILL reaches a traced, stopped process too.
     pub fn kill(self) -> Result<(), DumpError> {
         use nix::sys::signal::{kill, Signal};
-        let Frozen { tree, mut repair } = self;
+        let Frozen {
+            tree, mut repair, ..
+        } = self;
         // From here the destination owns the connections: the source's
         // copies of them never leave repair mode, whatever happens, and
         // close when this returns, after the source is gone.
@@ -360,6 +368,11 @@ pub async fn dump_frozen_with(
     }
     if post_copy {
         features.push(ferry_proto::FEATURE_POST_COPY.to_string());
+    } else if restore && !keep_pids {
+        // Post-copy resumes the destination early by design, and
+        // --keep-pids restores cold into a new pid namespace, which has no
+        // held state yet: both end in one phase.
+        features.push(ferry_proto::FEATURE_READY_GO.to_string());
     }
     if keep_pids {
         features.push(ferry_proto::FEATURE_KEEP_PIDS.to_string());
@@ -429,6 +442,7 @@ pub async fn dump_frozen_with(
         (t_final, None)
     };
     let t_state = Instant::now();
+    let mut go = None;
     if restore {
         // From the commit on, the destination may run the process: should
         // ferry die before it has killed the source, the source must stay
@@ -438,6 +452,16 @@ pub async fn dump_frozen_with(
                 .guard_stop()
                 .map_err(|source| TreeError::Ptrace { pid: m.pid, source })
         })?;
+        // Once `Go` is out, not even an error or an interrupt may resume
+        // the source: only an answer that no copy runs does.
+        go = sink.go_flag();
+        if let Some(go) = &go {
+            tree.each(|m| {
+                m.tracee
+                    .hold_stopped_while(go.clone())
+                    .map_err(|source| TreeError::Ptrace { pid: m.pid, source })
+            })?;
+        }
     }
     let (outcome, lazy) = match lazy_ranges {
         Some(ranges) => {
@@ -465,7 +489,7 @@ pub async fn dump_frozen_with(
         outcome,
         parts,
     };
-    Ok((report, Frozen { repair, tree }, lazy))
+    Ok((report, Frozen { repair, tree, go }, lazy))
 }
 
 /// The final round of a post-copy migration: the dirty pages that may be
@@ -1113,13 +1137,26 @@ impl Sink {
         }
     }
 
+    /// Set once the two-phase end's `Go` is out (see
+    /// [`Client::go_flag`]).
+    fn go_flag(&self) -> Option<std::sync::Arc<std::sync::atomic::AtomicBool>> {
+        match self {
+            Sink::Remote(c) => Some(c.go_flag()),
+            Sink::Local(_) => None,
+        }
+    }
+
     /// Commits; with `restore`, the destination's verdict is returned as
     /// is (a `Failed` is the caller's to act on, not an error here).
     async fn commit(self, restore: bool) -> Result<Option<CommitOutcome>, DumpError> {
         match self {
             Sink::Remote(c) => match c.commit(restore).await? {
                 o @ CommitOutcome::Stored { .. } if !restore => Ok(Some(o)),
-                o @ (CommitOutcome::Restored { .. } | CommitOutcome::Failed { .. }) if restore => {
+                o @ (CommitOutcome::Restored { .. }
+                | CommitOutcome::Failed { .. }
+                | CommitOutcome::InDoubt { .. })
+                    if restore =>
+                {
                     Ok(Some(o))
                 }
                 other => Err(DumpError::Commit(format!("{other:?}"))),

@@ -25,6 +25,8 @@
 //!   of the source, as one transaction.
 //! - [`postcopy`]: `ferry migrate --post-copy`, serving the pages the
 //!   resumed destination still lacks from the frozen source.
+//! - [`readygo`]: the destination's two-phase end: a restored process held
+//!   stopped until the source says `Go`, else killed.
 //! - [`sys`]: every raw syscall and `unsafe` block of ferry (ptrace and
 //!   syscall injection, userfaultfd, `PAGEMAP_SCAN`, `process_vm_readv`)
 //!   behind safe wrappers.
@@ -49,6 +51,7 @@ pub mod pidns;
 pub mod policy;
 pub mod postcopy;
 pub mod procfs;
+pub mod readygo;
 pub mod restore;
 pub mod shmem;
 pub mod sockets;

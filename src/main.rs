@@ -91,6 +91,13 @@ enum Command {
         #[arg(long, value_name = "SECS", default_value_t = 60,
               value_parser = clap::value_parser!(u64).range(1..))]
         idle_timeout: u64,
+        /// With --restore: how long a restored process is held stopped
+        /// waiting for the source's Go (the two-phase end of `ferry
+        /// migrate`) before it is killed and the session abandoned.
+        #[arg(long, value_name = "SECS",
+              default_value_t = ferry_page_server::server::DEFAULT_GO_TIMEOUT.as_secs(),
+              value_parser = clap::value_parser!(u64).range(1..))]
+        go_timeout: u64,
         /// Page data one layer (one round) may carry [default: this host's
         /// physical memory: a round larger than that could not be restored
         /// here]. Zero pages carry none. Frames are limited by the protocol
@@ -620,6 +627,7 @@ async fn run(command: Command) -> Result<()> {
             mem_quota,
             spill_dir,
             idle_timeout,
+            go_timeout,
             max_layer_size,
             restore,
             cold_restore,
@@ -687,6 +695,7 @@ async fn run(command: Command) -> Result<()> {
             let mut cfg = Config::with_transport(transport, store);
             cfg.max_sessions = max_sessions;
             cfg.idle_timeout = std::time::Duration::from_secs(idle_timeout);
+            cfg.go_timeout = std::time::Duration::from_secs(go_timeout);
             cfg.max_layer_bytes = max_layer_bytes;
             cfg.forget_restored = !keep_restored;
             let allowed = allow.len();
@@ -807,7 +816,11 @@ async fn run(command: Command) -> Result<()> {
             } else {
                 tokio::select! {
                     r = ferry::migrate::migrate(opts, &mut show) => r?,
-                    _ = interrupted() => bail!("interrupted: the source process was left running and untraced"),
+                    _ = interrupted() => bail!(
+                        "interrupted: the source process was left running and untraced; or, if \
+                         the destination had already been told to run it (Go), left stopped: \
+                         the page server's log says whether it runs there"
+                    ),
                 }
             };
             if rounds.json {

@@ -1,16 +1,24 @@
 //! `ferry migrate`: the whole transaction. Rounds of pre-dump while the
 //! process runs, a freeze, the final delta and the state, a restore on the
-//! destination, and only when the destination answers `Restored{pid}` is
-//! the source killed. Until that answer the source is held frozen and
-//! intact; any failure before it — the destination refusing or failing the
-//! restore, a lost connection, a timeout, ferry interrupted — resumes the
-//! source, untraced, and names the cause. Exactly one copy of the process
-//! runs afterwards.
+//! destination that ends in two phases: the destination holds the restored
+//! process stopped and says `Ready{pid}`, the source (still frozen) says
+//! `Go`, the destination lets it run and answers `Restored{pid}`, and only
+//! then is the source killed. Any failure before `Go` — the destination
+//! refusing or failing the restore, a lost connection, a timeout, ferry
+//! interrupted — resumes the source, untraced, and names the cause; the
+//! destination kills what it held. After `Go` without `Restored` the
+//! source asks the page server on a new connection what became of the
+//! session ([`resolve`]) and acts on the answer; if it cannot get one it
+//! stays stopped and says so: never two copies, and never none without a
+//! message. A page server without the two-phase end (`ready-go`) gets the
+//! old one-phase end, with a warning.
 
 use std::time::Duration;
 
 use ferry_page_server::store::{FlatImage, SessionStore};
-use ferry_page_server::{LazyEvent, LazyProcess, RestoredPid, Restorer, WarmRestore};
+use ferry_page_server::{
+    LazyEvent, LazyProcess, PreparedProcess, RestoredPid, Restorer, WarmRestore,
+};
 use ferry_proto::pb;
 
 use crate::client::CommitOutcome;
@@ -39,6 +47,8 @@ pub enum MigrateError {
         source_pid: i32,
         error: DumpError,
     },
+    #[error(transparent)]
+    InDoubt(Box<InDoubt>),
     #[error(
         "post-copy failed after the destination resumed the process as pid {pid}: {error}. \
          The destination kills its copy (pages were still missing). The source {source_pid} \
@@ -51,6 +61,31 @@ pub enum MigrateError {
         source_pid: i32,
         error: Box<PostCopyError>,
     },
+}
+
+/// After `Go`, no answer and no word from the page server: the source is
+/// left stopped (see [`MigrateError::InDoubt`]).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the destination was told to run the process (pid {pid} there), but its answer never \
+         came ({error}) and the page server could not say what became of session {session} \
+         within {waited:?} ({last}). Two copies must never run, so the source {source_pid} is \
+         left stopped (SIGSTOP). Decide by hand: if pid {pid} runs on the destination (its \
+         page server's log names the session's fate: \"released\" or \"abandoned\"), \
+         `kill -KILL {source_pid}`; if it does not, `kill -CONT {source_pid}` resumes the source \
+         (its TCP connections stay silent in repair mode)"
+)]
+pub struct InDoubt {
+    /// The destination's process.
+    pub pid: i32,
+    pub source_pid: i32,
+    pub session: String,
+    /// Why the answer after `Go` never came.
+    pub error: String,
+    /// How long the page server was asked.
+    pub waited: Duration,
+    /// Its last answer, or why there was none.
+    pub last: String,
 }
 
 #[derive(Debug, Clone)]
@@ -75,7 +110,12 @@ pub async fn migrate(
 ) -> Result<MigrateReport, MigrateError> {
     opts.restore = true;
     precheck(opts.pid)?;
+    let connect = match &opts.dest {
+        Destination::Remote(c) => Some(c.clone()),
+        Destination::ImagesDir(_) => None,
+    };
     let (report, frozen) = dump_frozen(opts, progress).await?;
+    let returned = std::time::Instant::now();
     match report.outcome.clone() {
         Some(CommitOutcome::Restored {
             pid,
@@ -100,12 +140,147 @@ pub async fn migrate(
             frozen.resume()?;
             Err(MigrateError::Refused(reason))
         }
+        Some(CommitOutcome::InDoubt { pid, error }) => {
+            let source_pid = frozen.pid();
+            // Left stopped on any way out but the two below.
+            let mut held = StopOnDrop(Some(frozen));
+            tracing::warn!(
+                pid,
+                source_pid,
+                "no answer after Go ({error}); asking the page server what became of the session"
+            );
+            // The commit began before Go: a page server up for less than
+            // this may have been restarted since Go, and forgotten it.
+            let since_go = report.parts.commit + returned.elapsed();
+            let c = connect.ok_or_else(|| MigrateError::Refused("no page server".into()))?;
+            match resolve(&c, report.session, since_go).await {
+                Resolution::Resumed { pid } => {
+                    let frozen = held.0.take().expect("held until here");
+                    frozen.kill().map_err(|error| MigrateError::Kill {
+                        pid,
+                        source_pid,
+                        error,
+                    })?;
+                    Ok(MigrateReport {
+                        downtime: report.frozen,
+                        dump: report,
+                        restored_pid: pid,
+                        // In doubt only ever after Go, which --keep-pids
+                        // never takes (one phase).
+                        restored_ns: (0, 0),
+                        post_copy: None,
+                    })
+                }
+                Resolution::NoCopy { why } => {
+                    held.0.take().expect("held until here").resume()?;
+                    Err(MigrateError::Refused(format!(
+                        "the answer after Go was lost ({error}); the page server says no copy \
+                         runs there: {why}"
+                    )))
+                }
+                Resolution::Unknown { waited, last } => {
+                    Err(MigrateError::InDoubt(Box::new(InDoubt {
+                        pid,
+                        source_pid,
+                        session: report.session.to_hex(),
+                        error,
+                        waited,
+                        last,
+                    })))
+                }
+            }
+        }
         other => {
             frozen.resume()?;
             Err(MigrateError::Refused(format!(
                 "unexpected answer {other:?}"
             )))
         }
+    }
+}
+
+/// What the page server said about a session in doubt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resolution {
+    /// The process runs there: the source must go.
+    Resumed { pid: i32 },
+    /// No copy runs there: the source may resume.
+    NoCopy { why: String },
+    /// No usable answer within the time allowed: leave the source stopped.
+    Unknown { waited: Duration, last: String },
+}
+
+/// How long to wait between two queries (page server unreachable, or the
+/// session still pending there).
+const QUERY_RETRY: Duration = Duration::from_millis(250);
+
+/// What one answer means for the source, `since_go` after `Go` (an upper
+/// bound); `None` to ask again. Pure, for the unit tests.
+pub fn judge(a: &crate::client::QueryAnswer, since_go: Duration) -> Option<Resolution> {
+    use ferry_proto::session::Fate;
+    match &a.fate {
+        Fate::Resumed { pid } => Some(Resolution::Resumed { pid: *pid }),
+        Fate::Abandoned { reason } => Some(Resolution::NoCopy {
+            why: format!("abandoned: {reason}"),
+        }),
+        Fate::Pending => None,
+        // Up since before Go and never saw the session: it never held
+        // the process, so none runs. Up for less: it may have been
+        // restarted after releasing it and forgotten.
+        Fate::Unknown if a.uptime > since_go => Some(Resolution::NoCopy {
+            why: format!("session unknown: {}", a.note),
+        }),
+        Fate::Unknown => Some(Resolution::Unknown {
+            waited: Duration::ZERO,
+            last: format!(
+                "session unknown, but the page server has been up only {:?}, less than the \
+                 {since_go:?} since Go: it may have restarted after running the process ({})",
+                a.uptime, a.note
+            ),
+        }),
+    }
+}
+
+/// Asks the page server at `c` about `session` until it gives an answer
+/// that decides, or `c.timeout` passes.
+pub async fn resolve(
+    c: &crate::client::Connect,
+    session: ferry_proto::SessionId,
+    since_go: Duration,
+) -> Resolution {
+    let t0 = std::time::Instant::now();
+    let deadline = t0 + c.timeout;
+    let mut last = String::from("no attempt");
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Resolution::Unknown {
+                waited: t0.elapsed(),
+                last,
+            };
+        }
+        let mut each = c.clone();
+        each.timeout = left;
+        match crate::client::Client::query(&each, session).await {
+            Ok(a) => {
+                tracing::info!(session = %session, fate = ?a.fate, "page server answered");
+                match judge(&a, since_go + t0.elapsed()) {
+                    Some(Resolution::Unknown { last, .. }) => {
+                        return Resolution::Unknown {
+                            waited: t0.elapsed(),
+                            last,
+                        }
+                    }
+                    Some(r) => return r,
+                    None => last = "the session is still pending there".into(),
+                }
+            }
+            Err(e) => {
+                tracing::debug!(session = %session, "query: {e}");
+                last = e.to_string();
+            }
+        }
+        tokio::time::sleep(QUERY_RETRY.min(left)).await;
     }
 }
 
@@ -341,6 +516,42 @@ impl Restorer for LocalRestorer {
             }
         }
     }
+
+    fn ready_go(&self) -> bool {
+        true
+    }
+
+    fn prepare(&self, session: &mut dyn SessionStore) -> Result<Box<dyn PreparedProcess>, String> {
+        let tree = session_state(session)?;
+        let img = session.flatten().map_err(|e| e.to_string())?;
+        crate::restore::prepare(&tree, &img)
+            .map(LocalPrepared::boxed)
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// [`crate::readygo::Prepared`] behind the page server's trait; dropped, it
+/// abandons the process.
+struct LocalPrepared(crate::readygo::Prepared);
+
+impl LocalPrepared {
+    fn boxed(p: crate::readygo::Prepared) -> Box<dyn PreparedProcess> {
+        Box::new(LocalPrepared(p))
+    }
+}
+
+impl PreparedProcess for LocalPrepared {
+    fn pid(&self) -> i32 {
+        self.0.pid()
+    }
+
+    fn release(self: Box<Self>) -> Result<i32, String> {
+        self.0.release().map_err(|e| e.to_string())
+    }
+
+    fn abandon(self: Box<Self>) {
+        self.0.abandon()
+    }
 }
 
 /// [`LocalRestorer`] without warm restore: everything happens at commit
@@ -363,6 +574,14 @@ impl Restorer for ColdRestorer {
 
     fn restore_in_ns(&self, session: &mut dyn SessionStore) -> Result<RestoredPid, String> {
         LocalRestorer.restore_in_ns(session)
+    }
+
+    fn ready_go(&self) -> bool {
+        true
+    }
+
+    fn prepare(&self, session: &mut dyn SessionStore) -> Result<Box<dyn PreparedProcess>, String> {
+        LocalRestorer.prepare(session)
     }
 }
 
@@ -428,6 +647,27 @@ impl WarmRestore for LocalWarm {
 
     fn post_copy(&self) -> bool {
         true
+    }
+
+    fn prepare(
+        self: Box<Self>,
+        session: &mut dyn SessionStore,
+    ) -> Result<Box<dyn PreparedProcess>, String> {
+        let tree = session_state(session)?;
+        let layers = self.0.layers();
+        match self.0.prepare(&tree) {
+            Ok(p) => Ok(LocalPrepared::boxed(p)),
+            Err(f) if f.in_layers => {
+                // As in `finish`: the pages are all in the store.
+                tracing::warn!(
+                    layers,
+                    "warm restore failed ({}); restoring from the flattened image",
+                    f.error
+                );
+                LocalRestorer.prepare(session)
+            }
+            Err(f) => Err(f.error.to_string()),
+        }
     }
 
     fn finish_lazy(
@@ -523,5 +763,52 @@ impl Drop for LocalLazy {
         if !self.complete.load(std::sync::atomic::Ordering::Relaxed) {
             self.kill();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::QueryAnswer;
+    use ferry_proto::session::Fate;
+
+    fn answer(fate: Fate, uptime_s: u64) -> QueryAnswer {
+        QueryAnswer {
+            fate,
+            note: "never seen by this page server".into(),
+            uptime: Duration::from_secs(uptime_s),
+        }
+    }
+
+    #[test]
+    fn only_a_resumed_session_kills_the_source() {
+        let since = Duration::from_secs(3);
+        assert_eq!(
+            judge(&answer(Fate::Resumed { pid: 9 }, 100), since),
+            Some(Resolution::Resumed { pid: 9 })
+        );
+        let abandoned = Fate::Abandoned {
+            reason: "no Go".into(),
+        };
+        assert!(matches!(
+            judge(&answer(abandoned, 100), since),
+            Some(Resolution::NoCopy { why }) if why.contains("no Go")
+        ));
+        // Not decided yet there: ask again.
+        assert_eq!(judge(&answer(Fate::Pending, 100), since), None);
+    }
+
+    #[test]
+    fn an_unknown_session_is_no_copy_only_from_a_page_server_up_since_before_go() {
+        let since = Duration::from_secs(3);
+        assert!(matches!(
+            judge(&answer(Fate::Unknown, 100), since),
+            Some(Resolution::NoCopy { why }) if why.contains("never seen")
+        ));
+        // Restarted since Go: it may have run the process and forgotten.
+        assert!(matches!(
+            judge(&answer(Fate::Unknown, 2), since),
+            Some(Resolution::Unknown { last, .. }) if last.contains("may have restarted")
+        ));
     }
 }

@@ -102,6 +102,7 @@ use libc::user_regs_struct;
 use nix::errno::Errno;
 
 use crate::procfs::{self, MapEntry};
+use crate::readygo::{Gate, Prepared};
 use crate::sys::pidns::Birth;
 use crate::sys::stub::{self, Stub, StubError};
 use crate::sys::uffd::Missing;
@@ -208,6 +209,9 @@ pub enum RestoreError {
         ns_pid: i32,
         why: String,
     },
+    /// Two-phase end: the prepared process was killed, never run (no `Go`).
+    #[error("the prepared process was abandoned (killed before it ran)")]
+    Abandoned,
 }
 
 /// Failpoint (test only): fails `stage` when FERRY_FAILPOINT=restore:STAGE
@@ -706,7 +710,7 @@ pub fn restore(tree: &pb::ProcessTree, img: &FlatImage) -> Result<i32> {
         let (tree, img) = (tree.clone(), img.clone());
         return std::thread::Builder::new()
             .name("ferry-restore".into())
-            .spawn(move || restore_tree(&tree, &img))
+            .spawn(move || restore_tree(&tree, &img, None))
             .map_err(|e| RestoreError::Thread(e.to_string()))?
             .join()
             .map_err(|_| RestoreError::Thread("panicked".into()))?;
@@ -714,6 +718,27 @@ pub fn restore(tree: &pb::ProcessTree, img: &FlatImage) -> Result<i32> {
     let mut w = Warm::start()?;
     w.layer(img.clone())?;
     w.finish(tree).map_err(|f| f.error)
+}
+
+/// [`restore`], ending prepared instead of running (the two-phase end, see
+/// [`crate::readygo`]).
+pub fn prepare(tree: &pb::ProcessTree, img: &FlatImage) -> Result<Prepared> {
+    check(tree, &img.vmas)?;
+    if tree.processes.len() > 1 {
+        let (tree, img) = (tree.clone(), img.clone());
+        let (gate, waiting) = crate::readygo::gate();
+        let h = std::thread::Builder::new()
+            .name("ferry-restore".into())
+            .spawn(move || restore_tree(&tree, &img, Some(gate)))
+            .map_err(|e| RestoreError::Thread(e.to_string()))?;
+        return waiting.prepared(Box::new(move || {
+            h.join()
+                .map_err(|_| RestoreError::Thread("panicked".into()))?
+        }));
+    }
+    let mut w = Warm::start()?;
+    w.layer(img.clone())?;
+    w.prepare(tree).map_err(|f| f.error)
 }
 
 /// A restore that follows the rounds: the process skeleton (stub, gadget,
@@ -746,7 +771,8 @@ type WarmDone = Result<(i32, Option<Missing>), WarmFailure>;
 
 enum Cmd {
     Layer(FlatImage),
-    Finish(Box<pb::Process>, Vec<(u64, u64)>),
+    /// With a gate, the process is held prepared until its verdict.
+    Finish(Box<pb::Process>, Vec<(u64, u64)>, Option<Gate>),
 }
 
 /// Why a warm restore failed, and whether the layers already had: then a
@@ -857,6 +883,39 @@ impl Warm {
         tree: &pb::ProcessTree,
         lazy: Vec<(u64, u64)>,
     ) -> Result<(i32, Option<Missing>), WarmFailure> {
+        let sent = self.send_finish(tree, lazy, None)?;
+        Self::join(self.worker.take(), sent)
+    }
+
+    /// [`Warm::finish`], ending prepared instead of running (see
+    /// [`crate::readygo`]).
+    pub fn prepare(mut self, tree: &pb::ProcessTree) -> Result<Prepared, WarmFailure> {
+        let (gate, waiting) = crate::readygo::gate();
+        let sent = self.send_finish(tree, Vec::new(), Some(gate))?;
+        let worker = self.worker.take();
+        let in_layers = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let seen = in_layers.clone();
+        waiting
+            .prepared(Box::new(move || {
+                Self::join(worker, sent).map(|(pid, _)| pid).map_err(|f| {
+                    seen.store(f.in_layers, std::sync::atomic::Ordering::Relaxed);
+                    f.error
+                })
+            }))
+            .map_err(|error| WarmFailure {
+                in_layers: in_layers.load(std::sync::atomic::Ordering::Relaxed),
+                error,
+            })
+    }
+
+    /// Checks the state and hands it to the worker; false if the worker
+    /// had already stopped.
+    fn send_finish(
+        &mut self,
+        tree: &pb::ProcessTree,
+        lazy: Vec<(u64, u64)>,
+        gate: Option<Gate>,
+    ) -> Result<bool, WarmFailure> {
         check(tree, &self.vmas).map_err(WarmFailure::state)?;
         if tree.processes.len() > 1 {
             // One address space laid warm (a root whose only other
@@ -866,13 +925,17 @@ impl Warm {
             )));
         }
         let p = Box::new(tree.processes[0].clone());
-        let sent = self
+        Ok(self
             .tx
             .take()
-            .is_some_and(|tx| tx.send(Cmd::Finish(p, lazy)).is_ok());
-        let joined = self
-            .worker
-            .take()
+            .is_some_and(|tx| tx.send(Cmd::Finish(p, lazy, gate)).is_ok()))
+    }
+
+    fn join(
+        worker: Option<std::thread::JoinHandle<WarmDone>>,
+        sent: bool,
+    ) -> Result<(i32, Option<Missing>), WarmFailure> {
+        let joined = worker
             .map(|w| w.join())
             .ok_or_else(|| WarmFailure::state(RestoreError::Thread("no worker".into())))?;
         match joined {
@@ -918,11 +981,11 @@ fn warm_worker(
                 layers += 1;
                 let _ = applied.send(restorer.stub.pid());
             }
-            Ok(Cmd::Finish(p, lazy)) => {
+            Ok(Cmd::Finish(p, lazy, gate)) => {
                 let r = r.ok_or_else(|| {
                     WarmFailure::layers(RestoreError::Missing("memory image (no layer)".into()))
                 })?;
-                return r.finish(&p, &lazy).map_err(WarmFailure::state);
+                return r.finish(&p, &lazy, gate).map_err(WarmFailure::state);
             }
             Err(_) => {
                 return Err(WarmFailure::layers(RestoreError::Thread(
@@ -999,10 +1062,12 @@ fn space_image(img: &FlatImage, space: u32, vmas: Vec<pb::Vma>) -> FlatImage {
 /// children of its own ([`crate::tree::plan`]). Then each gets its memory,
 /// files and threads as a lone process would; only when every one is ready
 /// are they let go, the root last. Any failure before that kills every
-/// stub (each `Stub` is killed when dropped). Runs on the calling thread,
-/// which must be a plain thread (ptrace affinity); returns the root's pid.
-fn restore_tree(tree: &pb::ProcessTree, img: &FlatImage) -> Result<i32> {
-    restore_tree_as(tree, img, Root::Spawn)
+/// stub (each `Stub` is killed when dropped). With a `gate`, every process
+/// is held prepared there first (see [`crate::readygo`]). Runs on the
+/// calling thread, which must be a plain thread (ptrace affinity); returns
+/// the root's pid.
+fn restore_tree(tree: &pb::ProcessTree, img: &FlatImage, gate: Option<Gate>) -> Result<i32> {
+    restore_tree_as(tree, img, Root::Spawn, gate)
 }
 
 /// How the root of a restored tree comes to be.
@@ -1018,7 +1083,12 @@ enum Root<'a> {
 
 /// [`restore_tree`] with the root made as `how` says; with `--keep-pids`
 /// every process below it gets its pid.
-fn restore_tree_as(tree: &pb::ProcessTree, img: &FlatImage, how: Root<'_>) -> Result<i32> {
+fn restore_tree_as(
+    tree: &pb::ProcessTree,
+    img: &FlatImage,
+    how: Root<'_>,
+    gate: Option<Gate>,
+) -> Result<i32> {
     let procs = &tree.processes;
     let plan = crate::tree::plan(procs).map_err(unsupported)?;
     let spaces = crate::tree::split_vmas(&img.vmas);
@@ -1136,12 +1206,16 @@ fn restore_tree_as(tree: &pb::ProcessTree, img: &FlatImage, how: Root<'_>) -> Re
         });
     }
     let root = rs[0].stub.pid();
-    let mut let_go: Vec<i32> = Vec::new();
-    // Children first, so none is still a stub when its parent runs; a
-    // zombie exits now, its parent still stopped (the SIGCHLD waits for it).
-    for ((r, all), p) in rs.into_iter().zip(ready).zip(procs).rev() {
+    // Every process gets its final state, children first; a zombie exits
+    // now, its parent still stopped (the SIGCHLD waits for it).
+    let mut held: Vec<(Stub, Vec<i32>)> = Vec::new();
+    for ((mut r, all), p) in rs.into_iter().zip(ready).zip(procs).rev() {
         let done = match all {
-            Some(all) => r.stub.resume_all(&all),
+            Some(all) => {
+                r.stub.set_final(&all)?;
+                held.push((r.stub, all.iter().map(|t| t.tid).collect()));
+                continue;
+            }
             None => r.stub.exit_as_zombie(p.exit_status).and_then(|pid| {
                 // Dead before its parent runs, so the parent finds a
                 // zombie to reap, as it would have on the source.
@@ -1158,8 +1232,18 @@ fn restore_tree_as(tree: &pb::ProcessTree, img: &FlatImage, how: Root<'_>) -> Re
                 Ok(pid)
             }),
         };
-
-        match done {
+        done?;
+    }
+    if let Some(g) = gate {
+        if !g.wait(root) {
+            // Every stub is killed as `held` drops.
+            return Err(RestoreError::Abandoned);
+        }
+    }
+    let mut let_go: Vec<i32> = Vec::new();
+    // Children first, so none is still a stub when its parent runs.
+    for (stub, tids) in held {
+        match stub.release(&tids) {
             Ok(pid) => let_go.push(pid),
             Err(e) => {
                 // Nothing half restored runs: what was let go dies too (the
@@ -1395,11 +1479,25 @@ impl Restorer {
 
     /// Thread and process state on top of the laid layers, then resume;
     /// with `lazy` ranges, those are left missing (see [`Warm::finish_lazy`]).
-    fn finish(mut self, p: &pb::Process, lazy: &[(u64, u64)]) -> Result<(i32, Option<Missing>)> {
+    /// With a `gate`, the process is held prepared there until its verdict
+    /// (see [`crate::readygo`]); abandoned, it is killed as `self` drops.
+    fn finish(
+        mut self,
+        p: &pb::Process,
+        lazy: &[(u64, u64)],
+        gate: Option<Gate>,
+    ) -> Result<(i32, Option<Missing>)> {
         let t0 = std::time::Instant::now();
         let (all, missing) = self.prepare(p, lazy)?;
         let threads = all.len();
-        let pid = self.stub.resume_all(&all)?;
+        self.stub.set_final(&all)?;
+        if let Some(g) = gate {
+            if !g.wait(self.stub.pid()) {
+                return Err(RestoreError::Abandoned);
+            }
+        }
+        let tids: Vec<i32> = all.iter().map(|t| t.tid).collect();
+        let pid = self.stub.release(&tids)?;
         tracing::info!(
             pid,
             source_pid = p.pid,
@@ -3141,7 +3239,7 @@ fn restore_in_new_ns(tree: &pb::ProcessTree, img: &FlatImage) -> Result<Kept> {
         pid_ns: crate::sys::pidns::pid_ns_inode(pid).unwrap_or(0),
     };
     if root.ns_pid == 1 {
-        let pid = restore_tree_as(tree, img, Root::Init)?;
+        let pid = restore_tree_as(tree, img, Root::Init, None)?;
         tracing::info!(pid, "restored as pid 1 of a new pid namespace");
         return Ok(kept(pid));
     }
@@ -3153,7 +3251,7 @@ fn restore_in_new_ns(tree: &pb::ProcessTree, img: &FlatImage) -> Result<Kept> {
         .collect();
     let mut reaper = Restorer::new_with(&all_vmas, Birth::NewPidNs)?;
     reaper.has_pid("the reaper", &pb::Process::default(), 1)?;
-    let pid = restore_tree_as(tree, img, Root::FromReaper(&mut reaper))?;
+    let pid = restore_tree_as(tree, img, Root::FromReaper(&mut reaper), None)?;
     let done = kept(pid);
     // The tree runs; until the reaper does too, what is orphaned in the
     // namespace waits as a zombie. A failure here drops (kills) the

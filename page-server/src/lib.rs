@@ -2,6 +2,7 @@
 //! migration's rounds as layers and keeps them in memory or on disk.
 //!
 //! - [`access`]: the optional allow-list of client certificates.
+//! - [`fates`]: what became of recent two-phase sessions, for `Query`.
 //! - [`limits`]: sizes and defaults of the page server's limits.
 //! - [`tls`]: mutual TLS; no peer without a certificate from the
 //!   configured CA reaches a session.
@@ -14,6 +15,7 @@
 //! - [`store`]: layered images, `mem` and `disk`, behind one trait.
 
 pub mod access;
+pub mod fates;
 pub mod lazy;
 pub mod limits;
 pub mod server;
@@ -23,4 +25,6 @@ pub mod tls;
 mod transport;
 
 pub use lazy::{LazyEvent, LazyProcess};
-pub use server::{Config, PageServer, RestoredPid, Restorer, Transport, WarmRestore};
+pub use server::{
+    Config, PageServer, PreparedProcess, RestoredPid, Restorer, Transport, WarmRestore,
+};

@@ -24,20 +24,21 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use ferry_proto::batch::{self, BatchError, DecodedBatch};
 use ferry_proto::frame::{self, FrameError};
 use ferry_proto::pb;
-use ferry_proto::session::{Action, Outcome, ProtocolError, Receiver};
+use ferry_proto::session::{Action, Fate, Outcome, ProtocolError, Receiver};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
 use crate::access::AllowList;
+use crate::fates::Fates;
 use crate::lazy::{LazyProcess, LazyServeError};
 use crate::limits::show_size;
 use crate::store::{FlatImage, SessionStore, Store, StoreError};
@@ -80,6 +81,30 @@ pub trait Restorer: Send + Sync + 'static {
     fn warm(&self) -> Option<Box<dyn WarmRestore>> {
         None
     }
+
+    /// Whether [`Restorer::prepare`] (and [`WarmRestore::prepare`]) work:
+    /// the two-phase end (`ready-go`) is granted to a source only then.
+    fn ready_go(&self) -> bool {
+        false
+    }
+
+    /// Two-phase end: restores the session's image but holds the process
+    /// stopped with its final state set, until released or abandoned.
+    fn prepare(&self, _session: &mut dyn SessionStore) -> Result<Box<dyn PreparedProcess>, String> {
+        Err("this restorer cannot hold a process before it runs (no ready-go)".into())
+    }
+}
+
+/// A restored process held stopped (every thread, every process of a
+/// tree) with its final state set: the two-phase end of a migration waits
+/// with it for the source's `Go`. Dropping it abandons it.
+pub trait PreparedProcess: Send {
+    /// The process (the root of a tree).
+    fn pid(&self) -> i32;
+    /// Lets it run; its pid, or why it was killed instead.
+    fn release(self: Box<Self>) -> Result<i32, String>;
+    /// Kills and reaps it: it never ran.
+    fn abandon(self: Box<Self>);
 }
 
 /// Where a restored process runs: its pid as the page server sees it and,
@@ -122,12 +147,24 @@ pub trait WarmRestore: Send {
     ) -> Result<Box<dyn LazyProcess>, String> {
         Err("this restorer cannot leave pages missing (no post-copy)".into())
     }
+
+    /// Two-phase end: [`WarmRestore::finish`], holding the process stopped
+    /// (see [`Restorer::prepare`]); restores cold if the warm one failed.
+    fn prepare(
+        self: Box<Self>,
+        _session: &mut dyn SessionStore,
+    ) -> Result<Box<dyn PreparedProcess>, String> {
+        Err("this restorer cannot hold a process before it runs (no ready-go)".into())
+    }
 }
 
 /// Longest post-copy wait for the next page from the source while pages
 /// are missing (capped by the idle timeout): after it, the source counts
 /// as gone and the process is killed.
 pub const POST_COPY_STALL: Duration = Duration::from_secs(5);
+
+/// Default of [`Config::go_timeout`].
+pub const DEFAULT_GO_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// What the page server listens with.
 pub enum Transport {
@@ -159,6 +196,9 @@ pub struct Config {
     /// runs on, and restoring the image again would run it twice, so a
     /// long-lived page server gives the memory (or disk) back at once.
     pub forget_restored: bool,
+    /// Two-phase end: how long a prepared process waits for the source's
+    /// `Go` before it is abandoned (killed).
+    pub go_timeout: Duration,
 }
 
 /// Defaults of the limits (the CLI shows the same).
@@ -192,6 +232,7 @@ impl Config {
             max_layer_bytes: u64::MAX,
             allow: None,
             forget_restored: false,
+            go_timeout: DEFAULT_GO_TIMEOUT,
         }
     }
 }
@@ -242,6 +283,10 @@ pub enum SessionError {
     Preflight(String),
     #[error("{0}")]
     PostCopy(#[from] LazyServeError),
+    #[error("no Go from the source within {0:?} after Ready (--go-timeout)")]
+    NoGo(Duration),
+    #[error("failure injected by FERRY_FAILPOINT={0} (test only)")]
+    Failpoint(&'static str),
 }
 
 impl SessionError {
@@ -277,6 +322,10 @@ pub(crate) struct Shared {
     pub(crate) max_layer_bytes: u64,
     pub(crate) allow: Option<AllowList>,
     pub(crate) forget_restored: bool,
+    pub(crate) go_timeout: Duration,
+    /// What became of recent two-phase sessions (answers `Query`).
+    pub(crate) fates: Mutex<Fates>,
+    pub(crate) started: Instant,
 }
 
 impl PageServer {
@@ -303,6 +352,9 @@ impl PageServer {
                 max_layer_bytes: cfg.max_layer_bytes,
                 allow: cfg.allow.filter(|a| !a.is_empty()),
                 forget_restored: cfg.forget_restored,
+                go_timeout: cfg.go_timeout,
+                fates: Mutex::new(Fates::default()),
+                started: Instant::now(),
             }),
         })
     }
@@ -444,10 +496,16 @@ async fn refuse_quic(conn: quinn::Connection, shared: &Shared, reason: String) {
 /// Runs one session on an accepted connection, to its end.
 pub(crate) async fn serve<C: Conn>(conn: Arc<C>, shared: Arc<Shared>) {
     let peer = conn.remote_address();
+    let two_phase = shared.restorer.as_ref().is_some_and(|r| r.ready_go());
+    let mut rx = Receiver::new(64 << 20);
+    if two_phase {
+        rx = rx.with_ready_go();
+    }
     let mut s = Session {
         conn: conn.clone(),
         shared,
-        rx: Receiver::new(64 << 20),
+        rx,
+        prepared: None,
         handle: None,
         data: None,
         readers: JoinSet::new(),
@@ -466,6 +524,7 @@ pub(crate) async fn serve<C: Conn>(conn: Arc<C>, shared: Arc<Shared>) {
         Err(e) => {
             warn!(%peer, session = %s.session_name(), "session failed: {e}");
             let reason = e.to_string();
+            s.abandon(&reason);
             let abort = s.rx.fail(&reason);
             if let Some(h) = s.handle.as_mut() {
                 if let Err(e) = h.discard_open() {
@@ -497,6 +556,8 @@ struct Session<C: Conn> {
     /// The source will ask for a restore: check every round can be.
     preflight: bool,
     warm: Option<Box<dyn WarmRestore>>,
+    /// Two-phase end: the process restored and held for the source's `Go`.
+    prepared: Option<Box<dyn PreparedProcess>>,
     /// Page data stored in the open layer so far.
     layer_bytes: u64,
     /// Post-copy: the ranges the source left out, then the process that
@@ -532,6 +593,7 @@ impl<C: Conn> Session<C> {
                 if self.rx.is_finished() {
                     return Ok(());
                 }
+                let (wait, prepared) = (self.wait_limit(), self.prepared.is_some());
                 tokio::select! {
                     msg = read_control(&mut recv, &mut cbuf) => {
                         let msg = msg?.ok_or(SessionError::ControlClosed)?;
@@ -539,8 +601,14 @@ impl<C: Conn> Session<C> {
                     }
                     Some(b) = recv_batch(&mut self.data) => self.rx.handle_batch(b?)?,
                     // Restarted by every message and batch; the time spent
-                    // acting on them (a restore) does not count.
-                    () = tokio::time::sleep(idle) => return Err(SessionError::Idle(idle)),
+                    // acting on them (a restore) does not count. A prepared
+                    // process waits for Go only so long.
+                    () = tokio::time::sleep(wait) => {
+                        return Err(match prepared {
+                            true => SessionError::NoGo(wait),
+                            false => SessionError::Idle(idle),
+                        })
+                    }
                 }
             }
         }
@@ -692,6 +760,9 @@ impl<C: Conn> Session<C> {
                     let h = self.store()?;
                     blocking(|| h.put_state(&tree))?;
                 }
+                Action::Commit { restore: true } if self.rx.ready_go() => {
+                    self.prepare()?;
+                }
                 Action::Commit { restore } => {
                     let outcome = self.commit(restore);
                     // Release the session before the verdict goes out: the
@@ -710,6 +781,17 @@ impl<C: Conn> Session<C> {
                         }
                     }
                     self.rx.finished(outcome)?;
+                }
+                Action::Release { .. } => self.release()?,
+                Action::Abandon { reason, .. } => {
+                    self.abandon(&format!("the source aborted after Ready: {reason}"));
+                }
+                Action::Lookup { id } => {
+                    let (fate, note) = self.look_up(id);
+                    info!(peer = %self.conn.remote_address(), session = %id, ?fate,
+                          "answered a query");
+                    let up = self.shared.started.elapsed().as_millis() as u64;
+                    self.rx.answer_with(&fate, &note, up)?;
                 }
                 Action::Aborted { reason } => {
                     info!(session = %self.session_name(), "source aborted: {reason}");
@@ -845,6 +927,170 @@ impl<C: Conn> Session<C> {
             let _ = tokio::time::timeout(Duration::from_secs(1), write).await;
         }
     }
+}
+
+/// The two-phase end (feature `ready-go`): prepare, then release on `Go`
+/// or abandon on anything else; every step's fate is recorded so a source
+/// that lost the answer can ask (`Query`).
+impl<C: Conn> Session<C> {
+    /// The idle timeout, or while a prepared process waits, the Go timeout.
+    fn wait_limit(&self) -> Duration {
+        match self.prepared {
+            Some(_) => self.shared.go_timeout,
+            None => self.shared.idle_timeout,
+        }
+    }
+
+    fn record(&self, fate: Fate) {
+        let Some(id) = self.rx.session() else { return };
+        if let Ok(mut f) = self.shared.fates.lock() {
+            f.record(id, fate, Instant::now());
+        }
+    }
+
+    /// Restores with every thread held; `Ready{pid}` goes out, or `Failed`.
+    fn prepare(&mut self) -> Result<(), SessionError> {
+        let warm = self.warm.take();
+        let (Some(h), Some(r)) = (self.handle.as_mut(), self.shared.restorer.clone()) else {
+            return self.fail_commit("no session or no restorer".into());
+        };
+        let t = Instant::now();
+        if failpoint("slow-prepare") {
+            // Test only: a destination slower than the source's patience.
+            blocking(|| std::thread::sleep(Duration::from_secs(5)));
+        }
+        let done = blocking(|| match warm {
+            Some(w) => w.prepare(h.as_mut()),
+            None => r.prepare(h.as_mut()),
+        });
+        match done {
+            Ok(p) => {
+                let pid = p.pid();
+                info!(session = %self.session_name(), pid,
+                      restore_ms = t.elapsed().as_secs_f64() * 1e3,
+                      "restored and held: waiting for Go");
+                self.record(Fate::Pending);
+                self.prepared = Some(p);
+                self.rx.prepared(pid)?;
+                Ok(())
+            }
+            Err(reason) => self.fail_commit(reason),
+        }
+    }
+
+    fn fail_commit(&mut self, reason: String) -> Result<(), SessionError> {
+        warn!(session = %self.session_name(), "restore failed, nothing runs: {reason}");
+        self.record(Fate::Abandoned {
+            reason: reason.clone(),
+        });
+        self.handle = None;
+        self.rx.finished(Outcome::Failed { reason })?;
+        Ok(())
+    }
+
+    /// `Go`: the process runs; `Restored{pid}` goes out.
+    fn release(&mut self) -> Result<(), SessionError> {
+        let Some(p) = self.prepared.take() else {
+            return Err(SessionError::Protocol(ProtocolError::Misuse(
+                "Go with no prepared process",
+            )));
+        };
+        let outcome = match blocking(|| p.release()) {
+            Ok(pid) => {
+                info!(session = %self.session_name(), pid, "released: the process runs");
+                self.record(Fate::Resumed { pid });
+                self.forget_restored();
+                // --keep-pids sessions never take this path (the source
+                // does not ask for ready-go with it): no namespace to tell.
+                Outcome::Restored {
+                    pid,
+                    ns_pid: 0,
+                    pid_ns: 0,
+                }
+            }
+            Err(reason) => {
+                let reason =
+                    format!("releasing the restored process failed, it was killed: {reason}");
+                warn!(session = %self.session_name(), "{reason}");
+                self.record(Fate::Abandoned {
+                    reason: reason.clone(),
+                });
+                Outcome::Failed { reason }
+            }
+        };
+        self.handle = None;
+        if failpoint("restored-lost") {
+            // Test only: the answer is lost after the release.
+            return Err(SessionError::Failpoint("page-server:restored-lost"));
+        }
+        self.rx.finished(outcome)?;
+        Ok(())
+    }
+
+    /// Kills the prepared process, if there is one; records why.
+    fn abandon(&mut self, reason: &str) {
+        let Some(p) = self.prepared.take() else {
+            return;
+        };
+        let pid = p.pid();
+        blocking(|| p.abandon());
+        warn!(session = %self.session_name(), pid,
+              "abandoned: the prepared process was killed before it ran ({reason})");
+        self.record(Fate::Abandoned {
+            reason: reason.into(),
+        });
+    }
+
+    /// After a release with `--keep-restored` off: the image could only
+    /// run the process a second time.
+    fn forget_restored(&mut self) {
+        if !self.shared.forget_restored {
+            return;
+        }
+        let Some(id) = self.handle.take().map(|h| h.summary().id) else {
+            return;
+        };
+        if let Err(e) = blocking(|| self.shared.store.remove(id)) {
+            warn!(session = %id, "removing a restored session's image: {e}");
+        }
+    }
+
+    /// What this page server can say about session `id`, and a note for an
+    /// unknown one.
+    fn look_up(&self, id: ferry_proto::SessionId) -> (Fate, String) {
+        let fate = match self.shared.fates.lock() {
+            Ok(mut f) => f.get(&id, Instant::now()),
+            Err(_) => Fate::Unknown,
+        };
+        if fate != Fate::Unknown {
+            return (fate, String::new());
+        }
+        let stored = self
+            .shared
+            .store
+            .list()
+            .ok()
+            .and_then(|l| l.into_iter().find(|s| s.id == id));
+        let note = match stored {
+            Some(s) if s.has_state => "its image (with a process state) is stored here, but no                  record of how its end went: this page server may have been restarted since"
+                .to_string(),
+            Some(_) => "its image is stored here, without a process state: it never committed"
+                .to_string(),
+            None => "never seen by this page server (or forgotten)".to_string(),
+        };
+        (Fate::Unknown, note)
+    }
+}
+
+/// Failpoint (test only): `FERRY_FAILPOINT=page-server:SITE` (the
+/// convention of ferry's `failpoint` module, which this crate cannot use).
+fn failpoint(site: &str) -> bool {
+    static ARMED: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    ARMED
+        .get_or_init(|| std::env::var("FERRY_FAILPOINT").ok())
+        .as_deref()
+        .and_then(|a| a.split_once(':'))
+        == Some(("page-server", site))
 }
 
 async fn recv_batch(rx: &mut Option<mpsc::Receiver<BatchResult>>) -> Option<BatchResult> {

@@ -17,7 +17,7 @@ use prost::Message;
 use crate::batch::{self, Compress, DecodedBatch, EncodedBatch, Encoder, MAX_RUNS};
 use crate::frame::{self, FrameError, WireBatch, MAX_BATCH_HEADER, MAX_BATCH_PAYLOAD};
 use crate::pb::{self, control::Msg};
-use crate::session::{Action, Outcome, Receiver, Sender, SenderConfig};
+use crate::session::{Action, Fate, Outcome, Receiver, Sender, SenderConfig};
 use crate::vma::RangeSet;
 use crate::SessionId;
 
@@ -384,7 +384,7 @@ const TAG_BATCH: u8 = b'B';
 /// restore is asked. A protocol error must end the session. True if the
 /// transcript reached a commit.
 pub fn session(data: &[u8]) -> bool {
-    let mut rx = Receiver::new(EARLY_BYTES);
+    let mut rx = Receiver::new(EARLY_BYTES).with_ready_go();
     let mut m = Model::default();
     let mut buf = BytesMut::from(data);
     while let Some(&tag) = buf.first() {
@@ -414,7 +414,7 @@ pub fn session(data: &[u8]) -> bool {
         }
         m.drive(&mut rx);
     }
-    m.committed
+    m.committed || m.answered
 }
 
 #[derive(Default)]
@@ -423,6 +423,8 @@ struct Model {
     open: Option<ModelLayer>,
     has_state: bool,
     committed: bool,
+    /// A Query was answered.
+    answered: bool,
 }
 
 struct ModelLayer {
@@ -476,6 +478,11 @@ impl Model {
                     assert!(self.next_layer > 0, "a commit with no sealed layer");
                     assert!(self.open.is_none(), "a commit with a layer open");
                     assert!(!restore || self.has_state, "a restore with no state");
+                    if restore && rx.ready_go() {
+                        // Committed only once the source says Go.
+                        rx.prepared(4242).expect("prepared");
+                        continue;
+                    }
                     self.committed = true;
                     let outcome = if restore {
                         Outcome::Restored {
@@ -490,6 +497,23 @@ impl Model {
                         }
                     };
                     rx.finished(outcome).expect("finished");
+                }
+                Action::Release { pid } => {
+                    assert_eq!(pid, 4242, "released another pid than prepared");
+                    self.committed = true;
+                    rx.finished(Outcome::Restored {
+                        pid,
+                        ns_pid: 0,
+                        pid_ns: 0,
+                    })
+                    .expect("finished");
+                }
+                Action::Abandon { pid, .. } => {
+                    assert_eq!(pid, 4242, "abandoned another pid than prepared")
+                }
+                Action::Lookup { .. } => {
+                    self.answered = true;
+                    rx.answer(&Fate::Unknown).expect("answer");
                 }
             }
         }
@@ -594,7 +618,7 @@ pub fn seeds() -> Vec<Seed> {
     }
 
     // Every control message the protocol has, one frame each.
-    let mut tx = sender(false);
+    let mut tx = sender(false, false);
     let vmas = vec![vma(0x10000, 0x30000)];
     let mut controls = vec![
         tx.hello().expect("hello"),
@@ -634,6 +658,12 @@ pub fn seeds() -> Vec<Seed> {
         Msg::Abort(pb::Abort {
             reason: "operator".into(),
         }),
+        Msg::Ready(pb::Ready { pid: 4242 }),
+        Msg::Go(pb::Go {}),
+        Msg::Query(pb::Query {
+            session: Bytes::from_static(&[0x5e; 16]),
+        }),
+        Msg::Outcome(Fate::Resumed { pid: 4242 }.to_pb()),
     ] {
         controls.push(session_control(m));
     }
@@ -652,12 +682,24 @@ pub fn seeds() -> Vec<Seed> {
         vec![4 | 8, 0, 15, 2, 0, 7, 6, 1, 2, 3]
     }));
 
-    out.push(seed("session", "store", transcript(false, false)));
+    out.push(seed("session", "store", transcript(false, false, false)));
     out.push(seed(
         "session",
         "restore-early-batch",
-        transcript(true, true),
+        transcript(true, true, false),
     ));
+    out.push(seed(
+        "session",
+        "restore-ready-go",
+        transcript(false, true, true),
+    ));
+    out.push(seed("session", "query", {
+        let mut b = vec![TAG_CONTROL];
+        b.extend(control_bytes(&[crate::session::query(SessionId(
+            [0x5e; 16],
+        ))]));
+        b
+    }));
     out
 }
 
@@ -665,7 +707,11 @@ fn session_control(m: Msg) -> pb::Control {
     pb::Control { msg: Some(m) }
 }
 
-fn sender(resume: bool) -> Sender {
+fn sender(resume: bool, ready_go: bool) -> Sender {
+    let mut features = vec![crate::FEATURE_RESTORE.into()];
+    if ready_go {
+        features.push(crate::FEATURE_READY_GO.into());
+    }
     Sender::new(SenderConfig {
         session: SessionId([0x5e; 16]),
         page_size: PS,
@@ -673,15 +719,16 @@ fn sender(resume: bool) -> Sender {
         kernel: "6.8.0".into(),
         label: "fuzz seed".into(),
         resume,
-        features: vec![crate::FEATURE_RESTORE.into()],
+        features,
         creds: Vec::new(),
     })
 }
 
 /// A whole session as the receiver sees it: two layers of real batches,
 /// the second overlapping the first; with `early`, a batch that overtakes
-/// its `LayerBegin`; with `restore`, a state and a restoring commit.
-fn transcript(early: bool, restore: bool) -> Vec<u8> {
+/// its `LayerBegin`; with `restore`, a state and a restoring commit; with
+/// `ready_go` too, the two-phase end's `Go`.
+fn transcript(early: bool, restore: bool, ready_go: bool) -> Vec<u8> {
     let mut out = Vec::new();
     let control = |out: &mut Vec<u8>, c: pb::Control| {
         out.push(TAG_CONTROL);
@@ -691,12 +738,17 @@ fn transcript(early: bool, restore: bool) -> Vec<u8> {
         out.push(TAG_BATCH);
         out.extend(frame_bytes(e));
     };
-    let mut tx = sender(false);
+    let mut tx = sender(false, ready_go);
     control(&mut out, tx.hello().expect("hello"));
+    let granted = if ready_go {
+        vec![crate::FEATURE_READY_GO.into()]
+    } else {
+        Vec::new()
+    };
     tx.handle_control(session_control(Msg::Welcome(pb::Welcome {
         version: crate::PROTOCOL_VERSION,
         next_layer: 0,
-        features: Vec::new(),
+        features: granted,
     })))
     .expect("welcome");
     let mut enc = Encoder::new(PS, Compress::default());
@@ -735,6 +787,11 @@ fn transcript(early: bool, restore: bool) -> Vec<u8> {
         );
     }
     control(&mut out, tx.commit(restore).expect("commit"));
+    if restore && ready_go {
+        let ready = session_control(Msg::Ready(pb::Ready { pid: 4242 }));
+        tx.handle_control(ready).expect("ready");
+        control(&mut out, tx.go().expect("go"));
+    }
     out
 }
 

@@ -58,6 +58,11 @@ pub const LAZY_URGENT_LAYER: u32 = u32::MAX;
 /// Batch layer of pages the source pushes in the background (post-copy).
 pub const LAZY_PUSH_LAYER: u32 = u32::MAX - 1;
 
+/// Hello and Welcome feature: the two-phase end of a migration (`Ready`,
+/// `Go`; see [`session`]). Used only when both sides name it, so either
+/// side may be older.
+pub const FEATURE_READY_GO: &str = "ready-go";
+
 /// ALPN protocol id of a ferry connection.
 pub const ALPN: &[u8] = b"ferry/1";
 

@@ -22,6 +22,23 @@
 //!   │ Abort{reason} ◀─▶ either side, any time            │ drop the unsealed layer
 //! ```
 //!
+//! With the feature `ready-go` in both Hello and Welcome (the destination's
+//! driver opts in with [`Receiver::with_ready_go`]), a `Commit{restore}`
+//! ends in two phases, so that a source that never hears `Restored` can
+//! still know whether a copy runs:
+//!
+//! ```text
+//!   │ Commit{restore} ─▶                                 │ restore, every thread
+//!   │                                                    │   stopped, final state set
+//!   │◀─ Ready{pid} | Failed{reason} ─────────────────────│
+//!   │ Go ─▶  (or Abort: the prepared process is killed)  │ let it run
+//!   │◀─ Restored{pid} | Failed{reason} ──────────────────│
+//!
+//!   later, a new connection, instead of Hello:
+//!   │ Query{session} ─▶                                  │ look up its fate
+//!   │◀─ Outcome{unknown | pending | resumed pid | abandoned}
+//! ```
+//!
 //! The last round may be pipelined: `LayerEnd`, `State` and `Commit` can go
 //! out without waiting for `LayerSealed`, which saves round trips while the
 //! source is frozen. The control stream is ordered, so the receiver still
@@ -30,7 +47,8 @@
 //! action completes between two inputs.
 //!
 //! Receiver states: `AwaitHello → Opening → Ready ⇄ (layer open) → Committing
-//! → Done`, with `Failed` reachable from all of them. Any input that does not
+//! [→ Prepared → Releasing] → Done`, or `AwaitHello → Querying → Done`, with
+//! `Failed` reachable from all of them. Any input that does not
 //! fit the state is a [`ProtocolError`] that ends the session, never a panic.
 
 use std::collections::{HashSet, VecDeque};
@@ -39,7 +57,10 @@ use crate::batch::{DecodedBatch, LayerDigest};
 use crate::lazy::{LazyError, LazySet};
 use crate::pb::{self, control::Msg};
 use crate::vma::{RangeSet, VmaError};
-use crate::{valid_page_size, SessionId, FEATURE_POST_COPY, PROTOCOL_VERSION};
+use crate::{
+    valid_page_size, SessionId, FEATURE_KEEP_PIDS, FEATURE_POST_COPY, FEATURE_READY_GO,
+    PROTOCOL_VERSION,
+};
 
 /// Most batches in one layer (at 1024 pages each, 4 TiB of 4 KiB pages).
 pub const MAX_BATCHES_PER_LAYER: u32 = 1 << 20;
@@ -91,6 +112,10 @@ pub enum ProtocolError {
     NothingToCommit,
     #[error("commit asks for a restore but no process state was sent")]
     NoState,
+    #[error("the destination said Ready for pid {ready} but Restored pid {restored}")]
+    PidChanged { ready: i32, restored: i32 },
+    #[error("bad Outcome: {0}")]
+    BadOutcome(String),
     #[error("{0}")]
     Misuse(&'static str),
     #[error("the page server does not offer {feature} (an older version, or one that cannot do it: {why})")]
@@ -120,6 +145,10 @@ fn msg_name(m: &Msg) -> &'static str {
         Msg::PostCopy(_) => "PostCopy",
         Msg::PageRequest(_) => "PageRequest",
         Msg::PostCopyDone(_) => "PostCopyDone",
+        Msg::Ready(_) => "Ready",
+        Msg::Go(_) => "Go",
+        Msg::Query(_) => "Query",
+        Msg::Outcome(_) => "Outcome",
     }
 }
 
@@ -168,6 +197,99 @@ pub enum Action {
     Aborted {
         reason: String,
     },
+    /// Two-phase: the source said `Go`. Let the prepared process run, then
+    /// call [`Receiver::finished`] with `Restored{pid}` (or, if releasing
+    /// failed and the process was killed, `Failed`).
+    Release {
+        pid: i32,
+    },
+    /// Two-phase: the source gave up after `Ready`. Kill and reap the
+    /// prepared process; the session is over.
+    Abandon {
+        pid: i32,
+        reason: String,
+    },
+    /// A `Query`: look up the session's fate and call [`Receiver::answer`].
+    Lookup {
+        id: SessionId,
+    },
+}
+
+/// What became of a session, as the page server remembers it (the answer
+/// to `Query`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fate {
+    /// Never seen, or forgotten.
+    Unknown,
+    /// Prepared and waiting for `Go`, or being released: not decided yet.
+    Pending,
+    /// The restored process was let run.
+    Resumed { pid: i32 },
+    /// No copy runs: the restore failed or the prepared process was killed.
+    Abandoned { reason: String },
+}
+
+impl Fate {
+    pub fn to_pb(&self) -> pb::Outcome {
+        use pb::SessionFate as F;
+        let (fate, pid, reason) = match self {
+            Fate::Unknown => (F::Unknown, 0, String::new()),
+            Fate::Pending => (F::Pending, 0, String::new()),
+            Fate::Resumed { pid } => (F::Resumed, *pid, String::new()),
+            Fate::Abandoned { reason } => (F::Abandoned, 0, reason.clone()),
+        };
+        pb::Outcome {
+            fate: fate as i32,
+            pid,
+            reason,
+            uptime_ms: 0,
+        }
+    }
+
+    /// Reads an `Outcome`; an unspecified or unknown fate, or a resumed
+    /// one with no pid, is refused rather than guessed at.
+    pub fn from_pb(o: &pb::Outcome) -> Result<Self, ProtocolError> {
+        use pb::SessionFate as F;
+        match F::try_from(o.fate) {
+            Ok(F::Unknown) => Ok(Fate::Unknown),
+            Ok(F::Pending) => Ok(Fate::Pending),
+            Ok(F::Resumed) if o.pid > 0 => Ok(Fate::Resumed { pid: o.pid }),
+            Ok(F::Resumed) => Err(ProtocolError::BadOutcome(format!(
+                "resumed with pid {}",
+                o.pid
+            ))),
+            Ok(F::Abandoned) => Ok(Fate::Abandoned {
+                reason: o.reason.clone(),
+            }),
+            Ok(F::Unspecified) | Err(_) => Err(ProtocolError::BadOutcome(format!(
+                "fate {} is not one this build knows",
+                o.fate
+            ))),
+        }
+    }
+}
+
+/// The first message of a connection that asks for a session's fate.
+pub fn query(session: SessionId) -> pb::Control {
+    control(Msg::Query(pb::Query {
+        session: session.0.to_vec().into(),
+    }))
+}
+
+/// Reads the answer to [`query`].
+pub fn read_outcome(msg: pb::Control) -> Result<Fate, ProtocolError> {
+    match msg.msg {
+        Some(Msg::Outcome(o)) => Fate::from_pb(&o),
+        Some(Msg::Abort(a)) => Err(ProtocolError::BadOutcome(format!(
+            "the page server refused the query: {}",
+            a.reason
+        ))),
+        Some(m) => Err(ProtocolError::Unexpected {
+            state: "awaiting Outcome",
+            msg: msg_name(&m),
+        }),
+        None => Err(ProtocolError::Misuse("empty control message")),
+    }
 }
 
 /// How a commit ended, as the driver reports it.
@@ -196,6 +318,9 @@ enum RState {
     Ready,
     Sealing,
     Committing,
+    Prepared,
+    Releasing,
+    Querying,
     Done,
     Failed,
 }
@@ -208,6 +333,9 @@ impl RState {
             RState::Ready => "ready",
             RState::Sealing => "sealing a layer",
             RState::Committing => "committing",
+            RState::Prepared => "waiting for Go",
+            RState::Releasing => "releasing the process",
+            RState::Querying => "answering a query",
             RState::Done => "done",
             RState::Failed => "failed",
         }
@@ -239,6 +367,13 @@ pub struct Receiver {
     actions: VecDeque<Action>,
     /// The mappings of the newest layer begun.
     last_ranges: Option<RangeSet>,
+    /// The driver can do the two-phase end and answer queries.
+    can_ready_go: bool,
+    /// ... and this session's Hello asked for it.
+    ready_go: bool,
+    /// The commit under way restores.
+    restoring: bool,
+    prepared_pid: i32,
 }
 
 impl Default for Receiver {
@@ -262,7 +397,25 @@ impl Receiver {
             pending_commit: None,
             actions: VecDeque::new(),
             last_ranges: None,
+            can_ready_go: false,
+            ready_go: false,
+            restoring: false,
+            prepared_pid: 0,
         }
+    }
+
+    /// The driver carries out [`Action::Release`], [`Action::Abandon`] and
+    /// [`Action::Lookup`]: the receiver then grants `ready-go` to a source
+    /// that asks and answers `Query`. Without it a `Query` is refused and
+    /// the commit ends in one phase, as with an older page server.
+    pub fn with_ready_go(mut self) -> Self {
+        self.can_ready_go = true;
+        self
+    }
+
+    /// This session ends in two phases (negotiated at the handshake).
+    pub fn ready_go(&self) -> bool {
+        self.ready_go
     }
 
     pub fn session(&self) -> Option<SessionId> {
@@ -333,8 +486,39 @@ impl Receiver {
                 }
                 self.page_size = h.page_size;
                 self.session = Some(id);
+                self.ready_go = self.can_ready_go && h.features.iter().any(|f| f == FEATURE_READY_GO)
+                    // --keep-pids restores cold into a new pid namespace,
+                    // which has no two-phase end yet: one phase.
+                    && !h.features.iter().any(|f| f == FEATURE_KEEP_PIDS);
                 self.state = RState::Opening;
                 self.actions.push_back(Action::OpenSession { id, hello: h });
+                Ok(())
+            }
+            (RState::AwaitHello, Msg::Query(q)) if self.can_ready_go => {
+                let id = SessionId::from_slice(&q.session).ok_or_else(|| {
+                    ProtocolError::BadHello(format!(
+                        "session id must be 16 bytes, got {}",
+                        q.session.len()
+                    ))
+                })?;
+                self.session = Some(id);
+                self.state = RState::Querying;
+                self.actions.push_back(Action::Lookup { id });
+                Ok(())
+            }
+            (RState::Prepared, Msg::Go(_)) => {
+                self.state = RState::Releasing;
+                self.actions.push_back(Action::Release {
+                    pid: self.prepared_pid,
+                });
+                Ok(())
+            }
+            (RState::Prepared, Msg::Abort(a)) => {
+                self.state = RState::Done;
+                self.actions.push_back(Action::Abandon {
+                    pid: self.prepared_pid,
+                    reason: a.reason,
+                });
                 Ok(())
             }
             (RState::Ready | RState::Committing, Msg::Abort(a)) => {
@@ -413,6 +597,7 @@ impl Receiver {
 
     fn commit(&mut self, restore: bool) {
         self.state = RState::Committing;
+        self.restoring = restore;
         self.actions.push_back(Action::Commit { restore });
     }
 
@@ -615,7 +800,13 @@ impl Receiver {
             .push_back(Action::Send(control(Msg::Welcome(pb::Welcome {
                 version: PROTOCOL_VERSION,
                 next_layer,
-                features,
+                features: {
+                    let mut features = features;
+                    if self.ready_go && !features.iter().any(|f| f == FEATURE_READY_GO) {
+                        features.push(FEATURE_READY_GO.into());
+                    }
+                    features
+                },
             }))));
         Ok(())
     }
@@ -642,10 +833,42 @@ impl Receiver {
         Ok(())
     }
 
-    /// The commit asked for by [`Action::Commit`] is over.
+    /// Two-phase: the restore asked for by [`Action::Commit`] is done and
+    /// the process `pid` is held stopped with its final state; tells the
+    /// source `Ready` and waits for its `Go` (the driver bounds the wait).
+    pub fn prepared(&mut self, pid: i32) -> Result<(), ProtocolError> {
+        if self.state != RState::Committing || !self.ready_go || !self.restoring {
+            return Err(ProtocolError::Misuse(
+                "prepared() outside a two-phase restoring commit",
+            ));
+        }
+        self.state = RState::Prepared;
+        self.prepared_pid = pid;
+        self.actions
+            .push_back(Action::Send(control(Msg::Ready(pb::Ready { pid }))));
+        Ok(())
+    }
+
+    /// The pid held between [`Receiver::prepared`] and the end: the process
+    /// the driver must kill if the session fails or times out now.
+    pub fn prepared_pid(&self) -> Option<i32> {
+        matches!(self.state, RState::Prepared | RState::Releasing).then_some(self.prepared_pid)
+    }
+
+    /// The commit asked for by [`Action::Commit`] is over; in a two-phase
+    /// restore, a success is only reported after [`Action::Release`].
     pub fn finished(&mut self, outcome: Outcome) -> Result<(), ProtocolError> {
-        if self.state != RState::Committing {
-            return Err(ProtocolError::Misuse("finished() outside Committing"));
+        let two_phase = self.ready_go && self.restoring;
+        match (self.state, &outcome) {
+            (RState::Committing, Outcome::Restored { .. }) if two_phase => {
+                return Err(ProtocolError::Misuse(
+                    "finished(Restored) before the source said Go",
+                ))
+            }
+            (RState::Committing, _) => {}
+            (RState::Releasing, Outcome::Restored { pid, .. }) if *pid == self.prepared_pid => {}
+            (RState::Releasing, Outcome::Failed { .. }) => {}
+            _ => return Err(ProtocolError::Misuse("finished() outside Committing")),
         }
         self.state = RState::Done;
         let m = match outcome {
@@ -662,6 +885,34 @@ impl Receiver {
             Outcome::Failed { reason } => Msg::Failed(pb::Failed { reason }),
         };
         self.actions.push_back(Action::Send(control(m)));
+        Ok(())
+    }
+
+    /// Answers the `Query` asked for by [`Action::Lookup`]; ends the
+    /// connection's business.
+    pub fn answer(&mut self, fate: &Fate) -> Result<(), ProtocolError> {
+        self.answer_with(fate, "", 0)
+    }
+
+    /// [`Receiver::answer`], with what the page server can add: a `note`
+    /// on an unknown session and its uptime (see `Outcome` in the schema).
+    pub fn answer_with(
+        &mut self,
+        fate: &Fate,
+        note: &str,
+        uptime_ms: u64,
+    ) -> Result<(), ProtocolError> {
+        if self.state != RState::Querying {
+            return Err(ProtocolError::Misuse("answer() with no Query"));
+        }
+        self.state = RState::Done;
+        let mut o = fate.to_pb();
+        if o.reason.is_empty() {
+            o.reason = note.into();
+        }
+        o.uptime_ms = uptime_ms;
+        self.actions
+            .push_back(Action::Send(control(Msg::Outcome(o))));
         Ok(())
     }
 
@@ -727,6 +978,11 @@ pub enum Event {
     Aborted {
         reason: String,
     },
+    /// Two-phase: the destination holds the process `pid` restored and
+    /// stopped; the source must answer with [`Sender::go`] or abort.
+    Ready {
+        pid: i32,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -736,6 +992,8 @@ enum SState {
     Idle,
     Open,
     Committing,
+    Prepared,
+    Releasing,
     Done,
 }
 
@@ -759,6 +1017,11 @@ pub struct Sender {
     digest: LayerDigest,
     /// Layers ended but not yet acknowledged, oldest first.
     unsealed: VecDeque<u32>,
+    /// Both sides named `ready-go`.
+    ready_go: bool,
+    /// The commit under way restores.
+    restoring: bool,
+    ready_pid: i32,
 }
 
 impl Sender {
@@ -773,7 +1036,16 @@ impl Sender {
             pages: 0,
             digest: LayerDigest::default(),
             unsealed: VecDeque::new(),
+            ready_go: false,
+            restoring: false,
+            ready_pid: 0,
         }
+    }
+
+    /// The commit of a restore ends in two phases (`Ready`, `Go`): the
+    /// source asked for `ready-go` and the destination's Welcome granted it.
+    pub fn ready_go(&self) -> bool {
+        self.ready_go
     }
 
     pub fn page_size(&self) -> u32 {
@@ -844,6 +1116,8 @@ impl Sender {
                     });
                 }
                 self.next_layer = w.next_layer;
+                let named = |f: &[String]| f.iter().any(|f| f == FEATURE_READY_GO);
+                self.ready_go = named(&self.cfg.features) && named(&w.features);
                 self.state = SState::Idle;
                 Ok(Event::Welcomed {
                     next_layer: w.next_layer,
@@ -871,7 +1145,9 @@ impl Sender {
                     pages: s.pages,
                 })
             }
-            (SState::Committing, Msg::Restored(r)) if self.unsealed.is_empty() => {
+            (SState::Committing, Msg::Restored(r))
+                if self.unsealed.is_empty() && !(self.ready_go && self.restoring) =>
+            {
                 self.state = SState::Done;
                 Ok(Event::Restored {
                     pid: r.pid,
@@ -879,7 +1155,28 @@ impl Sender {
                     pid_ns: r.pid_ns,
                 })
             }
-            (SState::Committing, Msg::Failed(f)) => {
+            (SState::Committing, Msg::Ready(r))
+                if self.unsealed.is_empty() && self.ready_go && self.restoring =>
+            {
+                self.state = SState::Prepared;
+                self.ready_pid = r.pid;
+                Ok(Event::Ready { pid: r.pid })
+            }
+            (SState::Releasing, Msg::Restored(r)) => {
+                self.state = SState::Done;
+                if r.pid != self.ready_pid {
+                    return Err(ProtocolError::PidChanged {
+                        ready: self.ready_pid,
+                        restored: r.pid,
+                    });
+                }
+                Ok(Event::Restored {
+                    pid: r.pid,
+                    ns_pid: r.ns_pid,
+                    pid_ns: r.pid_ns,
+                })
+            }
+            (SState::Committing | SState::Prepared | SState::Releasing, Msg::Failed(f)) => {
                 self.state = SState::Done;
                 Ok(Event::Failed { reason: f.reason })
             }
@@ -894,6 +1191,8 @@ impl Sender {
                     SState::Idle => "between layers",
                     SState::Open => "sending a layer",
                     SState::Committing => "committing",
+                    SState::Prepared => "holding the source for Go",
+                    SState::Releasing => "awaiting Restored after Go",
                     SState::Done => "done",
                 },
                 msg: msg_name(&m),
@@ -1006,7 +1305,19 @@ impl Sender {
             ));
         }
         self.state = SState::Committing;
+        self.restoring = restore;
         Ok(control(Msg::Commit(pb::Commit { restore })))
+    }
+
+    /// Two-phase: after [`Event::Ready`], lets the destination run its
+    /// copy. From here until `Restored` the outcome is in doubt: a source
+    /// that hears nothing must [`query`] before it resumes.
+    pub fn go(&mut self) -> Result<pb::Control, ProtocolError> {
+        if self.state != SState::Prepared {
+            return Err(ProtocolError::Misuse("go() without Ready"));
+        }
+        self.state = SState::Releasing;
+        Ok(control(Msg::Go(pb::Go {})))
     }
 
     pub fn abort(&mut self, reason: impl Into<String>) -> pb::Control {

@@ -191,6 +191,7 @@ enum Cmd {
     Freeze(Reply<()>),
     Thaw(Reply<()>),
     GuardStop(Reply<()>),
+    HoldStopped(std::sync::Arc<std::sync::atomic::AtomicBool>, Reply<()>),
     Syscall {
         nr: i64,
         args: [u64; 6],
@@ -302,6 +303,18 @@ impl Tracee {
     /// SIGCONT (which the process sees, if it handles SIGCONT).
     pub fn guard_stop(&self) -> Result<(), PtraceError> {
         self.call(Cmd::GuardStop)
+            .unwrap_or(Err(PtraceError::TracerGone))
+    }
+
+    /// While `hold` is set, every detach (a drop included) leaves the
+    /// process stopped, as `detach(true)` does: the two-phase end sets it
+    /// when `Go` goes out, after which resuming the source could make a
+    /// second copy. Clear it before a deliberate resume.
+    pub fn hold_stopped_while(
+        &self,
+        hold: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ) -> Result<(), PtraceError> {
+        self.call(|reply| Cmd::HoldStopped(hold, reply))
             .unwrap_or(Err(PtraceError::TracerGone))
     }
 
@@ -517,6 +530,8 @@ struct Worker {
     reap_leader: bool,
     /// A SIGSTOP is queued (see [`Tracee::guard_stop`]).
     stop_guard: bool,
+    /// See [`Tracee::hold_stopped_while`].
+    hold: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
     dead: bool,
     detached: bool,
     insn: Option<u64>,
@@ -536,6 +551,7 @@ impl Worker {
             want_frozen: false,
             reap_leader: parent != Some(std::process::id() as i32),
             stop_guard: false,
+            hold: None,
             dead: false,
             detached: false,
             insn: None,
@@ -598,6 +614,10 @@ impl Worker {
                 }
                 Cmd::GuardStop(reply) => {
                     let _ = reply.send(self.guard_stop());
+                }
+                Cmd::HoldStopped(hold, reply) => {
+                    self.hold = Some(hold);
+                    let _ = reply.send(Ok(()));
                 }
                 Cmd::Freeze(reply) => {
                     let _ = reply.send(self.freeze());
@@ -1326,6 +1346,11 @@ impl Worker {
     }
 
     fn detach(&mut self, leave_stopped: bool) -> Result<(), PtraceError> {
+        let held = self
+            .hold
+            .as_ref()
+            .is_some_and(|h| h.load(std::sync::atomic::Ordering::SeqCst));
+        let leave_stopped = leave_stopped || held;
         self.detached = true;
         if self.dead || self.threads.is_empty() {
             self.threads.clear();

@@ -887,6 +887,16 @@ impl Stub {
     /// [`Stub::resume`] for every thread: each thread's state is set before
     /// any is let go; the main thread goes last.
     pub fn resume_all(mut self, threads: &[Resume<'_>]) -> Result<i32, StubError> {
+        self.set_final(threads)?;
+        let tids: Vec<i32> = threads.iter().map(|t| t.tid).collect();
+        self.release(&tids)
+    }
+
+    /// The first half of [`Stub::resume_all`]: every thread gets its final
+    /// state but stays stopped, so the process can still be dropped
+    /// (killed) unseen until [`Stub::release`] (the two-phase end of a
+    /// migration).
+    pub fn set_final(&mut self, threads: &[Resume<'_>]) -> Result<(), StubError> {
         for t in threads {
             if !t.xstate.is_empty() {
                 let mut buf = t.xstate.to_vec();
@@ -895,8 +905,14 @@ impl Stub {
             req::set_sigmask(t.tid, t.sigmask)?;
             req::set_regs(t.tid, &t.regs)?;
         }
-        for t in threads.iter().filter(|t| t.tid != self.pid) {
-            req::simple("PTRACE_DETACH", libc::PTRACE_DETACH, t.tid, 0)?;
+        Ok(())
+    }
+
+    /// The second half: detaches `tids` (the main thread last), and the
+    /// process runs.
+    pub fn release(mut self, tids: &[i32]) -> Result<i32, StubError> {
+        for &tid in tids.iter().filter(|&&t| t != self.pid) {
+            req::simple("PTRACE_DETACH", libc::PTRACE_DETACH, tid, 0)?;
         }
         req::simple("PTRACE_DETACH", libc::PTRACE_DETACH, self.pid, 0)?;
         self.alive = false;

@@ -174,6 +174,9 @@ fn drive_receiver(rx: &mut Receiver, store: &mut ModelStore, resume_at: u32) -> 
             }
             Action::PostCopy { ranges } => store.lazy = Some(ranges),
             Action::Aborted { reason } => store.aborted = Some(reason),
+            a @ (Action::Release { .. } | Action::Abandon { .. } | Action::Lookup { .. }) => {
+                panic!("{a:?} from a receiver without ready-go")
+            }
         }
     }
     out
@@ -677,4 +680,361 @@ fn post_copy_ranges_are_checked_against_the_last_layer() {
             ..
         }
     ));
+}
+
+// ------------------------------------------------------------ ready-go
+
+fn ready_go_sender() -> Sender {
+    Sender::new(SenderConfig {
+        features: vec![crate::FEATURE_RESTORE.into(), FEATURE_READY_GO.into()],
+        ..sender().cfg
+    })
+}
+
+/// What a two-phase driver did.
+#[derive(Debug, Default, PartialEq)]
+struct Fates {
+    prepared: Option<i32>,
+    released: Option<i32>,
+    abandoned: Option<(i32, String)>,
+    looked_up: Option<SessionId>,
+}
+
+/// Drives a ready-go receiver: a restoring commit prepares pid 77, a
+/// release succeeds; returns what to send.
+fn drive_two_phase(rx: &mut Receiver, fates: &mut Fates) -> Vec<pb::Control> {
+    let mut out = vec![];
+    while let Some(a) = rx.poll_action() {
+        match a {
+            Action::Send(c) => out.push(c),
+            Action::OpenSession { .. } => rx.session_ready(0).unwrap(),
+            Action::Seal { layer, .. } => rx.sealed(layer).unwrap(),
+            Action::BeginLayer { .. } | Action::Store(_) | Action::StoreState(_) => {}
+            Action::Commit { restore: true } if rx.ready_go() => {
+                fates.prepared = Some(77);
+                rx.prepared(77).unwrap();
+            }
+            Action::Commit { restore } => {
+                let o = if restore {
+                    Outcome::Restored {
+                        pid: 77,
+                        ns_pid: 0,
+                        pid_ns: 0,
+                    }
+                } else {
+                    Outcome::Stored {
+                        layers: 1,
+                        pages: 1,
+                    }
+                };
+                rx.finished(o).unwrap();
+            }
+            Action::Release { pid } => {
+                fates.released = Some(pid);
+                rx.finished(Outcome::Restored {
+                    pid,
+                    ns_pid: 0,
+                    pid_ns: 0,
+                })
+                .unwrap();
+            }
+            Action::Abandon { pid, reason } => fates.abandoned = Some((pid, reason)),
+            Action::Lookup { id } => {
+                fates.looked_up = Some(id);
+                rx.answer(&Fate::Resumed { pid: 77 }).unwrap();
+            }
+            Action::Aborted { reason } => fates.abandoned = Some((0, reason)),
+            a @ Action::PostCopy { .. } => panic!("{a:?} in a ready-go session"),
+        }
+    }
+    out
+}
+
+/// Feeds `msgs` to the sender; returns its events.
+fn deliver(tx: &mut Sender, msgs: Vec<pb::Control>) -> Vec<Event> {
+    msgs.into_iter()
+        .map(|c| tx.handle_control(c).unwrap())
+        .collect()
+}
+
+/// A two-phase session up to the restoring commit: one layer of one page
+/// sealed, the state sent. Returns the commit message, not yet delivered.
+fn up_to_commit(tx: &mut Sender, rx: &mut Receiver, fates: &mut Fates) -> pb::Control {
+    rx.handle_control(tx.hello().unwrap()).unwrap();
+    deliver(tx, drive_two_phase(rx, fates));
+    rx.handle_control(tx.begin_layer(vec![vma(0x10000, 0x20000)]).unwrap())
+        .unwrap();
+    let t = tx.next_batch().unwrap();
+    let b = one_page_batch(0, t.seq, 0x10000);
+    tx.batch_sent(t, b.pages(), b.digest).unwrap();
+    rx.handle_batch(b).unwrap();
+    rx.handle_control(tx.end_layer().unwrap()).unwrap();
+    deliver(tx, drive_two_phase(rx, fates));
+    rx.handle_control(tx.state(pb::ProcessTree::default()).unwrap())
+        .unwrap();
+    tx.commit(true).unwrap()
+}
+
+#[test]
+fn ready_go_is_negotiated_by_both_sides() {
+    // Both ask: granted.
+    let (mut tx, mut rx) = (ready_go_sender(), Receiver::default().with_ready_go());
+    rx.handle_control(tx.hello().unwrap()).unwrap();
+    deliver(&mut tx, drive_two_phase(&mut rx, &mut Fates::default()));
+    assert!(rx.ready_go() && tx.ready_go());
+
+    // An older (or unwilling) page server: one phase on both sides.
+    let (mut tx, mut rx) = (ready_go_sender(), Receiver::default());
+    rx.handle_control(tx.hello().unwrap()).unwrap();
+    let mut store = ModelStore::default();
+    deliver(&mut tx, drive_receiver(&mut rx, &mut store, 0));
+    assert!(!rx.ready_go() && !tx.ready_go());
+
+    // An older source: the page server does not offer it unasked.
+    let (mut tx, mut rx) = (sender(), Receiver::default().with_ready_go());
+    rx.handle_control(tx.hello().unwrap()).unwrap();
+    deliver(&mut tx, drive_two_phase(&mut rx, &mut Fates::default()));
+    assert!(!rx.ready_go() && !tx.ready_go());
+}
+
+#[test]
+fn two_phase_commit_releases_only_on_go() {
+    let (mut tx, mut rx, mut fates) = (
+        ready_go_sender(),
+        Receiver::default().with_ready_go(),
+        Fates::default(),
+    );
+    let commit = up_to_commit(&mut tx, &mut rx, &mut fates);
+    rx.handle_control(commit).unwrap();
+    let out = drive_two_phase(&mut rx, &mut fates);
+    assert_eq!(fates.prepared, Some(77));
+    assert_eq!(fates.released, None, "released before Go");
+    assert_eq!(rx.prepared_pid(), Some(77));
+    assert_eq!(deliver(&mut tx, out), vec![Event::Ready { pid: 77 }]);
+    assert!(!rx.is_finished());
+
+    rx.handle_control(tx.go().unwrap()).unwrap();
+    let out = drive_two_phase(&mut rx, &mut fates);
+    assert_eq!(fates.released, Some(77));
+    assert_eq!(
+        deliver(&mut tx, out),
+        vec![Event::Restored {
+            pid: 77,
+            ns_pid: 0,
+            pid_ns: 0
+        }]
+    );
+    assert!(rx.is_finished());
+    assert_eq!(rx.prepared_pid(), None);
+    assert_eq!(fates.abandoned, None);
+}
+
+#[test]
+fn abort_after_ready_abandons_the_prepared_process() {
+    let (mut tx, mut rx, mut fates) = (
+        ready_go_sender(),
+        Receiver::default().with_ready_go(),
+        Fates::default(),
+    );
+    let commit = up_to_commit(&mut tx, &mut rx, &mut fates);
+    rx.handle_control(commit).unwrap();
+    deliver(&mut tx, drive_two_phase(&mut rx, &mut fates));
+    rx.handle_control(tx.abort("operator")).unwrap();
+    drive_two_phase(&mut rx, &mut fates);
+    assert_eq!(fates.abandoned, Some((77, "operator".into())));
+    assert_eq!(fates.released, None);
+    assert!(rx.is_finished());
+}
+
+#[test]
+fn a_failed_two_phase_restore_says_failed_without_ready() {
+    let (mut tx, mut rx, mut fates) = (
+        ready_go_sender(),
+        Receiver::default().with_ready_go(),
+        Fates::default(),
+    );
+    let commit = up_to_commit(&mut tx, &mut rx, &mut fates);
+    rx.handle_control(commit).unwrap();
+    assert!(matches!(
+        std::iter::from_fn(|| rx.poll_action()).find(|a| !matches!(a, Action::StoreState(_))),
+        Some(Action::Commit { restore: true })
+    ));
+    rx.finished(Outcome::Failed {
+        reason: "no vdso".into(),
+    })
+    .unwrap();
+    let out = drive_two_phase(&mut rx, &mut fates);
+    assert_eq!(
+        deliver(&mut tx, out),
+        vec![Event::Failed {
+            reason: "no vdso".into()
+        }]
+    );
+}
+
+#[test]
+fn two_phase_misuse_and_hostile_answers() {
+    let (mut tx, mut rx, mut fates) = (
+        ready_go_sender(),
+        Receiver::default().with_ready_go(),
+        Fates::default(),
+    );
+    let commit = up_to_commit(&mut tx, &mut rx, &mut fates);
+    assert!(tx.go().is_err(), "Go before Ready");
+    rx.handle_control(commit).unwrap();
+    assert!(matches!(
+        std::iter::from_fn(|| rx.poll_action()).find(|a| !matches!(a, Action::StoreState(_))),
+        Some(Action::Commit { restore: true })
+    ));
+    // The driver may not report a running process before Go.
+    assert!(rx
+        .finished(Outcome::Restored {
+            pid: 77,
+            ns_pid: 0,
+            pid_ns: 0
+        })
+        .is_err());
+
+    // A destination that resumes without waiting for Go is refused.
+    let (mut tx, mut rx, mut fates) = (
+        ready_go_sender(),
+        Receiver::default().with_ready_go(),
+        Fates::default(),
+    );
+    up_to_commit(&mut tx, &mut rx, &mut fates);
+    let e = tx
+        .handle_control(control(Msg::Restored(pb::Restored {
+            pid: 77,
+            ..Default::default()
+        })))
+        .unwrap_err();
+    assert!(matches!(
+        e,
+        ProtocolError::Unexpected {
+            msg: "Restored",
+            ..
+        }
+    ));
+
+    // Restored for another pid than Ready named.
+    let (mut tx, mut rx, mut fates) = (
+        ready_go_sender(),
+        Receiver::default().with_ready_go(),
+        Fates::default(),
+    );
+    up_to_commit(&mut tx, &mut rx, &mut fates);
+    tx.handle_control(control(Msg::Ready(pb::Ready { pid: 77 })))
+        .unwrap();
+    tx.go().unwrap();
+    assert_eq!(
+        tx.handle_control(control(Msg::Restored(pb::Restored {
+            pid: 78,
+            ..Default::default()
+        })))
+        .unwrap_err(),
+        ProtocolError::PidChanged {
+            ready: 77,
+            restored: 78
+        }
+    );
+
+    // Ready in a one-phase session, Go to a receiver that is not prepared.
+    let (_, mut tx, _) = ready_receiver();
+    assert!(tx
+        .handle_control(control(Msg::Ready(pb::Ready { pid: 1 })))
+        .is_err());
+    let (mut rx, _, _) = ready_receiver();
+    assert!(rx.handle_control(control(Msg::Go(pb::Go {}))).is_err());
+    assert!(rx.is_finished());
+    assert!(Receiver::default().prepared(1).is_err());
+}
+
+#[test]
+fn query_is_answered_without_a_session() {
+    let mut rx = Receiver::default().with_ready_go();
+    let mut fates = Fates::default();
+    rx.handle_control(query(SessionId([9; 16]))).unwrap();
+    let out = drive_two_phase(&mut rx, &mut fates);
+    assert_eq!(fates.looked_up, Some(SessionId([9; 16])));
+    assert_eq!(out.len(), 1);
+    assert_eq!(
+        read_outcome(out.into_iter().next().unwrap()).unwrap(),
+        Fate::Resumed { pid: 77 }
+    );
+    assert!(rx.is_finished());
+    assert!(rx.handle_control(query(SessionId([9; 16]))).is_err());
+
+    // A receiver whose driver cannot answer refuses the query, by name.
+    let e = Receiver::default()
+        .handle_control(query(SessionId([9; 16])))
+        .unwrap_err();
+    assert!(matches!(e, ProtocolError::Unexpected { msg: "Query", .. }));
+    let bad = control(Msg::Query(pb::Query {
+        session: Bytes::from_static(b"short"),
+    }));
+    assert!(matches!(
+        Receiver::default().with_ready_go().handle_control(bad),
+        Err(ProtocolError::BadHello(_))
+    ));
+}
+
+#[test]
+fn outcomes_round_trip_and_nonsense_is_refused() {
+    for f in [
+        Fate::Unknown,
+        Fate::Pending,
+        Fate::Resumed { pid: 4 },
+        Fate::Abandoned {
+            reason: "no Go within 30s".into(),
+        },
+    ] {
+        assert_eq!(Fate::from_pb(&f.to_pb()).unwrap(), f);
+    }
+    for o in [
+        pb::Outcome::default(),
+        pb::Outcome {
+            fate: 99,
+            ..Default::default()
+        },
+        pb::Outcome {
+            fate: pb::SessionFate::Resumed as i32,
+            pid: 0,
+            ..Default::default()
+        },
+    ] {
+        assert!(Fate::from_pb(&o).is_err(), "{o:?}");
+    }
+    let abort = control(Msg::Abort(pb::Abort {
+        reason: "not allowed".into(),
+    }));
+    assert!(read_outcome(abort).is_err());
+    assert!(read_outcome(control(Msg::Go(pb::Go {}))).is_err());
+}
+
+#[test]
+fn an_answer_carries_the_note_and_the_uptime() {
+    let mut rx = Receiver::default().with_ready_go();
+    rx.handle_control(query(SessionId([5; 16]))).unwrap();
+    assert!(matches!(rx.poll_action(), Some(Action::Lookup { .. })));
+    rx.answer_with(&Fate::Unknown, "never seen", 1234).unwrap();
+    let Some(Action::Send(c)) = rx.poll_action() else {
+        panic!("no Outcome")
+    };
+    let Some(Msg::Outcome(o)) = c.msg else {
+        panic!("not an Outcome")
+    };
+    assert_eq!((o.reason.as_str(), o.uptime_ms), ("never seen", 1234));
+    // An abandoned session's own reason is kept over the note.
+    let mut rx = Receiver::default().with_ready_go();
+    rx.handle_control(query(SessionId([5; 16]))).unwrap();
+    rx.poll_action();
+    let gone = Fate::Abandoned {
+        reason: "no Go".into(),
+    };
+    rx.answer_with(&gone, "note", 1).unwrap();
+    let Some(Action::Send(c)) = rx.poll_action() else {
+        panic!("no Outcome")
+    };
+    assert_eq!(read_outcome(c).unwrap(), gone);
+    assert!(rx.answer(&Fate::Unknown).is_err(), "one answer per query");
 }

@@ -1,0 +1,178 @@
+//! The destination's half of the two-phase end of a migration (`Ready`,
+//! `Go`; see `ferry_proto::session`): a restored process is *prepared* —
+//! every thread of every process stopped under ptrace with its final state
+//! set — and then either *released* (detached: it runs) or *abandoned*
+//! (killed and reaped). Nothing in between: a stub is never left stopped,
+//! nor let run half-restored.
+//!
+//! ptrace requests must come from the thread that attached, so the restore
+//! thread itself holds the prepared process and waits at a [`Gate`] for
+//! the verdict; the page server's session task holds the matching
+//! [`Prepared`] and gives it (`release`, `abandon`, or dropping it, which
+//! abandons). The stubs carry `PTRACE_O_EXITKILL`, so a page server that
+//! dies while holding a prepared process takes it along rather than
+//! letting it run unasked.
+
+use std::sync::mpsc;
+
+use crate::restore::RestoreError;
+
+/// The restore thread's side: say the process is prepared, then wait.
+pub struct Gate {
+    ready: mpsc::Sender<i32>,
+    go: mpsc::Receiver<()>,
+}
+
+impl Gate {
+    /// Reports `pid` prepared and blocks until the verdict: true to
+    /// release, false to abandon (the holder gave up or went away).
+    pub fn wait(self, pid: i32) -> bool {
+        if self.ready.send(pid).is_err() {
+            return false;
+        }
+        self.go.recv().is_ok()
+    }
+}
+
+/// How the restore thread ends, once the verdict is carried out: the pid
+/// of the running process, or why there is none.
+pub type Joiner = Box<dyn FnOnce() -> Result<i32, RestoreError> + Send>;
+
+/// The holder's side of a prepared process.
+pub struct Prepared {
+    pid: i32,
+    go: Option<mpsc::Sender<()>>,
+    join: Option<Joiner>,
+}
+
+/// The pair for one restore: the [`Gate`] goes to the restore thread, the
+/// [`Waiting`] stays with the caller until the thread reports.
+pub fn gate() -> (Gate, Waiting) {
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let (go_tx, go_rx) = mpsc::channel();
+    (
+        Gate {
+            ready: ready_tx,
+            go: go_rx,
+        },
+        Waiting {
+            ready: ready_rx,
+            go: go_tx,
+        },
+    )
+}
+
+/// A restore under way whose [`Gate`] has not been reached yet.
+pub struct Waiting {
+    ready: mpsc::Receiver<i32>,
+    go: mpsc::Sender<()>,
+}
+
+impl Waiting {
+    /// Waits until the restore thread holds the process prepared, or ends
+    /// without (then `join` says why, and `Err` carries it).
+    pub fn prepared(self, join: Joiner) -> Result<Prepared, RestoreError> {
+        match self.ready.recv() {
+            Ok(pid) => Ok(Prepared {
+                pid,
+                go: Some(self.go),
+                join: Some(join),
+            }),
+            Err(_) => {
+                drop(self.go);
+                Err(match join() {
+                    Err(e) => e,
+                    Ok(pid) => RestoreError::Thread(format!(
+                        "the restore let process {pid} run without waiting for Go"
+                    )),
+                })
+            }
+        }
+    }
+}
+
+impl Prepared {
+    /// The prepared process (the root of a tree).
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// Lets the process run; returns its pid once every thread is
+    /// detached. On an error nothing of it runs (it was killed).
+    pub fn release(mut self) -> Result<i32, RestoreError> {
+        if let Some(go) = self.go.take() {
+            let _ = go.send(());
+        }
+        self.join
+            .take()
+            .map(|j| j())
+            .unwrap_or_else(|| Err(RestoreError::Thread("released twice".into())))
+    }
+
+    /// Kills the prepared process and waits until it is gone.
+    pub fn abandon(mut self) {
+        self.finish_abandon();
+    }
+
+    fn finish_abandon(&mut self) {
+        self.go.take();
+        if let Some(j) = self.join.take() {
+            match j() {
+                Err(RestoreError::Abandoned) => {}
+                Err(e) => tracing::warn!(pid = self.pid, "abandoning the prepared process: {e}"),
+                Ok(pid) => tracing::error!(pid, "an abandoned process was let run"),
+            }
+        }
+    }
+}
+
+impl Drop for Prepared {
+    fn drop(&mut self) {
+        self.finish_abandon();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stand-in restore thread: reports `pid` prepared, then returns
+    /// what the gate decided.
+    fn thread(pid: i32) -> (Waiting, Joiner) {
+        let (g, w) = gate();
+        let h = std::thread::spawn(move || match g.wait(pid) {
+            true => Ok(pid),
+            false => Err(RestoreError::Abandoned),
+        });
+        let join: Joiner = Box::new(move || h.join().expect("thread"));
+        (w, join)
+    }
+
+    #[test]
+    fn release_and_abandon_reach_the_restore_thread() {
+        let (w, j) = thread(7);
+        let p = w.prepared(j).unwrap();
+        assert_eq!(p.pid(), 7);
+        assert_eq!(p.release().unwrap(), 7);
+
+        let (w, j) = thread(8);
+        w.prepared(j).unwrap().abandon();
+        // Dropping abandons too (the join inside waits for the thread).
+        let (w, j) = thread(9);
+        drop(w.prepared(j).unwrap());
+    }
+
+    #[test]
+    fn a_restore_that_fails_before_the_gate_says_why() {
+        let (g, w) = gate();
+        let h = std::thread::spawn(move || {
+            drop(g);
+            Err(RestoreError::Missing("state".into()))
+        });
+        let e = w
+            .prepared(Box::new(move || h.join().unwrap()))
+            .err()
+            .unwrap();
+        assert!(matches!(e, RestoreError::Missing(_)), "{e}");
+    }
+}

@@ -1,0 +1,356 @@
+//! The two-phase end of a migration (issue 7), on real migrations through
+//! a real `ferry page-server --restore`: the destination holds the restored
+//! process stopped until the source's `Go`, so however the end goes wrong,
+//! one copy of the process runs — never two — and if none runs, someone
+//! says so. Each case is made by a test-only failpoint (see
+//! src/failpoint.rs): (a) the source ferry SIGKILLed right after `Ready`;
+//! (b) `Restored` lost after `Go`; (c) a destination slower than the
+//! source's answer timeout.
+//!
+//! Copies are counted as processes whose command line names the fixture's
+//! log (a restored copy keeps the source's), not counting zombies.
+//!
+//! Needs root (ptrace, restore); skipped with a message otherwise.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{assert_source_runs, certs, free_port, is_root, log_values, wait_for_server, Fixture};
+use ferry::dump::{Destination, DumpOptions};
+use ferry::migrate::migrate;
+use ferry::policy::Policy;
+use ferry_proto::batch::Compress;
+
+macro_rules! need_root {
+    () => {
+        if !is_root() {
+            eprintln!("skipped: needs root (ptrace, restore)");
+            return;
+        }
+    };
+}
+
+/// A single-threaded fixture that logs its counter, ready.
+fn fixture(dir: &Path, name: &str) -> (Fixture, std::path::PathBuf) {
+    let log = dir.join(name);
+    let fx = Fixture::start(&[
+        "--mib",
+        "8",
+        "--single-thread",
+        "--log",
+        log.to_str().unwrap(),
+    ]);
+    for _ in 0..200 {
+        if !log_values(&log).is_empty() {
+            return (fx, log);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("{} stays empty", log.display());
+}
+
+/// `ferry page-server --restore` with a 2 s Go timeout, its log in
+/// `log`, `failpoint` armed; killed when dropped.
+fn page_server(
+    tls: &Path,
+    port: u16,
+    failpoint: Option<&str>,
+    log: &Path,
+) -> common::ServerProcess {
+    page_server_waiting(tls, port, failpoint, log, 2)
+}
+
+/// [`page_server`] with a Go timeout of `go_timeout` seconds.
+fn page_server_waiting(
+    tls: &Path,
+    port: u16,
+    failpoint: Option<&str>,
+    log: &Path,
+    go_timeout: u64,
+) -> common::ServerProcess {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_ferry"));
+    c.args(["page-server", "--restore", "--go-timeout"])
+        .arg(go_timeout.to_string())
+        .args(["--log", "info", "--listen"])
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--tls")
+        .arg(tls)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap());
+    if let Some(f) = failpoint {
+        c.env(ferry::failpoint::VAR, f);
+    }
+    common::ServerProcess(c.spawn().unwrap())
+}
+
+/// Live (not zombie) processes whose command line names `log`.
+fn copies(log: &Path) -> Vec<(i32, char)> {
+    let needle = log.to_str().unwrap();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            String::from_utf8_lossy(&cmdline).contains(needle)
+        })
+        .map(|pid| (pid, common::proc_state(pid)))
+        .filter(|&(_, s)| !matches!(s, 'Z' | 'X' | '?'))
+        .collect()
+}
+
+fn kill_all(log: &Path) {
+    for (pid, _) in copies(log) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}
+
+/// Waits until `what` holds, up to `secs`.
+fn eventually(secs: u64, mut what: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    while std::time::Instant::now() < deadline {
+        if what() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    what()
+}
+
+fn options(fx: &Fixture, c: ferry::client::Connect) -> DumpOptions {
+    DumpOptions {
+        pid: fx.pid,
+        dest: Destination::Remote(c),
+        leave_stopped: false,
+        track: None,
+        policy: Policy {
+            max_rounds: 3,
+            ..Policy::default()
+        },
+        compress: Compress::default(),
+        restore: true,
+        keep_pids: false,
+    }
+}
+
+/// `ferry migrate` of `fx`, SIGKILLed by its failpoint on `Ready`.
+fn migrate_dying_at_ready(fx: &Fixture, port: u16, tls: &Path) -> std::process::ExitStatus {
+    Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["migrate", "--pid", &fx.pid.to_string(), "--to"])
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--tls")
+        .arg(tls)
+        .args(["--max-rounds", "3", "--log", "warn"])
+        .env(ferry::failpoint::VAR, "client:ready")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap()
+}
+
+fn text(p: &Path) -> String {
+    std::fs::read_to_string(p).unwrap_or_default()
+}
+
+/// The page server's lines about the end of sessions, for the record.
+fn show(p: &Path) {
+    for l in text(p).lines().filter(|l| {
+        ["held", "released", "abandoned", "query", "failed"]
+            .iter()
+            .any(|w| l.contains(w))
+    }) {
+        eprintln!("  page server: {l}");
+    }
+}
+
+/// (a) `Go` never arrives: the source ferry dies right after `Ready`. The
+/// destination kills what it held once its Go timeout passes; the source
+/// is left stopped by the stop guard — no copy runs, and the page server's
+/// log says the session was abandoned, so resuming the source
+/// (`kill -CONT`) is safe, and it counts on from where it was.
+#[test]
+fn go_that_never_comes_leaves_no_copy_on_the_destination() {
+    need_root!();
+    let tls = certs();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let slog = dir.path().join("server.log");
+    let _server = page_server(tls.path(), port, None, &slog);
+    std::thread::sleep(Duration::from_millis(500));
+    let (fx, log) = fixture(dir.path(), "a.log");
+    let status = migrate_dying_at_ready(&fx, port, tls.path());
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(libc::SIGKILL),
+        "ferry died at the failpoint: {status:?}"
+    );
+    assert!(
+        eventually(10, || text(&slog).contains("abandoned")),
+        "the page server abandons the held process: {}",
+        text(&slog)
+    );
+    assert!(
+        text(&slog).contains("no Go from the source"),
+        "and says why: {}",
+        text(&slog)
+    );
+    // Only the source is left, stopped by the guard, untraced: zero
+    // copies run, and the page server's log says so.
+    assert!(eventually(5, || fx.tracer() == 0));
+    assert_eq!(copies(&log), vec![(fx.pid, 'T')], "only the stopped source");
+    let n = log_values(&log).len();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(log_values(&log).len(), n, "nobody writes the log");
+    // The decision the message leaves to the operator: resume the source.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(fx.pid),
+        nix::sys::signal::Signal::SIGCONT,
+    )
+    .unwrap();
+    assert_source_runs(&fx, &log, "resumed by hand");
+    assert_eq!(copies(&log).len(), 1, "one copy");
+    show(&slog);
+    kill_all(&log);
+}
+
+/// (b) The connection drops after `Go`, before `Restored` (the page server
+/// releases the process, then loses the answer): the source asks on a new
+/// connection, hears "resumed", and kills itself — exactly one copy runs,
+/// the destination's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_restored_is_asked_for_and_one_copy_runs() {
+    need_root!();
+    let tls = certs();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    let slog = dir.path().join("server.log");
+    let _server = page_server(tls.path(), port, Some("page-server:restored-lost"), &slog);
+    wait_for_server(addr, tls.path()).await;
+    let (fx, log) = fixture(dir.path(), "b.log");
+    let mut c = common::connect(addr, tls.path());
+    c.timeout = Duration::from_secs(5);
+    let report = migrate(options(&fx, c), &mut |_| {})
+        .await
+        .unwrap_or_else(|e| panic!("the query settles it: {e}\n{}", text(&slog)));
+    let pid = report.restored_pid;
+    assert!(text(&slog).contains("answered a query"), "{}", text(&slog));
+    assert!(
+        eventually(5, || matches!(common::proc_state(fx.pid), 'Z' | 'X' | '?')),
+        "the source is killed"
+    );
+    let live = copies(&log);
+    assert_eq!(live.len(), 1, "exactly one copy: {live:?}");
+    assert_eq!(live[0].0, pid, "the destination's");
+    // It alone writes the log, counting on from the source's last value.
+    let a = log_values(&log).len();
+    std::thread::sleep(Duration::from_millis(500));
+    let values = log_values(&log);
+    assert!(values.len() > a, "the destination's copy counts on");
+    assert!(
+        values.windows(2).all(|w| w[0] <= w[1]),
+        "one writer: {:?}",
+        &values[values.len().saturating_sub(20)..]
+    );
+    show(&slog);
+    kill_all(&log);
+}
+
+/// (c) The destination takes longer to restore than the source waits for
+/// an answer: the source gives up and runs on; the destination, done at
+/// last, holds the process for a `Go` that never comes and kills it — no
+/// duplicate at any moment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_slower_than_the_source_never_runs_a_second_copy() {
+    need_root!();
+    let tls = certs();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    let slog = dir.path().join("server.log");
+    let _server = page_server(tls.path(), port, Some("page-server:slow-prepare"), &slog);
+    wait_for_server(addr, tls.path()).await;
+    let (fx, log) = fixture(dir.path(), "c.log");
+    let mut c = common::connect(addr, tls.path());
+    c.timeout = Duration::from_secs(2);
+    let e = migrate(options(&fx, c), &mut |_| {})
+        .await
+        .expect_err("the source stops waiting");
+    eprintln!("source: {e}");
+    assert!(e.to_string().contains("the source runs on"), "{e}");
+    assert_source_runs(&fx, &log, "after its timeout");
+    // Through the destination's 5 s restore and its 2 s Go timeout, the
+    // source is the only copy that ever runs.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < deadline && !text(&slog).contains("abandoned") {
+        let live = copies(&log);
+        assert!(
+            live.iter()
+                .all(|&(p, s)| p == fx.pid || matches!(s, 't' | 'T')),
+            "a second copy runs: {live:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(text(&slog).contains("abandoned"), "{}", text(&slog));
+    assert_eq!(copies(&log), vec![(fx.pid, common::proc_state(fx.pid))]);
+    assert_source_runs(&fx, &log, "after the destination gave up");
+    show(&slog);
+    kill_all(&log);
+
+    // A session it never saw is unknown to it, and it says so honestly.
+    let c = common::connect(addr, tls.path());
+    let a = ferry::client::Client::query(&c, ferry_proto::SessionId([7; 16]))
+        .await
+        .unwrap();
+    assert_eq!(a.fate, ferry_proto::session::Fate::Unknown);
+    assert!(a.note.contains("never seen"), "{a:?}");
+    assert!(a.uptime >= Duration::from_secs(5), "{a:?}");
+}
+
+/// The page server killed while it holds a prepared process (the source's
+/// ferry died after `Ready`, so no `Go` comes): the held process dies with
+/// it (`PTRACE_O_EXITKILL`) instead of running unasked; only the stopped
+/// source is left.
+#[test]
+fn a_page_server_killed_while_holding_takes_the_held_process_along() {
+    need_root!();
+    let tls = certs();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let slog = dir.path().join("server.log");
+    let server = page_server_waiting(tls.path(), port, None, &slog, 60);
+    std::thread::sleep(Duration::from_millis(500));
+    let (fx, log) = fixture(dir.path(), "d.log");
+    let status = migrate_dying_at_ready(&fx, port, tls.path());
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(libc::SIGKILL)
+    );
+    assert!(text(&slog).contains("restored and held"), "{}", text(&slog));
+    let held = copies(&log);
+    assert_eq!(
+        held.len(),
+        2,
+        "the stopped source and the held copy: {held:?}"
+    );
+    assert!(
+        held.iter().all(|&(_, s)| matches!(s, 't' | 'T')),
+        "{held:?}"
+    );
+    server.kill();
+    assert!(
+        eventually(5, || copies(&log).len() == 1),
+        "the held copy died with the page server: {:?}",
+        copies(&log)
+    );
+    assert!(eventually(5, || fx.tracer() == 0));
+    assert_eq!(copies(&log), vec![(fx.pid, 'T')], "only the stopped source");
+    kill_all(&log);
+}
