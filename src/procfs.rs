@@ -762,7 +762,19 @@ fn read_text(pid: i32, rest: &str) -> Result<String, ProcError> {
 /// The mappings of process `pid`. A process that has exited but not been
 /// reaped (or a kernel thread) has none.
 pub fn read_maps(pid: i32) -> Result<Vec<MapEntry>, ProcError> {
-    parse_maps(&read_text(pid, "maps")?)
+    // A running process's maps can be torn: the kernel reads them a
+    // mapping at a time without holding the process's whole mm, so a
+    // mapping that grows meanwhile can show twice, old and new end (seen
+    // on ferry's own maps in CI: a malloc arena growing). A second read
+    // sees it settled; a stopped process's maps parse the same every time,
+    // so a real error stays one.
+    let mut tries = 0;
+    loop {
+        match parse_maps(&read_text(pid, "maps")?) {
+            Err(ProcError::Parse { .. }) if tries < 3 => tries += 1,
+            r => return r,
+        }
+    }
 }
 
 /// The status of process `pid` (its thread-group leader).
