@@ -2467,6 +2467,23 @@ impl Restorer {
         got
     }
 
+    /// `fd` (made read-write) as `f` had it open: itself for read-write,
+    /// else reopened through /proc in `f`'s access mode and closed.
+    fn in_access_mode(&mut self, fd: u64, f: &pb::FileDesc) -> Result<u64> {
+        if f.flags & libc::O_ACCMODE as u32 == libc::O_RDWR as u32 {
+            return Ok(fd);
+        }
+        let at = self.put_path(&format!("/proc/self/fd/{fd}"))?;
+        let flags = f.flags as i32 & !OPEN_DROP & libc::O_ACCMODE;
+        let again = self.call(
+            format!("reopen of {} for fd {}", f.path, f.fd),
+            libc::SYS_openat,
+            [libc::AT_FDCWD as u64, at, flags as u64, 0, 0, 0],
+        )?;
+        self.call("close", libc::SYS_close, [fd, 0, 0, 0, 0, 0])?;
+        Ok(again)
+    }
+
     /// Fd `f`, a memfd of the tree's shared memory objects: ferry's, taken
     /// (one open file for every process, as after a fork), or reopened
     /// through /proc for an access mode other than read-write; then its
@@ -2474,19 +2491,7 @@ impl Restorer {
     fn shared_memfd(&mut self, f: &pb::FileDesc) -> Result<()> {
         let ours = self.shm_fds[&f.fd];
         let fd = self.take_from_ferry(ours, &format!("memfd {} for fd {}", f.path, f.fd))?;
-        let fd = if f.flags & libc::O_ACCMODE as u32 == libc::O_RDWR as u32 {
-            fd
-        } else {
-            let at = self.put_path(&format!("/proc/self/fd/{fd}"))?;
-            let flags = f.flags as i32 & !OPEN_DROP & libc::O_ACCMODE;
-            let again = self.call(
-                format!("reopen of {} for fd {}", f.path, f.fd),
-                libc::SYS_openat,
-                [libc::AT_FDCWD as u64, at, flags as u64, 0, 0, 0],
-            )?;
-            self.call("close", libc::SYS_close, [fd, 0, 0, 0, 0, 0])?;
-            again
-        };
+        let fd = self.in_access_mode(fd, f)?;
         if fd != f.fd as u64 {
             self.place(fd, f)?;
         } else {
@@ -2860,19 +2865,7 @@ impl Restorer {
                 [fd, libc::F_ADD_SEALS as u64, f.seals as u64, 0, 0, 0],
             )?;
         }
-        let fd = if f.flags & libc::O_ACCMODE as u32 == libc::O_RDWR as u32 {
-            fd
-        } else {
-            let at = self.put_path(&format!("/proc/self/fd/{fd}"))?;
-            let flags = f.flags as i32 & !OPEN_DROP & libc::O_ACCMODE;
-            let again = self.call(
-                format!("reopen of {} for fd {}", f.path, f.fd),
-                libc::SYS_openat,
-                [libc::AT_FDCWD as u64, at, flags as u64, 0, 0, 0],
-            )?;
-            self.call("close", libc::SYS_close, [fd, 0, 0, 0, 0, 0])?;
-            again
-        };
+        let fd = self.in_access_mode(fd, f)?;
         self.place(fd, f)?;
         self.seek(f)?;
         self.set_status_flags(f)
