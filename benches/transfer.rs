@@ -50,17 +50,13 @@ async fn stream_rate(content: &str, compress: Compress, tls: &std::path::Path) -
         c.streams = 4;
         let report = dump(
             DumpOptions {
-                pid: fx.pid,
-                dest: Destination::Remote(c),
-                leave_stopped: false,
                 track: Some(Backend::UffdWp),
                 policy: Policy {
                     max_rounds: 0,
                     ..Policy::default()
                 },
                 compress,
-                restore: false,
-                keep_pids: false,
+                ..DumpOptions::new(fx.pid, Destination::Remote(c))
             },
             &mut |_| {},
         )

@@ -415,9 +415,6 @@ async fn one_run(
     let mut connect = server.connect(if mode == Mode::OneStream { 1 } else { 4 })?;
     connect.max_rate = opts.link_rate;
     let dump = DumpOptions {
-        pid: child.id() as i32,
-        dest: Destination::Remote(connect),
-        leave_stopped: false,
         track: Some(if mode == Mode::Checksum {
             Backend::Checksum
         } else {
@@ -433,7 +430,7 @@ async fn one_run(
             Compress::default()
         },
         restore: true,
-        keep_pids: false,
+        ..DumpOptions::new(child.id() as i32, Destination::Remote(connect))
     };
     let start = unix_ms();
     let result = if mode == Mode::PostCopy {

@@ -14,7 +14,6 @@ use ferry_proto::batch::Compress;
 use crate::dump::{Destination, DumpOptions, RoundReport};
 use crate::loopback::{Loopback, LoopbackError};
 use crate::migrate::{migrate, MigrateError, MigrateReport};
-use crate::policy::Policy;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
@@ -82,14 +81,9 @@ pub async fn run(
     let connect = server.connect(opts.streams)?;
     let report = migrate(
         DumpOptions {
-            pid,
-            dest: Destination::Remote(connect),
-            leave_stopped: false,
-            track: None,
-            policy: Policy::default(),
             compress: opts.compress,
             restore: true,
-            keep_pids: false,
+            ..DumpOptions::new(pid, Destination::Remote(connect))
         },
         progress,
     )

@@ -105,6 +105,25 @@ pub struct DumpOptions {
     pub keep_pids: bool,
 }
 
+impl DumpOptions {
+    /// Dumping `pid` to `dest` with the defaults of `ferry dump`: the best
+    /// tracker, the default policy and compression, the process running
+    /// afterwards, no restore. Callers change what they need with
+    /// `DumpOptions { restore: true, ..DumpOptions::new(pid, dest) }`.
+    pub fn new(pid: i32, dest: Destination) -> Self {
+        DumpOptions {
+            pid,
+            dest,
+            leave_stopped: false,
+            track: None,
+            policy: Policy::default(),
+            compress: Compress::default(),
+            restore: false,
+            keep_pids: false,
+        }
+    }
+}
+
 /// One round as the display and `--json` show it.
 #[derive(Debug, Clone)]
 pub struct RoundReport {

@@ -85,14 +85,10 @@ fn assert_image_is_memory(pid: i32, img: &FlatImage) -> u64 {
 
 fn options(fx: &Fixture, dest: Destination, rounds: u32, track: Option<Backend>) -> DumpOptions {
     DumpOptions {
-        pid: fx.pid,
-        dest,
         leave_stopped: true,
         track,
         policy: policy(rounds),
-        compress: Compress::default(),
-        restore: false,
-        keep_pids: false,
+        ..DumpOptions::new(fx.pid, dest)
     }
 }
 
@@ -200,14 +196,11 @@ async fn clear_errors_for_a_dead_pid_a_kernel_thread_and_no_permission() {
     let dead = child.id() as i32;
     child.wait().unwrap();
     let opts = |pid| DumpOptions {
-        pid,
-        dest: Destination::ImagesDir(tempfile::tempdir().unwrap().keep()),
-        leave_stopped: false,
-        track: None,
         policy: policy(1),
-        compress: Compress::default(),
-        restore: false,
-        keep_pids: false,
+        ..DumpOptions::new(
+            pid,
+            Destination::ImagesDir(tempfile::tempdir().unwrap().keep()),
+        )
     };
     let e = dump(opts(dead), &mut |_| {}).await.unwrap_err();
     assert!(
@@ -315,14 +308,9 @@ async fn a_page_server_that_dies_mid_round_leaves_the_target_running() {
     let task = tokio::spawn(async move {
         dump(
             DumpOptions {
-                pid,
-                dest: Destination::Remote(c),
-                leave_stopped: false,
-                track: None,
                 policy: policy(1000),
                 compress: Compress::Off,
-                restore: false,
-                keep_pids: false,
+                ..DumpOptions::new(pid, Destination::Remote(c))
             },
             &mut |_| {},
         )
@@ -346,14 +334,9 @@ async fn a_target_that_exits_mid_round_is_a_clear_error() {
     let task = tokio::spawn(async move {
         dump(
             DumpOptions {
-                pid,
-                dest: Destination::ImagesDir(path),
-                leave_stopped: false,
                 track: Some(Backend::Checksum),
                 policy: policy(1000),
-                compress: Compress::default(),
-                restore: false,
-                keep_pids: false,
+                ..DumpOptions::new(pid, Destination::ImagesDir(path))
             },
             &mut |_| {},
         )

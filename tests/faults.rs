@@ -24,7 +24,6 @@ use ferry::dump::{Destination, DumpOptions};
 use ferry::migrate::migrate;
 use ferry::policy::Policy;
 use ferry_page_server::store::{disk::DiskStore, Store};
-use ferry_proto::batch::Compress;
 
 macro_rules! need_root {
     () => {
@@ -88,10 +87,6 @@ async fn a_page_server_killed_after_any_round_loses_nothing() {
         // A dead peer says nothing: the source notices by the silence.
         connect.timeout = Duration::from_secs(3);
         let opts = DumpOptions {
-            pid: fx.pid,
-            dest: Destination::Remote(connect),
-            leave_stopped: false,
-            track: None,
             // Never content: rounds go on until the page server is gone.
             policy: Policy {
                 max_rounds: 6,
@@ -99,9 +94,8 @@ async fn a_page_server_killed_after_any_round_loses_nothing() {
                 tiny_pages: 0,
                 max_growth: 1000.0,
             },
-            compress: Compress::default(),
             restore: true,
-            keep_pids: false,
+            ..DumpOptions::new(fx.pid, Destination::Remote(connect))
         };
         let server_pid = server.id() as i32;
         let e = migrate(opts, &mut |r| {
@@ -298,19 +292,14 @@ async fn a_full_disk_store_fails_the_session_and_nothing_else() {
         std::thread::sleep(Duration::from_millis(10));
     }
     let opts = |pid, max_rounds| DumpOptions {
-        pid,
-        dest: Destination::Remote(common::connect(addr, tls.path())),
-        leave_stopped: false,
-        track: None,
         policy: Policy {
             max_rounds,
             max_downtime: Duration::ZERO,
             tiny_pages: 0,
             max_growth: 1000.0,
         },
-        compress: Compress::default(),
         restore: true,
-        keep_pids: false,
+        ..DumpOptions::new(pid, Destination::Remote(common::connect(addr, tls.path())))
     };
     let mut rounds = 0;
     let e = migrate(opts(fx.pid, 400), &mut |_| rounds += 1)

@@ -19,7 +19,6 @@ use ferry::policy::Policy;
 use ferry::tree;
 use ferry_page_server::store::mem::MemStore;
 use ferry_page_server::tls::{server_config, TlsFiles};
-use ferry_proto::batch::Compress;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -109,17 +108,13 @@ fn pid_ns(pid: i32) -> String {
 
 fn options(pid: i32, dest: Destination, keep_pids: bool) -> DumpOptions {
     DumpOptions {
-        pid,
-        dest,
-        leave_stopped: false,
-        track: None,
         policy: Policy {
             max_rounds: 3,
             ..Policy::default()
         },
-        compress: Compress::default(),
         restore: true,
         keep_pids,
+        ..DumpOptions::new(pid, dest)
     }
 }
 

@@ -14,7 +14,7 @@ use ferry::policy::Policy;
 use ferry_page_server::store::{mem::MemStore, Page, SessionStore, Store};
 use ferry_page_server::tls::{server_config, TlsFiles};
 use ferry_page_server::{Config, PageServer, Restorer};
-use ferry_proto::batch::{is_zero, Compress};
+use ferry_proto::batch::is_zero;
 
 mod common;
 use common::{certs, connect, is_root, log_values, proc_state, Fixture};
@@ -58,17 +58,11 @@ fn destination(tls: &Path, restorer: Arc<dyn Restorer>) -> Dest {
 
 fn options(pid: i32, addr: std::net::SocketAddr, tls: &Path) -> DumpOptions {
     DumpOptions {
-        pid,
-        dest: Destination::Remote(connect(addr, tls)),
-        leave_stopped: false,
-        track: None,
         policy: Policy {
             max_rounds: 3,
             ..Policy::default()
         },
-        compress: Compress::default(),
-        restore: false,
-        keep_pids: false,
+        ..DumpOptions::new(pid, Destination::Remote(connect(addr, tls)))
     }
 }
 

@@ -16,7 +16,6 @@ use ferry::loopback::Loopback;
 use ferry::migrate::{migrate_post_copy, ColdRestorer, MigrateError};
 use ferry::policy::Policy;
 use ferry::postcopy::PostCopyOptions;
-use ferry_proto::batch::Compress;
 
 mod common;
 use common::{is_root, proc_field, proc_state};
@@ -59,17 +58,12 @@ fn workload(mib: u64, rate: u64, log: &Path) -> Child {
 
 fn options(pid: i32, server: &Loopback, rounds: u32) -> DumpOptions {
     DumpOptions {
-        pid,
-        dest: Destination::Remote(server.connect(4).unwrap()),
-        leave_stopped: false,
-        track: None,
         policy: Policy {
             max_rounds: rounds,
             ..Policy::default()
         },
-        compress: Compress::default(),
         restore: true,
-        keep_pids: false,
+        ..DumpOptions::new(pid, Destination::Remote(server.connect(4).unwrap()))
     }
 }
 

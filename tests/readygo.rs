@@ -22,7 +22,6 @@ use common::{assert_source_runs, certs, free_port, is_root, log_values, wait_for
 use ferry::dump::{Destination, DumpOptions};
 use ferry::migrate::migrate;
 use ferry::policy::Policy;
-use ferry_proto::batch::Compress;
 
 macro_rules! need_root {
     () => {
@@ -126,17 +125,12 @@ fn eventually(secs: u64, mut what: impl FnMut() -> bool) -> bool {
 
 fn options(fx: &Fixture, c: ferry::client::Connect) -> DumpOptions {
     DumpOptions {
-        pid: fx.pid,
-        dest: Destination::Remote(c),
-        leave_stopped: false,
-        track: None,
         policy: Policy {
             max_rounds: 3,
             ..Policy::default()
         },
-        compress: Compress::default(),
         restore: true,
-        keep_pids: false,
+        ..DumpOptions::new(fx.pid, Destination::Remote(c))
     }
 }
 

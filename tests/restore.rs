@@ -889,10 +889,7 @@ fn dump_then_restore_from_an_images_dir() {
     let images = dir.path().join("images");
     let mut original = start_counter(&file);
     let opts = DumpOptions {
-        pid: original.pid,
-        dest: Destination::ImagesDir(images.clone()),
         leave_stopped: true,
-        track: None,
         policy: ferry::policy::Policy {
             max_downtime: Duration::ZERO,
             max_rounds: 2,
@@ -900,8 +897,7 @@ fn dump_then_restore_from_an_images_dir() {
             max_growth: 1000.0,
         },
         compress: Default::default(),
-        restore: false,
-        keep_pids: false,
+        ..DumpOptions::new(original.pid, Destination::ImagesDir(images.clone()))
     };
     let seen = read_counter(&file);
     let (report, frozen) = tokio::runtime::Builder::new_multi_thread()

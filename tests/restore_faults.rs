@@ -23,7 +23,6 @@ use common::{assert_source_runs, certs, free_port, is_root, log_values, wait_for
 use ferry::dump::{Destination, DumpOptions};
 use ferry::migrate::migrate;
 use ferry::policy::Policy;
-use ferry_proto::batch::Compress;
 
 const STAGES: [&str; 9] = [
     "stub",
@@ -112,17 +111,15 @@ async fn a_restore_failing_at_any_stage_loses_nothing() {
         let (fx, log) = fixture(dir.path(), stage);
         let known: HashSet<i32> = [server.0.id() as i32, fx.pid].into();
         let opts = DumpOptions {
-            pid: fx.pid,
-            dest: Destination::Remote(common::connect(addr, tls.path())),
-            leave_stopped: false,
-            track: None,
             policy: Policy {
                 max_rounds: 3,
                 ..Policy::default()
             },
-            compress: Compress::default(),
             restore: true,
-            keep_pids: false,
+            ..DumpOptions::new(
+                fx.pid,
+                Destination::Remote(common::connect(addr, tls.path())),
+            )
         };
         let e = migrate(opts, &mut |_| {})
             .await
@@ -194,17 +191,15 @@ async fn a_restore_failing_at_any_stage_loses_nothing() {
     let (fx, log) = fixture_under(dir.path(), "rlimit", &["--bounding-set=-sys_resource"]);
     let known: HashSet<i32> = [server.0.id() as i32, fx.pid].into();
     let opts = DumpOptions {
-        pid: fx.pid,
-        dest: Destination::Remote(common::connect(addr, tls.path())),
-        leave_stopped: false,
-        track: None,
         policy: Policy {
             max_rounds: 3,
             ..Policy::default()
         },
-        compress: Compress::default(),
         restore: true,
-        keep_pids: false,
+        ..DumpOptions::new(
+            fx.pid,
+            Destination::Remote(common::connect(addr, tls.path())),
+        )
     };
     let e = migrate(opts, &mut |_| {})
         .await

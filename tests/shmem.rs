@@ -23,7 +23,6 @@ use ferry::tree;
 use ferry_page_server::store::mem::MemStore;
 use ferry_page_server::store::Store;
 use ferry_page_server::tls::{server_config, TlsFiles};
-use ferry_proto::batch::Compress;
 use ferry_proto::pb;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -260,17 +259,11 @@ async fn shared_memory_memfd_and_fifo_of_a_tree_migrate_as_one() {
     cfg.restorer = Some(Arc::new(ferry::migrate::LocalRestorer));
     let server = common::Server::start_with(cfg);
     let opts = DumpOptions {
-        pid: src,
-        dest: Destination::Remote(connect(server.addr, tls.path())),
-        leave_stopped: false,
-        track: None,
         policy: Policy {
             max_rounds: 3,
             ..Policy::default()
         },
-        compress: Compress::default(),
-        restore: false,
-        keep_pids: false,
+        ..DumpOptions::new(src, Destination::Remote(connect(server.addr, tls.path())))
     };
     let report = ferry::migrate::migrate(opts, &mut |_| {}).await.unwrap();
     let root = report.restored_pid;
@@ -465,19 +458,14 @@ async fn shared_memory_is_tracked_in_the_rounds_and_sent_once() {
     let pages = 16384u64;
     let dir = tempfile::tempdir().unwrap();
     let opts = DumpOptions {
-        pid: root,
-        dest: Destination::ImagesDir(dir.path().into()),
         leave_stopped: true,
-        track: None,
         policy: Policy {
             max_downtime: Duration::ZERO,
             max_rounds: 4,
             tiny_pages: 0,
             max_growth: 1000.0,
         },
-        compress: Compress::default(),
-        restore: false,
-        keep_pids: false,
+        ..DumpOptions::new(root, Destination::ImagesDir(dir.path().into()))
     };
     let (report, frozen) = ferry::dump::dump_frozen(opts, &mut |r| {
         eprintln!(
@@ -596,16 +584,7 @@ async fn what_shared_memory_cannot_make_is_refused_by_name_before_the_freeze() {
                 .unwrap(),
             tls.path(),
         ));
-        let opts = DumpOptions {
-            pid: root,
-            dest,
-            leave_stopped: false,
-            track: None,
-            policy: Policy::default(),
-            compress: Compress::default(),
-            restore: false,
-            keep_pids: false,
-        };
+        let opts = DumpOptions::new(root, dest);
         let e = ferry::migrate::migrate(opts, &mut |_| {})
             .await
             .map(|_| ())
@@ -671,17 +650,12 @@ async fn a_tree_dumped_to_a_directory_restores_its_shared_memory() {
         lines(&fifo_log).len() >= 100 && logs.iter().all(|l| lines(l).len() >= 3)
     });
     let opts = DumpOptions {
-        pid: src,
-        dest: Destination::ImagesDir(images.path().into()),
         leave_stopped: true,
-        track: None,
         policy: Policy {
             max_rounds: 2,
             ..Policy::default()
         },
-        compress: Compress::default(),
-        restore: false,
-        keep_pids: false,
+        ..DumpOptions::new(src, Destination::ImagesDir(images.path().into()))
     };
     let (_, frozen) = ferry::dump::dump_frozen(opts, &mut |_| {}).await.unwrap();
     // The source goes before the copy runs: the FIFO's path is one.

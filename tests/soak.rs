@@ -21,7 +21,6 @@ use common::{certs, free_port, is_root, proc_state, wait_for_server};
 use ferry::dump::{Destination, DumpOptions};
 use ferry::migrate::migrate;
 use ferry::policy::Policy;
-use ferry_proto::batch::Compress;
 
 const MIB: u64 = 4;
 /// What a page server's memory may stay above its baseline (measured:
@@ -164,17 +163,12 @@ async fn fifty_hops_back_and_forth_lose_nothing_and_leak_nothing() {
         let mut connect = common::connect(to, tls.path());
         connect.streams = 2;
         let opts = DumpOptions {
-            pid,
-            dest: Destination::Remote(connect),
-            leave_stopped: false,
-            track: None,
             policy: Policy {
                 max_rounds: 3,
                 ..Policy::default()
             },
-            compress: Compress::default(),
             restore: true,
-            keep_pids: false,
+            ..DumpOptions::new(pid, Destination::Remote(connect))
         };
         let t0 = Instant::now();
         let report = migrate(opts, &mut |r| {

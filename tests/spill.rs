@@ -17,7 +17,6 @@ use ferry::dump::{Destination, DumpOptions};
 use ferry::migrate::migrate;
 use ferry::policy::Policy;
 use ferry_page_server::store::{disk::DiskStore, Store};
-use ferry_proto::batch::Compress;
 
 fn region(pid: i32, base: u64, len: u64) -> Vec<u8> {
     let mem = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
@@ -79,17 +78,15 @@ async fn a_session_over_quota_spills_to_disk_and_restores_exactly() {
     let before = region(fx.pid, fx.base, fx.len);
     let count = *log_values(&log).last().unwrap();
     let opts = DumpOptions {
-        pid: fx.pid,
-        dest: Destination::Remote(common::connect(addr, tls.path())),
-        leave_stopped: false,
-        track: None,
         policy: Policy {
             max_rounds: 3,
             ..Policy::default()
         },
-        compress: Compress::default(),
         restore: true,
-        keep_pids: false,
+        ..DumpOptions::new(
+            fx.pid,
+            Destination::Remote(common::connect(addr, tls.path())),
+        )
     };
     let report = migrate(opts, &mut |_| {})
         .await

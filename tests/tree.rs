@@ -18,7 +18,7 @@ use ferry::procfs;
 use ferry::track;
 use ferry::tree::{self, TreeError};
 use ferry_page_server::store::{disk::DiskStore, FlatImage, Page, Store};
-use ferry_proto::batch::{is_zero, Compress};
+use ferry_proto::batch::is_zero;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -141,14 +141,8 @@ fn policy(rounds: u32) -> Policy {
 
 fn options(pid: i32, dest: Destination) -> DumpOptions {
     DumpOptions {
-        pid,
-        dest,
-        leave_stopped: false,
-        track: None,
         policy: policy(2),
-        compress: Compress::default(),
-        restore: false,
-        keep_pids: false,
+        ..DumpOptions::new(pid, dest)
     }
 }
 
