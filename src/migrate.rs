@@ -165,8 +165,9 @@ pub async fn migrate(
                         downtime: report.frozen,
                         dump: report,
                         restored_pid: pid,
-                        // In doubt only ever after Go, which --keep-pids
-                        // never takes (one phase).
+                        // The page server's record keeps only the pid:
+                        // with --keep-pids its namespace went with the
+                        // lost answer (README, "ferry migrate").
                         restored_ns: (0, 0),
                         post_copy: None,
                     })
@@ -524,7 +525,12 @@ impl Restorer for LocalRestorer {
     fn prepare(&self, session: &mut dyn SessionStore) -> Result<Box<dyn PreparedProcess>, String> {
         let tree = session_state(session)?;
         let img = session.flatten().map_err(|e| e.to_string())?;
-        crate::restore::prepare(&tree, &img)
+        let prepared = if tree.processes.first().is_some_and(|p| p.keep_pids) {
+            crate::restore::prepare_keeping_pids(&tree, &img)
+        } else {
+            crate::restore::prepare(&tree, &img)
+        };
+        prepared
             .map(LocalPrepared::boxed)
             .map_err(|e| e.to_string())
     }
@@ -545,8 +551,14 @@ impl PreparedProcess for LocalPrepared {
         self.0.pid()
     }
 
-    fn release(self: Box<Self>) -> Result<i32, String> {
-        self.0.release().map_err(|e| e.to_string())
+    fn release(self: Box<Self>) -> Result<RestoredPid, String> {
+        let (ns_pid, pid_ns) = self.0.ns();
+        let pid = self.0.release().map_err(|e| e.to_string())?;
+        Ok(RestoredPid {
+            pid,
+            ns_pid,
+            pid_ns,
+        })
     }
 
     fn abandon(self: Box<Self>) {
@@ -655,6 +667,12 @@ impl WarmRestore for LocalWarm {
     ) -> Result<Box<dyn PreparedProcess>, String> {
         let tree = session_state(session)?;
         let layers = self.0.layers();
+        if tree.processes.first().is_some_and(|p| p.keep_pids) {
+            // As in `finish`: the stub laid warm is in the wrong pid
+            // namespace.
+            drop(self);
+            return LocalRestorer.prepare(session);
+        }
         match self.0.prepare(&tree) {
             Ok(p) => Ok(LocalPrepared::boxed(p)),
             Err(f) if f.in_layers => {

@@ -41,6 +41,9 @@ pub type Joiner = Box<dyn FnOnce() -> Result<i32, RestoreError> + Send>;
 /// The holder's side of a prepared process.
 pub struct Prepared {
     pid: i32,
+    /// With `--keep-pids`: the root's pid inside its new pid namespace and
+    /// that namespace's inode (zeros otherwise).
+    ns: (i32, u64),
     go: Option<mpsc::Sender<()>>,
     join: Option<Joiner>,
 }
@@ -75,6 +78,7 @@ impl Waiting {
         match self.ready.recv() {
             Ok(pid) => Ok(Prepared {
                 pid,
+                ns: (0, 0),
                 go: Some(self.go),
                 join: Some(join),
             }),
@@ -95,6 +99,19 @@ impl Prepared {
     /// The prepared process (the root of a tree).
     pub fn pid(&self) -> i32 {
         self.pid
+    }
+
+    /// Where its pids live: `(ns_pid, pid_ns)` when it was prepared in a
+    /// pid namespace of its own (`--keep-pids`), else zeros.
+    pub fn ns(&self) -> (i32, u64) {
+        self.ns
+    }
+
+    /// Records the pid namespace it was prepared in (known only once the
+    /// process exists, before it runs).
+    pub fn in_ns(mut self, ns_pid: i32, pid_ns: u64) -> Self {
+        self.ns = (ns_pid, pid_ns);
+        self
     }
 
     /// Lets the process run; returns its pid once every thread is
@@ -153,6 +170,9 @@ mod tests {
         let (w, j) = thread(7);
         let p = w.prepared(j).unwrap();
         assert_eq!(p.pid(), 7);
+        assert_eq!(p.ns(), (0, 0));
+        let p = p.in_ns(3, 4026531836);
+        assert_eq!(p.ns(), (3, 4026531836));
         assert_eq!(p.release().unwrap(), 7);
 
         let (w, j) = thread(8);

@@ -101,8 +101,9 @@ pub trait Restorer: Send + Sync + 'static {
 pub trait PreparedProcess: Send {
     /// The process (the root of a tree).
     fn pid(&self) -> i32;
-    /// Lets it run; its pid, or why it was killed instead.
-    fn release(self: Box<Self>) -> Result<i32, String>;
+    /// Lets it run; where it runs (with `--keep-pids` also its pid in its
+    /// own pid namespace and that namespace), or why it was killed instead.
+    fn release(self: Box<Self>) -> Result<RestoredPid, String>;
     /// Kills and reaps it: it never ran.
     fn abandon(self: Box<Self>);
 }
@@ -996,16 +997,19 @@ impl<C: Conn> Session<C> {
             )));
         };
         let outcome = match blocking(|| p.release()) {
-            Ok(pid) => {
-                info!(session = %self.session_name(), pid, "released: the process runs");
+            Ok(RestoredPid {
+                pid,
+                ns_pid,
+                pid_ns,
+            }) => {
+                info!(session = %self.session_name(), pid, ns_pid, pid_ns,
+                      "released: the process runs");
                 self.record(Fate::Resumed { pid });
                 self.forget_restored();
-                // --keep-pids sessions never take this path (the source
-                // does not ask for ready-go with it): no namespace to tell.
                 Outcome::Restored {
                     pid,
-                    ns_pid: 0,
-                    pid_ns: 0,
+                    ns_pid,
+                    pid_ns,
                 }
             }
             Err(reason) => {
