@@ -368,8 +368,8 @@ pub async fn dump_frozen_with(
     }
     if post_copy {
         features.push(ferry_proto::FEATURE_POST_COPY.to_string());
-    } else if restore {
-        // Post-copy resumes the destination early by design: one phase.
+    }
+    if restore {
         features.push(ferry_proto::FEATURE_READY_GO.to_string());
     }
     if keep_pids {

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use ferry_page_server::store::{FlatImage, SessionStore};
 use ferry_page_server::{
-    LazyEvent, LazyProcess, PreparedProcess, RestoredPid, Restorer, WarmRestore,
+    LazyEvent, LazyProcess, PreparedProcess, Released, RestoredPid, Restorer, WarmRestore,
 };
 use ferry_proto::pb;
 
@@ -308,7 +308,12 @@ pub async fn migrate_post_copy(
         }
     }
     precheck(pid)?;
+    let connect = match &opts.dest {
+        Destination::Remote(c) => Some(c.clone()),
+        Destination::ImagesDir(_) => None,
+    };
     let (report, frozen, lazy) = dump_frozen_with(opts, true, progress).await?;
+    let returned = std::time::Instant::now();
     match (report.outcome.clone(), lazy) {
         (Some(CommitOutcome::Restored { pid, .. }), Some(lazy)) => {
             let source_pid = frozen.pid();
@@ -348,6 +353,65 @@ pub async fn migrate_post_copy(
         (Some(CommitOutcome::Failed { reason }), _) => {
             frozen.resume()?;
             Err(MigrateError::Refused(reason))
+        }
+        (Some(CommitOutcome::InDoubt { pid, error }), _) => {
+            let source_pid = frozen.pid();
+            // Left stopped on any way out but the two below.
+            let mut held = StopOnDrop(Some(frozen));
+            tracing::warn!(
+                pid,
+                source_pid,
+                "post-copy: no answer after Go ({error}); asking the page server what became \
+                 of the session"
+            );
+            let since_go = report.parts.commit + returned.elapsed();
+            let c = connect.ok_or_else(|| MigrateError::Refused("no page server".into()))?;
+            match resolve(&c, report.session, since_go).await {
+                Resolution::Resumed { pid } => {
+                    // Every page reached it before the answer was lost.
+                    let frozen = held.0.take().expect("held until here");
+                    frozen.kill().map_err(|error| MigrateError::Kill {
+                        pid,
+                        source_pid,
+                        error,
+                    })?;
+                    Ok(MigrateReport {
+                        downtime: report.frozen,
+                        dump: report,
+                        restored_pid: pid,
+                        restored_ns: (0, 0),
+                        post_copy: None,
+                    })
+                }
+                Resolution::NoCopy { why } if why.contains(ferry_page_server::RAN_THEN_KILLED) => {
+                    // It ran, then died for want of its pages: as a
+                    // post-copy failure after Restored, the source stays
+                    // stopped for the operator.
+                    drop(held);
+                    Err(MigrateError::PostCopy {
+                        pid,
+                        source_pid,
+                        error: Box::new(PostCopyError::LostAfterGo { error, fate: why }),
+                    })
+                }
+                Resolution::NoCopy { why } => {
+                    held.0.take().expect("held until here").resume()?;
+                    Err(MigrateError::Refused(format!(
+                        "the answer after Go was lost ({error}); the page server says no copy \
+                         runs there: {why}"
+                    )))
+                }
+                Resolution::Unknown { waited, last } => {
+                    Err(MigrateError::InDoubt(Box::new(InDoubt {
+                        pid,
+                        source_pid,
+                        session: report.session.to_hex(),
+                        error,
+                        waited,
+                        last,
+                    })))
+                }
+            }
         }
         (other, _) => {
             frozen.resume()?;
@@ -538,31 +602,72 @@ impl Restorer for LocalRestorer {
 
 /// [`crate::readygo::Prepared`] behind the page server's trait; dropped, it
 /// abandons the process.
-struct LocalPrepared(crate::readygo::Prepared);
+enum LocalPrepared {
+    Whole(crate::readygo::Prepared),
+    /// Post-copy: released, it yields the userfaultfd of its missing pages.
+    Lazy(crate::readygo::Prepared<(i32, Option<crate::sys::uffd::Missing>)>),
+}
 
 impl LocalPrepared {
     fn boxed(p: crate::readygo::Prepared) -> Box<dyn PreparedProcess> {
-        Box::new(LocalPrepared(p))
+        Box::new(LocalPrepared::Whole(p))
     }
 }
 
 impl PreparedProcess for LocalPrepared {
     fn pid(&self) -> i32 {
-        self.0.pid()
+        match self {
+            LocalPrepared::Whole(p) => p.pid(),
+            LocalPrepared::Lazy(p) => p.pid(),
+        }
     }
 
-    fn release(self: Box<Self>) -> Result<RestoredPid, String> {
-        let (ns_pid, pid_ns) = self.0.ns();
-        let pid = self.0.release().map_err(|e| e.to_string())?;
-        Ok(RestoredPid {
-            pid,
-            ns_pid,
-            pid_ns,
-        })
+    fn release(self: Box<Self>) -> Result<Released, String> {
+        match *self {
+            LocalPrepared::Whole(p) => {
+                let (ns_pid, pid_ns) = p.ns();
+                let pid = p.release().map_err(|e| e.to_string())?;
+                Ok(Released {
+                    at: RestoredPid {
+                        pid,
+                        ns_pid,
+                        pid_ns,
+                    },
+                    lazy: None,
+                })
+            }
+            LocalPrepared::Lazy(p) => match p.release().map_err(|e| e.to_string())? {
+                (pid, Some(missing)) => Ok(Released {
+                    at: RestoredPid {
+                        pid,
+                        ..RestoredPid::default()
+                    },
+                    lazy: Some(Box::new(LocalLazy {
+                        missing,
+                        complete: std::sync::atomic::AtomicBool::new(false),
+                    })),
+                }),
+                (pid, None) => {
+                    // Running without a userfaultfd is no post-copy: it
+                    // must not stay.
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                    Err(format!(
+                        "process {pid} was released without a userfaultfd (no post-copy \
+                         ranges); it was killed"
+                    ))
+                }
+            },
+        }
     }
 
     fn abandon(self: Box<Self>) {
-        self.0.abandon()
+        match *self {
+            LocalPrepared::Whole(p) => p.abandon(),
+            LocalPrepared::Lazy(p) => p.abandon(),
+        }
     }
 }
 
@@ -694,6 +799,21 @@ impl WarmRestore for LocalWarm {
         lazy: &[pb::LazyRange],
     ) -> Result<Box<dyn LazyProcess>, String> {
         (*self).lazy(session, lazy)
+    }
+
+    fn prepare_lazy(
+        self: Box<Self>,
+        session: &mut dyn SessionStore,
+        lazy: &[pb::LazyRange],
+    ) -> Result<Box<dyn PreparedProcess>, String> {
+        let tree = session_state(session)?;
+        let ranges = lazy.iter().map(|r| (r.start, r.end)).collect();
+        // A cold restore cannot leave pages missing: a failure refuses, so
+        // the source runs on.
+        self.0
+            .prepare_lazy(&tree, ranges)
+            .map(|p| Box::new(LocalPrepared::Lazy(p)) as Box<dyn PreparedProcess>)
+            .map_err(|f| f.error.to_string())
     }
 }
 

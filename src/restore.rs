@@ -889,15 +889,36 @@ impl Warm {
 
     /// [`Warm::finish`], ending prepared instead of running (see
     /// [`crate::readygo`]).
-    pub fn prepare(mut self, tree: &pb::ProcessTree) -> Result<Prepared, WarmFailure> {
+    pub fn prepare(self, tree: &pb::ProcessTree) -> Result<Prepared, WarmFailure> {
+        self.prepare_with(tree, Vec::new(), |(pid, _)| pid)
+    }
+
+    /// [`Warm::finish_lazy`], ending prepared instead of running: the
+    /// userfaultfd is registered and the final state set before the
+    /// process is held, so a release only lets it go; what it yields is
+    /// what [`Warm::finish_lazy`] returns.
+    pub fn prepare_lazy(
+        self,
+        tree: &pb::ProcessTree,
+        lazy: Vec<(u64, u64)>,
+    ) -> Result<Prepared<(i32, Option<Missing>)>, WarmFailure> {
+        self.prepare_with(tree, lazy, |done| done)
+    }
+
+    fn prepare_with<T: 'static>(
+        mut self,
+        tree: &pb::ProcessTree,
+        lazy: Vec<(u64, u64)>,
+        yields: fn((i32, Option<Missing>)) -> T,
+    ) -> Result<Prepared<T>, WarmFailure> {
         let (gate, waiting) = crate::readygo::gate();
-        let sent = self.send_finish(tree, Vec::new(), Some(gate))?;
+        let sent = self.send_finish(tree, lazy, Some(gate))?;
         let worker = self.worker.take();
         let in_layers = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let seen = in_layers.clone();
         waiting
             .prepared(Box::new(move || {
-                Self::join(worker, sent).map(|(pid, _)| pid).map_err(|f| {
+                Self::join(worker, sent).map(yields).map_err(|f| {
                     seen.store(f.in_layers, std::sync::atomic::Ordering::Relaxed);
                     f.error
                 })

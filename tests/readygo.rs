@@ -487,3 +487,191 @@ async fn keep_pids_a_lost_restored_is_asked_for_and_one_copy_runs() {
     show(&slog);
     kill_all(&log);
 }
+
+/// `ferry workload` of 64 MiB rewriting 8192 random pages a second (so the
+/// last round leaves pages for post-copy), logging to `log`; returned once
+/// it logs.
+fn busy_workload(log: &Path) -> std::process::Child {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["workload", "--mib", "64", "--dirty-rate", "8192"])
+        .args(["--pattern", "uniform", "--log-file"])
+        .arg(log)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(
+        eventually(60, || ferry::workload::last_count(log).is_some()),
+        "the workload never logs"
+    );
+    if let Ok(Some(st)) = child.try_wait() {
+        panic!("the workload exited: {st}");
+    }
+    child
+}
+
+/// Live (not zombie) processes with exactly `cmdline`.
+fn with_cmdline(cmdline: &[u8]) -> Vec<(i32, char)> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|p| std::fs::read(format!("/proc/{p}/cmdline")).ok().as_deref() == Some(cmdline))
+        .map(|p| (p, common::proc_state(p)))
+        .filter(|&(_, s)| !matches!(s, 'Z' | 'X' | '?'))
+        .collect()
+}
+
+fn kill_pid(pid: i32) {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+}
+
+/// Whether the workload's log grows within half a second.
+fn counts_on(log: &Path) -> bool {
+    let n = ferry::workload::last_count(log);
+    std::thread::sleep(Duration::from_millis(500));
+    ferry::workload::last_count(log) > n
+}
+
+/// (a) with `--post-copy`: the destination holds the process prepared —
+/// its userfaultfd registered, its last pages still missing — and `Go`
+/// never comes (the source ferry dies at `Ready`). The destination kills
+/// it without ever letting it run; the source is left stopped, and
+/// resumed by hand it runs on.
+#[test]
+fn post_copy_go_that_never_comes_leaves_no_copy_on_the_destination() {
+    need_root!();
+    let tls = certs();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let slog = dir.path().join("server.log");
+    let _server = page_server(tls.path(), port, None, &slog);
+    let log = dir.path().join("pa.log");
+    let mut child = busy_workload(&log);
+    let source = child.id() as i32;
+    let cmdline = std::fs::read(format!("/proc/{source}/cmdline")).unwrap();
+    let status = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args([
+            "migrate",
+            "--post-copy",
+            "--pid",
+            &source.to_string(),
+            "--to",
+        ])
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--tls")
+        .arg(tls.path())
+        .args(["--max-rounds", "2", "--log", "warn"])
+        .env(ferry::failpoint::VAR, "client:ready")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(libc::SIGKILL),
+        "ferry died at the failpoint: {status:?}\n{}",
+        text(&slog)
+    );
+    assert!(text(&slog).contains("restored and held"), "{}", text(&slog));
+    assert!(
+        eventually(10, || text(&slog).contains("abandoned")),
+        "the page server abandons the held process: {}",
+        text(&slog)
+    );
+    assert!(
+        text(&slog).contains("no Go from the source"),
+        "{}",
+        text(&slog)
+    );
+    assert!(
+        !text(&slog).contains("released: the process runs"),
+        "{}",
+        text(&slog)
+    );
+    assert!(eventually(5, || with_cmdline(&cmdline) == vec![(source, 'T')]));
+    assert!(!counts_on(&log), "nobody runs the workload");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(source),
+        nix::sys::signal::Signal::SIGCONT,
+    )
+    .unwrap();
+    assert!(counts_on(&log), "the source runs on once resumed");
+    assert_eq!(with_cmdline(&cmdline).len(), 1, "one copy");
+    show(&slog);
+    kill_pid(source);
+    let _ = child.wait();
+}
+
+/// (b) with `--post-copy`: the page server releases the process on `Go`
+/// and the answer is lost with the connection, so the pages it still
+/// misses can never come: the page server kills it and records that it
+/// ran. The source asks, learns so, and — the destination's copy having
+/// run — stays stopped for the operator, as post-copy leaves it after any
+/// failure past the resume: no two copies at any moment, and one left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn post_copy_a_lost_restored_is_asked_for_and_the_source_stays_stopped() {
+    need_root!();
+    let tls = certs();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    let slog = dir.path().join("server.log");
+    let _server = page_server(tls.path(), port, Some("page-server:restored-lost"), &slog);
+    wait_for_server(addr, tls.path()).await;
+    let log = dir.path().join("pb.log");
+    let mut child = busy_workload(&log);
+    let source = child.id() as i32;
+    let cmdline = std::fs::read(format!("/proc/{source}/cmdline")).unwrap();
+    let mut c = common::connect(addr, tls.path());
+    c.timeout = Duration::from_secs(5);
+    let opts = DumpOptions {
+        pid: source,
+        dest: Destination::Remote(c),
+        leave_stopped: false,
+        track: None,
+        policy: Policy {
+            max_rounds: 2,
+            ..Policy::default()
+        },
+        compress: Compress::default(),
+        restore: true,
+        keep_pids: false,
+    };
+    let pc = ferry::postcopy::PostCopyOptions::default();
+    let e = ferry::migrate::migrate_post_copy(opts, &pc, &mut |_| {})
+        .await
+        .expect_err("the destination's copy cannot get its pages");
+    eprintln!("source: {e}");
+    let ferry::migrate::MigrateError::PostCopy { pid, error, .. } = &e else {
+        panic!("a post-copy failure after Go: {e}\n{}", text(&slog));
+    };
+    assert!(
+        matches!(**error, ferry::postcopy::PostCopyError::LostAfterGo { .. }),
+        "{e}"
+    );
+    let msg = e.to_string();
+    assert!(msg.contains("left stopped"), "{msg}");
+    assert!(msg.contains(ferry_page_server::RAN_THEN_KILLED), "{msg}");
+    assert!(text(&slog).contains("answered a query"), "{}", text(&slog));
+    assert!(text(&slog).contains("released"), "{}", text(&slog));
+    assert!(
+        eventually(5, || matches!(common::proc_state(*pid), 'Z' | 'X' | '?')),
+        "the destination's copy was killed"
+    );
+    assert!(eventually(5, || with_cmdline(&cmdline) == vec![(source, 'T')]));
+    assert!(!counts_on(&log), "nobody runs the workload");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(source),
+        nix::sys::signal::Signal::SIGCONT,
+    )
+    .unwrap();
+    assert!(counts_on(&log), "the source runs on once resumed by hand");
+    show(&slog);
+    kill_pid(source);
+    let _ = child.wait();
+}
