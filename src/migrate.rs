@@ -242,6 +242,14 @@ pub fn judge(a: &crate::client::QueryAnswer, since_go: Duration) -> Option<Resol
     }
 }
 
+/// Post-copy, after `Go` and a lost answer: whether the page server's "no
+/// copy runs" (the `why` of [`Resolution::NoCopy`]) lets the source
+/// resume — only if the process was never released. One released and then
+/// killed for want of its pages has run: the source stays stopped.
+pub fn post_copy_may_resume(why: &str) -> bool {
+    !why.contains(ferry_page_server::RAN_THEN_KILLED)
+}
+
 /// Asks the page server at `c` about `session` until it gives an answer
 /// that decides, or `c.timeout` passes.
 pub async fn resolve(
@@ -287,11 +295,13 @@ pub async fn resolve(
 
 /// Migrates `opts.pid` with post-copy (`ferry migrate --post-copy`): the
 /// rounds as [`migrate`], then a freeze, the state and only the pages that
-/// cannot wait; the destination resumes the process at once and the last
-/// round's other dirty pages follow, asked for on fault or pushed. The
-/// source is killed once every page is in. Before `Restored`, any failure
-/// resumes the source as [`migrate`] does; after it, the source can no
-/// longer take over and is left stopped ([`MigrateError::PostCopy`]).
+/// cannot wait; the destination holds the process prepared (`Ready`),
+/// resumes it on `Go`, and the last round's other dirty pages follow,
+/// asked for on fault or pushed. The source is killed once every page is
+/// in. Before `Go`, any failure resumes the source as [`migrate`] does;
+/// after it, the source can no longer take over and is left stopped
+/// ([`MigrateError::PostCopy`]), also when the answer to `Go` was lost and
+/// the page server says the released process died for want of its pages.
 pub async fn migrate_post_copy(
     mut opts: DumpOptions,
     pc: &PostCopyOptions,
@@ -383,7 +393,7 @@ pub async fn migrate_post_copy(
                         post_copy: None,
                     })
                 }
-                Resolution::NoCopy { why } if why.contains(ferry_page_server::RAN_THEN_KILLED) => {
+                Resolution::NoCopy { why } if !post_copy_may_resume(&why) => {
                     // It ran, then died for want of its pages: as a
                     // post-copy failure after Restored, the source stays
                     // stopped for the operator.
@@ -916,6 +926,22 @@ mod tests {
             note: "never seen by this page server".into(),
             uptime: Duration::from_secs(uptime_s),
         }
+    }
+
+    #[test]
+    fn post_copy_resumes_the_source_only_if_nothing_ran() {
+        let since = Duration::from_secs(3);
+        let why = |reason: String| match judge(&answer(Fate::Abandoned { reason }, 100), since) {
+            Some(Resolution::NoCopy { why }) => why,
+            other => panic!("{other:?}"),
+        };
+        let never_released = why("no Go from the source within 15s after Ready".into());
+        assert!(post_copy_may_resume(&never_released));
+        let ran = why(format!(
+            "{} (pid 42): the connection is gone",
+            ferry_page_server::RAN_THEN_KILLED
+        ));
+        assert!(!post_copy_may_resume(&ran));
     }
 
     #[test]
