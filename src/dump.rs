@@ -387,10 +387,8 @@ pub async fn dump_frozen_with(
     }
     if post_copy {
         features.push(ferry_proto::FEATURE_POST_COPY.to_string());
-    } else if restore && !keep_pids {
-        // Post-copy resumes the destination early by design, and
-        // --keep-pids restores cold into a new pid namespace, which has no
-        // held state yet: both end in one phase.
+    }
+    if restore {
         features.push(ferry_proto::FEATURE_READY_GO.to_string());
     }
     if keep_pids {

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use ferry_page_server::store::{FlatImage, SessionStore};
 use ferry_page_server::{
-    LazyEvent, LazyProcess, PreparedProcess, RestoredPid, Restorer, WarmRestore,
+    LazyEvent, LazyProcess, PreparedProcess, Released, RestoredPid, Restorer, WarmRestore,
 };
 use ferry_proto::pb;
 
@@ -165,8 +165,9 @@ pub async fn migrate(
                         downtime: report.frozen,
                         dump: report,
                         restored_pid: pid,
-                        // In doubt only ever after Go, which --keep-pids
-                        // never takes (one phase).
+                        // The page server's record keeps only the pid:
+                        // with --keep-pids its namespace went with the
+                        // lost answer (README, "ferry migrate").
                         restored_ns: (0, 0),
                         post_copy: None,
                     })
@@ -241,6 +242,14 @@ pub fn judge(a: &crate::client::QueryAnswer, since_go: Duration) -> Option<Resol
     }
 }
 
+/// Post-copy, after `Go` and a lost answer: whether the page server's "no
+/// copy runs" (the `why` of [`Resolution::NoCopy`]) lets the source
+/// resume — only if the process was never released. One released and then
+/// killed for want of its pages has run: the source stays stopped.
+pub fn post_copy_may_resume(why: &str) -> bool {
+    !why.contains(ferry_page_server::RAN_THEN_KILLED)
+}
+
 /// Asks the page server at `c` about `session` until it gives an answer
 /// that decides, or `c.timeout` passes.
 pub async fn resolve(
@@ -286,11 +295,13 @@ pub async fn resolve(
 
 /// Migrates `opts.pid` with post-copy (`ferry migrate --post-copy`): the
 /// rounds as [`migrate`], then a freeze, the state and only the pages that
-/// cannot wait; the destination resumes the process at once and the last
-/// round's other dirty pages follow, asked for on fault or pushed. The
-/// source is killed once every page is in. Before `Restored`, any failure
-/// resumes the source as [`migrate`] does; after it, the source can no
-/// longer take over and is left stopped ([`MigrateError::PostCopy`]).
+/// cannot wait; the destination holds the process prepared (`Ready`),
+/// resumes it on `Go`, and the last round's other dirty pages follow,
+/// asked for on fault or pushed. The source is killed once every page is
+/// in. Before `Go`, any failure resumes the source as [`migrate`] does;
+/// after it, the source can no longer take over and is left stopped
+/// ([`MigrateError::PostCopy`]), also when the answer to `Go` was lost and
+/// the page server says the released process died for want of its pages.
 pub async fn migrate_post_copy(
     mut opts: DumpOptions,
     pc: &PostCopyOptions,
@@ -307,7 +318,12 @@ pub async fn migrate_post_copy(
         }
     }
     precheck(pid)?;
+    let connect = match &opts.dest {
+        Destination::Remote(c) => Some(c.clone()),
+        Destination::ImagesDir(_) => None,
+    };
     let (report, frozen, lazy) = dump_frozen_with(opts, true, progress).await?;
+    let returned = std::time::Instant::now();
     match (report.outcome.clone(), lazy) {
         (Some(CommitOutcome::Restored { pid, .. }), Some(lazy)) => {
             let source_pid = frozen.pid();
@@ -347,6 +363,65 @@ pub async fn migrate_post_copy(
         (Some(CommitOutcome::Failed { reason }), _) => {
             frozen.resume()?;
             Err(MigrateError::Refused(reason))
+        }
+        (Some(CommitOutcome::InDoubt { pid, error }), _) => {
+            let source_pid = frozen.pid();
+            // Left stopped on any way out but the two below.
+            let mut held = StopOnDrop(Some(frozen));
+            tracing::warn!(
+                pid,
+                source_pid,
+                "post-copy: no answer after Go ({error}); asking the page server what became \
+                 of the session"
+            );
+            let since_go = report.parts.commit + returned.elapsed();
+            let c = connect.ok_or_else(|| MigrateError::Refused("no page server".into()))?;
+            match resolve(&c, report.session, since_go).await {
+                Resolution::Resumed { pid } => {
+                    // Every page reached it before the answer was lost.
+                    let frozen = held.0.take().expect("held until here");
+                    frozen.kill().map_err(|error| MigrateError::Kill {
+                        pid,
+                        source_pid,
+                        error,
+                    })?;
+                    Ok(MigrateReport {
+                        downtime: report.frozen,
+                        dump: report,
+                        restored_pid: pid,
+                        restored_ns: (0, 0),
+                        post_copy: None,
+                    })
+                }
+                Resolution::NoCopy { why } if !post_copy_may_resume(&why) => {
+                    // It ran, then died for want of its pages: as a
+                    // post-copy failure after Restored, the source stays
+                    // stopped for the operator.
+                    drop(held);
+                    Err(MigrateError::PostCopy {
+                        pid,
+                        source_pid,
+                        error: Box::new(PostCopyError::LostAfterGo { error, fate: why }),
+                    })
+                }
+                Resolution::NoCopy { why } => {
+                    held.0.take().expect("held until here").resume()?;
+                    Err(MigrateError::Refused(format!(
+                        "the answer after Go was lost ({error}); the page server says no copy \
+                         runs there: {why}"
+                    )))
+                }
+                Resolution::Unknown { waited, last } => {
+                    Err(MigrateError::InDoubt(Box::new(InDoubt {
+                        pid,
+                        source_pid,
+                        session: report.session.to_hex(),
+                        error,
+                        waited,
+                        last,
+                    })))
+                }
+            }
         }
         (other, _) => {
             frozen.resume()?;
@@ -524,7 +599,12 @@ impl Restorer for LocalRestorer {
     fn prepare(&self, session: &mut dyn SessionStore) -> Result<Box<dyn PreparedProcess>, String> {
         let tree = session_state(session)?;
         let img = session.flatten().map_err(|e| e.to_string())?;
-        crate::restore::prepare(&tree, &img)
+        let prepared = if tree.processes.first().is_some_and(|p| p.keep_pids) {
+            crate::restore::prepare_keeping_pids(&tree, &img)
+        } else {
+            crate::restore::prepare(&tree, &img)
+        };
+        prepared
             .map(LocalPrepared::boxed)
             .map_err(|e| e.to_string())
     }
@@ -532,25 +612,72 @@ impl Restorer for LocalRestorer {
 
 /// [`crate::readygo::Prepared`] behind the page server's trait; dropped, it
 /// abandons the process.
-struct LocalPrepared(crate::readygo::Prepared);
+enum LocalPrepared {
+    Whole(crate::readygo::Prepared),
+    /// Post-copy: released, it yields the userfaultfd of its missing pages.
+    Lazy(crate::readygo::Prepared<(i32, Option<crate::sys::uffd::Missing>)>),
+}
 
 impl LocalPrepared {
     fn boxed(p: crate::readygo::Prepared) -> Box<dyn PreparedProcess> {
-        Box::new(LocalPrepared(p))
+        Box::new(LocalPrepared::Whole(p))
     }
 }
 
 impl PreparedProcess for LocalPrepared {
     fn pid(&self) -> i32 {
-        self.0.pid()
+        match self {
+            LocalPrepared::Whole(p) => p.pid(),
+            LocalPrepared::Lazy(p) => p.pid(),
+        }
     }
 
-    fn release(self: Box<Self>) -> Result<i32, String> {
-        self.0.release().map_err(|e| e.to_string())
+    fn release(self: Box<Self>) -> Result<Released, String> {
+        match *self {
+            LocalPrepared::Whole(p) => {
+                let (ns_pid, pid_ns) = p.ns();
+                let pid = p.release().map_err(|e| e.to_string())?;
+                Ok(Released {
+                    at: RestoredPid {
+                        pid,
+                        ns_pid,
+                        pid_ns,
+                    },
+                    lazy: None,
+                })
+            }
+            LocalPrepared::Lazy(p) => match p.release().map_err(|e| e.to_string())? {
+                (pid, Some(missing)) => Ok(Released {
+                    at: RestoredPid {
+                        pid,
+                        ..RestoredPid::default()
+                    },
+                    lazy: Some(Box::new(LocalLazy {
+                        missing,
+                        complete: std::sync::atomic::AtomicBool::new(false),
+                    })),
+                }),
+                (pid, None) => {
+                    // Running without a userfaultfd is no post-copy: it
+                    // must not stay.
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                    Err(format!(
+                        "process {pid} was released without a userfaultfd (no post-copy \
+                         ranges); it was killed"
+                    ))
+                }
+            },
+        }
     }
 
     fn abandon(self: Box<Self>) {
-        self.0.abandon()
+        match *self {
+            LocalPrepared::Whole(p) => p.abandon(),
+            LocalPrepared::Lazy(p) => p.abandon(),
+        }
     }
 }
 
@@ -655,6 +782,12 @@ impl WarmRestore for LocalWarm {
     ) -> Result<Box<dyn PreparedProcess>, String> {
         let tree = session_state(session)?;
         let layers = self.0.layers();
+        if tree.processes.first().is_some_and(|p| p.keep_pids) {
+            // As in `finish`: the stub laid warm is in the wrong pid
+            // namespace.
+            drop(self);
+            return LocalRestorer.prepare(session);
+        }
         match self.0.prepare(&tree) {
             Ok(p) => Ok(LocalPrepared::boxed(p)),
             Err(f) if f.in_layers => {
@@ -676,6 +809,21 @@ impl WarmRestore for LocalWarm {
         lazy: &[pb::LazyRange],
     ) -> Result<Box<dyn LazyProcess>, String> {
         (*self).lazy(session, lazy)
+    }
+
+    fn prepare_lazy(
+        self: Box<Self>,
+        session: &mut dyn SessionStore,
+        lazy: &[pb::LazyRange],
+    ) -> Result<Box<dyn PreparedProcess>, String> {
+        let tree = session_state(session)?;
+        let ranges = lazy.iter().map(|r| (r.start, r.end)).collect();
+        // A cold restore cannot leave pages missing: a failure refuses, so
+        // the source runs on.
+        self.0
+            .prepare_lazy(&tree, ranges)
+            .map(|p| Box::new(LocalPrepared::Lazy(p)) as Box<dyn PreparedProcess>)
+            .map_err(|f| f.error.to_string())
     }
 }
 
@@ -778,6 +926,22 @@ mod tests {
             note: "never seen by this page server".into(),
             uptime: Duration::from_secs(uptime_s),
         }
+    }
+
+    #[test]
+    fn post_copy_resumes_the_source_only_if_nothing_ran() {
+        let since = Duration::from_secs(3);
+        let why = |reason: String| match judge(&answer(Fate::Abandoned { reason }, 100), since) {
+            Some(Resolution::NoCopy { why }) => why,
+            other => panic!("{other:?}"),
+        };
+        let never_released = why("no Go from the source within 15s after Ready".into());
+        assert!(post_copy_may_resume(&never_released));
+        let ran = why(format!(
+            "{} (pid 42): the connection is gone",
+            ferry_page_server::RAN_THEN_KILLED
+        ));
+        assert!(!post_copy_may_resume(&ran));
     }
 
     #[test]

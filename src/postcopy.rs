@@ -76,6 +76,11 @@ pub enum PostCopyError {
     Unexpected(String),
     #[error("page request {addr:#x} (+{pages} pages) outside the post-copy ranges")]
     BadRequest { addr: u64, pages: u32 },
+    /// Two-phase end: `Go` went out, the answer was lost and the link with
+    /// it; the page server says the released process died for want of its
+    /// pages.
+    #[error("the answer after Go was lost ({error}), and the link with it: {fate}")]
+    LostAfterGo { error: String, fate: String },
 }
 
 /// Serves the missing pages of `ranges` from the frozen process `pid`

@@ -35,14 +35,18 @@ impl Gate {
 }
 
 /// How the restore thread ends, once the verdict is carried out: the pid
-/// of the running process, or why there is none.
-pub type Joiner = Box<dyn FnOnce() -> Result<i32, RestoreError> + Send>;
+/// of the running process (with post-copy, also the userfaultfd its
+/// missing pages wait on: `T`), or why there is none.
+pub type Joiner<T = i32> = Box<dyn FnOnce() -> Result<T, RestoreError> + Send>;
 
-/// The holder's side of a prepared process.
-pub struct Prepared {
+/// The holder's side of a prepared process; `T` is what a release yields.
+pub struct Prepared<T = i32> {
     pid: i32,
+    /// With `--keep-pids`: the root's pid inside its new pid namespace and
+    /// that namespace's inode (zeros otherwise).
+    ns: (i32, u64),
     go: Option<mpsc::Sender<()>>,
-    join: Option<Joiner>,
+    join: Option<Joiner<T>>,
 }
 
 /// The pair for one restore: the [`Gate`] goes to the restore thread, the
@@ -71,10 +75,11 @@ pub struct Waiting {
 impl Waiting {
     /// Waits until the restore thread holds the process prepared, or ends
     /// without (then `join` says why, and `Err` carries it).
-    pub fn prepared(self, join: Joiner) -> Result<Prepared, RestoreError> {
+    pub fn prepared<T>(self, join: Joiner<T>) -> Result<Prepared<T>, RestoreError> {
         match self.ready.recv() {
             Ok(pid) => Ok(Prepared {
                 pid,
+                ns: (0, 0),
                 go: Some(self.go),
                 join: Some(join),
             }),
@@ -82,24 +87,37 @@ impl Waiting {
                 drop(self.go);
                 Err(match join() {
                     Err(e) => e,
-                    Ok(pid) => RestoreError::Thread(format!(
-                        "the restore let process {pid} run without waiting for Go"
-                    )),
+                    Ok(_) => RestoreError::Thread(
+                        "the restore let its process run without waiting for Go".into(),
+                    ),
                 })
             }
         }
     }
 }
 
-impl Prepared {
+impl<T> Prepared<T> {
     /// The prepared process (the root of a tree).
     pub fn pid(&self) -> i32 {
         self.pid
     }
 
-    /// Lets the process run; returns its pid once every thread is
+    /// Where its pids live: `(ns_pid, pid_ns)` when it was prepared in a
+    /// pid namespace of its own (`--keep-pids`), else zeros.
+    pub fn ns(&self) -> (i32, u64) {
+        self.ns
+    }
+
+    /// Records the pid namespace it was prepared in (known only once the
+    /// process exists, before it runs).
+    pub fn in_ns(mut self, ns_pid: i32, pid_ns: u64) -> Self {
+        self.ns = (ns_pid, pid_ns);
+        self
+    }
+
+    /// Lets the process run; returns its pid (`T`) once every thread is
     /// detached. On an error nothing of it runs (it was killed).
-    pub fn release(mut self) -> Result<i32, RestoreError> {
+    pub fn release(mut self) -> Result<T, RestoreError> {
         if let Some(go) = self.go.take() {
             let _ = go.send(());
         }
@@ -120,13 +138,13 @@ impl Prepared {
             match j() {
                 Err(RestoreError::Abandoned) => {}
                 Err(e) => tracing::warn!(pid = self.pid, "abandoning the prepared process: {e}"),
-                Ok(pid) => tracing::error!(pid, "an abandoned process was let run"),
+                Ok(_) => tracing::error!(pid = self.pid, "an abandoned process was let run"),
             }
         }
     }
 }
 
-impl Drop for Prepared {
+impl<T> Drop for Prepared<T> {
     fn drop(&mut self) {
         self.finish_abandon();
     }
@@ -153,6 +171,9 @@ mod tests {
         let (w, j) = thread(7);
         let p = w.prepared(j).unwrap();
         assert_eq!(p.pid(), 7);
+        assert_eq!(p.ns(), (0, 0));
+        let p = p.in_ns(3, 4026531836);
+        assert_eq!(p.ns(), (3, 4026531836));
         assert_eq!(p.release().unwrap(), 7);
 
         let (w, j) = thread(8);
@@ -167,7 +188,7 @@ mod tests {
         let (g, w) = gate();
         let h = std::thread::spawn(move || {
             drop(g);
-            Err(RestoreError::Missing("state".into()))
+            Err::<i32, _>(RestoreError::Missing("state".into()))
         });
         let e = w
             .prepared(Box::new(move || h.join().unwrap()))

@@ -889,15 +889,36 @@ impl Warm {
 
     /// [`Warm::finish`], ending prepared instead of running (see
     /// [`crate::readygo`]).
-    pub fn prepare(mut self, tree: &pb::ProcessTree) -> Result<Prepared, WarmFailure> {
+    pub fn prepare(self, tree: &pb::ProcessTree) -> Result<Prepared, WarmFailure> {
+        self.prepare_with(tree, Vec::new(), |(pid, _)| pid)
+    }
+
+    /// [`Warm::finish_lazy`], ending prepared instead of running: the
+    /// userfaultfd is registered and the final state set before the
+    /// process is held, so a release only lets it go; what it yields is
+    /// what [`Warm::finish_lazy`] returns.
+    pub fn prepare_lazy(
+        self,
+        tree: &pb::ProcessTree,
+        lazy: Vec<(u64, u64)>,
+    ) -> Result<Prepared<(i32, Option<Missing>)>, WarmFailure> {
+        self.prepare_with(tree, lazy, |done| done)
+    }
+
+    fn prepare_with<T: 'static>(
+        mut self,
+        tree: &pb::ProcessTree,
+        lazy: Vec<(u64, u64)>,
+        yields: fn((i32, Option<Missing>)) -> T,
+    ) -> Result<Prepared<T>, WarmFailure> {
         let (gate, waiting) = crate::readygo::gate();
-        let sent = self.send_finish(tree, Vec::new(), Some(gate))?;
+        let sent = self.send_finish(tree, lazy, Some(gate))?;
         let worker = self.worker.take();
         let in_layers = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let seen = in_layers.clone();
         waiting
             .prepared(Box::new(move || {
-                Self::join(worker, sent).map(|(pid, _)| pid).map_err(|f| {
+                Self::join(worker, sent).map(yields).map_err(|f| {
                     seen.store(f.in_layers, std::sync::atomic::Ordering::Relaxed);
                     f.error
                 })
@@ -3215,13 +3236,48 @@ pub fn restore_keeping_pids(tree: &pb::ProcessTree, img: &FlatImage) -> Result<K
     let (tree, img) = (tree.clone(), img.clone());
     std::thread::Builder::new()
         .name("ferry-restore".into())
-        .spawn(move || restore_in_new_ns(&tree, &img))
+        .spawn(move || restore_in_new_ns(&tree, &img, None))
         .map_err(|e| RestoreError::Thread(e.to_string()))?
         .join()
         .map_err(|_| RestoreError::Thread("panicked".into()))?
 }
 
-fn restore_in_new_ns(tree: &pb::ProcessTree, img: &FlatImage) -> Result<Kept> {
+/// [`restore_keeping_pids`], ending prepared instead of running (the
+/// two-phase end, see [`crate::readygo`]): every process of the tree is
+/// held with its final state, and the namespace's reaper (if one is
+/// needed) is not started; on release the tree runs and then the reaper,
+/// on abandon both are killed, and with the reaper the namespace.
+pub fn prepare_keeping_pids(tree: &pb::ProcessTree, img: &FlatImage) -> Result<Prepared> {
+    check(tree, &img.vmas)?;
+    crate::pidns::check(tree, crate::pidns::pid_max()?)?;
+    let ns_pid = tree
+        .processes
+        .first()
+        .ok_or_else(|| RestoreError::Missing("process".into()))?
+        .ns_pid;
+    let (tree, img) = (tree.clone(), img.clone());
+    let (gate, waiting) = crate::readygo::gate();
+    let h = std::thread::Builder::new()
+        .name("ferry-restore".into())
+        .spawn(move || restore_in_new_ns(&tree, &img, Some(gate)))
+        .map_err(|e| RestoreError::Thread(e.to_string()))?;
+    let prepared = waiting.prepared(Box::new(move || {
+        h.join()
+            .map_err(|_| RestoreError::Thread("panicked".into()))?
+            .map(|k| k.pid)
+    }))?;
+    // The root exists (held), so its namespace can be named now; a root
+    // that vanished meanwhile is abandoned as the prepared value drops.
+    let pid_ns = crate::sys::pidns::pid_ns_inode(prepared.pid()).map_err(|e| {
+        RestoreError::Thread(format!(
+            "the pid namespace of prepared process {}: {e}",
+            prepared.pid()
+        ))
+    })?;
+    Ok(prepared.in_ns(ns_pid, pid_ns))
+}
+
+fn restore_in_new_ns(tree: &pb::ProcessTree, img: &FlatImage, gate: Option<Gate>) -> Result<Kept> {
     let root = tree
         .processes
         .first()
@@ -3232,7 +3288,7 @@ fn restore_in_new_ns(tree: &pb::ProcessTree, img: &FlatImage) -> Result<Kept> {
         pid_ns: crate::sys::pidns::pid_ns_inode(pid).unwrap_or(0),
     };
     if root.ns_pid == 1 {
-        let pid = restore_tree_as(tree, img, Root::Init, None)?;
+        let pid = restore_tree_as(tree, img, Root::Init, gate)?;
         tracing::info!(pid, "restored as pid 1 of a new pid namespace");
         return Ok(kept(pid));
     }
@@ -3244,7 +3300,9 @@ fn restore_in_new_ns(tree: &pb::ProcessTree, img: &FlatImage) -> Result<Kept> {
         .collect();
     let mut reaper = Restorer::new_with(&all_vmas, Birth::NewPidNs)?;
     reaper.has_pid("the reaper", &pb::Process::default(), 1)?;
-    let pid = restore_tree_as(tree, img, Root::FromReaper(&mut reaper), None)?;
+    // With a gate the tree is held there; the reaper stays a stopped stub
+    // until the tree is released (abandoned, it is killed as it drops).
+    let pid = restore_tree_as(tree, img, Root::FromReaper(&mut reaper), gate)?;
     let done = kept(pid);
     // The tree runs; until the reaper does too, what is orphaned in the
     // namespace waits as a zombie. A failure here drops (kills) the

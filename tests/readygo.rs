@@ -136,12 +136,23 @@ fn options(fx: &Fixture, c: ferry::client::Connect) -> DumpOptions {
 
 /// `ferry migrate` of `fx`, SIGKILLed by its failpoint on `Ready`.
 fn migrate_dying_at_ready(fx: &Fixture, port: u16, tls: &Path) -> std::process::ExitStatus {
+    migrate_dying_at_ready_with(fx, port, tls, &[])
+}
+
+/// [`migrate_dying_at_ready`] with more `ferry migrate` flags.
+fn migrate_dying_at_ready_with(
+    fx: &Fixture,
+    port: u16,
+    tls: &Path,
+    flags: &[&str],
+) -> std::process::ExitStatus {
     Command::new(env!("CARGO_BIN_EXE_ferry"))
         .args(["migrate", "--pid", &fx.pid.to_string(), "--to"])
         .arg(format!("127.0.0.1:{port}"))
         .arg("--tls")
         .arg(tls)
         .args(["--max-rounds", "3", "--log", "warn"])
+        .args(flags)
         .env(ferry::failpoint::VAR, "client:ready")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -346,4 +357,314 @@ fn a_page_server_killed_while_holding_takes_the_held_process_along() {
     assert!(eventually(5, || fx.tracer() == 0));
     assert_eq!(copies(&log), vec![(fx.pid, 'T')], "only the stopped source");
     kill_all(&log);
+}
+
+/// The last `NSpid:` entry of `pid` (its pid in its own pid namespace).
+fn own_ns_pid(pid: i32) -> i32 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    ferry::pidns::parse_nspid(&status)
+        .and_then(|ids| ids.last().copied())
+        .unwrap_or(-1)
+}
+
+fn pid_ns_of(pid: i32) -> String {
+    std::fs::read_link(format!("/proc/{pid}/ns/pid"))
+        .map(|l| l.display().to_string())
+        .unwrap_or_default()
+}
+
+/// Every child of `pid`'s threads (a page server's stubs and reapers).
+fn children(pid: i32) -> Vec<i32> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| {
+            d.flatten()
+                .flat_map(|t| {
+                    std::fs::read_to_string(t.path().join("children"))
+                        .unwrap_or_default()
+                        .split_whitespace()
+                        .filter_map(|c| c.parse().ok())
+                        .collect::<Vec<i32>>()
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// (a) with `--keep-pids`: the tree is held in its new pid namespace (the
+/// namespace's reaper a stopped stub beside it) and `Go` never comes. The
+/// destination kills the held process and the reaper, and with it the
+/// namespace; the source is left stopped as without `--keep-pids`.
+#[test]
+fn keep_pids_go_that_never_comes_leaves_no_copy_nor_namespace() {
+    need_root!();
+    let tls = certs();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let slog = dir.path().join("server.log");
+    let server = page_server(tls.path(), port, None, &slog);
+    std::thread::sleep(Duration::from_millis(500));
+    let (fx, log) = fixture(dir.path(), "ka.log");
+    let status = migrate_dying_at_ready_with(&fx, port, tls.path(), &["--keep-pids"]);
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(libc::SIGKILL),
+        "ferry died at the failpoint: {status:?}"
+    );
+    assert!(text(&slog).contains("restored and held"), "{}", text(&slog));
+    assert!(
+        eventually(10, || text(&slog).contains("abandoned")),
+        "the page server abandons the held process: {}",
+        text(&slog)
+    );
+    assert!(
+        text(&slog).contains("no Go from the source"),
+        "{}",
+        text(&slog)
+    );
+    assert!(eventually(5, || fx.tracer() == 0));
+    assert_eq!(copies(&log), vec![(fx.pid, 'T')], "only the stopped source");
+    let server_pid = server.0.id() as i32;
+    assert!(
+        eventually(5, || children(server_pid).is_empty()),
+        "no stub or reaper of the namespace is left: {:?}",
+        children(server_pid)
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(fx.pid),
+        nix::sys::signal::Signal::SIGCONT,
+    )
+    .unwrap();
+    assert_source_runs(&fx, &log, "resumed by hand");
+    show(&slog);
+    kill_all(&log);
+}
+
+/// (b) with `--keep-pids`: `Restored` lost after `Go`; the source asks,
+/// hears "resumed" and kills itself. Exactly one copy runs: the
+/// destination's, in a pid namespace of its own with the source's pid.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_pids_a_lost_restored_is_asked_for_and_one_copy_runs() {
+    need_root!();
+    let tls = certs();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    let slog = dir.path().join("server.log");
+    let _server = page_server(tls.path(), port, Some("page-server:restored-lost"), &slog);
+    wait_for_server(addr, tls.path()).await;
+    let (fx, log) = fixture(dir.path(), "kb.log");
+    let (ns_pid, source_ns) = (own_ns_pid(fx.pid), pid_ns_of(fx.pid));
+    let mut c = common::connect(addr, tls.path());
+    c.timeout = Duration::from_secs(5);
+    let mut opts = options(&fx, c);
+    opts.keep_pids = true;
+    let report = migrate(opts, &mut |_| {})
+        .await
+        .unwrap_or_else(|e| panic!("the query settles it: {e}\n{}", text(&slog)));
+    let pid = report.restored_pid;
+    assert!(text(&slog).contains("answered a query"), "{}", text(&slog));
+    assert!(
+        eventually(5, || matches!(common::proc_state(fx.pid), 'Z' | 'X' | '?')),
+        "the source is killed"
+    );
+    let live = copies(&log);
+    assert_eq!(live.len(), 1, "exactly one copy: {live:?}");
+    assert_eq!(live[0].0, pid, "the destination's");
+    assert_eq!(own_ns_pid(pid), ns_pid, "it kept its pid");
+    assert_ne!(pid_ns_of(pid), source_ns, "in a pid namespace of its own");
+    let a = log_values(&log).len();
+    std::thread::sleep(Duration::from_millis(500));
+    let values = log_values(&log);
+    assert!(values.len() > a, "the destination's copy counts on");
+    assert!(values.windows(2).all(|w| w[0] <= w[1]), "one writer");
+    show(&slog);
+    kill_all(&log);
+}
+
+/// `ferry workload` of 64 MiB rewriting 8192 random pages a second (so the
+/// last round leaves pages for post-copy), logging to `log`; returned once
+/// it logs.
+fn busy_workload(log: &Path) -> std::process::Child {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["workload", "--mib", "64", "--dirty-rate", "8192"])
+        .args(["--pattern", "uniform", "--log-file"])
+        .arg(log)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(
+        eventually(60, || ferry::workload::last_count(log).is_some()),
+        "the workload never logs"
+    );
+    if let Ok(Some(st)) = child.try_wait() {
+        panic!("the workload exited: {st}");
+    }
+    child
+}
+
+/// Live (not zombie) processes with exactly `cmdline`.
+fn with_cmdline(cmdline: &[u8]) -> Vec<(i32, char)> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|p| std::fs::read(format!("/proc/{p}/cmdline")).ok().as_deref() == Some(cmdline))
+        .map(|p| (p, common::proc_state(p)))
+        .filter(|&(_, s)| !matches!(s, 'Z' | 'X' | '?'))
+        .collect()
+}
+
+fn kill_pid(pid: i32) {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+}
+
+/// Whether the workload's log grows within half a second.
+fn counts_on(log: &Path) -> bool {
+    let n = ferry::workload::last_count(log);
+    std::thread::sleep(Duration::from_millis(500));
+    ferry::workload::last_count(log) > n
+}
+
+/// (a) with `--post-copy`: the destination holds the process prepared —
+/// its userfaultfd registered, its last pages still missing — and `Go`
+/// never comes (the source ferry dies at `Ready`). The destination kills
+/// it without ever letting it run; the source is left stopped, and
+/// resumed by hand it runs on.
+#[test]
+fn post_copy_go_that_never_comes_leaves_no_copy_on_the_destination() {
+    need_root!();
+    let tls = certs();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let slog = dir.path().join("server.log");
+    let _server = page_server(tls.path(), port, None, &slog);
+    let log = dir.path().join("pa.log");
+    let mut child = busy_workload(&log);
+    let source = child.id() as i32;
+    let cmdline = std::fs::read(format!("/proc/{source}/cmdline")).unwrap();
+    let status = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args([
+            "migrate",
+            "--post-copy",
+            "--pid",
+            &source.to_string(),
+            "--to",
+        ])
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--tls")
+        .arg(tls.path())
+        .args(["--max-rounds", "2", "--log", "warn"])
+        .env(ferry::failpoint::VAR, "client:ready")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(libc::SIGKILL),
+        "ferry died at the failpoint: {status:?}\n{}",
+        text(&slog)
+    );
+    assert!(text(&slog).contains("restored and held"), "{}", text(&slog));
+    assert!(
+        eventually(10, || text(&slog).contains("abandoned")),
+        "the page server abandons the held process: {}",
+        text(&slog)
+    );
+    assert!(
+        text(&slog).contains("no Go from the source"),
+        "{}",
+        text(&slog)
+    );
+    assert!(
+        !text(&slog).contains("released: the process runs"),
+        "{}",
+        text(&slog)
+    );
+    assert!(eventually(5, || with_cmdline(&cmdline) == vec![(source, 'T')]));
+    assert!(!counts_on(&log), "nobody runs the workload");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(source),
+        nix::sys::signal::Signal::SIGCONT,
+    )
+    .unwrap();
+    assert!(counts_on(&log), "the source runs on once resumed");
+    assert_eq!(with_cmdline(&cmdline).len(), 1, "one copy");
+    show(&slog);
+    kill_pid(source);
+    let _ = child.wait();
+}
+
+/// (b) with `--post-copy`: the page server releases the process on `Go`
+/// and the answer is lost with the connection, so the pages it still
+/// misses can never come: the page server kills it and records that it
+/// ran. The source asks, learns so, and — the destination's copy having
+/// run — stays stopped for the operator, as post-copy leaves it after any
+/// failure past the resume: no two copies at any moment, and one left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn post_copy_a_lost_restored_is_asked_for_and_the_source_stays_stopped() {
+    need_root!();
+    let tls = certs();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    let slog = dir.path().join("server.log");
+    let _server = page_server(tls.path(), port, Some("page-server:restored-lost"), &slog);
+    wait_for_server(addr, tls.path()).await;
+    let log = dir.path().join("pb.log");
+    let mut child = busy_workload(&log);
+    let source = child.id() as i32;
+    let cmdline = std::fs::read(format!("/proc/{source}/cmdline")).unwrap();
+    let mut c = common::connect(addr, tls.path());
+    c.timeout = Duration::from_secs(5);
+    let opts = DumpOptions {
+        pid: source,
+        dest: Destination::Remote(c),
+        leave_stopped: false,
+        track: None,
+        policy: Policy {
+            max_rounds: 2,
+            ..Policy::default()
+        },
+        compress: Compress::default(),
+        restore: true,
+        keep_pids: false,
+    };
+    let pc = ferry::postcopy::PostCopyOptions::default();
+    let e = ferry::migrate::migrate_post_copy(opts, &pc, &mut |_| {})
+        .await
+        .expect_err("the destination's copy cannot get its pages");
+    eprintln!("source: {e}");
+    let ferry::migrate::MigrateError::PostCopy { pid, error, .. } = &e else {
+        panic!("a post-copy failure after Go: {e}\n{}", text(&slog));
+    };
+    assert!(
+        matches!(**error, ferry::postcopy::PostCopyError::LostAfterGo { .. }),
+        "{e}"
+    );
+    let msg = e.to_string();
+    assert!(msg.contains("left stopped"), "{msg}");
+    assert!(msg.contains(ferry_page_server::RAN_THEN_KILLED), "{msg}");
+    assert!(text(&slog).contains("answered a query"), "{}", text(&slog));
+    assert!(text(&slog).contains("released"), "{}", text(&slog));
+    assert!(
+        eventually(5, || matches!(common::proc_state(*pid), 'Z' | 'X' | '?')),
+        "the destination's copy was killed"
+    );
+    assert!(eventually(5, || with_cmdline(&cmdline) == vec![(source, 'T')]));
+    assert!(!counts_on(&log), "nobody runs the workload");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(source),
+        nix::sys::signal::Signal::SIGCONT,
+    )
+    .unwrap();
+    assert!(counts_on(&log), "the source runs on once resumed by hand");
+    show(&slog);
+    kill_pid(source);
+    let _ = child.wait();
 }

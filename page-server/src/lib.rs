@@ -26,5 +26,6 @@ mod transport;
 
 pub use lazy::{LazyEvent, LazyProcess};
 pub use server::{
-    Config, PageServer, PreparedProcess, RestoredPid, Restorer, Transport, WarmRestore,
+    Config, PageServer, PreparedProcess, Released, RestoredPid, Restorer, Transport, WarmRestore,
+    RAN_THEN_KILLED,
 };

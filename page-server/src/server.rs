@@ -101,11 +101,28 @@ pub trait Restorer: Send + Sync + 'static {
 pub trait PreparedProcess: Send {
     /// The process (the root of a tree).
     fn pid(&self) -> i32;
-    /// Lets it run; its pid, or why it was killed instead.
-    fn release(self: Box<Self>) -> Result<i32, String>;
+    /// Lets it run; where it runs (with `--keep-pids` also its pid in its
+    /// own pid namespace and that namespace) and, prepared for post-copy,
+    /// the process waiting for its missing pages; or why it was killed
+    /// instead.
+    fn release(self: Box<Self>) -> Result<Released, String>;
     /// Kills and reaps it: it never ran.
     fn abandon(self: Box<Self>);
 }
+
+/// A prepared process let run.
+pub struct Released {
+    pub at: RestoredPid,
+    /// Post-copy ([`WarmRestore::prepare_lazy`]): the process, running,
+    /// with pages still missing.
+    pub lazy: Option<Box<dyn LazyProcess>>,
+}
+
+/// What a page server records as the reason of a post-copy process that
+/// was released on `Go` and then killed before its last page came (the
+/// source went away): it ran until then, so the source must not be
+/// resumed as if no copy ever ran.
+pub const RAN_THEN_KILLED: &str = "post-copy: released on Go, then killed";
 
 /// Where a restored process runs: its pid as the page server sees it and,
 /// when it was restored into a pid namespace of its own (`--keep-pids`),
@@ -146,6 +163,17 @@ pub trait WarmRestore: Send {
         _lazy: &[pb::LazyRange],
     ) -> Result<Box<dyn LazyProcess>, String> {
         Err("this restorer cannot leave pages missing (no post-copy)".into())
+    }
+
+    /// Two-phase post-copy: [`WarmRestore::finish_lazy`], holding the
+    /// process stopped with its userfaultfd registered until released;
+    /// the [`Released`] then carries the [`LazyProcess`].
+    fn prepare_lazy(
+        self: Box<Self>,
+        _session: &mut dyn SessionStore,
+        _lazy: &[pb::LazyRange],
+    ) -> Result<Box<dyn PreparedProcess>, String> {
+        Err("this restorer cannot hold a post-copy process before it runs".into())
     }
 
     /// Two-phase end: [`WarmRestore::finish`], holding the process stopped
@@ -614,8 +642,23 @@ impl<C: Conn> Session<C> {
         }
         .await;
         let result = match (result, self.lazy.take()) {
-            (Ok(()), Some(lazy)) => self.post_copy(lazy, &mut send, &mut recv, &mut cbuf).await,
-            (r, _) => r,
+            (Ok(()), Some(lazy)) => {
+                let pid = lazy.pid();
+                let served = self.post_copy(lazy, &mut send, &mut recv, &mut cbuf).await;
+                match &served {
+                    Ok(()) => self.record(Fate::Resumed { pid }),
+                    Err(e) => self.ran_then_killed(pid, e),
+                }
+                served
+            }
+            (Err(e), Some(lazy)) => {
+                // Released, but its pages can no longer come.
+                let pid = lazy.pid();
+                lazy.kill();
+                self.ran_then_killed(pid, &e);
+                Err(e)
+            }
+            (r, None) => r,
         };
         self.control = Some((send, recv));
         result?;
@@ -959,9 +1002,16 @@ impl<C: Conn> Session<C> {
             // Test only: a destination slower than the source's patience.
             blocking(|| std::thread::sleep(Duration::from_secs(5)));
         }
-        let done = blocking(|| match warm {
-            Some(w) => w.prepare(h.as_mut()),
-            None => r.prepare(h.as_mut()),
+        let lazy = self.lazy_ranges.clone();
+        let done = blocking(|| match (warm, lazy) {
+            (Some(w), Some(ranges)) => w.prepare_lazy(h.as_mut(), &ranges),
+            // A cold restore cannot leave pages missing: refuse, so the
+            // source runs on.
+            (None, Some(_)) => Err("post-copy needs the warm restore, which gave up during \
+                                    the rounds (see the page server's log)"
+                .into()),
+            (Some(w), None) => w.prepare(h.as_mut()),
+            (None, None) => r.prepare(h.as_mut()),
         });
         match done {
             Ok(p) => {
@@ -996,16 +1046,28 @@ impl<C: Conn> Session<C> {
             )));
         };
         let outcome = match blocking(|| p.release()) {
-            Ok(pid) => {
-                info!(session = %self.session_name(), pid, "released: the process runs");
-                self.record(Fate::Resumed { pid });
+            Ok(Released {
+                at:
+                    RestoredPid {
+                        pid,
+                        ns_pid,
+                        pid_ns,
+                    },
+                lazy,
+            }) => {
+                info!(session = %self.session_name(), pid, ns_pid, pid_ns,
+                      post_copy = lazy.is_some(), "released: the process runs");
+                match lazy {
+                    // It runs, but lives only if its missing pages come:
+                    // pending until they all have (see `run`).
+                    Some(l) => self.lazy = Some(l),
+                    None => self.record(Fate::Resumed { pid }),
+                }
                 self.forget_restored();
-                // --keep-pids sessions never take this path (the source
-                // does not ask for ready-go with it): no namespace to tell.
                 Outcome::Restored {
                     pid,
-                    ns_pid: 0,
-                    pid_ns: 0,
+                    ns_pid,
+                    pid_ns,
                 }
             }
             Err(reason) => {
@@ -1025,6 +1087,17 @@ impl<C: Conn> Session<C> {
         }
         self.rx.finished(outcome)?;
         Ok(())
+    }
+
+    /// A post-copy process released on `Go` and killed before its last
+    /// page: recorded so a source asking learns that it ran, then died.
+    fn ran_then_killed(&self, pid: i32, e: &SessionError) {
+        if self.rx.ready_go() {
+            warn!(session = %self.session_name(), pid, "{RAN_THEN_KILLED}: {e}");
+            self.record(Fate::Abandoned {
+                reason: format!("{RAN_THEN_KILLED} (pid {pid}): {e}"),
+            });
+        }
     }
 
     /// Kills the prepared process, if there is one; records why.

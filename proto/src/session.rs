@@ -57,10 +57,7 @@ use crate::batch::{DecodedBatch, LayerDigest};
 use crate::lazy::{LazyError, LazySet};
 use crate::pb::{self, control::Msg};
 use crate::vma::{RangeSet, VmaError};
-use crate::{
-    valid_page_size, SessionId, FEATURE_KEEP_PIDS, FEATURE_POST_COPY, FEATURE_READY_GO,
-    PROTOCOL_VERSION,
-};
+use crate::{valid_page_size, SessionId, FEATURE_POST_COPY, FEATURE_READY_GO, PROTOCOL_VERSION};
 
 /// Most batches in one layer (at 1024 pages each, 4 TiB of 4 KiB pages).
 pub const MAX_BATCHES_PER_LAYER: u32 = 1 << 20;
@@ -486,10 +483,8 @@ impl Receiver {
                 }
                 self.page_size = h.page_size;
                 self.session = Some(id);
-                self.ready_go = self.can_ready_go && h.features.iter().any(|f| f == FEATURE_READY_GO)
-                    // --keep-pids restores cold into a new pid namespace,
-                    // which has no two-phase end yet: one phase.
-                    && !h.features.iter().any(|f| f == FEATURE_KEEP_PIDS);
+                self.ready_go =
+                    self.can_ready_go && h.features.iter().any(|f| f == FEATURE_READY_GO);
                 self.state = RState::Opening;
                 self.actions.push_back(Action::OpenSession { id, hello: h });
                 Ok(())
