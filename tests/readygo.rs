@@ -623,17 +623,12 @@ async fn post_copy_a_lost_restored_is_asked_for_and_the_source_stays_stopped() {
     let mut c = common::connect(addr, tls.path());
     c.timeout = Duration::from_secs(5);
     let opts = DumpOptions {
-        pid: source,
-        dest: Destination::Remote(c),
-        leave_stopped: false,
-        track: None,
         policy: Policy {
             max_rounds: 2,
             ..Policy::default()
         },
-        compress: Compress::default(),
         restore: true,
-        keep_pids: false,
+        ..DumpOptions::new(source, Destination::Remote(c))
     };
     let pc = ferry::postcopy::PostCopyOptions::default();
     let e = ferry::migrate::migrate_post_copy(opts, &pc, &mut |_| {})
