@@ -319,6 +319,35 @@ pub fn log_values(path: &Path) -> Vec<u64> {
         .collect()
 }
 
+/// Each thread's state letter and /proc/PID/task/TID/syscall, for a
+/// failure message.
+pub fn thread_states(pid: i32) -> String {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return format!("process {pid} is gone");
+    };
+    dir.flatten()
+        .map(|t| {
+            let p = t.path();
+            let stat = std::fs::read_to_string(p.join("stat")).unwrap_or_default();
+            let state = stat
+                .rsplit(')')
+                .next()
+                .unwrap_or("")
+                .split_whitespace()
+                .next()
+                .unwrap_or("?")
+                .to_string();
+            let sys = std::fs::read_to_string(p.join("syscall")).unwrap_or_default();
+            format!(
+                "[{} {state} syscall {}]",
+                t.file_name().to_string_lossy(),
+                sys.trim()
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// The source runs as it did: not traced, not stopped, counting on.
 pub fn assert_source_runs(fx: &Fixture, log: &Path, what: &str) {
     for _ in 0..200 {
@@ -331,10 +360,22 @@ pub fn assert_source_runs(fx: &Fixture, log: &Path, what: &str) {
     let s = fx.state();
     assert!(s == 'S' || s == 'R', "{what}: the source is {s}");
     let a = *log_values(log).last().unwrap();
-    std::thread::sleep(Duration::from_millis(300));
-    let values = log_values(log);
+    // It logs every 100 ms; a loaded machine may starve it for a while,
+    // a broken one never logs again.
+    let mut values = log_values(log);
+    for _ in 0..60 {
+        std::thread::sleep(Duration::from_millis(50));
+        values = log_values(log);
+        if *values.last().unwrap() > a {
+            break;
+        }
+    }
     let b = *values.last().unwrap();
-    assert!(b > a, "{what}: the source counts on ({a} -> {b})");
+    assert!(
+        b > a,
+        "{what}: the source counts on ({a} -> {b}); its threads now: {}",
+        thread_states(fx.pid)
+    );
     assert!(
         values.windows(2).all(|w| w[0] <= w[1]),
         "{what}: the counter never went back"
