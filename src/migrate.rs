@@ -154,24 +154,7 @@ pub async fn migrate(
             let since_go = report.parts.commit + returned.elapsed();
             let c = connect.ok_or_else(|| MigrateError::Refused("no page server".into()))?;
             match resolve(&c, report.session, since_go).await {
-                Resolution::Resumed { pid } => {
-                    let frozen = held.0.take().expect("held until here");
-                    frozen.kill().map_err(|error| MigrateError::Kill {
-                        pid,
-                        source_pid,
-                        error,
-                    })?;
-                    Ok(MigrateReport {
-                        downtime: report.frozen,
-                        dump: report,
-                        restored_pid: pid,
-                        // The page server's record keeps only the pid:
-                        // with --keep-pids its namespace went with the
-                        // lost answer (README, "ferry migrate").
-                        restored_ns: (0, 0),
-                        post_copy: None,
-                    })
-                }
+                Resolution::Resumed { pid } => held.source_gone(pid, report),
                 Resolution::NoCopy { why } => {
                     held.0.take().expect("held until here").resume()?;
                     Err(MigrateError::Refused(format!(
@@ -377,22 +360,8 @@ pub async fn migrate_post_copy(
             let since_go = report.parts.commit + returned.elapsed();
             let c = connect.ok_or_else(|| MigrateError::Refused("no page server".into()))?;
             match resolve(&c, report.session, since_go).await {
-                Resolution::Resumed { pid } => {
-                    // Every page reached it before the answer was lost.
-                    let frozen = held.0.take().expect("held until here");
-                    frozen.kill().map_err(|error| MigrateError::Kill {
-                        pid,
-                        source_pid,
-                        error,
-                    })?;
-                    Ok(MigrateReport {
-                        downtime: report.frozen,
-                        dump: report,
-                        restored_pid: pid,
-                        restored_ns: (0, 0),
-                        post_copy: None,
-                    })
-                }
+                // Every page reached it before the answer was lost.
+                Resolution::Resumed { pid } => held.source_gone(pid, report),
                 Resolution::NoCopy { why } if !post_copy_may_resume(&why) => {
                     // It ran, then died for want of its pages: as a
                     // post-copy failure after Restored, the source stays
@@ -435,6 +404,30 @@ pub async fn migrate_post_copy(
 /// The source after the destination ran: never resumed by accident (ferry
 /// interrupted, an error), only left stopped.
 struct StopOnDrop(Option<Frozen>);
+
+impl StopOnDrop {
+    /// The page server says the destination's copy runs (the answer after
+    /// `Go` was lost and asked for): the source is killed.
+    fn source_gone(&mut self, pid: i32, report: DumpReport) -> Result<MigrateReport, MigrateError> {
+        let frozen = self.0.take().expect("held until the answer");
+        let source_pid = frozen.pid();
+        frozen.kill().map_err(|error| MigrateError::Kill {
+            pid,
+            source_pid,
+            error,
+        })?;
+        Ok(MigrateReport {
+            downtime: report.frozen,
+            dump: report,
+            restored_pid: pid,
+            // The page server's record keeps only the pid: with
+            // --keep-pids its namespace went with the lost answer
+            // (README, "ferry migrate").
+            restored_ns: (0, 0),
+            post_copy: None,
+        })
+    }
+}
 
 impl Drop for StopOnDrop {
     fn drop(&mut self) {
