@@ -155,13 +155,7 @@ pub async fn migrate(
             let c = connect.ok_or_else(|| MigrateError::Refused("no page server".into()))?;
             match resolve(&c, report.session, since_go).await {
                 Resolution::Resumed { pid } => held.source_gone(pid, report),
-                Resolution::NoCopy { why } => {
-                    held.0.take().expect("held until here").resume()?;
-                    Err(MigrateError::Refused(format!(
-                        "the answer after Go was lost ({error}); the page server says no copy \
-                         runs there: {why}"
-                    )))
-                }
+                Resolution::NoCopy { why } => held.no_copy(&error, &why),
                 Resolution::Unknown { waited, last } => {
                     Err(MigrateError::InDoubt(Box::new(InDoubt {
                         pid,
@@ -373,13 +367,7 @@ pub async fn migrate_post_copy(
                         error: Box::new(PostCopyError::LostAfterGo { error, fate: why }),
                     })
                 }
-                Resolution::NoCopy { why } => {
-                    held.0.take().expect("held until here").resume()?;
-                    Err(MigrateError::Refused(format!(
-                        "the answer after Go was lost ({error}); the page server says no copy \
-                         runs there: {why}"
-                    )))
-                }
+                Resolution::NoCopy { why } => held.no_copy(&error, &why),
                 Resolution::Unknown { waited, last } => {
                     Err(MigrateError::InDoubt(Box::new(InDoubt {
                         pid,
@@ -426,6 +414,15 @@ impl StopOnDrop {
             restored_ns: (0, 0),
             post_copy: None,
         })
+    }
+
+    /// The page server says no copy runs there: the source resumes.
+    fn no_copy(&mut self, error: &str, why: &str) -> Result<MigrateReport, MigrateError> {
+        self.0.take().expect("held until the answer").resume()?;
+        Err(MigrateError::Refused(format!(
+            "the answer after Go was lost ({error}); the page server says no copy runs \
+             there: {why}"
+        )))
     }
 }
 
