@@ -1,5 +1,6 @@
 //! Fault injection on real migrations (issue 7): the page server killed
-//! after each round, and the source `ferry migrate` killed at each step.
+//! after each round, and the source `ferry migrate` killed at each step
+//! and inside an injected syscall.
 //! Whatever happens, nothing is lost and nothing runs twice: before the
 //! commit the source runs on, neither stopped nor traced, counting from
 //! where it was; after it, the destination runs the process and the source
@@ -18,7 +19,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::{
-    assert_source_runs, certs, free_port, is_root, log_values, proc_state, wait_for_server, Fixture,
+    assert_source_runs, certs, free_port, is_root, log_values, proc_state, wait_for_server,
+    Fixture, ServerProcess,
 };
 use ferry::dump::{Destination, DumpOptions};
 use ferry::migrate::migrate;
@@ -189,6 +191,63 @@ fn the_source_ferry_killed_at_any_step_leaves_the_process_running() {
     }
     let _ = server.kill();
     let _ = server.wait();
+}
+
+/// `ferry migrate` SIGKILLed inside an injected syscall, at each point of
+/// an injection (registers already replaced, the syscall entered, the
+/// syscall returned), in the running process (arming the tracker) and in
+/// the frozen one with its signals blocked (reading its state): the thread
+/// must resume where it was, with its own registers and signal mask, and
+/// the process count on as if ferry had never been there.
+#[test]
+fn the_source_ferry_killed_inside_an_injected_syscall_leaves_the_process_running() {
+    need_root!();
+    let tls = certs();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    // Killed when dropped, also when an assertion fails.
+    let _server = ServerProcess(page_server(tls.path(), &dir.path().join("store"), port));
+    std::thread::sleep(Duration::from_millis(500));
+    for point in [
+        "kill-before-entry",
+        "kill-at-entry",
+        "kill-at-exit",
+        "kill-at-entry-frozen",
+    ] {
+        let (fx, log) = fixture(dir.path(), point);
+        let mask = sigblk(fx.pid);
+        let status = Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args(["migrate", "--pid", &fx.pid.to_string(), "--to"])
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--tls")
+            .arg(tls.path())
+            .args(["--max-rounds", "2", "--log", "warn"])
+            .env("FERRY_FAILPOINT", format!("ptrace:{point}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(
+            status.signal(),
+            Some(libc::SIGKILL),
+            "{point}: ferry was to die there ({status})"
+        );
+        let what = format!("ferry killed at {point}");
+        assert_source_runs(&fx, &log, &what);
+        assert_eq!(sigblk(fx.pid), mask, "{what}: the signal mask changed");
+        kill_restored(&log);
+    }
+}
+
+/// The `SigBlk` line of a process's status: its main thread's signal mask.
+fn sigblk(pid: i32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("SigBlk:"))
+        .unwrap()
+        .to_string()
 }
 
 /// One writer, counting on: the log grows and never goes back (two copies

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use ferry::sys::page_size;
 use ferry::sys::pagemap::{self, Pagemap, PME_PRESENT};
 use ferry::sys::ptrace::{PtraceError, Tracee};
+use ferry::sys::trampoline::{Site, LEN};
 use ferry::sys::uffd::{UffdError, WriteProtect};
 use ferry::sys::vm::{self, VmError};
 
@@ -606,6 +607,58 @@ fn injected_syscalls_in_a_sleeping_target() {
         took >= Duration::from_millis(1900) && took < Duration::from_secs(4),
         "sleep 2 took {took:?}"
     );
+}
+
+/// Injections run through a trampoline in the target's own executable
+/// memory (see `ferry::sys::trampoline`): found in common programs, armed
+/// while ferry injects, its bytes put back when ferry detaches.
+#[test]
+fn injections_go_through_a_trampoline_put_back_on_detach() {
+    require_ptrace!();
+    let targets = [
+        Target::sleep(),
+        Target::busy(),
+        Target::spawn(python(), &["-c", "import time; time.sleep(600)"]),
+    ];
+    for t in &targets {
+        let pid = t.pid();
+        let site =
+            Site::find(pid).unwrap_or_else(|| panic!("no trampoline site in {:?}", exe(pid)));
+        let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+        let inside = maps.lines().any(|l| {
+            let (range, rest) = l.split_once(' ').unwrap();
+            let (a, b) = range.split_once('-').unwrap();
+            let (a, b) = (
+                u64::from_str_radix(a, 16).unwrap(),
+                u64::from_str_radix(b, 16).unwrap(),
+            );
+            rest.starts_with("r-xp") && a <= site.addr && site.addr + LEN as u64 <= b
+        });
+        assert!(
+            inside,
+            "site {:#x} is not in one r-x mapping:\n{maps}",
+            site.addr
+        );
+        let mut before = vec![0u8; LEN];
+        vm::read(pid, site.addr, &mut before).unwrap();
+        let tr = Tracee::seize(pid).expect("seize");
+        assert_eq!(
+            tr.syscall(libc::SYS_getpid, &[]).expect("getpid"),
+            pid as i64
+        );
+        let mut armed = vec![0u8; LEN];
+        vm::read(pid, site.addr, &mut armed).unwrap();
+        assert_eq!(
+            &armed[..2],
+            &[0x0f, 0x05],
+            "the trampoline starts with syscall"
+        );
+        tr.detach(false).expect("detach");
+        let mut after = vec![0u8; LEN];
+        vm::read(pid, site.addr, &mut after).unwrap();
+        assert_eq!(after, before, "the bytes under the trampoline are back");
+        assert!(matches!(state(pid), 'S' | 'R'), "{pid} runs on");
+    }
 }
 
 #[test]

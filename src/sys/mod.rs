@@ -7,6 +7,8 @@
 //! - [`ptrace`]: seize every thread of a process, freeze and thaw it, inject
 //!   syscalls into it. A dedicated OS thread owns all ptrace calls, because a
 //!   tracee belongs to the thread that attached it.
+//! - [`trampoline`]: the code an injected syscall runs through, so that a
+//!   thread released mid-injection (ferry killed) resumes as it was.
 //! - [`uffd`]: userfaultfd write-protect tracking of *another* process: the
 //!   fd is created inside the target by an injected syscall and copied out
 //!   with `pidfd_getfd`; each round one `PAGEMAP_SCAN` reports the written
@@ -36,6 +38,7 @@ pub mod ptrace;
 pub mod shm;
 pub mod sock;
 pub mod stub;
+pub mod trampoline;
 pub mod uffd;
 pub mod vm;
 

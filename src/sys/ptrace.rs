@@ -26,8 +26,10 @@
 //! the code that spawned it. Every wait is bounded ([`STOP_TIMEOUT`]).
 //!
 //! **Syscall injection** (DESIGN.md §5, `probes/ptinj.h`): stop the thread,
-//! save its registers, point `rip` at a `syscall` instruction (`0f 05`, one
-//! exists in `[vdso]`), set `orig_rax = -1` so the kernel's restart logic
+//! save its registers, point `rip` at a `syscall` instruction (the first
+//! instruction of the trampoline, [`super::trampoline`], whose code after it
+//! gives the thread its own registers back should ferry die mid-injection;
+//! a bare `0f 05` in `[vdso]` where there is no room), set `orig_rax = -1` so the kernel's restart logic
 //! leaves the injected registers alone, and step with `PTRACE_SYSCALL` to
 //! the syscall's entry and exit stops; `rax` holds the result; then restore
 //! the registers exactly. If the thread had been stopped inside an
@@ -535,9 +537,14 @@ struct Worker {
     dead: bool,
     detached: bool,
     insn: Option<u64>,
-    /// The thread being injected and the registers it must get back, for
-    /// teardown in the middle of an injection.
-    injecting: Option<(i32, user_regs_struct)>,
+    /// Where injections run through the trampoline; `searched` once there
+    /// was none (see [`super::trampoline`]).
+    site: Option<super::trampoline::Site>,
+    searched: bool,
+    /// The thread being injected, the registers it must get back and, if
+    /// the injection blocked its signals, its own mask: for teardown in the
+    /// middle of an injection.
+    injecting: Option<(i32, user_regs_struct, Option<u64>)>,
 }
 
 impl Worker {
@@ -555,6 +562,8 @@ impl Worker {
             dead: false,
             detached: false,
             insn: None,
+            site: None,
+            searched: false,
             injecting: None,
         };
         // The main thread first: its failure is the process's failure.
@@ -1078,13 +1087,12 @@ impl Worker {
     fn syscall(&mut self, nr: i64, args: &[u64; 6]) -> Result<i64, PtraceError> {
         self.alive()?;
         let tid = self.main_tid()?;
-        let insn = self.syscall_insn()?;
         let was_stopped = self.threads.get(&tid).map(|t| t.run) == Some(Run::Stopped);
         if !was_stopped {
             self.interrupt(tid)?;
             self.wait_stopped(tid, Instant::now() + STOP_TIMEOUT)?;
         }
-        let result = self.inject(tid, insn, nr, args);
+        let result = self.inject(tid, nr, args, false);
         if let Err(e) = &result {
             self.recover_injection(e);
         }
@@ -1102,30 +1110,11 @@ impl Worker {
     fn syscall_in(&mut self, tid: i32, nr: i64, args: &[u64; 6]) -> Result<i64, PtraceError> {
         self.alive()?;
         self.require_stopped(tid)?;
-        let insn = self.syscall_insn()?;
-        let os = |op: &'static str| move |errno: Errno| PtraceError::Os { op, tid, errno };
-        let mask = get_sigmask(tid).map_err(os("PTRACE_GETSIGMASK"))?;
-        // SIGKILL and SIGSTOP are dropped from the mask by the kernel; they
-        // cannot run a handler anyway.
-        set_sigmask(tid, u64::MAX).map_err(os("PTRACE_SETSIGMASK"))?;
-        let result = self.inject(tid, insn, nr, args);
+        let result = self.inject(tid, nr, args, true);
         if let Err(e) = &result {
             self.recover_injection(e);
         }
-        match set_sigmask(tid, mask) {
-            // Gone meanwhile: `result` already says so.
-            Ok(()) | Err(Errno::ESRCH) => result,
-            Err(errno) => {
-                // Left with every signal blocked: say so loudly even when
-                // the injection itself failed first.
-                tracing::error!(tid, "restoring the signal mask after an injection: {errno}");
-                result.and(Err(PtraceError::Os {
-                    op: "PTRACE_SETSIGMASK",
-                    tid,
-                    errno,
-                }))
-            }
-        }
+        result
     }
 
     /// Ok if `tid` is one of ours and sits in a ptrace stop.
@@ -1151,18 +1140,25 @@ impl Worker {
             .ok_or(PtraceError::NoProcess(self.pid))
     }
 
+    /// Runs syscall `nr` in stopped thread `tid` and puts the thread back as
+    /// it was; with `block`, every signal is blocked in it meanwhile. The
+    /// syscall runs through the trampoline (see [`super::trampoline`]), so
+    /// from the first register change to the last, a ferry killed here
+    /// leaves a thread that resumes with its own registers and mask.
     fn inject(
         &mut self,
         tid: i32,
-        insn: u64,
         nr: i64,
         args: &[u64; 6],
+        block: bool,
     ) -> Result<i64, PtraceError> {
         let os = |op: &'static str| move |errno: Errno| PtraceError::Os { op, tid, errno };
+        let mask = get_sigmask(tid).map_err(os("PTRACE_GETSIGMASK"))?;
         for _ in 0..MAX_INJECT_ATTEMPTS {
             let saved = pt::getregs(Pid::from_raw(tid)).map_err(os("PTRACE_GETREGS"))?;
             let mut restore = saved;
             rewind_interrupted_syscall(&mut restore);
+            let insn = self.injection_site(&restore, mask)?;
             let mut regs = saved;
             regs.rip = insn;
             regs.rax = nr as u64;
@@ -1174,7 +1170,15 @@ impl Worker {
             regs.r8 = args[4];
             regs.r9 = args[5];
             pt::setregs(Pid::from_raw(tid), regs).map_err(os("PTRACE_SETREGS"))?;
-            self.injecting = Some((tid, restore));
+            self.injecting = Some((tid, restore, block.then_some(mask)));
+            if block {
+                // SIGKILL and SIGSTOP are dropped from the mask by the
+                // kernel; they cannot run a handler anyway.
+                set_sigmask(tid, u64::MAX).map_err(os("PTRACE_SETSIGMASK"))?;
+            }
+            if crate::failpoint::armed("ptrace", "kill-before-entry") {
+                crate::failpoint::die();
+            }
             match self.syscall_step(tid)? {
                 Step::Syscall => {}
                 Step::Signal(sig) => {
@@ -1182,6 +1186,9 @@ impl Worker {
                     // the thread's own registers, as if we were not here
                     // (handler frame, restart rules), then start over from
                     // the stop that follows.
+                    if block {
+                        set_sigmask(tid, mask).map_err(os("PTRACE_SETSIGMASK"))?;
+                    }
                     pt::setregs(Pid::from_raw(tid), saved).map_err(os("PTRACE_SETREGS"))?;
                     self.injecting = None;
                     self.interrupt(tid)?;
@@ -1190,15 +1197,27 @@ impl Worker {
                     continue;
                 }
             }
+            if crate::failpoint::armed(
+                "ptrace",
+                if block {
+                    "kill-at-entry-frozen"
+                } else {
+                    "kill-at-entry"
+                },
+            ) {
+                crate::failpoint::die();
+            }
             if let Step::Signal(sig) = self.syscall_step(tid)? {
                 return Err(PtraceError::Unexpected {
                     tid,
                     what: format!("signal {sig} stop between syscall entry and exit"),
                 });
             }
+            if crate::failpoint::armed("ptrace", "kill-at-exit") {
+                crate::failpoint::die();
+            }
             let out = pt::getregs(Pid::from_raw(tid)).map_err(os("PTRACE_GETREGS"))?;
-            pt::setregs(Pid::from_raw(tid), restore).map_err(os("PTRACE_SETREGS"))?;
-            self.injecting = None;
+            self.put_back(tid, &restore, block.then_some(mask))?;
             let rax = out.rax as i64;
             return if (-4095..0).contains(&rax) {
                 Err(PtraceError::SyscallFailed {
@@ -1213,6 +1232,65 @@ impl Worker {
             tid,
             what: "signals kept arriving before the injected syscall".into(),
         })
+    }
+
+    /// Gives an injected thread its own mask (if the injection changed it)
+    /// and registers back, the mask first: until the registers are back, the
+    /// trampoline would still restore both.
+    fn put_back(
+        &mut self,
+        tid: i32,
+        regs: &user_regs_struct,
+        mask: Option<u64>,
+    ) -> Result<(), PtraceError> {
+        let os = |op: &'static str| move |errno: Errno| PtraceError::Os { op, tid, errno };
+        let masked = match mask.map(|m| set_sigmask(tid, m)) {
+            // Gone meanwhile: the register write says so.
+            None | Some(Ok(()) | Err(Errno::ESRCH)) => Ok(()),
+            Some(Err(errno)) => {
+                // Left with every signal blocked: say so loudly.
+                tracing::error!(tid, "restoring the signal mask after an injection: {errno}");
+                Err(errno)
+            }
+        };
+        pt::setregs(Pid::from_raw(tid), *regs).map_err(os("PTRACE_SETREGS"))?;
+        self.injecting = None;
+        masked.map_err(os("PTRACE_SETSIGMASK"))
+    }
+
+    /// The address to inject through for a thread whose own registers are
+    /// `regs` and mask `mask`: a trampoline armed for it, or, where the
+    /// process has no room for one, a bare `syscall` instruction (a ferry
+    /// killed mid-injection then leaves that thread with wrong registers:
+    /// said once, loudly).
+    fn injection_site(&mut self, regs: &user_regs_struct, mask: u64) -> Result<u64, PtraceError> {
+        if self.site.as_ref().is_some_and(|s| !s.intact(self.pid)) {
+            // The mapping changed under us (an unloaded library).
+            self.site = None;
+            self.searched = false;
+        }
+        if self.site.is_none() && !self.searched {
+            self.searched = true;
+            self.site = super::trampoline::Site::find(self.pid);
+            match &self.site {
+                Some(s) => tracing::debug!(pid = self.pid, addr = s.addr, "injection trampoline"),
+                None => tracing::warn!(
+                    pid = self.pid,
+                    "no room for an injection trampoline: a ferry killed during an injected syscall would leave a thread with wrong registers"
+                ),
+            }
+        }
+        let pid = self.pid;
+        if let Some(site) = &mut self.site {
+            match site.arm(pid, regs, mask) {
+                Ok(()) => return Ok(site.addr),
+                Err(e) => {
+                    tracing::warn!(pid, "writing the injection trampoline: {e}");
+                    self.site = None;
+                }
+            }
+        }
+        self.syscall_insn()
     }
 
     /// Resumes `tid` with `PTRACE_SYSCALL` and waits for its next syscall
@@ -1270,7 +1348,7 @@ impl Worker {
     /// After a failed injection: make sure the thread has its own registers
     /// back if it is still there.
     fn recover_injection(&mut self, why: &PtraceError) {
-        let Some((tid, regs)) = self.injecting.take() else {
+        let Some((tid, regs, mask)) = self.injecting.take() else {
             return;
         };
         if self.threads.get(&tid).map(|t| t.run) != Some(Run::Stopped) {
@@ -1286,7 +1364,7 @@ impl Worker {
                 return;
             }
         }
-        if let Err(e) = pt::setregs(Pid::from_raw(tid), regs) {
+        if let Err(e) = self.put_back(tid, &regs, mask) {
             tracing::error!(tid, "injection failed ({why}); restoring registers: {e}");
         }
     }
@@ -1358,6 +1436,14 @@ impl Worker {
         }
         // PTRACE_DETACH needs a ptrace stop (a listening thread is not).
         let frozen = self.freeze();
+        if let Some(site) = &mut self.site {
+            if let Err(e) = site.restore(self.pid) {
+                tracing::warn!(
+                    pid = self.pid,
+                    "putting back the bytes under the trampoline: {e}"
+                );
+            }
+        }
         if self.stop_guard && !leave_stopped {
             // Discards the queued SIGSTOP.
             if let Err(errno) = kill(Pid::from_raw(self.pid), Signal::SIGCONT) {
@@ -1396,7 +1482,7 @@ impl Worker {
 
 impl Drop for Worker {
     fn drop(&mut self) {
-        if let Some((tid, _)) = self.injecting {
+        if let Some((tid, ..)) = self.injecting {
             // Torn down mid-injection (a panic): put the registers back.
             self.recover_injection(&PtraceError::Unexpected {
                 tid,
