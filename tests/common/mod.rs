@@ -104,15 +104,8 @@ pub struct ServerProcess(pub Child);
 
 impl ServerProcess {
     pub fn start(tls: &Path, store: &str, port: u16) -> ServerProcess {
-        let child = Command::new(env!("CARGO_BIN_EXE_ferry"))
-            .args(["page-server", "--listen"])
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("--tls")
-            .arg(tls)
-            .arg("--store")
-            .arg(store)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
+        let child = page_server_command(tls, port)
+            .args(["--store", store])
             .stderr(Stdio::inherit())
             .spawn()
             .unwrap();
@@ -380,4 +373,198 @@ pub fn assert_source_runs(fx: &Fixture, log: &Path, what: &str) {
         values.windows(2).all(|w| w[0] <= w[1]),
         "{what}: the counter never went back"
     );
+}
+
+/// Appends `page-server --listen LISTEN --tls TLS` to `cmd` (the ferry
+/// binary, or a wrapper such as `ip netns exec NS ferry` or `prlimit …
+/// ferry`), with stdin and stdout on /dev/null; callers add the other
+/// flags, the environment and stderr.
+pub fn page_server_args<'a>(cmd: &'a mut Command, listen: &str, tls: &Path) -> &'a mut Command {
+    cmd.args(["page-server", "--listen", listen])
+        .arg("--tls")
+        .arg(tls)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+}
+
+/// `ferry page-server --listen 127.0.0.1:PORT --tls TLS`, as
+/// [`page_server_args`] makes it.
+pub fn page_server_command(tls: &Path, port: u16) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferry"));
+    page_server_args(&mut cmd, &format!("127.0.0.1:{port}"), tls);
+    cmd
+}
+
+/// Appends `migrate --pid PID --to TO --tls TLS` to `cmd` (the ferry
+/// binary or a wrapper of it); callers add flags and stdio.
+pub fn migrate_args<'a>(cmd: &'a mut Command, pid: i32, to: &str, tls: &Path) -> &'a mut Command {
+    cmd.args(["migrate", "--pid", &pid.to_string(), "--to", to])
+        .arg("--tls")
+        .arg(tls)
+}
+
+/// `ferry migrate --pid PID --to TO --tls TLS`.
+pub fn migrate_command(pid: i32, to: &str, tls: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferry"));
+    migrate_args(&mut cmd, pid, to, tls);
+    cmd
+}
+
+/// The restored pid that `ferry migrate --json` printed; fails the test
+/// with its stderr if the migration failed.
+pub fn restored_pid(out: &std::process::Output, what: &str) -> i32 {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "{what}: ferry migrate failed: {stderr}"
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    json["restored_pid"].as_i64().unwrap() as i32
+}
+
+/// What the migration tests ask: at most 3 rounds, the default policy
+/// otherwise, the process restored by the page server at `c`.
+pub fn restore_options(pid: i32, c: Connect) -> ferry::dump::DumpOptions {
+    ferry::dump::DumpOptions {
+        policy: ferry::policy::Policy {
+            max_rounds: 3,
+            ..ferry::policy::Policy::default()
+        },
+        restore: true,
+        ..ferry::dump::DumpOptions::new(pid, ferry::dump::Destination::Remote(c))
+    }
+}
+
+impl Server {
+    /// A page server in this process that restores what it receives here
+    /// (`LocalRestorer`), keeping images in `store`.
+    pub fn start_restoring(tls: &Path, store: Arc<dyn Store>) -> Server {
+        let mut cfg = Config::new(server_config(&TlsFiles::server(tls)).unwrap(), store);
+        cfg.restorer = Some(Arc::new(ferry::migrate::LocalRestorer));
+        Self::start_with(cfg)
+    }
+}
+
+/// Waits up to 2 s for a first value in `log`; whether one came.
+pub fn log_started(log: &Path) -> bool {
+    for _ in 0..200 {
+        if !log_values(log).is_empty() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    false
+}
+
+/// The fixture with `args` then `--single-thread --log DIR/NAME`, once it
+/// has logged its counter (panics if the log stays empty for 2 s).
+pub fn logging_fixture(dir: &Path, name: &str, args: &[&str]) -> (Fixture, std::path::PathBuf) {
+    logging_fixture_under(&[], dir, name, args)
+}
+
+/// [`logging_fixture`] under `setpriv SETPRIV… --` when SETPRIV is not
+/// empty (setpriv execs it: the pid is the fixture's).
+pub fn logging_fixture_under(
+    setpriv: &[&str],
+    dir: &Path,
+    name: &str,
+    args: &[&str],
+) -> (Fixture, std::path::PathBuf) {
+    let log = dir.join(name);
+    let exe = env!("CARGO_BIN_EXE_ferry-fixture");
+    let mut all = setpriv.to_vec();
+    if !setpriv.is_empty() {
+        all.extend(["--", exe]);
+    }
+    all.extend(args);
+    all.extend(["--single-thread", "--log", log.to_str().unwrap()]);
+    let fx = match setpriv {
+        [] => Fixture::start(&all),
+        _ => Fixture::start_at(Path::new("/usr/bin/setpriv"), &all),
+    };
+    assert!(log_started(&log), "{} stays empty", log.display());
+    (fx, log)
+}
+
+/// The last value of `log` grows within `wait`: the process counts on.
+pub fn assert_counts_on(log: &Path, wait: Duration, what: &str) {
+    let n = *log_values(log).last().unwrap();
+    std::thread::sleep(wait);
+    assert!(*log_values(log).last().unwrap() > n, "{what}");
+}
+
+/// Kills process `pid` when dropped: a restored process, or a source a
+/// failure left behind.
+pub struct KillOnDrop(pub i32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}
+
+/// Kills every process of the tree under pid `.0` when dropped, leaves
+/// first, then kills and reaps `.1`, the child this test started (if any).
+pub struct KillTree(pub i32, pub Option<Child>);
+
+impl Drop for KillTree {
+    fn drop(&mut self) {
+        if let Ok(t) = ferry::tree::discover(self.0) {
+            for s in t.iter().rev() {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(s.pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+        if let Some(c) = self.1.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn python() -> &'static str {
+    if Path::new("/usr/bin/python3").exists() {
+        "/usr/bin/python3"
+    } else {
+        "python3"
+    }
+}
+
+/// `cmd` with nothing inherited from the harness but 0-2 (cargo's
+/// jobserver pipe, say, would be a pipe to a process outside the tree,
+/// which a migration refuses).
+pub fn only_stdio(cmd: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: close_range is async-signal-safe and touches no memory.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+            Ok(())
+        })
+    }
+}
+
+/// Starts `cmd` with stdin, stdout and stderr on /dev/null and nothing
+/// else inherited; its whole tree is killed when dropped.
+pub fn start_tree(cmd: &mut Command) -> KillTree {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let child = only_stdio(cmd).spawn().unwrap();
+    KillTree(child.id() as i32, Some(child))
+}
+
+/// `python3 -c SCRIPT ARG` as [`start_tree`] starts it.
+pub fn python_tree(script: &str, arg: impl AsRef<std::ffi::OsStr>) -> KillTree {
+    start_tree(Command::new(python()).args(["-c", script]).arg(arg))
+}
+
+/// Process `pid` is gone: exited (a zombie not reaped yet) or reaped.
+pub fn gone(pid: i32) -> bool {
+    matches!(proc_state(pid), 'Z' | 'X' | '?')
 }
