@@ -8,8 +8,8 @@
 
 use std::io::BufRead;
 use std::os::unix::fs::FileExt;
-use std::os::unix::process::CommandExt;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ferry::dump::{dump_frozen, Destination, DumpError, DumpOptions, RoundReport};
@@ -17,13 +17,17 @@ use ferry::policy::Policy;
 use ferry::procfs;
 use ferry::track;
 use ferry::tree::{self, TreeError};
+use ferry_page_server::store::mem::MemStore;
 use ferry_page_server::store::{disk::DiskStore, FlatImage, Page, Store};
 use ferry_proto::batch::is_zero;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 mod common;
-use common::{certs, connect, free_port, is_root, proc_field, proc_state};
+use common::{
+    certs, connect, free_port, gone, is_root, proc_field, proc_state, python, python_tree,
+    start_tree, KillTree,
+};
 
 macro_rules! need_root {
     () => {
@@ -64,9 +68,10 @@ while True:
     time.sleep(1)
 "#;
 
-/// A python3 process tree, every process of it killed when dropped.
+/// A python3 process tree that printed its first line, every process of
+/// it killed when dropped.
 struct Tree {
-    child: Child,
+    procs: KillTree,
     line: String,
 }
 
@@ -83,11 +88,14 @@ impl Tree {
         std::io::BufReader::new(child.stdout.take().unwrap())
             .read_line(&mut line)
             .unwrap();
-        Tree { child, line }
+        Tree {
+            procs: KillTree(child.id() as i32, Some(child)),
+            line,
+        }
     }
 
     fn pid(&self) -> i32 {
-        self.child.id() as i32
+        self.procs.0
     }
 
     fn words(&self) -> Vec<u64> {
@@ -95,38 +103,6 @@ impl Tree {
             .split_whitespace()
             .map(|w| w.parse().unwrap())
             .collect()
-    }
-}
-
-impl Drop for Tree {
-    fn drop(&mut self) {
-        if let Ok(t) = tree::discover(self.pid()) {
-            for s in t.iter().rev() {
-                let _ = kill(Pid::from_raw(s.pid), Signal::SIGKILL);
-            }
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn python() -> &'static str {
-    if std::path::Path::new("/usr/bin/python3").exists() {
-        "/usr/bin/python3"
-    } else {
-        "python3"
-    }
-}
-
-/// `cmd` with nothing inherited from the harness but 0-2 (cargo's
-/// jobserver pipe, say, would be a pipe to a process outside the tree).
-fn only_stdio(cmd: &mut Command) -> &mut Command {
-    // SAFETY: close_range is async-signal-safe and touches no memory.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
-            Ok(())
-        })
     }
 }
 
@@ -410,38 +386,16 @@ while True:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_zombie_child_migrates_and_its_parent_reaps_it() {
     need_root!();
-    use ferry_page_server::store::mem::MemStore;
-    use ferry_page_server::tls::{server_config, TlsFiles};
-    use std::sync::Arc;
     let dir = tempfile::tempdir().unwrap();
-    let mut cmd = Command::new(python());
-    cmd.args(["-c", ZOMBIE_PARENT])
-        .arg(dir.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let t = Tree {
-        child: only_stdio(&mut cmd).spawn().unwrap(),
-        line: String::new(),
-    };
+    let t = python_tree(ZOMBIE_PARENT, dir.path());
     let info = dir.path().join("info");
     wait_until("the child", || info.exists());
     let zombie: i32 = std::fs::read_to_string(&info).unwrap().parse().unwrap();
     wait_until("the zombie", || proc_state(zombie) == 'Z');
 
     let tls = certs();
-    let store: Arc<dyn ferry_page_server::store::Store> = Arc::new(MemStore::new());
-    let mut cfg = ferry_page_server::Config::new(
-        server_config(&TlsFiles::server(tls.path())).unwrap(),
-        store.clone(),
-    );
-    cfg.restorer = Some(Arc::new(ferry::migrate::LocalRestorer));
-    let server = common::Server::start_with(cfg);
-    let opts = options(
-        t.pid(),
-        Destination::Remote(connect(server.addr, tls.path())),
-    );
-    let report = ferry::migrate::migrate(opts, &mut |_| {}).await.unwrap();
+    let (server, store) = restoring_server(tls.path());
+    let (report, _restored) = migrate_tree(t.0, &server, tls.path(), None).await;
     let root = report.restored_pid;
     let state = store
         .open(report.dump.session)
@@ -452,10 +406,7 @@ async fn a_zombie_child_migrates_and_its_parent_reaps_it() {
     let z: Vec<_> = state.processes.iter().filter(|p| p.zombie).collect();
     assert_eq!(z.len(), 1, "the image records the zombie");
     assert_eq!((z[0].pid, z[0].exit_status), (zombie, 3 << 8));
-    let _restored = Restored(root);
-    wait_until("the source to be gone", || {
-        matches!(proc_state(t.pid()), 'Z' | 'X' | '?')
-    });
+    wait_until("the source to be gone", || gone(t.0));
     let shape = tree::discover(root).unwrap();
     assert_eq!(shape.len(), 2, "{shape:?}");
     let z = &shape[1];
@@ -512,37 +463,38 @@ fn logged(path: &std::path::Path) -> Vec<u64> {
     common::log_values(path)
 }
 
-/// Kills every process of the tree under `pid` when dropped.
-struct Restored(i32);
+/// A restoring page server in this process on a memory store, kept to
+/// read the image.
+fn restoring_server(tls: &std::path::Path) -> (common::Server, Arc<dyn Store>) {
+    let store: Arc<dyn Store> = Arc::new(MemStore::new());
+    (common::Server::start_restoring(tls, store.clone()), store)
+}
 
-impl Drop for Restored {
-    fn drop(&mut self) {
-        if let Ok(t) = tree::discover(self.0) {
-            for s in t.iter().rev() {
-                let _ = kill(Pid::from_raw(s.pid), Signal::SIGKILL);
-            }
-        }
+/// Migrates the tree under `pid` to `server` in at most 3 rounds; the
+/// restored root, its tree killed when dropped.
+async fn migrate_tree(
+    pid: i32,
+    server: &common::Server,
+    tls: &std::path::Path,
+    rounds: Option<u32>,
+) -> (ferry::migrate::MigrateReport, KillTree) {
+    let mut opts = options(pid, Destination::Remote(connect(server.addr, tls)));
+    if let Some(max_rounds) = rounds {
+        opts.policy = Policy {
+            max_rounds,
+            ..Policy::default()
+        };
     }
+    let report = ferry::migrate::migrate(opts, &mut |_| {}).await.unwrap();
+    let root = report.restored_pid;
+    (report, KillTree(root, None))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_parent_with_two_children_migrates_with_its_sessions_and_groups() {
     need_root!();
-    use ferry_page_server::store::mem::MemStore;
-    use ferry_page_server::tls::{server_config, TlsFiles};
-    use std::sync::Arc;
     let dir = tempfile::tempdir().unwrap();
-    let mut cmd = Command::new(python());
-    cmd.args(["-c", FAMILY])
-        .arg(dir.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let child = only_stdio(&mut cmd).spawn().unwrap();
-    let t = Tree {
-        child,
-        line: String::new(),
-    };
+    let t = python_tree(FAMILY, dir.path());
     let info = dir.path().join("info");
     wait_until("the children", || info.exists());
     let w: Vec<u64> = std::fs::read_to_string(&info)
@@ -557,27 +509,11 @@ async fn a_parent_with_two_children_migrates_with_its_sessions_and_groups() {
     }
 
     let tls = certs();
-    let mut cfg = ferry_page_server::Config::new(
-        server_config(&TlsFiles::server(tls.path())).unwrap(),
-        Arc::new(MemStore::new()),
-    );
-    cfg.restorer = Some(Arc::new(ferry::migrate::LocalRestorer));
-    let server = common::Server::start_with(cfg);
-    let mut opts = options(
-        t.pid(),
-        Destination::Remote(connect(server.addr, tls.path())),
-    );
-    opts.policy = Policy {
-        max_rounds: 3,
-        ..Policy::default()
-    };
-    let report = ferry::migrate::migrate(opts, &mut |_| {}).await.unwrap();
+    let (server, _) = restoring_server(tls.path());
+    let (report, _restored) = migrate_tree(t.0, &server, tls.path(), Some(3)).await;
     let root = report.restored_pid;
-    let _restored = Restored(root);
-    for pid in [t.pid(), w[1] as i32, w[2] as i32] {
-        wait_until("the source to be gone", || {
-            matches!(proc_state(pid), 'Z' | 'X' | '?')
-        });
+    for pid in [t.0, w[1] as i32, w[2] as i32] {
+        wait_until("the source to be gone", || gone(pid));
     }
 
     // The same shape: two children of the restored root, each with its
@@ -625,9 +561,6 @@ const CONSUMER: &str = "import sys, time\nf = open(sys.argv[1], 'a', buffering=1
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shell_pipeline_migrates_with_its_bytes_in_flight() {
     need_root!();
-    use ferry_page_server::store::mem::MemStore;
-    use ferry_page_server::tls::{server_config, TlsFiles};
-    use std::sync::Arc;
     let dir = tempfile::tempdir().unwrap();
     let (prod, cons, out) = (
         dir.path().join("producer.py"),
@@ -643,46 +576,17 @@ async fn a_shell_pipeline_migrates_with_its_bytes_in_flight() {
         cons.display(),
         out.display()
     );
-    let mut cmd = Command::new("/bin/sh");
-    cmd.args(["-c", &line])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let t = Tree {
-        child: only_stdio(&mut cmd).spawn().unwrap(),
-        line: String::new(),
-    };
+    let t = start_tree(Command::new("/bin/sh").args(["-c", &line]));
     wait_until("the pipeline to deliver", || logged(&out).len() >= 300);
-    let source: Vec<i32> = tree::discover(t.pid())
-        .unwrap()
-        .iter()
-        .map(|s| s.pid)
-        .collect();
+    let source: Vec<i32> = tree::discover(t.0).unwrap().iter().map(|s| s.pid).collect();
     assert_eq!(source.len(), 4, "sh and its three commands");
 
     let tls = certs();
-    let store: Arc<dyn ferry_page_server::store::Store> = Arc::new(MemStore::new());
-    let mut cfg = ferry_page_server::Config::new(
-        server_config(&TlsFiles::server(tls.path())).unwrap(),
-        store.clone(),
-    );
-    cfg.restorer = Some(Arc::new(ferry::migrate::LocalRestorer));
-    let server = common::Server::start_with(cfg);
-    let mut opts = options(
-        t.pid(),
-        Destination::Remote(connect(server.addr, tls.path())),
-    );
-    opts.policy = Policy {
-        max_rounds: 3,
-        ..Policy::default()
-    };
-    let report = ferry::migrate::migrate(opts, &mut |_| {}).await.unwrap();
+    let (server, store) = restoring_server(tls.path());
+    let (report, _restored) = migrate_tree(t.0, &server, tls.path(), Some(3)).await;
     let root = report.restored_pid;
-    let _restored = Restored(root);
     for &pid in &source {
-        wait_until("the source to be gone", || {
-            matches!(proc_state(pid), 'Z' | 'X' | '?')
-        });
+        wait_until("the source to be gone", || gone(pid));
     }
     // Bytes were in flight: the image holds unread pipe contents.
     let state = store
@@ -734,16 +638,7 @@ async fn an_eventfd_shared_by_parent_and_child_is_refused_by_name() {
     let script = "import os, sys, time\nfd = os.eventfd(5)\nos.set_inheritable(fd, True)\npid = os.fork()\nif pid == 0:\n    while True:\n        time.sleep(1)\nwith open(sys.argv[1] + '.tmp', 'w') as f:\n    f.write('%d %d' % (pid, fd))\nos.rename(sys.argv[1] + '.tmp', sys.argv[1])\nwhile True:\n    time.sleep(1)\n";
     let dir = tempfile::tempdir().unwrap();
     let info = dir.path().join("info");
-    let mut cmd = Command::new(python());
-    cmd.args(["-c", script])
-        .arg(&info)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let t = Tree {
-        child: only_stdio(&mut cmd).spawn().unwrap(),
-        line: String::new(),
-    };
+    let t = python_tree(script, &info);
     wait_until("the child", || info.exists());
     let w: Vec<i32> = std::fs::read_to_string(&info)
         .unwrap()
@@ -755,7 +650,7 @@ async fn an_eventfd_shared_by_parent_and_child_is_refused_by_name() {
         format!("127.0.0.1:{}", free_port()).parse().unwrap(),
         tls.path(),
     ));
-    let e = ferry::migrate::migrate(options(t.pid(), dest), &mut |_| {})
+    let e = ferry::migrate::migrate(options(t.0, dest), &mut |_| {})
         .await
         .map(|_| ())
         .unwrap_err()
@@ -766,11 +661,11 @@ async fn an_eventfd_shared_by_parent_and_child_is_refused_by_name() {
             w[1],
             w[0],
             w[1],
-            t.pid()
+            t.0
         )) && e.contains("nothing was frozen"),
         "{e}"
     );
-    for pid in [t.pid(), w[0]] {
+    for pid in [t.0, w[0]] {
         assert!(not_held(pid), "process {pid} runs on untraced");
     }
 }
