@@ -9,23 +9,12 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 mod common;
-use common::{certs, free_port, is_root, log_values, proc_state};
+use common::{certs, free_port, is_root, log_values, proc_state, KillOnDrop};
 
 fn ferry() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_ferry"));
     c.env("RUST_BACKTRACE", "0");
     c
-}
-
-/// Values the program wrote to its log, in order.
-struct Killed(Vec<i32>);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        for &pid in &self.0 {
-            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-        }
-    }
 }
 
 /// A python3 program that keeps a counter and 8 MiB of data in memory and
@@ -90,9 +79,7 @@ fn migrate(netns: Option<&str>, pid: i32, to: &str, tls: &Path) -> i32 {
         }
         None => ferry(),
     };
-    let out = cmd
-        .args(["migrate", "--pid", &pid.to_string(), "--to", to, "--tls"])
-        .arg(tls)
+    let out = common::migrate_args(&mut cmd, pid, to, tls)
         .args(["--json", "--log", "warn"])
         .output()
         .unwrap();
@@ -117,19 +104,8 @@ fn page_server(netns: Option<&str>, listen: &str, tls: &Path) -> common::ServerP
         }
         None => ferry(),
     };
-    let child = cmd
-        .args([
-            "page-server",
-            "--restore",
-            "--log",
-            "warn",
-            "--listen",
-            listen,
-            "--tls",
-        ])
-        .arg(tls)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
+    let child = common::page_server_args(&mut cmd, listen, tls)
+        .args(["--restore", "--log", "warn"])
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(300));
@@ -173,7 +149,7 @@ fn python3_keeps_its_state_across_a_migration() {
     std::thread::sleep(Duration::from_millis(200));
     let before = *counters(&log).last().unwrap();
     let new = migrate(None, pid, &format!("127.0.0.1:{port}"), tls.path());
-    let _guard = Killed(vec![new]);
+    let _guard = KillOnDrop(new);
     let _ = child.wait();
     assert_continues(pid, new, &log, before);
 }
@@ -249,7 +225,7 @@ fn python3_with_a_thread_pool_and_an_open_file_continues() {
     let _server = page_server(None, &format!("127.0.0.1:{port}"), tls.path());
     let before = *counters(&log).last().unwrap();
     let new = migrate(None, pid, &format!("127.0.0.1:{port}"), tls.path());
-    let _guard = Killed(vec![new]);
+    let _guard = KillOnDrop(new);
     let _ = child.wait();
     assert!(
         matches!(proc_state(pid), '?' | 'Z' | 'X'),
@@ -370,7 +346,7 @@ fn python3_keeps_its_pipes_eventfd_timerfd_signalfd_epoll_and_unlinked_files() {
     let port = free_port();
     let _server = page_server(None, &format!("127.0.0.1:{port}"), tls.path());
     let new = migrate(None, pid, &format!("127.0.0.1:{port}"), tls.path());
-    let _guard = Killed(vec![new]);
+    let _guard = KillOnDrop(new);
     let _ = child.wait();
     assert!(
         matches!(proc_state(pid), '?' | 'Z' | 'X'),
@@ -434,26 +410,17 @@ while True:
 "#,
         log = log.to_str().unwrap()
     );
-    let Ok(mut child) = Command::new("python3")
-        .args(["-c", &script])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-    else {
+    let Some(mut child) = run_python(&script) else {
         eprintln!("skipped: no python3 on this machine");
         return;
     };
     let pid = child.id() as i32;
-    let _guard = Killed(vec![pid]);
+    let _guard = KillOnDrop(pid);
     wait_for_log(&log);
     let tls = certs();
     let port = free_port();
     let _server = page_server(None, &format!("127.0.0.1:{port}"), tls.path());
-    let out = ferry()
-        .args(["migrate", "--pid", &pid.to_string()])
-        .args(["--to", &format!("127.0.0.1:{port}"), "--tls"])
-        .arg(tls.path())
+    let out = common::migrate_args(&mut ferry(), pid, &format!("127.0.0.1:{port}"), tls.path())
         .args(["--log", "warn"])
         .output()
         .unwrap();
@@ -571,7 +538,7 @@ fn migration_across_two_hosts_in_network_namespaces() {
     wait_for_log(&log);
     let before = *log_values(&log).last().unwrap();
     let new = migrate(Some(&hosts.a), pid, "10.213.0.2:7070", tls.path());
-    let _guard = Killed(vec![new]);
+    let _guard = KillOnDrop(new);
     let _ = child.wait();
     // The restored process lives in host B's network namespace.
     let ns_b = std::fs::read_link(format!("/proc/{new}/ns/net")).unwrap();
