@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use ferry::client::{Client, Connect};
 use ferry::synthetic::{Mix, Rng, Workload};
-use ferry_page_server::store::Store;
+use ferry_page_server::store::{FlatImage, Page, Store};
 use ferry_page_server::tls::{client_config, server_config, TlsFiles};
 use ferry_page_server::{Config, PageServer};
 use ferry_proto::session::SenderConfig;
@@ -71,6 +71,33 @@ pub fn sender_config(id: u8, page_size: u32, resume: bool) -> SenderConfig {
         features: Vec::new(),
         creds: Vec::new(),
     }
+}
+
+/// A whole session of workload `w` (`mib` MiB, session id `id`) over
+/// `client`: three layers, an empty state and a commit, stored; the store
+/// then flattens to exactly the workload's pages.
+pub async fn store_three_layers(
+    mut client: Client,
+    w: &mut Workload,
+    id: u8,
+    mib: u64,
+    store: &dyn Store,
+) {
+    migrate_synthetic(&mut client, w, 3, id as u64).await;
+    client
+        .send_state(ferry_proto::pb::ProcessTree::default())
+        .await
+        .unwrap();
+    let outcome = client.commit(false).await.unwrap();
+    assert!(
+        matches!(
+            outcome,
+            ferry::client::CommitOutcome::Stored { layers: 3, .. }
+        ),
+        "{outcome:?}"
+    );
+    let pages = ferry::synthetic::verify(store, SessionId([id; 16]), w).unwrap();
+    assert_eq!(pages, mib * 256);
 }
 
 /// Streams a workload in `rounds` rounds (layer 0 whole, then 10 % dirty),
@@ -482,8 +509,13 @@ pub fn logging_fixture_under(
         [] => Fixture::start(&all),
         _ => Fixture::start_at(Path::new("/usr/bin/setpriv"), &all),
     };
-    assert!(log_started(&log), "{} stays empty", log.display());
+    wait_for_log(&log);
     (fx, log)
+}
+
+/// Waits up to 2 s for a first value in `log`; panics if none comes.
+pub fn wait_for_log(log: &Path) {
+    assert!(log_started(log), "{} stays empty", log.display());
 }
 
 /// The last value of `log` grows within `wait`: the process counts on.
@@ -567,4 +599,98 @@ pub fn python_tree(script: &str, arg: impl AsRef<std::ffi::OsStr>) -> KillTree {
 /// Process `pid` is gone: exited (a zombie not reaped yet) or reaped.
 pub fn gone(pid: i32) -> bool {
     matches!(proc_state(pid), 'Z' | 'X' | '?')
+}
+
+/// Every page ferry sends of (stopped) process `pid` reads back from
+/// `img` under the tag of its address space `space` (0: untagged): a hole
+/// is zero for anonymous memory and the file's bytes for a private file
+/// mapping. Returns the pages checked.
+pub fn assert_image_holds_memory(pid: i32, space: u32, img: &FlatImage) -> u64 {
+    use std::os::unix::fs::FileExt;
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
+    let mut page = vec![0u8; 4096];
+    let mut checked = 0;
+    for m in ferry::procfs::read_maps(pid)
+        .unwrap()
+        .iter()
+        .filter(|m| ferry::track::sendable(m))
+    {
+        let file = if m.is_file() && !m.shared {
+            m.path.as_ref().and_then(|p| std::fs::File::open(p).ok())
+        } else {
+            None
+        };
+        let mut a = m.start;
+        while a < m.end {
+            mem.read_exact_at(&mut page, a)
+                .unwrap_or_else(|e| panic!("reading {a:#x} of {m:?}: {e}"));
+            let ok = match img.page(ferry::tree::tag(space, a)) {
+                Some(Page::Data(d)) => d[..] == page[..],
+                Some(Page::Zero) => ferry_proto::batch::is_zero(&page),
+                None => match &file {
+                    Some(f) => {
+                        let mut fp = vec![0u8; 4096];
+                        let n = f.read_at(&mut fp, m.offset + (a - m.start)).unwrap_or(0);
+                        fp[n..].fill(0);
+                        fp == page
+                    }
+                    None => ferry_proto::batch::is_zero(&page),
+                },
+            };
+            assert!(
+                ok,
+                "page {a:#x} of {:?} of process {pid} (space {space}) differs from the image",
+                m.path
+            );
+            checked += 1;
+            a += 4096;
+        }
+    }
+    checked
+}
+
+/// A parent with a child that exited with status 3 and is not reaped yet;
+/// once `argv[1]/reap` exists the parent reaps it and writes `pid
+/// exit-code` (what `wait()` said) to `argv[1]/reaped`.
+pub const ZOMBIE_PARENT: &str = r#"
+import os, sys, time
+d = sys.argv[1]
+pid = os.fork()
+if pid == 0:
+    os._exit(3)
+with open(d + '/info.tmp', 'w') as f:
+    f.write('%d' % pid)
+os.rename(d + '/info.tmp', d + '/info')
+while not os.path.exists(d + '/reap'):
+    time.sleep(0.02)
+got, status = os.wait()
+with open(d + '/reaped.tmp', 'w') as f:
+    f.write('%d %d' % (got, os.waitstatus_to_exitcode(status)))
+os.rename(d + '/reaped.tmp', d + '/reaped')
+while True:
+    time.sleep(1)
+"#;
+
+/// Polls `f` every 10 ms for up to `timeout`; panics naming `what` if it
+/// never holds.
+pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    for _ in 0..timeout.as_millis() / 10 {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("timed out waiting for {what}");
+}
+
+/// A policy under which the rounds go on to `rounds` unless one comes
+/// back empty: no downtime is short enough, no round too small, no growth
+/// too large.
+pub fn fixed_rounds(rounds: u32) -> ferry::policy::Policy {
+    ferry::policy::Policy {
+        max_downtime: Duration::ZERO,
+        max_rounds: rounds,
+        tiny_pages: 0,
+        max_growth: 1000.0,
+    }
 }
