@@ -15,18 +15,16 @@ use std::time::Duration;
 use ferry::dump::{dump_frozen, Destination, DumpError, DumpOptions, RoundReport};
 use ferry::policy::Policy;
 use ferry::procfs;
-use ferry::track;
 use ferry::tree::{self, TreeError};
 use ferry_page_server::store::mem::MemStore;
-use ferry_page_server::store::{disk::DiskStore, FlatImage, Page, Store};
-use ferry_proto::batch::is_zero;
+use ferry_page_server::store::{disk::DiskStore, Page, Store};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 mod common;
 use common::{
-    certs, connect, free_port, gone, is_root, proc_field, proc_state, python, python_tree,
-    start_tree, KillTree,
+    assert_image_holds_memory, certs, connect, fixed_rounds, free_port, gone, is_root, proc_field,
+    proc_state, python, python_tree, start_tree, KillTree, ZOMBIE_PARENT,
 };
 
 macro_rules! need_root {
@@ -106,18 +104,9 @@ impl Tree {
     }
 }
 
-fn policy(rounds: u32) -> Policy {
-    Policy {
-        max_downtime: Duration::ZERO,
-        max_rounds: rounds,
-        tiny_pages: 0,
-        max_growth: 1000.0,
-    }
-}
-
 fn options(pid: i32, dest: Destination) -> DumpOptions {
     DumpOptions {
-        policy: policy(2),
+        policy: fixed_rounds(2),
         ..DumpOptions::new(pid, dest)
     }
 }
@@ -129,58 +118,8 @@ fn read_page(pid: i32, addr: u64) -> Vec<u8> {
     page
 }
 
-fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-    for _ in 0..500 {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    panic!("timed out waiting for {what}");
-}
-
-/// Every sendable page of (stopped) process `pid` reads back from the
-/// image under its space's tag; returns the pages checked.
-fn assert_space_is_memory(pid: i32, space: u32, img: &FlatImage) -> u64 {
-    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
-    let mut page = vec![0u8; 4096];
-    let mut checked = 0;
-    for m in procfs::read_maps(pid)
-        .unwrap()
-        .iter()
-        .filter(|m| track::sendable(m))
-    {
-        let file = if m.is_file() && !m.shared {
-            m.path.as_ref().and_then(|p| std::fs::File::open(p).ok())
-        } else {
-            None
-        };
-        let mut a = m.start;
-        while a < m.end {
-            mem.read_exact_at(&mut page, a).unwrap();
-            let ok = match img.page(tree::tag(space, a)) {
-                Some(Page::Data(d)) => d[..] == page[..],
-                Some(Page::Zero) => is_zero(&page),
-                None => match &file {
-                    Some(f) => {
-                        let mut fp = vec![0u8; 4096];
-                        let n = f.read_at(&mut fp, m.offset + (a - m.start)).unwrap_or(0);
-                        fp[n..].fill(0);
-                        fp == page
-                    }
-                    None => is_zero(&page),
-                },
-            };
-            assert!(
-                ok,
-                "page {a:#x} of {:?} of process {pid} (space {space}) differs from the image",
-                m.path
-            );
-            checked += 1;
-            a += 4096;
-        }
-    }
-    checked
+fn wait_until(what: &str, f: impl FnMut() -> bool) {
+    common::wait_until(what, Duration::from_secs(5), f)
 }
 
 fn not_held(pid: i32) -> bool {
@@ -280,7 +219,7 @@ async fn dump_of_a_tree_keeps_every_address_space_apart() {
                 other => panic!("process {} page {:#x}: {other:?}", p.pid, addr + off),
             }
         }
-        let checked = assert_space_is_memory(p.pid, p.space, &img);
+        let checked = assert_image_holds_memory(p.pid, p.space, &img);
         assert!(checked > 100, "checked {checked} pages of {}", p.pid);
     }
     // Its processes write to a pipe read by this test, outside the tree:
@@ -360,28 +299,6 @@ async fn a_zombie_killed_by_a_signal_is_refused_by_name() {
     assert!(e.to_string().contains(&format!("process {zombie}")), "{e}");
     wait_until("the parent to run on", || not_held(t.pid()));
 }
-
-/// A parent with a child that exited with status 3 and is not reaped yet;
-/// once `argv[1]/reap` exists the parent reaps it and writes
-/// `pid exit-code` to `argv[1]/reaped`.
-const ZOMBIE_PARENT: &str = r#"
-import os, sys, time
-d = sys.argv[1]
-pid = os.fork()
-if pid == 0:
-    os._exit(3)
-with open(d + '/info.tmp', 'w') as f:
-    f.write('%d' % pid)
-os.rename(d + '/info.tmp', d + '/info')
-while not os.path.exists(d + '/reap'):
-    time.sleep(0.02)
-got, status = os.wait()
-with open(d + '/reaped.tmp', 'w') as f:
-    f.write('%d %d' % (got, os.waitstatus_to_exitcode(status)))
-os.rename(d + '/reaped.tmp', d + '/reaped')
-while True:
-    time.sleep(1)
-"#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_zombie_child_migrates_and_its_parent_reaps_it() {
