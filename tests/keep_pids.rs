@@ -23,7 +23,7 @@ use nix::unistd::Pid;
 mod common;
 use common::{
     certs, connect, gone, is_root, proc_field, proc_state, python, python_tree, restore_options,
-    start_tree, KillOnDrop,
+    start_tree, KillOnDrop, ZOMBIE_PARENT,
 };
 
 macro_rules! need_root {
@@ -35,14 +35,8 @@ macro_rules! need_root {
     };
 }
 
-fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-    for _ in 0..1000 {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    panic!("timed out waiting for {what}");
+fn wait_until(what: &str, f: impl FnMut() -> bool) {
+    common::wait_until(what, Duration::from_secs(10), f)
 }
 
 /// The ids of a `/proc/.../status` line such as `NSpid:`, outermost first.
@@ -509,28 +503,6 @@ async fn a_restore_failing_in_the_new_namespace_loses_nothing() {
         copies_of(needle, pid).iter().all(|&p| gone(p))
     });
 }
-
-/// A parent with a child that exited with status 3 and is not reaped yet;
-/// once `argv[1]/reap` exists the parent reaps it and writes `pid
-/// exit-code` (what `wait()` said) to `argv[1]/reaped`.
-const ZOMBIE_PARENT: &str = r#"
-import os, sys, time
-d = sys.argv[1]
-pid = os.fork()
-if pid == 0:
-    os._exit(3)
-with open(d + '/info.tmp', 'w') as f:
-    f.write('%d' % pid)
-os.rename(d + '/info.tmp', d + '/info')
-while not os.path.exists(d + '/reap'):
-    time.sleep(0.02)
-got, status = os.wait()
-with open(d + '/reaped.tmp', 'w') as f:
-    f.write('%d %d' % (got, os.waitstatus_to_exitcode(status)))
-os.rename(d + '/reaped.tmp', d + '/reaped')
-while True:
-    time.sleep(1)
-"#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_zombie_keeps_its_pid_and_its_parents_wait_returns_it() {
