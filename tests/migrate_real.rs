@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 mod common;
-use common::{certs, free_port, is_root, log_values, proc_state, KillOnDrop};
+use common::{certs, free_port, gone, is_root, log_values, KillOnDrop};
 
 fn ferry() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_ferry"));
@@ -112,12 +112,31 @@ fn page_server(netns: Option<&str>, listen: &str, tls: &Path) -> common::ServerP
     common::ServerProcess(child)
 }
 
+/// `ferry page-server --restore` on a free loopback port, killed when
+/// dropped (before its TLS files go).
+struct Loopback {
+    _server: common::ServerProcess,
+    to: String,
+    tls: tempfile::TempDir,
+}
+
+impl Loopback {
+    fn start() -> Loopback {
+        let tls = certs();
+        let to = format!("127.0.0.1:{}", free_port());
+        let _server = page_server(None, &to, tls.path());
+        Loopback { _server, to, tls }
+    }
+
+    /// `ferry migrate` of `pid` to it: the restored pid.
+    fn migrate(&self, pid: i32) -> i32 {
+        migrate(None, pid, &self.to, self.tls.path())
+    }
+}
+
 fn assert_continues(pid: i32, new: i32, log: &Path, before: u64) {
     assert_ne!(new, pid);
-    assert!(
-        matches!(proc_state(pid), '?' | 'Z' | 'X'),
-        "the source is gone"
-    );
+    assert!(gone(pid), "the source is gone");
     std::thread::sleep(Duration::from_millis(400));
     let values = counters(log);
     let after = *values.last().unwrap();
@@ -143,12 +162,10 @@ fn python3_keeps_its_state_across_a_migration() {
     };
     let pid = child.id() as i32;
     wait_for_log(&log);
-    let tls = certs();
-    let port = free_port();
-    let _server = page_server(None, &format!("127.0.0.1:{port}"), tls.path());
+    let dest = Loopback::start();
     std::thread::sleep(Duration::from_millis(200));
     let before = *counters(&log).last().unwrap();
-    let new = migrate(None, pid, &format!("127.0.0.1:{port}"), tls.path());
+    let new = dest.migrate(pid);
     let _guard = KillOnDrop(new);
     let _ = child.wait();
     assert_continues(pid, new, &log, before);
@@ -220,17 +237,12 @@ fn python3_with_a_thread_pool_and_an_open_file_continues() {
         .unwrap()
         .count();
     assert!(threads >= 5, "the pool runs: {threads} threads");
-    let tls = certs();
-    let port = free_port();
-    let _server = page_server(None, &format!("127.0.0.1:{port}"), tls.path());
+    let dest = Loopback::start();
     let before = *counters(&log).last().unwrap();
-    let new = migrate(None, pid, &format!("127.0.0.1:{port}"), tls.path());
+    let new = dest.migrate(pid);
     let _guard = KillOnDrop(new);
     let _ = child.wait();
-    assert!(
-        matches!(proc_state(pid), '?' | 'Z' | 'X'),
-        "the source is gone"
-    );
+    assert!(gone(pid), "the source is gone");
     let at = pool_counts(&log);
     std::thread::sleep(Duration::from_millis(500));
     let after = pool_counts(&log);
@@ -342,16 +354,11 @@ fn python3_keeps_its_pipes_eventfd_timerfd_signalfd_epoll_and_unlinked_files() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(text().contains("ready"), "python set up: {}", text());
-    let tls = certs();
-    let port = free_port();
-    let _server = page_server(None, &format!("127.0.0.1:{port}"), tls.path());
-    let new = migrate(None, pid, &format!("127.0.0.1:{port}"), tls.path());
+    let dest = Loopback::start();
+    let new = dest.migrate(pid);
     let _guard = KillOnDrop(new);
     let _ = child.wait();
-    assert!(
-        matches!(proc_state(pid), '?' | 'Z' | 'X'),
-        "the source is gone"
-    );
+    assert!(gone(pid), "the source is gone");
     // Sent to the restored process only: its signalfd must be there.
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(new),
@@ -417,10 +424,8 @@ while True:
     let pid = child.id() as i32;
     let _guard = KillOnDrop(pid);
     wait_for_log(&log);
-    let tls = certs();
-    let port = free_port();
-    let _server = page_server(None, &format!("127.0.0.1:{port}"), tls.path());
-    let out = common::migrate_args(&mut ferry(), pid, &format!("127.0.0.1:{port}"), tls.path())
+    let dest = Loopback::start();
+    let out = common::migrate_args(&mut ferry(), pid, &dest.to, dest.tls.path())
         .args(["--log", "warn"])
         .output()
         .unwrap();
@@ -560,10 +565,7 @@ fn migration_across_two_hosts_in_network_namespaces() {
         values.windows(2).all(|w| w[0] <= w[1]),
         "the counter never restarted"
     );
-    assert!(
-        matches!(proc_state(pid), '?' | 'Z' | 'X'),
-        "the source is gone"
-    );
+    assert!(gone(pid), "the source is gone");
 }
 
 #[test]
