@@ -19,13 +19,13 @@
 //! 10.78.0.1 and 10.78.0.2.
 
 use std::io::{BufRead, BufReader, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{certs, is_root, proc_state, KillOnDrop};
+use common::{certs, gone, is_root, KillOnDrop};
 
 const SERVER: &str = "10.77.0.1";
 const PAGE_SERVER: &str = "10.78.0.2:7070";
@@ -373,6 +373,64 @@ fn tcp_client(ns: &str, v6: bool) -> (Kid, BufReader<ChildStdout>) {
     (Kid(child), out)
 }
 
+/// The TCP case: a page server in B, [`tcp_server`] in A and
+/// [`tcp_client`] in C, once the server has queued its bytes. Fields drop
+/// in order: the client first, the page server last.
+struct Tcp {
+    out: BufReader<ChildStdout>,
+    client: Kid,
+    _guard: KillOnDrop,
+    _server: Kid,
+    _ps: Kid,
+    pid: i32,
+    sent: String,
+    queued: usize,
+    log: PathBuf,
+    go: PathBuf,
+    tls: tempfile::TempDir,
+    _dir: tempfile::TempDir,
+}
+
+impl Tcp {
+    /// With `v6`, the client also connects to the IPv6 listener at the end.
+    fn start(net: &Net, v6: bool) -> Tcp {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, go) = (dir.path().join("server.log"), dir.path().join("go"));
+        let tls = certs();
+        let ps = net.page_server(tls.path());
+        let (server, pid) = tcp_server(&net.a, &log, &go);
+        let guard = KillOnDrop(pid);
+        let (client, mut out) = tcp_client(&net.c, v6);
+        let sent = read_line(&mut out);
+        let queued: usize = wait_line(&log, "queued ").parse().unwrap();
+        Tcp {
+            out,
+            client,
+            _guard: guard,
+            _server: server,
+            _ps: ps,
+            pid,
+            sent,
+            queued,
+            log,
+            go,
+            tls,
+            _dir: dir,
+        }
+    }
+
+    /// Lets the server read: the client gets the queued bytes intact, the
+    /// answer about its own bytes, and a second connection's greeting.
+    fn go_on(&mut self) {
+        std::fs::write(&self.go, b"").unwrap();
+        writeln!(self.client.0.stdin.as_mut().unwrap(), "go {}", self.queued).unwrap();
+        assert_eq!(read_line(&mut self.out), "queued-bytes-intact True");
+        let hash = self.sent.strip_prefix("sent ").unwrap();
+        assert_eq!(read_line(&mut self.out), format!("answer got 50000 {hash}"));
+        assert_eq!(read_line(&mut self.out), "second second");
+    }
+}
+
 #[test]
 fn a_tcp_listener_and_connection_keep_their_bytes_across_a_migration() {
     if !is_root() || !have("python3") {
@@ -380,15 +438,8 @@ fn a_tcp_listener_and_connection_keep_their_bytes_across_a_migration() {
         return;
     }
     let net = Net::make();
-    let dir = tempfile::tempdir().unwrap();
-    let (log, go) = (dir.path().join("server.log"), dir.path().join("go"));
-    let tls = certs();
-    let _ps = net.page_server(tls.path());
-    let (_server, pid) = tcp_server(&net.a, &log, &go);
-    let _guard = KillOnDrop(pid);
-    let (mut client, mut out) = tcp_client(&net.c, true);
-    let sent = read_line(&mut out);
-    let queued: usize = wait_line(&log, "queued ").parse().unwrap();
+    let mut t = Tcp::start(&net, true);
+    let (pid, queued) = (t.pid, t.queued);
     assert!(
         queued > 10_000,
         "the server's send queue holds bytes: {queued}"
@@ -407,27 +458,19 @@ fn a_tcp_listener_and_connection_keep_their_bytes_across_a_migration() {
     );
 
     net.cut_source();
-    let new = net.migrated(pid, tls.path(), &[]);
+    let new = net.migrated(pid, t.tls.path(), &[]);
     let _guard2 = KillOnDrop(new);
     net.route_to_destination();
-    assert!(
-        matches!(proc_state(pid), '?' | 'Z' | 'X'),
-        "the source is gone"
-    );
+    assert!(gone(pid), "the source is gone");
     let ns_b = std::fs::read_link(format!("/run/netns/{}", net.b)).ok();
     let ns_new = std::fs::read_link(format!("/proc/{new}/ns/net")).ok();
     eprintln!("restored in {ns_new:?}, B is {ns_b:?}");
 
-    std::fs::write(&go, b"").unwrap();
-    writeln!(client.0.stdin.as_mut().unwrap(), "go {queued}").unwrap();
-    assert_eq!(read_line(&mut out), "queued-bytes-intact True");
-    let hash = sent.strip_prefix("sent ").unwrap();
-    assert_eq!(read_line(&mut out), format!("answer got 50000 {hash}"));
-    assert_eq!(read_line(&mut out), "second second");
-    assert_eq!(read_line(&mut out), "v6 v6");
-    assert_eq!(wait_line(&log, "answered"), "");
+    t.go_on();
+    assert_eq!(read_line(&mut t.out), "v6 v6");
+    assert_eq!(wait_line(&t.log, "answered"), "");
     assert_eq!(
-        wait_line(&log, "options "),
+        wait_line(&t.log, "options "),
         "reuseaddr=1 reuseport6=1 v6only=1 nodelay=1 nonblocking6=1"
     );
     // The backlogs, as `ss` shows them in B (Send-Q of a listener).
@@ -460,34 +503,18 @@ fn a_failed_migration_gives_the_source_its_connection_back() {
         "dev",
         "bc"
     ]));
-    let dir = tempfile::tempdir().unwrap();
-    let (log, go) = (dir.path().join("server.log"), dir.path().join("go"));
-    let tls = certs();
-    let _ps = net.page_server(tls.path());
-    let (_server, pid) = tcp_server(&net.a, &log, &go);
-    let _guard = KillOnDrop(pid);
-    let (mut client, mut out) = tcp_client(&net.c, false);
-    let sent = read_line(&mut out);
-    let queued: usize = wait_line(&log, "queued ").parse().unwrap();
+    let mut t = Tcp::start(&net, false);
     std::thread::sleep(Duration::from_millis(300));
 
-    let out_m = net.migrate(pid, tls.path(), &[]);
+    let out_m = net.migrate(t.pid, t.tls.path(), &[]);
     let stderr = String::from_utf8_lossy(&out_m.stderr);
     assert!(!out_m.status.success());
     assert!(stderr.contains("the source runs on"), "{stderr}");
     assert!(stderr.contains("bind to 10.77.0.1:7000"), "{stderr}");
-    assert!(
-        !matches!(proc_state(pid), '?' | 'Z' | 'X'),
-        "the source lives"
-    );
+    assert!(!gone(t.pid), "the source lives");
 
     // The source's connection works as if nothing happened.
-    std::fs::write(&go, b"").unwrap();
-    writeln!(client.0.stdin.as_mut().unwrap(), "go {queued}").unwrap();
-    assert_eq!(read_line(&mut out), "queued-bytes-intact True");
-    let hash = sent.strip_prefix("sent ").unwrap();
-    assert_eq!(read_line(&mut out), format!("answer got 50000 {hash}"));
-    assert_eq!(read_line(&mut out), "second second");
+    t.go_on();
 }
 
 /// Sockets that stay unsupported are refused by name before anything is
@@ -757,10 +784,7 @@ fn redis_server_keeps_its_keys_and_its_writing_client_across_a_migration() {
     }
     net.route_to_destination();
     eprintln!("freeze seen by the test: {caught}");
-    assert!(
-        matches!(proc_state(pid), '?' | 'Z' | 'X'),
-        "the source is gone"
-    );
+    assert!(gone(pid), "the source is gone");
     std::thread::sleep(Duration::from_millis(1500));
     std::fs::write(&stop, b"").unwrap();
     let summary = read_line(&mut out);
@@ -844,10 +868,7 @@ time.sleep(60)
 
     let new = common::restored_pid(&migrate_on_this_host(pid, true), "UNIX sockets");
     let _guard2 = KillOnDrop(new);
-    assert!(
-        matches!(proc_state(pid), '?' | 'Z' | 'X'),
-        "the source is gone"
-    );
+    assert!(gone(pid), "the source is gone");
     std::fs::write(&go, b"").unwrap();
     assert_eq!(wait_line(&log, "pair "), "True True");
     let mut c = std::os::unix::net::UnixStream::connect(&path).unwrap();
