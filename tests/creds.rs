@@ -18,8 +18,8 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use common::{
-    assert_counts_on, certs, free_port, is_root, log_values, proc_field, proc_state, restored_pid,
-    wait_for_server, KillOnDrop,
+    assert_counts_on, certs, free_port, gone, is_root, log_values, proc_field, proc_state,
+    restored_pid, wait_for_server, KillOnDrop,
 };
 use ferry::sys::ptrace::Tracee;
 
@@ -219,10 +219,7 @@ async fn migrates_with_exactly_its_creds(fx: &Source, log: &Path, what: &str) ->
     eprintln!("{what}, before:\n{}", before.join("\n"));
     let new = restored_pid(&migrate(fx.pid(), port, tls.path()), what);
     let _kill = KillOnDrop(new);
-    assert!(
-        matches!(proc_state(fx.pid()), '?' | 'Z' | 'X'),
-        "{what}: the source is gone"
-    );
+    assert!(gone(fx.pid()), "{what}: the source is gone");
     let after = thread_creds(new);
     assert_eq!(before.len(), after.len(), "{what}: threads");
     assert_eq!(before, after, "{what}: every thread's credentials");

@@ -424,12 +424,7 @@ async fn shared_memory_is_tracked_in_the_rounds_and_sent_once() {
     let dir = tempfile::tempdir().unwrap();
     let opts = DumpOptions {
         leave_stopped: true,
-        policy: Policy {
-            max_downtime: Duration::ZERO,
-            max_rounds: 4,
-            tiny_pages: 0,
-            max_growth: 1000.0,
-        },
+        policy: common::fixed_rounds(4),
         ..DumpOptions::new(root, Destination::ImagesDir(dir.path().into()))
     };
     let (report, frozen) = ferry::dump::dump_frozen(opts, &mut |r| {
