@@ -387,8 +387,9 @@ fn restoring_server(tls: &std::path::Path) -> (common::Server, Arc<dyn Store>) {
     (common::Server::start_restoring(tls, store.clone()), store)
 }
 
-/// Migrates the tree under `pid` to `server` in at most 3 rounds; the
-/// restored root, its tree killed when dropped.
+/// Migrates the tree under `pid` to `server` (in [`options`]' two rounds,
+/// or at most `rounds` of the default policy); the report, and the
+/// restored tree, killed when dropped.
 async fn migrate_tree(
     pid: i32,
     server: &common::Server,

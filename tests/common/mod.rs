@@ -1,5 +1,9 @@
 //! Helpers shared by the end-to-end tests: certificates, an in-process page
-//! server, and a page server as a child process that can be killed.
+//! server, and a page server as a child process that can be killed; the
+//! `ferry page-server` and `ferry migrate` command lines; the fixture
+//! started and logging; guards that kill a process or a whole tree; and
+//! the checks several tests make the same way (an image against a
+//! process's memory, a log that grows, a process gone).
 
 #![allow(dead_code)]
 
