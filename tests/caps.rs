@@ -9,11 +9,12 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use common::{
-    certs, free_port, is_root, log_values, proc_field, proc_state, wait_for_server, Fixture,
+    certs, free_port, is_root, logging_fixture_under, proc_field, proc_state, wait_for_server,
+    KillOnDrop,
 };
 
 fn caps(pid: i32, set: &str) -> u64 {
@@ -24,14 +25,9 @@ fn caps(pid: i32, set: &str) -> u64 {
 
 fn server(tls: &std::path::Path, port: u16, args: &[&str]) -> common::ServerProcess {
     common::ServerProcess(
-        Command::new(env!("CARGO_BIN_EXE_ferry"))
-            .args(["page-server", "--log", "warn", "--listen"])
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("--tls")
-            .arg(tls)
+        common::page_server_command(tls, port)
+            .args(["--log", "warn"])
             .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
             .spawn()
             .unwrap(),
     )
@@ -98,81 +94,46 @@ async fn page_servers_drop_capabilities_and_still_migrate() {
         );
     }
     let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("log");
     // Such a page server restores only processes that need no more than
     // it holds (tests/creds.rs): a root process whose bounding set, hence
     // every set, holds checkpoint_restore alone.
-    let fx = Fixture::start_at(
-        std::path::Path::new("/usr/bin/setpriv"),
-        &[
-            "--bounding-set=-all,+checkpoint_restore",
-            "--",
-            env!("CARGO_BIN_EXE_ferry-fixture"),
-            "--mib",
-            "8",
-            "--single-thread",
-            "--log",
-            log.to_str().unwrap(),
-        ],
+    let (fx, log) = logging_fixture_under(
+        &["--bounding-set=-all,+checkpoint_restore"],
+        dir.path(),
+        "log",
+        &["--mib", "8"],
     );
-    for _ in 0..200 {
-        if !log_values(&log).is_empty() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
     assert_ne!(
         caps(fx.pid, "CapEff"),
         0,
         "the source runs with capabilities"
     );
     // `ferry migrate` itself, which keeps only what the source needs.
-    let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args([
-            "migrate",
-            "--pid",
-            &fx.pid.to_string(),
-            "--to",
-            &addr,
-            "--tls",
-        ])
-        .arg(tls.path())
+    let out = common::migrate_command(fx.pid, &addr, tls.path())
         .args(["--json", "--log", "debug"])
         .stdin(Stdio::null())
         .output()
         .unwrap();
+    let new = common::restored_pid(&out, "caps");
+    let _kill = KillOnDrop(new);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "ferry migrate: {stderr}");
     assert!(
         stderr.contains("capabilities dropped")
             && stderr.contains("dac_read_search,kill,net_admin,sys_ptrace"),
         "the source drops the rest: {stderr}"
     );
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let new = json["restored_pid"].as_i64().unwrap() as i32;
-    let _kill = Killer(new);
     assert!(
         matches!(proc_state(fx.pid), '?' | 'Z' | 'X'),
         "the source is gone"
     );
-    let before = *log_values(&log).last().unwrap();
-    std::thread::sleep(Duration::from_millis(400));
-    let after = *log_values(&log).last().unwrap();
-    assert!(after > before, "the restored process counts on");
+    common::assert_counts_on(
+        &log,
+        Duration::from_millis(400),
+        "the restored process counts on",
+    );
     // It has exactly what it had, no more than the page server.
     for set in ["CapEff", "CapPrm", "CapBnd"] {
         assert_eq!(caps(new, set), CHECKPOINT_RESTORE, "{set}");
     }
     drop(restoring);
-}
-
-struct Killer(i32);
-
-impl Drop for Killer {
-    fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.0),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-    }
 }

@@ -17,7 +17,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use common::{certs, free_port, is_root, log_values, proc_field, proc_state, wait_for_server};
+use common::{
+    assert_counts_on, certs, free_port, gone, is_root, log_values, proc_field, proc_state,
+    restored_pid, wait_for_server, KillOnDrop,
+};
 use ferry::sys::ptrace::Tracee;
 
 const CREDS: [&str; 9] = [
@@ -59,32 +62,63 @@ fn thread_creds(pid: i32) -> Vec<String> {
     v
 }
 
-fn server(tls: &Path, port: u16, args: &[&str], env: &[(&str, &str)]) -> common::ServerProcess {
-    common::ServerProcess(
-        Command::new(env!("CARGO_BIN_EXE_ferry"))
-            .args(["page-server", "--log", "warn", "--restore", "--listen"])
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("--tls")
-            .arg(tls)
+/// `ferry page-server --restore` with `args` and `env`, once it answers.
+async fn server(
+    tls: &Path,
+    port: u16,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> common::ServerProcess {
+    let ps = common::ServerProcess(
+        common::page_server_command(tls, port)
+            .args(["--log", "warn", "--restore"])
             .args(args)
             .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
             .spawn()
             .unwrap(),
-    )
+    );
+    wait_for_server(format!("127.0.0.1:{port}").parse().unwrap(), tls).await;
+    ps
 }
 
 fn migrate(pid: i32, port: u16, tls: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(["migrate", "--pid", &pid.to_string(), "--to"])
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("--tls")
-        .arg(tls)
+    common::migrate_command(pid, &format!("127.0.0.1:{port}"), tls)
         .args(["--json", "--log", "warn"])
         .stdin(Stdio::null())
         .output()
         .unwrap()
+}
+
+/// `ferry migrate` that must fail: its stderr.
+fn migrate_refused(pid: i32, port: u16, tls: &Path) -> String {
+    let out = migrate(pid, port, tls);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "migrated: {stderr}");
+    stderr
+}
+
+/// `python3 -c SCRIPT ARG`, detached from our stdio; `None` without
+/// python3.
+fn python3(script: &str, arg: &Path) -> Option<Source> {
+    Command::new("python3")
+        .args(["-c", script])
+        .arg(arg)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()
+        .map(Source)
+}
+
+/// Waits up to 5 s for `ready`.
+fn wait_5s(mut ready: impl FnMut() -> bool) {
+    for _ in 0..500 {
+        if ready() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// A directory every user may write (the log of a process running as
@@ -159,11 +193,10 @@ impl Source {
         assert_eq!(tracer(), "0", "{what}: the source is left traced");
         let st = proc_state(pid);
         assert!(st == 'S' || st == 'R', "{what}: the source is {st}");
-        let n = *log_values(log).last().unwrap();
-        std::thread::sleep(Duration::from_millis(400));
-        assert!(
-            *log_values(log).last().unwrap() > n,
-            "{what}: the source counts on"
+        assert_counts_on(
+            log,
+            Duration::from_millis(400),
+            &format!("{what}: the source counts on"),
         );
     }
 }
@@ -175,45 +208,25 @@ impl Drop for Source {
     }
 }
 
-struct Killer(i32);
-
-impl Drop for Killer {
-    fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.0),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-    }
-}
-
 /// Migrates `fx` through a default page server and checks that the
 /// restored process's threads hold exactly the credentials the source's
 /// did, and that it runs on.
-async fn migrates_with_exactly_its_creds(fx: &Source, log: &Path, what: &str) -> Killer {
+async fn migrates_with_exactly_its_creds(fx: &Source, log: &Path, what: &str) -> KillOnDrop {
     let tls = certs();
     let port = free_port();
-    let ps = server(tls.path(), port, &[], &[]);
-    wait_for_server(format!("127.0.0.1:{port}").parse().unwrap(), tls.path()).await;
+    let ps = server(tls.path(), port, &[], &[]).await;
     let before = thread_creds(fx.pid());
     eprintln!("{what}, before:\n{}", before.join("\n"));
-    let out = migrate(fx.pid(), port, tls.path());
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{what}: ferry migrate: {stderr}");
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let new = json["restored_pid"].as_i64().unwrap() as i32;
-    let _kill = Killer(new);
-    assert!(
-        matches!(proc_state(fx.pid()), '?' | 'Z' | 'X'),
-        "{what}: the source is gone"
-    );
+    let new = restored_pid(&migrate(fx.pid(), port, tls.path()), what);
+    let _kill = KillOnDrop(new);
+    assert!(gone(fx.pid()), "{what}: the source is gone");
     let after = thread_creds(new);
     assert_eq!(before.len(), after.len(), "{what}: threads");
     assert_eq!(before, after, "{what}: every thread's credentials");
-    let n = *log_values(log).last().unwrap();
-    std::thread::sleep(Duration::from_millis(400));
-    assert!(
-        *log_values(log).last().unwrap() > n,
-        "{what}: the restored process counts on"
+    assert_counts_on(
+        log,
+        Duration::from_millis(400),
+        &format!("{what}: the restored process counts on"),
     );
     drop(ps);
     _kill
@@ -317,16 +330,13 @@ async fn a_page_server_lacking_a_capability_refuses_and_the_source_runs_on() {
     }
     let tls = certs();
     let port = free_port();
-    let ps = server(tls.path(), port, &["--caps", "checkpoint_restore"], &[]);
-    wait_for_server(format!("127.0.0.1:{port}").parse().unwrap(), tls.path()).await;
+    let ps = server(tls.path(), port, &["--caps", "checkpoint_restore"], &[]).await;
     let (dir, exe) = workdir(&format!("fxrefuse{}", std::process::id() % 10000));
     // Root with every capability: its permitted set holds what the page
     // server dropped.
     let log = dir.path().join("root");
     let fx = start(&[], &exe, &log, 1);
-    let out = migrate(fx.pid(), port, tls.path());
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "migrated: {stderr}");
+    let stderr = migrate_refused(fx.pid(), port, tls.path());
     // At the handshake, from what the source read in /proc: before the
     // first round, nothing frozen.
     assert!(
@@ -353,9 +363,7 @@ async fn a_page_server_lacking_a_capability_refuses_and_the_source_runs_on() {
         &log,
         1,
     );
-    let out = migrate(fx.pid(), port, tls.path());
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "migrated: {stderr}");
+    let stderr = migrate_refused(fx.pid(), port, tls.path());
     assert!(
         stderr.contains("needs cap_set") && stderr.contains("which this page server does not hold"),
         "{stderr}"
@@ -376,9 +384,7 @@ async fn a_page_server_lacking_a_capability_refuses_and_the_source_runs_on() {
         &log,
         1,
     );
-    let out = migrate(fx.pid(), port, tls.path());
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "migrated: {stderr}");
+    let stderr = migrate_refused(fx.pid(), port, tls.path());
     assert!(
         !stderr.contains("pre-flight")
             && stderr.contains(&format!("process {} (", fx.pid()))
@@ -420,8 +426,8 @@ async fn a_failure_after_the_credentials_kills_the_half_restored_process() {
         port,
         &["--caps", NEEDS],
         &[("FERRY_FAILPOINT", "restore:creds")],
-    );
-    wait_for_server(format!("127.0.0.1:{port}").parse().unwrap(), tls.path()).await;
+    )
+    .await;
     let name = format!("fxfail{}", std::process::id() % 10000);
     let (dir, exe) = workdir(&name);
     let log = dir.path().join("log");
@@ -436,9 +442,7 @@ async fn a_failure_after_the_credentials_kills_the_half_restored_process() {
         &log,
         2,
     );
-    let out = migrate(fx.pid(), port, tls.path());
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "migrated: {stderr}");
+    let stderr = migrate_refused(fx.pid(), port, tls.path());
     assert!(stderr.contains("restore stage creds"), "{stderr}");
     fx.runs_on(&log, "failure after the credentials");
     let mut left = named(&name, fx.pid());
@@ -453,15 +457,13 @@ async fn a_failure_after_the_credentials_kills_the_half_restored_process() {
     drop(ps);
     // Without the failpoint the same page server restores it, exactly.
     let port = free_port();
-    let ps = server(tls.path(), port, &["--caps", NEEDS], &[]);
-    wait_for_server(format!("127.0.0.1:{port}").parse().unwrap(), tls.path()).await;
+    let ps = server(tls.path(), port, &["--caps", NEEDS], &[]).await;
     let before = thread_creds(fx.pid());
-    let out = migrate(fx.pid(), port, tls.path());
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "ferry migrate: {stderr}");
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let new = json["restored_pid"].as_i64().unwrap() as i32;
-    let _kill = Killer(new);
+    let new = restored_pid(
+        &migrate(fx.pid(), port, tls.path()),
+        "without the failpoint",
+    );
+    let _kill = KillOnDrop(new);
     assert_eq!(before, thread_creds(new));
     drop(ps);
 }
@@ -508,24 +510,11 @@ async fn threads_with_different_credentials_keep_theirs() {
     }
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("log");
-    let Ok(child) = Command::new("python3")
-        .args(["-c", PER_THREAD])
-        .arg(&log)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-    else {
+    let Some(src) = python3(PER_THREAD, &log) else {
         eprintln!("skipped: no python3");
         return;
     };
-    let src = Source(child);
-    for _ in 0..500 {
-        if !log_values(&log).is_empty() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_5s(|| !log_values(&log).is_empty());
     assert!(!log_values(&log).is_empty(), "the program runs");
     let creds = thread_creds(src.pid());
     assert_eq!(creds.len(), 3, "{creds:?}");
@@ -566,25 +555,12 @@ async fn a_tree_keeps_each_process_its_own_credentials() {
     }
     let dir = tempfile::tempdir().unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
-    let Ok(child) = Command::new("python3")
-        .args(["-c", TREE])
-        .arg(dir.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-    else {
+    let Some(src) = python3(TREE, dir.path()) else {
         eprintln!("skipped: no python3");
         return;
     };
-    let src = Source(child);
     let (plog, clog) = (dir.path().join("parent"), dir.path().join("child"));
-    for _ in 0..500 {
-        if !log_values(&plog).is_empty() && !log_values(&clog).is_empty() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_5s(|| !log_values(&plog).is_empty() && !log_values(&clog).is_empty());
     assert!(!log_values(&clog).is_empty(), "the child runs");
     let kid = |pid: i32| -> i32 {
         std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
@@ -603,22 +579,12 @@ async fn a_tree_keeps_each_process_its_own_credentials() {
     );
     let tls = certs();
     let port = free_port();
-    let ps = server(tls.path(), port, &[], &[]);
-    wait_for_server(format!("127.0.0.1:{port}").parse().unwrap(), tls.path()).await;
-    let out = migrate(src.pid(), port, tls.path());
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "ferry migrate: {stderr}");
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let new = json["restored_pid"].as_i64().unwrap() as i32;
+    let ps = server(tls.path(), port, &[], &[]).await;
+    let new = restored_pid(&migrate(src.pid(), port, tls.path()), "a tree");
     let new_kid = kid(new);
-    let _kill = (Killer(new_kid), Killer(new));
+    let _kill = (KillOnDrop(new_kid), KillOnDrop(new));
     assert_eq!(thread_creds(new), parent_before, "the parent");
     assert_eq!(thread_creds(new_kid), child_before, "the child");
-    let n = *log_values(&clog).last().unwrap();
-    std::thread::sleep(Duration::from_millis(400));
-    assert!(
-        *log_values(&clog).last().unwrap() > n,
-        "the child counts on"
-    );
+    assert_counts_on(&clog, Duration::from_millis(400), "the child counts on");
     drop(ps);
 }

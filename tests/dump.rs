@@ -10,15 +10,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferry::dump::{dump, dump_frozen, Destination, DumpError, DumpOptions, RoundReport};
-use ferry::policy::Policy;
-use ferry::procfs;
 use ferry::sys::ptrace::PtraceError;
-use ferry::track::{self, Backend};
-use ferry_page_server::store::{disk::DiskStore, mem::MemStore, FlatImage, Page, Store};
-use ferry_proto::batch::{is_zero, Compress};
+use ferry::track::Backend;
+use ferry_page_server::store::{disk::DiskStore, mem::MemStore, Store};
+use ferry_proto::batch::Compress;
 
 mod common;
-use common::{certs, connect, is_root, kernel_thread, proc_state, Fixture, Server};
+use common::{
+    assert_image_holds_memory, certs, connect, fixed_rounds, is_root, kernel_thread, proc_state,
+    Fixture, Server,
+};
 
 macro_rules! need_root {
     () => {
@@ -29,65 +30,11 @@ macro_rules! need_root {
     };
 }
 
-fn policy(rounds: u32) -> Policy {
-    Policy {
-        max_downtime: Duration::ZERO,
-        max_rounds: rounds,
-        tiny_pages: 0,
-        max_growth: 1000.0,
-    }
-}
-
-/// Compares the flattened image with the memory of the (stopped) process:
-/// every page of every mapping ferry sends must read back from the image,
-/// a hole meaning "zero" for anonymous memory and "the file's bytes" for a
-/// private file mapping.
-fn assert_image_is_memory(pid: i32, img: &FlatImage) -> u64 {
-    use std::os::unix::fs::FileExt;
-    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
-    let ps = 4096u64;
-    let mut page = vec![0u8; ps as usize];
-    let mut checked = 0;
-    for m in procfs::read_maps(pid)
-        .unwrap()
-        .iter()
-        .filter(|m| track::sendable(m))
-    {
-        let file = if m.is_file() && !m.shared {
-            m.path.as_ref().and_then(|p| std::fs::File::open(p).ok())
-        } else {
-            None
-        };
-        let mut a = m.start;
-        while a < m.end {
-            mem.read_exact_at(&mut page, a)
-                .unwrap_or_else(|e| panic!("reading {a:#x} of {m:?}: {e}"));
-            let ok = match img.page(a) {
-                Some(Page::Data(d)) => d[..] == page[..],
-                Some(Page::Zero) => is_zero(&page),
-                None => match &file {
-                    Some(f) => {
-                        let mut fp = vec![0u8; ps as usize];
-                        let n = f.read_at(&mut fp, m.offset + (a - m.start)).unwrap_or(0);
-                        fp[n..].fill(0);
-                        fp == page
-                    }
-                    None => is_zero(&page),
-                },
-            };
-            assert!(ok, "page {a:#x} of {:?} differs from the image", m.path);
-            checked += 1;
-            a += ps;
-        }
-    }
-    checked
-}
-
 fn options(fx: &Fixture, dest: Destination, rounds: u32, track: Option<Backend>) -> DumpOptions {
     DumpOptions {
         leave_stopped: true,
         track,
-        policy: policy(rounds),
+        policy: fixed_rounds(rounds),
         ..DumpOptions::new(fx.pid, dest)
     }
 }
@@ -121,7 +68,7 @@ async fn dump_through_a_page_server_equals_memory_at_freeze() {
     // Compared while the process is still frozen: once it moves, even the
     // kernel writes to it (rseq's cpu id when a thread changed CPU).
     let img = store.open(report.session).unwrap().flatten().unwrap();
-    let pages = assert_image_is_memory(fx.pid, &img);
+    let pages = assert_image_holds_memory(fx.pid, 0, &img);
     assert!(pages >= 65536, "checked {pages} pages");
     let state = store
         .open(report.session)
@@ -166,7 +113,7 @@ async fn dump_to_an_images_dir_equals_memory_with_each_backend() {
         assert_eq!(report.backend, backend);
         let store = DiskStore::open(dir.path()).unwrap();
         let img = store.open(report.session).unwrap().flatten().unwrap();
-        assert_image_is_memory(fx.pid, &img);
+        assert_image_holds_memory(fx.pid, 0, &img);
         frozen.resume().unwrap();
     }
 }
@@ -196,7 +143,7 @@ async fn clear_errors_for_a_dead_pid_a_kernel_thread_and_no_permission() {
     let dead = child.id() as i32;
     child.wait().unwrap();
     let opts = |pid| DumpOptions {
-        policy: policy(1),
+        policy: fixed_rounds(1),
         ..DumpOptions::new(
             pid,
             Destination::ImagesDir(tempfile::tempdir().unwrap().keep()),
@@ -308,7 +255,7 @@ async fn a_page_server_that_dies_mid_round_leaves_the_target_running() {
     let task = tokio::spawn(async move {
         dump(
             DumpOptions {
-                policy: policy(1000),
+                policy: fixed_rounds(1000),
                 compress: Compress::Off,
                 ..DumpOptions::new(pid, Destination::Remote(c))
             },
@@ -335,7 +282,7 @@ async fn a_target_that_exits_mid_round_is_a_clear_error() {
         dump(
             DumpOptions {
                 track: Some(Backend::Checksum),
-                policy: policy(1000),
+                policy: fixed_rounds(1000),
                 ..DumpOptions::new(pid, Destination::ImagesDir(path))
             },
             &mut |_| {},

@@ -9,21 +9,22 @@
 //! pids are then those of that namespace, which is what is kept. Needs
 //! root.
 
-use std::os::unix::process::CommandExt;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry::dump::{Destination, DumpOptions};
-use ferry::policy::Policy;
+use ferry::dump::DumpOptions;
+use ferry::migrate::{MigrateError, MigrateReport};
 use ferry::tree;
 use ferry_page_server::store::mem::MemStore;
-use ferry_page_server::tls::{server_config, TlsFiles};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 mod common;
-use common::{certs, connect, is_root, proc_field, proc_state};
+use common::{
+    certs, connect, gone, is_root, proc_field, proc_state, python, python_tree, restore_options,
+    start_tree, KillOnDrop, ZOMBIE_PARENT,
+};
 
 macro_rules! need_root {
     () => {
@@ -34,34 +35,8 @@ macro_rules! need_root {
     };
 }
 
-fn python() -> &'static str {
-    if std::path::Path::new("/usr/bin/python3").exists() {
-        "/usr/bin/python3"
-    } else {
-        "python3"
-    }
-}
-
-/// `cmd` with nothing inherited from the harness but 0-2 (a pipe to a
-/// process outside the tree would be refused).
-fn only_stdio(cmd: &mut Command) -> &mut Command {
-    // SAFETY: close_range is async-signal-safe and touches no memory.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
-            Ok(())
-        })
-    }
-}
-
-fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-    for _ in 0..1000 {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    panic!("timed out waiting for {what}");
+fn wait_until(what: &str, f: impl FnMut() -> bool) {
+    common::wait_until(what, Duration::from_secs(10), f)
 }
 
 /// The ids of a `/proc/.../status` line such as `NSpid:`, outermost first.
@@ -106,50 +81,38 @@ fn pid_ns(pid: i32) -> String {
         .to_string()
 }
 
-fn options(pid: i32, dest: Destination, keep_pids: bool) -> DumpOptions {
-    DumpOptions {
-        policy: Policy {
-            max_rounds: 3,
-            ..Policy::default()
-        },
-        restore: true,
-        keep_pids,
-        ..DumpOptions::new(pid, dest)
+/// A restoring page server of this test, in this process, on a memory
+/// store.
+struct Dest {
+    server: common::Server,
+    tls: tempfile::TempDir,
+}
+
+impl Dest {
+    fn start() -> Dest {
+        let tls = certs();
+        let server = common::Server::start_restoring(tls.path(), Arc::new(MemStore::new()));
+        Dest { server, tls }
+    }
+
+    /// Migrates `pid` (its tree) here, in at most 3 rounds.
+    async fn migrate(&self, pid: i32, keep_pids: bool) -> Result<MigrateReport, MigrateError> {
+        let opts = DumpOptions {
+            keep_pids,
+            ..restore_options(pid, connect(self.server.addr, self.tls.path()))
+        };
+        ferry::migrate::migrate(opts, &mut |_| {}).await
+    }
+
+    async fn stop(self) {
+        self.server.stop().await;
     }
 }
 
-fn page_server(tls: &std::path::Path) -> common::Server {
-    let mut cfg = ferry_page_server::Config::new(
-        server_config(&TlsFiles::server(tls)).unwrap(),
-        Arc::new(MemStore::new()),
-    );
-    cfg.restorer = Some(Arc::new(ferry::migrate::LocalRestorer));
-    common::Server::start_with(cfg)
-}
-
-/// Kills a process when dropped: a source left behind by a failure, or a
-/// restored namespace's pid 1 (which takes everything in it along).
-struct KillOnDrop(i32);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = kill(Pid::from_raw(self.0), Signal::SIGKILL);
-    }
-}
-
-/// Kills a source tree when dropped.
-struct Source(Child);
-
-impl Drop for Source {
-    fn drop(&mut self) {
-        if let Ok(t) = tree::discover(self.0.id() as i32) {
-            for s in t.iter().rev() {
-                let _ = kill(Pid::from_raw(s.pid), Signal::SIGKILL);
-            }
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// The parent of restored process `new`: with `--keep-pids`, its pid
+/// namespace's reaper, which takes everything in it along when killed.
+fn reaper_of(new: i32) -> KillOnDrop {
+    KillOnDrop(proc_field(new, "PPid:").unwrap().parse::<i32>().unwrap())
 }
 
 /// Three threads that each log `getpid native_id n` to `argv[1]` every
@@ -194,14 +157,8 @@ async fn threads_keep_their_pid_and_tids_in_a_new_pid_namespace() {
     need_root!();
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("threads");
-    let mut cmd = Command::new(python());
-    cmd.args(["-c", THREADS])
-        .arg(&log)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let src = Source(only_stdio(&mut cmd).spawn().unwrap());
-    let pid = src.0.id() as i32;
+    let src = python_tree(THREADS, &log);
+    let pid = src.0;
     wait_until("every thread to log", || {
         let l = thread_log(&log);
         let mut t: Vec<i32> = l.iter().map(|x| x.1).collect();
@@ -218,20 +175,12 @@ async fn threads_keep_their_pid_and_tids_in_a_new_pid_namespace() {
         thread_log(&log).iter().map(|x| (x.0, x.1)).collect();
     assert!(said.iter().all(|&(p, t)| p == ns_pid && tids.contains(&t)));
 
-    let tls = certs();
-    let server = page_server(tls.path());
-    let opts = options(
-        pid,
-        Destination::Remote(connect(server.addr, tls.path())),
-        true,
-    );
-    let report = ferry::migrate::migrate(opts, &mut |_| {}).await.unwrap();
+    let dest = Dest::start();
+    let report = dest.migrate(pid, true).await.unwrap();
     let new = report.restored_pid;
-    let reaper = proc_field(new, "PPid:").unwrap().parse::<i32>().unwrap();
-    let _ns = KillOnDrop(reaper);
-    wait_until("the source to be gone", || {
-        matches!(proc_state(pid), 'Z' | 'X' | '?')
-    });
+    let ns = reaper_of(new);
+    let reaper = ns.0;
+    wait_until("the source to be gone", || gone(pid));
 
     // Its own pid and every tid again, in a namespace of its own whose
     // pid 1 is the reaper.
@@ -271,10 +220,8 @@ async fn threads_keep_their_pid_and_tids_in_a_new_pid_namespace() {
 
     // The namespace lives on its pid 1: killing it ends the process.
     kill(Pid::from_raw(reaper), Signal::SIGKILL).unwrap();
-    wait_until("the namespace to end", || {
-        matches!(proc_state(new), 'Z' | 'X' | '?')
-    });
-    server.stop().await;
+    wait_until("the namespace to end", || gone(new));
+    dest.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -282,23 +229,11 @@ async fn without_keep_pids_the_process_lands_in_the_page_servers_namespace() {
     need_root!();
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("threads");
-    let mut cmd = Command::new(python());
-    cmd.args(["-c", THREADS])
-        .arg(&log)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let src = Source(only_stdio(&mut cmd).spawn().unwrap());
-    let pid = src.0.id() as i32;
+    let src = python_tree(THREADS, &log);
+    let pid = src.0;
     wait_until("the threads to log", || thread_log(&log).len() > 10);
-    let tls = certs();
-    let server = page_server(tls.path());
-    let opts = options(
-        pid,
-        Destination::Remote(connect(server.addr, tls.path())),
-        false,
-    );
-    let report = ferry::migrate::migrate(opts, &mut |_| {}).await.unwrap();
+    let dest = Dest::start();
+    let report = dest.migrate(pid, false).await.unwrap();
     let new = report.restored_pid;
     let _new = KillOnDrop(new);
     assert_eq!(report.restored_ns, (0, 0), "no namespace reported");
@@ -309,7 +244,7 @@ async fn without_keep_pids_the_process_lands_in_the_page_servers_namespace() {
     wait_until("the restored threads to log on", || {
         thread_log(&log).len() > before + 10
     });
-    server.stop().await;
+    dest.stop().await;
 }
 
 /// A parent and two children, each logging a count to its own file in
@@ -368,14 +303,8 @@ fn last_line(path: &std::path::Path) -> Option<[i64; 5]> {
 async fn a_tree_keeps_its_pids_parents_sessions_and_groups() {
     need_root!();
     let dir = tempfile::tempdir().unwrap();
-    let mut cmd = Command::new(python());
-    cmd.args(["-c", FAMILY])
-        .arg(dir.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let src = Source(only_stdio(&mut cmd).spawn().unwrap());
-    let root = src.0.id() as i32;
+    let src = python_tree(FAMILY, dir.path());
+    let root = src.0;
     let info = dir.path().join("info");
     wait_until("the children", || info.exists());
     let logs = ["root", "a", "b"].map(|n| dir.path().join(n));
@@ -399,21 +328,13 @@ async fn a_tree_keeps_its_pids_parents_sessions_and_groups() {
         assert!(before.contains(&mine), "{mine:?} in {before:?}");
     }
 
-    let tls = certs();
-    let server = page_server(tls.path());
-    let opts = options(
-        root,
-        Destination::Remote(connect(server.addr, tls.path())),
-        true,
-    );
-    let report = ferry::migrate::migrate(opts, &mut |_| {}).await.unwrap();
+    let dest = Dest::start();
+    let report = dest.migrate(root, true).await.unwrap();
     let new = report.restored_pid;
-    let reaper = proc_field(new, "PPid:").unwrap().parse::<i32>().unwrap();
-    let _ns = KillOnDrop(reaper);
+    let ns = reaper_of(new);
+    let reaper = ns.0;
     for s in &shape {
-        wait_until("the source to be gone", || {
-            matches!(proc_state(s.pid), 'Z' | 'X' | '?')
-        });
+        wait_until("the source to be gone", || gone(s.pid));
     }
     assert_eq!(inner(reaper, "NSpid:"), 1, "ferry's reaper is pid 1");
 
@@ -455,7 +376,7 @@ async fn a_tree_keeps_its_pids_parents_sessions_and_groups() {
         let mine = (v[1] as i32, v[2] as i32, v[3] as i32, v[4] as i32);
         assert!(after.contains(&mine), "{mine:?} in {after:?}");
     }
-    server.stop().await;
+    dest.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -467,28 +388,15 @@ async fn a_tree_across_two_pid_namespaces_is_refused_before_the_freeze() {
     }
     // sh, its child unshare, and unshare's child in a pid namespace of
     // its own.
-    let mut cmd = Command::new("/bin/sh");
-    cmd.args(["-c", "unshare --pid --fork sleep 1000 & wait"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let src = Source(only_stdio(&mut cmd).spawn().unwrap());
-    let root = src.0.id() as i32;
+    let src =
+        start_tree(Command::new("/bin/sh").args(["-c", "unshare --pid --fork sleep 1000 & wait"]));
+    let root = src.0;
     wait_until("the nested process", || {
         tree::discover(root).is_ok_and(|t| t.len() == 3)
     });
     let nested = tree::discover(root).unwrap()[2].pid;
-    let tls = certs();
-    let server = page_server(tls.path());
-    let opts = options(
-        root,
-        Destination::Remote(connect(server.addr, tls.path())),
-        true,
-    );
-    let e = ferry::migrate::migrate(opts, &mut |_| {})
-        .await
-        .unwrap_err()
-        .to_string();
+    let dest = Dest::start();
+    let e = dest.migrate(root, true).await.unwrap_err().to_string();
     assert!(
         e.contains(&format!("process {nested} (sleep)")) && e.contains("nested pid namespaces"),
         "{e}"
@@ -498,7 +406,7 @@ async fn a_tree_across_two_pid_namespaces_is_refused_before_the_freeze() {
         assert_eq!(proc_field(s.pid, "TracerPid:").as_deref(), Some("0"));
         assert!(!matches!(proc_state(s.pid), 't' | 'T'), "{}", s.pid);
     }
-    server.stop().await;
+    dest.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -510,27 +418,19 @@ async fn a_namespaces_pid_1_is_restored_as_pid_1_of_the_new_one() {
     }
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("threads");
-    let mut cmd = Command::new("unshare");
-    cmd.args(["--pid", "--fork", python(), "-c", THREADS])
-        .arg(&log)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let src = Source(only_stdio(&mut cmd).spawn().unwrap());
-    let outer = src.0.id() as i32;
+    let src = start_tree(
+        Command::new("unshare")
+            .args(["--pid", "--fork", python(), "-c", THREADS])
+            .arg(&log),
+    );
+    let outer = src.0;
     wait_until("python to log", || thread_log(&log).len() > 30);
     let pid = tree::discover(outer).unwrap()[1].pid;
     assert_eq!(inner(pid, "NSpid:"), 1, "python is its namespace's pid 1");
     let tids = inner_tids(pid);
 
-    let tls = certs();
-    let server = page_server(tls.path());
-    let opts = options(
-        pid,
-        Destination::Remote(connect(server.addr, tls.path())),
-        true,
-    );
-    let report = ferry::migrate::migrate(opts, &mut |_| {}).await.unwrap();
+    let dest = Dest::start();
+    let report = dest.migrate(pid, true).await.unwrap();
     let new = report.restored_pid;
     let _ns = KillOnDrop(new);
     assert_eq!(inner(new, "NSpid:"), 1, "pid 1 again, no reaper above it");
@@ -543,7 +443,7 @@ async fn a_namespaces_pid_1_is_restored_as_pid_1_of_the_new_one() {
     assert!(thread_log(&log)
         .iter()
         .all(|&(p, t, _)| p == 1 && tids.contains(&t)));
-    server.stop().await;
+    dest.stop().await;
 }
 
 /// Processes other than `except` whose command line mentions `needle`.
@@ -564,14 +464,8 @@ async fn a_restore_failing_in_the_new_namespace_loses_nothing() {
     need_root!();
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("threads-failing");
-    let mut cmd = Command::new(python());
-    cmd.args(["-c", THREADS])
-        .arg(&log)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let src = Source(only_stdio(&mut cmd).spawn().unwrap());
-    let pid = src.0.id() as i32;
+    let src = python_tree(THREADS, &log);
+    let pid = src.0;
     wait_until("the threads to log", || thread_log(&log).len() > 10);
 
     // A real page server whose restore fails once the threads are made.
@@ -579,36 +473,15 @@ async fn a_restore_failing_in_the_new_namespace_loses_nothing() {
     let port = common::free_port();
     let addr = format!("127.0.0.1:{port}");
     let _server = common::ServerProcess(
-        Command::new(env!("CARGO_BIN_EXE_ferry"))
-            .args([
-                "page-server",
-                "--restore",
-                "--log",
-                "warn",
-                "--listen",
-                &addr,
-            ])
-            .arg("--tls")
-            .arg(tls.path())
+        common::page_server_command(tls.path(), port)
+            .args(["--restore", "--log", "warn"])
             .env(ferry::failpoint::VAR, "restore:threads")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
             .spawn()
             .unwrap(),
     );
     common::wait_for_server(addr.parse().unwrap(), tls.path()).await;
-    let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args([
-            "migrate",
-            "--pid",
-            &pid.to_string(),
-            "--to",
-            &addr,
-            "--keep-pids",
-        ])
-        .arg("--tls")
-        .arg(tls.path())
-        .args(["--log", "warn"])
+    let out = common::migrate_command(pid, &addr, tls.path())
+        .args(["--keep-pids", "--log", "warn"])
         .env("RUST_BACKTRACE", "0")
         .output()
         .unwrap();
@@ -627,46 +500,16 @@ async fn a_restore_failing_in_the_new_namespace_loses_nothing() {
     });
     let needle = log.to_str().unwrap();
     wait_until("no copy of the source to be left", || {
-        copies_of(needle, pid)
-            .iter()
-            .all(|&p| matches!(proc_state(p), 'Z' | 'X' | '?'))
+        copies_of(needle, pid).iter().all(|&p| gone(p))
     });
 }
-
-/// A parent with a child that exited with status 3 and is not reaped yet;
-/// once `argv[1]/reap` exists the parent reaps it and writes `pid
-/// exit-code` (what `wait()` said) to `argv[1]/reaped`.
-const ZOMBIE_PARENT: &str = r#"
-import os, sys, time
-d = sys.argv[1]
-pid = os.fork()
-if pid == 0:
-    os._exit(3)
-with open(d + '/info.tmp', 'w') as f:
-    f.write('%d' % pid)
-os.rename(d + '/info.tmp', d + '/info')
-while not os.path.exists(d + '/reap'):
-    time.sleep(0.02)
-got, status = os.wait()
-with open(d + '/reaped.tmp', 'w') as f:
-    f.write('%d %d' % (got, os.waitstatus_to_exitcode(status)))
-os.rename(d + '/reaped.tmp', d + '/reaped')
-while True:
-    time.sleep(1)
-"#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_zombie_keeps_its_pid_and_its_parents_wait_returns_it() {
     need_root!();
     let dir = tempfile::tempdir().unwrap();
-    let mut cmd = Command::new(python());
-    cmd.args(["-c", ZOMBIE_PARENT])
-        .arg(dir.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let src = Source(only_stdio(&mut cmd).spawn().unwrap());
-    let parent = src.0.id() as i32;
+    let src = python_tree(ZOMBIE_PARENT, dir.path());
+    let parent = src.0;
     let info = dir.path().join("info");
     wait_until("the child", || info.exists());
     // As the parent saw it: its own namespace's pid.
@@ -674,17 +517,10 @@ async fn a_zombie_keeps_its_pid_and_its_parents_wait_returns_it() {
     let outer = tree::discover(parent).unwrap()[1].pid;
     wait_until("the zombie", || proc_state(outer) == 'Z');
 
-    let tls = certs();
-    let server = page_server(tls.path());
-    let opts = options(
-        parent,
-        Destination::Remote(connect(server.addr, tls.path())),
-        true,
-    );
-    let report = ferry::migrate::migrate(opts, &mut |_| {}).await.unwrap();
+    let dest = Dest::start();
+    let report = dest.migrate(parent, true).await.unwrap();
     let new = report.restored_pid;
-    let reaper = proc_field(new, "PPid:").unwrap().parse::<i32>().unwrap();
-    let _ns = KillOnDrop(reaper);
+    let _ns = reaper_of(new);
     let shape = tree::discover(new).unwrap();
     assert_eq!(shape.len(), 2, "{shape:?}");
     assert_eq!(shape[1].state, 'Z');
@@ -698,5 +534,5 @@ async fn a_zombie_keeps_its_pid_and_its_parents_wait_returns_it() {
         format!("{zombie} 3"),
         "wait() returns the pid the parent had from fork(), and the status"
     );
-    server.stop().await;
+    dest.stop().await;
 }

@@ -17,7 +17,9 @@ use ferry_page_server::{Config, PageServer, Restorer};
 use ferry_proto::batch::is_zero;
 
 mod common;
-use common::{certs, connect, is_root, log_values, proc_state, Fixture};
+use common::{
+    certs, connect, gone, is_root, log_values, logging_fixture, proc_state, wait_for_log, Fixture,
+};
 
 macro_rules! need_root {
     () => {
@@ -66,33 +68,10 @@ fn options(pid: i32, addr: std::net::SocketAddr, tls: &Path) -> DumpOptions {
     }
 }
 
-/// A 16 MiB single-threaded fixture logging to `dir/name`, ready.
+/// A 16 MiB single-threaded fixture logging to `dir/name`, ready (it
+/// has detached its stdio once it logs).
 fn single(dir: &Path, name: &str) -> (Fixture, std::path::PathBuf) {
-    let log = dir.join(name);
-    let fx = Fixture::start(&[
-        "--mib",
-        "16",
-        "--single-thread",
-        "--log",
-        log.to_str().unwrap(),
-    ]);
-    wait_log(&log);
-    (fx, log)
-}
-
-/// The single-threaded fixture has detached its stdio once it logs.
-fn wait_log(log: &Path) {
-    for _ in 0..200 {
-        if !log_values(log).is_empty() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    panic!("{} stays empty", log.display());
-}
-
-fn gone_or_zombie(pid: i32) -> bool {
-    matches!(proc_state(pid), '?' | 'Z' | 'X')
+    logging_fixture(dir, name, &["--mib", "16"])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -101,15 +80,7 @@ async fn migrated_process_continues_from_its_state_and_the_source_is_gone() {
     let tls = certs();
     let dest = destination(tls.path(), Arc::new(LocalRestorer));
     let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("log");
-    let fx = Fixture::start(&[
-        "--mib",
-        "64",
-        "--single-thread",
-        "--log",
-        log.to_str().unwrap(),
-    ]);
-    wait_log(&log);
+    let (fx, log) = logging_fixture(dir.path(), "log", &["--mib", "64"]);
     std::thread::sleep(Duration::from_millis(300));
     let before = *log_values(&log).last().expect("the fixture logs");
 
@@ -124,7 +95,7 @@ async fn migrated_process_continues_from_its_state_and_the_source_is_gone() {
         report.downtime
     );
     assert_ne!(new, fx.pid);
-    assert!(gone_or_zombie(fx.pid), "the source is gone");
+    assert!(gone(fx.pid), "the source is gone");
     let s = proc_state(new);
     assert!(s == 'S' || s == 'R', "the migrated process runs: {s}");
 
@@ -269,7 +240,7 @@ async fn failures_before_restored_leave_the_source_running() {
             log.to_str().unwrap(),
         ],
     );
-    wait_log(&log);
+    wait_for_log(&log);
     std::fs::remove_file(&exe).unwrap();
     let e = migrate(options(fx.pid, dest.addr, tls.path()), &mut |_| {})
         .await
@@ -354,10 +325,7 @@ async fn eight_migrations_at_once_through_one_page_server() {
     }
     std::thread::sleep(Duration::from_millis(400));
     for (i, (fx, log)) in fxs.iter().enumerate() {
-        assert!(
-            matches!(proc_state(fx.pid), '?' | 'Z' | 'X'),
-            "source {i} is gone"
-        );
+        assert!(gone(fx.pid), "source {i} is gone");
         let a = log_values(log);
         std::thread::sleep(Duration::from_millis(150));
         let b = log_values(log);

@@ -9,23 +9,12 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 mod common;
-use common::{certs, free_port, is_root, log_values, proc_state};
+use common::{certs, free_port, gone, is_root, log_values, KillOnDrop};
 
 fn ferry() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_ferry"));
     c.env("RUST_BACKTRACE", "0");
     c
-}
-
-/// Values the program wrote to its log, in order.
-struct Killed(Vec<i32>);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        for &pid in &self.0 {
-            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-        }
-    }
 }
 
 /// A python3 program that keeps a counter and 8 MiB of data in memory and
@@ -90,9 +79,7 @@ fn migrate(netns: Option<&str>, pid: i32, to: &str, tls: &Path) -> i32 {
         }
         None => ferry(),
     };
-    let out = cmd
-        .args(["migrate", "--pid", &pid.to_string(), "--to", to, "--tls"])
-        .arg(tls)
+    let out = common::migrate_args(&mut cmd, pid, to, tls)
         .args(["--json", "--log", "warn"])
         .output()
         .unwrap();
@@ -117,31 +104,39 @@ fn page_server(netns: Option<&str>, listen: &str, tls: &Path) -> common::ServerP
         }
         None => ferry(),
     };
-    let child = cmd
-        .args([
-            "page-server",
-            "--restore",
-            "--log",
-            "warn",
-            "--listen",
-            listen,
-            "--tls",
-        ])
-        .arg(tls)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
+    let child = common::page_server_args(&mut cmd, listen, tls)
+        .args(["--restore", "--log", "warn"])
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(300));
     common::ServerProcess(child)
 }
 
+/// `ferry page-server --restore` on a free loopback port, killed when
+/// dropped (before its TLS files go).
+struct Loopback {
+    _server: common::ServerProcess,
+    to: String,
+    tls: tempfile::TempDir,
+}
+
+impl Loopback {
+    fn start() -> Loopback {
+        let tls = certs();
+        let to = format!("127.0.0.1:{}", free_port());
+        let _server = page_server(None, &to, tls.path());
+        Loopback { _server, to, tls }
+    }
+
+    /// `ferry migrate` of `pid` to it: the restored pid.
+    fn migrate(&self, pid: i32) -> i32 {
+        migrate(None, pid, &self.to, self.tls.path())
+    }
+}
+
 fn assert_continues(pid: i32, new: i32, log: &Path, before: u64) {
     assert_ne!(new, pid);
-    assert!(
-        matches!(proc_state(pid), '?' | 'Z' | 'X'),
-        "the source is gone"
-    );
+    assert!(gone(pid), "the source is gone");
     std::thread::sleep(Duration::from_millis(400));
     let values = counters(log);
     let after = *values.last().unwrap();
@@ -167,13 +162,11 @@ fn python3_keeps_its_state_across_a_migration() {
     };
     let pid = child.id() as i32;
     wait_for_log(&log);
-    let tls = certs();
-    let port = free_port();
-    let _server = page_server(None, &format!("127.0.0.1:{port}"), tls.path());
+    let dest = Loopback::start();
     std::thread::sleep(Duration::from_millis(200));
     let before = *counters(&log).last().unwrap();
-    let new = migrate(None, pid, &format!("127.0.0.1:{port}"), tls.path());
-    let _guard = Killed(vec![new]);
+    let new = dest.migrate(pid);
+    let _guard = KillOnDrop(new);
     let _ = child.wait();
     assert_continues(pid, new, &log, before);
 }
@@ -244,17 +237,12 @@ fn python3_with_a_thread_pool_and_an_open_file_continues() {
         .unwrap()
         .count();
     assert!(threads >= 5, "the pool runs: {threads} threads");
-    let tls = certs();
-    let port = free_port();
-    let _server = page_server(None, &format!("127.0.0.1:{port}"), tls.path());
+    let dest = Loopback::start();
     let before = *counters(&log).last().unwrap();
-    let new = migrate(None, pid, &format!("127.0.0.1:{port}"), tls.path());
-    let _guard = Killed(vec![new]);
+    let new = dest.migrate(pid);
+    let _guard = KillOnDrop(new);
     let _ = child.wait();
-    assert!(
-        matches!(proc_state(pid), '?' | 'Z' | 'X'),
-        "the source is gone"
-    );
+    assert!(gone(pid), "the source is gone");
     let at = pool_counts(&log);
     std::thread::sleep(Duration::from_millis(500));
     let after = pool_counts(&log);
@@ -366,16 +354,11 @@ fn python3_keeps_its_pipes_eventfd_timerfd_signalfd_epoll_and_unlinked_files() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(text().contains("ready"), "python set up: {}", text());
-    let tls = certs();
-    let port = free_port();
-    let _server = page_server(None, &format!("127.0.0.1:{port}"), tls.path());
-    let new = migrate(None, pid, &format!("127.0.0.1:{port}"), tls.path());
-    let _guard = Killed(vec![new]);
+    let dest = Loopback::start();
+    let new = dest.migrate(pid);
+    let _guard = KillOnDrop(new);
     let _ = child.wait();
-    assert!(
-        matches!(proc_state(pid), '?' | 'Z' | 'X'),
-        "the source is gone"
-    );
+    assert!(gone(pid), "the source is gone");
     // Sent to the restored process only: its signalfd must be there.
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(new),
@@ -434,26 +417,15 @@ while True:
 "#,
         log = log.to_str().unwrap()
     );
-    let Ok(mut child) = Command::new("python3")
-        .args(["-c", &script])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-    else {
+    let Some(mut child) = run_python(&script) else {
         eprintln!("skipped: no python3 on this machine");
         return;
     };
     let pid = child.id() as i32;
-    let _guard = Killed(vec![pid]);
+    let _guard = KillOnDrop(pid);
     wait_for_log(&log);
-    let tls = certs();
-    let port = free_port();
-    let _server = page_server(None, &format!("127.0.0.1:{port}"), tls.path());
-    let out = ferry()
-        .args(["migrate", "--pid", &pid.to_string()])
-        .args(["--to", &format!("127.0.0.1:{port}"), "--tls"])
-        .arg(tls.path())
+    let dest = Loopback::start();
+    let out = common::migrate_args(&mut ferry(), pid, &dest.to, dest.tls.path())
         .args(["--log", "warn"])
         .output()
         .unwrap();
@@ -571,7 +543,7 @@ fn migration_across_two_hosts_in_network_namespaces() {
     wait_for_log(&log);
     let before = *log_values(&log).last().unwrap();
     let new = migrate(Some(&hosts.a), pid, "10.213.0.2:7070", tls.path());
-    let _guard = Killed(vec![new]);
+    let _guard = KillOnDrop(new);
     let _ = child.wait();
     // The restored process lives in host B's network namespace.
     let ns_b = std::fs::read_link(format!("/proc/{new}/ns/net")).unwrap();
@@ -593,10 +565,7 @@ fn migration_across_two_hosts_in_network_namespaces() {
         values.windows(2).all(|w| w[0] <= w[1]),
         "the counter never restarted"
     );
-    assert!(
-        matches!(proc_state(pid), '?' | 'Z' | 'X'),
-        "the source is gone"
-    );
+    assert!(gone(pid), "the source is gone");
 }
 
 #[test]

@@ -23,24 +23,16 @@ use ferry_proto::{SessionId, PROTOCOL_VERSION};
 
 mod common;
 use common::{
-    certs, connect, connect_retrying, free_port, migrate_synthetic, sender_config, Server,
-    ServerProcess,
+    certs, connect, connect_retrying, free_port, migrate_synthetic, sender_config,
+    store_three_layers, Server, ServerProcess,
 };
 
 async fn full_session(addr: SocketAddr, tls: &Path, id: u8, mib: u64, store: &dyn Store) {
     let mut w = Workload::new(mib, Mix::TYPICAL, id as u64);
-    let mut client = Client::connect(connect(addr, tls), sender_config(id, w.page_size, false))
+    let client = Client::connect(connect(addr, tls), sender_config(id, w.page_size, false))
         .await
         .unwrap();
-    migrate_synthetic(&mut client, &mut w, 3, id as u64).await;
-    client.send_state(pb::ProcessTree::default()).await.unwrap();
-    let outcome = client.commit(false).await.unwrap();
-    assert!(
-        matches!(outcome, CommitOutcome::Stored { layers: 3, .. }),
-        "{outcome:?}"
-    );
-    let pages = verify(store, SessionId([id; 16]), &w).unwrap();
-    assert_eq!(pages, mib * 256);
+    store_three_layers(client, &mut w, id, mib, store).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -14,11 +14,14 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{assert_source_runs, certs, free_port, is_root, log_values, wait_for_server, Fixture};
+use common::{
+    assert_source_runs, certs, free_port, is_root, log_values, logging_fixture, wait_for_server,
+    Fixture,
+};
 use ferry::dump::{Destination, DumpOptions};
 use ferry::migrate::migrate;
 use ferry::policy::Policy;
@@ -33,57 +36,126 @@ macro_rules! need_root {
 }
 
 /// A single-threaded fixture that logs its counter, ready.
-fn fixture(dir: &Path, name: &str) -> (Fixture, std::path::PathBuf) {
-    let log = dir.join(name);
-    let fx = Fixture::start(&[
-        "--mib",
-        "8",
-        "--single-thread",
-        "--log",
-        log.to_str().unwrap(),
-    ]);
-    for _ in 0..200 {
-        if !log_values(&log).is_empty() {
-            return (fx, log);
+fn fixture(dir: &Path, name: &str) -> (Fixture, PathBuf) {
+    logging_fixture(dir, name, &["--mib", "8"])
+}
+
+/// A test's destination: `ferry page-server --restore` on a free port,
+/// logging to `slog` in a directory of the test. Fields drop in order:
+/// the page server is killed first.
+struct Dest {
+    server: common::ServerProcess,
+    slog: PathBuf,
+    port: u16,
+    dir: tempfile::TempDir,
+    tls: tempfile::TempDir,
+}
+
+impl Dest {
+    /// With a 2 s Go timeout and `failpoint` armed.
+    fn start(failpoint: Option<&str>) -> Dest {
+        Self::start_waiting(failpoint, 2)
+    }
+
+    /// With a Go timeout of `go_timeout` seconds.
+    fn start_waiting(failpoint: Option<&str>, go_timeout: u64) -> Dest {
+        let tls = certs();
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let slog = dir.path().join("server.log");
+        let mut c = common::page_server_command(tls.path(), port);
+        c.args(["--restore", "--go-timeout"])
+            .arg(go_timeout.to_string())
+            .args(["--log", "info"])
+            .stderr(std::fs::File::create(&slog).unwrap());
+        if let Some(f) = failpoint {
+            c.env(ferry::failpoint::VAR, f);
         }
-        std::thread::sleep(Duration::from_millis(10));
+        let server = common::ServerProcess(c.spawn().unwrap());
+        Dest {
+            server,
+            slog,
+            port,
+            dir,
+            tls,
+        }
     }
-    panic!("{} stays empty", log.display());
-}
 
-/// `ferry page-server --restore` with a 2 s Go timeout, its log in
-/// `log`, `failpoint` armed; killed when dropped.
-fn page_server(
-    tls: &Path,
-    port: u16,
-    failpoint: Option<&str>,
-    log: &Path,
-) -> common::ServerProcess {
-    page_server_waiting(tls, port, failpoint, log, 2)
-}
-
-/// [`page_server`] with a Go timeout of `go_timeout` seconds.
-fn page_server_waiting(
-    tls: &Path,
-    port: u16,
-    failpoint: Option<&str>,
-    log: &Path,
-    go_timeout: u64,
-) -> common::ServerProcess {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_ferry"));
-    c.args(["page-server", "--restore", "--go-timeout"])
-        .arg(go_timeout.to_string())
-        .args(["--log", "info", "--listen"])
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("--tls")
-        .arg(tls)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).unwrap());
-    if let Some(f) = failpoint {
-        c.env(ferry::failpoint::VAR, f);
+    fn addr(&self) -> std::net::SocketAddr {
+        format!("127.0.0.1:{}", self.port).parse().unwrap()
     }
-    common::ServerProcess(c.spawn().unwrap())
+
+    /// A client of it that waits `secs` for answers.
+    fn connect(&self, secs: u64) -> ferry::client::Connect {
+        let mut c = common::connect(self.addr(), self.tls.path());
+        c.timeout = Duration::from_secs(secs);
+        c
+    }
+
+    /// Its log so far.
+    fn log(&self) -> String {
+        text(&self.slog)
+    }
+
+    /// `ferry migrate` of `fx` (with more `flags`), SIGKILLed by its
+    /// failpoint on `Ready`.
+    fn migrate_dying_at_ready(&self, fx: &Fixture, flags: &[&str]) {
+        let status =
+            common::migrate_command(fx.pid, &format!("127.0.0.1:{}", self.port), self.tls.path())
+                .args(["--max-rounds", "3", "--log", "warn"])
+                .args(flags)
+                .env(ferry::failpoint::VAR, "client:ready")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .unwrap();
+        self.assert_died_at_ready(status);
+    }
+
+    fn assert_died_at_ready(&self, status: std::process::ExitStatus) {
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(libc::SIGKILL),
+            "ferry died at the failpoint: {status:?}\n{}",
+            self.log()
+        );
+    }
+
+    /// The page server gives up the held process for want of a `Go`, and
+    /// says why.
+    fn assert_abandoned(&self) {
+        assert!(
+            eventually(10, || self.log().contains("abandoned")),
+            "the page server abandons the held process: {}",
+            self.log()
+        );
+        assert!(
+            self.log().contains("no Go from the source"),
+            "and says why: {}",
+            self.log()
+        );
+    }
+
+    /// (b): `ferry migrate`'s `Restored` is lost after `Go`; the source
+    /// asks, hears "resumed" and kills itself, leaving exactly one copy,
+    /// the destination's, whose pid this returns.
+    async fn migrate_losing_restored(&self, fx: &Fixture, log: &Path, keep_pids: bool) -> i32 {
+        let mut opts = options(fx, self.connect(5));
+        opts.keep_pids = keep_pids;
+        let report = migrate(opts, &mut |_| {})
+            .await
+            .unwrap_or_else(|e| panic!("the query settles it: {e}\n{}", self.log()));
+        let pid = report.restored_pid;
+        assert!(self.log().contains("answered a query"), "{}", self.log());
+        assert!(
+            eventually(5, || matches!(common::proc_state(fx.pid), 'Z' | 'X' | '?')),
+            "the source is killed"
+        );
+        let live = copies(log);
+        assert_eq!(live.len(), 1, "exactly one copy: {live:?}");
+        assert_eq!(live[0].0, pid, "the destination's");
+        pid
+    }
 }
 
 /// Live (not zombie) processes whose command line names `log`.
@@ -111,6 +183,34 @@ fn kill_all(log: &Path) {
     }
 }
 
+/// The source is left stopped, untraced, and is the only copy.
+fn assert_only_the_stopped_source(fx: &Fixture, log: &Path) {
+    assert!(eventually(5, || fx.tracer() == 0));
+    assert_eq!(copies(log), vec![(fx.pid, 'T')], "only the stopped source");
+}
+
+/// It alone writes the log, counting on from the source's last value.
+fn assert_one_writer(log: &Path) {
+    let a = log_values(log).len();
+    std::thread::sleep(Duration::from_millis(500));
+    let values = log_values(log);
+    assert!(values.len() > a, "the destination's copy counts on");
+    assert!(
+        values.windows(2).all(|w| w[0] <= w[1]),
+        "one writer: {:?}",
+        &values[values.len().saturating_sub(20)..]
+    );
+}
+
+/// What the message leaves to the operator: resume the source by hand.
+fn resume(pid: i32) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGCONT,
+    )
+    .unwrap();
+}
+
 /// Waits until `what` holds, up to `secs`.
 fn eventually(secs: u64, mut what: impl FnMut() -> bool) -> bool {
     let deadline = std::time::Instant::now() + Duration::from_secs(secs);
@@ -132,32 +232,6 @@ fn options(fx: &Fixture, c: ferry::client::Connect) -> DumpOptions {
         restore: true,
         ..DumpOptions::new(fx.pid, Destination::Remote(c))
     }
-}
-
-/// `ferry migrate` of `fx`, SIGKILLed by its failpoint on `Ready`.
-fn migrate_dying_at_ready(fx: &Fixture, port: u16, tls: &Path) -> std::process::ExitStatus {
-    migrate_dying_at_ready_with(fx, port, tls, &[])
-}
-
-/// [`migrate_dying_at_ready`] with more `ferry migrate` flags.
-fn migrate_dying_at_ready_with(
-    fx: &Fixture,
-    port: u16,
-    tls: &Path,
-    flags: &[&str],
-) -> std::process::ExitStatus {
-    Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(["migrate", "--pid", &fx.pid.to_string(), "--to"])
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("--tls")
-        .arg(tls)
-        .args(["--max-rounds", "3", "--log", "warn"])
-        .args(flags)
-        .env(ferry::failpoint::VAR, "client:ready")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .unwrap()
 }
 
 fn text(p: &Path) -> String {
@@ -183,45 +257,21 @@ fn show(p: &Path) {
 #[test]
 fn go_that_never_comes_leaves_no_copy_on_the_destination() {
     need_root!();
-    let tls = certs();
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let slog = dir.path().join("server.log");
-    let _server = page_server(tls.path(), port, None, &slog);
+    let d = Dest::start(None);
     std::thread::sleep(Duration::from_millis(500));
-    let (fx, log) = fixture(dir.path(), "a.log");
-    let status = migrate_dying_at_ready(&fx, port, tls.path());
-    assert_eq!(
-        std::os::unix::process::ExitStatusExt::signal(&status),
-        Some(libc::SIGKILL),
-        "ferry died at the failpoint: {status:?}"
-    );
-    assert!(
-        eventually(10, || text(&slog).contains("abandoned")),
-        "the page server abandons the held process: {}",
-        text(&slog)
-    );
-    assert!(
-        text(&slog).contains("no Go from the source"),
-        "and says why: {}",
-        text(&slog)
-    );
+    let (fx, log) = fixture(d.dir.path(), "a.log");
+    d.migrate_dying_at_ready(&fx, &[]);
+    d.assert_abandoned();
     // Only the source is left, stopped by the guard, untraced: zero
     // copies run, and the page server's log says so.
-    assert!(eventually(5, || fx.tracer() == 0));
-    assert_eq!(copies(&log), vec![(fx.pid, 'T')], "only the stopped source");
+    assert_only_the_stopped_source(&fx, &log);
     let n = log_values(&log).len();
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(log_values(&log).len(), n, "nobody writes the log");
-    // The decision the message leaves to the operator: resume the source.
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(fx.pid),
-        nix::sys::signal::Signal::SIGCONT,
-    )
-    .unwrap();
+    resume(fx.pid);
     assert_source_runs(&fx, &log, "resumed by hand");
     assert_eq!(copies(&log).len(), 1, "one copy");
-    show(&slog);
+    show(&d.slog);
     kill_all(&log);
 }
 
@@ -232,39 +282,12 @@ fn go_that_never_comes_leaves_no_copy_on_the_destination() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_restored_is_asked_for_and_one_copy_runs() {
     need_root!();
-    let tls = certs();
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}").parse().unwrap();
-    let slog = dir.path().join("server.log");
-    let _server = page_server(tls.path(), port, Some("page-server:restored-lost"), &slog);
-    wait_for_server(addr, tls.path()).await;
-    let (fx, log) = fixture(dir.path(), "b.log");
-    let mut c = common::connect(addr, tls.path());
-    c.timeout = Duration::from_secs(5);
-    let report = migrate(options(&fx, c), &mut |_| {})
-        .await
-        .unwrap_or_else(|e| panic!("the query settles it: {e}\n{}", text(&slog)));
-    let pid = report.restored_pid;
-    assert!(text(&slog).contains("answered a query"), "{}", text(&slog));
-    assert!(
-        eventually(5, || matches!(common::proc_state(fx.pid), 'Z' | 'X' | '?')),
-        "the source is killed"
-    );
-    let live = copies(&log);
-    assert_eq!(live.len(), 1, "exactly one copy: {live:?}");
-    assert_eq!(live[0].0, pid, "the destination's");
-    // It alone writes the log, counting on from the source's last value.
-    let a = log_values(&log).len();
-    std::thread::sleep(Duration::from_millis(500));
-    let values = log_values(&log);
-    assert!(values.len() > a, "the destination's copy counts on");
-    assert!(
-        values.windows(2).all(|w| w[0] <= w[1]),
-        "one writer: {:?}",
-        &values[values.len().saturating_sub(20)..]
-    );
-    show(&slog);
+    let d = Dest::start(Some("page-server:restored-lost"));
+    wait_for_server(d.addr(), d.tls.path()).await;
+    let (fx, log) = fixture(d.dir.path(), "b.log");
+    d.migrate_losing_restored(&fx, &log, false).await;
+    assert_one_writer(&log);
+    show(&d.slog);
     kill_all(&log);
 }
 
@@ -275,17 +298,10 @@ async fn a_lost_restored_is_asked_for_and_one_copy_runs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_destination_slower_than_the_source_never_runs_a_second_copy() {
     need_root!();
-    let tls = certs();
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}").parse().unwrap();
-    let slog = dir.path().join("server.log");
-    let _server = page_server(tls.path(), port, Some("page-server:slow-prepare"), &slog);
-    wait_for_server(addr, tls.path()).await;
-    let (fx, log) = fixture(dir.path(), "c.log");
-    let mut c = common::connect(addr, tls.path());
-    c.timeout = Duration::from_secs(2);
-    let e = migrate(options(&fx, c), &mut |_| {})
+    let d = Dest::start(Some("page-server:slow-prepare"));
+    wait_for_server(d.addr(), d.tls.path()).await;
+    let (fx, log) = fixture(d.dir.path(), "c.log");
+    let e = migrate(options(&fx, d.connect(2)), &mut |_| {})
         .await
         .expect_err("the source stops waiting");
     eprintln!("source: {e}");
@@ -294,7 +310,7 @@ async fn a_destination_slower_than_the_source_never_runs_a_second_copy() {
     // Through the destination's 5 s restore and its 2 s Go timeout, the
     // source is the only copy that ever runs.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while std::time::Instant::now() < deadline && !text(&slog).contains("abandoned") {
+    while std::time::Instant::now() < deadline && !d.log().contains("abandoned") {
         let live = copies(&log);
         assert!(
             live.iter()
@@ -303,14 +319,14 @@ async fn a_destination_slower_than_the_source_never_runs_a_second_copy() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert!(text(&slog).contains("abandoned"), "{}", text(&slog));
+    assert!(d.log().contains("abandoned"), "{}", d.log());
     assert_eq!(copies(&log), vec![(fx.pid, common::proc_state(fx.pid))]);
     assert_source_runs(&fx, &log, "after the destination gave up");
-    show(&slog);
+    show(&d.slog);
     kill_all(&log);
 
     // A session it never saw is unknown to it, and it says so honestly.
-    let c = common::connect(addr, tls.path());
+    let c = common::connect(d.addr(), d.tls.path());
     let a = ferry::client::Client::query(&c, ferry_proto::SessionId([7; 16]))
         .await
         .unwrap();
@@ -326,19 +342,11 @@ async fn a_destination_slower_than_the_source_never_runs_a_second_copy() {
 #[test]
 fn a_page_server_killed_while_holding_takes_the_held_process_along() {
     need_root!();
-    let tls = certs();
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let slog = dir.path().join("server.log");
-    let server = page_server_waiting(tls.path(), port, None, &slog, 60);
+    let d = Dest::start_waiting(None, 60);
     std::thread::sleep(Duration::from_millis(500));
-    let (fx, log) = fixture(dir.path(), "d.log");
-    let status = migrate_dying_at_ready(&fx, port, tls.path());
-    assert_eq!(
-        std::os::unix::process::ExitStatusExt::signal(&status),
-        Some(libc::SIGKILL)
-    );
-    assert!(text(&slog).contains("restored and held"), "{}", text(&slog));
+    let (fx, log) = fixture(d.dir.path(), "d.log");
+    d.migrate_dying_at_ready(&fx, &[]);
+    assert!(d.log().contains("restored and held"), "{}", d.log());
     // The source's tracer died with that ferry: it wakes and takes the
     // guard's pending SIGSTOP, running ('R') for that moment.
     let stopped =
@@ -348,14 +356,14 @@ fn a_page_server_killed_while_holding_takes_the_held_process_along() {
         "the stopped source and the held copy: {:?}",
         copies(&log)
     );
+    let Dest { server, .. } = d;
     server.kill();
     assert!(
         eventually(5, || copies(&log).len() == 1),
         "the held copy died with the page server: {:?}",
         copies(&log)
     );
-    assert!(eventually(5, || fx.tracer() == 0));
-    assert_eq!(copies(&log), vec![(fx.pid, 'T')], "only the stopped source");
+    assert_only_the_stopped_source(&fx, &log);
     kill_all(&log);
 }
 
@@ -397,45 +405,22 @@ fn children(pid: i32) -> Vec<i32> {
 #[test]
 fn keep_pids_go_that_never_comes_leaves_no_copy_nor_namespace() {
     need_root!();
-    let tls = certs();
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let slog = dir.path().join("server.log");
-    let server = page_server(tls.path(), port, None, &slog);
+    let d = Dest::start(None);
     std::thread::sleep(Duration::from_millis(500));
-    let (fx, log) = fixture(dir.path(), "ka.log");
-    let status = migrate_dying_at_ready_with(&fx, port, tls.path(), &["--keep-pids"]);
-    assert_eq!(
-        std::os::unix::process::ExitStatusExt::signal(&status),
-        Some(libc::SIGKILL),
-        "ferry died at the failpoint: {status:?}"
-    );
-    assert!(text(&slog).contains("restored and held"), "{}", text(&slog));
-    assert!(
-        eventually(10, || text(&slog).contains("abandoned")),
-        "the page server abandons the held process: {}",
-        text(&slog)
-    );
-    assert!(
-        text(&slog).contains("no Go from the source"),
-        "{}",
-        text(&slog)
-    );
-    assert!(eventually(5, || fx.tracer() == 0));
-    assert_eq!(copies(&log), vec![(fx.pid, 'T')], "only the stopped source");
-    let server_pid = server.0.id() as i32;
+    let (fx, log) = fixture(d.dir.path(), "ka.log");
+    d.migrate_dying_at_ready(&fx, &["--keep-pids"]);
+    assert!(d.log().contains("restored and held"), "{}", d.log());
+    d.assert_abandoned();
+    assert_only_the_stopped_source(&fx, &log);
+    let server_pid = d.server.0.id() as i32;
     assert!(
         eventually(5, || children(server_pid).is_empty()),
         "no stub or reaper of the namespace is left: {:?}",
         children(server_pid)
     );
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(fx.pid),
-        nix::sys::signal::Signal::SIGCONT,
-    )
-    .unwrap();
+    resume(fx.pid);
     assert_source_runs(&fx, &log, "resumed by hand");
-    show(&slog);
+    show(&d.slog);
     kill_all(&log);
 }
 
@@ -445,39 +430,15 @@ fn keep_pids_go_that_never_comes_leaves_no_copy_nor_namespace() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keep_pids_a_lost_restored_is_asked_for_and_one_copy_runs() {
     need_root!();
-    let tls = certs();
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}").parse().unwrap();
-    let slog = dir.path().join("server.log");
-    let _server = page_server(tls.path(), port, Some("page-server:restored-lost"), &slog);
-    wait_for_server(addr, tls.path()).await;
-    let (fx, log) = fixture(dir.path(), "kb.log");
+    let d = Dest::start(Some("page-server:restored-lost"));
+    wait_for_server(d.addr(), d.tls.path()).await;
+    let (fx, log) = fixture(d.dir.path(), "kb.log");
     let (ns_pid, source_ns) = (own_ns_pid(fx.pid), pid_ns_of(fx.pid));
-    let mut c = common::connect(addr, tls.path());
-    c.timeout = Duration::from_secs(5);
-    let mut opts = options(&fx, c);
-    opts.keep_pids = true;
-    let report = migrate(opts, &mut |_| {})
-        .await
-        .unwrap_or_else(|e| panic!("the query settles it: {e}\n{}", text(&slog)));
-    let pid = report.restored_pid;
-    assert!(text(&slog).contains("answered a query"), "{}", text(&slog));
-    assert!(
-        eventually(5, || matches!(common::proc_state(fx.pid), 'Z' | 'X' | '?')),
-        "the source is killed"
-    );
-    let live = copies(&log);
-    assert_eq!(live.len(), 1, "exactly one copy: {live:?}");
-    assert_eq!(live[0].0, pid, "the destination's");
+    let pid = d.migrate_losing_restored(&fx, &log, true).await;
     assert_eq!(own_ns_pid(pid), ns_pid, "it kept its pid");
     assert_ne!(pid_ns_of(pid), source_ns, "in a pid namespace of its own");
-    let a = log_values(&log).len();
-    std::thread::sleep(Duration::from_millis(500));
-    let values = log_values(&log);
-    assert!(values.len() > a, "the destination's copy counts on");
-    assert!(values.windows(2).all(|w| w[0] <= w[1]), "one writer");
-    show(&slog);
+    assert_one_writer(&log);
+    show(&d.slog);
     kill_all(&log);
 }
 
@@ -530,6 +491,15 @@ fn counts_on(log: &Path) -> bool {
     ferry::workload::last_count(log) > n
 }
 
+/// Only the source with `cmdline` is left, stopped: nobody runs the
+/// workload until it is resumed by hand, and then it runs on.
+fn assert_stopped_until_resumed(source: i32, cmdline: &[u8], log: &Path) {
+    assert!(eventually(5, || with_cmdline(cmdline) == vec![(source, 'T')]));
+    assert!(!counts_on(log), "nobody runs the workload");
+    resume(source);
+    assert!(counts_on(log), "the source runs on once resumed by hand");
+}
+
 /// (a) with `--post-copy`: the destination holds the process prepared —
 /// its userfaultfd registered, its last pages still missing — and `Go`
 /// never comes (the source ferry dies at `Ready`). The destination kills
@@ -538,64 +508,30 @@ fn counts_on(log: &Path) -> bool {
 #[test]
 fn post_copy_go_that_never_comes_leaves_no_copy_on_the_destination() {
     need_root!();
-    let tls = certs();
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let slog = dir.path().join("server.log");
-    let _server = page_server(tls.path(), port, None, &slog);
-    let log = dir.path().join("pa.log");
+    let d = Dest::start(None);
+    let log = d.dir.path().join("pa.log");
     let mut child = busy_workload(&log);
     let source = child.id() as i32;
     let cmdline = std::fs::read(format!("/proc/{source}/cmdline")).unwrap();
-    let status = Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args([
-            "migrate",
-            "--post-copy",
-            "--pid",
-            &source.to_string(),
-            "--to",
-        ])
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("--tls")
-        .arg(tls.path())
+    let status = common::migrate_command(source, &format!("127.0.0.1:{}", d.port), d.tls.path())
+        .arg("--post-copy")
         .args(["--max-rounds", "2", "--log", "warn"])
         .env(ferry::failpoint::VAR, "client:ready")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
         .unwrap();
-    assert_eq!(
-        std::os::unix::process::ExitStatusExt::signal(&status),
-        Some(libc::SIGKILL),
-        "ferry died at the failpoint: {status:?}\n{}",
-        text(&slog)
-    );
-    assert!(text(&slog).contains("restored and held"), "{}", text(&slog));
+    d.assert_died_at_ready(status);
+    assert!(d.log().contains("restored and held"), "{}", d.log());
+    d.assert_abandoned();
     assert!(
-        eventually(10, || text(&slog).contains("abandoned")),
-        "the page server abandons the held process: {}",
-        text(&slog)
-    );
-    assert!(
-        text(&slog).contains("no Go from the source"),
+        !d.log().contains("released: the process runs"),
         "{}",
-        text(&slog)
+        d.log()
     );
-    assert!(
-        !text(&slog).contains("released: the process runs"),
-        "{}",
-        text(&slog)
-    );
-    assert!(eventually(5, || with_cmdline(&cmdline) == vec![(source, 'T')]));
-    assert!(!counts_on(&log), "nobody runs the workload");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(source),
-        nix::sys::signal::Signal::SIGCONT,
-    )
-    .unwrap();
-    assert!(counts_on(&log), "the source runs on once resumed");
+    assert_stopped_until_resumed(source, &cmdline, &log);
     assert_eq!(with_cmdline(&cmdline).len(), 1, "one copy");
-    show(&slog);
+    show(&d.slog);
     kill_pid(source);
     let _ = child.wait();
 }
@@ -609,26 +545,19 @@ fn post_copy_go_that_never_comes_leaves_no_copy_on_the_destination() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn post_copy_a_lost_restored_is_asked_for_and_the_source_stays_stopped() {
     need_root!();
-    let tls = certs();
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}").parse().unwrap();
-    let slog = dir.path().join("server.log");
-    let _server = page_server(tls.path(), port, Some("page-server:restored-lost"), &slog);
-    wait_for_server(addr, tls.path()).await;
-    let log = dir.path().join("pb.log");
+    let d = Dest::start(Some("page-server:restored-lost"));
+    wait_for_server(d.addr(), d.tls.path()).await;
+    let log = d.dir.path().join("pb.log");
     let mut child = busy_workload(&log);
     let source = child.id() as i32;
     let cmdline = std::fs::read(format!("/proc/{source}/cmdline")).unwrap();
-    let mut c = common::connect(addr, tls.path());
-    c.timeout = Duration::from_secs(5);
     let opts = DumpOptions {
         policy: Policy {
             max_rounds: 2,
             ..Policy::default()
         },
         restore: true,
-        ..DumpOptions::new(source, Destination::Remote(c))
+        ..DumpOptions::new(source, Destination::Remote(d.connect(5)))
     };
     let pc = ferry::postcopy::PostCopyOptions::default();
     let e = ferry::migrate::migrate_post_copy(opts, &pc, &mut |_| {})
@@ -636,7 +565,7 @@ async fn post_copy_a_lost_restored_is_asked_for_and_the_source_stays_stopped() {
         .expect_err("the destination's copy cannot get its pages");
     eprintln!("source: {e}");
     let ferry::migrate::MigrateError::PostCopy { pid, error, .. } = &e else {
-        panic!("a post-copy failure after Go: {e}\n{}", text(&slog));
+        panic!("a post-copy failure after Go: {e}\n{}", d.log());
     };
     assert!(
         matches!(**error, ferry::postcopy::PostCopyError::LostAfterGo { .. }),
@@ -645,21 +574,14 @@ async fn post_copy_a_lost_restored_is_asked_for_and_the_source_stays_stopped() {
     let msg = e.to_string();
     assert!(msg.contains("left stopped"), "{msg}");
     assert!(msg.contains(ferry_page_server::RAN_THEN_KILLED), "{msg}");
-    assert!(text(&slog).contains("answered a query"), "{}", text(&slog));
-    assert!(text(&slog).contains("released"), "{}", text(&slog));
+    assert!(d.log().contains("answered a query"), "{}", d.log());
+    assert!(d.log().contains("released"), "{}", d.log());
     assert!(
         eventually(5, || matches!(common::proc_state(*pid), 'Z' | 'X' | '?')),
         "the destination's copy was killed"
     );
-    assert!(eventually(5, || with_cmdline(&cmdline) == vec![(source, 'T')]));
-    assert!(!counts_on(&log), "nobody runs the workload");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(source),
-        nix::sys::signal::Signal::SIGCONT,
-    )
-    .unwrap();
-    assert!(counts_on(&log), "the source runs on once resumed by hand");
-    show(&slog);
+    assert_stopped_until_resumed(source, &cmdline, &log);
+    show(&d.slog);
     kill_pid(source);
     let _ = child.wait();
 }

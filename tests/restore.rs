@@ -16,7 +16,6 @@
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
@@ -31,15 +30,13 @@ use ferry::sys::vm;
 use ferry_page_server::store::{FlatImage, FlatRun};
 use ferry_proto::pb;
 
+mod common;
+use common::{is_root, only_stdio, python};
+
 /// One restore at a time: the tests look at the whole process table.
 static SERIAL: Mutex<()> = Mutex::new(());
 
 const COUNTER: &str = "import time,sys\nn=0\np=sys.argv[1]\nwhile True:\n  n+=1\n  with open(p,'w') as f: f.write(str(n))\n  time.sleep(0.01)\n";
-
-fn is_root() -> bool {
-    // SAFETY: geteuid takes no arguments and cannot fail.
-    unsafe { libc::geteuid() == 0 }
-}
 
 macro_rules! need_root {
     () => {
@@ -48,14 +45,6 @@ macro_rules! need_root {
             return;
         }
     };
-}
-
-fn python() -> &'static str {
-    if Path::new("/usr/bin/python3").exists() {
-        "/usr/bin/python3"
-    } else {
-        "python3"
-    }
 }
 
 /// A process killed (and, if ours, reaped) on drop.
@@ -110,14 +99,7 @@ fn start_counter(file: &Path) -> Proc {
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     // Only 0-2: fds leaked by the test harness (pipes) would be refused.
-    // SAFETY: close_range is async-signal-safe and touches no memory.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
-            Ok(())
-        })
-    };
-    let child = cmd.spawn().expect("spawning python3");
+    let child = only_stdio(&mut cmd).spawn().expect("spawning python3");
     let p = Proc {
         pid: child.id() as i32,
         child: Some(child),
@@ -734,11 +716,14 @@ fn an_abandoned_warm_restore_leaves_nothing_running() {
 fn a_failed_restore_leaves_nothing_running() {
     need_root!();
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("count");
-    let original = start_counter(&file);
-    let frozen = Seized::seize(original.pid).unwrap();
-    let (mut tree, img) = capture(original.pid, &frozen);
+    let Held {
+        dir,
+        original: _original,
+        frozen,
+        mut tree,
+        img,
+        ..
+    } = held_counter();
     // A "directory" that is a regular file passes the check and fails
     // inside the stub (ENOTDIR), after the memory is built.
     let not_a_dir = dir.path().join("not-a-dir");
@@ -774,11 +759,14 @@ fn a_failed_restore_leaves_nothing_running() {
 fn pending_signals_are_delivered_after_restore() {
     need_root!();
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("count");
-    let original = start_counter(&file);
-    let frozen = Seized::seize(original.pid).unwrap();
-    let (mut tree, img) = capture(original.pid, &frozen);
+    let Held {
+        dir: _dir,
+        original: _original,
+        frozen,
+        mut tree,
+        img,
+        ..
+    } = held_counter();
     // SIGTERM, pending and not blocked: default action, the restored
     // process dies of it as soon as it runs.
     tree.processes[0].pending_signals = 1 << (libc::SIGTERM - 1);

@@ -15,14 +15,16 @@
 mod common;
 
 use std::collections::HashSet;
-use std::path::Path;
-use std::process::{Command, Stdio};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::Duration;
 
-use common::{assert_source_runs, certs, free_port, is_root, log_values, wait_for_server, Fixture};
-use ferry::dump::{Destination, DumpOptions};
-use ferry::migrate::migrate;
-use ferry::policy::Policy;
+use common::{
+    assert_source_runs, certs, free_port, is_root, logging_fixture, logging_fixture_under,
+    restore_options, wait_for_server, Fixture,
+};
+use ferry::migrate::{migrate, MigrateError};
 
 const STAGES: [&str; 9] = [
     "stub",
@@ -51,36 +53,39 @@ fn adopted(known: &HashSet<i32>) -> Vec<(i32, char)> {
         .collect()
 }
 
-fn fixture(dir: &Path, name: &str) -> (Fixture, std::path::PathBuf) {
-    fixture_under(dir, name, &[])
+fn fixture(dir: &Path, name: &str) -> (Fixture, PathBuf) {
+    logging_fixture(dir, name, &["--mib", "8"])
 }
 
-/// The fixture under `setpriv SETPRIV --` when SETPRIV is not empty.
-fn fixture_under(dir: &Path, name: &str, setpriv: &[&str]) -> (Fixture, std::path::PathBuf) {
-    let log = dir.join(name);
-    let mut args = setpriv.to_vec();
-    let exe = env!("CARGO_BIN_EXE_ferry-fixture");
-    if !setpriv.is_empty() {
-        args.extend(["--", exe]);
-    }
-    args.extend([
-        "--mib",
-        "8",
-        "--single-thread",
-        "--log",
-        log.to_str().unwrap(),
-    ]);
-    let fx = match setpriv {
-        [] => Fixture::start(&args),
-        _ => Fixture::start_at(Path::new("/usr/bin/setpriv"), &args),
-    };
-    for _ in 0..200 {
-        if !log_values(&log).is_empty() {
-            return (fx, log);
+/// Migrates `fx` to the page server at `addr`, which cannot restore it
+/// (`why`): the error.
+async fn migrate_failing(fx: &Fixture, addr: SocketAddr, tls: &Path, why: &str) -> MigrateError {
+    migrate(
+        restore_options(fx.pid, common::connect(addr, tls)),
+        &mut |_| {},
+    )
+    .await
+    .expect_err(why)
+}
+
+/// Every stub the failed restore made (the warm one of the rounds, the
+/// cold one the commit tried again) is dead; reaping it leaves nothing.
+async fn assert_stubs_killed_and_reaped(known: &HashSet<i32>, what: &str) {
+    let mut stubs = adopted(known);
+    for _ in 0..150 {
+        if !stubs.is_empty() && stubs.iter().all(|&(_, s)| s == 'Z') {
+            break;
         }
-        std::thread::sleep(Duration::from_millis(10));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        stubs = adopted(known);
     }
-    panic!("{} stays empty", log.display());
+    assert!(!stubs.is_empty(), "{what}: the restore made a stub");
+    for &(pid, state) in &stubs {
+        assert_eq!(state, 'Z', "{what}: stub {pid} is left {state}");
+        nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None).unwrap();
+    }
+    assert!(adopted(known).is_empty(), "{what}: nothing is left");
+    eprintln!("{what}: {} stub(s) killed and reaped", stubs.len());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -95,61 +100,25 @@ async fn a_restore_failing_at_any_stage_loses_nothing() {
     for stage in STAGES {
         let port = free_port();
         let addr = format!("127.0.0.1:{port}").parse().unwrap();
-        let mut server = common::ServerProcess(
-            Command::new(env!("CARGO_BIN_EXE_ferry"))
-                .args(["page-server", "--restore", "--log", "warn", "--listen"])
-                .arg(format!("127.0.0.1:{port}"))
-                .arg("--tls")
-                .arg(tls.path())
+        let server = common::ServerProcess(
+            common::page_server_command(tls.path(), port)
+                .args(["--restore", "--log", "warn"])
                 .env(ferry::failpoint::VAR, format!("restore:{stage}"))
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
                 .spawn()
                 .unwrap(),
         );
         wait_for_server(addr, tls.path()).await;
         let (fx, log) = fixture(dir.path(), stage);
         let known: HashSet<i32> = [server.0.id() as i32, fx.pid].into();
-        let opts = DumpOptions {
-            policy: Policy {
-                max_rounds: 3,
-                ..Policy::default()
-            },
-            restore: true,
-            ..DumpOptions::new(
-                fx.pid,
-                Destination::Remote(common::connect(addr, tls.path())),
-            )
-        };
-        let e = migrate(opts, &mut |_| {})
-            .await
-            .expect_err("the destination cannot restore");
+        let e = migrate_failing(&fx, addr, tls.path(), "the destination cannot restore").await;
         eprintln!("{stage}: {e}");
         assert!(
             e.to_string().contains(&format!("restore stage {stage}")),
             "{stage}: the error names the stage: {e}"
         );
         assert_source_runs(&fx, &log, stage);
-
-        // Every stub made for it (the warm one of the rounds, the cold one
-        // the commit tried again) is dead; reaping it leaves nothing.
-        let mut stubs = adopted(&known);
-        for _ in 0..150 {
-            if !stubs.is_empty() && stubs.iter().all(|&(_, s)| s == 'Z') {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            stubs = adopted(&known);
-        }
-        assert!(!stubs.is_empty(), "{stage}: the restore made a stub");
-        for &(pid, state) in &stubs {
-            assert_eq!(state, 'Z', "{stage}: stub {pid} is left {state}");
-            nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None).unwrap();
-        }
-        assert!(adopted(&known).is_empty(), "{stage}: nothing is left");
-        eprintln!("{stage}: {} stub(s) killed and reaped", stubs.len());
-        server.0.kill().unwrap();
-        server.0.wait().unwrap();
+        assert_stubs_killed_and_reaped(&known, stage).await;
+        server.kill();
         drop(fx);
     }
 
@@ -173,57 +142,38 @@ async fn a_restore_failing_at_any_stage_loses_nothing() {
         .join(",");
     let port = free_port();
     let addr = format!("127.0.0.1:{port}").parse().unwrap();
-    let mut server = common::ServerProcess(
-        Command::new("prlimit")
-            .arg(format!("--nofile={}:{lower}", lower.min(256)))
-            .arg(env!("CARGO_BIN_EXE_ferry"))
-            .args(["page-server", "--restore", "--caps", &all_but_sys_resource])
-            .args(["--log", "warn", "--listen"])
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("--tls")
-            .arg(tls.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
+    let mut prlimit = Command::new("prlimit");
+    prlimit
+        .arg(format!("--nofile={}:{lower}", lower.min(256)))
+        .arg(env!("CARGO_BIN_EXE_ferry"));
+    let server = common::ServerProcess(
+        common::page_server_args(&mut prlimit, &format!("127.0.0.1:{port}"), tls.path())
+            .args(["--restore", "--caps", &all_but_sys_resource])
+            .args(["--log", "warn"])
             .spawn()
             .unwrap(),
     );
     wait_for_server(addr, tls.path()).await;
-    let (fx, log) = fixture_under(dir.path(), "rlimit", &["--bounding-set=-sys_resource"]);
+    let (fx, log) = logging_fixture_under(
+        &["--bounding-set=-sys_resource"],
+        dir.path(),
+        "rlimit",
+        &["--mib", "8"],
+    );
     let known: HashSet<i32> = [server.0.id() as i32, fx.pid].into();
-    let opts = DumpOptions {
-        policy: Policy {
-            max_rounds: 3,
-            ..Policy::default()
-        },
-        restore: true,
-        ..DumpOptions::new(
-            fx.pid,
-            Destination::Remote(common::connect(addr, tls.path())),
-        )
-    };
-    let e = migrate(opts, &mut |_| {})
-        .await
-        .expect_err("the destination cannot raise the limit");
+    let e = migrate_failing(
+        &fx,
+        addr,
+        tls.path(),
+        "the destination cannot raise the limit",
+    )
+    .await;
     eprintln!("rlimit: {e}");
     assert!(
         e.to_string().contains("prlimit64 of resource 7") && e.to_string().contains("EPERM"),
         "the error names the limit: {e}"
     );
     assert_source_runs(&fx, &log, "rlimit");
-    let mut stubs = adopted(&known);
-    for _ in 0..150 {
-        if !stubs.is_empty() && stubs.iter().all(|&(_, s)| s == 'Z') {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        stubs = adopted(&known);
-    }
-    assert!(!stubs.is_empty(), "rlimit: the restore made a stub");
-    for &(pid, state) in &stubs {
-        assert_eq!(state, 'Z', "rlimit: stub {pid} is left {state}");
-        nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None).unwrap();
-    }
-    assert!(adopted(&known).is_empty(), "rlimit: nothing is left");
-    server.0.kill().unwrap();
-    server.0.wait().unwrap();
+    assert_stubs_killed_and_reaped(&known, "rlimit").await;
+    server.kill();
 }

@@ -11,8 +11,8 @@
 use std::collections::BTreeMap;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
-use std::os::unix::process::CommandExt;
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,13 +22,10 @@ use ferry::procfs;
 use ferry::tree;
 use ferry_page_server::store::mem::MemStore;
 use ferry_page_server::store::Store;
-use ferry_page_server::tls::{server_config, TlsFiles};
 use ferry_proto::pb;
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
 
 mod common;
-use common::{certs, connect, is_root, proc_state};
+use common::{certs, connect, gone, is_root, only_stdio, proc_state, python, KillTree};
 
 macro_rules! need_root {
     () => {
@@ -135,29 +132,47 @@ os.rename(os.path.join(d, "info.tmp"), os.path.join(d, "info"))
 run(0)
 "#;
 
-/// A process tree, every process of it killed when dropped.
-struct Tree(i32, Option<Child>);
-
-impl Drop for Tree {
-    fn drop(&mut self) {
-        if let Ok(t) = tree::discover(self.0) {
-            for s in t.iter().rev() {
-                let _ = kill(Pid::from_raw(s.pid), Signal::SIGKILL);
-            }
-        }
-        if let Some(c) = self.1.as_mut() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
+/// The tree of [`SHARED`] in `dir`, its stderr in `dir/stderr`.
+fn start_shared(dir: &Path) -> KillTree {
+    let mut cmd = Command::new(python());
+    cmd.args(["-c", SHARED])
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("stderr")).unwrap());
+    let child = only_stdio(&mut cmd).spawn().unwrap();
+    KillTree(child.id() as i32, Some(child))
 }
 
-fn python() -> &'static str {
-    if std::path::Path::new("/usr/bin/python3").exists() {
-        "/usr/bin/python3"
-    } else {
-        "python3"
+/// Waits up to 15 s for `f`; a timeout shows the tree's `stderr`.
+fn wait_showing(stderr: &Path, what: &str, f: &mut dyn FnMut() -> bool) {
+    for _ in 0..1500 {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
+    panic!(
+        "timed out waiting for {what}; the tree's stderr: {}",
+        std::fs::read_to_string(stderr).unwrap_or_default()
+    );
+}
+
+/// A python3 `script` that prints one line once it is set up: the tree,
+/// and that line.
+fn start_printing(script: &str) -> (KillTree, String) {
+    use std::io::BufRead;
+    let mut cmd = Command::new(python());
+    cmd.args(["-c", script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let mut child = only_stdio(&mut cmd).spawn().unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    (KillTree(child.id() as i32, Some(child)), line)
 }
 
 /// The lines of a log, each as its numbers; BAD lines fail the test.
@@ -193,36 +208,11 @@ fn map_at(pid: i32, addr: u64) -> procfs::MapEntry {
 async fn shared_memory_memfd_and_fifo_of_a_tree_migrate_as_one() {
     need_root!();
     let dir = tempfile::tempdir().unwrap();
-    let mut cmd = Command::new(python());
-    cmd.args(["-c", SHARED])
-        .arg(dir.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.path().join("stderr")).unwrap());
-    // SAFETY: close_range is async-signal-safe and touches no memory.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
-            Ok(())
-        });
-    }
-    let child = cmd.spawn().unwrap();
-    let src = child.id() as i32;
-    let _t = Tree(src, Some(child));
+    let t = start_shared(dir.path());
+    let src = t.0;
     let info = dir.path().join("info");
     let stderr = dir.path().join("stderr");
-    let wait_until = |what: &str, f: &mut dyn FnMut() -> bool| {
-        for _ in 0..1500 {
-            if f() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        panic!(
-            "timed out waiting for {what}; the tree's stderr: {}",
-            std::fs::read_to_string(&stderr).unwrap_or_default()
-        );
-    };
+    let wait_until = |what: &str, f: &mut dyn FnMut() -> bool| wait_showing(&stderr, what, f);
     wait_until("the children", &mut || info.exists());
     let w: Vec<u64> = std::fs::read_to_string(&info)
         .unwrap()
@@ -252,12 +242,7 @@ async fn shared_memory_memfd_and_fifo_of_a_tree_migrate_as_one() {
 
     let tls = certs();
     let store: Arc<dyn Store> = Arc::new(MemStore::new());
-    let mut cfg = ferry_page_server::Config::new(
-        server_config(&TlsFiles::server(tls.path())).unwrap(),
-        store.clone(),
-    );
-    cfg.restorer = Some(Arc::new(ferry::migrate::LocalRestorer));
-    let server = common::Server::start_with(cfg);
+    let server = common::Server::start_restoring(tls.path(), store.clone());
     let opts = DumpOptions {
         policy: Policy {
             max_rounds: 3,
@@ -267,11 +252,9 @@ async fn shared_memory_memfd_and_fifo_of_a_tree_migrate_as_one() {
     };
     let report = ferry::migrate::migrate(opts, &mut |_| {}).await.unwrap();
     let root = report.restored_pid;
-    let _restored = Tree(root, None);
+    let _restored = KillTree(root, None);
     for pid in [src, w[3] as i32, w[4] as i32] {
-        wait_until("the source to be gone", &mut || {
-            matches!(proc_state(pid), 'Z' | 'X' | '?')
-        });
+        wait_until("the source to be gone", &mut || gone(pid));
     }
     let shape = tree::discover(root).unwrap();
     assert_eq!(shape.len(), 3, "{shape:?}");
@@ -430,26 +413,8 @@ async fn shared_memory_is_tracked_in_the_rounds_and_sent_once() {
     need_root!();
     use ferry_page_server::store::disk::DiskStore;
     use ferry_page_server::store::Page;
-    use std::io::BufRead;
-    let mut cmd = Command::new(python());
-    cmd.args(["-c", BIG])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
-    // SAFETY: close_range is async-signal-safe and touches no memory.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn().unwrap();
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let root = child.id() as i32;
-    let _t = Tree(root, Some(child));
+    let (t, line) = start_printing(BIG);
+    let root = t.0;
     let w: Vec<u64> = line
         .split_whitespace()
         .map(|x| x.parse().unwrap())
@@ -459,12 +424,7 @@ async fn shared_memory_is_tracked_in_the_rounds_and_sent_once() {
     let dir = tempfile::tempdir().unwrap();
     let opts = DumpOptions {
         leave_stopped: true,
-        policy: Policy {
-            max_downtime: Duration::ZERO,
-            max_rounds: 4,
-            tiny_pages: 0,
-            max_growth: 1000.0,
-        },
+        policy: common::fixed_rounds(4),
         ..DumpOptions::new(root, Destination::ImagesDir(dir.path().into()))
     };
     let (report, frozen) = ferry::dump::dump_frozen(opts, &mut |r| {
@@ -549,7 +509,6 @@ fn not_held(pid: i32) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_shared_memory_cannot_make_is_refused_by_name_before_the_freeze() {
     need_root!();
-    use std::io::BufRead;
     for (script, want) in [
         (SYSV, "System V shared memory /SYSV00000000 (deleted)"),
         (
@@ -557,25 +516,8 @@ async fn what_shared_memory_cannot_make_is_refused_by_name_before_the_freeze() {
             "/memfd:lone (deleted): a memfd mapped by a lone process",
         ),
     ] {
-        let mut cmd = Command::new(python());
-        cmd.args(["-c", script])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null());
-        // SAFETY: close_range is async-signal-safe and touches no memory.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
-                Ok(())
-            });
-        }
-        let mut child = cmd.spawn().unwrap();
-        let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let root = child.id() as i32;
-        let _t = Tree(root, Some(child));
+        let (t, line) = start_printing(script);
+        let root = t.0;
         let kid: i32 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
         let tls = certs();
         let dest = Destination::Remote(connect(
@@ -609,34 +551,9 @@ async fn a_tree_dumped_to_a_directory_restores_its_shared_memory() {
     let dir = tempfile::tempdir().unwrap();
     let images = tempfile::tempdir().unwrap();
     let stderr = dir.path().join("stderr");
-    let mut cmd = Command::new(python());
-    cmd.args(["-c", SHARED])
-        .arg(dir.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&stderr).unwrap());
-    // SAFETY: close_range is async-signal-safe and touches no memory.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
-            Ok(())
-        });
-    }
-    let child = cmd.spawn().unwrap();
-    let src = child.id() as i32;
-    let _t = Tree(src, Some(child));
-    let wait = |what: &str, f: &mut dyn FnMut() -> bool| {
-        for _ in 0..1500 {
-            if f() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        panic!(
-            "timed out waiting for {what}; stderr: {}",
-            std::fs::read_to_string(&stderr).unwrap_or_default()
-        );
-    };
+    let t = start_shared(dir.path());
+    let src = t.0;
+    let wait = |what: &str, f: &mut dyn FnMut() -> bool| wait_showing(&stderr, what, f);
     let info = dir.path().join("info");
     wait("the children", &mut || info.exists());
     let w: Vec<u64> = std::fs::read_to_string(&info)
@@ -661,12 +578,10 @@ async fn a_tree_dumped_to_a_directory_restores_its_shared_memory() {
     // The source goes before the copy runs: the FIFO's path is one.
     frozen.kill().unwrap();
     for pid in [src, w[3] as i32, w[4] as i32] {
-        wait("the source to be gone", &mut || {
-            matches!(proc_state(pid), 'Z' | 'X' | '?')
-        });
+        wait("the source to be gone", &mut || gone(pid));
     }
     let root = ferry::restore::restore_from_images_dir(images.path(), None).unwrap();
-    let _restored = Tree(root, None);
+    let _restored = KillTree(root, None);
     let pids: Vec<i32> = tree::discover(root)
         .unwrap()
         .iter()

@@ -19,27 +19,16 @@
 //! 10.78.0.1 and 10.78.0.2.
 
 use std::io::{BufRead, BufReader, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{certs, is_root, proc_state};
+use common::{certs, gone, is_root, KillOnDrop};
 
 const SERVER: &str = "10.77.0.1";
 const PAGE_SERVER: &str = "10.78.0.2:7070";
-
-/// Kills the listed pids when dropped.
-struct Killed(Vec<i32>);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        for &pid in &self.0 {
-            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-        }
-    }
-}
 
 /// A child process killed (and reaped) when dropped.
 struct Kid(Child);
@@ -58,22 +47,14 @@ fn migrate_on_this_host(pid: i32, json: bool) -> std::process::Output {
     let tls = certs();
     let port = common::free_port();
     let _ps = {
-        let child = Command::new(env!("CARGO_BIN_EXE_ferry"))
-            .args(["page-server", "--restore", "--log", "warn", "--listen"])
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("--tls")
-            .arg(tls.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
+        let child = common::page_server_command(tls.path(), port)
+            .args(["--restore", "--log", "warn"])
             .spawn()
             .unwrap();
         std::thread::sleep(Duration::from_millis(300));
         Kid(child)
     };
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferry"));
-    cmd.args(["migrate", "--pid", &pid.to_string()])
-        .args(["--to", &format!("127.0.0.1:{port}"), "--tls"])
-        .arg(tls.path());
+    let mut cmd = common::migrate_command(pid, &format!("127.0.0.1:{port}"), tls.path());
     if json {
         cmd.arg("--json");
     }
@@ -192,12 +173,9 @@ impl Net {
     }
 
     fn page_server(&self, tls: &Path) -> Kid {
-        let child = Net::exec(&self.b, env!("CARGO_BIN_EXE_ferry"))
-            .args(["page-server", "--restore", "--log", "warn"])
-            .args(["--listen", PAGE_SERVER, "--tls"])
-            .arg(tls)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
+        let mut ferry = Net::exec(&self.b, env!("CARGO_BIN_EXE_ferry"));
+        let child = common::page_server_args(&mut ferry, PAGE_SERVER, tls)
+            .args(["--restore", "--log", "warn"])
             .spawn()
             .unwrap();
         std::thread::sleep(Duration::from_millis(300));
@@ -206,10 +184,8 @@ impl Net {
 
     /// `ferry migrate` of `pid` from A to B: its output.
     fn migrate(&self, pid: i32, tls: &Path, extra: &[&str]) -> std::process::Output {
-        Net::exec(&self.a, env!("CARGO_BIN_EXE_ferry"))
-            .args(["migrate", "--pid", &pid.to_string(), "--to", PAGE_SERVER])
-            .arg("--tls")
-            .arg(tls)
+        let mut ferry = Net::exec(&self.a, env!("CARGO_BIN_EXE_ferry"));
+        common::migrate_args(&mut ferry, pid, PAGE_SERVER, tls)
             .args(["--json", "--log", "warn"])
             .args(extra)
             .output()
@@ -261,6 +237,26 @@ fn wait_line(path: &Path, prefix: &str) -> String {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// `python3 -c SCRIPT`, `python3` being a command for it here or in a
+/// namespace, detached from our stdio.
+fn python(mut python3: Command, script: &str) -> Kid {
+    let child = python3
+        .args(["-c", script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    Kid(child)
+}
+
+/// [`python`] of a script that first logs `pid N` to `log`: it, and N.
+fn python_saying_pid(python3: Command, script: &str, log: &Path) -> (Kid, i32) {
+    let kid = python(python3, script);
+    let pid: i32 = wait_line(log, "pid ").parse().unwrap();
+    (kid, pid)
 }
 
 fn read_line(r: &mut BufReader<ChildStdout>) -> String {
@@ -332,16 +328,7 @@ time.sleep(60)
         log = log.to_str().unwrap(),
         go = go.to_str().unwrap(),
     );
-    let child = Net::exec(ns, "python3")
-        .args(["-c", &script])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let kid = Kid(child);
-    let pid: i32 = wait_line(log, "pid ").parse().unwrap();
-    (kid, pid)
+    python_saying_pid(Net::exec(ns, "python3"), &script, log)
 }
 
 /// The client, in namespace `ns`: a small receive buffer (so the server's
@@ -386,6 +373,64 @@ fn tcp_client(ns: &str, v6: bool) -> (Kid, BufReader<ChildStdout>) {
     (Kid(child), out)
 }
 
+/// The TCP case: a page server in B, [`tcp_server`] in A and
+/// [`tcp_client`] in C, once the server has queued its bytes. Fields drop
+/// in order: the client first, the page server last.
+struct Tcp {
+    out: BufReader<ChildStdout>,
+    client: Kid,
+    _guard: KillOnDrop,
+    _server: Kid,
+    _ps: Kid,
+    pid: i32,
+    sent: String,
+    queued: usize,
+    log: PathBuf,
+    go: PathBuf,
+    tls: tempfile::TempDir,
+    _dir: tempfile::TempDir,
+}
+
+impl Tcp {
+    /// With `v6`, the client also connects to the IPv6 listener at the end.
+    fn start(net: &Net, v6: bool) -> Tcp {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, go) = (dir.path().join("server.log"), dir.path().join("go"));
+        let tls = certs();
+        let ps = net.page_server(tls.path());
+        let (server, pid) = tcp_server(&net.a, &log, &go);
+        let guard = KillOnDrop(pid);
+        let (client, mut out) = tcp_client(&net.c, v6);
+        let sent = read_line(&mut out);
+        let queued: usize = wait_line(&log, "queued ").parse().unwrap();
+        Tcp {
+            out,
+            client,
+            _guard: guard,
+            _server: server,
+            _ps: ps,
+            pid,
+            sent,
+            queued,
+            log,
+            go,
+            tls,
+            _dir: dir,
+        }
+    }
+
+    /// Lets the server read: the client gets the queued bytes intact, the
+    /// answer about its own bytes, and a second connection's greeting.
+    fn go_on(&mut self) {
+        std::fs::write(&self.go, b"").unwrap();
+        writeln!(self.client.0.stdin.as_mut().unwrap(), "go {}", self.queued).unwrap();
+        assert_eq!(read_line(&mut self.out), "queued-bytes-intact True");
+        let hash = self.sent.strip_prefix("sent ").unwrap();
+        assert_eq!(read_line(&mut self.out), format!("answer got 50000 {hash}"));
+        assert_eq!(read_line(&mut self.out), "second second");
+    }
+}
+
 #[test]
 fn a_tcp_listener_and_connection_keep_their_bytes_across_a_migration() {
     if !is_root() || !have("python3") {
@@ -393,15 +438,8 @@ fn a_tcp_listener_and_connection_keep_their_bytes_across_a_migration() {
         return;
     }
     let net = Net::make();
-    let dir = tempfile::tempdir().unwrap();
-    let (log, go) = (dir.path().join("server.log"), dir.path().join("go"));
-    let tls = certs();
-    let _ps = net.page_server(tls.path());
-    let (_server, pid) = tcp_server(&net.a, &log, &go);
-    let _guard = Killed(vec![pid]);
-    let (mut client, mut out) = tcp_client(&net.c, true);
-    let sent = read_line(&mut out);
-    let queued: usize = wait_line(&log, "queued ").parse().unwrap();
+    let mut t = Tcp::start(&net, true);
+    let (pid, queued) = (t.pid, t.queued);
     assert!(
         queued > 10_000,
         "the server's send queue holds bytes: {queued}"
@@ -420,27 +458,19 @@ fn a_tcp_listener_and_connection_keep_their_bytes_across_a_migration() {
     );
 
     net.cut_source();
-    let new = net.migrated(pid, tls.path(), &[]);
-    let _guard2 = Killed(vec![new]);
+    let new = net.migrated(pid, t.tls.path(), &[]);
+    let _guard2 = KillOnDrop(new);
     net.route_to_destination();
-    assert!(
-        matches!(proc_state(pid), '?' | 'Z' | 'X'),
-        "the source is gone"
-    );
+    assert!(gone(pid), "the source is gone");
     let ns_b = std::fs::read_link(format!("/run/netns/{}", net.b)).ok();
     let ns_new = std::fs::read_link(format!("/proc/{new}/ns/net")).ok();
     eprintln!("restored in {ns_new:?}, B is {ns_b:?}");
 
-    std::fs::write(&go, b"").unwrap();
-    writeln!(client.0.stdin.as_mut().unwrap(), "go {queued}").unwrap();
-    assert_eq!(read_line(&mut out), "queued-bytes-intact True");
-    let hash = sent.strip_prefix("sent ").unwrap();
-    assert_eq!(read_line(&mut out), format!("answer got 50000 {hash}"));
-    assert_eq!(read_line(&mut out), "second second");
-    assert_eq!(read_line(&mut out), "v6 v6");
-    assert_eq!(wait_line(&log, "answered"), "");
+    t.go_on();
+    assert_eq!(read_line(&mut t.out), "v6 v6");
+    assert_eq!(wait_line(&t.log, "answered"), "");
     assert_eq!(
-        wait_line(&log, "options "),
+        wait_line(&t.log, "options "),
         "reuseaddr=1 reuseport6=1 v6only=1 nodelay=1 nonblocking6=1"
     );
     // The backlogs, as `ss` shows them in B (Send-Q of a listener).
@@ -473,34 +503,18 @@ fn a_failed_migration_gives_the_source_its_connection_back() {
         "dev",
         "bc"
     ]));
-    let dir = tempfile::tempdir().unwrap();
-    let (log, go) = (dir.path().join("server.log"), dir.path().join("go"));
-    let tls = certs();
-    let _ps = net.page_server(tls.path());
-    let (_server, pid) = tcp_server(&net.a, &log, &go);
-    let _guard = Killed(vec![pid]);
-    let (mut client, mut out) = tcp_client(&net.c, false);
-    let sent = read_line(&mut out);
-    let queued: usize = wait_line(&log, "queued ").parse().unwrap();
+    let mut t = Tcp::start(&net, false);
     std::thread::sleep(Duration::from_millis(300));
 
-    let out_m = net.migrate(pid, tls.path(), &[]);
+    let out_m = net.migrate(t.pid, t.tls.path(), &[]);
     let stderr = String::from_utf8_lossy(&out_m.stderr);
     assert!(!out_m.status.success());
     assert!(stderr.contains("the source runs on"), "{stderr}");
     assert!(stderr.contains("bind to 10.77.0.1:7000"), "{stderr}");
-    assert!(
-        !matches!(proc_state(pid), '?' | 'Z' | 'X'),
-        "the source lives"
-    );
+    assert!(!gone(t.pid), "the source lives");
 
     // The source's connection works as if nothing happened.
-    std::fs::write(&go, b"").unwrap();
-    writeln!(client.0.stdin.as_mut().unwrap(), "go {queued}").unwrap();
-    assert_eq!(read_line(&mut out), "queued-bytes-intact True");
-    let hash = sent.strip_prefix("sent ").unwrap();
-    assert_eq!(read_line(&mut out), format!("answer got 50000 {hash}"));
-    assert_eq!(read_line(&mut out), "second second");
+    t.go_on();
 }
 
 /// Sockets that stay unsupported are refused by name before anything is
@@ -535,15 +549,8 @@ while True:
         path = path.to_str().unwrap(),
         log = log.to_str().unwrap(),
     );
-    let child = Command::new("python3")
-        .args(["-c", &script])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let pid = child.id() as i32;
-    let _kid = Kid(child);
+    let kid = python(Command::new("python3"), &script);
+    let pid = kid.0.id() as i32;
     let _accepted = outside.accept().unwrap();
     let count = || {
         std::fs::read_to_string(&log)
@@ -705,7 +712,7 @@ fn redis_server_keeps_its_keys_and_its_writing_client_across_a_migration() {
     // `ip netns exec` and python3 exec the program in place.
     let pid = redis.id() as i32;
     let _redis = Kid(redis);
-    let _guard = Killed(vec![pid]);
+    let _guard = KillOnDrop(pid);
     let deadline = Instant::now() + Duration::from_secs(10);
     while redis_cli(&net.c, &["PING"]) != "PONG" {
         assert!(Instant::now() < deadline, "redis does not answer");
@@ -770,17 +777,14 @@ fn redis_server_keeps_its_keys_and_its_writing_client_across_a_migration() {
     };
     let new = net.migrated(pid, tls.path(), &["--track", "checksum"]);
     done.store(true, Ordering::Relaxed);
-    let _guard2 = Killed(vec![new]);
+    let _guard2 = KillOnDrop(new);
     let caught = watcher.join().unwrap();
     if !caught {
         net.cut_source();
     }
     net.route_to_destination();
     eprintln!("freeze seen by the test: {caught}");
-    assert!(
-        matches!(proc_state(pid), '?' | 'Z' | 'X'),
-        "the source is gone"
-    );
+    assert!(gone(pid), "the source is gone");
     std::thread::sleep(Duration::from_millis(1500));
     std::fs::write(&stop, b"").unwrap();
     let summary = read_line(&mut out);
@@ -850,16 +854,8 @@ time.sleep(60)
         go = go.to_str().unwrap(),
         path = path.to_str().unwrap(),
     );
-    let child = Command::new("python3")
-        .args(["-c", &script])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let _kid = Kid(child);
-    let pid: i32 = wait_line(&log, "pid ").parse().unwrap();
-    let _guard = Killed(vec![pid]);
+    let (_kid, pid) = python_saying_pid(Command::new("python3"), &script, &log);
+    let _guard = KillOnDrop(pid);
     let fds = ferry::state::capture_fds(pid).unwrap();
     let kinds: Vec<_> = fds.iter().map(|f| f.kind()).collect();
     use ferry_proto::pb::FdKind;
@@ -870,16 +866,9 @@ time.sleep(60)
     );
     assert!(kinds.contains(&FdKind::UnixListen), "{kinds:?}");
 
-    let out = migrate_on_this_host(pid, true);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "ferry migrate failed: {stderr}");
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let new = json["restored_pid"].as_i64().unwrap() as i32;
-    let _guard2 = Killed(vec![new]);
-    assert!(
-        matches!(proc_state(pid), '?' | 'Z' | 'X'),
-        "the source is gone"
-    );
+    let new = common::restored_pid(&migrate_on_this_host(pid, true), "UNIX sockets");
+    let _guard2 = KillOnDrop(new);
+    assert!(gone(pid), "the source is gone");
     std::fs::write(&go, b"").unwrap();
     assert_eq!(wait_line(&log, "pair "), "True True");
     let mut c = std::os::unix::net::UnixStream::connect(&path).unwrap();
@@ -920,15 +909,7 @@ time.sleep(60)
         log = log.to_str().unwrap(),
         go = go.to_str().unwrap(),
     );
-    let child = Command::new("python3")
-        .args(["-c", &script])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let _kid = Kid(child);
-    let pid: i32 = wait_line(&log, "pid ").parse().unwrap();
+    let (_kid, pid) = python_saying_pid(Command::new("python3"), &script, &log);
     let mut waiting = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     waiting
         .set_read_timeout(Some(Duration::from_secs(10)))

@@ -9,13 +9,13 @@
 mod common;
 
 use std::os::unix::fs::FileExt;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{certs, free_port, is_root, log_values, proc_state, wait_for_server, Fixture};
-use ferry::dump::{Destination, DumpOptions};
+use common::{
+    certs, free_port, is_root, log_values, logging_fixture, proc_state, restore_options,
+    wait_for_server, KillOnDrop,
+};
 use ferry::migrate::migrate;
-use ferry::policy::Policy;
 use ferry_page_server::store::{disk::DiskStore, Store};
 
 fn region(pid: i32, base: u64, len: u64) -> Vec<u8> {
@@ -38,22 +38,10 @@ async fn a_session_over_quota_spills_to_disk_and_restores_exactly() {
     let port = free_port();
     let addr = format!("127.0.0.1:{port}").parse().unwrap();
     let _server = common::ServerProcess(
-        Command::new(env!("CARGO_BIN_EXE_ferry"))
-            .args([
-                "page-server",
-                "--restore",
-                "--keep-restored",
-                "--log",
-                "info",
-            ])
+        common::page_server_command(tls.path(), port)
+            .args(["--restore", "--keep-restored", "--log", "info"])
             .args(["--store", "mem", "--session-quota", "4M", "--spill-dir"])
             .arg(&spill)
-            .arg("--listen")
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("--tls")
-            .arg(tls.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
             .stderr(std::fs::File::create(&stderr).unwrap())
             .spawn()
             .unwrap(),
@@ -61,38 +49,15 @@ async fn a_session_over_quota_spills_to_disk_and_restores_exactly() {
     wait_for_server(addr, tls.path()).await;
 
     // No dirty writer: the region only changes if the migration changes it.
-    let log = dir.path().join("log");
-    let fx = Fixture::start(&[
-        "--mib",
-        "16",
-        "--single-thread",
-        "--log",
-        log.to_str().unwrap(),
-    ]);
-    for _ in 0..200 {
-        if !log_values(&log).is_empty() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let (fx, log) = logging_fixture(dir.path(), "log", &["--mib", "16"]);
     let before = region(fx.pid, fx.base, fx.len);
     let count = *log_values(&log).last().unwrap();
-    let opts = DumpOptions {
-        policy: Policy {
-            max_rounds: 3,
-            ..Policy::default()
-        },
-        restore: true,
-        ..DumpOptions::new(
-            fx.pid,
-            Destination::Remote(common::connect(addr, tls.path())),
-        )
-    };
+    let opts = restore_options(fx.pid, common::connect(addr, tls.path()));
     let report = migrate(opts, &mut |_| {})
         .await
         .unwrap_or_else(|e| panic!("a session over quota spills instead of failing: {e}"));
     let new = report.restored_pid;
-    let _kill = scopeguard(new);
+    let _kill = KillOnDrop(new);
     eprintln!("migrated {} -> {new} over a 4 MiB quota", fx.pid);
     assert!(
         matches!(proc_state(fx.pid), '?' | 'Z' | 'X'),
@@ -115,18 +80,4 @@ async fn a_session_over_quota_spills_to_disk_and_restores_exactly() {
     assert!(sessions[0].has_state);
     let img = disk.open(sessions[0].id).unwrap().flatten().unwrap();
     assert!(img.data_bytes() > 4 << 20, "{} bytes", img.data_bytes());
-}
-
-/// Kills the restored process when the test ends, passed or not.
-fn scopeguard(pid: i32) -> impl Drop {
-    struct K(i32);
-    impl Drop for K {
-        fn drop(&mut self) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(self.0),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-    }
-    K(pid)
 }

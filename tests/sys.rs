@@ -140,6 +140,17 @@ fn tracer(pid: i32) -> i32 {
     field(&status(pid), "TracerPid:").parse().unwrap_or(-1)
 }
 
+/// Every thread of `pid` is untraced: ferry let it go.
+fn assert_no_thread_traced(pid: i32) {
+    for tid in tasks(pid) {
+        assert_eq!(
+            field(&status_of_task(pid, tid), "TracerPid:"),
+            "0",
+            "thread {tid}"
+        );
+    }
+}
+
 fn exe(pid: i32) -> Option<String> {
     std::fs::read_link(format!("/proc/{pid}/exe"))
         .ok()
@@ -439,13 +450,7 @@ fn every_thread_is_seized_including_new_ones() {
             .all(|&tid| !field(&status_of_task(pid, tid), "State:").starts_with('t'))
     });
     drop(tr);
-    for tid in tasks(pid) {
-        assert_eq!(
-            field(&status_of_task(pid, tid), "TracerPid:"),
-            "0",
-            "thread {tid}"
-        );
-    }
+    assert_no_thread_traced(pid);
 }
 
 #[test]
@@ -541,13 +546,7 @@ fn threads_exiting_while_traced_do_not_hang_anything() {
         started.elapsed()
     );
     drop(tr);
-    for tid in tasks(pid) {
-        assert_eq!(
-            field(&status_of_task(pid, tid), "TracerPid:"),
-            "0",
-            "thread {tid}"
-        );
-    }
+    assert_no_thread_traced(pid);
 }
 
 // ------------------------------------------------------------------ injection

@@ -11,20 +11,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use ferry::client::{Client, ClientError, CommitOutcome, Connect, Transport};
-use ferry::synthetic::{verify, Mix, Workload};
+use ferry::client::{Client, ClientError, Connect, Transport};
+use ferry::synthetic::{Mix, Workload};
 use ferry_page_server::server::ServerError;
 use ferry_page_server::store::{disk::DiskStore, mem::MemStore, Store};
 use ferry_page_server::{Config, PageServer};
 use ferry_proto::pb::{self, control::Msg};
 use ferry_proto::preamble::{self, Kind, Preamble};
 use ferry_proto::session::{control, SenderConfig};
-use ferry_proto::{frame, SessionId, PROTOCOL_VERSION};
+use ferry_proto::{frame, PROTOCOL_VERSION};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 mod common;
-use common::{migrate_synthetic, sender_config, Server};
+use common::{sender_config, store_three_layers, Server};
 
 fn tcp(addr: SocketAddr) -> Connect {
     let mut c = Connect::tcp(addr);
@@ -35,16 +35,8 @@ fn tcp(addr: SocketAddr) -> Connect {
 
 async fn full_session(addr: SocketAddr, id: u8, mib: u64, store: &dyn Store) {
     let mut w = Workload::new(mib, Mix::TYPICAL, id as u64);
-    let mut client = connect_when_free(addr, sender_config(id, w.page_size, false)).await;
-    migrate_synthetic(&mut client, &mut w, 3, id as u64).await;
-    client.send_state(pb::ProcessTree::default()).await.unwrap();
-    let outcome = client.commit(false).await.unwrap();
-    assert!(
-        matches!(outcome, CommitOutcome::Stored { layers: 3, .. }),
-        "{outcome:?}"
-    );
-    let pages = verify(store, SessionId([id; 16]), &w).unwrap();
-    assert_eq!(pages, mib * 256);
+    let client = connect_when_free(addr, sender_config(id, w.page_size, false)).await;
+    store_three_layers(client, &mut w, id, mib, store).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,22 +8,24 @@
 
 use std::io::BufRead;
 use std::os::unix::fs::FileExt;
-use std::os::unix::process::CommandExt;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ferry::dump::{dump_frozen, Destination, DumpError, DumpOptions, RoundReport};
 use ferry::policy::Policy;
 use ferry::procfs;
-use ferry::track;
 use ferry::tree::{self, TreeError};
-use ferry_page_server::store::{disk::DiskStore, FlatImage, Page, Store};
-use ferry_proto::batch::is_zero;
+use ferry_page_server::store::mem::MemStore;
+use ferry_page_server::store::{disk::DiskStore, Page, Store};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 mod common;
-use common::{certs, connect, free_port, is_root, proc_field, proc_state};
+use common::{
+    assert_image_holds_memory, certs, connect, fixed_rounds, free_port, gone, is_root, proc_field,
+    proc_state, python, python_tree, start_tree, KillTree, ZOMBIE_PARENT,
+};
 
 macro_rules! need_root {
     () => {
@@ -64,9 +66,10 @@ while True:
     time.sleep(1)
 "#;
 
-/// A python3 process tree, every process of it killed when dropped.
+/// A python3 process tree that printed its first line, every process of
+/// it killed when dropped.
 struct Tree {
-    child: Child,
+    procs: KillTree,
     line: String,
 }
 
@@ -83,11 +86,14 @@ impl Tree {
         std::io::BufReader::new(child.stdout.take().unwrap())
             .read_line(&mut line)
             .unwrap();
-        Tree { child, line }
+        Tree {
+            procs: KillTree(child.id() as i32, Some(child)),
+            line,
+        }
     }
 
     fn pid(&self) -> i32 {
-        self.child.id() as i32
+        self.procs.0
     }
 
     fn words(&self) -> Vec<u64> {
@@ -98,50 +104,9 @@ impl Tree {
     }
 }
 
-impl Drop for Tree {
-    fn drop(&mut self) {
-        if let Ok(t) = tree::discover(self.pid()) {
-            for s in t.iter().rev() {
-                let _ = kill(Pid::from_raw(s.pid), Signal::SIGKILL);
-            }
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn python() -> &'static str {
-    if std::path::Path::new("/usr/bin/python3").exists() {
-        "/usr/bin/python3"
-    } else {
-        "python3"
-    }
-}
-
-/// `cmd` with nothing inherited from the harness but 0-2 (cargo's
-/// jobserver pipe, say, would be a pipe to a process outside the tree).
-fn only_stdio(cmd: &mut Command) -> &mut Command {
-    // SAFETY: close_range is async-signal-safe and touches no memory.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
-            Ok(())
-        })
-    }
-}
-
-fn policy(rounds: u32) -> Policy {
-    Policy {
-        max_downtime: Duration::ZERO,
-        max_rounds: rounds,
-        tiny_pages: 0,
-        max_growth: 1000.0,
-    }
-}
-
 fn options(pid: i32, dest: Destination) -> DumpOptions {
     DumpOptions {
-        policy: policy(2),
+        policy: fixed_rounds(2),
         ..DumpOptions::new(pid, dest)
     }
 }
@@ -153,58 +118,8 @@ fn read_page(pid: i32, addr: u64) -> Vec<u8> {
     page
 }
 
-fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-    for _ in 0..500 {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    panic!("timed out waiting for {what}");
-}
-
-/// Every sendable page of (stopped) process `pid` reads back from the
-/// image under its space's tag; returns the pages checked.
-fn assert_space_is_memory(pid: i32, space: u32, img: &FlatImage) -> u64 {
-    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
-    let mut page = vec![0u8; 4096];
-    let mut checked = 0;
-    for m in procfs::read_maps(pid)
-        .unwrap()
-        .iter()
-        .filter(|m| track::sendable(m))
-    {
-        let file = if m.is_file() && !m.shared {
-            m.path.as_ref().and_then(|p| std::fs::File::open(p).ok())
-        } else {
-            None
-        };
-        let mut a = m.start;
-        while a < m.end {
-            mem.read_exact_at(&mut page, a).unwrap();
-            let ok = match img.page(tree::tag(space, a)) {
-                Some(Page::Data(d)) => d[..] == page[..],
-                Some(Page::Zero) => is_zero(&page),
-                None => match &file {
-                    Some(f) => {
-                        let mut fp = vec![0u8; 4096];
-                        let n = f.read_at(&mut fp, m.offset + (a - m.start)).unwrap_or(0);
-                        fp[n..].fill(0);
-                        fp == page
-                    }
-                    None => is_zero(&page),
-                },
-            };
-            assert!(
-                ok,
-                "page {a:#x} of {:?} of process {pid} (space {space}) differs from the image",
-                m.path
-            );
-            checked += 1;
-            a += 4096;
-        }
-    }
-    checked
+fn wait_until(what: &str, f: impl FnMut() -> bool) {
+    common::wait_until(what, Duration::from_secs(5), f)
 }
 
 fn not_held(pid: i32) -> bool {
@@ -304,7 +219,7 @@ async fn dump_of_a_tree_keeps_every_address_space_apart() {
                 other => panic!("process {} page {:#x}: {other:?}", p.pid, addr + off),
             }
         }
-        let checked = assert_space_is_memory(p.pid, p.space, &img);
+        let checked = assert_image_holds_memory(p.pid, p.space, &img);
         assert!(checked > 100, "checked {checked} pages of {}", p.pid);
     }
     // Its processes write to a pipe read by this test, outside the tree:
@@ -385,63 +300,19 @@ async fn a_zombie_killed_by_a_signal_is_refused_by_name() {
     wait_until("the parent to run on", || not_held(t.pid()));
 }
 
-/// A parent with a child that exited with status 3 and is not reaped yet;
-/// once `argv[1]/reap` exists the parent reaps it and writes
-/// `pid exit-code` to `argv[1]/reaped`.
-const ZOMBIE_PARENT: &str = r#"
-import os, sys, time
-d = sys.argv[1]
-pid = os.fork()
-if pid == 0:
-    os._exit(3)
-with open(d + '/info.tmp', 'w') as f:
-    f.write('%d' % pid)
-os.rename(d + '/info.tmp', d + '/info')
-while not os.path.exists(d + '/reap'):
-    time.sleep(0.02)
-got, status = os.wait()
-with open(d + '/reaped.tmp', 'w') as f:
-    f.write('%d %d' % (got, os.waitstatus_to_exitcode(status)))
-os.rename(d + '/reaped.tmp', d + '/reaped')
-while True:
-    time.sleep(1)
-"#;
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_zombie_child_migrates_and_its_parent_reaps_it() {
     need_root!();
-    use ferry_page_server::store::mem::MemStore;
-    use ferry_page_server::tls::{server_config, TlsFiles};
-    use std::sync::Arc;
     let dir = tempfile::tempdir().unwrap();
-    let mut cmd = Command::new(python());
-    cmd.args(["-c", ZOMBIE_PARENT])
-        .arg(dir.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let t = Tree {
-        child: only_stdio(&mut cmd).spawn().unwrap(),
-        line: String::new(),
-    };
+    let t = python_tree(ZOMBIE_PARENT, dir.path());
     let info = dir.path().join("info");
     wait_until("the child", || info.exists());
     let zombie: i32 = std::fs::read_to_string(&info).unwrap().parse().unwrap();
     wait_until("the zombie", || proc_state(zombie) == 'Z');
 
     let tls = certs();
-    let store: Arc<dyn ferry_page_server::store::Store> = Arc::new(MemStore::new());
-    let mut cfg = ferry_page_server::Config::new(
-        server_config(&TlsFiles::server(tls.path())).unwrap(),
-        store.clone(),
-    );
-    cfg.restorer = Some(Arc::new(ferry::migrate::LocalRestorer));
-    let server = common::Server::start_with(cfg);
-    let opts = options(
-        t.pid(),
-        Destination::Remote(connect(server.addr, tls.path())),
-    );
-    let report = ferry::migrate::migrate(opts, &mut |_| {}).await.unwrap();
+    let (server, store) = restoring_server(tls.path());
+    let (report, _restored) = migrate_tree(t.0, &server, tls.path(), None).await;
     let root = report.restored_pid;
     let state = store
         .open(report.dump.session)
@@ -452,10 +323,7 @@ async fn a_zombie_child_migrates_and_its_parent_reaps_it() {
     let z: Vec<_> = state.processes.iter().filter(|p| p.zombie).collect();
     assert_eq!(z.len(), 1, "the image records the zombie");
     assert_eq!((z[0].pid, z[0].exit_status), (zombie, 3 << 8));
-    let _restored = Restored(root);
-    wait_until("the source to be gone", || {
-        matches!(proc_state(t.pid()), 'Z' | 'X' | '?')
-    });
+    wait_until("the source to be gone", || gone(t.0));
     let shape = tree::discover(root).unwrap();
     assert_eq!(shape.len(), 2, "{shape:?}");
     let z = &shape[1];
@@ -512,37 +380,39 @@ fn logged(path: &std::path::Path) -> Vec<u64> {
     common::log_values(path)
 }
 
-/// Kills every process of the tree under `pid` when dropped.
-struct Restored(i32);
+/// A restoring page server in this process on a memory store, kept to
+/// read the image.
+fn restoring_server(tls: &std::path::Path) -> (common::Server, Arc<dyn Store>) {
+    let store: Arc<dyn Store> = Arc::new(MemStore::new());
+    (common::Server::start_restoring(tls, store.clone()), store)
+}
 
-impl Drop for Restored {
-    fn drop(&mut self) {
-        if let Ok(t) = tree::discover(self.0) {
-            for s in t.iter().rev() {
-                let _ = kill(Pid::from_raw(s.pid), Signal::SIGKILL);
-            }
-        }
+/// Migrates the tree under `pid` to `server` (in [`options`]' two rounds,
+/// or at most `rounds` of the default policy); the report, and the
+/// restored tree, killed when dropped.
+async fn migrate_tree(
+    pid: i32,
+    server: &common::Server,
+    tls: &std::path::Path,
+    rounds: Option<u32>,
+) -> (ferry::migrate::MigrateReport, KillTree) {
+    let mut opts = options(pid, Destination::Remote(connect(server.addr, tls)));
+    if let Some(max_rounds) = rounds {
+        opts.policy = Policy {
+            max_rounds,
+            ..Policy::default()
+        };
     }
+    let report = ferry::migrate::migrate(opts, &mut |_| {}).await.unwrap();
+    let root = report.restored_pid;
+    (report, KillTree(root, None))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_parent_with_two_children_migrates_with_its_sessions_and_groups() {
     need_root!();
-    use ferry_page_server::store::mem::MemStore;
-    use ferry_page_server::tls::{server_config, TlsFiles};
-    use std::sync::Arc;
     let dir = tempfile::tempdir().unwrap();
-    let mut cmd = Command::new(python());
-    cmd.args(["-c", FAMILY])
-        .arg(dir.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let child = only_stdio(&mut cmd).spawn().unwrap();
-    let t = Tree {
-        child,
-        line: String::new(),
-    };
+    let t = python_tree(FAMILY, dir.path());
     let info = dir.path().join("info");
     wait_until("the children", || info.exists());
     let w: Vec<u64> = std::fs::read_to_string(&info)
@@ -557,27 +427,11 @@ async fn a_parent_with_two_children_migrates_with_its_sessions_and_groups() {
     }
 
     let tls = certs();
-    let mut cfg = ferry_page_server::Config::new(
-        server_config(&TlsFiles::server(tls.path())).unwrap(),
-        Arc::new(MemStore::new()),
-    );
-    cfg.restorer = Some(Arc::new(ferry::migrate::LocalRestorer));
-    let server = common::Server::start_with(cfg);
-    let mut opts = options(
-        t.pid(),
-        Destination::Remote(connect(server.addr, tls.path())),
-    );
-    opts.policy = Policy {
-        max_rounds: 3,
-        ..Policy::default()
-    };
-    let report = ferry::migrate::migrate(opts, &mut |_| {}).await.unwrap();
+    let (server, _) = restoring_server(tls.path());
+    let (report, _restored) = migrate_tree(t.0, &server, tls.path(), Some(3)).await;
     let root = report.restored_pid;
-    let _restored = Restored(root);
-    for pid in [t.pid(), w[1] as i32, w[2] as i32] {
-        wait_until("the source to be gone", || {
-            matches!(proc_state(pid), 'Z' | 'X' | '?')
-        });
+    for pid in [t.0, w[1] as i32, w[2] as i32] {
+        wait_until("the source to be gone", || gone(pid));
     }
 
     // The same shape: two children of the restored root, each with its
@@ -625,9 +479,6 @@ const CONSUMER: &str = "import sys, time\nf = open(sys.argv[1], 'a', buffering=1
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shell_pipeline_migrates_with_its_bytes_in_flight() {
     need_root!();
-    use ferry_page_server::store::mem::MemStore;
-    use ferry_page_server::tls::{server_config, TlsFiles};
-    use std::sync::Arc;
     let dir = tempfile::tempdir().unwrap();
     let (prod, cons, out) = (
         dir.path().join("producer.py"),
@@ -643,46 +494,17 @@ async fn a_shell_pipeline_migrates_with_its_bytes_in_flight() {
         cons.display(),
         out.display()
     );
-    let mut cmd = Command::new("/bin/sh");
-    cmd.args(["-c", &line])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let t = Tree {
-        child: only_stdio(&mut cmd).spawn().unwrap(),
-        line: String::new(),
-    };
+    let t = start_tree(Command::new("/bin/sh").args(["-c", &line]));
     wait_until("the pipeline to deliver", || logged(&out).len() >= 300);
-    let source: Vec<i32> = tree::discover(t.pid())
-        .unwrap()
-        .iter()
-        .map(|s| s.pid)
-        .collect();
+    let source: Vec<i32> = tree::discover(t.0).unwrap().iter().map(|s| s.pid).collect();
     assert_eq!(source.len(), 4, "sh and its three commands");
 
     let tls = certs();
-    let store: Arc<dyn ferry_page_server::store::Store> = Arc::new(MemStore::new());
-    let mut cfg = ferry_page_server::Config::new(
-        server_config(&TlsFiles::server(tls.path())).unwrap(),
-        store.clone(),
-    );
-    cfg.restorer = Some(Arc::new(ferry::migrate::LocalRestorer));
-    let server = common::Server::start_with(cfg);
-    let mut opts = options(
-        t.pid(),
-        Destination::Remote(connect(server.addr, tls.path())),
-    );
-    opts.policy = Policy {
-        max_rounds: 3,
-        ..Policy::default()
-    };
-    let report = ferry::migrate::migrate(opts, &mut |_| {}).await.unwrap();
+    let (server, store) = restoring_server(tls.path());
+    let (report, _restored) = migrate_tree(t.0, &server, tls.path(), Some(3)).await;
     let root = report.restored_pid;
-    let _restored = Restored(root);
     for &pid in &source {
-        wait_until("the source to be gone", || {
-            matches!(proc_state(pid), 'Z' | 'X' | '?')
-        });
+        wait_until("the source to be gone", || gone(pid));
     }
     // Bytes were in flight: the image holds unread pipe contents.
     let state = store
@@ -734,16 +556,7 @@ async fn an_eventfd_shared_by_parent_and_child_is_refused_by_name() {
     let script = "import os, sys, time\nfd = os.eventfd(5)\nos.set_inheritable(fd, True)\npid = os.fork()\nif pid == 0:\n    while True:\n        time.sleep(1)\nwith open(sys.argv[1] + '.tmp', 'w') as f:\n    f.write('%d %d' % (pid, fd))\nos.rename(sys.argv[1] + '.tmp', sys.argv[1])\nwhile True:\n    time.sleep(1)\n";
     let dir = tempfile::tempdir().unwrap();
     let info = dir.path().join("info");
-    let mut cmd = Command::new(python());
-    cmd.args(["-c", script])
-        .arg(&info)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let t = Tree {
-        child: only_stdio(&mut cmd).spawn().unwrap(),
-        line: String::new(),
-    };
+    let t = python_tree(script, &info);
     wait_until("the child", || info.exists());
     let w: Vec<i32> = std::fs::read_to_string(&info)
         .unwrap()
@@ -755,7 +568,7 @@ async fn an_eventfd_shared_by_parent_and_child_is_refused_by_name() {
         format!("127.0.0.1:{}", free_port()).parse().unwrap(),
         tls.path(),
     ));
-    let e = ferry::migrate::migrate(options(t.pid(), dest), &mut |_| {})
+    let e = ferry::migrate::migrate(options(t.0, dest), &mut |_| {})
         .await
         .map(|_| ())
         .unwrap_err()
@@ -766,11 +579,11 @@ async fn an_eventfd_shared_by_parent_and_child_is_refused_by_name() {
             w[1],
             w[0],
             w[1],
-            t.pid()
+            t.0
         )) && e.contains("nothing was frozen"),
         "{e}"
     );
-    for pid in [t.pid(), w[0]] {
+    for pid in [t.0, w[0]] {
         assert!(not_held(pid), "process {pid} runs on untraced");
     }
 }

@@ -1,5 +1,9 @@
 //! Helpers shared by the end-to-end tests: certificates, an in-process page
-//! server, and a page server as a child process that can be killed.
+//! server, and a page server as a child process that can be killed; the
+//! `ferry page-server` and `ferry migrate` command lines; the fixture
+//! started and logging; guards that kill a process or a whole tree; and
+//! the checks several tests make the same way (an image against a
+//! process's memory, a log that grows, a process gone).
 
 #![allow(dead_code)]
 
@@ -11,7 +15,7 @@ use std::time::Duration;
 
 use ferry::client::{Client, Connect};
 use ferry::synthetic::{Mix, Rng, Workload};
-use ferry_page_server::store::Store;
+use ferry_page_server::store::{FlatImage, Page, Store};
 use ferry_page_server::tls::{client_config, server_config, TlsFiles};
 use ferry_page_server::{Config, PageServer};
 use ferry_proto::session::SenderConfig;
@@ -73,6 +77,33 @@ pub fn sender_config(id: u8, page_size: u32, resume: bool) -> SenderConfig {
     }
 }
 
+/// A whole session of workload `w` (`mib` MiB, session id `id`) over
+/// `client`: three layers, an empty state and a commit, stored; the store
+/// then flattens to exactly the workload's pages.
+pub async fn store_three_layers(
+    mut client: Client,
+    w: &mut Workload,
+    id: u8,
+    mib: u64,
+    store: &dyn Store,
+) {
+    migrate_synthetic(&mut client, w, 3, id as u64).await;
+    client
+        .send_state(ferry_proto::pb::ProcessTree::default())
+        .await
+        .unwrap();
+    let outcome = client.commit(false).await.unwrap();
+    assert!(
+        matches!(
+            outcome,
+            ferry::client::CommitOutcome::Stored { layers: 3, .. }
+        ),
+        "{outcome:?}"
+    );
+    let pages = ferry::synthetic::verify(store, SessionId([id; 16]), w).unwrap();
+    assert_eq!(pages, mib * 256);
+}
+
 /// Streams a workload in `rounds` rounds (layer 0 whole, then 10 % dirty),
 /// with small batches so every layer is spread over every stream.
 pub async fn migrate_synthetic(client: &mut Client, w: &mut Workload, rounds: u32, seed: u64) {
@@ -104,15 +135,8 @@ pub struct ServerProcess(pub Child);
 
 impl ServerProcess {
     pub fn start(tls: &Path, store: &str, port: u16) -> ServerProcess {
-        let child = Command::new(env!("CARGO_BIN_EXE_ferry"))
-            .args(["page-server", "--listen"])
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("--tls")
-            .arg(tls)
-            .arg("--store")
-            .arg(store)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
+        let child = page_server_command(tls, port)
+            .args(["--store", store])
             .stderr(Stdio::inherit())
             .spawn()
             .unwrap();
@@ -380,4 +404,297 @@ pub fn assert_source_runs(fx: &Fixture, log: &Path, what: &str) {
         values.windows(2).all(|w| w[0] <= w[1]),
         "{what}: the counter never went back"
     );
+}
+
+/// Appends `page-server --listen LISTEN --tls TLS` to `cmd` (the ferry
+/// binary, or a wrapper such as `ip netns exec NS ferry` or `prlimit …
+/// ferry`), with stdin and stdout on /dev/null; callers add the other
+/// flags, the environment and stderr.
+pub fn page_server_args<'a>(cmd: &'a mut Command, listen: &str, tls: &Path) -> &'a mut Command {
+    cmd.args(["page-server", "--listen", listen])
+        .arg("--tls")
+        .arg(tls)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+}
+
+/// `ferry page-server --listen 127.0.0.1:PORT --tls TLS`, as
+/// [`page_server_args`] makes it.
+pub fn page_server_command(tls: &Path, port: u16) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferry"));
+    page_server_args(&mut cmd, &format!("127.0.0.1:{port}"), tls);
+    cmd
+}
+
+/// Appends `migrate --pid PID --to TO --tls TLS` to `cmd` (the ferry
+/// binary or a wrapper of it); callers add flags and stdio.
+pub fn migrate_args<'a>(cmd: &'a mut Command, pid: i32, to: &str, tls: &Path) -> &'a mut Command {
+    cmd.args(["migrate", "--pid", &pid.to_string(), "--to", to])
+        .arg("--tls")
+        .arg(tls)
+}
+
+/// `ferry migrate --pid PID --to TO --tls TLS`.
+pub fn migrate_command(pid: i32, to: &str, tls: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferry"));
+    migrate_args(&mut cmd, pid, to, tls);
+    cmd
+}
+
+/// The restored pid that `ferry migrate --json` printed; fails the test
+/// with its stderr if the migration failed.
+pub fn restored_pid(out: &std::process::Output, what: &str) -> i32 {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "{what}: ferry migrate failed: {stderr}"
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    json["restored_pid"].as_i64().unwrap() as i32
+}
+
+/// What the migration tests ask: at most 3 rounds, the default policy
+/// otherwise, the process restored by the page server at `c`.
+pub fn restore_options(pid: i32, c: Connect) -> ferry::dump::DumpOptions {
+    ferry::dump::DumpOptions {
+        policy: ferry::policy::Policy {
+            max_rounds: 3,
+            ..ferry::policy::Policy::default()
+        },
+        restore: true,
+        ..ferry::dump::DumpOptions::new(pid, ferry::dump::Destination::Remote(c))
+    }
+}
+
+impl Server {
+    /// A page server in this process that restores what it receives here
+    /// (`LocalRestorer`), keeping images in `store`.
+    pub fn start_restoring(tls: &Path, store: Arc<dyn Store>) -> Server {
+        let mut cfg = Config::new(server_config(&TlsFiles::server(tls)).unwrap(), store);
+        cfg.restorer = Some(Arc::new(ferry::migrate::LocalRestorer));
+        Self::start_with(cfg)
+    }
+}
+
+/// Waits up to 2 s for a first value in `log`; whether one came.
+pub fn log_started(log: &Path) -> bool {
+    for _ in 0..200 {
+        if !log_values(log).is_empty() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    false
+}
+
+/// The fixture with `args` then `--single-thread --log DIR/NAME`, once it
+/// has logged its counter (panics if the log stays empty for 2 s).
+pub fn logging_fixture(dir: &Path, name: &str, args: &[&str]) -> (Fixture, std::path::PathBuf) {
+    logging_fixture_under(&[], dir, name, args)
+}
+
+/// [`logging_fixture`] under `setpriv SETPRIV… --` when SETPRIV is not
+/// empty (setpriv execs it: the pid is the fixture's).
+pub fn logging_fixture_under(
+    setpriv: &[&str],
+    dir: &Path,
+    name: &str,
+    args: &[&str],
+) -> (Fixture, std::path::PathBuf) {
+    let log = dir.join(name);
+    let exe = env!("CARGO_BIN_EXE_ferry-fixture");
+    let mut all = setpriv.to_vec();
+    if !setpriv.is_empty() {
+        all.extend(["--", exe]);
+    }
+    all.extend(args);
+    all.extend(["--single-thread", "--log", log.to_str().unwrap()]);
+    let fx = match setpriv {
+        [] => Fixture::start(&all),
+        _ => Fixture::start_at(Path::new("/usr/bin/setpriv"), &all),
+    };
+    wait_for_log(&log);
+    (fx, log)
+}
+
+/// Waits up to 2 s for a first value in `log`; panics if none comes.
+pub fn wait_for_log(log: &Path) {
+    assert!(log_started(log), "{} stays empty", log.display());
+}
+
+/// The last value of `log` grows within `wait`: the process counts on.
+pub fn assert_counts_on(log: &Path, wait: Duration, what: &str) {
+    let n = *log_values(log).last().unwrap();
+    std::thread::sleep(wait);
+    assert!(*log_values(log).last().unwrap() > n, "{what}");
+}
+
+/// Kills process `pid` when dropped: a restored process, or a source a
+/// failure left behind.
+pub struct KillOnDrop(pub i32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}
+
+/// Kills every process of the tree under pid `.0` when dropped, leaves
+/// first, then kills and reaps `.1`, the child this test started (if any).
+pub struct KillTree(pub i32, pub Option<Child>);
+
+impl Drop for KillTree {
+    fn drop(&mut self) {
+        if let Ok(t) = ferry::tree::discover(self.0) {
+            for s in t.iter().rev() {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(s.pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+        if let Some(c) = self.1.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn python() -> &'static str {
+    if Path::new("/usr/bin/python3").exists() {
+        "/usr/bin/python3"
+    } else {
+        "python3"
+    }
+}
+
+/// `cmd` with nothing inherited from the harness but 0-2 (cargo's
+/// jobserver pipe, say, would be a pipe to a process outside the tree,
+/// which a migration refuses).
+pub fn only_stdio(cmd: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: close_range is async-signal-safe and touches no memory.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+            Ok(())
+        })
+    }
+}
+
+/// Starts `cmd` with stdin, stdout and stderr on /dev/null and nothing
+/// else inherited; its whole tree is killed when dropped.
+pub fn start_tree(cmd: &mut Command) -> KillTree {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let child = only_stdio(cmd).spawn().unwrap();
+    KillTree(child.id() as i32, Some(child))
+}
+
+/// `python3 -c SCRIPT ARG` as [`start_tree`] starts it.
+pub fn python_tree(script: &str, arg: impl AsRef<std::ffi::OsStr>) -> KillTree {
+    start_tree(Command::new(python()).args(["-c", script]).arg(arg))
+}
+
+/// Process `pid` is gone: exited (a zombie not reaped yet) or reaped.
+pub fn gone(pid: i32) -> bool {
+    matches!(proc_state(pid), 'Z' | 'X' | '?')
+}
+
+/// Every page ferry sends of (stopped) process `pid` reads back from
+/// `img` under the tag of its address space `space` (0: untagged): a hole
+/// is zero for anonymous memory and the file's bytes for a private file
+/// mapping. Returns the pages checked.
+pub fn assert_image_holds_memory(pid: i32, space: u32, img: &FlatImage) -> u64 {
+    use std::os::unix::fs::FileExt;
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
+    let mut page = vec![0u8; 4096];
+    let mut checked = 0;
+    for m in ferry::procfs::read_maps(pid)
+        .unwrap()
+        .iter()
+        .filter(|m| ferry::track::sendable(m))
+    {
+        let file = if m.is_file() && !m.shared {
+            m.path.as_ref().and_then(|p| std::fs::File::open(p).ok())
+        } else {
+            None
+        };
+        let mut a = m.start;
+        while a < m.end {
+            mem.read_exact_at(&mut page, a)
+                .unwrap_or_else(|e| panic!("reading {a:#x} of {m:?}: {e}"));
+            let ok = match img.page(ferry::tree::tag(space, a)) {
+                Some(Page::Data(d)) => d[..] == page[..],
+                Some(Page::Zero) => ferry_proto::batch::is_zero(&page),
+                None => match &file {
+                    Some(f) => {
+                        let mut fp = vec![0u8; 4096];
+                        let n = f.read_at(&mut fp, m.offset + (a - m.start)).unwrap_or(0);
+                        fp[n..].fill(0);
+                        fp == page
+                    }
+                    None => ferry_proto::batch::is_zero(&page),
+                },
+            };
+            assert!(
+                ok,
+                "page {a:#x} of {:?} of process {pid} (space {space}) differs from the image",
+                m.path
+            );
+            checked += 1;
+            a += 4096;
+        }
+    }
+    checked
+}
+
+/// A parent with a child that exited with status 3 and is not reaped yet;
+/// once `argv[1]/reap` exists the parent reaps it and writes `pid
+/// exit-code` (what `wait()` said) to `argv[1]/reaped`.
+pub const ZOMBIE_PARENT: &str = r#"
+import os, sys, time
+d = sys.argv[1]
+pid = os.fork()
+if pid == 0:
+    os._exit(3)
+with open(d + '/info.tmp', 'w') as f:
+    f.write('%d' % pid)
+os.rename(d + '/info.tmp', d + '/info')
+while not os.path.exists(d + '/reap'):
+    time.sleep(0.02)
+got, status = os.wait()
+with open(d + '/reaped.tmp', 'w') as f:
+    f.write('%d %d' % (got, os.waitstatus_to_exitcode(status)))
+os.rename(d + '/reaped.tmp', d + '/reaped')
+while True:
+    time.sleep(1)
+"#;
+
+/// Polls `f` every 10 ms for up to `timeout`; panics naming `what` if it
+/// never holds.
+pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    for _ in 0..timeout.as_millis() / 10 {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("timed out waiting for {what}");
+}
+
+/// A policy under which the rounds go on to `rounds` unless one comes
+/// back empty: no downtime is short enough, no round too small, no growth
+/// too large.
+pub fn fixed_rounds(rounds: u32) -> ferry::policy::Policy {
+    ferry::policy::Policy {
+        max_downtime: Duration::ZERO,
+        max_rounds: rounds,
+        tiny_pages: 0,
+        max_growth: 1000.0,
+    }
 }
