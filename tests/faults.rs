@@ -19,12 +19,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::{
-    assert_source_runs, certs, free_port, is_root, log_values, proc_state, wait_for_server,
-    Fixture, ServerProcess,
+    assert_source_runs, certs, fixed_rounds, free_port, is_root, log_values, logging_fixture,
+    migrate_command, page_server_command, proc_state, wait_for_server, Fixture, ServerProcess,
 };
 use ferry::dump::{Destination, DumpOptions};
 use ferry::migrate::migrate;
-use ferry::policy::Policy;
 use ferry_page_server::store::{disk::DiskStore, Store};
 
 macro_rules! need_root {
@@ -39,36 +38,14 @@ macro_rules! need_root {
 /// A single-threaded fixture that dirties pages (so there are several
 /// rounds) and logs its counter, ready.
 fn fixture(dir: &Path, name: &str) -> (Fixture, std::path::PathBuf) {
-    let log = dir.join(name);
-    let fx = Fixture::start(&[
-        "--mib",
-        "32",
-        "--dirty-rate",
-        "3000",
-        "--single-thread",
-        "--log",
-        log.to_str().unwrap(),
-    ]);
-    for _ in 0..200 {
-        if !log_values(&log).is_empty() {
-            return (fx, log);
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    panic!("{} stays empty", log.display());
+    logging_fixture(dir, name, &["--mib", "32", "--dirty-rate", "3000"])
 }
 
 /// `ferry page-server --restore` on a disk store, as a child process.
 fn page_server(tls: &Path, store: &Path, port: u16) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(["page-server", "--restore", "--log", "warn", "--listen"])
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("--tls")
-        .arg(tls)
-        .arg("--store")
+    page_server_command(tls, port)
+        .args(["--restore", "--log", "warn", "--store"])
         .arg(format!("disk:{}", store.display()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
         .spawn()
         .unwrap()
 }
@@ -90,12 +67,7 @@ async fn a_page_server_killed_after_any_round_loses_nothing() {
         connect.timeout = Duration::from_secs(3);
         let opts = DumpOptions {
             // Never content: rounds go on until the page server is gone.
-            policy: Policy {
-                max_rounds: 6,
-                max_downtime: Duration::ZERO,
-                tiny_pages: 0,
-                max_growth: 1000.0,
-            },
+            policy: fixed_rounds(6),
             restore: true,
             ..DumpOptions::new(fx.pid, Destination::Remote(connect))
         };
@@ -144,11 +116,7 @@ fn the_source_ferry_killed_at_any_step_leaves_the_process_running() {
     // rounds and, with luck, while the process is frozen.
     for lines in [0usize, 1, 2, 3] {
         let (fx, log) = fixture(dir.path(), &format!("src{lines}"));
-        let mut ferry = Command::new(env!("CARGO_BIN_EXE_ferry"))
-            .args(["migrate", "--pid", &fx.pid.to_string(), "--to"])
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("--tls")
-            .arg(tls.path())
+        let mut ferry = migrate_command(fx.pid, &format!("127.0.0.1:{port}"), tls.path())
             .args(["--max-rounds", "8", "--max-downtime", "0", "--log", "warn"])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -216,11 +184,7 @@ fn the_source_ferry_killed_inside_an_injected_syscall_leaves_the_process_running
     ] {
         let (fx, log) = fixture(dir.path(), point);
         let mask = sigblk(fx.pid);
-        let status = Command::new(env!("CARGO_BIN_EXE_ferry"))
-            .args(["migrate", "--pid", &fx.pid.to_string(), "--to"])
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("--tls")
-            .arg(tls.path())
+        let status = migrate_command(fx.pid, &format!("127.0.0.1:{port}"), tls.path())
             .args(["--max-rounds", "2", "--log", "warn"])
             .env("FERRY_FAILPOINT", format!("ptrace:{point}"))
             .stdout(Stdio::null())
@@ -334,29 +298,13 @@ async fn a_full_disk_store_fails_the_session_and_nothing_else() {
         let _ = stopped.await;
     }));
 
-    let log = dir.path().join("full");
-    let fx = Fixture::start(&[
-        "--mib",
-        "16",
-        "--dirty-rate",
-        "20000",
-        "--single-thread",
-        "--log",
-        log.to_str().unwrap(),
-    ]);
-    for _ in 0..200 {
-        if !log_values(&log).is_empty() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let (fx, log) = logging_fixture(
+        dir.path(),
+        "full",
+        &["--mib", "16", "--dirty-rate", "20000"],
+    );
     let opts = |pid, max_rounds| DumpOptions {
-        policy: Policy {
-            max_rounds,
-            max_downtime: Duration::ZERO,
-            tiny_pages: 0,
-            max_growth: 1000.0,
-        },
+        policy: fixed_rounds(max_rounds),
         restore: true,
         ..DumpOptions::new(pid, Destination::Remote(common::connect(addr, tls.path())))
     };
@@ -417,20 +365,7 @@ async fn a_full_disk_store_fails_the_session_and_nothing_else() {
 
     // Space freed, the same page server takes and restores the next one.
     disk.remove(s.id).unwrap();
-    let log2 = dir.path().join("after");
-    let fx2 = Fixture::start(&[
-        "--mib",
-        "4",
-        "--single-thread",
-        "--log",
-        log2.to_str().unwrap(),
-    ]);
-    for _ in 0..200 {
-        if !log_values(&log2).is_empty() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let (fx2, log2) = logging_fixture(dir.path(), "after", &["--mib", "4"]);
     let r = migrate(opts(fx2.pid, 3), &mut |_| {})
         .await
         .unwrap_or_else(|e| panic!("after space was freed: {e}"));
