@@ -121,21 +121,7 @@ pub async fn migrate(
             pid,
             ns_pid,
             pid_ns,
-        }) => {
-            let source_pid = frozen.pid();
-            frozen.kill().map_err(|error| MigrateError::Kill {
-                pid,
-                source_pid,
-                error,
-            })?;
-            Ok(MigrateReport {
-                downtime: report.frozen,
-                dump: report,
-                restored_pid: pid,
-                restored_ns: (ns_pid, pid_ns),
-                post_copy: None,
-            })
-        }
+        }) => kill_source(frozen, report, pid, (ns_pid, pid_ns)),
         Some(CommitOutcome::Failed { reason }) => {
             frozen.resume()?;
             Err(MigrateError::Refused(reason))
@@ -389,6 +375,29 @@ pub async fn migrate_post_copy(
     }
 }
 
+/// The destination runs the process as `pid` (in namespace `ns`): the
+/// frozen source is killed, which ends the migration.
+fn kill_source(
+    frozen: Frozen,
+    report: DumpReport,
+    pid: i32,
+    ns: (i32, u64),
+) -> Result<MigrateReport, MigrateError> {
+    let source_pid = frozen.pid();
+    frozen.kill().map_err(|error| MigrateError::Kill {
+        pid,
+        source_pid,
+        error,
+    })?;
+    Ok(MigrateReport {
+        downtime: report.frozen,
+        dump: report,
+        restored_pid: pid,
+        restored_ns: ns,
+        post_copy: None,
+    })
+}
+
 /// The source after the destination ran: never resumed by accident (ferry
 /// interrupted, an error), only left stopped.
 struct StopOnDrop(Option<Frozen>);
@@ -398,22 +407,9 @@ impl StopOnDrop {
     /// `Go` was lost and asked for): the source is killed.
     fn source_gone(&mut self, pid: i32, report: DumpReport) -> Result<MigrateReport, MigrateError> {
         let frozen = self.0.take().expect("held until the answer");
-        let source_pid = frozen.pid();
-        frozen.kill().map_err(|error| MigrateError::Kill {
-            pid,
-            source_pid,
-            error,
-        })?;
-        Ok(MigrateReport {
-            downtime: report.frozen,
-            dump: report,
-            restored_pid: pid,
-            // The page server's record keeps only the pid: with
-            // --keep-pids its namespace went with the lost answer
-            // (README, "ferry migrate").
-            restored_ns: (0, 0),
-            post_copy: None,
-        })
+        // The page server's record keeps only the pid: with --keep-pids its
+        // namespace went with the lost answer (README, "ferry migrate").
+        kill_source(frozen, report, pid, (0, 0))
     }
 
     /// The page server says no copy runs there: the source resumes.

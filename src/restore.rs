@@ -2398,22 +2398,12 @@ impl Restorer {
     fn unix_pair(&mut self, a: &pb::FileDesc, b: &pb::FileDesc, above: u64) -> Result<()> {
         use std::os::fd::AsFd;
         let s = a.socket.as_ref().expect("checked by the caller");
-        let at = self.put(0, &[0u8; 8], "socketpair's answer")?;
-        self.call(
+        let (x, y) = self.fd_pair(
             format!("socketpair for fds {} and {}", a.fd, b.fd),
             libc::SYS_socketpair,
-            [libc::AF_UNIX as u64, s.r#type as u64, 0, at, 0, 0],
+            |at| [libc::AF_UNIX as u64, s.r#type as u64, 0, at, 0, 0],
+            above,
         )?;
-        let mut both = [0u8; 8];
-        self.stub
-            .read(at, &mut both)
-            .map_err(|source| RestoreError::Write {
-                what: "socketpair's answer".into(),
-                source,
-            })?;
-        let x = u32::from_le_bytes([both[0], both[1], both[2], both[3]]) as u64;
-        let y = u32::from_le_bytes([both[4], both[5], both[6], both[7]]) as u64;
-        let (x, y) = (self.lift(x, above)?, self.lift(y, above)?);
         // What waits at one end was sent from the other.
         for (from, f) in [(y, a), (x, b)] {
             let unread = f
@@ -2590,6 +2580,30 @@ impl Restorer {
 
     /// A copy of the stub's fd `fd` above every fd of the image; the
     /// original is closed.
+    /// Runs `nr` (`socketpair`, `pipe2`: calls that write an `int[2]` of
+    /// new fds to the address given to `args`) in the stub and returns both
+    /// fds, lifted above `above`.
+    fn fd_pair(
+        &mut self,
+        step: String,
+        nr: libc::c_long,
+        args: impl FnOnce(u64) -> [u64; 6],
+        above: u64,
+    ) -> Result<(u64, u64)> {
+        let at = self.put(0, &[0u8; 8], "room for two fds")?;
+        self.call(&step, nr, args(at))?;
+        let mut both = [0u8; 8];
+        self.stub
+            .read(at, &mut both)
+            .map_err(|source| RestoreError::Write {
+                what: format!("{step}: its answer"),
+                source,
+            })?;
+        let x = u32::from_le_bytes([both[0], both[1], both[2], both[3]]) as u64;
+        let y = u32::from_le_bytes([both[4], both[5], both[6], both[7]]) as u64;
+        Ok((self.lift(x, above)?, self.lift(y, above)?))
+    }
+
     fn lift(&mut self, fd: u64, above: u64) -> Result<u64> {
         let high = self.call(
             "fcntl(F_DUPFD_CLOEXEC) of a helper fd",
@@ -2668,22 +2682,12 @@ impl Restorer {
         let nonblock = libc::O_NONBLOCK as u64;
         // (read end, write end) in the stub, above the image's fds.
         let (r, w, helper) = if first.kind() == pb::FdKind::Pipe {
-            let at = self.put(0, &[0u8; 8], "pipe2's answer")?;
-            self.call(
+            let (r, w) = self.fd_pair(
                 format!("pipe2 for fd {}", first.fd),
                 libc::SYS_pipe2,
-                [at, nonblock, 0, 0, 0, 0],
+                |at| [at, nonblock, 0, 0, 0, 0],
+                above,
             )?;
-            let mut both = [0u8; 8];
-            self.stub
-                .read(at, &mut both)
-                .map_err(|source| RestoreError::Write {
-                    what: "pipe2's answer".into(),
-                    source,
-                })?;
-            let r = u32::from_le_bytes([both[0], both[1], both[2], both[3]]) as u64;
-            let w = u32::from_le_bytes([both[4], both[5], both[6], both[7]]) as u64;
-            let (r, w) = (self.lift(r, above)?, self.lift(w, above)?);
             (r, w, None)
         } else {
             // Opening a FIFO read-write never blocks (Linux): this helper

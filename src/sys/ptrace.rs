@@ -1253,9 +1253,26 @@ impl Worker {
                 Err(errno)
             }
         };
-        pt::setregs(Pid::from_raw(tid), *regs).map_err(os("PTRACE_SETREGS"))?;
+        let set = pt::setregs(Pid::from_raw(tid), *regs).map_err(os("PTRACE_SETREGS"));
+        self.disarm();
+        set?;
         self.injecting = None;
         masked.map_err(os("PTRACE_SETSIGMASK"))
+    }
+
+    /// Puts the bytes under the trampoline back (see
+    /// [`super::trampoline::Site`]); a site that cannot be written is
+    /// dropped, never used again.
+    fn disarm(&mut self) {
+        if let Some(site) = &mut self.site {
+            if let Err(e) = site.disarm() {
+                tracing::warn!(
+                    pid = self.pid,
+                    "putting back the bytes under the trampoline: {e}"
+                );
+                self.site = None;
+            }
+        }
     }
 
     /// The address to inject through for a thread whose own registers are
@@ -1280,12 +1297,11 @@ impl Worker {
                 ),
             }
         }
-        let pid = self.pid;
         if let Some(site) = &mut self.site {
-            match site.arm(pid, regs, mask) {
+            match site.arm(regs, mask) {
                 Ok(()) => return Ok(site.addr),
                 Err(e) => {
-                    tracing::warn!(pid, "writing the injection trampoline: {e}");
+                    tracing::warn!(pid = self.pid, "writing the injection trampoline: {e}");
                     self.site = None;
                 }
             }
@@ -1436,14 +1452,7 @@ impl Worker {
         }
         // PTRACE_DETACH needs a ptrace stop (a listening thread is not).
         let frozen = self.freeze();
-        if let Some(site) = &mut self.site {
-            if let Err(e) = site.restore(self.pid) {
-                tracing::warn!(
-                    pid = self.pid,
-                    "putting back the bytes under the trampoline: {e}"
-                );
-            }
-        }
+        self.disarm();
         if self.stop_guard && !leave_stopped {
             // Discards the queued SIGSTOP.
             if let Err(errno) = kill(Pid::from_raw(self.pid), Signal::SIGCONT) {

@@ -181,14 +181,20 @@ pub fn exec_tails(ehdr: &[u8], phdrs: &[u8], base: u64, page: u64) -> Vec<(u64, 
         .collect()
 }
 
-/// A place in the target for the trampoline, and the bytes it held.
+/// A place in the target for the trampoline, and the bytes it held there.
+///
+/// The trampoline is written for each injection and the original bytes put
+/// back right after it ([`Site::disarm`]): the page stays a private copy,
+/// but what the process holds between injections, and so what an image of
+/// it holds, is byte for byte what it had.
 #[derive(Debug)]
 pub struct Site {
     pub addr: u64,
     original: Vec<u8>,
-    /// What ferry last wrote there, to tell whether the place is still
-    /// ours before writing again or putting `original` back.
-    written: Option<Vec<u8>>,
+    /// `/proc/PID/mem`, open for writing: executable pages are not
+    /// writable, and only this path writes through (`FOLL_FORCE`).
+    mem: std::fs::File,
+    armed: bool,
 }
 
 impl Site {
@@ -253,13 +259,19 @@ impl Site {
                 }
                 let addr = page_end - LEN as u64;
                 let mut original = vec![0u8; LEN];
-                if super::vm::read(pid, addr, &mut original).is_ok() {
-                    return Some(Site {
-                        addr,
-                        original,
-                        written: None,
-                    });
+                if super::vm::read(pid, addr, &mut original).is_err() {
+                    continue;
                 }
+                let mem = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(format!("/proc/{pid}/mem"))
+                    .ok()?;
+                return Some(Site {
+                    addr,
+                    original,
+                    mem,
+                    armed: false,
+                });
             }
         }
         None
@@ -268,33 +280,33 @@ impl Site {
     /// Whether the bytes at the site are still the ones ferry left there
     /// (the mapping was not replaced since).
     pub fn intact(&self, pid: i32) -> bool {
-        let want = self.written.as_deref().unwrap_or(&self.original);
-        let mut now = vec![0u8; want.len()];
-        super::vm::read(pid, self.addr, &mut now).is_ok() && now == want
+        let mut now = vec![0u8; LEN];
+        !self.armed && super::vm::read(pid, self.addr, &mut now).is_ok() && now == self.original
     }
 
     /// Writes the trampoline for a thread with registers `regs` and signal
     /// mask `mask`.
-    pub fn arm(
-        &mut self,
-        pid: i32,
-        regs: &user_regs_struct,
-        mask: u64,
-    ) -> Result<(), super::vm::VmError> {
-        let c = code(regs, mask);
-        super::vm::write_forced(pid, self.addr, &c)?;
-        self.written = Some(c);
+    pub fn arm(&mut self, regs: &user_regs_struct, mask: u64) -> std::io::Result<()> {
+        self.write(&code(regs, mask))?;
+        self.armed = true;
         Ok(())
     }
 
-    /// Puts the original bytes back if the site is still ours.
-    pub fn restore(&mut self, pid: i32) -> Result<(), super::vm::VmError> {
-        if self.written.is_none() || !self.intact(pid) {
-            return Ok(());
+    /// Puts the original bytes back, if the trampoline is there.
+    pub fn disarm(&mut self) -> std::io::Result<()> {
+        if self.armed {
+            let original = std::mem::take(&mut self.original);
+            let written = self.write(&original);
+            self.original = original;
+            written?;
+            self.armed = false;
         }
-        super::vm::write_forced(pid, self.addr, &self.original)?;
-        self.written = None;
         Ok(())
+    }
+
+    fn write(&self, bytes: &[u8]) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        self.mem.write_all_at(bytes, self.addr)
     }
 }
 

@@ -122,14 +122,6 @@ pub fn write(pid: i32, addr: u64, data: &[u8]) -> Result<(), VmError> {
     Ok(())
 }
 
-/// Writes `data` at `addr` of `pid` through `/proc/PID/mem`, which writes
-/// even to pages without write permission (the kernel's `FOLL_FORCE`:
-/// a private copy of the page, as a debugger's breakpoint). Needs the
-/// right to ptrace the process.
-pub fn write_forced(pid: i32, addr: u64, data: &[u8]) -> Result<(), VmError> {
-    write_mem(pid, addr, data)
-}
-
 fn write_mem(pid: i32, addr: u64, data: &[u8]) -> Result<(), VmError> {
     let mem = OpenOptions::new()
         .write(true)
