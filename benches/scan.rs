@@ -1,6 +1,7 @@
 //! Dirty tracking and memory reads on a real 1 GiB process (needs root):
 //! a clean uffd-wp rescan, a rescan with 10 % of the pages written, and
-//! reading 1024 scattered pages with `process_vm_readv`.
+//! reading 1024 scattered pages with `process_vm_readv`, and one injected
+//! syscall (running, and frozen with signals blocked).
 //!
 //! `cargo bench --bench scan`
 
@@ -100,6 +101,22 @@ fn bench(c: &mut Criterion) {
     });
     g.finish();
     drop(t);
+
+    // One injected syscall, as the rounds (running process) and the state
+    // capture (frozen, signals blocked) make them; each goes through the
+    // trampoline (written before, the original bytes put back after).
+    let mut g = c.benchmark_group("inject");
+    g.sample_size(50);
+    g.bench_function("getpid/running", |b| {
+        b.iter(|| tracee.syscall(libc::SYS_getpid, &[]).unwrap())
+    });
+    tracee.freeze().unwrap();
+    let tid = tracee.tids()[0];
+    g.bench_function("getpid/frozen-signals-blocked", |b| {
+        b.iter(|| tracee.syscall_in(tid, libc::SYS_getpid, &[]).unwrap())
+    });
+    g.finish();
+    let _ = tracee.thaw();
     let _ = tracee.detach(false);
 }
 

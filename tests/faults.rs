@@ -1,6 +1,6 @@
 //! Fault injection on real migrations (issue 7): the page server killed
 //! after each round, and the source `ferry migrate` killed at each step
-//! and inside an injected syscall.
+//! and inside an injected syscall; the link cut at each step.
 //! Whatever happens, nothing is lost and nothing runs twice: before the
 //! commit the source runs on, neither stopped nor traced, counting from
 //! where it was; after it, the destination runs the process and the source
@@ -22,9 +22,17 @@ use common::{
     assert_source_runs, certs, fixed_rounds, free_port, is_root, log_values, logging_fixture,
     migrate_command, page_server_command, proc_state, wait_for_server, Fixture, ServerProcess,
 };
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+use std::sync::Arc;
+
 use ferry::dump::{Destination, DumpOptions};
-use ferry::migrate::migrate;
+use ferry::migrate::{migrate, LocalRestorer, MigrateError};
+use ferry_page_server::store::mem::MemStore;
 use ferry_page_server::store::{disk::DiskStore, Store};
+use ferry_page_server::tls::{server_config, TlsFiles};
+use ferry_page_server::Config;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 
 macro_rules! need_root {
     () => {
@@ -202,6 +210,245 @@ fn the_source_ferry_killed_inside_an_injected_syscall_leaves_the_process_running
         assert_eq!(sigblk(fx.pid), mask, "{what}: the signal mask changed");
         kill_restored(&log);
     }
+}
+
+/// A UDP relay between a QUIC client and a page server on loopback that
+/// can cut the link: from then on it drops every datagram both ways, as a
+/// pulled cable would (no FIN, no reset, no ICMP: silence).
+struct Relay {
+    addr: std::net::SocketAddr,
+    /// Datagrams relayed from the client; the link is cut once this
+    /// reaches `cut_at`.
+    sent: Arc<AtomicU64>,
+    cut_at: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Relay {
+    fn start(server: std::net::SocketAddr) -> Relay {
+        let front = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let back = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        back.connect(server).unwrap();
+        for s in [&front, &back] {
+            s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        }
+        let addr = front.local_addr().unwrap();
+        let (sent, cut_at) = (
+            Arc::new(AtomicU64::new(0)),
+            Arc::new(AtomicU64::new(u64::MAX)),
+        );
+        let stop = Arc::new(AtomicBool::new(false));
+        let client = Arc::new(std::sync::Mutex::new(None));
+        let open = {
+            let (sent, cut_at) = (sent.clone(), cut_at.clone());
+            move || sent.load(SeqCst) < cut_at.load(SeqCst)
+        };
+        let (front2, back2) = (front.try_clone().unwrap(), back.try_clone().unwrap());
+        let up = {
+            let (stop, client, sent, open) =
+                (stop.clone(), client.clone(), sent.clone(), open.clone());
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 65536];
+                while !stop.load(SeqCst) {
+                    if let Ok((n, from)) = front.recv_from(&mut buf) {
+                        *client.lock().unwrap() = Some(from);
+                        if open() {
+                            sent.fetch_add(1, SeqCst);
+                            let _ = back.send(&buf[..n]);
+                        }
+                    }
+                }
+            })
+        };
+        let down = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 65536];
+                while !stop.load(SeqCst) {
+                    if let Ok(n) = back2.recv(&mut buf) {
+                        let to = *client.lock().unwrap();
+                        if let (true, Some(to)) = (open(), to) {
+                            let _ = front2.send_to(&buf[..n], to);
+                        }
+                    }
+                }
+            })
+        };
+        Relay {
+            addr,
+            sent,
+            cut_at,
+            stop,
+            threads: vec![up, down],
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.stop.store(true, SeqCst);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The link between source and destination cut (silence both ways) at
+/// points spread over a whole migration: during round 0, between rounds,
+/// in the final round, around the commit, `Ready` and `Go`. Whatever the
+/// point, exactly one copy counts on: the source, resumed and untraced;
+/// or, if the cut fell after `Go` reached the destination, the
+/// destination's copy, with the source killed (the answer came through) or
+/// left stopped, in doubt, as `ferry migrate` says. Nothing is left behind on the destination: a
+/// restored process it holds without `Go` is killed, and the page server
+/// goes on serving: a last migration through it, without the relay,
+/// succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_cut_at_any_step_leaves_exactly_one_copy_running() {
+    need_root!();
+    let tls = certs();
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(MemStore::new());
+    let mut cfg = Config::new(server_config(&TlsFiles::server(tls.path())).unwrap(), store);
+    cfg.restorer = Some(Arc::new(LocalRestorer));
+    cfg.go_timeout = Duration::from_secs(2);
+    cfg.idle_timeout = Duration::from_secs(3);
+    let server = common::Server::start_with(cfg);
+    let opts = |pid, addr| {
+        let mut connect = common::connect(addr, tls.path());
+        connect.timeout = Duration::from_secs(3);
+        DumpOptions {
+            policy: fixed_rounds(3),
+            restore: true,
+            ..DumpOptions::new(pid, Destination::Remote(connect))
+        }
+    };
+
+    // A whole migration through the relay: how many datagrams it takes.
+    let (fx, _) = fixture(dir.path(), "whole");
+    let relay = Relay::start(server.addr);
+    let mut frozen_at = 0;
+    let r = migrate(opts(fx.pid, relay.addr), &mut |r| {
+        if r.frozen {
+            frozen_at = relay.sent.load(SeqCst);
+        }
+    })
+    .await
+    .unwrap();
+    let total = relay.sent.load(SeqCst);
+    drop(relay);
+    let tail = total - frozen_at;
+    eprintln!("a whole migration: {total} datagrams from the source, {tail} after the final round");
+    let _ = kill(Pid::from_raw(r.restored_pid), Signal::SIGKILL);
+    drop(fx);
+
+    // Cut points: a share of the datagrams before the final round (round 0
+    // and the rounds after it), or a number of datagrams after the final
+    // round's report (state, commit, Ready, Go, Restored: the protocol's
+    // end, whose length varies least from run to run).
+    let mut points: Vec<(String, Option<u64>, u64)> = [2u64, 30, 60, 95]
+        .iter()
+        .map(|&p| {
+            (
+                format!("{p}% of the rounds"),
+                Some((frozen_at * p / 100).max(1)),
+                0,
+            )
+        })
+        .collect();
+    for k in 0..tail {
+        points.push((format!("{k} datagrams after the final round"), None, k));
+    }
+    let mut outcomes = Vec::new();
+    for (i, (point, before, after)) in points.into_iter().enumerate() {
+        let (fx, log) = fixture(dir.path(), &format!("cut{i}"));
+        let relay = Relay::start(server.addr);
+        if let Some(n) = before {
+            relay.cut_at.store(n, SeqCst);
+        }
+        let (sent, cut_at) = (relay.sent.clone(), relay.cut_at.clone());
+        let result = migrate(opts(fx.pid, relay.addr), &mut |r| {
+            if r.frozen && before.is_none() {
+                cut_at.store(sent.load(SeqCst) + after, SeqCst);
+            }
+        })
+        .await;
+        let what = format!("link cut at {point}");
+        drop(relay);
+        // A copy the destination holds without Go dies after its Go
+        // timeout (2 s); one released by Go runs on.
+        let doubt = matches!(result, Err(MigrateError::InDoubt(_)));
+        let mut copies = copies_of(&log, fx.pid);
+        for _ in 0..100 {
+            if doubt || copies.is_empty() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+            copies = copies_of(&log, fx.pid);
+        }
+        match &result {
+            Ok(r) => {
+                // Everything the migration needed got through before the
+                // cut: the destination runs it, the source is gone.
+                assert!(
+                    matches!(proc_state(fx.pid), 'Z' | 'X' | '?'),
+                    "{what}: migrated, and the source is {}",
+                    proc_state(fx.pid)
+                );
+                assert_eq!(copies, [r.restored_pid], "{what}: one copy");
+                assert_log_grows_in_order(&log, &what);
+                outcomes.push(format!("{point}: migrated"));
+            }
+            Err(MigrateError::InDoubt(_)) => {
+                // Go got through: the destination runs it, the source
+                // waits stopped for a person to decide.
+                assert_eq!(
+                    proc_state(fx.pid),
+                    'T',
+                    "{what}: the source in doubt is stopped"
+                );
+                assert_eq!(
+                    copies.len(),
+                    1,
+                    "{what}: one copy on the destination: {copies:?}"
+                );
+                assert_log_grows_in_order(&log, &what);
+                outcomes.push(format!("{point}: in doubt, the destination runs it"));
+            }
+            Err(e) => {
+                assert!(copies.is_empty(), "{what} ({e}): copies left: {copies:?}");
+                assert_source_runs(&fx, &log, &what);
+                outcomes.push(format!("{point}: the source runs on ({e})"));
+            }
+        }
+        kill_restored(&log);
+    }
+    eprintln!("{}", outcomes.join("\n"));
+
+    // The page server still serves, directly.
+    let (fx, log) = fixture(dir.path(), "after");
+    let r = migrate(opts(fx.pid, server.addr), &mut |_| {})
+        .await
+        .expect("a migration after the cuts");
+    assert_log_grows_in_order(&log, "the process migrated after the cuts");
+    let _ = kill(Pid::from_raw(r.restored_pid), Signal::SIGKILL);
+    server.stop().await;
+}
+
+/// Processes other than `source` writing to `log` (restored copies).
+fn copies_of(log: &Path, source: i32) -> Vec<i32> {
+    let needle = log.to_str().unwrap();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| pid != source && proc_state(pid) != 'Z')
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            String::from_utf8_lossy(&cmdline).contains(needle)
+        })
+        .collect()
 }
 
 /// The `SigBlk` line of a process's status: its main thread's signal mask.
