@@ -541,6 +541,9 @@ struct Worker {
     /// was none (see [`super::trampoline`]).
     site: Option<super::trampoline::Site>,
     searched: bool,
+    /// The site was found intact while no thread has run since: checking
+    /// again before each injection of a frozen process would only cost.
+    verified: bool,
     /// The thread being injected, the registers it must get back and, if
     /// the injection blocked its signals, its own mask: for teardown in the
     /// middle of an injection.
@@ -564,6 +567,7 @@ impl Worker {
             insn: None,
             site: None,
             searched: false,
+            verified: false,
             injecting: None,
         };
         // The main thread first: its failure is the process's failure.
@@ -820,6 +824,7 @@ impl Worker {
     /// Lets a stopped thread go: `PTRACE_CONT`, or back into its job-control
     /// stop with `PTRACE_LISTEN`.
     fn resume(&mut self, tid: i32) -> Result<(), PtraceError> {
+        self.verified = false;
         let Some(t) = self.threads.get_mut(&tid) else {
             return Ok(());
         };
@@ -1191,6 +1196,7 @@ impl Worker {
                     }
                     pt::setregs(Pid::from_raw(tid), saved).map_err(os("PTRACE_SETREGS"))?;
                     self.injecting = None;
+                    self.verified = false;
                     self.interrupt(tid)?;
                     self.request(tid, Req::Cont, sig as usize, Run::Running)?;
                     self.wait_stopped(tid, Instant::now() + STOP_TIMEOUT)?;
@@ -1281,10 +1287,13 @@ impl Worker {
     /// killed mid-injection then leaves that thread with wrong registers:
     /// said once, loudly).
     fn injection_site(&mut self, regs: &user_regs_struct, mask: u64) -> Result<u64, PtraceError> {
-        if self.site.as_ref().is_some_and(|s| !s.intact(self.pid)) {
-            // The mapping changed under us (an unloaded library).
-            self.site = None;
-            self.searched = false;
+        if !self.verified {
+            if self.site.as_ref().is_some_and(|s| !s.intact(self.pid)) {
+                // The mapping changed under us (an unloaded library).
+                self.site = None;
+                self.searched = false;
+            }
+            self.verified = self.is_frozen();
         }
         if self.site.is_none() && !self.searched {
             self.searched = true;
