@@ -778,13 +778,16 @@ async fn send_layer(
     sink.end().await
 }
 
-/// Shared memory pages read from process `pid` and sent to their objects'
-/// slots (see [`crate::shmem`]).
-async fn send_shm(pid: i32, reads: &[(u64, u64, u64)], sink: &mut Sink) -> Result<(), DumpError> {
-    let ps = track::page_size();
-    let ranges: Vec<(u64, u64)> = reads.iter().map(|&(s, e, _)| (s, e)).collect();
-    let batches = split(&ranges, BATCH_PAGES * ps);
-    let (tx, mut rx) = mpsc::channel::<Result<Vec<(u64, Bytes)>, DumpError>>(READ_AHEAD);
+/// One batch of pages read, or why not.
+type ReadBatch = Result<Vec<(u64, Bytes)>, DumpError>;
+
+/// Reads `batches` of process `pid` on a blocking thread, up to
+/// [`READ_AHEAD`] batches ahead of the sender; the first error ends it.
+fn read_ahead(
+    pid: i32,
+    batches: Vec<Vec<(u64, u64)>>,
+) -> (tokio::task::JoinHandle<()>, mpsc::Receiver<ReadBatch>) {
+    let (tx, rx) = mpsc::channel(READ_AHEAD);
     let reader = tokio::task::spawn_blocking(move || {
         let mut buf = Vec::new();
         for ranges in batches {
@@ -795,6 +798,16 @@ async fn send_shm(pid: i32, reads: &[(u64, u64, u64)], sink: &mut Sink) -> Resul
             }
         }
     });
+    (reader, rx)
+}
+
+/// Shared memory pages read from process `pid` and sent to their objects'
+/// slots (see [`crate::shmem`]).
+async fn send_shm(pid: i32, reads: &[(u64, u64, u64)], sink: &mut Sink) -> Result<(), DumpError> {
+    let ps = track::page_size();
+    let ranges: Vec<(u64, u64)> = reads.iter().map(|&(s, e, _)| (s, e)).collect();
+    let batches = split(&ranges, BATCH_PAGES * ps);
+    let (reader, mut rx) = read_ahead(pid, batches);
     while let Some(item) = rx.recv().await {
         let mut moved: Vec<(u64, Bytes)> = item?
             .into_iter()
@@ -818,17 +831,7 @@ async fn send_space(
 ) -> Result<(), DumpError> {
     let ps = track::page_size();
     let batches = split(&delta.data, BATCH_PAGES * ps);
-    let (tx, mut rx) = mpsc::channel::<Result<Vec<(u64, Bytes)>, DumpError>>(READ_AHEAD);
-    let reader = tokio::task::spawn_blocking(move || {
-        let mut buf = Vec::new();
-        for ranges in batches {
-            let r = read_batch(pid, &ranges, &mut buf);
-            let stop = r.is_err();
-            if tx.blocking_send(r).is_err() || stop {
-                return;
-            }
-        }
-    });
+    let (reader, mut rx) = read_ahead(pid, batches);
     while let Some(item) = rx.recv().await {
         let ranges = item?;
         if !ranges.is_empty() {

@@ -422,25 +422,17 @@ pub fn capture_data(pid: i32, fds: &mut [pb::FileDesc], budget: u64) -> Result<u
             continue;
         };
         let added = match kind {
-            pb::FdKind::TcpListen => {
+            pb::FdKind::TcpListen | pb::FdKind::UnixListen => {
                 // Without sock_diag (ferry in another network namespace)
                 // the accept queue is invisible: no socket option says it.
-                let pending = sock::inet_diag(s.family, 1 << TCP_LISTEN, s.ino)
+                let diag = if kind == pb::FdKind::TcpListen {
+                    sock::inet_diag(s.family, 1 << TCP_LISTEN, s.ino).map(|d| d.map(|d| d.rqueue))
+                } else {
+                    sock::unix_diag(s.ino).map(|d| d.map(|d| d.rqueue))
+                };
+                let pending = diag
                     .map_err(io_err(fd, "sock_diag of the listener"))?
-                    .map_or(0, |d| d.rqueue);
-                if pending > 0 {
-                    return Err(SocketError::Pending {
-                        fd,
-                        addr: addr_string(&s.local),
-                        pending,
-                    });
-                }
-                0
-            }
-            pb::FdKind::UnixListen => {
-                let pending = sock::unix_diag(s.ino)
-                    .map_err(io_err(fd, "sock_diag of the listener"))?
-                    .map_or(0, |d| d.rqueue);
+                    .unwrap_or(0);
                 if pending > 0 {
                     return Err(SocketError::Pending {
                         fd,
