@@ -178,6 +178,9 @@ pub struct Run {
     /// Post-copy mode: 1 − (work rate in the second after the resume ÷
     /// before the migration).
     pub slowdown_after: Option<f64>,
+    /// CPU time this process spent on the migration: both ends, source and
+    /// page server, run in it (see [`process_cpu`]).
+    pub cpu: Duration,
 }
 
 impl Run {
@@ -192,6 +195,13 @@ impl Run {
             };
             bytes as f64 / r.total.as_secs_f64().max(1e-9) / 1e6
         })
+    }
+
+    /// CPU milliseconds per MiB moved (raw, or on the wire), over every
+    /// round: the cost of moving a byte whatever the load, which a rate is
+    /// not. NaN when nothing moved.
+    fn cpu_per_mib(&self, wire: bool) -> f64 {
+        per_mib(self.cpu, self.bytes(wire))
     }
 
     fn bytes(&self, wire: bool) -> u64 {
@@ -254,6 +264,23 @@ impl ModeResult {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
+}
+
+/// Milliseconds of `cpu` per MiB of `bytes`; NaN for no bytes.
+fn per_mib(cpu: Duration, bytes: u64) -> f64 {
+    if bytes == 0 {
+        return f64::NAN;
+    }
+    ms(cpu) / (bytes as f64 / (1 << 20) as f64)
+}
+
+/// CPU time of this whole process so far, every thread (also those that
+/// ended) and nothing of its children: both ends of a bench migration run
+/// in it, while the workload and the process restored from it are other
+/// processes, and the control's busy loop runs only after the migrations.
+fn process_cpu() -> Duration {
+    use nix::time::{clock_gettime, ClockId};
+    clock_gettime(ClockId::CLOCK_PROCESS_CPUTIME_ID).map_or(Duration::ZERO, Duration::from)
 }
 
 /// Runs the benchmark, printing progress and the tables to `out`.
@@ -433,12 +460,14 @@ async fn one_run(
         ..DumpOptions::new(child.id() as i32, Destination::Remote(connect))
     };
     let start = unix_ms();
+    let cpu_start = process_cpu();
     let result = if mode == Mode::PostCopy {
         let pc = crate::postcopy::PostCopyOptions::default();
         crate::migrate::migrate_post_copy(dump, &pc, &mut |_| {}).await
     } else {
         migrate(dump, &mut |_| {}).await
     };
+    let cpu = process_cpu().saturating_sub(cpu_start);
     let end = unix_ms();
     let _ = child.kill();
     let _ = child.wait();
@@ -491,6 +520,7 @@ async fn one_run(
             before.map(|b| 1.0 - after / b)
         }),
         post_copy: report.post_copy.clone(),
+        cpu,
     })
 }
 
@@ -511,7 +541,7 @@ pub fn table(results: &[ModeResult]) -> String {
             .map(|r| r.figure(|x| ms(x.downtime)).median);
         let _ = writeln!(
             t,
-            "\n{mib} MiB\n{:<14} {:>22} {:>8} {:>7} {:>7} {:>7} {:>9} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9}",
+            "\n{mib} MiB\n{:<14} {:>22} {:>8} {:>7} {:>7} {:>7} {:>9} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10}",
             "mode",
             "downtime ms med (min-max)",
             "vs s&c",
@@ -524,7 +554,8 @@ pub fn table(results: &[ModeResult]) -> String {
             "wire MiB",
             "r0 MB/s",
             "r0 wire",
-            "slowdown"
+            "slowdown",
+            "CPU ms/MiB"
         );
         for r in &group {
             let d = r.figure(|x| ms(x.downtime));
@@ -538,7 +569,7 @@ pub fn table(results: &[ModeResult]) -> String {
             };
             let _ = writeln!(
                 t,
-                "{:<14} {:>8.1} ({:>5.0}-{:<5.0}) {:>8} {:>7.2} {:>7.1} {:>7.1} {:>9.1} {:>7.0} {:>9.1} {:>9.1} {:>9.0} {:>9.0} {:>9}",
+                "{:<14} {:>8.1} ({:>5.0}-{:<5.0}) {:>8} {:>7.2} {:>7.1} {:>7.1} {:>9.1} {:>7.0} {:>9.1} {:>9.1} {:>9.0} {:>9.0} {:>9} {:>10.2}",
                 r.mode.name(),
                 d.median,
                 d.min,
@@ -554,6 +585,7 @@ pub fn table(results: &[ModeResult]) -> String {
                 r.figure(|x| x.round0_rate(false)).median,
                 r.figure(|x| x.round0_rate(true)).median,
                 slow,
+                r.figure(|x| x.cpu_per_mib(true)).median,
             );
         }
         for r in group.iter().filter(|r| r.mode == Mode::PostCopy) {
@@ -594,6 +626,13 @@ pub fn table(results: &[ModeResult]) -> String {
                 t,
                 "\nQUIC with mutual TLS moves {ratio:.2} x the bytes per second of plain TCP \
                  (round 0 on the wire, medians of iterative / tcp)"
+            );
+        }
+        if let Some(ratio) = quic_vs_tcp_cpu(&group_owned) {
+            let _ = writeln!(
+                t,
+                "QUIC with mutual TLS spends {ratio:.2} x the CPU per MiB of plain TCP \
+                 (ferry's process, both ends, per MiB on the wire, medians of iterative / tcp)"
             );
         }
         if let Some(gain) = zstd_gain(&group_owned) {
@@ -676,8 +715,27 @@ pub fn quic_vs_tcp(results: &[ModeResult]) -> Option<f64> {
     rate_ratio(results, Mode::Iterative, Mode::Tcp, true)
 }
 
+/// Median CPU per MiB on the wire of `a` over that of `b`.
+fn cpu_ratio(results: &[ModeResult], a: Mode, b: Mode) -> Option<f64> {
+    let cpu = |m| {
+        results
+            .iter()
+            .find(|r| r.mode == m)
+            .map(|r| r.figure(|x| x.cpu_per_mib(true)).median)
+    };
+    Some(cpu(a)? / cpu(b)?)
+}
+
+/// What QUIC with mutual TLS costs in CPU per byte against plain TCP:
+/// median CPU ms per MiB on the wire of iterative / tcp. Unlike the rates'
+/// ratio it holds on a loaded machine.
+pub fn quic_vs_tcp_cpu(results: &[ModeResult]) -> Option<f64> {
+    cpu_ratio(results, Mode::Iterative, Mode::Tcp)
+}
+
 pub fn json(results: &[ModeResult]) -> serde_json::Value {
     let s = |v: Spread| serde_json::json!({"median": v.median, "min": v.min, "max": v.max});
+    let same_size = |mib| results.iter().filter(move |r: &&ModeResult| r.mib == mib);
     serde_json::Value::Array(
         results
             .iter()
@@ -697,8 +755,23 @@ pub fn json(results: &[ModeResult]) -> serde_json::Value {
                         "raw": s(r.figure(|x| x.round0_rate(false))),
                         "wire": s(r.figure(|x| x.round0_rate(true))),
                     },
+                    "cpu_ms": s(r.figure(|x| ms(x.cpu))),
+                    "cpu_ms_per_mib": {
+                        "raw": s(r.figure(|x| x.cpu_per_mib(false))),
+                        "wire": s(r.figure(|x| x.cpu_per_mib(true))),
+                    },
+                    // Against the tcp mode at the same size, when it ran:
+                    // for iterative, what QUIC with mutual TLS costs.
+                    "vs_tcp": same_size(r.mib).find(|t| t.mode == Mode::Tcp).map(|t| {
+                        let both = [r.clone(), (*t).clone()];
+                        serde_json::json!({
+                            "round0_wire": rate_ratio(&both, r.mode, Mode::Tcp, true),
+                            "cpu_ms_per_mib": cpu_ratio(&both, r.mode, Mode::Tcp),
+                        })
+                    }),
                     "runs": r.runs.iter().map(|run| serde_json::json!({
                         "downtime_ms": ms(run.downtime),
+                        "cpu_ms": ms(run.cpu),
                         "slowdown": run.slowdown,
                         "verified_pages": run.verified,
                         "post_copy": run.post_copy.as_ref().map(|p| serde_json::json!({
@@ -821,6 +894,11 @@ mod tests {
     }
 
     fn run_at(mb_per_s: u64) -> Run {
+        run_costing(mb_per_s, Duration::from_millis(100))
+    }
+
+    /// A run at `mb_per_s` in round 0 whose migration took `cpu`.
+    fn run_costing(mb_per_s: u64, cpu: Duration) -> Run {
         let round = |round: u32, bytes: u64| RoundReport {
             round,
             frozen: round > 0,
@@ -845,6 +923,7 @@ mod tests {
             verified: 1,
             post_copy: None,
             slowdown_after: None,
+            cpu,
         }
     }
 
@@ -868,6 +947,45 @@ mod tests {
             t.contains("r0 MB/s") && t.contains("0.70 x") && t.contains("5.0 %"),
             "{t}"
         );
+    }
+
+    #[test]
+    fn cpu_per_mib_and_its_transport_ratio() {
+        // 800 MB/s for half a second: 400 MB raw and 200 MB on the wire,
+        // plus round 1's byte raw (none on the wire); every round counts.
+        let r = run_costing(800, Duration::from_millis(1000));
+        let mib = |b: f64| b / (1 << 20) as f64;
+        assert!((r.cpu_per_mib(true) - 1000.0 / mib(200e6)).abs() < 1e-9);
+        assert!((r.cpu_per_mib(false) - 1000.0 / mib(400e6 + 1.0)).abs() < 1e-9);
+        assert!(per_mib(Duration::from_secs(1), 0).is_nan());
+        assert_eq!(per_mib(Duration::from_millis(3), 2 << 20), 1.5);
+        let mode = |mode, cpu_ms: &[u64]| ModeResult {
+            mode,
+            mib: 64,
+            runs: cpu_ms
+                .iter()
+                .map(|&c| run_costing(800, Duration::from_millis(c)))
+                .collect(),
+        };
+        // Medians 600 and 200 ms for the same bytes: 3 x; the outliers
+        // must not count.
+        let quic = mode(Mode::Iterative, &[600, 5000, 550, 610, 100]);
+        let tcp = mode(Mode::Tcp, &[200, 190, 900, 210, 10]);
+        assert_eq!(quic_vs_tcp_cpu(std::slice::from_ref(&quic)), None);
+        let ratio = quic_vs_tcp_cpu(&[quic.clone(), tcp.clone()]).unwrap();
+        assert!((ratio - 3.0).abs() < 1e-9, "{ratio}");
+        let t = table(&[quic.clone(), tcp.clone()]);
+        assert!(
+            t.contains("CPU ms/MiB") && t.contains("spends 3.00 x"),
+            "{t}"
+        );
+        let j = json(&[quic, tcp]);
+        assert!((j[0]["vs_tcp"]["cpu_ms_per_mib"].as_f64().unwrap() - 3.0).abs() < 1e-9);
+        assert!((j[0]["cpu_ms"]["median"].as_f64().unwrap() - 600.0).abs() < 1e-9);
+        assert_eq!(j[1]["vs_tcp"]["cpu_ms_per_mib"].as_f64(), Some(1.0));
+        // Without a tcp mode there is nothing to compare with.
+        let alone = json(&[mode(Mode::Iterative, &[1])]);
+        assert!(alone[0]["vs_tcp"].is_null());
     }
 
     #[test]
