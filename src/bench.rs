@@ -181,6 +181,9 @@ pub struct Run {
     /// CPU time this process spent on the migration: both ends, source and
     /// page server, run in it (see [`process_cpu`]).
     pub cpu: Duration,
+    /// The same from the start of the migration to the end of each round
+    /// (round 0's includes the connection and arming the tracking).
+    pub round_cpu: Vec<Duration>,
 }
 
 impl Run {
@@ -202,6 +205,16 @@ impl Run {
     /// not. NaN when nothing moved.
     fn cpu_per_mib(&self, wire: bool) -> f64 {
         per_mib(self.cpu, self.bytes(wire))
+    }
+
+    /// CPU milliseconds per MiB on the wire in round 0, the bulk copy:
+    /// the transport's cost with least else mixed in (the later rounds add
+    /// the scans, the freeze, the state and the restore).
+    fn round0_cpu_per_mib(&self) -> f64 {
+        match (self.round_cpu.first(), self.rounds.first()) {
+            (Some(&cpu), Some(r)) => per_mib(cpu, r.stats.wire_bytes),
+            _ => f64::NAN,
+        }
     }
 
     fn bytes(&self, wire: bool) -> u64 {
@@ -461,11 +474,13 @@ async fn one_run(
     };
     let start = unix_ms();
     let cpu_start = process_cpu();
+    let mut round_cpu = Vec::new();
+    let mut progress = |_: &RoundReport| round_cpu.push(process_cpu().saturating_sub(cpu_start));
     let result = if mode == Mode::PostCopy {
         let pc = crate::postcopy::PostCopyOptions::default();
-        crate::migrate::migrate_post_copy(dump, &pc, &mut |_| {}).await
+        crate::migrate::migrate_post_copy(dump, &pc, &mut progress).await
     } else {
-        migrate(dump, &mut |_| {}).await
+        migrate(dump, &mut progress).await
     };
     let cpu = process_cpu().saturating_sub(cpu_start);
     let end = unix_ms();
@@ -521,6 +536,7 @@ async fn one_run(
         }),
         post_copy: report.post_copy.clone(),
         cpu,
+        round_cpu,
     })
 }
 
@@ -541,7 +557,7 @@ pub fn table(results: &[ModeResult]) -> String {
             .map(|r| r.figure(|x| ms(x.downtime)).median);
         let _ = writeln!(
             t,
-            "\n{mib} MiB\n{:<14} {:>22} {:>8} {:>7} {:>7} {:>7} {:>9} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10}",
+            "\n{mib} MiB\n{:<14} {:>22} {:>8} {:>7} {:>7} {:>7} {:>9} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10}",
             "mode",
             "downtime ms med (min-max)",
             "vs s&c",
@@ -555,6 +571,7 @@ pub fn table(results: &[ModeResult]) -> String {
             "r0 MB/s",
             "r0 wire",
             "slowdown",
+            "r0 CPU/MiB",
             "CPU ms/MiB"
         );
         for r in &group {
@@ -569,7 +586,7 @@ pub fn table(results: &[ModeResult]) -> String {
             };
             let _ = writeln!(
                 t,
-                "{:<14} {:>8.1} ({:>5.0}-{:<5.0}) {:>8} {:>7.2} {:>7.1} {:>7.1} {:>9.1} {:>7.0} {:>9.1} {:>9.1} {:>9.0} {:>9.0} {:>9} {:>10.2}",
+                "{:<14} {:>8.1} ({:>5.0}-{:<5.0}) {:>8} {:>7.2} {:>7.1} {:>7.1} {:>9.1} {:>7.0} {:>9.1} {:>9.1} {:>9.0} {:>9.0} {:>9} {:>10.2} {:>10.2}",
                 r.mode.name(),
                 d.median,
                 d.min,
@@ -585,6 +602,7 @@ pub fn table(results: &[ModeResult]) -> String {
                 r.figure(|x| x.round0_rate(false)).median,
                 r.figure(|x| x.round0_rate(true)).median,
                 slow,
+                r.figure(|x| x.round0_cpu_per_mib()).median,
                 r.figure(|x| x.cpu_per_mib(true)).median,
             );
         }
@@ -628,11 +646,15 @@ pub fn table(results: &[ModeResult]) -> String {
                  (round 0 on the wire, medians of iterative / tcp)"
             );
         }
-        if let Some(ratio) = quic_vs_tcp_cpu(&group_owned) {
+        if let (Some(r0), Some(all)) = (
+            quic_vs_tcp_cpu(&group_owned, true),
+            quic_vs_tcp_cpu(&group_owned, false),
+        ) {
             let _ = writeln!(
                 t,
-                "QUIC with mutual TLS spends {ratio:.2} x the CPU per MiB of plain TCP \
-                 (ferry's process, both ends, per MiB on the wire, medians of iterative / tcp)"
+                "QUIC with mutual TLS spends {r0:.2} x the CPU per MiB of plain TCP in round 0, \
+                 {all:.2} x over the whole migration (ferry's process, both ends, per MiB on \
+                 the wire, medians of iterative / tcp)"
             );
         }
         if let Some(gain) = zstd_gain(&group_owned) {
@@ -715,22 +737,30 @@ pub fn quic_vs_tcp(results: &[ModeResult]) -> Option<f64> {
     rate_ratio(results, Mode::Iterative, Mode::Tcp, true)
 }
 
-/// Median CPU per MiB on the wire of `a` over that of `b`.
-fn cpu_ratio(results: &[ModeResult], a: Mode, b: Mode) -> Option<f64> {
+/// Median CPU per MiB on the wire of `a` over that of `b`, in round 0 or
+/// over the whole migration.
+fn cpu_ratio(results: &[ModeResult], a: Mode, b: Mode, round0: bool) -> Option<f64> {
     let cpu = |m| {
-        results
-            .iter()
-            .find(|r| r.mode == m)
-            .map(|r| r.figure(|x| x.cpu_per_mib(true)).median)
+        results.iter().find(|r| r.mode == m).map(|r| {
+            r.figure(|x| {
+                if round0 {
+                    x.round0_cpu_per_mib()
+                } else {
+                    x.cpu_per_mib(true)
+                }
+            })
+            .median
+        })
     };
     Some(cpu(a)? / cpu(b)?)
 }
 
 /// What QUIC with mutual TLS costs in CPU per byte against plain TCP:
-/// median CPU ms per MiB on the wire of iterative / tcp. Unlike the rates'
-/// ratio it holds on a loaded machine.
-pub fn quic_vs_tcp_cpu(results: &[ModeResult]) -> Option<f64> {
-    cpu_ratio(results, Mode::Iterative, Mode::Tcp)
+/// median CPU ms per MiB on the wire of iterative / tcp, in round 0 or
+/// over the whole migration. Unlike the rates' ratio it holds on a loaded
+/// machine.
+pub fn quic_vs_tcp_cpu(results: &[ModeResult], round0: bool) -> Option<f64> {
+    cpu_ratio(results, Mode::Iterative, Mode::Tcp, round0)
 }
 
 pub fn json(results: &[ModeResult]) -> serde_json::Value {
@@ -759,6 +789,7 @@ pub fn json(results: &[ModeResult]) -> serde_json::Value {
                     "cpu_ms_per_mib": {
                         "raw": s(r.figure(|x| x.cpu_per_mib(false))),
                         "wire": s(r.figure(|x| x.cpu_per_mib(true))),
+                        "round0_wire": s(r.figure(|x| x.round0_cpu_per_mib())),
                     },
                     // Against the tcp mode at the same size, when it ran:
                     // for iterative, what QUIC with mutual TLS costs.
@@ -766,12 +797,14 @@ pub fn json(results: &[ModeResult]) -> serde_json::Value {
                         let both = [r.clone(), (*t).clone()];
                         serde_json::json!({
                             "round0_wire": rate_ratio(&both, r.mode, Mode::Tcp, true),
-                            "cpu_ms_per_mib": cpu_ratio(&both, r.mode, Mode::Tcp),
+                            "cpu_ms_per_mib": cpu_ratio(&both, r.mode, Mode::Tcp, false),
+                            "round0_cpu_ms_per_mib": cpu_ratio(&both, r.mode, Mode::Tcp, true),
                         })
                     }),
                     "runs": r.runs.iter().map(|run| serde_json::json!({
                         "downtime_ms": ms(run.downtime),
                         "cpu_ms": ms(run.cpu),
+                        "round_cpu_ms": run.round_cpu.iter().map(|&c| ms(c)).collect::<Vec<_>>(),
                         "slowdown": run.slowdown,
                         "verified_pages": run.verified,
                         "post_copy": run.post_copy.as_ref().map(|p| serde_json::json!({
@@ -924,6 +957,8 @@ mod tests {
             post_copy: None,
             slowdown_after: None,
             cpu,
+            // A quarter of it in round 0.
+            round_cpu: vec![cpu / 4, cpu],
         }
     }
 
@@ -957,6 +992,12 @@ mod tests {
         let mib = |b: f64| b / (1 << 20) as f64;
         assert!((r.cpu_per_mib(true) - 1000.0 / mib(200e6)).abs() < 1e-9);
         assert!((r.cpu_per_mib(false) - 1000.0 / mib(400e6 + 1.0)).abs() < 1e-9);
+        assert!((r.round0_cpu_per_mib() - 250.0 / mib(200e6)).abs() < 1e-9);
+        let unmeasured = Run {
+            round_cpu: Vec::new(),
+            ..r.clone()
+        };
+        assert!(unmeasured.round0_cpu_per_mib().is_nan());
         assert!(per_mib(Duration::from_secs(1), 0).is_nan());
         assert_eq!(per_mib(Duration::from_millis(3), 2 << 20), 1.5);
         let mode = |mode, cpu_ms: &[u64]| ModeResult {
@@ -971,16 +1012,19 @@ mod tests {
         // must not count.
         let quic = mode(Mode::Iterative, &[600, 5000, 550, 610, 100]);
         let tcp = mode(Mode::Tcp, &[200, 190, 900, 210, 10]);
-        assert_eq!(quic_vs_tcp_cpu(std::slice::from_ref(&quic)), None);
-        let ratio = quic_vs_tcp_cpu(&[quic.clone(), tcp.clone()]).unwrap();
-        assert!((ratio - 3.0).abs() < 1e-9, "{ratio}");
+        assert_eq!(quic_vs_tcp_cpu(std::slice::from_ref(&quic), false), None);
+        for round0 in [false, true] {
+            let ratio = quic_vs_tcp_cpu(&[quic.clone(), tcp.clone()], round0).unwrap();
+            assert!((ratio - 3.0).abs() < 1e-9, "{ratio}");
+        }
         let t = table(&[quic.clone(), tcp.clone()]);
         assert!(
-            t.contains("CPU ms/MiB") && t.contains("spends 3.00 x"),
+            t.contains("CPU ms/MiB") && t.contains("spends 3.00 x") && t.contains("3.00 x over"),
             "{t}"
         );
         let j = json(&[quic, tcp]);
         assert!((j[0]["vs_tcp"]["cpu_ms_per_mib"].as_f64().unwrap() - 3.0).abs() < 1e-9);
+        assert!((j[0]["vs_tcp"]["round0_cpu_ms_per_mib"].as_f64().unwrap() - 3.0).abs() < 1e-9);
         assert!((j[0]["cpu_ms"]["median"].as_f64().unwrap() - 600.0).abs() < 1e-9);
         assert_eq!(j[1]["vs_tcp"]["cpu_ms_per_mib"].as_f64(), Some(1.0));
         // Without a tcp mode there is nothing to compare with.
