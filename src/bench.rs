@@ -37,7 +37,7 @@ use ferry_proto::batch::Compress;
 
 use crate::dump::{Destination, DumpOptions, FrozenParts, RoundReport};
 use crate::loopback::Loopback;
-use crate::migrate::{migrate, ColdRestorer};
+use crate::migrate::{migrate, ColdRestorer, LocalRestorer};
 use crate::policy::Policy;
 use crate::track::Backend;
 
@@ -58,6 +58,13 @@ pub enum BenchError {
     },
     #[error("unknown mode {0:?}: use iterative, stop-and-copy, cold-restore, no-zstd, checksum, one-stream, tcp or post-copy")]
     Mode(String),
+    #[error("--separate-ends needs at least two CPUs for this process (one per end)")]
+    SeparateEnds,
+    #[error("starting the page server's runtime: {source}")]
+    Runtime {
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{mode}, run {run}: the migrated workload is not intact: {source}")]
     Verify {
         mode: &'static str,
@@ -132,15 +139,26 @@ pub struct BenchOptions {
     /// Cap on the data streams in wire bytes per second, standing in for a
     /// slower link; 0 for none.
     pub link_rate: u64,
+    /// Run the page server on a CPU of its own and the source end (with
+    /// the workload, not busy then) on the others, as two hosts would: the
+    /// rates are then each end's own rather than both ends' on one CPU.
+    pub separate_ends: bool,
 }
 
 /// Splits the CPUs ferry may use: the last one for the workload, the rest
 /// for every thread of this process (threads made later inherit it).
 /// `None` if there are fewer than two.
 fn pin_split() -> Option<nix::sched::CpuSet> {
-    use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
-    use nix::unistd::Pid;
-    let mine = sched_getaffinity(Pid::from_raw(0)).ok()?;
+    let (rest, last) = split_cpus()?;
+    pin_process(&rest);
+    Some(last)
+}
+
+/// The CPUs this process may use, as (all but the last, the last); `None`
+/// with fewer than two.
+fn split_cpus() -> Option<(nix::sched::CpuSet, nix::sched::CpuSet)> {
+    use nix::sched::{sched_getaffinity, CpuSet};
+    let mine = sched_getaffinity(nix::unistd::Pid::from_raw(0)).ok()?;
     let cpus: Vec<usize> = (0..CpuSet::count())
         .filter(|&c| mine.is_set(c).unwrap_or(false))
         .collect();
@@ -148,17 +166,54 @@ fn pin_split() -> Option<nix::sched::CpuSet> {
     if rest.is_empty() {
         return None;
     }
-    let (mut work, mut ferry) = (CpuSet::new(), CpuSet::new());
-    work.set(last).ok()?;
+    let (mut one, mut others) = (CpuSet::new(), CpuSet::new());
+    one.set(last).ok()?;
     for &c in rest {
-        ferry.set(c).ok()?;
+        others.set(c).ok()?;
     }
-    for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
+    Some((others, one))
+}
+
+/// Moves every thread of this process to `cpus` (threads made later
+/// inherit it from the thread that makes them).
+fn pin_process(cpus: &nix::sched::CpuSet) {
+    use nix::sched::sched_setaffinity;
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return;
+    };
+    for task in tasks.flatten() {
         if let Some(tid) = task.file_name().to_str().and_then(|t| t.parse().ok()) {
-            let _ = sched_setaffinity(Pid::from_raw(tid), &ferry);
+            let _ = sched_setaffinity(nix::unistd::Pid::from_raw(tid), cpus);
         }
     }
-    Some(work)
+}
+
+/// `--separate-ends`: a runtime for the page servers whose every thread
+/// (workers, and the blocking ones that restores and `block_in_place`
+/// start) runs on the last CPU, while the rest of this process (the source
+/// end) and the workload run on the others. Together with the workload
+/// staying with the source, as it would on a real source host.
+struct Ends {
+    source: nix::sched::CpuSet,
+    dest: tokio::runtime::Runtime,
+}
+
+fn separate_ends() -> Result<Ends, BenchError> {
+    let (source, dest) = split_cpus().ok_or(BenchError::SeparateEnds)?;
+    pin_process(&source);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("ferry-dest")
+        // Blocking threads outliving the runs, so none is made on the
+        // clock of a later one.
+        .thread_keep_alive(Duration::from_secs(3600))
+        .on_thread_start(move || {
+            let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &dest);
+        })
+        .enable_all()
+        .build()
+        .map_err(|source| BenchError::Runtime { source })?;
+    Ok(Ends { source, dest: rt })
 }
 
 /// One migration.
@@ -301,7 +356,22 @@ pub async fn run(
     opts: &BenchOptions,
     out: &mut (dyn Write + Send),
 ) -> Result<Vec<ModeResult>, BenchError> {
-    let workload_cpus = if opts.pin { pin_split() } else { None };
+    let ends = if opts.separate_ends {
+        let e = separate_ends()?;
+        let _ = writeln!(
+            out,
+            "separate ends: the page server on a CPU of its own, the source end and the \
+             workload (not busy: no slowdown measured) on the other(s)"
+        );
+        Some(e)
+    } else {
+        None
+    };
+    let workload_cpus = match &ends {
+        Some(e) => Some(e.source),
+        None if opts.pin => pin_split(),
+        None => None,
+    };
     if opts.pin && workload_cpus.is_none() {
         let _ = writeln!(
             out,
@@ -315,14 +385,18 @@ pub async fn run(
             opts.link_rate as f64 / 1e6
         );
     }
-    let warm = Loopback::start()?;
+    let start = |tcp, restorer: Arc<dyn ferry_page_server::Restorer>| match &ends {
+        Some(e) => Loopback::start_in(e.dest.handle(), tcp, restorer),
+        None => Loopback::start_in(&tokio::runtime::Handle::current(), tcp, restorer),
+    };
+    let warm = start(false, Arc::new(LocalRestorer))?;
     let cold = if opts.modes.contains(&Mode::ColdRestore) {
-        Some(Loopback::start_with(Arc::new(ColdRestorer))?)
+        Some(start(false, Arc::new(ColdRestorer))?)
     } else {
         None
     };
     let tcp = if opts.modes.contains(&Mode::Tcp) {
-        Some(Loopback::start_tcp()?)
+        Some(start(true, Arc::new(LocalRestorer))?)
     } else {
         None
     };
@@ -356,7 +430,10 @@ pub async fn run(
         }
     }
     let _ = write!(out, "{}", table(&results));
-    if let (Some(cpus), Some(&mib)) = (workload_cpus.as_ref(), opts.sizes.first()) {
+    // With separate ends the workload is not busy and shares the source's
+    // CPU: there is no slowdown to compare with.
+    let control_cpus = workload_cpus.as_ref().filter(|_| ends.is_none());
+    if let (Some(cpus), Some(&mib)) = (control_cpus, opts.sizes.first()) {
         let mut control = Vec::new();
         for run in 1..=opts.runs.min(3) {
             control.extend(contention_control(opts, &warm, mib, run, cpus).await?);
@@ -376,6 +453,11 @@ pub async fn run(
     warm.stop().await;
     for s in [cold, tcp].into_iter().flatten() {
         s.stop().await;
+    }
+    if let Some(e) = ends {
+        // Not dropped here: dropping a runtime may block, which an async
+        // context refuses.
+        e.dest.shutdown_background();
     }
     Ok(results)
 }
@@ -441,7 +523,9 @@ async fn one_run(
         .scratch()
         .join(format!("{mib}-{}-{run}.log", mode.name()));
     let spec = crate::workload::Spec {
-        busy: true,
+        // With separate ends it shares the source's CPU, and a busy one
+        // would take half of it.
+        busy: !opts.separate_ends,
         pattern: opts.pattern,
         content: opts.content,
         ..crate::workload::Spec::new(mib, opts.dirty_rate as f64)
@@ -528,7 +612,10 @@ async fn one_run(
         downtime: report.downtime,
         parts: report.dump.parts,
         total: report.dump.total,
-        slowdown: before.zip(during).map(|(b, d)| 1.0 - d / b),
+        slowdown: before
+            .zip(during)
+            .filter(|_| !opts.separate_ends)
+            .map(|(b, d)| 1.0 - d / b),
         verified,
         slowdown_after: report.post_copy.as_ref().and_then(|_| {
             let after = crate::workload::rate(&samples, resumed, resumed + 1000)?;
