@@ -7,10 +7,10 @@
 //! migration, with warm restore on the page server): `stop-and-copy` (no
 //! pre-dump round: the baseline for downtime), `cold-restore` (the page
 //! server restores only at commit), `no-zstd`, `checksum` (tracking by
-//! hashing instead of uffd-wp), `one-stream` (one QUIC data stream instead
-//! of four), `tcp` (plain TCP with the same framing instead of QUIC with
-//! mutual TLS: the baseline for what the secure transport costs; its
-//! page server restores warm too), `post-copy` (the same rounds, then the
+//! hashing instead of uffd-wp), `one-stream` (one lane instead of four,
+//! see [`crate::client::Connect::streams`]), `tcp` (plain TCP with the
+//! same framing instead of QUIC with mutual TLS: the baseline for what the
+//! secure transport costs; its page server restores warm too), `post-copy` (the same rounds, then the
 //! process resumes on the destination with the last round's dirty pages
 //! still to come, see [`crate::postcopy`]; it also reports the faults that
 //! asked the source for a page, their latency, the time until the last

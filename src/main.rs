@@ -239,7 +239,8 @@ enum Command {
         /// Pages the workload rewrites per second.
         #[arg(long, default_value_t = 2000)]
         dirty_rate: u64,
-        /// QUIC data streams used in parallel.
+        /// Lanes: batches compressed and sent at once (over QUIC they
+        /// share one data stream, over TCP each is a connection).
         #[arg(long, default_value_t = 4)]
         streams: usize,
         /// Send pages uncompressed.
@@ -395,7 +396,8 @@ struct RoundArgs {
     /// Most pre-dump rounds; 0 freezes at once (stop-and-copy).
     #[arg(long, default_value_t = 8)]
     max_rounds: u32,
-    /// QUIC data streams used in parallel.
+    /// Lanes: batches compressed and sent at once (over QUIC they share
+    /// one data stream, over TCP each is a connection).
     #[arg(long, default_value_t = 4)]
     streams: usize,
     /// Send pages uncompressed.
