@@ -7,10 +7,10 @@
 //! migration, with warm restore on the page server): `stop-and-copy` (no
 //! pre-dump round: the baseline for downtime), `cold-restore` (the page
 //! server restores only at commit), `no-zstd`, `checksum` (tracking by
-//! hashing instead of uffd-wp), `one-stream` (one QUIC data stream instead
-//! of four), `tcp` (plain TCP with the same framing instead of QUIC with
-//! mutual TLS: the baseline for what the secure transport costs; its
-//! page server restores warm too), `post-copy` (the same rounds, then the
+//! hashing instead of uffd-wp), `one-stream` (one lane instead of four,
+//! see [`crate::client::Connect::streams`]), `tcp` (plain TCP with the
+//! same framing instead of QUIC with mutual TLS: the baseline for what the
+//! secure transport costs; its page server restores warm too), `post-copy` (the same rounds, then the
 //! process resumes on the destination with the last round's dirty pages
 //! still to come, see [`crate::postcopy`]; it also reports the faults that
 //! asked the source for a page, their latency, the time until the last
@@ -37,7 +37,7 @@ use ferry_proto::batch::Compress;
 
 use crate::dump::{Destination, DumpOptions, FrozenParts, RoundReport};
 use crate::loopback::Loopback;
-use crate::migrate::{migrate, ColdRestorer};
+use crate::migrate::{migrate, ColdRestorer, LocalRestorer};
 use crate::policy::Policy;
 use crate::track::Backend;
 
@@ -58,6 +58,13 @@ pub enum BenchError {
     },
     #[error("unknown mode {0:?}: use iterative, stop-and-copy, cold-restore, no-zstd, checksum, one-stream, tcp or post-copy")]
     Mode(String),
+    #[error("--separate-ends needs at least two CPUs for this process (one per end)")]
+    SeparateEnds,
+    #[error("starting the page server's runtime: {source}")]
+    Runtime {
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{mode}, run {run}: the migrated workload is not intact: {source}")]
     Verify {
         mode: &'static str,
@@ -132,15 +139,26 @@ pub struct BenchOptions {
     /// Cap on the data streams in wire bytes per second, standing in for a
     /// slower link; 0 for none.
     pub link_rate: u64,
+    /// Run the page server on a CPU of its own and the source end (with
+    /// the workload, not busy then) on the others, as two hosts would: the
+    /// rates are then each end's own rather than both ends' on one CPU.
+    pub separate_ends: bool,
 }
 
 /// Splits the CPUs ferry may use: the last one for the workload, the rest
 /// for every thread of this process (threads made later inherit it).
 /// `None` if there are fewer than two.
 fn pin_split() -> Option<nix::sched::CpuSet> {
-    use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
-    use nix::unistd::Pid;
-    let mine = sched_getaffinity(Pid::from_raw(0)).ok()?;
+    let (rest, last) = split_cpus()?;
+    pin_process(&rest);
+    Some(last)
+}
+
+/// The CPUs this process may use, as (all but the last, the last); `None`
+/// with fewer than two.
+fn split_cpus() -> Option<(nix::sched::CpuSet, nix::sched::CpuSet)> {
+    use nix::sched::{sched_getaffinity, CpuSet};
+    let mine = sched_getaffinity(nix::unistd::Pid::from_raw(0)).ok()?;
     let cpus: Vec<usize> = (0..CpuSet::count())
         .filter(|&c| mine.is_set(c).unwrap_or(false))
         .collect();
@@ -148,17 +166,54 @@ fn pin_split() -> Option<nix::sched::CpuSet> {
     if rest.is_empty() {
         return None;
     }
-    let (mut work, mut ferry) = (CpuSet::new(), CpuSet::new());
-    work.set(last).ok()?;
+    let (mut one, mut others) = (CpuSet::new(), CpuSet::new());
+    one.set(last).ok()?;
     for &c in rest {
-        ferry.set(c).ok()?;
+        others.set(c).ok()?;
     }
-    for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
+    Some((others, one))
+}
+
+/// Moves every thread of this process to `cpus` (threads made later
+/// inherit it from the thread that makes them).
+fn pin_process(cpus: &nix::sched::CpuSet) {
+    use nix::sched::sched_setaffinity;
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return;
+    };
+    for task in tasks.flatten() {
         if let Some(tid) = task.file_name().to_str().and_then(|t| t.parse().ok()) {
-            let _ = sched_setaffinity(Pid::from_raw(tid), &ferry);
+            let _ = sched_setaffinity(nix::unistd::Pid::from_raw(tid), cpus);
         }
     }
-    Some(work)
+}
+
+/// `--separate-ends`: a runtime for the page servers whose every thread
+/// (workers, and the blocking ones that restores and `block_in_place`
+/// start) runs on the last CPU, while the rest of this process (the source
+/// end) and the workload run on the others. Together with the workload
+/// staying with the source, as it would on a real source host.
+struct Ends {
+    source: nix::sched::CpuSet,
+    dest: tokio::runtime::Runtime,
+}
+
+fn separate_ends() -> Result<Ends, BenchError> {
+    let (source, dest) = split_cpus().ok_or(BenchError::SeparateEnds)?;
+    pin_process(&source);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("ferry-dest")
+        // Blocking threads outliving the runs, so none is made on the
+        // clock of a later one.
+        .thread_keep_alive(Duration::from_secs(3600))
+        .on_thread_start(move || {
+            let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &dest);
+        })
+        .enable_all()
+        .build()
+        .map_err(|source| BenchError::Runtime { source })?;
+    Ok(Ends { source, dest: rt })
 }
 
 /// One migration.
@@ -178,6 +233,12 @@ pub struct Run {
     /// Post-copy mode: 1 − (work rate in the second after the resume ÷
     /// before the migration).
     pub slowdown_after: Option<f64>,
+    /// CPU time this process spent on the migration: both ends, source and
+    /// page server, run in it (see [`process_cpu`]).
+    pub cpu: Duration,
+    /// The same from the start of the migration to the end of each round
+    /// (round 0's includes the connection and arming the tracking).
+    pub round_cpu: Vec<Duration>,
 }
 
 impl Run {
@@ -192,6 +253,23 @@ impl Run {
             };
             bytes as f64 / r.total.as_secs_f64().max(1e-9) / 1e6
         })
+    }
+
+    /// CPU milliseconds per MiB moved (raw, or on the wire), over every
+    /// round: the cost of moving a byte whatever the load, which a rate is
+    /// not. NaN when nothing moved.
+    fn cpu_per_mib(&self, wire: bool) -> f64 {
+        per_mib(self.cpu, self.bytes(wire))
+    }
+
+    /// CPU milliseconds per MiB on the wire in round 0, the bulk copy:
+    /// the transport's cost with least else mixed in (the later rounds add
+    /// the scans, the freeze, the state and the restore).
+    fn round0_cpu_per_mib(&self) -> f64 {
+        match (self.round_cpu.first(), self.rounds.first()) {
+            (Some(&cpu), Some(r)) => per_mib(cpu, r.stats.wire_bytes),
+            _ => f64::NAN,
+        }
     }
 
     fn bytes(&self, wire: bool) -> u64 {
@@ -256,12 +334,44 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
+/// Milliseconds of `cpu` per MiB of `bytes`; NaN for no bytes.
+fn per_mib(cpu: Duration, bytes: u64) -> f64 {
+    if bytes == 0 {
+        return f64::NAN;
+    }
+    ms(cpu) / (bytes as f64 / (1 << 20) as f64)
+}
+
+/// CPU time of this whole process so far, every thread (also those that
+/// ended) and nothing of its children: both ends of a bench migration run
+/// in it, while the workload and the process restored from it are other
+/// processes, and the control's busy loop runs only after the migrations.
+fn process_cpu() -> Duration {
+    use nix::time::{clock_gettime, ClockId};
+    clock_gettime(ClockId::CLOCK_PROCESS_CPUTIME_ID).map_or(Duration::ZERO, Duration::from)
+}
+
 /// Runs the benchmark, printing progress and the tables to `out`.
 pub async fn run(
     opts: &BenchOptions,
     out: &mut (dyn Write + Send),
 ) -> Result<Vec<ModeResult>, BenchError> {
-    let workload_cpus = if opts.pin { pin_split() } else { None };
+    let ends = if opts.separate_ends {
+        let e = separate_ends()?;
+        let _ = writeln!(
+            out,
+            "separate ends: the page server on a CPU of its own, the source end and the \
+             workload (not busy: no slowdown measured) on the other(s)"
+        );
+        Some(e)
+    } else {
+        None
+    };
+    let workload_cpus = match &ends {
+        Some(e) => Some(e.source),
+        None if opts.pin => pin_split(),
+        None => None,
+    };
     if opts.pin && workload_cpus.is_none() {
         let _ = writeln!(
             out,
@@ -275,14 +385,18 @@ pub async fn run(
             opts.link_rate as f64 / 1e6
         );
     }
-    let warm = Loopback::start()?;
+    let start = |tcp, restorer: Arc<dyn ferry_page_server::Restorer>| match &ends {
+        Some(e) => Loopback::start_in(e.dest.handle(), tcp, restorer),
+        None => Loopback::start_in(&tokio::runtime::Handle::current(), tcp, restorer),
+    };
+    let warm = start(false, Arc::new(LocalRestorer))?;
     let cold = if opts.modes.contains(&Mode::ColdRestore) {
-        Some(Loopback::start_with(Arc::new(ColdRestorer))?)
+        Some(start(false, Arc::new(ColdRestorer))?)
     } else {
         None
     };
     let tcp = if opts.modes.contains(&Mode::Tcp) {
-        Some(Loopback::start_tcp()?)
+        Some(start(true, Arc::new(LocalRestorer))?)
     } else {
         None
     };
@@ -316,7 +430,10 @@ pub async fn run(
         }
     }
     let _ = write!(out, "{}", table(&results));
-    if let (Some(cpus), Some(&mib)) = (workload_cpus.as_ref(), opts.sizes.first()) {
+    // With separate ends the workload is not busy and shares the source's
+    // CPU: there is no slowdown to compare with.
+    let control_cpus = workload_cpus.as_ref().filter(|_| ends.is_none());
+    if let (Some(cpus), Some(&mib)) = (control_cpus, opts.sizes.first()) {
         let mut control = Vec::new();
         for run in 1..=opts.runs.min(3) {
             control.extend(contention_control(opts, &warm, mib, run, cpus).await?);
@@ -336,6 +453,11 @@ pub async fn run(
     warm.stop().await;
     for s in [cold, tcp].into_iter().flatten() {
         s.stop().await;
+    }
+    if let Some(e) = ends {
+        // Not dropped here: dropping a runtime may block, which an async
+        // context refuses.
+        e.dest.shutdown_background();
     }
     Ok(results)
 }
@@ -401,7 +523,9 @@ async fn one_run(
         .scratch()
         .join(format!("{mib}-{}-{run}.log", mode.name()));
     let spec = crate::workload::Spec {
-        busy: true,
+        // With separate ends it shares the source's CPU, and a busy one
+        // would take half of it.
+        busy: !opts.separate_ends,
         pattern: opts.pattern,
         content: opts.content,
         ..crate::workload::Spec::new(mib, opts.dirty_rate as f64)
@@ -433,12 +557,16 @@ async fn one_run(
         ..DumpOptions::new(child.id() as i32, Destination::Remote(connect))
     };
     let start = unix_ms();
+    let cpu_start = process_cpu();
+    let mut round_cpu = Vec::new();
+    let mut progress = |_: &RoundReport| round_cpu.push(process_cpu().saturating_sub(cpu_start));
     let result = if mode == Mode::PostCopy {
         let pc = crate::postcopy::PostCopyOptions::default();
-        crate::migrate::migrate_post_copy(dump, &pc, &mut |_| {}).await
+        crate::migrate::migrate_post_copy(dump, &pc, &mut progress).await
     } else {
-        migrate(dump, &mut |_| {}).await
+        migrate(dump, &mut progress).await
     };
+    let cpu = process_cpu().saturating_sub(cpu_start);
     let end = unix_ms();
     let _ = child.kill();
     let _ = child.wait();
@@ -484,13 +612,18 @@ async fn one_run(
         downtime: report.downtime,
         parts: report.dump.parts,
         total: report.dump.total,
-        slowdown: before.zip(during).map(|(b, d)| 1.0 - d / b),
+        slowdown: before
+            .zip(during)
+            .filter(|_| !opts.separate_ends)
+            .map(|(b, d)| 1.0 - d / b),
         verified,
         slowdown_after: report.post_copy.as_ref().and_then(|_| {
             let after = crate::workload::rate(&samples, resumed, resumed + 1000)?;
             before.map(|b| 1.0 - after / b)
         }),
         post_copy: report.post_copy.clone(),
+        cpu,
+        round_cpu,
     })
 }
 
@@ -511,7 +644,7 @@ pub fn table(results: &[ModeResult]) -> String {
             .map(|r| r.figure(|x| ms(x.downtime)).median);
         let _ = writeln!(
             t,
-            "\n{mib} MiB\n{:<14} {:>22} {:>8} {:>7} {:>7} {:>7} {:>9} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9}",
+            "\n{mib} MiB\n{:<14} {:>22} {:>8} {:>7} {:>7} {:>7} {:>9} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10}",
             "mode",
             "downtime ms med (min-max)",
             "vs s&c",
@@ -524,7 +657,9 @@ pub fn table(results: &[ModeResult]) -> String {
             "wire MiB",
             "r0 MB/s",
             "r0 wire",
-            "slowdown"
+            "slowdown",
+            "r0 CPU/MiB",
+            "CPU ms/MiB"
         );
         for r in &group {
             let d = r.figure(|x| ms(x.downtime));
@@ -538,7 +673,7 @@ pub fn table(results: &[ModeResult]) -> String {
             };
             let _ = writeln!(
                 t,
-                "{:<14} {:>8.1} ({:>5.0}-{:<5.0}) {:>8} {:>7.2} {:>7.1} {:>7.1} {:>9.1} {:>7.0} {:>9.1} {:>9.1} {:>9.0} {:>9.0} {:>9}",
+                "{:<14} {:>8.1} ({:>5.0}-{:<5.0}) {:>8} {:>7.2} {:>7.1} {:>7.1} {:>9.1} {:>7.0} {:>9.1} {:>9.1} {:>9.0} {:>9.0} {:>9} {:>10.2} {:>10.2}",
                 r.mode.name(),
                 d.median,
                 d.min,
@@ -554,6 +689,8 @@ pub fn table(results: &[ModeResult]) -> String {
                 r.figure(|x| x.round0_rate(false)).median,
                 r.figure(|x| x.round0_rate(true)).median,
                 slow,
+                r.figure(|x| x.round0_cpu_per_mib()).median,
+                r.figure(|x| x.cpu_per_mib(true)).median,
             );
         }
         for r in group.iter().filter(|r| r.mode == Mode::PostCopy) {
@@ -594,6 +731,17 @@ pub fn table(results: &[ModeResult]) -> String {
                 t,
                 "\nQUIC with mutual TLS moves {ratio:.2} x the bytes per second of plain TCP \
                  (round 0 on the wire, medians of iterative / tcp)"
+            );
+        }
+        if let (Some(r0), Some(all)) = (
+            quic_vs_tcp_cpu(&group_owned, true),
+            quic_vs_tcp_cpu(&group_owned, false),
+        ) {
+            let _ = writeln!(
+                t,
+                "QUIC with mutual TLS spends {r0:.2} x the CPU per MiB of plain TCP in round 0, \
+                 {all:.2} x over the whole migration (ferry's process, both ends, per MiB on \
+                 the wire, medians of iterative / tcp)"
             );
         }
         if let Some(gain) = zstd_gain(&group_owned) {
@@ -676,8 +824,35 @@ pub fn quic_vs_tcp(results: &[ModeResult]) -> Option<f64> {
     rate_ratio(results, Mode::Iterative, Mode::Tcp, true)
 }
 
+/// Median CPU per MiB on the wire of `a` over that of `b`, in round 0 or
+/// over the whole migration.
+fn cpu_ratio(results: &[ModeResult], a: Mode, b: Mode, round0: bool) -> Option<f64> {
+    let cpu = |m| {
+        results.iter().find(|r| r.mode == m).map(|r| {
+            r.figure(|x| {
+                if round0 {
+                    x.round0_cpu_per_mib()
+                } else {
+                    x.cpu_per_mib(true)
+                }
+            })
+            .median
+        })
+    };
+    Some(cpu(a)? / cpu(b)?)
+}
+
+/// What QUIC with mutual TLS costs in CPU per byte against plain TCP:
+/// median CPU ms per MiB on the wire of iterative / tcp, in round 0 or
+/// over the whole migration. Unlike the rates' ratio it holds on a loaded
+/// machine.
+pub fn quic_vs_tcp_cpu(results: &[ModeResult], round0: bool) -> Option<f64> {
+    cpu_ratio(results, Mode::Iterative, Mode::Tcp, round0)
+}
+
 pub fn json(results: &[ModeResult]) -> serde_json::Value {
     let s = |v: Spread| serde_json::json!({"median": v.median, "min": v.min, "max": v.max});
+    let same_size = |mib| results.iter().filter(move |r: &&ModeResult| r.mib == mib);
     serde_json::Value::Array(
         results
             .iter()
@@ -697,8 +872,26 @@ pub fn json(results: &[ModeResult]) -> serde_json::Value {
                         "raw": s(r.figure(|x| x.round0_rate(false))),
                         "wire": s(r.figure(|x| x.round0_rate(true))),
                     },
+                    "cpu_ms": s(r.figure(|x| ms(x.cpu))),
+                    "cpu_ms_per_mib": {
+                        "raw": s(r.figure(|x| x.cpu_per_mib(false))),
+                        "wire": s(r.figure(|x| x.cpu_per_mib(true))),
+                        "round0_wire": s(r.figure(|x| x.round0_cpu_per_mib())),
+                    },
+                    // Against the tcp mode at the same size, when it ran:
+                    // for iterative, what QUIC with mutual TLS costs.
+                    "vs_tcp": same_size(r.mib).find(|t| t.mode == Mode::Tcp).map(|t| {
+                        let both = [r.clone(), (*t).clone()];
+                        serde_json::json!({
+                            "round0_wire": rate_ratio(&both, r.mode, Mode::Tcp, true),
+                            "cpu_ms_per_mib": cpu_ratio(&both, r.mode, Mode::Tcp, false),
+                            "round0_cpu_ms_per_mib": cpu_ratio(&both, r.mode, Mode::Tcp, true),
+                        })
+                    }),
                     "runs": r.runs.iter().map(|run| serde_json::json!({
                         "downtime_ms": ms(run.downtime),
+                        "cpu_ms": ms(run.cpu),
+                        "round_cpu_ms": run.round_cpu.iter().map(|&c| ms(c)).collect::<Vec<_>>(),
                         "slowdown": run.slowdown,
                         "verified_pages": run.verified,
                         "post_copy": run.post_copy.as_ref().map(|p| serde_json::json!({
@@ -821,6 +1014,11 @@ mod tests {
     }
 
     fn run_at(mb_per_s: u64) -> Run {
+        run_costing(mb_per_s, Duration::from_millis(100))
+    }
+
+    /// A run at `mb_per_s` in round 0 whose migration took `cpu`.
+    fn run_costing(mb_per_s: u64, cpu: Duration) -> Run {
         let round = |round: u32, bytes: u64| RoundReport {
             round,
             frozen: round > 0,
@@ -845,6 +1043,9 @@ mod tests {
             verified: 1,
             post_copy: None,
             slowdown_after: None,
+            cpu,
+            // A quarter of it in round 0.
+            round_cpu: vec![cpu / 4, cpu],
         }
     }
 
@@ -868,6 +1069,54 @@ mod tests {
             t.contains("r0 MB/s") && t.contains("0.70 x") && t.contains("5.0 %"),
             "{t}"
         );
+    }
+
+    #[test]
+    fn cpu_per_mib_and_its_transport_ratio() {
+        // 800 MB/s for half a second: 400 MB raw and 200 MB on the wire,
+        // plus round 1's byte raw (none on the wire); every round counts.
+        let r = run_costing(800, Duration::from_millis(1000));
+        let mib = |b: f64| b / (1 << 20) as f64;
+        assert!((r.cpu_per_mib(true) - 1000.0 / mib(200e6)).abs() < 1e-9);
+        assert!((r.cpu_per_mib(false) - 1000.0 / mib(400e6 + 1.0)).abs() < 1e-9);
+        assert!((r.round0_cpu_per_mib() - 250.0 / mib(200e6)).abs() < 1e-9);
+        let unmeasured = Run {
+            round_cpu: Vec::new(),
+            ..r.clone()
+        };
+        assert!(unmeasured.round0_cpu_per_mib().is_nan());
+        assert!(per_mib(Duration::from_secs(1), 0).is_nan());
+        assert_eq!(per_mib(Duration::from_millis(3), 2 << 20), 1.5);
+        let mode = |mode, cpu_ms: &[u64]| ModeResult {
+            mode,
+            mib: 64,
+            runs: cpu_ms
+                .iter()
+                .map(|&c| run_costing(800, Duration::from_millis(c)))
+                .collect(),
+        };
+        // Medians 600 and 200 ms for the same bytes: 3 x; the outliers
+        // must not count.
+        let quic = mode(Mode::Iterative, &[600, 5000, 550, 610, 100]);
+        let tcp = mode(Mode::Tcp, &[200, 190, 900, 210, 10]);
+        assert_eq!(quic_vs_tcp_cpu(std::slice::from_ref(&quic), false), None);
+        for round0 in [false, true] {
+            let ratio = quic_vs_tcp_cpu(&[quic.clone(), tcp.clone()], round0).unwrap();
+            assert!((ratio - 3.0).abs() < 1e-9, "{ratio}");
+        }
+        let t = table(&[quic.clone(), tcp.clone()]);
+        assert!(
+            t.contains("CPU ms/MiB") && t.contains("spends 3.00 x") && t.contains("3.00 x over"),
+            "{t}"
+        );
+        let j = json(&[quic, tcp]);
+        assert!((j[0]["vs_tcp"]["cpu_ms_per_mib"].as_f64().unwrap() - 3.0).abs() < 1e-9);
+        assert!((j[0]["vs_tcp"]["round0_cpu_ms_per_mib"].as_f64().unwrap() - 3.0).abs() < 1e-9);
+        assert!((j[0]["cpu_ms"]["median"].as_f64().unwrap() - 600.0).abs() < 1e-9);
+        assert_eq!(j[1]["vs_tcp"]["cpu_ms_per_mib"].as_f64(), Some(1.0));
+        // Without a tcp mode there is nothing to compare with.
+        let alone = json(&[mode(Mode::Iterative, &[1])]);
+        assert!(alone[0]["vs_tcp"].is_null());
     }
 
     #[test]

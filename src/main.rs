@@ -239,7 +239,8 @@ enum Command {
         /// Pages the workload rewrites per second.
         #[arg(long, default_value_t = 2000)]
         dirty_rate: u64,
-        /// QUIC data streams used in parallel.
+        /// Lanes: batches compressed and sent at once (over QUIC they
+        /// share one data stream, over TCP each is a connection).
         #[arg(long, default_value_t = 4)]
         streams: usize,
         /// Send pages uncompressed.
@@ -287,6 +288,13 @@ enum Command {
         /// ends still share this host's CPUs.
         #[arg(long, default_value = "0", value_parser = size)]
         link_rate: u64,
+        /// Run the two ends of the migration on separate CPUs, as on two
+        /// hosts: the page server (destination) on the last CPU, the source
+        /// end and the workload on the others. The workload is then not
+        /// busy (it sleeps between page writes, so it leaves the source
+        /// its CPU) and no slowdown is measured; needs two CPUs.
+        #[arg(long, conflicts_with = "no_pin")]
+        separate_ends: bool,
         /// Write the results as JSON to this file.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -388,7 +396,8 @@ struct RoundArgs {
     /// Most pre-dump rounds; 0 freezes at once (stop-and-copy).
     #[arg(long, default_value_t = 8)]
     max_rounds: u32,
-    /// QUIC data streams used in parallel.
+    /// Lanes: batches compressed and sent at once (over QUIC they share
+    /// one data stream, over TCP each is a connection).
     #[arg(long, default_value_t = 4)]
     streams: usize,
     /// Send pages uncompressed.
@@ -1011,6 +1020,7 @@ async fn run(command: Command) -> Result<()> {
             modes,
             compare,
             link_rate,
+            separate_ends,
             json,
             svg,
         } => {
@@ -1031,6 +1041,7 @@ async fn run(command: Command) -> Result<()> {
                 modes,
                 pin: !no_pin,
                 link_rate: if link_rate == u64::MAX { 0 } else { link_rate },
+                separate_ends,
             };
             let results = ferry::bench::run(&opts, &mut std::io::stdout()).await?;
             if let Some(path) = json {
