@@ -47,14 +47,15 @@ impl Loopback {
         Self::start_on(false, Arc::new(LocalRestorer))
     }
 
-    /// The same over plain TCP with the same framing (no certificates).
-    pub fn start_tcp() -> Result<Loopback, LoopbackError> {
-        Self::start_on(true, Arc::new(LocalRestorer))
+    /// Over QUIC with another restorer.
+    pub fn start_with(restorer: Arc<dyn Restorer>) -> Result<Loopback, LoopbackError> {
+        Self::start_on(false, restorer)
     }
 
-    /// Over QUIC (`tcp` false) or plain TCP with `restorer`, served by the
-    /// runtime of `rt` instead of the caller's: every task of the page server, and every thread they
-    /// start, then runs on that runtime's threads (`ferry bench
+    /// Over QUIC (`tcp` false) or plain TCP with the same framing (no
+    /// certificates) with `restorer`, served by the runtime of `rt` instead
+    /// of the caller's: every task of the page server, and every thread
+    /// they start, then runs on that runtime's threads (`ferry bench
     /// --separate-ends` pins them to a CPU of their own).
     pub fn start_in(
         rt: &tokio::runtime::Handle,
@@ -65,11 +66,6 @@ impl Loopback {
         // runtime entered here, as does the spawn of the server itself.
         let _in = rt.enter();
         Self::start_on(tcp, restorer)
-    }
-
-    /// Over QUIC with another restorer.
-    pub fn start_with(restorer: Arc<dyn Restorer>) -> Result<Loopback, LoopbackError> {
-        Self::start_on(false, restorer)
     }
 
     fn start_on(tcp: bool, restorer: Arc<dyn Restorer>) -> Result<Loopback, LoopbackError> {
