@@ -300,18 +300,9 @@ pub async fn migrate_post_copy(
             match crate::postcopy::serve(lazy.link, source_pid, lazy.ranges, pc).await {
                 Ok(pcr) => {
                     let frozen = held.0.take().expect("held until here");
-                    frozen.kill().map_err(|error| MigrateError::Kill {
-                        pid,
-                        source_pid,
-                        error,
-                    })?;
-                    Ok(MigrateReport {
-                        downtime: report.frozen,
-                        dump: report,
-                        restored_pid: pid,
-                        restored_ns: (0, 0),
-                        post_copy: Some(pcr),
-                    })
+                    let mut done = kill_source(frozen, report, pid, (0, 0))?;
+                    done.post_copy = Some(pcr);
+                    Ok(done)
                 }
                 Err(error) => {
                     drop(held);
