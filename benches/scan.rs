@@ -1,7 +1,8 @@
 //! Dirty tracking and memory reads on a real 1 GiB process (needs root):
 //! a clean uffd-wp rescan, a rescan with 10 % of the pages written, and
 //! reading 1024 scattered pages with `process_vm_readv`, and one injected
-//! syscall (running, and frozen with signals blocked).
+//! syscall (running, and frozen with signals blocked), and the 62 signal
+//! actions of a state capture injected one by one against one batch.
 //!
 //! `cargo bench --bench scan`
 
@@ -115,7 +116,42 @@ fn bench(c: &mut Criterion) {
     g.bench_function("getpid/frozen-signals-blocked", |b| {
         b.iter(|| tracee.syscall_in(tid, libc::SYS_getpid, &[]).unwrap())
     });
+    // What the state capture asks of a frozen process's first thread: the
+    // 62 signal actions, one injection each against one batch.
+    let scratch = tracee
+        .syscall_in(
+            tid,
+            libc::SYS_mmap,
+            &[
+                0,
+                1 << 16,
+                3,
+                (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64,
+                u64::MAX,
+                0,
+            ],
+        )
+        .unwrap() as u64;
+    let calls: Vec<(i64, [u64; 6])> = (1..=64u64)
+        .filter(|&s| s != 9 && s != 19)
+        .map(|s| (libc::SYS_rt_sigaction, [s, 0, scratch + s * 32, 8, 0, 0]))
+        .collect();
+    g.bench_function("62-sigactions/one-injection-each", |b| {
+        b.iter(|| {
+            for (nr, a) in &calls {
+                tracee.syscall_in(tid, *nr, &a[..4]).unwrap();
+            }
+        })
+    });
+    g.bench_function("62-sigactions/one-batch", |b| {
+        b.iter(|| {
+            tracee
+                .syscalls_in(tid, scratch + (1 << 15), calls.clone())
+                .unwrap()
+        })
+    });
     g.finish();
+    let _ = tracee.syscall_in(tid, libc::SYS_munmap, &[scratch, 1 << 16]);
     let _ = tracee.thaw();
     let _ = tracee.detach(false);
 }

@@ -309,9 +309,17 @@ fn signals() -> impl Iterator<Item = u32> {
     (1..=NSIG).filter(|&s| s != libc::SIGKILL as u32 && s != libc::SIGSTOP as u32)
 }
 
+/// Where the table of the batches goes in the scratch area: after the
+/// signal actions and the tid addresses.
+fn table_offset(threads: usize) -> u64 {
+    (SIG_AREA + 8 * threads) as u64
+}
+
 fn scratch_len(threads: usize) -> u64 {
     let page = crate::sys::page_size();
-    let bytes = (SIG_AREA + 8 * threads) as u64;
+    // The first thread's batch is the longest: 4 calls and the signals.
+    let calls = 4 + signals().count();
+    let bytes = table_offset(threads) + (calls * crate::sys::trampoline::BATCH_ENTRY) as u64;
     bytes.div_ceil(page) * page
 }
 
@@ -361,37 +369,73 @@ fn ask(
     scratch: u64,
     len: u64,
 ) -> Result<Injected, StateError> {
-    let lead = tids[0];
-    let brk = tracee
-        .syscall_in(lead, libc::SYS_brk, &[0])
-        .map_err(inject_err(format!("brk(0) in thread {lead}")))? as u64;
+    // One batch per thread (see `Tracee::syscalls_in`): its tid address and
+    // securebits; in the first thread also the heap's end, every signal's
+    // action and the dumpable flag. Answers in memory land in the scratch
+    // area, the others come back as results.
+    let table = scratch + table_offset(tids.len());
+    let (mut brk, mut dumpable, mut securebits) = (0, 0, Vec::new());
     for (i, &tid) in tids.iter().enumerate() {
         let slot = scratch + (SIG_AREA + 8 * i) as u64;
-        tracee
-            .syscall_in(tid, libc::SYS_prctl, &[PR_GET_TID_ADDRESS, slot])
+        let mut calls = vec![
+            (
+                libc::SYS_prctl,
+                [PR_GET_TID_ADDRESS, slot, 0, 0, 0, 0],
+                "prctl(PR_GET_TID_ADDRESS)".to_string(),
+            ),
+            (
+                libc::SYS_prctl,
+                [PR_GET_SECUREBITS, 0, 0, 0, 0, 0],
+                "prctl(PR_GET_SECUREBITS)".into(),
+            ),
+        ];
+        if i == 0 {
+            calls.push((libc::SYS_brk, [0; 6], "brk(0)".into()));
+            calls.push((
+                libc::SYS_prctl,
+                [PR_GET_DUMPABLE, 0, 0, 0, 0, 0],
+                "prctl(PR_GET_DUMPABLE)".into(),
+            ));
+            for sig in signals() {
+                let at = scratch + u64::from(sig - 1) * KSIGACTION as u64;
+                calls.push((
+                    libc::SYS_rt_sigaction,
+                    [u64::from(sig), 0, at, 8, 0, 0],
+                    format!("rt_sigaction({sig})"),
+                ));
+            }
+        }
+        let results = tracee
+            .syscalls_in(
+                tid,
+                table,
+                calls.iter().map(|(nr, a, _)| (*nr, *a)).collect(),
+            )
             .map_err(inject_err(format!(
-                "prctl(PR_GET_TID_ADDRESS) in thread {tid}"
+                "{} injected calls in thread {tid}",
+                calls.len()
             )))?;
+        for ((nr, _, what), &ret) in calls.iter().zip(&results) {
+            if (-4095..0).contains(&ret) {
+                return Err(StateError::Inject {
+                    what: format!("{what} in thread {tid}"),
+                    source: PtraceError::SyscallFailed {
+                        nr: *nr,
+                        errno: nix::errno::Errno::from_raw(-ret as i32),
+                    },
+                });
+            }
+        }
+        let answer = |k: usize| {
+            let (ret, what) = (results[k], format!("{} in thread {tid}", calls[k].2));
+            u32::try_from(ret).map_err(|_| StateError::Answer { what, ret })
+        };
+        securebits.push(answer(1)?);
+        if i == 0 {
+            brk = results[2] as u64;
+            dumpable = answer(3)?;
+        }
     }
-    for sig in signals() {
-        let slot = scratch + u64::from(sig - 1) * KSIGACTION as u64;
-        tracee
-            .syscall_in(lead, libc::SYS_rt_sigaction, &[u64::from(sig), 0, slot, 8])
-            .map_err(inject_err(format!("rt_sigaction({sig}) in thread {lead}")))?;
-    }
-    // Answered in rax: nothing lands in memory.
-    let answer = |tid: i32, op: u64, what: &str| -> Result<u32, StateError> {
-        let what = format!("prctl({what}) in thread {tid}");
-        let ret = tracee
-            .syscall_in(tid, libc::SYS_prctl, &[op])
-            .map_err(inject_err(what.clone()))?;
-        u32::try_from(ret).map_err(|_| StateError::Answer { what, ret })
-    };
-    let securebits = tids
-        .iter()
-        .map(|&tid| answer(tid, PR_GET_SECUREBITS, "PR_GET_SECUREBITS"))
-        .collect::<Result<Vec<_>, _>>()?;
-    let dumpable = answer(lead, PR_GET_DUMPABLE, "PR_GET_DUMPABLE")?;
     let mut buf = vec![0u8; len as usize];
     vm::read(pid, scratch, &mut buf).map_err(|source| StateError::Read { pid, source })?;
     Ok(Injected {

@@ -171,8 +171,9 @@ fn the_source_ferry_killed_at_any_step_leaves_the_process_running() {
 
 /// `ferry migrate` SIGKILLed inside an injected syscall, at each point of
 /// an injection (registers already replaced, the syscall entered, the
-/// syscall returned), in the running process (arming the tracker) and in
-/// the frozen one with its signals blocked (reading its state): the thread
+/// syscall returned), in the running process (arming the tracker), in
+/// the frozen one with its signals blocked (reading its state), and in the
+/// middle of a batch of injected calls (the state's signal actions): the thread
 /// must resume where it was, with its own registers and signal mask, and
 /// the process count on as if ferry had never been there.
 #[test]
@@ -189,6 +190,7 @@ fn the_source_ferry_killed_inside_an_injected_syscall_leaves_the_process_running
         "kill-at-entry",
         "kill-at-exit",
         "kill-at-entry-frozen",
+        "kill-in-batch",
     ] {
         let (fx, log) = fixture(dir.path(), point);
         let mask = sigblk(fx.pid);

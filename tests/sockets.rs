@@ -539,11 +539,13 @@ u.bind(("127.0.0.1", 0))
 x = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 x.connect({path:?})
 assert u.fileno() == 3 and x.fileno() == 4
+# Open once: a descriptor that comes and goes would race the fd listing
+# below.
+f = open({log:?}, "a", buffering=1)
 n = 0
 while True:
     n += 1
-    with open({log:?}, "a") as f:
-        f.write("%d\n" % n)
+    f.write("%d\n" % n)
     time.sleep(0.01)
 "#,
         path = path.to_str().unwrap(),

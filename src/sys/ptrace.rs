@@ -205,6 +205,12 @@ enum Cmd {
         args: [u64; 6],
         reply: Reply<i64>,
     },
+    SyscallsIn {
+        tid: i32,
+        table: u64,
+        calls: Vec<(i64, [u64; 6])>,
+        reply: Reply<Vec<i64>>,
+    },
     Regs {
         tid: i32,
         reply: Reply<user_regs_struct>,
@@ -338,6 +344,31 @@ impl Tracee {
         a[..args.len()].copy_from_slice(args);
         self.call(|reply| Cmd::Syscall { nr, args: a, reply })
             .unwrap_or(Err(PtraceError::TracerGone))
+    }
+
+    /// Runs `calls` (number and six arguments each) one after the other in
+    /// thread `tid`, which must be in a ptrace stop, as [`Tracee::syscall_in`]
+    /// would, but in one injection: code of ferry's own in the process runs
+    /// them from a table it writes at `table` (`calls.len()` ×
+    /// [`super::trampoline::BATCH_ENTRY`] bytes of writable memory of the
+    /// process, e.g. a scratch mapping), which spares two thirds of the
+    /// ptrace round trips of one injection each. Returns each call's raw
+    /// result (`-errno` on failure: one call failing does not stop the
+    /// others). Without room for the trampoline, falls back to one
+    /// injection per call.
+    pub fn syscalls_in(
+        &self,
+        tid: i32,
+        table: u64,
+        calls: Vec<(i64, [u64; 6])>,
+    ) -> Result<Vec<i64>, PtraceError> {
+        self.call(|reply| Cmd::SyscallsIn {
+            tid,
+            table,
+            calls,
+            reply,
+        })
+        .unwrap_or(Err(PtraceError::TracerGone))
     }
 
     /// Injects syscall `nr` with `args` (at most 6) into thread `tid`, which
@@ -648,6 +679,19 @@ impl Worker {
                     reply,
                 } => {
                     let _ = reply.send(self.syscall_in(tid, nr, &args));
+                }
+                Cmd::SyscallsIn {
+                    tid,
+                    table,
+                    calls,
+                    reply,
+                } => {
+                    let r = self.syscalls_in(tid, table, &calls);
+                    if let Err(e) = &r {
+                        self.recover_injection(e);
+                        self.disarm();
+                    }
+                    let _ = reply.send(r);
                 }
                 Cmd::Regs { tid, reply } => {
                     let r = self.require_stopped(tid).and_then(|()| {
@@ -1287,6 +1331,17 @@ impl Worker {
     /// killed mid-injection then leaves that thread with wrong registers:
     /// said once, loudly).
     fn injection_site(&mut self, regs: &user_regs_struct, mask: u64) -> Result<u64, PtraceError> {
+        if self.arm(&super::trampoline::code(regs, mask)) {
+            if let Some(site) = &self.site {
+                return Ok(site.addr);
+            }
+        }
+        self.syscall_insn()
+    }
+
+    /// Finds the trampoline's site (once), checks it is still ours, and
+    /// writes `code` there; false if the process has no site.
+    fn arm(&mut self, code: &[u8]) -> bool {
         if !self.verified {
             if self.site.as_ref().is_some_and(|s| !s.intact(self.pid)) {
                 // The mapping changed under us (an unloaded library).
@@ -1306,16 +1361,103 @@ impl Worker {
                 ),
             }
         }
-        if let Some(site) = &mut self.site {
-            match site.arm(regs, mask) {
-                Ok(()) => return Ok(site.addr),
-                Err(e) => {
-                    tracing::warn!(pid = self.pid, "writing the injection trampoline: {e}");
-                    self.site = None;
-                }
+        let Some(site) = &mut self.site else {
+            return false;
+        };
+        match site.arm(code) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(pid = self.pid, "writing the injection trampoline: {e}");
+                self.site = None;
+                false
             }
         }
-        self.syscall_insn()
+    }
+
+    /// Runs `calls` in order in stopped thread `tid`, every signal blocked,
+    /// through one batch trampoline whose table goes to `table`; see
+    /// [`Tracee::syscalls_in`].
+    fn syscalls_in(
+        &mut self,
+        tid: i32,
+        table: u64,
+        calls: &[(i64, [u64; 6])],
+    ) -> Result<Vec<i64>, PtraceError> {
+        use super::trampoline::BATCH_ENTRY;
+        self.alive()?;
+        self.require_stopped(tid)?;
+        if calls.is_empty() {
+            return Ok(Vec::new());
+        }
+        let os = |op: &'static str| move |errno: Errno| PtraceError::Os { op, tid, errno };
+        let mask = get_sigmask(tid).map_err(os("PTRACE_GETSIGMASK"))?;
+        let saved = pt::getregs(Pid::from_raw(tid)).map_err(os("PTRACE_GETREGS"))?;
+        let mut restore = saved;
+        rewind_interrupted_syscall(&mut restore);
+        let mut entries = vec![0u8; calls.len() * BATCH_ENTRY];
+        for ((nr, args), e) in calls.iter().zip(entries.chunks_mut(BATCH_ENTRY)) {
+            for (k, v) in std::iter::once(*nr as u64)
+                .chain(args.iter().copied())
+                .enumerate()
+            {
+                e[k * 8..k * 8 + 8].copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        let code = super::trampoline::batch_code(&restore, mask, table, calls.len() as u64);
+        if !self.arm(&code) {
+            // No room for code of ferry's own: one injection each.
+            return calls
+                .iter()
+                .map(|(nr, args)| match self.syscall_in(tid, *nr, args) {
+                    Err(PtraceError::SyscallFailed { errno, .. }) => Ok(-(errno as i64)),
+                    r => r,
+                })
+                .collect();
+        }
+        let site = self.site.as_ref().map_or(0, |s| s.addr);
+        let unexpected = |what: String| PtraceError::Unexpected { tid, what };
+        if let Err(e) = super::vm::write(self.pid, table, &entries) {
+            self.disarm();
+            return Err(unexpected(format!(
+                "writing a batch's table at {table:#x}: {e}"
+            )));
+        }
+        let mut regs = saved;
+        regs.rip = site;
+        regs.orig_rax = u64::MAX;
+        pt::setregs(Pid::from_raw(tid), regs).map_err(os("PTRACE_SETREGS"))?;
+        self.injecting = Some((tid, restore, Some(mask)));
+        set_sigmask(tid, u64::MAX).map_err(os("PTRACE_SETSIGMASK"))?;
+        for i in 0..calls.len() {
+            // Entry and exit of each call; with every signal blocked only
+            // SIGKILL or a stop could come between.
+            for _ in 0..2 {
+                if let Step::Signal(sig) = self.syscall_step(tid)? {
+                    return Err(unexpected(format!(
+                        "signal {sig} stop in call {i} of a batch of injected syscalls"
+                    )));
+                }
+            }
+            if crate::failpoint::armed("ptrace", "kill-in-batch") {
+                crate::failpoint::die();
+            }
+        }
+        // The code stores each result after its call; the last one is only
+        // in `rax` at this exit stop, where the thread goes back.
+        let last = pt::getregs(Pid::from_raw(tid))
+            .map_err(os("PTRACE_GETREGS"))?
+            .rax as i64;
+        self.put_back(tid, &restore, Some(mask))?;
+        super::vm::read(self.pid, table, &mut entries)
+            .map_err(|e| unexpected(format!("reading a batch's results at {table:#x}: {e}")))?;
+        let mut results: Vec<i64> = entries
+            .chunks(BATCH_ENTRY)
+            .map(|e| i64::from_le_bytes(e[56..64].try_into().expect("8 bytes")))
+            .collect();
+        if let Some(r) = results.last_mut() {
+            *r = last;
+        }
+        Ok(results)
     }
 
     /// Resumes `tid` with `PTRACE_SYSCALL` and waits for its next syscall

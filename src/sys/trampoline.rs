@@ -35,11 +35,11 @@
 
 use libc::user_regs_struct;
 
-/// Bytes of code before the data (see [`code`]).
-const CODE_LEN: usize = 176;
+/// Bytes of code before the data (see [`code`] and [`batch_code`]).
+const CODE_LEN: usize = 240;
 /// Data slots after the code: 15 registers, `rsp`, `rsp - 128`, flags,
-/// `rip`, the signal mask.
-const SLOTS: usize = 20;
+/// `rip`, the signal mask, a batch's table and its length.
+const SLOTS: usize = 22;
 /// Bytes a trampoline takes.
 pub const LEN: usize = CODE_LEN + SLOTS * 8;
 
@@ -48,6 +48,12 @@ const SLOT_RSP_BELOW_RED_ZONE: usize = 16;
 const SLOT_FLAGS: usize = 17;
 const SLOT_RIP: usize = 18;
 const SLOT_MASK: usize = 19;
+const SLOT_TABLE: usize = 20;
+const SLOT_COUNT: usize = 21;
+
+/// Bytes of one entry of a batch's table (see [`batch_code`]): the syscall
+/// number, six arguments, and the result the code stores.
+pub const BATCH_ENTRY: usize = 64;
 
 /// x86-64 red zone: the 128 bytes below `rsp` a leaf function may use.
 const RED_ZONE: u64 = 128;
@@ -87,9 +93,43 @@ fn rip_rel(out: &mut Vec<u8>, insn: &[u8], slot: usize) {
 /// signal mask is `mask`: position-independent, [`LEN`] bytes; the
 /// injection starts at its first byte, a `syscall` instruction.
 pub fn code(regs: &user_regs_struct, mask: u64) -> Vec<u8> {
+    // The injected syscall, then the way back.
+    build(&[0x0f, 0x05], regs, mask, 0, 0)
+}
+
+/// A trampoline that runs a batch of syscalls: `count` entries of
+/// [`BATCH_ENTRY`] bytes at `table` (writable memory of the process), each
+/// the syscall number and six arguments, to which the code adds the result
+/// at offset 56; then the way back, as [`code`]. Ferry follows it with one
+/// pair of syscall stops per entry; should it die in between, the thread
+/// runs the rest of the batch and resumes as it was.
+pub fn batch_code(regs: &user_regs_struct, mask: u64, table: u64, count: u64) -> Vec<u8> {
+    assert!(count > 0, "an empty batch would loop for ever");
+    let mut p = Vec::new();
+    rip_rel(&mut p, &[0x4c, 0x8b, 0x25], SLOT_TABLE); // mov r12, [rip+table]
+    rip_rel(&mut p, &[0x4c, 0x8b, 0x2d], SLOT_COUNT); // mov r13, [rip+count]
+    let top = p.len();
+    p.extend_from_slice(&[0x49, 0x8b, 0x04, 0x24]); // mov rax, [r12]
+    p.extend_from_slice(&[0x49, 0x8b, 0x7c, 0x24, 8]); // mov rdi, [r12+8]
+    p.extend_from_slice(&[0x49, 0x8b, 0x74, 0x24, 16]); // mov rsi, [r12+16]
+    p.extend_from_slice(&[0x49, 0x8b, 0x54, 0x24, 24]); // mov rdx, [r12+24]
+    p.extend_from_slice(&[0x4d, 0x8b, 0x54, 0x24, 32]); // mov r10, [r12+32]
+    p.extend_from_slice(&[0x4d, 0x8b, 0x44, 0x24, 40]); // mov r8, [r12+40]
+    p.extend_from_slice(&[0x4d, 0x8b, 0x4c, 0x24, 48]); // mov r9, [r12+48]
+    p.extend_from_slice(&[0x0f, 0x05]); // syscall
+    p.extend_from_slice(&[0x49, 0x89, 0x44, 0x24, 56]); // mov [r12+56], rax
+    p.extend_from_slice(&[0x49, 0x83, 0xc4, BATCH_ENTRY as u8]); // add r12, 64
+    p.extend_from_slice(&[0x49, 0xff, 0xcd]); // dec r13
+    let back = top as i64 - (p.len() + 2) as i64;
+    p.extend_from_slice(&[0x75, back as i8 as u8]); // jnz top
+    build(&p, regs, mask, table, count)
+}
+
+/// `prologue` (which must not depend on where it ends), then the way back
+/// to `regs` and `mask`, then the data.
+fn build(prologue: &[u8], regs: &user_regs_struct, mask: u64, table: u64, count: u64) -> Vec<u8> {
     let mut c = Vec::with_capacity(LEN);
-    // The injected syscall.
-    c.extend_from_slice(&[0x0f, 0x05]);
+    c.extend_from_slice(prologue);
     // rt_sigprocmask(SIG_SETMASK, &mask, NULL, 8): signals ferry blocked
     // for the injection must not stay blocked.
     c.extend_from_slice(&[0xb8, 14, 0, 0, 0]); // mov eax, SYS_rt_sigprocmask
@@ -108,7 +148,7 @@ pub fn code(regs: &user_regs_struct, mask: u64) -> Vec<u8> {
     }
     rip_rel(&mut c, &[0x48, 0x8b, 0x25], SLOT_RSP); // mov rsp, [rip+rsp]
     rip_rel(&mut c, &[0xff, 0x25], SLOT_RIP); // jmp [rip+rip]
-    debug_assert!(c.len() <= CODE_LEN, "trampoline code is {} bytes", c.len());
+    assert!(c.len() <= CODE_LEN, "trampoline code is {} bytes", c.len());
     c.resize(CODE_LEN, 0xcc); // int3: never reached
     for (_, v) in gprs(regs) {
         c.extend_from_slice(&v.to_le_bytes());
@@ -119,6 +159,8 @@ pub fn code(regs: &user_regs_struct, mask: u64) -> Vec<u8> {
         regs.eflags,
         regs.rip,
         mask,
+        table,
+        count,
     ] {
         c.extend_from_slice(&v.to_le_bytes());
     }
@@ -284,10 +326,9 @@ impl Site {
         !self.armed && super::vm::read(pid, self.addr, &mut now).is_ok() && now == self.original
     }
 
-    /// Writes the trampoline for a thread with registers `regs` and signal
-    /// mask `mask`.
-    pub fn arm(&mut self, regs: &user_regs_struct, mask: u64) -> std::io::Result<()> {
-        self.write(&code(regs, mask))?;
+    /// Writes `code` (from [`code`] or [`batch_code`]) there.
+    pub fn arm(&mut self, code: &[u8]) -> std::io::Result<()> {
+        self.write(code)?;
         self.armed = true;
         Ok(())
     }
@@ -339,41 +380,65 @@ mod tests {
         u64::from_le_bytes(code[at..at + 8].try_into().unwrap())
     }
 
+    /// Walks the way back that starts at `at` in `c`, checking that every
+    /// RIP-relative operand reads the value it must.
+    fn check_way_back(c: &[u8], mut at: usize, r: &user_regs_struct, mask: u64) {
+        assert_eq!(&c[at..at + 5], &[0xb8, 14, 0, 0, 0]);
+        at += 5 + 5;
+        assert_eq!(&c[at..at + 3], &[0x48, 0x8d, 0x35]);
+        assert_eq!(target(c, at + 7), mask, "lea rsi -> mask");
+        at += 7 + 2 + 6;
+        assert_eq!(&c[at..at + 2], &[0x0f, 0x05]);
+        at += 2;
+        assert_eq!(&c[at..at + 3], &[0x48, 0x8b, 0x25]);
+        assert_eq!(target(c, at + 7), r.rsp - 128, "rsp below the red zone");
+        at += 7;
+        assert_eq!(&c[at..at + 2], &[0xff, 0x35]);
+        assert_eq!(target(c, at + 6), r.eflags, "push flags");
+        at += 6;
+        assert_eq!(c[at], 0x9d);
+        at += 1;
+        for (reg, value) in gprs(r) {
+            let rex = if reg >= 8 { 0x4c } else { 0x48 };
+            assert_eq!(&c[at..at + 2], &[rex, 0x8b]);
+            assert_eq!(c[at + 2] & 0b1100_0111, 0b101, "RIP-relative ModRM");
+            assert_eq!((c[at + 2] >> 3) & 7, reg & 7);
+            assert_eq!(target(c, at + 7), value, "register {reg}");
+            at += 7;
+        }
+        assert_eq!(&c[at..at + 3], &[0x48, 0x8b, 0x25]);
+        assert_eq!(target(c, at + 7), r.rsp, "mov rsp");
+        at += 7;
+        assert_eq!(&c[at..at + 2], &[0xff, 0x25]);
+        assert_eq!(target(c, at + 6), r.rip, "jmp back");
+        assert!(at + 6 <= CODE_LEN);
+    }
+
     #[test]
     fn starts_with_the_syscall_and_every_load_reads_its_own_register() {
         let r = regs();
         let c = code(&r, 0xdead_beef);
         assert_eq!(c.len(), LEN);
         assert_eq!(&c[..2], &[0x0f, 0x05]);
-        // Walk the known instruction sequence.
-        let mut at = 2 + 5 + 5;
-        assert_eq!(&c[at..at + 3], &[0x48, 0x8d, 0x35]);
-        assert_eq!(target(&c, at + 7), 0xdead_beef, "lea rsi -> mask");
-        at += 7 + 2 + 6;
-        assert_eq!(&c[at..at + 2], &[0x0f, 0x05]);
-        at += 2;
-        assert_eq!(&c[at..at + 3], &[0x48, 0x8b, 0x25]);
-        assert_eq!(target(&c, at + 7), r.rsp - 128, "rsp below the red zone");
-        at += 7;
-        assert_eq!(&c[at..at + 2], &[0xff, 0x35]);
-        assert_eq!(target(&c, at + 6), r.eflags, "push flags");
-        at += 6;
-        assert_eq!(c[at], 0x9d);
-        at += 1;
-        for (reg, value) in gprs(&r) {
-            let rex = if reg >= 8 { 0x4c } else { 0x48 };
-            assert_eq!(&c[at..at + 2], &[rex, 0x8b]);
-            assert_eq!(c[at + 2] & 0b1100_0111, 0b101, "RIP-relative ModRM");
-            assert_eq!((c[at + 2] >> 3) & 7, reg & 7);
-            assert_eq!(target(&c, at + 7), value, "register {reg}");
-            at += 7;
-        }
-        assert_eq!(&c[at..at + 3], &[0x48, 0x8b, 0x25]);
-        assert_eq!(target(&c, at + 7), r.rsp, "mov rsp");
-        at += 7;
-        assert_eq!(&c[at..at + 2], &[0xff, 0x25]);
-        assert_eq!(target(&c, at + 6), r.rip, "jmp back");
-        assert!(at + 6 <= CODE_LEN);
+        check_way_back(&c, 2, &r, 0xdead_beef);
+    }
+
+    #[test]
+    fn a_batch_loops_over_its_table_then_goes_back_the_same_way() {
+        let r = regs();
+        let c = batch_code(&r, 7, 0x7f00_1000, 3);
+        assert_eq!(c.len(), LEN);
+        assert_eq!(&c[..3], &[0x4c, 0x8b, 0x25]);
+        assert_eq!(target(&c, 7), 0x7f00_1000, "mov r12 -> table");
+        assert_eq!(&c[7..10], &[0x4c, 0x8b, 0x2d]);
+        assert_eq!(target(&c, 14), 3, "mov r13 -> count");
+        let syscall = 14 + 4 + 6 * 5;
+        assert_eq!(&c[syscall..syscall + 2], &[0x0f, 0x05]);
+        let jnz = syscall + 2 + 5 + 4 + 3;
+        assert_eq!(c[jnz], 0x75);
+        let top = (jnz as i64 + 2 + i64::from(c[jnz + 1] as i8)) as usize;
+        assert_eq!(top, 14, "jnz goes back to the first load");
+        check_way_back(&c, jnz + 2, &r, 7);
     }
 
     fn elf(kind: u16, loads: &[(u32, u64, u64)]) -> (Vec<u8>, Vec<u8>) {
