@@ -234,7 +234,7 @@ pub struct Run {
     /// before the migration).
     pub slowdown_after: Option<f64>,
     /// CPU time this process spent on the migration: both ends, source and
-    /// page server, run in it (see [`process_cpu`]).
+    /// page server, run in it (see `process_cpu`).
     pub cpu: Duration,
     /// The same from the start of the migration to the end of each round
     /// (round 0's includes the connection and arming the tracking).

@@ -10,7 +10,7 @@
 //! (a pure function, [`crate::policy`]) decides after each round whether
 //! another pre-dump round pays or the process should be frozen.
 //!
-//! The target is never left stopped or traced by accident: [`Tracee`] detaches
+//! The target is never left stopped or traced by accident: [`Tracee`](crate::sys::ptrace::Tracee) detaches
 //! (leaving it running) when dropped, which happens on every error path,
 //! when ferry is interrupted (the future is dropped), and when the page
 //! server goes away.

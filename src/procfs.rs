@@ -141,7 +141,7 @@ impl MapEntry {
                 .is_some_and(|p| p.starts_with("/memfd:") && p.ends_with(DELETED))
     }
 
-    /// A System V shared memory segment ("/SYSV<key> (deleted)").
+    /// A System V shared memory segment (`/SYSV<key> (deleted)`).
     pub fn is_sysv(&self) -> bool {
         self.shared
             && self
