@@ -88,6 +88,29 @@ pub struct InDoubt {
     pub last: String,
 }
 
+impl InDoubt {
+    /// The error for session `report` whose answer after `Go` never came
+    /// (`error`) and whose fate the page server could not tell within
+    /// `asked` (how long, and its last answer).
+    fn error(
+        pid: i32,
+        source_pid: i32,
+        report: &DumpReport,
+        error: String,
+        asked: (Duration, String),
+    ) -> MigrateError {
+        let (waited, last) = asked;
+        MigrateError::InDoubt(Box::new(InDoubt {
+            pid,
+            source_pid,
+            session: report.session.to_hex(),
+            error,
+            waited,
+            last,
+        }))
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct MigrateReport {
     pub dump: DumpReport,
@@ -142,16 +165,13 @@ pub async fn migrate(
             match resolve(&c, report.session, since_go).await {
                 Resolution::Resumed { pid } => held.source_gone(pid, report),
                 Resolution::NoCopy { why } => held.no_copy(&error, &why),
-                Resolution::Unknown { waited, last } => {
-                    Err(MigrateError::InDoubt(Box::new(InDoubt {
-                        pid,
-                        source_pid,
-                        session: report.session.to_hex(),
-                        error,
-                        waited,
-                        last,
-                    })))
-                }
+                Resolution::Unknown { waited, last } => Err(InDoubt::error(
+                    pid,
+                    source_pid,
+                    &report,
+                    error,
+                    (waited, last),
+                )),
             }
         }
         other => {
@@ -345,16 +365,13 @@ pub async fn migrate_post_copy(
                     })
                 }
                 Resolution::NoCopy { why } => held.no_copy(&error, &why),
-                Resolution::Unknown { waited, last } => {
-                    Err(MigrateError::InDoubt(Box::new(InDoubt {
-                        pid,
-                        source_pid,
-                        session: report.session.to_hex(),
-                        error,
-                        waited,
-                        last,
-                    })))
-                }
+                Resolution::Unknown { waited, last } => Err(InDoubt::error(
+                    pid,
+                    source_pid,
+                    &report,
+                    error,
+                    (waited, last),
+                )),
             }
         }
         (other, _) => {

@@ -2503,16 +2503,7 @@ impl Restorer {
         let ours = self.shm_fds[&f.fd];
         let fd = self.take_from_ferry(ours, &format!("memfd {} for fd {}", f.path, f.fd))?;
         let fd = self.in_access_mode(fd, f)?;
-        if fd != f.fd as u64 {
-            self.place(fd, f)?;
-        } else {
-            let flag = if f.cloexec { libc::FD_CLOEXEC } else { 0 };
-            self.call(
-                format!("fcntl(F_SETFD) of fd {}", f.fd),
-                libc::SYS_fcntl,
-                [fd, libc::F_SETFD as u64, flag as u64, 0, 0, 0],
-            )?;
-        }
+        self.place_taken(fd, f)?;
         self.seek(f)?;
         self.set_status_flags(f)
     }
@@ -2543,19 +2534,23 @@ impl Restorer {
             libc::SYS_close,
             [pidfd, 0, 0, 0, 0, 0],
         )?;
-        let fd = got?;
-        if fd != f.fd as u64 {
-            self.place(fd, f)?;
-        } else {
-            // pidfd_getfd sets close-on-exec; the image says whether to.
-            let flag = if f.cloexec { libc::FD_CLOEXEC } else { 0 };
-            self.call(
-                format!("fcntl(F_SETFD) of fd {}", f.fd),
-                libc::SYS_fcntl,
-                [fd, libc::F_SETFD as u64, flag as u64, 0, 0, 0],
-            )?;
-        }
+        self.place_taken(got?, f)?;
         self.set_status_flags(f)
+    }
+
+    /// Gives `fd`, taken into the stub with `pidfd_getfd` (which sets
+    /// close-on-exec), `f`'s number and close-on-exec flag.
+    fn place_taken(&mut self, fd: u64, f: &pb::FileDesc) -> Result<()> {
+        if fd != f.fd as u64 {
+            return self.place(fd, f);
+        }
+        let flag = if f.cloexec { libc::FD_CLOEXEC } else { 0 };
+        self.call(
+            format!("fcntl(F_SETFD) of fd {}", f.fd),
+            libc::SYS_fcntl,
+            [fd, libc::F_SETFD as u64, flag as u64, 0, 0, 0],
+        )?;
+        Ok(())
     }
 
     /// Moves the stub's fd `fd` to `f.fd` with `f`'s close-on-exec flag.
@@ -2578,8 +2573,6 @@ impl Restorer {
         Ok(())
     }
 
-    /// A copy of the stub's fd `fd` above every fd of the image; the
-    /// original is closed.
     /// Runs `nr` (`socketpair`, `pipe2`: calls that write an `int[2]` of
     /// new fds to the address given to `args`) in the stub and returns both
     /// fds, lifted above `above`.
@@ -2604,6 +2597,8 @@ impl Restorer {
         Ok((self.lift(x, above)?, self.lift(y, above)?))
     }
 
+    /// A copy of the stub's fd `fd` above every fd of the image; the
+    /// original is closed.
     fn lift(&mut self, fd: u64, above: u64) -> Result<u64> {
         let high = self.call(
             "fcntl(F_DUPFD_CLOEXEC) of a helper fd",
