@@ -233,10 +233,9 @@ async fn the_page_servers_reasons_reach_a_tcp_source() {
     eprintln!("restore: {e}");
     assert!(e.to_string().contains("--restore"), "{e}");
 
-    // No room: one session at a time.
-    let held = Client::connect(tcp(addr), sender_config(6, 4096, false))
-        .await
-        .unwrap();
+    // No room: one session at a time. The refused session above holds its
+    // place until its goodbye is read, which can be after our error.
+    let held = connect_when_free(addr, sender_config(6, 4096, false)).await;
     let e = Client::connect(tcp(addr), sender_config(7, 4096, false))
         .await
         .err()
