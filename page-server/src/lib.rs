@@ -13,6 +13,7 @@
 //! - [`lazy`]: post-copy: serving the faults of a process restored with
 //!   pages missing, and placing the pages the source pushes.
 //! - [`store`]: layered images, `mem` and `disk`, behind one trait.
+//! - [`udp`]: the UDP socket under QUIC, for datagrams up to 64 KiB.
 
 pub mod access;
 pub mod fates;
@@ -23,6 +24,7 @@ pub mod store;
 pub mod tcp;
 pub mod tls;
 mod transport;
+pub mod udp;
 
 pub use lazy::{LazyEvent, LazyProcess};
 pub use server::{
