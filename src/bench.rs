@@ -87,10 +87,13 @@ pub enum Mode {
     Tcp,
     /// Iterative rounds, then post-copy instead of the final delta.
     PostCopy,
+    /// Iterative, restored with `--keep-pids` into a pid namespace of its
+    /// own.
+    KeepPids,
 }
 
 impl Mode {
-    pub const ALL: [Mode; 8] = [
+    pub const ALL: [Mode; 9] = [
         Mode::Iterative,
         Mode::StopAndCopy,
         Mode::ColdRestore,
@@ -99,6 +102,7 @@ impl Mode {
         Mode::OneStream,
         Mode::Tcp,
         Mode::PostCopy,
+        Mode::KeepPids,
     ];
 
     pub fn name(self) -> &'static str {
@@ -111,6 +115,7 @@ impl Mode {
             Mode::OneStream => "one-stream",
             Mode::Tcp => "tcp",
             Mode::PostCopy => "post-copy",
+            Mode::KeepPids => "keep-pids",
         }
     }
 
@@ -554,6 +559,7 @@ async fn one_run(
             Compress::default()
         },
         restore: true,
+        keep_pids: mode == Mode::KeepPids,
         ..DumpOptions::new(child.id() as i32, Destination::Remote(connect))
     };
     let start = unix_ms();

@@ -375,10 +375,14 @@ pub async fn dump_frozen_with(
     if post_copy && spaces.len() > 1 {
         return Err(DumpError::LazyTree(spaces.len()));
     }
+    // The root's own pid, which the destination gives the process it
+    // makes at the first round (a warm restore with --keep-pids).
+    let mut keep_pids_root = 0;
     if keep_pids {
         // Before any freeze: a tree that cannot keep its pids is refused
         // while it runs on untouched.
         crate::pidns::precheck(&tree.pids())?;
+        keep_pids_root = crate::pidns::ns_pid(pid)? as u32;
     }
     let session = SessionId(random_id());
     let mut features = Vec::new();
@@ -394,7 +398,17 @@ pub async fn dump_frozen_with(
     if keep_pids {
         features.push(ferry_proto::FEATURE_KEEP_PIDS.to_string());
     }
-    let mut sink = Sink::open(opts.dest, session, pid, opts.compress, features).await?;
+    let mut sink = Sink::open(
+        opts.dest,
+        Opening {
+            session,
+            pid,
+            compress: opts.compress,
+            features,
+            keep_pids_root,
+        },
+    )
+    .await?;
 
     let mut rounds: Vec<RoundReport> = Vec::new();
     let mut history: Vec<RoundStats> = Vec::new();
@@ -1015,14 +1029,24 @@ struct LocalSink {
     stats: LayerStats,
 }
 
+/// What a session opens with, besides where it goes.
+struct Opening {
+    session: SessionId,
+    pid: i32,
+    compress: Compress,
+    features: Vec<String>,
+    keep_pids_root: u32,
+}
+
 impl Sink {
-    async fn open(
-        dest: Destination,
-        session: SessionId,
-        pid: i32,
-        compress: Compress,
-        features: Vec<String>,
-    ) -> Result<Sink, DumpError> {
+    async fn open(dest: Destination, o: Opening) -> Result<Sink, DumpError> {
+        let Opening {
+            session,
+            pid,
+            compress,
+            features,
+            keep_pids_root,
+        } = o;
         let comm = procfs::read_status(pid).map(|s| s.name).unwrap_or_default();
         let label = format!("pid {pid} {comm}");
         match dest {
@@ -1043,6 +1067,7 @@ impl Sink {
                             Vec::new()
                         },
                         features,
+                        keep_pids_root,
                     },
                 )
                 .await?;

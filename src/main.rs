@@ -275,7 +275,8 @@ enum Command {
         #[arg(long)]
         no_pin: bool,
         /// Modes to run: iterative, stop-and-copy, cold-restore, no-zstd,
-        /// checksum, one-stream, tcp, post-copy (comma separated).
+        /// checksum, one-stream, tcp, post-copy, keep-pids (comma
+        /// separated).
         #[arg(long, value_delimiter = ',', default_value = "iterative")]
         modes: Vec<String>,
         /// All modes (stop-and-copy is the baseline the downtime ratios

@@ -577,13 +577,11 @@ impl Restorer for LocalRestorer {
     }
 
     fn warm(&self) -> Option<Box<dyn WarmRestore>> {
-        match crate::restore::Warm::start() {
-            Ok(w) => Some(Box::new(LocalWarm(w))),
-            Err(e) => {
-                tracing::warn!("no warm restore: {e}");
-                None
-            }
-        }
+        LocalWarm::boxed(crate::restore::Warm::start())
+    }
+
+    fn warm_keeping_pid(&self, ns_pid: i32) -> Option<Box<dyn WarmRestore>> {
+        LocalWarm::boxed(crate::restore::Warm::start_keeping_pid(ns_pid))
     }
 
     fn ready_go(&self) -> bool {
@@ -742,9 +740,9 @@ impl WarmRestore for LocalWarm {
     fn finish(self: Box<Self>, session: &mut dyn SessionStore) -> Result<i32, String> {
         let tree = session_state(session)?;
         let layers = self.0.layers();
-        if tree.processes.first().is_some_and(|p| p.keep_pids) {
-            // A source that asked for --keep-pids without saying so in its
-            // Hello: the stub laid warm is in the wrong pid namespace.
+        if tree.processes.first().is_some_and(|p| p.keep_pids) != self.0.keep_pid().is_some() {
+            // The state and the Hello disagree on --keep-pids: the stub
+            // laid warm is in the wrong pid namespace.
             drop(self);
             let img = session.flatten().map_err(|e| e.to_string())?;
             return restore_as_asked(&tree, &img).map(|r| r.pid);
@@ -760,7 +758,7 @@ impl WarmRestore for LocalWarm {
                     f.error
                 );
                 let img = session.flatten().map_err(|e| e.to_string())?;
-                crate::restore::restore(&tree, &img).map_err(|e| e.to_string())
+                restore_as_asked(&tree, &img).map(|r| r.pid)
             }
             Err(f) => Err(f.error.to_string()),
         }
@@ -776,13 +774,25 @@ impl WarmRestore for LocalWarm {
     ) -> Result<Box<dyn PreparedProcess>, String> {
         let tree = session_state(session)?;
         let layers = self.0.layers();
-        if tree.processes.first().is_some_and(|p| p.keep_pids) {
+        let keep_pid = self.0.keep_pid();
+        if tree.processes.first().is_some_and(|p| p.keep_pids) != keep_pid.is_some() {
             // As in `finish`: the stub laid warm is in the wrong pid
             // namespace.
             drop(self);
             return LocalRestorer.prepare(session);
         }
-        match self.0.prepare(&tree) {
+        let prepared = self.0.prepare(&tree).and_then(|p| match keep_pid {
+            Some(n) => {
+                crate::restore::in_its_ns(p, n).map_err(|error| crate::restore::WarmFailure {
+                    // The process is held: the pages were laid; a cold
+                    // restore is no help.
+                    in_layers: false,
+                    error,
+                })
+            }
+            None => Ok(p),
+        });
+        match prepared {
             Ok(p) => Ok(LocalPrepared::boxed(p)),
             Err(f) if f.in_layers => {
                 // As in `finish`: the pages are all in the store.
@@ -822,6 +832,18 @@ impl WarmRestore for LocalWarm {
 }
 
 impl LocalWarm {
+    fn boxed(
+        w: Result<crate::restore::Warm, crate::restore::RestoreError>,
+    ) -> Option<Box<dyn WarmRestore>> {
+        match w {
+            Ok(w) => Some(Box::new(LocalWarm(w))),
+            Err(e) => {
+                tracing::warn!("no warm restore: {e}");
+                None
+            }
+        }
+    }
+
     fn lazy(
         self,
         session: &mut dyn SessionStore,

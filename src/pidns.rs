@@ -64,6 +64,11 @@ pub fn parse_nspid(status: &str) -> Option<Vec<i32>> {
     ids.filter(|v| !v.is_empty())
 }
 
+/// Process `pid`'s pid in its own (innermost) pid namespace.
+pub fn ns_pid(pid: i32) -> Result<i32, PidNsError> {
+    innermost(format!("/proc/{pid}/status"))
+}
+
 /// The pid of `path` (a status file) in its innermost pid namespace.
 fn innermost(path: String) -> Result<i32, PidNsError> {
     let text = std::fs::read_to_string(&path).map_err(|source| PidNsError::Read {

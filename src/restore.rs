@@ -763,6 +763,9 @@ pub struct Warm {
     worker: Option<std::thread::JoinHandle<WarmDone>>,
     vmas: Vec<pb::Vma>,
     layers: u32,
+    /// `--keep-pids`: the pid the process was made with in its new pid
+    /// namespace.
+    keep_pid: Option<i32>,
 }
 
 /// What the restore thread ends with: the pid, running, and with lazy
@@ -803,11 +806,24 @@ impl WarmFailure {
 impl Warm {
     /// Starts the worker; the stub is made when the first layer arrives.
     pub fn start() -> Result<Warm> {
+        Warm::start_as(None)
+    }
+
+    /// [`Warm::start`] for `--keep-pids`: the stub is made in a fresh pid
+    /// namespace with pid `ns_pid` there, forked from the namespace's
+    /// reaper unless it is pid 1 itself (as [`restore_keeping_pids`]
+    /// does at commit). Only a single process: a tree's layers make the
+    /// warm restore give up, and the commit restores it cold.
+    pub fn start_keeping_pid(ns_pid: i32) -> Result<Warm> {
+        Warm::start_as(Some(ns_pid))
+    }
+
+    fn start_as(keep_pid: Option<i32>) -> Result<Warm> {
         let (tx, rx) = std::sync::mpsc::channel();
         let (applied_tx, applied_rx) = std::sync::mpsc::channel();
         let worker = std::thread::Builder::new()
             .name("ferry-restore".into())
-            .spawn(move || warm_worker(rx, applied_tx))
+            .spawn(move || warm_worker(rx, applied_tx, keep_pid))
             .map_err(|e| RestoreError::Thread(e.to_string()))?;
         Ok(Warm {
             tx: Some(tx),
@@ -817,7 +833,13 @@ impl Warm {
             worker: Some(worker),
             vmas: Vec::new(),
             layers: 0,
+            keep_pid,
         })
+    }
+
+    /// `--keep-pids`: the pid the process gets in its new pid namespace.
+    pub fn keep_pid(&self) -> Option<i32> {
+        self.keep_pid
     }
 
     /// Queues the next layer, read alone (see `SessionStore::layer`), once
@@ -938,6 +960,18 @@ impl Warm {
         gate: Option<Gate>,
     ) -> Result<bool, WarmFailure> {
         check(tree, &self.vmas).map_err(WarmFailure::state)?;
+        if let Some(n) = self.keep_pid {
+            let max = crate::pidns::pid_max().map_err(|e| WarmFailure::state(e.into()))?;
+            crate::pidns::check(tree, max).map_err(|e| WarmFailure::state(e.into()))?;
+            let root = tree.processes.first().map_or(0, |p| p.ns_pid);
+            if root != n {
+                // The Hello said another pid than the state: the pages are
+                // all in the store, and a cold restore makes the right one.
+                return Err(WarmFailure::layers(unsupported(format!(
+                    "a warm restore made pid {n}, the state's root has pid {root}"
+                ))));
+            }
+        }
         if tree.processes.len() > 1 {
             // One address space laid warm (a root whose only other
             // processes are zombies): the tree is made cold all the same.
@@ -981,8 +1015,12 @@ impl Drop for Warm {
 fn warm_worker(
     rx: std::sync::mpsc::Receiver<Cmd>,
     applied: std::sync::mpsc::Sender<i32>,
+    keep_pid: Option<i32>,
 ) -> WarmDone {
     let mut r: Option<Restorer> = None;
+    // `--keep-pids` below pid 1: the namespace's reaper, a stopped stub
+    // until the process runs (dropped, it takes the namespace along).
+    let mut reaper: Option<Restorer> = None;
     let mut layers = 0u32;
     loop {
         match rx.recv() {
@@ -990,7 +1028,12 @@ fn warm_worker(
                 let t = std::time::Instant::now();
                 let restorer = match r.as_mut() {
                     Some(r) => r,
-                    None => r.insert(Restorer::new(&img.vmas).map_err(WarmFailure::layers)?),
+                    None => {
+                        let (root, pid1) = Restorer::warm_stub(&img.vmas, keep_pid)
+                            .map_err(WarmFailure::layers)?;
+                        reaper = pid1;
+                        r.insert(root)
+                    }
                 };
                 restorer.apply(&img).map_err(WarmFailure::layers)?;
                 tracing::debug!(
@@ -1006,7 +1049,17 @@ fn warm_worker(
                 let r = r.ok_or_else(|| {
                     WarmFailure::layers(RestoreError::Missing("memory image (no layer)".into()))
                 })?;
-                return r.finish(&p, &lazy, gate).map_err(WarmFailure::state);
+                let done = r.finish(&p, &lazy, gate).map_err(WarmFailure::state)?;
+                if let Some(mut reaper) = reaper {
+                    // As at commit: the process runs, then its reaper; a
+                    // failure drops (kills) the reaper and the namespace.
+                    let rip = reaper.become_reaper().map_err(WarmFailure::state)?;
+                    reaper
+                        .stub
+                        .run_at(rip)
+                        .map_err(|e| WarmFailure::state(e.into()))?;
+                }
+                return Ok(done);
             }
             Err(_) => {
                 return Err(WarmFailure::layers(RestoreError::Thread(
@@ -3265,6 +3318,12 @@ pub fn prepare_keeping_pids(tree: &pb::ProcessTree, img: &FlatImage) -> Result<P
             .map_err(|_| RestoreError::Thread("panicked".into()))?
             .map(|k| k.pid)
     }))?;
+    in_its_ns(prepared, ns_pid)
+}
+
+/// A process prepared with `--keep-pids`, with its pid `ns_pid` in its new
+/// pid namespace and that namespace recorded for `Restored`.
+pub fn in_its_ns(prepared: Prepared, ns_pid: i32) -> Result<Prepared> {
     // The root exists (held), so its namespace can be named now; a root
     // that vanished meanwhile is abandoned as the prepared value drops.
     let pid_ns = crate::sys::pidns::pid_ns_inode(prepared.pid()).map_err(|e| {
@@ -3320,6 +3379,30 @@ fn restore_in_new_ns(tree: &pb::ProcessTree, img: &FlatImage, gate: Option<Gate>
 }
 
 impl Restorer {
+    /// The warm restore's stub, made at the first layer: here, or with
+    /// `keep_pid` in a fresh pid namespace, as pid 1 or forked with that
+    /// pid from the namespace's reaper (returned too).
+    fn warm_stub(vmas: &[pb::Vma], keep_pid: Option<i32>) -> Result<(Restorer, Option<Restorer>)> {
+        let Some(n) = keep_pid else {
+            return Ok((Restorer::new(vmas)?, None));
+        };
+        let root = pb::Process {
+            ns_pid: n,
+            ..Default::default()
+        };
+        if n == 1 {
+            let r = Restorer::new_with(vmas, Birth::NewPidNs)?;
+            r.has_pid("process", &root, 1)?;
+            return Ok((r, None));
+        }
+        let mut reaper = Restorer::new_with(vmas, Birth::NewPidNs)?;
+        reaper.has_pid("the reaper", &pb::Process::default(), 1)?;
+        let mut r = reaper.child(Some(&root))?;
+        // Like a spawned stub: the leader of its own session.
+        r.call(format!("setsid of process {n}"), libc::SYS_setsid, [0; 6])?;
+        Ok((r, Some(reaper)))
+    }
+
     /// A process forked from this stub (gadget and all), with pid
     /// `p.ns_pid` in the stub's pid namespace when `p` is given
     /// (`--keep-pids`), else whatever `fork` gives.

@@ -681,6 +681,74 @@ fn layers_laid_one_by_one_restore_the_flat_image() {
 }
 
 #[test]
+fn a_warm_restore_keeping_pids_lays_the_rounds_into_a_process_with_its_pid() {
+    need_root!();
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut h = held_counter();
+    ferry::pidns::record(&mut h.tree).unwrap();
+    h.tree.processes[0].keep_pids = true;
+    let n = h.tree.processes[0].ns_pid;
+    let mut warm = restore::Warm::start_keeping_pid(n).unwrap();
+    for l in hard_layers(&h.img) {
+        warm.layer(l).unwrap();
+    }
+    // Before the commit: the waiting process already has its pid, in a
+    // namespace of its own whose pid 1, its parent, is the reaper.
+    let stub = warm.stub_pid().expect("the layers are in a stub");
+    let nspid = |pid: i32| {
+        ferry::pidns::parse_nspid(&fs::read_to_string(format!("/proc/{pid}/status")).unwrap())
+            .unwrap()
+    };
+    assert_eq!(nspid(stub), [stub, n], "the waiting process's pids");
+    let reaper = status(stub).ppid;
+    assert_eq!(nspid(reaper), [reaper, 1], "its parent is pid 1 there");
+    let ns = |pid: i32| fs::read_link(format!("/proc/{pid}/ns/pid")).unwrap();
+    assert_eq!(ns(stub), ns(reaper));
+    assert_ne!(ns(stub), ns(std::process::id() as i32), "a new namespace");
+
+    let pid = warm.finish(&h.tree).map_err(|f| f.error).unwrap();
+    assert_eq!(pid, stub, "the process laid warm is the one that runs");
+    assert_eq!(
+        fs::read_to_string(format!("/proc/{reaper}/comm")).unwrap(),
+        "ferry-init\n",
+        "the reaper runs"
+    );
+    h.assert_restored_as(pid);
+    // Its only child gone, the reaper ends and the namespace with it.
+    wait_until("the reaper to end", Duration::from_secs(5), || {
+        procfs::read_status(reaper).map_or(true, |s| s.state == 'Z')
+    });
+}
+
+#[test]
+fn a_warm_restore_keeping_another_pid_than_the_states_gives_way_to_a_cold_one() {
+    need_root!();
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut h = held_counter();
+    ferry::pidns::record(&mut h.tree).unwrap();
+    h.tree.processes[0].keep_pids = true;
+    let n = h.tree.processes[0].ns_pid;
+    let mut warm = restore::Warm::start_keeping_pid(n + 1).unwrap();
+    warm.layer(h.img.clone()).unwrap();
+    let stub = warm.stub_pid().expect("the layer is in a stub");
+    let f = warm.finish(&h.tree).unwrap_err();
+    // "In the layers": the pages are all in the store, so the page server
+    // restores cold from the flattened image instead.
+    assert!(f.in_layers, "{}", f.error);
+    assert!(
+        f.error.to_string().contains(&format!("made pid {}", n + 1)),
+        "{}",
+        f.error
+    );
+    wait_until("the stub laid warm to die", Duration::from_secs(10), || {
+        procfs::read_status(stub).map_or(true, |s| s.state == 'Z')
+    });
+    let k = restore::restore_keeping_pids(&h.tree, &h.img).unwrap();
+    assert_eq!(k.ns_pid, n);
+    h.assert_restored_as(k.pid);
+}
+
+#[test]
 fn an_abandoned_warm_restore_leaves_nothing_running() {
     need_root!();
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());

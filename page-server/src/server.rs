@@ -82,6 +82,13 @@ pub trait Restorer: Send + Sync + 'static {
         None
     }
 
+    /// [`Restorer::warm`] for `--keep-pids`: the waiting process is made in
+    /// a fresh pid namespace with pid `ns_pid` there (the Hello's
+    /// `keep_pids_root`).
+    fn warm_keeping_pid(&self, _ns_pid: i32) -> Option<Box<dyn WarmRestore>> {
+        None
+    }
+
     /// Whether [`Restorer::prepare`] (and [`WarmRestore::prepare`]) work:
     /// the two-phase end (`ready-go`) is granted to a source only then.
     fn ready_go(&self) -> bool {
@@ -726,11 +733,15 @@ impl<C: Conn> Session<C> {
                         self.preflight = true;
                         let asks = |f: &str| hello.features.iter().any(|x| x == f);
                         // A resumed session's earlier layers were never laid
-                        // into a process, and --keep-pids makes its stubs
-                        // in a pid namespace only the state describes: both
-                        // restore cold.
-                        if !hello.resume && !asks(ferry_proto::FEATURE_KEEP_PIDS) {
-                            self.warm = r.warm();
+                        // into a process: it restores cold. So does
+                        // --keep-pids from a source that does not say the
+                        // root's pid up front (the stub needs it).
+                        if !hello.resume {
+                            self.warm = match hello.keep_pids_root {
+                                _ if !asks(ferry_proto::FEATURE_KEEP_PIDS) => r.warm(),
+                                0 => None,
+                                n => i32::try_from(n).ok().and_then(|n| r.warm_keeping_pid(n)),
+                            };
                         }
                         if asks(ferry_proto::FEATURE_POST_COPY)
                             && self.warm.as_ref().is_some_and(|w| w.post_copy())

@@ -721,6 +721,7 @@ fn sender(resume: bool, ready_go: bool) -> Sender {
         resume,
         features,
         creds: Vec::new(),
+        keep_pids_root: 0,
     })
 }
 

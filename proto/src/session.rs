@@ -945,6 +945,9 @@ pub struct SenderConfig {
     /// The credentials of the threads to migrate, for the destination's
     /// pre-flight (Hello.creds); empty when unknown.
     pub creds: Vec<pb::Credentials>,
+    /// With [`crate::FEATURE_KEEP_PIDS`]: the root's pid in its own pid
+    /// namespace (Hello.keep_pids_root); 0 when not given.
+    pub keep_pids_root: u32,
 }
 
 /// What the destination told the sender.
@@ -1072,6 +1075,7 @@ impl Sender {
             resume: self.cfg.resume,
             label: self.cfg.label.clone(),
             creds: self.cfg.creds.clone(),
+            keep_pids_root: self.cfg.keep_pids_root,
         })))
     }
 

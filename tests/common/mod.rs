@@ -74,6 +74,7 @@ pub fn sender_config(id: u8, page_size: u32, resume: bool) -> SenderConfig {
         resume,
         features: Vec::new(),
         creds: Vec::new(),
+        keep_pids_root: 0,
     }
 }
 
@@ -190,6 +191,7 @@ pub async fn wait_for_server(addr: SocketAddr, tls: &Path) {
             resume: false,
             features: Vec::new(),
             creds: Vec::new(),
+            keep_pids_root: 0,
         };
         if let Ok(client) = Client::connect(c, s).await {
             client.abort("probe").await;

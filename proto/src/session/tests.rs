@@ -192,6 +192,7 @@ fn sender() -> Sender {
         resume: false,
         features: Vec::new(),
         creds: Vec::new(),
+        keep_pids_root: 0,
     })
 }
 
@@ -523,6 +524,7 @@ fn resume_continues_at_the_sealed_count() {
         resume: true,
         features: Vec::new(),
         creds: Vec::new(),
+        keep_pids_root: 0,
         ..sender().cfg
     });
     let mut rx = Receiver::default();
