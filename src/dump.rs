@@ -56,6 +56,8 @@ pub enum DumpError {
     Store(#[from] StoreError),
     #[error(transparent)]
     PidNs(#[from] crate::pidns::PidNsError),
+    #[error("the frozen process's clocks: {0}")]
+    Clocks(#[from] crate::clocks::ClockError),
     #[error("--keep-pids needs a page server's restore (ferry migrate), not an image directory")]
     KeepPidsLocal,
     #[error("--keep-pids and --post-copy together: not supported yet (--keep-pids restores cold, at commit)")]
@@ -990,6 +992,10 @@ fn capture_state(tree: &TreeTracee, keep_pids: bool) -> Result<pb::ProcessTree, 
     let mut state = pb::ProcessTree {
         processes: crate::tree::order_processes(tree.root(), procs),
     };
+    for p in state.processes.iter_mut().filter(|p| !p.zombie) {
+        let c = crate::clocks::seen_by(p.pid)?;
+        (p.clock_monotonic_ns, p.clock_boottime_ns) = (c.monotonic, c.boottime);
+    }
     if keep_pids {
         crate::pidns::record(&mut state)?;
         // The destination's pid_max is checked there.

@@ -5,6 +5,8 @@
 //! - [`client`]: the source's QUIC client; streams layers of pages to a
 //!   page server over several data streams.
 //! - [`certs`]: `ferry certs init`, the CA and identities for mutual TLS.
+//! - [`clocks`]: a process's monotonic and boot clocks, kept going across
+//!   hosts by a time namespace.
 //! - [`demo`]: `ferry demo`, the transfer path end to end on loopback.
 //! - [`procfs`]: `/proc` introspection, pure parsers over fixture text.
 //! - [`policy`]: when to stop pre-dumping, as a pure function.
@@ -38,6 +40,7 @@
 pub mod bench;
 pub mod certs;
 pub mod client;
+pub mod clocks;
 pub mod creds;
 pub mod demo;
 pub mod dump;

@@ -1592,6 +1592,7 @@ impl Restorer {
         lazy: &[(u64, u64)],
     ) -> Result<(Vec<stub::Resume<'p>>, Option<Missing>)> {
         self.protections()?;
+        self.clocks(p)?;
         failpoint("vdso")?; // failpoint (test only)
         self.vdso()?;
         failpoint("mm")?; // failpoint (test only)
@@ -2507,6 +2508,45 @@ impl Restorer {
     /// The tree's shared memory object behind `v`, if it is one: ferry's fd.
     fn shm_of(&self, v: &pb::Vma) -> Option<&i32> {
         crate::shmem::key_of(v).and_then(|k| self.shm.get(&k))
+    }
+
+    /// Moves the stub into a time namespace in which its monotonic and boot
+    /// clocks go on from the image's (see [`crate::clocks`]): while it is
+    /// single-threaded, as `setns` into a time namespace demands, and
+    /// before the vdso is placed, whose data page shows the namespace's
+    /// clocks. A host that cannot make one (no `CONFIG_TIME_NS`, no
+    /// `CAP_SYS_ADMIN`) restores without it, and says so.
+    fn clocks(&mut self, p: &pb::Process) -> Result<()> {
+        if p.clock_monotonic_ns == 0 && p.clock_boottime_ns == 0 {
+            return Ok(());
+        }
+        let want = crate::clocks::Clocks {
+            monotonic: p.clock_monotonic_ns,
+            boottime: p.clock_boottime_ns,
+        };
+        let ns = match crate::clocks::namespace(want) {
+            Ok(ns) => ns,
+            Err(e) => {
+                tracing::warn!(
+                    pid = p.pid,
+                    "the restored process sees this host's monotonic and boot clocks, \
+                     which jump from the source's unless both hosts booted together: {e}"
+                );
+                return Ok(());
+            }
+        };
+        let fd = self.take_from_ferry(ns.as_raw_fd(), "the time namespace")?;
+        let entered = self.call(
+            "setns of the time namespace",
+            libc::SYS_setns,
+            [fd, libc::CLONE_NEWTIME as u64, 0, 0, 0, 0],
+        );
+        self.call(
+            "close of the time namespace's fd",
+            libc::SYS_close,
+            [fd, 0, 0, 0, 0, 0],
+        )?;
+        entered.map(|_| ())
     }
 
     /// A copy of ferry's fd `ours` in the stub (`pidfd_getfd` injected,

@@ -22,6 +22,8 @@
 //!   in ferry for a restored tree.
 //! - [`pidns`]: `clone3` with `set_tid` and a new pid namespace's pid 1
 //!   (`--keep-pids`).
+//! - [`timens`]: a time namespace with chosen clock offsets, for a
+//!   restored process's clocks.
 //! - [`vm`]: reading and writing another process's memory with
 //!   `process_vm_readv`/`writev`, many iovecs per call, `/proc/PID/mem` as
 //!   the fallback.
@@ -38,6 +40,7 @@ pub mod ptrace;
 pub mod shm;
 pub mod sock;
 pub mod stub;
+pub mod timens;
 pub mod trampoline;
 pub mod uffd;
 pub mod vm;
