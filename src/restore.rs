@@ -87,9 +87,11 @@
 //! stub) and [`restore`] waits for it: call it from `spawn_blocking` or a
 //! plain thread, not from an async task.
 //!
+//! **Clocks.** The stub enters a time namespace in which its monotonic and
+//! boot clocks go on from the image's readings (see [`crate::clocks`]).
+//!
 //! Not carried over yet (not in the image): umask, interval timers,
-//! `sigaltstack`, the siginfo of queued real-time signals and
-//! `CLOCK_MONOTONIC` continuity (time namespace).
+//! `sigaltstack` and the siginfo of queued real-time signals.
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd};
