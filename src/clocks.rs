@@ -129,10 +129,13 @@ pub fn offsets_text(want: Clocks, now: Clocks) -> String {
 /// A new time namespace in which the clocks read `want` now and go on
 /// from there: its descriptor, to `setns` the restored process into.
 pub fn namespace(want: Clocks) -> Result<OwnedFd, ClockError> {
-    // Computed last: the offsets are fixed as written, and the clocks run
-    // on (by the microseconds of a fork) until the process enters, which
-    // can only move them forward.
-    let text = offsets_text(want, Clocks::now()?);
+    // A namespace's offsets count from the host's clocks, not from those
+    // of the namespace ferry runs in (a page server in a container).
+    let ours = offsets_of("/proc/self/timens_offsets")?;
+    // Read last: the offsets are fixed as written, and the clocks run on
+    // (by the microseconds of a fork) until the process enters, which can
+    // only move them forward.
+    let text = offsets_text(want, Clocks::now()?.minus(ours));
     crate::sys::timens::time_namespace(text.as_bytes()).map_err(ClockError::Namespace)
 }
 

@@ -2537,7 +2537,24 @@ impl Restorer {
                 return Ok(());
             }
         };
-        let fd = self.take_from_ferry(ns.as_raw_fd(), "the time namespace")?;
+        // Opened by path rather than taken with `pidfd_getfd`: a stub in a
+        // pid namespace of its own (`--keep-pids`) cannot name ferry's pid,
+        // but ferry's /proc shows it, and opening a namespace's link gives
+        // the namespace itself.
+        let link = format!("/proc/{}/fd/{}", std::process::id(), ns.as_raw_fd());
+        let at = self.put_path(&link)?;
+        let fd = self.call(
+            format!("open of {link}, the time namespace"),
+            libc::SYS_openat,
+            [
+                libc::AT_FDCWD as u64,
+                at,
+                (libc::O_RDONLY | libc::O_CLOEXEC) as u64,
+                0,
+                0,
+                0,
+            ],
+        )?;
         let entered = self.call(
             "setns of the time namespace",
             libc::SYS_setns,
