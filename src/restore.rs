@@ -2007,7 +2007,7 @@ impl Restorer {
                     let fd = match fds.get(&(name.clone(), true)) {
                         Some(&fd) => fd,
                         None => {
-                            let fd = self.take_from_ferry(ours, &name)?;
+                            let fd = self.take_from_ferry(ours, libc::O_RDWR, &name)?;
                             fds.insert((name.clone(), true), fd);
                             fd
                         }
@@ -2537,24 +2537,9 @@ impl Restorer {
                 return Ok(());
             }
         };
-        // Opened by path rather than taken with `pidfd_getfd`: a stub in a
-        // pid namespace of its own (`--keep-pids`) cannot name ferry's pid,
-        // but ferry's /proc shows it, and opening a namespace's link gives
-        // the namespace itself.
-        let link = format!("/proc/{}/fd/{}", std::process::id(), ns.as_raw_fd());
-        let at = self.put_path(&link)?;
-        let fd = self.call(
-            format!("open of {link}, the time namespace"),
-            libc::SYS_openat,
-            [
-                libc::AT_FDCWD as u64,
-                at,
-                (libc::O_RDONLY | libc::O_CLOEXEC) as u64,
-                0,
-                0,
-                0,
-            ],
-        )?;
+        // Opened through ferry's /proc in any case: a namespace has no
+        // offset or flags to lose.
+        let fd = self.open_from_ferry(ns.as_raw_fd(), libc::O_RDONLY, "the time namespace")?;
         let entered = self.call(
             "setns of the time namespace",
             libc::SYS_setns,
@@ -2568,9 +2553,17 @@ impl Restorer {
         entered.map(|_| ())
     }
 
-    /// A copy of ferry's fd `ours` in the stub (`pidfd_getfd` injected,
-    /// through a pidfd of ferry), close-on-exec; its number.
-    fn take_from_ferry(&mut self, ours: i32, what: &str) -> Result<u64> {
+    /// A copy of ferry's fd `ours` in the stub, close-on-exec; its number.
+    /// Taken with `pidfd_getfd` (injected, through a pidfd of ferry): the
+    /// same open file. A stub in a pid namespace of its own
+    /// (`--keep-pids`) cannot name ferry's pid there, so it opens ferry's
+    /// `/proc/PID/fd/N` instead (ferry's /proc shows it): the same file,
+    /// opened anew in `mode`, with an offset and status flags of its own,
+    /// which the callers set as the image says.
+    fn take_from_ferry(&mut self, ours: i32, mode: i32, what: &str) -> Result<u64> {
+        if self.keep_pids {
+            return self.open_from_ferry(ours, mode, what);
+        }
         let ferry = std::process::id() as u64;
         let pidfd = self.call(
             format!("pidfd_open of ferry ({ferry}) for {what}"),
@@ -2588,6 +2581,26 @@ impl Restorer {
             [pidfd, 0, 0, 0, 0, 0],
         )?;
         got
+    }
+
+    /// Ferry's fd `ours` opened anew in the stub through ferry's
+    /// `/proc/PID/fd/N` in `mode`, close-on-exec (see
+    /// [`Restorer::take_from_ferry`]); its number.
+    fn open_from_ferry(&mut self, ours: i32, mode: i32, what: &str) -> Result<u64> {
+        let link = format!("/proc/{}/fd/{ours}", std::process::id());
+        let at = self.put_path(&link)?;
+        self.call(
+            format!("open of {link}, {what}"),
+            libc::SYS_openat,
+            [
+                libc::AT_FDCWD as u64,
+                at,
+                (mode | libc::O_CLOEXEC) as u64,
+                0,
+                0,
+                0,
+            ],
+        )
     }
 
     /// `fd` (made read-write) as `f` had it open: itself for read-write,
@@ -2613,7 +2626,11 @@ impl Restorer {
     /// number, offset and flags.
     fn shared_memfd(&mut self, f: &pb::FileDesc) -> Result<()> {
         let ours = self.shm_fds[&f.fd];
-        let fd = self.take_from_ferry(ours, &format!("memfd {} for fd {}", f.path, f.fd))?;
+        let fd = self.take_from_ferry(
+            ours,
+            libc::O_RDWR,
+            &format!("memfd {} for fd {}", f.path, f.fd),
+        )?;
         let fd = self.in_access_mode(fd, f)?;
         self.place_taken(fd, f)?;
         self.seek(f)?;
@@ -2621,32 +2638,21 @@ impl Restorer {
     }
 
     /// Fd `f`, an end of a pipe shared with other processes of the tree,
-    /// taken from ferry's copy (`pidfd_getfd` injected, through a pidfd of
-    /// ferry) and given `f`'s number, close-on-exec flag and status flags.
+    /// taken from ferry's copy (see [`Restorer::take_from_ferry`]) and
+    /// given `f`'s number, close-on-exec flag and status flags.
     fn take_shared_pipe_end(&mut self, f: &pb::FileDesc) -> Result<()> {
         let (r, w) = self.shared_pipes[&f.pipe_id];
-        let end = if f.flags & libc::O_ACCMODE as u32 == libc::O_WRONLY as u32 {
-            w
+        let (end, mode, which) = if f.flags & libc::O_ACCMODE as u32 == libc::O_WRONLY as u32 {
+            (w, libc::O_WRONLY, "write")
         } else {
-            r
+            (r, libc::O_RDONLY, "read")
         };
-        let ferry = std::process::id() as u64;
-        let pidfd = self.call(
-            format!("pidfd_open of ferry ({ferry}) for fd {}", f.fd),
-            libc::SYS_pidfd_open,
-            [ferry, 0, 0, 0, 0, 0],
+        let got = self.take_from_ferry(
+            end,
+            mode,
+            &format!("the shared pipe's {which} end for fd {}", f.fd),
         )?;
-        let got = self.call(
-            format!("pidfd_getfd of the shared pipe for fd {}", f.fd),
-            libc::SYS_pidfd_getfd,
-            [pidfd, end as u64, 0, 0, 0, 0],
-        );
-        self.call(
-            "close of ferry's pidfd",
-            libc::SYS_close,
-            [pidfd, 0, 0, 0, 0, 0],
-        )?;
-        self.place_taken(got?, f)?;
+        self.place_taken(got, f)?;
         self.set_status_flags(f)
     }
 
