@@ -407,6 +407,8 @@ pub struct Status {
     pub cap_eff: u64,
     /// Absent for kernel threads and zombies.
     pub vm_rss_kb: Option<u64>,
+    /// `Umask` (octal); absent for kernel threads.
+    pub umask: Option<u32>,
 }
 
 /// Parses `/proc/PID/status` (or `/proc/PID/task/TID/status`). Every field
@@ -510,6 +512,12 @@ pub fn parse_status(text: &str) -> Result<Status, ProcError> {
             "SigIgn" => (st.sig_ign, seen.masks[3]) = (mask(value)?, true),
             "SigCgt" => (st.sig_cgt, seen.masks[4]) = (mask(value)?, true),
             "CapEff" => (st.cap_eff, seen.masks[5]) = (mask(value)?, true),
+            "Umask" => {
+                st.umask = Some(
+                    u32::from_str_radix(value, 8)
+                        .map_err(|e| parse_err(WHAT, n, format!("Umask {value:?}: {e}")))?,
+                );
+            }
             "VmRSS" => {
                 let kb = value.strip_suffix("kB").unwrap_or(value).trim();
                 st.vm_rss_kb = Some(
@@ -1117,6 +1125,7 @@ mod tests {
         assert_eq!(st.sig_ign, 0x0100_1000);
         assert_eq!(st.cap_eff, 0x1ff_feff_ffff);
         assert_eq!(st.vm_rss_kb, Some(13928));
+        assert_eq!(st.umask, Some(0o022));
     }
 
     #[test]

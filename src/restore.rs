@@ -37,11 +37,12 @@
 //!    through a `pidfd_getfd` copy of the stub's fd, before the image's
 //!    status flags (O_NONBLOCK, …) are set. Then cwd, name, signal actions (every
 //!    signal: those the image lacks go back to `SIG_DFL`, since the stub
-//!    carries ferry's), rlimits, rseq, personality, robust list and
-//!    clear-tid address (the last four only the thread itself can set),
-//!    pending signals (queued again while everything is blocked). Every
-//!    other thread is cloned from the stub (traced from its birth) and sets
-//!    its own rseq, robust list and pending signals; the tid glibc keeps at
+//!    carries ferry's), rlimits, umask, rseq, personality, alternate signal
+//!    stack, robust list and clear-tid address (the last five only the
+//!    thread itself can set), pending signals (queued again while
+//!    everything is blocked). Every other thread is cloned from the stub
+//!    (traced from its birth) and sets its own rseq, alternate signal
+//!    stack, robust list and pending signals; the tid glibc keeps at
 //!    each thread's clear-tid address is rewritten to the new one.
 //! 7. Credentials, in every thread ([`crate::creds`]): groups, gids, uids,
 //!    capability sets, securebits, no_new_privs, then the dumpable flag,
@@ -90,8 +91,8 @@
 //! **Clocks.** The stub enters a time namespace in which its monotonic and
 //! boot clocks go on from the image's readings (see [`crate::clocks`]).
 //!
-//! Not carried over yet (not in the image): umask, interval timers,
-//! `sigaltstack` and the siginfo of queued real-time signals.
+//! Not carried over yet (not in the image): interval timers (`setitimer`,
+//! `timer_create`) and the siginfo of queued real-time signals.
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd};
@@ -122,6 +123,9 @@ const PR_GET_SECUREBITS: u64 = 27;
 /// `sizeof(struct prctl_mm_map)`.
 const PRCTL_MM_MAP_SIZE: usize = 104;
 const RSEQ_FLAG_UNREGISTER: u64 = 1;
+/// `SS_AUTODISARM` (linux/signal.h), missing from the libc crate: clear the
+/// alternate stack while a handler runs on it.
+const SS_AUTODISARM: i32 = 1 << 31;
 /// `sizeof(struct robust_list_head)`, the only length the kernel accepts.
 const ROBUST_LIST_HEAD_SIZE: u64 = 24;
 /// Pages of the gadget: one of code, the rest a scratch data area.
@@ -3154,6 +3158,21 @@ impl Restorer {
                 ],
             )?;
         }
+        if let Some(alt) = t.altstack.filter(|a| a.flags & libc::SS_DISABLE == 0) {
+            // SS_ONSTACK only reports where the thread was; the thread
+            // runs ferry's code on the gadget's stack here, never on it.
+            let ss: Vec<u8> = [alt.sp, (alt.flags & SS_AUTODISARM) as u64, alt.size]
+                .iter()
+                .flat_map(|w| w.to_ne_bytes())
+                .collect();
+            let at = self.put(0, &ss, "an alternate signal stack")?;
+            call(
+                self,
+                format!("sigaltstack({:#x}, {} bytes)", alt.sp, alt.size),
+                libc::SYS_sigaltstack,
+                [at, 0, 0, 0, 0, 0],
+            )?;
+        }
         let len = if t.robust_list_len == 0 {
             ROBUST_LIST_HEAD_SIZE
         } else {
@@ -3312,6 +3331,15 @@ impl Restorer {
                 format!("personality({:#x})", p.personality),
                 libc::SYS_personality,
                 [p.personality as u64, 0, 0, 0, 0, 0],
+            )?;
+        }
+        if let Some(mask) = p.umask {
+            // Process-wide (the threads share it), and harmless to set
+            // before they exist.
+            self.call(
+                format!("umask({mask:#o})"),
+                libc::SYS_umask,
+                [u64::from(mask), 0, 0, 0, 0, 0],
             )?;
         }
         let pid = self.stub.pid();

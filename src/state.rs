@@ -72,6 +72,8 @@ const NSIG: u32 = 64;
 /// Scratch bytes for the signal actions: one slot per signal, so every
 /// answer lands in its own place and the area is read back once.
 const SIG_AREA: usize = KSIGACTION * NSIG as usize;
+/// `sizeof(stack_t)` on x86_64: sp, flags (padded), size.
+const STACK_T: usize = 24;
 /// `sizeof(struct user_regs_struct)` on x86_64: 27 registers.
 pub const GPREGS_LEN: usize = 27 * 8;
 
@@ -180,7 +182,13 @@ pub fn capture(pid: i32, tracee: &Tracee) -> Result<pb::ProcessTree, StateError>
         .iter()
         .zip(&injected.clear_child_tid)
         .zip(&injected.securebits)
-        .map(|((&tid, &ctid), &sb)| capture_thread(pid, tracee, tid, ctid, sb))
+        .zip(&injected.altstacks)
+        .map(|(((&tid, &ctid), &sb), alt)| {
+            capture_thread(pid, tracee, tid, ctid, sb).map(|t| pb::Thread {
+                altstack: Some(*alt),
+                ..t
+            })
+        })
         .collect::<Result<Vec<_>, _>>()?;
     let mm = pb::MmFields {
         start_code: stat.start_code,
@@ -225,6 +233,7 @@ pub fn capture(pid: i32, tracee: &Tracee) -> Result<pb::ProcessTree, StateError>
         zombie: false,
         exit_status: 0,
         dumpable: Some(injected.dumpable),
+        umask: status.umask,
         // Pid namespace ids: filled for the whole tree by the dump
         // (crate::pidns::record).
         ..Default::default()
@@ -300,6 +309,8 @@ struct Injected {
     brk: u64,
     /// One per thread, in the order given.
     clear_child_tid: Vec<u64>,
+    /// One per thread, in the order given.
+    altstacks: Vec<pb::SigAltStack>,
     sigactions: Vec<pb::SigAction>,
     /// One per thread, in the order given.
     securebits: Vec<u32>,
@@ -314,14 +325,19 @@ fn signals() -> impl Iterator<Item = u32> {
 
 /// Where the table of the batches goes in the scratch area: after the
 /// signal actions and the tid addresses.
+/// Where the per-thread `stack_t` answers start: after the tid addresses.
+fn alt_area(threads: usize) -> usize {
+    SIG_AREA + 8 * threads
+}
+
 fn table_offset(threads: usize) -> u64 {
-    (SIG_AREA + 8 * threads) as u64
+    (alt_area(threads) + STACK_T * threads) as u64
 }
 
 fn scratch_len(threads: usize) -> u64 {
     let page = crate::sys::page_size();
-    // The first thread's batch is the longest: 4 calls and the signals.
-    let calls = 4 + signals().count();
+    // The first thread's batch is the longest: 5 calls and the signals.
+    let calls = 5 + signals().count();
     let bytes = table_offset(threads) + (calls * crate::sys::trampoline::BATCH_ENTRY) as u64;
     bytes.div_ceil(page) * page
 }
@@ -372,8 +388,8 @@ fn ask(
     scratch: u64,
     len: u64,
 ) -> Result<Injected, StateError> {
-    // One batch per thread (see `Tracee::syscalls_in`): its tid address and
-    // securebits; in the first thread also the heap's end, every signal's
+    // One batch per thread (see `Tracee::syscalls_in`): its tid address,
+    // securebits and alternate signal stack; in the first thread also the heap's end, every signal's
     // action and the dumpable flag. Answers in memory land in the scratch
     // area, the others come back as results.
     let table = scratch + table_offset(tids.len());
@@ -390,6 +406,18 @@ fn ask(
                 libc::SYS_prctl,
                 [PR_GET_SECUREBITS, 0, 0, 0, 0, 0],
                 "prctl(PR_GET_SECUREBITS)".into(),
+            ),
+            (
+                libc::SYS_sigaltstack,
+                [
+                    0,
+                    scratch + (alt_area(tids.len()) + STACK_T * i) as u64,
+                    0,
+                    0,
+                    0,
+                    0,
+                ],
+                "sigaltstack(NULL, &old)".into(),
             ),
         ];
         if i == 0 {
@@ -435,8 +463,8 @@ fn ask(
         };
         securebits.push(answer(1)?);
         if i == 0 {
-            brk = results[2] as u64;
-            dumpable = answer(3)?;
+            brk = results[3] as u64;
+            dumpable = answer(4)?;
         }
     }
     let mut buf = vec![0u8; len as usize];
@@ -456,7 +484,8 @@ fn u64_at(buf: &[u8], off: usize) -> u64 {
 
 /// Decodes the scratch area laid out by [`ask`]: the kernel's `struct
 /// sigaction` of signal `s` at `(s - 1) * 32`, then one `clear_child_tid`
-/// per thread. A short buffer reads as zeros rather than panicking.
+/// per thread, then one `stack_t` per thread. A short buffer reads as
+/// zeros rather than panicking.
 fn decode_scratch(buf: &[u8], threads: usize, brk: u64) -> Injected {
     let sigactions = signals()
         .map(|sig| {
@@ -473,9 +502,20 @@ fn decode_scratch(buf: &[u8], threads: usize, brk: u64) -> Injected {
     let clear_child_tid = (0..threads)
         .map(|i| u64_at(buf, SIG_AREA + 8 * i))
         .collect();
+    let altstacks = (0..threads)
+        .map(|i| {
+            let at = alt_area(threads) + STACK_T * i;
+            pb::SigAltStack {
+                sp: u64_at(buf, at),
+                flags: u64_at(buf, at + 8) as i32,
+                size: u64_at(buf, at + 16),
+            }
+        })
+        .collect();
     Injected {
         brk,
         clear_child_tid,
+        altstacks,
         sigactions,
         securebits: vec![0; threads],
         dumpable: 0,
@@ -955,6 +995,21 @@ mod tests {
             (0xabc, 0x0400_0004, 0xdef, 1 << 9)
         );
         assert_eq!(inj.clear_child_tid, vec![0, 0x7777]);
+        let alt = alt_area(2) + STACK_T;
+        for (k, v) in [0x7f00_0000u64, 4, 0x8000].iter().enumerate() {
+            buf[alt + 8 * k..alt + 8 * k + 8].copy_from_slice(&v.to_le_bytes());
+        }
+        let inj = decode_scratch(&buf, 2, 0x5000);
+        assert_eq!(inj.altstacks[0], pb::SigAltStack::default());
+        assert_eq!(
+            inj.altstacks[1],
+            pb::SigAltStack {
+                sp: 0x7f00_0000,
+                flags: 4,
+                size: 0x8000
+            }
+        );
+        assert!(table_offset(2) as usize >= alt + STACK_T);
         // A short read never panics.
         assert_eq!(decode_scratch(&[], 3, 0).clear_child_tid, vec![0, 0, 0]);
     }

@@ -55,8 +55,7 @@ struct Job {
 /// copies and copy-on-write faults, and this runs during the downtime.
 pub fn time_namespace(offsets: &[u8]) -> Result<OwnedFd, TimeNsError> {
     let path = CString::new("/proc/self/timens_offsets").expect("no NUL in a constant");
-    let ns_path =
-        CString::new("/proc/self/ns/time_for_children").expect("no NUL in a constant");
+    let ns_path = CString::new("/proc/self/ns/time_for_children").expect("no NUL in a constant");
     let mut job = Job {
         path: path.as_ptr(),
         ns_path: ns_path.as_ptr(),

@@ -1,0 +1,103 @@
+//! What a thread sets for itself and the process's file mode mask survive
+//! a migration: a python3 whose two threads each run on an alternate
+//! signal stack of their own (`sigaltstack`, which Go's runtime and Rust's
+//! stack-overflow handler rely on) and whose umask is 027 reports the same
+//! stacks and mask after the move through a page server of this test.
+//! Without them the restored threads would have no alternate stack and the
+//! page server's umask. Needs root.
+
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_page_server::store::mem::MemStore;
+
+mod common;
+use common::{certs, connect, gone, is_root, python, restore_options, start_tree};
+
+/// Each thread sets an alternate signal stack of its own, then logs
+/// `name sp flags size umask` every 10 ms to `argv[1]`, as it reads them.
+const ALTSTACK: &str = r#"
+import ctypes, os, sys, threading, time
+libc = ctypes.CDLL(None, use_errno=True)
+class stack_t(ctypes.Structure):
+    _fields_ = [('sp', ctypes.c_void_p), ('flags', ctypes.c_int), ('size', ctypes.c_size_t)]
+log = open(sys.argv[1], 'a', buffering=1)
+lock = threading.Lock()
+os.umask(0o027)
+def run(name, size):
+    buf = ctypes.create_string_buffer(size)
+    ss = stack_t(ctypes.cast(buf, ctypes.c_void_p), 0, size)
+    assert libc.sigaltstack(ctypes.byref(ss), None) == 0
+    while True:
+        old = stack_t()
+        libc.sigaltstack(None, ctypes.byref(old))
+        with lock:
+            mask = os.umask(0o027)
+            log.write('%s %d %d %d %o\n' % (name, old.sp or 0, old.flags, old.size, mask))
+        time.sleep(0.01)
+threading.Thread(target=run, args=('worker', 40960), daemon=True).start()
+run('main', 65536)
+"#;
+
+fn last_of(log: &std::path::Path, name: &str) -> Option<String> {
+    std::fs::read_to_string(log)
+        .ok()?
+        .lines()
+        .rev()
+        .find(|l| l.starts_with(&format!("{name} ")))
+        .map(str::to_owned)
+}
+
+fn lines(log: &std::path::Path) -> usize {
+    std::fs::read_to_string(log).map_or(0, |t| t.lines().count())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alternate_signal_stacks_and_the_umask_survive_a_migration() {
+    if !is_root() {
+        eprintln!("skipped: needs root (ptrace)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("altstack");
+    let src = start_tree(Command::new(python()).args(["-c", ALTSTACK]).arg(&log));
+    common::wait_until("both threads to log", Duration::from_secs(10), || {
+        last_of(&log, "main").is_some() && last_of(&log, "worker").is_some()
+    });
+    let before: Vec<String> = ["main", "worker"]
+        .iter()
+        .map(|n| last_of(&log, n).unwrap())
+        .collect();
+    for l in &before {
+        let f: Vec<&str> = l.split(' ').collect();
+        assert_ne!(f[1], "0", "the thread has an alternate stack: {l}");
+        assert_eq!(f[4], "27", "the umask: {l}");
+    }
+    assert_ne!(before[0], before[1], "each thread has its own");
+
+    let tls = certs();
+    let server = common::Server::start_restoring(tls.path(), Arc::new(MemStore::new()));
+    let report = ferry::migrate::migrate(
+        restore_options(src.0, connect(server.addr, tls.path())),
+        &mut |_| {},
+    )
+    .await
+    .unwrap();
+    let _restored = common::KillOnDrop(report.restored_pid);
+    common::wait_until("the source to be gone", Duration::from_secs(10), || {
+        gone(src.0)
+    });
+    let n = lines(&log);
+    common::wait_until(
+        "the restored threads to log",
+        Duration::from_secs(10),
+        || lines(&log) > n + 20,
+    );
+    let after: Vec<String> = ["main", "worker"]
+        .iter()
+        .map(|n| last_of(&log, n).unwrap())
+        .collect();
+    assert_eq!(after, before, "sp flags size umask of each thread");
+    server.stop().await;
+}
