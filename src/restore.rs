@@ -91,8 +91,8 @@
 //! **Clocks.** The stub enters a time namespace in which its monotonic and
 //! boot clocks go on from the image's readings (see [`crate::clocks`]).
 //!
-//! Not carried over yet (not in the image): interval timers (`setitimer`,
-//! `timer_create`) and the siginfo of queued real-time signals.
+//! Not carried over yet (not in the image): POSIX timers (`timer_create`)
+//! and the siginfo of queued real-time signals.
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd};
@@ -1610,6 +1610,7 @@ impl Restorer {
         failpoint("threads")?; // failpoint (test only)
         let tids = self.threads(p)?;
         self.thread_state(p)?;
+        self.itimers(p, &tids)?;
         self.leave_repair()?;
         // After the files: the userfaultfd takes the lowest free fd number
         // for a moment, which must not be one of the image's.
@@ -3324,6 +3325,45 @@ impl Restorer {
 
     /// The main thread's own state, the process's personality and its
     /// shared pending signals.
+    /// The interval timers of `setitimer`, each with the time it had left,
+    /// counting from here as the clocks go on from the freeze. Every
+    /// thread (the stub and `tids`) blocks every signal first: a SIGALRM
+    /// due before the process runs stays pending rather than stopping an
+    /// injection of the steps left; the image's masks are set at resume.
+    fn itimers(&mut self, p: &pb::Process, tids: &[i32]) -> Result<()> {
+        if p.itimers.is_empty() {
+            return Ok(());
+        }
+        for &tid in std::iter::once(&self.stub.pid()).chain(tids) {
+            self.stub.set_sigmask_of(tid, u64::MAX)?;
+        }
+        for t in &p.itimers {
+            let tv = |us: u64| [us / 1_000_000, us % 1_000_000];
+            // 0 left: its SIGALRM is pending (queued again from the
+            // image), after which the kernel would have re-armed it.
+            let left = if t.value_us == 0 {
+                t.interval_us
+            } else {
+                t.value_us
+            };
+            let v: Vec<u8> = tv(t.interval_us)
+                .into_iter()
+                .chain(tv(left))
+                .flat_map(|w| w.to_ne_bytes())
+                .collect();
+            let at = self.put(0, &v, "an interval timer")?;
+            self.call(
+                format!(
+                    "setitimer({}, {} us every {} us)",
+                    t.which, t.value_us, t.interval_us
+                ),
+                libc::SYS_setitimer,
+                [t.which as u64, at, 0, 0, 0, 0],
+            )?;
+        }
+        Ok(())
+    }
+
     fn thread_state(&mut self, p: &pb::Process) -> Result<()> {
         let t = &p.threads[0];
         if p.personality != 0 {

@@ -74,6 +74,11 @@ const NSIG: u32 = 64;
 const SIG_AREA: usize = KSIGACTION * NSIG as usize;
 /// `sizeof(stack_t)` on x86_64: sp, flags (padded), size.
 const STACK_T: usize = 24;
+/// `sizeof(struct itimerval)` on x86_64: interval and value, each seconds
+/// and microseconds.
+const ITIMERVAL: usize = 32;
+/// ITIMER_REAL, ITIMER_VIRTUAL, ITIMER_PROF.
+const ITIMERS: usize = 3;
 /// `sizeof(struct user_regs_struct)` on x86_64: 27 registers.
 pub const GPREGS_LEN: usize = 27 * 8;
 
@@ -234,6 +239,7 @@ pub fn capture(pid: i32, tracee: &Tracee) -> Result<pb::ProcessTree, StateError>
         exit_status: 0,
         dumpable: Some(injected.dumpable),
         umask: status.umask,
+        itimers: injected.itimers,
         // Pid namespace ids: filled for the whole tree by the dump
         // (crate::pidns::record).
         ..Default::default()
@@ -311,6 +317,8 @@ struct Injected {
     clear_child_tid: Vec<u64>,
     /// One per thread, in the order given.
     altstacks: Vec<pb::SigAltStack>,
+    /// The armed ones.
+    itimers: Vec<pb::ITimer>,
     sigactions: Vec<pb::SigAction>,
     /// One per thread, in the order given.
     securebits: Vec<u32>,
@@ -330,14 +338,20 @@ fn alt_area(threads: usize) -> usize {
     SIG_AREA + 8 * threads
 }
 
+/// Where the interval timers' answers start: after the stacks.
+fn itimer_area(threads: usize) -> usize {
+    alt_area(threads) + STACK_T * threads
+}
+
 fn table_offset(threads: usize) -> u64 {
-    (alt_area(threads) + STACK_T * threads) as u64
+    (itimer_area(threads) + ITIMERVAL * ITIMERS) as u64
 }
 
 fn scratch_len(threads: usize) -> u64 {
     let page = crate::sys::page_size();
-    // The first thread's batch is the longest: 5 calls and the signals.
-    let calls = 5 + signals().count();
+    // The first thread's batch is the longest: 5 calls, the timers and
+    // the signals.
+    let calls = 5 + ITIMERS + signals().count();
     let bytes = table_offset(threads) + (calls * crate::sys::trampoline::BATCH_ENTRY) as u64;
     bytes.div_ceil(page) * page
 }
@@ -389,9 +403,10 @@ fn ask(
     len: u64,
 ) -> Result<Injected, StateError> {
     // One batch per thread (see `Tracee::syscalls_in`): its tid address,
-    // securebits and alternate signal stack; in the first thread also the heap's end, every signal's
-    // action and the dumpable flag. Answers in memory land in the scratch
-    // area, the others come back as results.
+    // securebits and alternate signal stack; in the first thread also the
+    // heap's end, the dumpable flag, the interval timers and every
+    // signal's action. Answers in memory land in the scratch area, the
+    // others come back as results.
     let table = scratch + table_offset(tids.len());
     let (mut brk, mut dumpable, mut securebits) = (0, 0, Vec::new());
     for (i, &tid) in tids.iter().enumerate() {
@@ -427,6 +442,14 @@ fn ask(
                 [PR_GET_DUMPABLE, 0, 0, 0, 0, 0],
                 "prctl(PR_GET_DUMPABLE)".into(),
             ));
+            for which in 0..ITIMERS {
+                let at = scratch + (itimer_area(tids.len()) + ITIMERVAL * which) as u64;
+                calls.push((
+                    libc::SYS_getitimer,
+                    [which as u64, at, 0, 0, 0, 0],
+                    format!("getitimer({which})"),
+                ));
+            }
             for sig in signals() {
                 let at = scratch + u64::from(sig - 1) * KSIGACTION as u64;
                 calls.push((
@@ -484,8 +507,9 @@ fn u64_at(buf: &[u8], off: usize) -> u64 {
 
 /// Decodes the scratch area laid out by [`ask`]: the kernel's `struct
 /// sigaction` of signal `s` at `(s - 1) * 32`, then one `clear_child_tid`
-/// per thread, then one `stack_t` per thread. A short buffer reads as
-/// zeros rather than panicking.
+/// per thread, then one `stack_t` per thread, then the `struct itimerval`
+/// of each interval timer. A short buffer reads as zeros rather than
+/// panicking.
 fn decode_scratch(buf: &[u8], threads: usize, brk: u64) -> Injected {
     let sigactions = signals()
         .map(|sig| {
@@ -502,6 +526,21 @@ fn decode_scratch(buf: &[u8], threads: usize, brk: u64) -> Injected {
     let clear_child_tid = (0..threads)
         .map(|i| u64_at(buf, SIG_AREA + 8 * i))
         .collect();
+    let us = |at: usize| u64_at(buf, at) * 1_000_000 + u64_at(buf, at + 8);
+    let itimers = (0..ITIMERS)
+        .map(|which| {
+            let at = itimer_area(threads) + ITIMERVAL * which;
+            pb::ITimer {
+                which: which as i32,
+                interval_us: us(at),
+                value_us: us(at + 16),
+            }
+        })
+        // A periodic ITIMER_REAL whose SIGALRM waits undelivered (the
+        // freeze) reads 0 left: the kernel re-arms it only as the signal
+        // is taken. It is armed all the same.
+        .filter(|t| t.value_us != 0 || t.interval_us != 0)
+        .collect();
     let altstacks = (0..threads)
         .map(|i| {
             let at = alt_area(threads) + STACK_T * i;
@@ -516,6 +555,7 @@ fn decode_scratch(buf: &[u8], threads: usize, brk: u64) -> Injected {
         brk,
         clear_child_tid,
         altstacks,
+        itimers,
         sigactions,
         securebits: vec![0; threads],
         dumpable: 0,
@@ -1009,7 +1049,35 @@ mod tests {
                 size: 0x8000
             }
         );
-        assert!(table_offset(2) as usize >= alt + STACK_T);
+        assert!(inj.itimers.is_empty(), "disarmed timers are not listed");
+        // ITIMER_REAL every 20 ms, its SIGALRM pending: 0 left, still armed.
+        let real = itimer_area(2);
+        buf[real + 8..real + 16].copy_from_slice(&20_000u64.to_le_bytes());
+        let inj = decode_scratch(&buf, 2, 0x5000);
+        assert_eq!(
+            inj.itimers,
+            [pb::ITimer {
+                which: 0,
+                interval_us: 20_000,
+                value_us: 0
+            }]
+        );
+        buf[real + 8..real + 16].copy_from_slice(&0u64.to_le_bytes());
+        // ITIMER_VIRTUAL: every 0.25 s, 1.5 s left.
+        let it = itimer_area(2) + ITIMERVAL;
+        for (k, v) in [0u64, 250_000, 1, 500_000].iter().enumerate() {
+            buf[it + 8 * k..it + 8 * k + 8].copy_from_slice(&v.to_le_bytes());
+        }
+        let inj = decode_scratch(&buf, 2, 0x5000);
+        assert_eq!(
+            inj.itimers,
+            [pb::ITimer {
+                which: 1,
+                interval_us: 250_000,
+                value_us: 1_500_000
+            }]
+        );
+        assert!(table_offset(2) as usize >= it + 2 * ITIMERVAL);
         // A short read never panics.
         assert_eq!(decode_scratch(&[], 3, 0).clear_child_tid, vec![0, 0, 0]);
     }

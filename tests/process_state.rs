@@ -1,10 +1,12 @@
-//! What a thread sets for itself and the process's file mode mask survive
-//! a migration: a python3 whose two threads each run on an alternate
-//! signal stack of their own (`sigaltstack`, which Go's runtime and Rust's
-//! stack-overflow handler rely on) and whose umask is 027 reports the same
-//! stacks and mask after the move through a page server of this test.
-//! Without them the restored threads would have no alternate stack and the
-//! page server's umask. Needs root.
+//! Process and thread state that lives in the kernel only, across a
+//! migration through a page server of this test: a python3 whose two
+//! threads each run on an alternate signal stack of their own
+//! (`sigaltstack`, which Go's runtime and Rust's stack-overflow handler
+//! rely on) and whose umask is 027 reports the same stacks and mask after
+//! the move; one with a periodic `ITIMER_REAL` keeps getting its SIGALRMs
+//! and its `ITIMER_VIRTUAL` keeps what it had left. Without them the
+//! restored threads would have no alternate stack, the page server's umask
+//! and no timers. Needs root.
 
 use std::process::Command;
 use std::sync::Arc;
@@ -99,5 +101,80 @@ async fn alternate_signal_stacks_and_the_umask_survive_a_migration() {
         .map(|n| last_of(&log, n).unwrap())
         .collect();
     assert_eq!(after, before, "sp flags size umask of each thread");
+    server.stop().await;
+}
+
+/// A SIGALRM every 20 ms (ITIMER_REAL) counted by a handler, and an
+/// ITIMER_VIRTUAL with an hour of CPU time left, every minute; logs
+/// `ticks virtual_left virtual_interval` every 10 ms to `argv[1]`.
+const ITIMERS: &str = r#"
+import signal, sys, time
+ticks = [0]
+def tick(s, f):
+    ticks[0] += 1
+signal.signal(signal.SIGALRM, tick)
+signal.setitimer(signal.ITIMER_REAL, 0.02, 0.02)
+signal.setitimer(signal.ITIMER_VIRTUAL, 3600, 60)
+log = open(sys.argv[1], 'a', buffering=1)
+while True:
+    left, every = signal.getitimer(signal.ITIMER_VIRTUAL)
+    log.write('%d %.3f %.3f\n' % (ticks[0], left, every))
+    time.sleep(0.01)
+"#;
+
+fn timer_log(log: &std::path::Path) -> Vec<(u64, f64, f64)> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split(' ');
+            Some((
+                f.next()?.parse().ok()?,
+                f.next()?.parse().ok()?,
+                f.next()?.parse().ok()?,
+            ))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interval_timers_go_on_after_a_migration() {
+    if !is_root() {
+        eprintln!("skipped: needs root (ptrace)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("itimers");
+    let src = start_tree(Command::new(python()).args(["-c", ITIMERS]).arg(&log));
+    common::wait_until("SIGALRMs to come", Duration::from_secs(10), || {
+        timer_log(&log).last().is_some_and(|l| l.0 > 5)
+    });
+
+    let tls = certs();
+    let server = common::Server::start_restoring(tls.path(), Arc::new(MemStore::new()));
+    let report = ferry::migrate::migrate(
+        restore_options(src.0, connect(server.addr, tls.path())),
+        &mut |_| {},
+    )
+    .await
+    .unwrap();
+    let _restored = common::KillOnDrop(report.restored_pid);
+    common::wait_until("the source to be gone", Duration::from_secs(10), || {
+        gone(src.0)
+    });
+    let at_move = timer_log(&log).last().unwrap().0;
+    // 20 more SIGALRMs: ~0.4 s of the restored ITIMER_REAL.
+    common::wait_until(
+        "the restored process's SIGALRMs",
+        Duration::from_secs(10),
+        || timer_log(&log).last().is_some_and(|l| l.0 > at_move + 20),
+    );
+    let (_, left, every) = *timer_log(&log).last().unwrap();
+    assert_eq!(every, 60.0, "ITIMER_VIRTUAL's interval");
+    // getitimer rounds up to the tick: 3600.004 is "nothing used".
+    assert!(
+        3500.0 < left && left < 3601.0,
+        "ITIMER_VIRTUAL kept what it had left: {left} s"
+    );
     server.stop().await;
 }
