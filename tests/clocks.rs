@@ -7,13 +7,10 @@
 //! root.
 
 use std::process::Command;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry_page_server::store::mem::MemStore;
-
 mod common;
-use common::{certs, connect, gone, is_root, python, restore_options, start_tree};
+use common::{is_root, python, start_tree};
 
 /// Every 10 ms: `monotonic boottime realtime`, in ns, to `argv[1]`.
 const CLOCKS: &str = r#"
@@ -84,18 +81,9 @@ async fn clocks_100_days_ahead_go_on_without_a_jump_after_a_migration() {
     };
     assert_eq!(offsets(pid).monotonic, AHEAD_S * 1_000_000_000);
 
-    let tls = certs();
-    let server = common::Server::start_restoring(tls.path(), Arc::new(MemStore::new()));
     let before = readings(&log).len();
-    let report = ferry::migrate::migrate(
-        restore_options(pid, connect(server.addr, tls.path())),
-        &mut |_| {},
-    )
-    .await
-    .unwrap();
-    let new = report.restored_pid;
-    let _restored = common::KillOnDrop(new);
-    wait_until("the source to be gone", || gone(pid));
+    let moved = common::migrate_here(pid).await;
+    let new = moved.report.restored_pid;
     wait_until("the restored process to log on", || {
         readings(&log).len() > before + 30
     });
@@ -134,7 +122,7 @@ async fn clocks_100_days_ahead_go_on_without_a_jump_after_a_migration() {
     eprintln!(
         "{} readings; restored as {new}, downtime {:?}",
         r.len(),
-        report.downtime
+        moved.report.downtime
     );
-    server.stop().await;
+    moved.server.stop().await;
 }

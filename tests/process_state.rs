@@ -9,13 +9,10 @@
 //! and no timers. Needs root.
 
 use std::process::Command;
-use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_page_server::store::mem::MemStore;
-
 mod common;
-use common::{certs, connect, gone, is_root, python, restore_options, start_tree};
+use common::{is_root, python, start_tree};
 
 /// Each thread sets an alternate signal stack of its own, then logs
 /// `name sp flags size umask` every 10 ms to `argv[1]`, as it reads them.
@@ -78,18 +75,7 @@ async fn alternate_signal_stacks_and_the_umask_survive_a_migration() {
     }
     assert_ne!(before[0], before[1], "each thread has its own");
 
-    let tls = certs();
-    let server = common::Server::start_restoring(tls.path(), Arc::new(MemStore::new()));
-    let report = ferry::migrate::migrate(
-        restore_options(src.0, connect(server.addr, tls.path())),
-        &mut |_| {},
-    )
-    .await
-    .unwrap();
-    let _restored = common::KillOnDrop(report.restored_pid);
-    common::wait_until("the source to be gone", Duration::from_secs(10), || {
-        gone(src.0)
-    });
+    let moved = common::migrate_here(src.0).await;
     let n = lines(&log);
     common::wait_until(
         "the restored threads to log",
@@ -101,7 +87,7 @@ async fn alternate_signal_stacks_and_the_umask_survive_a_migration() {
         .map(|n| last_of(&log, n).unwrap())
         .collect();
     assert_eq!(after, before, "sp flags size umask of each thread");
-    server.stop().await;
+    moved.server.stop().await;
 }
 
 /// A SIGALRM every 20 ms (ITIMER_REAL) counted by a handler, and an
@@ -150,18 +136,7 @@ async fn interval_timers_go_on_after_a_migration() {
         timer_log(&log).last().is_some_and(|l| l.0 > 5)
     });
 
-    let tls = certs();
-    let server = common::Server::start_restoring(tls.path(), Arc::new(MemStore::new()));
-    let report = ferry::migrate::migrate(
-        restore_options(src.0, connect(server.addr, tls.path())),
-        &mut |_| {},
-    )
-    .await
-    .unwrap();
-    let _restored = common::KillOnDrop(report.restored_pid);
-    common::wait_until("the source to be gone", Duration::from_secs(10), || {
-        gone(src.0)
-    });
+    let moved = common::migrate_here(src.0).await;
     let at_move = timer_log(&log).last().unwrap().0;
     // 20 more SIGALRMs: ~0.4 s of the restored ITIMER_REAL.
     common::wait_until(
@@ -176,5 +151,5 @@ async fn interval_timers_go_on_after_a_migration() {
         3500.0 < left && left < 3601.0,
         "ITIMER_VIRTUAL kept what it had left: {left} s"
     );
-    server.stop().await;
+    moved.server.stop().await;
 }

@@ -449,6 +449,16 @@ impl Held {
     }
 }
 
+/// [`held_counter`], its image asking for `--keep-pids`, and the pid it
+/// keeps.
+fn held_keeping_pids() -> (Held, i32) {
+    let mut h = held_counter();
+    ferry::pidns::record(&mut h.tree).unwrap();
+    h.tree.processes[0].keep_pids = true;
+    let n = h.tree.processes[0].ns_pid;
+    (h, n)
+}
+
 fn held_counter() -> Held {
     let dir = tempfile::tempdir().unwrap();
     let file: PathBuf = dir.path().join("count");
@@ -684,10 +694,7 @@ fn layers_laid_one_by_one_restore_the_flat_image() {
 fn a_warm_restore_keeping_pids_lays_the_rounds_into_a_process_with_its_pid() {
     need_root!();
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let mut h = held_counter();
-    ferry::pidns::record(&mut h.tree).unwrap();
-    h.tree.processes[0].keep_pids = true;
-    let n = h.tree.processes[0].ns_pid;
+    let (h, n) = held_keeping_pids();
     let mut warm = restore::Warm::start_keeping_pid(n).unwrap();
     for l in hard_layers(&h.img) {
         warm.layer(l).unwrap();
@@ -724,10 +731,7 @@ fn a_warm_restore_keeping_pids_lays_the_rounds_into_a_process_with_its_pid() {
 fn a_warm_restore_keeping_another_pid_than_the_states_gives_way_to_a_cold_one() {
     need_root!();
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let mut h = held_counter();
-    ferry::pidns::record(&mut h.tree).unwrap();
-    h.tree.processes[0].keep_pids = true;
-    let n = h.tree.processes[0].ns_pid;
+    let (h, n) = held_keeping_pids();
     let mut warm = restore::Warm::start_keeping_pid(n + 1).unwrap();
     warm.layer(h.img.clone()).unwrap();
     let stub = warm.stub_pid().expect("the layer is in a stub");

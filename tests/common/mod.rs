@@ -478,6 +478,42 @@ impl Server {
     }
 }
 
+/// A process migrated by [`migrate_here`]: the page server it went to
+/// (stop it at the end), its certificates, the report, and the restored
+/// process, killed when this drops.
+pub struct Migrated {
+    pub server: Server,
+    pub tls: tempfile::TempDir,
+    pub report: ferry::migrate::MigrateReport,
+    pub restored: KillOnDrop,
+}
+
+/// Migrates `pid` through a restoring page server of this test (QUIC,
+/// mutual TLS, a `mem` store) and waits for the source to be gone.
+pub async fn migrate_here(pid: i32) -> Migrated {
+    let tls = certs();
+    let server = Server::start_restoring(
+        tls.path(),
+        Arc::new(ferry_page_server::store::mem::MemStore::new()),
+    );
+    let report = ferry::migrate::migrate(
+        restore_options(pid, connect(server.addr, tls.path())),
+        &mut |_| {},
+    )
+    .await
+    .unwrap();
+    let restored = KillOnDrop(report.restored_pid);
+    wait_until("the source to be gone", Duration::from_secs(10), || {
+        gone(pid)
+    });
+    Migrated {
+        server,
+        tls,
+        report,
+        restored,
+    }
+}
+
 /// Waits up to 2 s for a first value in `log`; whether one came.
 pub fn log_started(log: &Path) -> bool {
     for _ in 0..200 {
