@@ -457,6 +457,21 @@ fn precheck(pid: i32) -> Result<(), MigrateError> {
     // zombie), from a look at every process, by name.
     if let Ok(tree) = crate::tree::discover(pid) {
         crate::tree::zombies(&tree).map_err(|e| unsupported(e.to_string()))?;
+        // A sandbox is not carried over yet: restoring without it would
+        // give the process what its filters deny it. Threads may differ.
+        for s in tree.iter().filter(|s| s.state != 'Z') {
+            for tid in crate::procfs::list_tasks(s.pid).unwrap_or_default() {
+                let why = crate::procfs::read_task_status(s.pid, tid)
+                    .ok()
+                    .and_then(|st| st.seccomp_refusal());
+                if let Some(why) = why {
+                    return Err(unsupported(format!(
+                        "process {} ({}), thread {tid}: {why}: not supported yet",
+                        s.pid, s.comm
+                    )));
+                }
+            }
+        }
         if tree.len() > 1 {
             let procs: Vec<pb::Process> = tree
                 .iter()

@@ -409,6 +409,25 @@ pub struct Status {
     pub vm_rss_kb: Option<u64>,
     /// `Umask` (octal); absent for kernel threads.
     pub umask: Option<u32>,
+    /// `Seccomp`: 0 none, 1 strict, 2 filters (`Seccomp_filters` of them).
+    pub seccomp: u32,
+    pub seccomp_filters: u32,
+}
+
+impl Status {
+    /// Why a process or thread with this status cannot be restored as it
+    /// is, if it runs under seccomp: the restore would lift its sandbox,
+    /// since no filter is carried over yet.
+    pub fn seccomp_refusal(&self) -> Option<String> {
+        match self.seccomp {
+            0 => None,
+            1 => Some("runs in seccomp strict mode".into()),
+            _ => Some(format!(
+                "runs under {} seccomp filter(s), which a restore would lift",
+                self.seccomp_filters.max(1)
+            )),
+        }
+    }
 }
 
 /// Parses `/proc/PID/status` (or `/proc/PID/task/TID/status`). Every field
@@ -512,6 +531,8 @@ pub fn parse_status(text: &str) -> Result<Status, ProcError> {
             "SigIgn" => (st.sig_ign, seen.masks[3]) = (mask(value)?, true),
             "SigCgt" => (st.sig_cgt, seen.masks[4]) = (mask(value)?, true),
             "CapEff" => (st.cap_eff, seen.masks[5]) = (mask(value)?, true),
+            "Seccomp" => st.seccomp = int(value)? as u32,
+            "Seccomp_filters" => st.seccomp_filters = int(value)? as u32,
             "Umask" => {
                 st.umask = Some(
                     u32::from_str_radix(value, 8)
@@ -1126,6 +1147,16 @@ mod tests {
         assert_eq!(st.cap_eff, 0x1ff_feff_ffff);
         assert_eq!(st.vm_rss_kb, Some(13928));
         assert_eq!(st.umask, Some(0o022));
+        assert_eq!(st.seccomp_refusal(), None);
+        let filtered = STATUS_THREADS
+            .replace("Seccomp:\t0", "Seccomp:\t2")
+            .replace("Seccomp_filters:\t0", "Seccomp_filters:\t3");
+        let st = parse_status(&filtered).unwrap();
+        assert_eq!((st.seccomp, st.seccomp_filters), (2, 3));
+        assert!(st
+            .seccomp_refusal()
+            .unwrap()
+            .contains("3 seccomp filter(s)"));
     }
 
     #[test]

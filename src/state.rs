@@ -122,6 +122,10 @@ pub enum StateError {
         #[source]
         source: io::Error,
     },
+    /// A thread runs under seccomp, which the restore cannot put back yet
+    /// (see [`procfs::Status::seccomp_refusal`]).
+    #[error("thread {tid} of process {pid} {why}: not supported yet")]
+    Seccomp { pid: i32, tid: i32, why: String },
     /// Pipe bytes and file contents together exceed [`MAX_FD_DATA`].
     #[error(
         "fd {fd}: {bytes} bytes of pipe or file contents, more than the {MAX_FD_DATA} an image holds in all"
@@ -575,6 +579,12 @@ fn capture_thread(
     let creds = crate::creds::Creds::from_proc(procfs::read_task_creds(pid, tid)?, securebits);
     let rseq = tracee.rseq_config(tid)?;
     let (robust_list, robust_list_len) = ptrace::robust_list(tid)?;
+    let status = procfs::read_task_status(pid, tid)?;
+    // Authoritative, at the freeze: a filter installed during the rounds
+    // fails the migration here and the source runs on.
+    if let Some(why) = status.seccomp_refusal() {
+        return Err(StateError::Seccomp { pid, tid, why });
+    }
     Ok(pb::Thread {
         tid,
         gpregs: Bytes::from(regs_to_bytes(&regs)),
@@ -591,7 +601,7 @@ fn capture_thread(
             signature: rseq.signature,
             flags: rseq.flags,
         }),
-        pending_signals: procfs::read_task_status(pid, tid)?.sig_pnd,
+        pending_signals: status.sig_pnd,
         creds: Some(creds.to_pb()),
         // ns_tid: filled by the dump (crate::pidns::record).
         ..Default::default()

@@ -4,9 +4,10 @@
 //! (`sigaltstack`, which Go's runtime and Rust's stack-overflow handler
 //! rely on) and whose umask is 027 reports the same stacks and mask after
 //! the move; one with a periodic `ITIMER_REAL` keeps getting its SIGALRMs
-//! and its `ITIMER_VIRTUAL` keeps what it had left. Without them the
-//! restored threads would have no alternate stack, the page server's umask
-//! and no timers. Needs root.
+//! and its `ITIMER_VIRTUAL` keeps what it had left; one under seccomp is
+//! refused by name (the restore would lift its sandbox) and runs on.
+//! Without them the restored threads would have no alternate stack, the
+//! page server's umask and no timers. Needs root.
 
 use std::process::Command;
 use std::time::Duration;
@@ -152,4 +153,59 @@ async fn interval_timers_go_on_after_a_migration() {
         "ITIMER_VIRTUAL kept what it had left: {left} s"
     );
     moved.server.stop().await;
+}
+
+/// Installs a seccomp filter that allows everything (a sandbox all the
+/// same: the restore cannot put it back), then counts to `argv[1]`.
+const SANDBOXED: &str = r#"
+import ctypes, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+class sock_filter(ctypes.Structure):
+    _fields_ = [('code', ctypes.c_ushort), ('jt', ctypes.c_ubyte), ('jf', ctypes.c_ubyte), ('k', ctypes.c_uint)]
+class sock_fprog(ctypes.Structure):
+    _fields_ = [('len', ctypes.c_ushort), ('filter', ctypes.POINTER(sock_filter))]
+allow = (sock_filter * 1)(sock_filter(0x06, 0, 0, 0x7fff0000))
+prog = sock_fprog(1, allow)
+assert libc.prctl(38, 1, 0, 0, 0) == 0
+assert libc.prctl(22, 2, ctypes.byref(prog), 0, 0) == 0
+log = open(sys.argv[1], 'a', buffering=1)
+n = 0
+while True:
+    n += 1
+    log.write('%d\n' % n)
+    time.sleep(0.01)
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_under_seccomp_is_refused_by_name_and_runs_on() {
+    if !is_root() {
+        eprintln!("skipped: needs root (ptrace)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("count");
+    let src = start_tree(Command::new(python()).args(["-c", SANDBOXED]).arg(&log));
+    let count = || lines(&log);
+    common::wait_until("it to count", Duration::from_secs(10), || count() > 3);
+    let tls = common::certs();
+    let server = common::Server::start_restoring(
+        tls.path(),
+        std::sync::Arc::new(ferry_page_server::store::mem::MemStore::new()),
+    );
+    let e = ferry::migrate::migrate(
+        common::restore_options(src.0, common::connect(server.addr, tls.path())),
+        &mut |_| {},
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        e.to_string().contains("1 seccomp filter(s)"),
+        "refused for another reason: {e}"
+    );
+    let n = count();
+    common::wait_until("it to count on", Duration::from_secs(10), || {
+        count() > n + 5
+    });
+    assert_ne!(common::proc_state(src.0), 'T', "left stopped");
+    server.stop().await;
 }
