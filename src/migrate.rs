@@ -460,6 +460,16 @@ fn precheck(pid: i32) -> Result<(), MigrateError> {
         // A sandbox is not carried over yet: restoring without it would
         // give the process what its filters deny it. Threads may differ.
         for s in tree.iter().filter(|s| s.state != 'Z') {
+            if let Some(n) = crate::procfs::count_posix_timers(s.pid)
+                .ok()
+                .filter(|&n| n > 0)
+            {
+                return Err(unsupported(format!(
+                    "process {} ({}): {n} POSIX timer(s) (timer_create), which are not \
+                     carried over: not supported yet",
+                    s.pid, s.comm
+                )));
+            }
             for tid in crate::procfs::list_tasks(s.pid).unwrap_or_default() {
                 let why = crate::procfs::read_task_status(s.pid, tid)
                     .ok()

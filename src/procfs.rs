@@ -816,6 +816,17 @@ pub fn read_starttime(pid: i32) -> Result<u64, ProcError> {
     parse_stat_starttime(&read_text(pid, "stat")?)
 }
 
+/// How many POSIX timers (`timer_create`) process `pid` holds:
+/// `/proc/PID/timers` lists each with an `ID:` line.
+pub fn count_posix_timers(pid: i32) -> Result<usize, ProcError> {
+    Ok(parse_timer_count(&read_text(pid, "timers")?))
+}
+
+/// The number of timers `/proc/PID/timers` lists.
+pub fn parse_timer_count(text: &str) -> usize {
+    text.lines().filter(|l| l.starts_with("ID:")).count()
+}
+
 /// The thread ids of process `pid`, sorted. Threads come and go while
 /// this runs unless the process is stopped.
 pub fn list_tasks(pid: i32) -> Result<Vec<i32>, ProcError> {
@@ -1157,6 +1168,14 @@ mod tests {
             .seccomp_refusal()
             .unwrap()
             .contains("3 seccomp filter(s)"));
+    }
+
+    #[test]
+    fn posix_timers_are_counted_by_their_id_lines() {
+        assert_eq!(parse_timer_count(""), 0);
+        let two = "ID: 0\nsignal: 14/0000000000000000\nnotify: signal/pid.27309\nClockID: 1\n\
+                   ID: 1\nsignal: 10/00007f0000001000\nnotify: thread/tid.27310\nClockID: 0\n";
+        assert_eq!(parse_timer_count(two), 2);
     }
 
     #[test]

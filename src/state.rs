@@ -122,6 +122,9 @@ pub enum StateError {
         #[source]
         source: io::Error,
     },
+    /// The process holds POSIX timers, which the restore cannot make yet.
+    #[error("process {pid}: {count} POSIX timer(s) (timer_create): not supported yet")]
+    PosixTimers { pid: i32, count: usize },
     /// A thread runs under seccomp, which the restore cannot put back yet
     /// (see [`procfs::Status::seccomp_refusal`]).
     #[error("thread {tid} of process {pid} {why}: not supported yet")]
@@ -174,6 +177,14 @@ pub fn capture(pid: i32, tracee: &Tracee) -> Result<pb::ProcessTree, StateError>
     }
     let stat = procfs::read_stat_fields(pid)?;
     let status = procfs::read_status(pid)?;
+    // At the freeze, authoritative: one made during the rounds fails the
+    // migration here and the source runs on.
+    match procfs::count_posix_timers(pid) {
+        Ok(0) => {}
+        Ok(count) => return Err(StateError::PosixTimers { pid, count }),
+        // A kernel without CONFIG_CHECKPOINT_RESTORE has no such file.
+        Err(e) => tracing::debug!(pid, "POSIX timers not checked: {e}"),
+    }
     let creds = procfs::read_creds(pid)?;
     // Before the scratch area is mapped, so it is never part of the image.
     let vmas = procfs::read_maps(pid)?

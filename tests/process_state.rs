@@ -5,7 +5,8 @@
 //! rely on) and whose umask is 027 reports the same stacks and mask after
 //! the move; one with a periodic `ITIMER_REAL` keeps getting its SIGALRMs
 //! and its `ITIMER_VIRTUAL` keeps what it had left; one under seccomp is
-//! refused by name (the restore would lift its sandbox) and runs on.
+//! refused by name (the restore would lift its sandbox) and runs on, as
+//! is one holding a POSIX timer.
 //! Without them the restored threads would have no alternate stack, the
 //! page server's umask and no timers. Needs root.
 
@@ -176,15 +177,26 @@ while True:
     time.sleep(0.01)
 "#;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_process_under_seccomp_is_refused_by_name_and_runs_on() {
-    if !is_root() {
-        eprintln!("skipped: needs root (ptrace)");
-        return;
-    }
+/// A POSIX timer (`timer_create`), never armed, then counts to `argv[1]`.
+const POSIX_TIMER: &str = r#"
+import ctypes, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+timer = ctypes.c_void_p()
+assert libc.timer_create(1, None, ctypes.byref(timer)) == 0
+log = open(sys.argv[1], 'a', buffering=1)
+n = 0
+while True:
+    n += 1
+    log.write('%d\n' % n)
+    time.sleep(0.01)
+"#;
+
+/// Migrating the python `script` (counting to its `argv[1]`) is refused
+/// with an error that says `why`, and the source counts on, not stopped.
+async fn refused_and_runs_on(script: &str, why: &str) {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("count");
-    let src = start_tree(Command::new(python()).args(["-c", SANDBOXED]).arg(&log));
+    let src = start_tree(Command::new(python()).args(["-c", script]).arg(&log));
     let count = || lines(&log);
     common::wait_until("it to count", Duration::from_secs(10), || count() > 3);
     let tls = common::certs();
@@ -199,7 +211,7 @@ async fn a_process_under_seccomp_is_refused_by_name_and_runs_on() {
     .await
     .unwrap_err();
     assert!(
-        e.to_string().contains("1 seccomp filter(s)"),
+        e.to_string().contains(why),
         "refused for another reason: {e}"
     );
     let n = count();
@@ -208,4 +220,22 @@ async fn a_process_under_seccomp_is_refused_by_name_and_runs_on() {
     });
     assert_ne!(common::proc_state(src.0), 'T', "left stopped");
     server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_under_seccomp_is_refused_by_name_and_runs_on() {
+    if !is_root() {
+        eprintln!("skipped: needs root (ptrace)");
+        return;
+    }
+    refused_and_runs_on(SANDBOXED, "1 seccomp filter(s)").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_with_a_posix_timer_is_refused_by_name_and_runs_on() {
+    if !is_root() {
+        eprintln!("skipped: needs root (ptrace)");
+        return;
+    }
+    refused_and_runs_on(POSIX_TIMER, "1 POSIX timer(s)").await;
 }
