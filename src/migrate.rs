@@ -457,8 +457,10 @@ fn precheck(pid: i32) -> Result<(), MigrateError> {
     // zombie), from a look at every process, by name.
     if let Ok(tree) = crate::tree::discover(pid) {
         crate::tree::zombies(&tree).map_err(|e| unsupported(e.to_string()))?;
-        // A sandbox is not carried over yet: restoring without it would
-        // give the process what its filters deny it. Threads may differ.
+        // What the restore cannot carry over yet and must not drop
+        // silently: POSIX timers, and a seccomp sandbox (restoring without
+        // it would give the process what its filters deny it; threads may
+        // differ).
         for s in tree.iter().filter(|s| s.state != 'Z') {
             if let Some(n) = crate::procfs::count_posix_timers(s.pid)
                 .ok()
