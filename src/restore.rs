@@ -1623,9 +1623,38 @@ impl Restorer {
         // user's, which ferry can no longer write into.
         self.creds(p, &tids)?;
         failpoint("creds")?; // failpoint (test only)
-                             // Last injection: unmap the gadget from inside it. The stub stays in
-                             // that syscall's exit stop, its rip in the unmapped page, until the
-                             // final registers replace it.
+                             // After the credentials, whose change clears it.
+        for (t, &tid) in p
+            .threads
+            .iter()
+            .zip(&tids)
+            .filter(|(t, _)| t.pdeathsig != 0)
+        {
+            let ret = self.stub.syscall_in(
+                tid,
+                libc::SYS_prctl,
+                [
+                    libc::PR_SET_PDEATHSIG as u64,
+                    t.pdeathsig as u64,
+                    0,
+                    0,
+                    0,
+                    0,
+                ],
+            )?;
+            if (-4095..0).contains(&ret) {
+                return Err(RestoreError::Syscall {
+                    step: format!(
+                        "prctl(PR_SET_PDEATHSIG, {}) in thread {}",
+                        t.pdeathsig, t.tid
+                    ),
+                    errno: Errno::from_raw(-ret as i32),
+                });
+            }
+        }
+        // Last injection: unmap the gadget from inside it. The stub stays in
+        // that syscall's exit stop, its rip in the unmapped page, until the
+        // final registers replace it.
         let (g, len) = (
             self.gadget,
             (GADGET_CODE_PAGES + GADGET_DATA_PAGES) * page_size(),

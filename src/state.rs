@@ -64,6 +64,7 @@ use crate::sys::vm::{self, VmError};
 const PR_GET_TID_ADDRESS: u64 = 40;
 const PR_GET_DUMPABLE: u64 = 3;
 const PR_GET_SECUREBITS: u64 = 27;
+const PR_GET_PDEATHSIG: u64 = 2;
 /// Size of the kernel's `struct sigaction` on x86_64: handler, flags,
 /// restorer, mask, each 8 bytes.
 const KSIGACTION: usize = 32;
@@ -202,10 +203,11 @@ pub fn capture(pid: i32, tracee: &Tracee) -> Result<pb::ProcessTree, StateError>
         .iter()
         .zip(&injected.clear_child_tid)
         .zip(&injected.securebits)
-        .zip(&injected.altstacks)
-        .map(|(((&tid, &ctid), &sb), alt)| {
+        .zip(injected.altstacks.iter().zip(&injected.pdeathsigs))
+        .map(|(((&tid, &ctid), &sb), (alt, &pdeathsig))| {
             capture_thread(pid, tracee, tid, ctid, sb).map(|t| pb::Thread {
                 altstack: Some(*alt),
+                pdeathsig,
                 ..t
             })
         })
@@ -332,6 +334,8 @@ struct Injected {
     clear_child_tid: Vec<u64>,
     /// One per thread, in the order given.
     altstacks: Vec<pb::SigAltStack>,
+    /// One per thread, in the order given.
+    pdeathsigs: Vec<i32>,
     /// The armed ones.
     itimers: Vec<pb::ITimer>,
     sigactions: Vec<pb::SigAction>,
@@ -358,15 +362,20 @@ fn itimer_area(threads: usize) -> usize {
     alt_area(threads) + STACK_T * threads
 }
 
+/// Where the per-thread parent-death signals start: after the timers.
+fn pdeath_area(threads: usize) -> usize {
+    itimer_area(threads) + ITIMERVAL * ITIMERS
+}
+
 fn table_offset(threads: usize) -> u64 {
-    (itimer_area(threads) + ITIMERVAL * ITIMERS) as u64
+    (pdeath_area(threads) + 8 * threads) as u64
 }
 
 fn scratch_len(threads: usize) -> u64 {
     let page = crate::sys::page_size();
-    // The first thread's batch is the longest: 5 calls, the timers and
+    // The first thread's batch is the longest: 6 calls, the timers and
     // the signals.
-    let calls = 5 + ITIMERS + signals().count();
+    let calls = 6 + ITIMERS + signals().count();
     let bytes = table_offset(threads) + (calls * crate::sys::trampoline::BATCH_ENTRY) as u64;
     bytes.div_ceil(page) * page
 }
@@ -449,6 +458,18 @@ fn ask(
                 ],
                 "sigaltstack(NULL, &old)".into(),
             ),
+            (
+                libc::SYS_prctl,
+                [
+                    PR_GET_PDEATHSIG,
+                    scratch + (pdeath_area(tids.len()) + 8 * i) as u64,
+                    0,
+                    0,
+                    0,
+                    0,
+                ],
+                "prctl(PR_GET_PDEATHSIG)".into(),
+            ),
         ];
         if i == 0 {
             calls.push((libc::SYS_brk, [0; 6], "brk(0)".into()));
@@ -501,8 +522,8 @@ fn ask(
         };
         securebits.push(answer(1)?);
         if i == 0 {
-            brk = results[3] as u64;
-            dumpable = answer(4)?;
+            brk = results[4] as u64;
+            dumpable = answer(5)?;
         }
     }
     let mut buf = vec![0u8; len as usize];
@@ -523,7 +544,8 @@ fn u64_at(buf: &[u8], off: usize) -> u64 {
 /// Decodes the scratch area laid out by [`ask`]: the kernel's `struct
 /// sigaction` of signal `s` at `(s - 1) * 32`, then one `clear_child_tid`
 /// per thread, then one `stack_t` per thread, then the `struct itimerval`
-/// of each interval timer. A short buffer reads as zeros rather than
+/// of each interval timer, then each thread's parent-death signal (an
+/// `int` in 8 bytes). A short buffer reads as zeros rather than
 /// panicking.
 fn decode_scratch(buf: &[u8], threads: usize, brk: u64) -> Injected {
     let sigactions = signals()
@@ -556,6 +578,9 @@ fn decode_scratch(buf: &[u8], threads: usize, brk: u64) -> Injected {
         // is taken. It is armed all the same.
         .filter(|t| t.value_us != 0 || t.interval_us != 0)
         .collect();
+    let pdeathsigs = (0..threads)
+        .map(|i| u64_at(buf, pdeath_area(threads) + 8 * i) as i32)
+        .collect();
     let altstacks = (0..threads)
         .map(|i| {
             let at = alt_area(threads) + STACK_T * i;
@@ -570,6 +595,7 @@ fn decode_scratch(buf: &[u8], threads: usize, brk: u64) -> Injected {
         brk,
         clear_child_tid,
         altstacks,
+        pdeathsigs,
         itimers,
         sigactions,
         securebits: vec![0; threads],
@@ -1098,7 +1124,11 @@ mod tests {
                 value_us: 1_500_000
             }]
         );
-        assert!(table_offset(2) as usize >= it + 2 * ITIMERVAL);
+        assert!(pdeath_area(2) >= it + 2 * ITIMERVAL);
+        let pd = pdeath_area(2) + 8;
+        buf[pd..pd + 4].copy_from_slice(&10i32.to_le_bytes());
+        assert_eq!(decode_scratch(&buf, 2, 0).pdeathsigs, vec![0, 10]);
+        assert!(table_offset(2) as usize >= pd + 8);
         // A short read never panics.
         assert_eq!(decode_scratch(&[], 3, 0).clear_child_tid, vec![0, 0, 0]);
     }

@@ -2,8 +2,8 @@
 //! migration through a page server of this test: a python3 whose two
 //! threads each run on an alternate signal stack of their own
 //! (`sigaltstack`, which Go's runtime and Rust's stack-overflow handler
-//! rely on) and whose umask is 027 reports the same stacks and mask after
-//! the move; one with a periodic `ITIMER_REAL` keeps getting its SIGALRMs
+//! rely on) with a parent-death signal of their own, and whose umask is
+//! 027, reports the same stacks, signals and mask after the move; one with a periodic `ITIMER_REAL` keeps getting its SIGALRMs
 //! and its `ITIMER_VIRTUAL` keeps what it had left; one under seccomp is
 //! refused by name (the restore would lift its sandbox) and runs on, as
 //! is one holding a POSIX timer.
@@ -16,8 +16,9 @@ use std::time::Duration;
 mod common;
 use common::{is_root, python, start_tree};
 
-/// Each thread sets an alternate signal stack of its own, then logs
-/// `name sp flags size umask` every 10 ms to `argv[1]`, as it reads them.
+/// Each thread sets an alternate signal stack and a parent-death signal of
+/// its own, then logs `name sp flags size umask pdeathsig` every 10 ms to
+/// `argv[1]`, as it reads them.
 const ALTSTACK: &str = r#"
 import ctypes, os, sys, threading, time
 libc = ctypes.CDLL(None, use_errno=True)
@@ -26,19 +27,22 @@ class stack_t(ctypes.Structure):
 log = open(sys.argv[1], 'a', buffering=1)
 lock = threading.Lock()
 os.umask(0o027)
-def run(name, size):
+def run(name, size, pdeathsig):
     buf = ctypes.create_string_buffer(size)
     ss = stack_t(ctypes.cast(buf, ctypes.c_void_p), 0, size)
     assert libc.sigaltstack(ctypes.byref(ss), None) == 0
+    assert libc.prctl(1, pdeathsig, 0, 0, 0) == 0
     while True:
         old = stack_t()
         libc.sigaltstack(None, ctypes.byref(old))
+        sig = ctypes.c_int()
+        libc.prctl(2, ctypes.byref(sig), 0, 0, 0)
         with lock:
             mask = os.umask(0o027)
-            log.write('%s %d %d %d %o\n' % (name, old.sp or 0, old.flags, old.size, mask))
+            log.write('%s %d %d %d %o %d\n' % (name, old.sp or 0, old.flags, old.size, mask, sig.value))
         time.sleep(0.01)
-threading.Thread(target=run, args=('worker', 40960), daemon=True).start()
-run('main', 65536)
+threading.Thread(target=run, args=('worker', 40960, 12), daemon=True).start()
+run('main', 65536, 10)
 "#;
 
 fn last_of(log: &std::path::Path, name: &str) -> Option<String> {
@@ -55,7 +59,7 @@ fn lines(log: &std::path::Path) -> usize {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn alternate_signal_stacks_and_the_umask_survive_a_migration() {
+async fn alternate_signal_stacks_parent_death_signals_and_the_umask_survive_a_migration() {
     if !is_root() {
         eprintln!("skipped: needs root (ptrace)");
         return;
@@ -74,6 +78,7 @@ async fn alternate_signal_stacks_and_the_umask_survive_a_migration() {
         let f: Vec<&str> = l.split(' ').collect();
         assert_ne!(f[1], "0", "the thread has an alternate stack: {l}");
         assert_eq!(f[4], "27", "the umask: {l}");
+        assert_ne!(f[5], "0", "a parent-death signal: {l}");
     }
     assert_ne!(before[0], before[1], "each thread has its own");
 
@@ -88,7 +93,10 @@ async fn alternate_signal_stacks_and_the_umask_survive_a_migration() {
         .iter()
         .map(|n| last_of(&log, n).unwrap())
         .collect();
-    assert_eq!(after, before, "sp flags size umask of each thread");
+    assert_eq!(
+        after, before,
+        "sp flags size umask pdeathsig of each thread"
+    );
     moved.server.stop().await;
 }
 
