@@ -164,7 +164,14 @@ async fn the_connection_gone_after_the_resume_kills_the_copy_and_leaves_the_sour
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     // A slow push keeps post-copy going long enough to cut it.
-    let opts = options(source, &server, 1);
+    let mut opts = options(source, &server, 1);
+    // The cut can fall between the destination's release of the process
+    // and its `Restored` reaching the source: the source then asks a page
+    // server that is gone, for as long as its connect timeout (60 s by
+    // default), and is left stopped in doubt. Keep that short.
+    if let Destination::Remote(c) = &mut opts.dest {
+        c.timeout = Duration::from_secs(10);
+    }
     let migration = tokio::spawn(async move {
         let pc = PostCopyOptions {
             bandwidth: Some(64 << 10),
@@ -198,7 +205,15 @@ async fn the_connection_gone_after_the_resume_kills_the_copy_and_leaves_the_sour
         .unwrap()
         .unwrap_err();
     eprintln!("source side: {err}");
-    assert!(matches!(err, MigrateError::PostCopy { .. }), "{err}");
+    // Post-copy failed after `Restored`, or `Restored` lost with the link:
+    // either way the source stays stopped and the copy dies.
+    assert!(
+        matches!(
+            err,
+            MigrateError::PostCopy { .. } | MigrateError::InDoubt(_)
+        ),
+        "{err}"
+    );
     let msg = err.to_string();
     assert!(msg.contains("left stopped"), "{msg}");
     wait_until(
