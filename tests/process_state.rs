@@ -14,7 +14,7 @@ use std::process::Command;
 use std::time::Duration;
 
 mod common;
-use common::{is_root, python, start_tree};
+use common::{is_root, python, start_tree, KillTree};
 
 /// Each thread sets an alternate signal stack and a parent-death signal of
 /// its own, then logs `name sp flags size umask pdeathsig` every 10 ms to
@@ -54,19 +54,32 @@ fn last_of(log: &std::path::Path, name: &str) -> Option<String> {
         .map(str::to_owned)
 }
 
+macro_rules! need_root {
+    () => {
+        if !is_root() {
+            eprintln!("skipped: needs root (ptrace)");
+            return;
+        }
+    };
+}
+
+/// The python `script` started with a log file `name` in a fresh
+/// directory as its `argv[1]`; its tree is killed when dropped.
+fn logging(script: &str, name: &str) -> (tempfile::TempDir, std::path::PathBuf, KillTree) {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join(name);
+    let src = start_tree(Command::new(python()).args(["-c", script]).arg(&log));
+    (dir, log, src)
+}
+
 fn lines(log: &std::path::Path) -> usize {
     std::fs::read_to_string(log).map_or(0, |t| t.lines().count())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alternate_signal_stacks_parent_death_signals_and_the_umask_survive_a_migration() {
-    if !is_root() {
-        eprintln!("skipped: needs root (ptrace)");
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("altstack");
-    let src = start_tree(Command::new(python()).args(["-c", ALTSTACK]).arg(&log));
+    need_root!();
+    let (_dir, log, src) = logging(ALTSTACK, "altstack");
     common::wait_until("both threads to log", Duration::from_secs(10), || {
         last_of(&log, "main").is_some() && last_of(&log, "worker").is_some()
     });
@@ -135,13 +148,8 @@ fn timer_log(log: &std::path::Path) -> Vec<(u64, f64, f64)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn interval_timers_go_on_after_a_migration() {
-    if !is_root() {
-        eprintln!("skipped: needs root (ptrace)");
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("itimers");
-    let src = start_tree(Command::new(python()).args(["-c", ITIMERS]).arg(&log));
+    need_root!();
+    let (_dir, log, src) = logging(ITIMERS, "itimers");
     common::wait_until("SIGALRMs to come", Duration::from_secs(10), || {
         timer_log(&log).last().is_some_and(|l| l.0 > 5)
     });
@@ -202,9 +210,7 @@ while True:
 /// Migrating the python `script` (counting to its `argv[1]`) is refused
 /// with an error that says `why`, and the source counts on, not stopped.
 async fn refused_and_runs_on(script: &str, why: &str) {
-    let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("count");
-    let src = start_tree(Command::new(python()).args(["-c", script]).arg(&log));
+    let (_dir, log, src) = logging(script, "count");
     let count = || lines(&log);
     common::wait_until("it to count", Duration::from_secs(10), || count() > 3);
     let tls = common::certs();
@@ -232,18 +238,12 @@ async fn refused_and_runs_on(script: &str, why: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_process_under_seccomp_is_refused_by_name_and_runs_on() {
-    if !is_root() {
-        eprintln!("skipped: needs root (ptrace)");
-        return;
-    }
+    need_root!();
     refused_and_runs_on(SANDBOXED, "1 seccomp filter(s)").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_process_with_a_posix_timer_is_refused_by_name_and_runs_on() {
-    if !is_root() {
-        eprintln!("skipped: needs root (ptrace)");
-        return;
-    }
+    need_root!();
     refused_and_runs_on(POSIX_TIMER, "1 POSIX timer(s)").await;
 }
