@@ -320,7 +320,11 @@ async fn a_destination_slower_than_the_source_never_runs_a_second_copy() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(d.log().contains("abandoned"), "{}", d.log());
-    assert_eq!(copies(&log), vec![(fx.pid, common::proc_state(fx.pid))]);
+    // Pids only: a second read of the state may find it running where the
+    // first found it sleeping (CI saw `S` against `R`); whether it runs is
+    // what the next line checks.
+    let pids: Vec<i32> = copies(&log).iter().map(|&(p, _)| p).collect();
+    assert_eq!(pids, vec![fx.pid], "only the source");
     assert_source_runs(&fx, &log, "after the destination gave up");
     show(&d.slog);
     kill_all(&log);
