@@ -402,21 +402,47 @@ async fn a_link_cut_at_any_step_leaves_exactly_one_copy_running() {
                 assert_log_grows_in_order(&log, &what);
                 outcomes.push(format!("{point}: migrated"));
             }
-            Err(MigrateError::InDoubt(_)) => {
-                // Go got through: the destination runs it, the source
-                // waits stopped for a person to decide.
+            Err(MigrateError::InDoubt(d)) => {
+                // Go went out, and the source waits stopped for a person to
+                // decide. Go may have been cut on its way: then the
+                // destination drops the copy it holds after its Go timeout.
                 assert_eq!(
                     proc_state(fx.pid),
                     'T',
                     "{what}: the source in doubt is stopped"
                 );
-                assert_eq!(
-                    copies.len(),
-                    1,
-                    "{what}: one copy on the destination: {copies:?}"
-                );
-                assert_log_grows_in_order(&log, &what);
-                outcomes.push(format!("{point}: in doubt, the destination runs it"));
+                let held = |c: &[i32]| c.iter().any(|&p| matches!(proc_state(p), 't' | 'T'));
+                for _ in 0..50 {
+                    if !held(&copies) {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                    copies = copies_of(&log, fx.pid);
+                }
+                if copies.is_empty() {
+                    // As the error says to: the page server, asked without
+                    // the relay, says no copy runs there; resume the source.
+                    let id = ferry_proto::SessionId::from_hex(&d.session).unwrap();
+                    let c = common::connect(server.addr, tls.path());
+                    let a = ferry::client::Client::query(&c, id).await.unwrap();
+                    assert!(
+                        matches!(a.fate, ferry_proto::session::Fate::Abandoned { .. }),
+                        "{what}: in doubt, no copy, and the page server says {a:?}"
+                    );
+                    kill(Pid::from_raw(fx.pid), Signal::SIGCONT).unwrap();
+                    assert_source_runs(&fx, &log, &what);
+                    outcomes.push(format!(
+                        "{point}: in doubt, Go never arrived; the source resumed by hand"
+                    ));
+                } else {
+                    assert_eq!(
+                        copies.len(),
+                        1,
+                        "{what}: one copy on the destination: {copies:?}"
+                    );
+                    assert_log_grows_in_order(&log, &what);
+                    outcomes.push(format!("{point}: in doubt, the destination runs it"));
+                }
             }
             Err(e) => {
                 assert!(copies.is_empty(), "{what} ({e}): copies left: {copies:?}");
