@@ -287,6 +287,9 @@ os.write(m, b"memory")
 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 hits = []
 signal.signal(signal.SIGUSR1, lambda *a: hits.append(1))
+# Its own, not Python's default one: a parent that ignores SIGINT (any
+# background job of a shell) would have it inherited ignored.
+signal.signal(signal.SIGINT, lambda *a: None)
 print("ready", f.fileno(), r, w, null, d, ff, s.fileno(), m, flush=True)
 while True:
     time.sleep(100)
