@@ -458,21 +458,15 @@ fn precheck(pid: i32) -> Result<(), MigrateError> {
     if let Ok(tree) = crate::tree::discover(pid) {
         crate::tree::zombies(&tree).map_err(|e| unsupported(e.to_string()))?;
         // What the restore cannot carry over yet and must not drop
-        // silently: POSIX timers, and a seccomp sandbox (restoring without
-        // it would give the process what its filters deny it; threads may
-        // differ).
+        // silently: POSIX timers on another process's CPU clock, and a
+        // seccomp sandbox (restoring without it would give the process
+        // what its filters deny it; threads may differ).
         for s in tree.iter().filter(|s| s.state != 'Z') {
-            if let Some(n) = crate::procfs::count_posix_timers(s.pid)
-                .ok()
-                .filter(|&n| n > 0)
-            {
-                return Err(unsupported(format!(
-                    "process {} ({}): {n} POSIX timer(s) (timer_create), which are not \
-                     carried over: not supported yet",
-                    s.pid, s.comm
-                )));
+            let tids = crate::procfs::list_tasks(s.pid).unwrap_or_default();
+            if let Err(e) = crate::state::posix_timers(s.pid, &tids) {
+                return Err(unsupported(format!("{e} ({})", s.comm)));
             }
-            for tid in crate::procfs::list_tasks(s.pid).unwrap_or_default() {
+            for tid in tids {
                 let why = crate::procfs::read_task_status(s.pid, tid)
                     .ok()
                     .and_then(|st| st.seccomp_refusal());

@@ -816,15 +816,93 @@ pub fn read_starttime(pid: i32) -> Result<u64, ProcError> {
     parse_stat_starttime(&read_text(pid, "stat")?)
 }
 
-/// How many POSIX timers (`timer_create`) process `pid` holds:
-/// `/proc/PID/timers` lists each with an `ID:` line.
-pub fn count_posix_timers(pid: i32) -> Result<usize, ProcError> {
-    Ok(parse_timer_count(&read_text(pid, "timers")?))
+/// The POSIX timers of process `pid` as `/proc/PID/timers` lists them
+/// (see [`parse_posix_timers`]).
+pub fn read_posix_timers(pid: i32) -> Result<Vec<pb::PosixTimer>, ProcError> {
+    parse_posix_timers(&read_text(pid, "timers")?)
 }
 
-/// The number of timers `/proc/PID/timers` lists.
-pub fn parse_timer_count(text: &str) -> usize {
-    text.lines().filter(|l| l.starts_with("ID:")).count()
+/// Parses `/proc/PID/timers`: per timer an `ID:` line, then `signal:
+/// SIGNO/VALUE` (the value in hex), `notify: KIND/pid.N` or `KIND/tid.N`
+/// (KIND `signal`, `none` or `thread`; `tid` adds `SIGEV_THREAD_ID`) and
+/// `ClockID:`. The times are not there: they are left 0.
+pub fn parse_posix_timers(text: &str) -> Result<Vec<pb::PosixTimer>, ProcError> {
+    const WHAT: &str = "/proc/PID/timers";
+    let mut timers: Vec<pb::PosixTimer> = Vec::new();
+    let mut seen = [false; 3];
+    let check = |seen: &[bool; 3], line: usize| {
+        if seen.iter().all(|&s| s) {
+            Ok(())
+        } else {
+            Err(parse_err(
+                WHAT,
+                line,
+                "a timer without its signal, notify and ClockID lines",
+            ))
+        }
+    };
+    for (i, line) in text.lines().enumerate() {
+        let n = i + 1;
+        let Some((key, value)) = line.split_once(':') else {
+            continue;
+        };
+        let value = value.trim();
+        let int = |v: &str| {
+            v.parse::<i32>()
+                .map_err(|_| parse_err(WHAT, n, format!("not a number: {v:?}")))
+        };
+        if key == "ID" {
+            if !timers.is_empty() {
+                check(&seen, n)?;
+            }
+            seen = [false; 3];
+            timers.push(pb::PosixTimer {
+                id: int(value)?,
+                ..Default::default()
+            });
+            continue;
+        }
+        let Some(t) = timers.last_mut() else {
+            return Err(parse_err(WHAT, n, "a field before the first ID line"));
+        };
+        match key {
+            "signal" => {
+                let (signo, v) = value
+                    .split_once('/')
+                    .ok_or_else(|| parse_err(WHAT, n, "no '/' in the signal line"))?;
+                t.signo = int(signo)?;
+                t.value = u64::from_str_radix(v, 16)
+                    .map_err(|_| parse_err(WHAT, n, format!("not a hex value: {v:?}")))?;
+                seen[0] = true;
+            }
+            "notify" => {
+                let bad = || parse_err(WHAT, n, format!("not KIND/pid.N or KIND/tid.N: {value:?}"));
+                let (kind, target) = value.split_once('/').ok_or_else(bad)?;
+                let (whom, id) = target.split_once('.').ok_or_else(bad)?;
+                let kind = match kind {
+                    "signal" => libc::SIGEV_SIGNAL,
+                    "none" => libc::SIGEV_NONE,
+                    "thread" => libc::SIGEV_THREAD,
+                    _ => return Err(bad()),
+                };
+                (t.notify, t.notify_tid) = match whom {
+                    "pid" => (kind, 0),
+                    "tid" => (kind | libc::SIGEV_THREAD_ID, int(id)?),
+                    _ => return Err(bad()),
+                };
+                seen[1] = true;
+            }
+            "ClockID" => {
+                t.clock_id = int(value)?;
+                seen[2] = true;
+            }
+            _ => {}
+        }
+    }
+    if !timers.is_empty() {
+        check(&seen, text.lines().count())?;
+    }
+    Ok(timers)
 }
 
 /// The thread ids of process `pid`, sorted. Threads come and go while
@@ -1171,11 +1249,55 @@ mod tests {
     }
 
     #[test]
-    fn posix_timers_are_counted_by_their_id_lines() {
-        assert_eq!(parse_timer_count(""), 0);
+    fn posix_timers_are_read_by_their_id_lines() {
         let two = "ID: 0\nsignal: 14/0000000000000000\nnotify: signal/pid.27309\nClockID: 1\n\
                    ID: 1\nsignal: 10/00007f0000001000\nnotify: thread/tid.27310\nClockID: 0\n";
-        assert_eq!(parse_timer_count(two), 2);
+        let t = parse_posix_timers(two).unwrap();
+        assert_eq!(
+            t,
+            [
+                pb::PosixTimer {
+                    id: 0,
+                    clock_id: 1,
+                    notify: libc::SIGEV_SIGNAL,
+                    signo: 14,
+                    ..Default::default()
+                },
+                pb::PosixTimer {
+                    id: 1,
+                    clock_id: 0,
+                    notify: libc::SIGEV_THREAD | libc::SIGEV_THREAD_ID,
+                    signo: 10,
+                    value: 0x7f00_0000_1000,
+                    notify_tid: 27310,
+                    ..Default::default()
+                },
+            ]
+        );
+        assert_eq!(parse_posix_timers("").unwrap(), []);
+        let none = "ID: 5\nsignal: 0/0000000000000007\nnotify: none/pid.9\nClockID: 2\n";
+        assert_eq!(
+            parse_posix_timers(none).unwrap()[0].notify,
+            libc::SIGEV_NONE
+        );
+    }
+
+    #[test]
+    fn malformed_posix_timer_lists_are_errors() {
+        for bad in [
+            "signal: 14/0\n",
+            "ID: x\n",
+            "ID: 1\nsignal: 14/0\n",
+            "ID: 1\nsignal: 14/zz\nnotify: signal/pid.1\nClockID: 0\n",
+            "ID: 1\nsignal: 14/0\nnotify: later/pid.1\nClockID: 0\n",
+            "ID: 1\nsignal: 14/0\nnotify: signal/tid.x\nClockID: 0\n",
+            "ID: 1\nsignal: 14/0\nnotify: signal/pid.1\nID: 2\n",
+        ] {
+            assert!(
+                matches!(parse_posix_timers(bad), Err(ProcError::Parse { .. })),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]

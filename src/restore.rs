@@ -91,8 +91,12 @@
 //! **Clocks.** The stub enters a time namespace in which its monotonic and
 //! boot clocks go on from the image's readings (see [`crate::clocks`]).
 //!
-//! Not carried over yet (not in the image): POSIX timers (`timer_create`)
-//! and the siginfo of queued real-time signals.
+//! **Timers.** Interval timers and POSIX timers (the latter under the ids
+//! the process was given, `PR_TIMER_CREATE_RESTORE_IDS`) are armed last,
+//! with the time each had left.
+//!
+//! Not carried over yet (not in the image): the siginfo of queued
+//! signals, a timer's overrun count.
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd};
@@ -107,11 +111,13 @@ use nix::errno::Errno;
 use crate::procfs::{self, MapEntry};
 use crate::readygo::{Gate, Prepared};
 use crate::sys::pidns::Birth;
+use crate::sys::ptrace::SIGINFO_LEN;
 use crate::sys::stub::{self, Stub, StubError};
 use crate::sys::uffd::Missing;
 use crate::sys::vm::VmError;
 use crate::sys::{page_size, USER_ADDR_END};
 use crate::track::{intersect, normalize, subtract};
+use bytes::Bytes;
 
 const ARCH_MAP_VDSO_64: u64 = 0x2003;
 const PR_SET_MM: u64 = 35;
@@ -1610,7 +1616,7 @@ impl Restorer {
         failpoint("threads")?; // failpoint (test only)
         let tids = self.threads(p)?;
         self.thread_state(p)?;
-        self.itimers(p, &tids)?;
+        self.timers(p, &tids)?;
         self.leave_repair()?;
         // After the files: the userfaultfd takes the lowest free fd number
         // for a moment, which must not be one of the image's.
@@ -3130,7 +3136,7 @@ impl Restorer {
                 });
             }
             let tid = ret as i32;
-            self.thread_self_state(tid, t, 0)?;
+            self.thread_self_state(tid, t, (0, &[]))?;
             tids.push(tid);
         }
         for (t, &tid) in p.threads.iter().zip(&tids) {
@@ -3162,7 +3168,15 @@ impl Restorer {
     /// thread to itself with everything blocked, so none is delivered (as
     /// a signal-delivery stop) before the image's mask is set at resume.
     /// What is lost: the siginfo of queued real-time signals.
-    fn thread_self_state(&mut self, tid: i32, t: &pb::Thread, also_pending: u64) -> Result<()> {
+    /// `shared`: for the main thread, the process's pending signals (a
+    /// mask) and their queue, which go back to the process as a whole.
+    fn thread_self_state(
+        &mut self,
+        tid: i32,
+        t: &pb::Thread,
+        shared: (u64, &[Bytes]),
+    ) -> Result<()> {
+        let (also_pending, shared_queue) = shared;
         let call = |r: &mut Self, step: String, nr: libc::c_long, args: [u64; 6]| {
             let ret = r.stub.syscall_in(tid, nr, args)?;
             if (-4095..0).contains(&ret) {
@@ -3217,16 +3231,56 @@ impl Restorer {
         let pending = (t.pending_signals | also_pending) & !(1 << 8 | 1 << 18);
         if pending != 0 {
             self.stub.set_sigmask_of(tid, u64::MAX)?;
-            // tgkill runs in the process: the ids it sees itself.
+            // These run in the process: the ids it sees itself.
             let me = self.stub.vpid() as u64;
-            let vtid = if !self.keep_pids {
-                tid
-            } else if tid == self.stub.pid() {
-                self.stub.vpid()
-            } else {
-                t.ns_tid
-            };
-            for signo in (1..=64u64).filter(|s| pending & (1 << (s - 1)) != 0) {
+            let vtid = self.own_view(tid, t);
+            // Each queued signal with the siginfo it had (a timer's
+            // SI_TIMER and value, a sigqueue's data), from the thread
+            // itself, which may queue any: the kernel refuses kernel-made
+            // siginfo only from another thread.
+            let mut queued = 0u64;
+            let queues = [(&t.queued_signals[..], false), (shared_queue, true)];
+            for (info, to_process) in queues
+                .iter()
+                .flat_map(|(q, s)| q.iter().map(move |i| (i, *s)))
+            {
+                let signo = info
+                    .get(..4)
+                    .map_or(0, |b| i32::from_ne_bytes(b.try_into().unwrap()));
+                if !(1..=64).contains(&signo) || info.len() != SIGINFO_LEN {
+                    return Err(RestoreError::Missing(format!(
+                        "a queued signal's siginfo (signal {signo}, {} bytes) of thread {}",
+                        info.len(),
+                        t.tid
+                    )));
+                }
+                if pending & (1 << (signo - 1)) == 0 {
+                    continue;
+                }
+                queued |= 1 << (signo - 1);
+                let at = self.put(0, info, "a siginfo")?;
+                let (step, nr, args) = if to_process {
+                    (
+                        "rt_sigqueueinfo",
+                        libc::SYS_rt_sigqueueinfo,
+                        [me, signo as u64, at, 0, 0, 0],
+                    )
+                } else {
+                    (
+                        "rt_tgsigqueueinfo",
+                        libc::SYS_rt_tgsigqueueinfo,
+                        [me, vtid as u64, signo as u64, at, 0, 0],
+                    )
+                };
+                call(
+                    self,
+                    format!("{step} to queue signal {signo} again"),
+                    nr,
+                    args,
+                )?;
+            }
+            let plain = pending & !queued;
+            for signo in (1..=64u64).filter(|s| plain & (1 << (s - 1)) != 0) {
                 call(
                     self,
                     format!("tgkill to queue pending signal {signo}"),
@@ -3354,18 +3408,20 @@ impl Restorer {
 
     /// The main thread's own state, the process's personality and its
     /// shared pending signals.
-    /// The interval timers of `setitimer`, each with the time it had left,
-    /// counting from here as the clocks go on from the freeze. Every
-    /// thread (the stub and `tids`) blocks every signal first: a SIGALRM
-    /// due before the process runs stays pending rather than stopping an
-    /// injection of the steps left; the image's masks are set at resume.
-    fn itimers(&mut self, p: &pb::Process, tids: &[i32]) -> Result<()> {
-        if p.itimers.is_empty() {
+    /// The interval timers of `setitimer` and the POSIX timers, each with
+    /// the time it had left, counting from here as the clocks go on from
+    /// the freeze. Every thread (the stub and `tids`) blocks every signal
+    /// first: a signal due before the process runs stays pending rather
+    /// than stopping an injection of the steps left; the image's masks are
+    /// set at resume.
+    fn timers(&mut self, p: &pb::Process, tids: &[i32]) -> Result<()> {
+        if p.itimers.is_empty() && p.posix_timers.is_empty() {
             return Ok(());
         }
         for &tid in std::iter::once(&self.stub.pid()).chain(tids) {
             self.stub.set_sigmask_of(tid, u64::MAX)?;
         }
+        self.posix_timers(p, tids)?;
         for t in &p.itimers {
             let tv = |us: u64| [us / 1_000_000, us % 1_000_000];
             // 0 left: its SIGALRM is pending (queued again from the
@@ -3393,6 +3449,106 @@ impl Restorer {
         Ok(())
     }
 
+    /// Makes each POSIX timer under the id the process knows it by: with
+    /// `PR_TIMER_CREATE_RESTORE_IDS` on, `timer_create` takes the id it is
+    /// handed instead of the next free one. Threads `tids` (in the image's
+    /// order) already exist, so a timer may signal one of them. Armed
+    /// after all are made.
+    fn posix_timers(&mut self, p: &pb::Process, tids: &[i32]) -> Result<()> {
+        const PR_TIMER_CREATE_RESTORE_IDS: u64 = 77;
+        /// `sizeof(struct sigevent)`.
+        const SIGEVENT: usize = 64;
+        if p.posix_timers.is_empty() {
+            return Ok(());
+        }
+        let on = |this: &mut Self, on: u64| {
+            this.call(
+                format!("prctl(PR_TIMER_CREATE_RESTORE_IDS, {on}) (Linux 6.15 or later)"),
+                libc::SYS_prctl,
+                [PR_TIMER_CREATE_RESTORE_IDS, on, 0, 0, 0, 0],
+            )
+        };
+        on(self, 1)?;
+        // `/proc/PID/timers` lists the newest first: made oldest first,
+        // they are listed as they were.
+        for t in p.posix_timers.iter().rev() {
+            let target = if t.notify & libc::SIGEV_THREAD_ID == 0 {
+                0
+            } else {
+                let i = p
+                    .threads
+                    .iter()
+                    .position(|th| th.tid == t.notify_tid)
+                    .ok_or_else(|| {
+                        RestoreError::Missing(format!(
+                            "thread {} that POSIX timer {} signals",
+                            t.notify_tid, t.id
+                        ))
+                    })?;
+                self.own_view(tids[i], &p.threads[i])
+            };
+            let mut ev = [0u8; SIGEVENT + 8];
+            ev[..8].copy_from_slice(&t.value.to_ne_bytes());
+            ev[8..12].copy_from_slice(&t.signo.to_ne_bytes());
+            ev[12..16].copy_from_slice(&t.notify.to_ne_bytes());
+            ev[16..20].copy_from_slice(&target.to_ne_bytes());
+            // The id asked for, where timer_create also writes the one given.
+            ev[SIGEVENT..SIGEVENT + 4].copy_from_slice(&t.id.to_ne_bytes());
+            let at = self.put(0, &ev, "a sigevent")?;
+            self.call(
+                format!(
+                    "timer_create(clock {}, signal {}, notify {:#x}) as timer {}",
+                    t.clock_id, t.signo, t.notify, t.id
+                ),
+                libc::SYS_timer_create,
+                [t.clock_id as u64, at, at + SIGEVENT as u64, 0, 0, 0],
+            )?;
+        }
+        on(self, 0)?;
+        for t in p
+            .posix_timers
+            .iter()
+            .filter(|t| t.value_ns != 0 || t.interval_ns != 0)
+        {
+            let ts = |ns: u64| [ns / 1_000_000_000, ns % 1_000_000_000];
+            // 0 left: its signal is pending (queued again from the image),
+            // after which the kernel would have re-armed it.
+            let left = if t.value_ns == 0 {
+                t.interval_ns
+            } else {
+                t.value_ns
+            };
+            let spec: Vec<u8> = ts(t.interval_ns)
+                .into_iter()
+                .chain(ts(left))
+                .flat_map(u64::to_ne_bytes)
+                .collect();
+            let at = self.put(0, &spec, "an itimerspec")?;
+            self.call(
+                format!(
+                    "timer_settime({}, {} ns every {} ns)",
+                    t.id, t.value_ns, t.interval_ns
+                ),
+                libc::SYS_timer_settime,
+                [t.id as u64, 0, at, 0, 0, 0],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The id by which the restored process itself names thread `tid`
+    /// (host view), image thread `t`: the same unless its pids are kept in
+    /// a namespace of their own.
+    fn own_view(&self, tid: i32, t: &pb::Thread) -> i32 {
+        if !self.keep_pids {
+            tid
+        } else if tid == self.stub.pid() {
+            self.stub.vpid()
+        } else {
+            t.ns_tid
+        }
+    }
+
     fn thread_state(&mut self, p: &pb::Process) -> Result<()> {
         let t = &p.threads[0];
         if p.personality != 0 {
@@ -3412,7 +3568,7 @@ impl Restorer {
             )?;
         }
         let pid = self.stub.pid();
-        self.thread_self_state(pid, t, p.pending_signals)?;
+        self.thread_self_state(pid, t, (p.pending_signals, &p.shared_queued_signals))?;
         self.call(
             format!("set_tid_address({:#x})", t.clear_child_tid),
             libc::SYS_set_tid_address,

@@ -80,6 +80,9 @@ const STACK_T: usize = 24;
 const ITIMERVAL: usize = 32;
 /// ITIMER_REAL, ITIMER_VIRTUAL, ITIMER_PROF.
 const ITIMERS: usize = 3;
+/// `sizeof(struct itimerspec)` on x86_64: interval and value, each seconds
+/// and nanoseconds.
+const ITIMERSPEC: usize = 32;
 /// `sizeof(struct user_regs_struct)` on x86_64: 27 registers.
 pub const GPREGS_LEN: usize = 27 * 8;
 
@@ -123,9 +126,18 @@ pub enum StateError {
         #[source]
         source: io::Error,
     },
-    /// The process holds POSIX timers, which the restore cannot make yet.
-    #[error("process {pid}: {count} POSIX timer(s) (timer_create): not supported yet")]
-    PosixTimers { pid: i32, count: usize },
+    /// A POSIX timer counts another process's or thread's CPU time
+    /// (`clock_getcpuclockid`), whose id would not hold on the destination.
+    #[error(
+        "process {pid}: POSIX timer {id} counts the CPU time of another process or thread \
+         (clock {clock}), which is not carried over: not supported yet"
+    )]
+    PosixTimerClock { pid: i32, id: i32, clock: i32 },
+    /// A POSIX timer signals a thread that is not one of the process's.
+    #[error(
+        "process {pid}: POSIX timer {id} signals thread {tid}, which is not one of its threads"
+    )]
+    PosixTimerThread { pid: i32, id: i32, tid: i32 },
     /// A thread runs under seccomp, which the restore cannot put back yet
     /// (see [`procfs::Status::seccomp_refusal`]).
     #[error("thread {tid} of process {pid} {why}: not supported yet")]
@@ -178,14 +190,7 @@ pub fn capture(pid: i32, tracee: &Tracee) -> Result<pb::ProcessTree, StateError>
     }
     let stat = procfs::read_stat_fields(pid)?;
     let status = procfs::read_status(pid)?;
-    // At the freeze, authoritative: one made during the rounds fails the
-    // migration here and the source runs on.
-    match procfs::count_posix_timers(pid) {
-        Ok(0) => {}
-        Ok(count) => return Err(StateError::PosixTimers { pid, count }),
-        // A kernel without CONFIG_CHECKPOINT_RESTORE has no such file.
-        Err(e) => tracing::debug!(pid, "POSIX timers not checked: {e}"),
-    }
+    let timers = posix_timers(pid, &tids)?;
     let creds = procfs::read_creds(pid)?;
     // Before the scratch area is mapped, so it is never part of the image.
     let vmas = procfs::read_maps(pid)?
@@ -195,7 +200,7 @@ pub fn capture(pid: i32, tracee: &Tracee) -> Result<pb::ProcessTree, StateError>
     let mut fds = capture_fds(pid)?;
     capture_fd_data(pid, &mut fds)?;
     let rseq_areas = save_rseq_areas(pid, tracee, &tids)?;
-    let injected = injected_reads(pid, tracee, &tids);
+    let injected = injected_reads(pid, tracee, &tids, timers);
     let put_back = put_back_rseq_areas(pid, &rseq_areas);
     let injected = injected?;
     put_back?;
@@ -249,6 +254,7 @@ pub fn capture(pid: i32, tracee: &Tracee) -> Result<pb::ProcessTree, StateError>
             })
             .collect(),
         pending_signals: status.sig_pnd | status.shd_pnd,
+        shared_queued_signals: queued(tracee, tids[0], true)?,
         personality: procfs::read_personality(pid)?,
         // The dump of a tree sets it; a lone process is the root.
         space: 0,
@@ -257,6 +263,7 @@ pub fn capture(pid: i32, tracee: &Tracee) -> Result<pb::ProcessTree, StateError>
         dumpable: Some(injected.dumpable),
         umask: status.umask,
         itimers: injected.itimers,
+        posix_timers: injected.posix_timers,
         // Pid namespace ids: filled for the whole tree by the dump
         // (crate::pidns::record).
         ..Default::default()
@@ -338,6 +345,8 @@ struct Injected {
     pdeathsigs: Vec<i32>,
     /// The armed ones.
     itimers: Vec<pb::ITimer>,
+    /// Every one, armed or not, with its times.
+    posix_timers: Vec<pb::PosixTimer>,
     sigactions: Vec<pb::SigAction>,
     /// One per thread, in the order given.
     securebits: Vec<u32>,
@@ -367,24 +376,67 @@ fn pdeath_area(threads: usize) -> usize {
     itimer_area(threads) + ITIMERVAL * ITIMERS
 }
 
-fn table_offset(threads: usize) -> u64 {
-    (pdeath_area(threads) + 8 * threads) as u64
+/// Where the POSIX timers' `struct itimerspec` answers start: after the
+/// parent-death signals.
+fn posix_area(threads: usize) -> usize {
+    pdeath_area(threads) + 8 * threads
 }
 
-fn scratch_len(threads: usize) -> u64 {
+fn table_offset(threads: usize, timers: usize) -> u64 {
+    (posix_area(threads) + ITIMERSPEC * timers) as u64
+}
+
+fn scratch_len(threads: usize, timers: usize) -> u64 {
     let page = crate::sys::page_size();
-    // The first thread's batch is the longest: 6 calls, the timers and
-    // the signals.
-    let calls = 6 + ITIMERS + signals().count();
-    let bytes = table_offset(threads) + (calls * crate::sys::trampoline::BATCH_ENTRY) as u64;
+    // The first thread's batch is the longest: 6 calls, both kinds of
+    // timers and the signals.
+    let calls = 6 + ITIMERS + timers + signals().count();
+    let bytes =
+        table_offset(threads, timers) + (calls * crate::sys::trampoline::BATCH_ENTRY) as u64;
     bytes.div_ceil(page) * page
+}
+
+/// The POSIX timers of frozen process `pid` as `/proc/PID/timers` lists
+/// them, checked to be ones the restore can make; their times are asked
+/// in the injections. Also [`crate::migrate`]'s look before anything is
+/// frozen (then a timer may still come or go). A kernel without `CONFIG_CHECKPOINT_RESTORE` has no
+/// such file, and no way to restore their ids either: none are listed.
+pub(crate) fn posix_timers(pid: i32, tids: &[i32]) -> Result<Vec<pb::PosixTimer>, StateError> {
+    if !std::path::Path::new(&format!("/proc/{pid}/timers")).exists() {
+        tracing::debug!(pid, "no /proc/{pid}/timers: POSIX timers not listed");
+        return Ok(Vec::new());
+    }
+    let timers = procfs::read_posix_timers(pid)?;
+    for t in &timers {
+        // clock_getcpuclockid's ids are negative: `~pid << 3 | kind`.
+        if t.clock_id < 0 {
+            return Err(StateError::PosixTimerClock {
+                pid,
+                id: t.id,
+                clock: t.clock_id,
+            });
+        }
+        if t.notify & libc::SIGEV_THREAD_ID != 0 && !tids.contains(&t.notify_tid) {
+            return Err(StateError::PosixTimerThread {
+                pid,
+                id: t.id,
+                tid: t.notify_tid,
+            });
+        }
+    }
+    Ok(timers)
 }
 
 /// Runs the injections through a scratch mapping and removes it again,
 /// whatever happened in between.
-fn injected_reads(pid: i32, tracee: &Tracee, tids: &[i32]) -> Result<Injected, StateError> {
+fn injected_reads(
+    pid: i32,
+    tracee: &Tracee,
+    tids: &[i32],
+    timers: Vec<pb::PosixTimer>,
+) -> Result<Injected, StateError> {
     let lead = tids[0];
-    let len = scratch_len(tids.len());
+    let len = scratch_len(tids.len(), timers.len());
     let addr = tracee
         .syscall_in(
             lead,
@@ -401,7 +453,7 @@ fn injected_reads(pid: i32, tracee: &Tracee, tids: &[i32]) -> Result<Injected, S
         .map_err(inject_err(format!(
             "mmap of a scratch area in thread {lead}"
         )))? as u64;
-    let result = ask(pid, tracee, tids, addr, len);
+    let result = ask(pid, tracee, tids, addr, len, timers);
     let unmapped = tracee.syscall_in(lead, libc::SYS_munmap, &[addr, len]);
     match (result, unmapped) {
         (result, Ok(_)) => result,
@@ -425,13 +477,14 @@ fn ask(
     tids: &[i32],
     scratch: u64,
     len: u64,
+    timers: Vec<pb::PosixTimer>,
 ) -> Result<Injected, StateError> {
     // One batch per thread (see `Tracee::syscalls_in`): its tid address,
     // securebits and alternate signal stack; in the first thread also the
     // heap's end, the dumpable flag, the interval timers and every
     // signal's action. Answers in memory land in the scratch area, the
     // others come back as results.
-    let table = scratch + table_offset(tids.len());
+    let table = scratch + table_offset(tids.len(), timers.len());
     let (mut brk, mut dumpable, mut securebits) = (0, 0, Vec::new());
     for (i, &tid) in tids.iter().enumerate() {
         let slot = scratch + (SIG_AREA + 8 * i) as u64;
@@ -486,6 +539,14 @@ fn ask(
                     format!("getitimer({which})"),
                 ));
             }
+            for (k, t) in timers.iter().enumerate() {
+                let at = scratch + (posix_area(tids.len()) + ITIMERSPEC * k) as u64;
+                calls.push((
+                    libc::SYS_timer_gettime,
+                    [t.id as u64, at, 0, 0, 0, 0],
+                    format!("timer_gettime({})", t.id),
+                ));
+            }
             for sig in signals() {
                 let at = scratch + u64::from(sig - 1) * KSIGACTION as u64;
                 calls.push((
@@ -531,7 +592,7 @@ fn ask(
     Ok(Injected {
         securebits,
         dumpable,
-        ..decode_scratch(&buf, tids.len(), brk)
+        ..decode_scratch(&buf, tids.len(), brk, timers)
     })
 }
 
@@ -545,9 +606,15 @@ fn u64_at(buf: &[u8], off: usize) -> u64 {
 /// sigaction` of signal `s` at `(s - 1) * 32`, then one `clear_child_tid`
 /// per thread, then one `stack_t` per thread, then the `struct itimerval`
 /// of each interval timer, then each thread's parent-death signal (an
-/// `int` in 8 bytes). A short buffer reads as zeros rather than
+/// `int` in 8 bytes), then the `struct itimerspec` of each of `timers`,
+/// whose times it fills in. A short buffer reads as zeros rather than
 /// panicking.
-fn decode_scratch(buf: &[u8], threads: usize, brk: u64) -> Injected {
+fn decode_scratch(
+    buf: &[u8],
+    threads: usize,
+    brk: u64,
+    mut posix_timers: Vec<pb::PosixTimer>,
+) -> Injected {
     let sigactions = signals()
         .map(|sig| {
             let at = (sig as usize - 1) * KSIGACTION;
@@ -578,6 +645,11 @@ fn decode_scratch(buf: &[u8], threads: usize, brk: u64) -> Injected {
         // is taken. It is armed all the same.
         .filter(|t| t.value_us != 0 || t.interval_us != 0)
         .collect();
+    let ns = |at: usize| u64_at(buf, at) * 1_000_000_000 + u64_at(buf, at + 8);
+    for (k, t) in posix_timers.iter_mut().enumerate() {
+        let at = posix_area(threads) + ITIMERSPEC * k;
+        (t.interval_ns, t.value_ns) = (ns(at), ns(at + 16));
+    }
     let pdeathsigs = (0..threads)
         .map(|i| u64_at(buf, pdeath_area(threads) + 8 * i) as i32)
         .collect();
@@ -597,6 +669,7 @@ fn decode_scratch(buf: &[u8], threads: usize, brk: u64) -> Injected {
         altstacks,
         pdeathsigs,
         itimers,
+        posix_timers,
         sigactions,
         securebits: vec![0; threads],
         dumpable: 0,
@@ -639,10 +712,21 @@ fn capture_thread(
             flags: rseq.flags,
         }),
         pending_signals: status.sig_pnd,
+        queued_signals: queued(tracee, tid, false)?,
         creds: Some(creds.to_pb()),
         // ns_tid: filled by the dump (crate::pidns::record).
         ..Default::default()
     })
+}
+
+/// The `siginfo_t` of each signal queued for thread `tid`, or for its
+/// process (`shared`).
+fn queued(tracee: &Tracee, tid: i32, shared: bool) -> Result<Vec<Bytes>, StateError> {
+    Ok(tracee
+        .queued_signals(tid, shared)?
+        .into_iter()
+        .map(Bytes::from)
+        .collect())
 }
 
 /// The registers in `user_regs_struct` order, as the image stores them.
@@ -1063,13 +1147,13 @@ mod tests {
 
     #[test]
     fn scratch_decoding() {
-        let mut buf = vec![0u8; scratch_len(2) as usize];
+        let mut buf = vec![0u8; scratch_len(2, 2) as usize];
         let usr1 = (libc::SIGUSR1 as usize - 1) * KSIGACTION;
         for (k, v) in [0xabcu64, 0x0400_0004, 0xdef, 1 << 9].iter().enumerate() {
             buf[usr1 + 8 * k..usr1 + 8 * k + 8].copy_from_slice(&v.to_le_bytes());
         }
         buf[SIG_AREA + 8..SIG_AREA + 16].copy_from_slice(&0x7777u64.to_le_bytes());
-        let inj = decode_scratch(&buf, 2, 0x5000);
+        let inj = decode_scratch(&buf, 2, 0x5000, vec![]);
         assert_eq!(inj.sigactions.len(), 62);
         assert!(inj.sigactions.iter().all(|a| a.signo != 9 && a.signo != 19));
         let a = inj
@@ -1086,7 +1170,7 @@ mod tests {
         for (k, v) in [0x7f00_0000u64, 4, 0x8000].iter().enumerate() {
             buf[alt + 8 * k..alt + 8 * k + 8].copy_from_slice(&v.to_le_bytes());
         }
-        let inj = decode_scratch(&buf, 2, 0x5000);
+        let inj = decode_scratch(&buf, 2, 0x5000, vec![]);
         assert_eq!(inj.altstacks[0], pb::SigAltStack::default());
         assert_eq!(
             inj.altstacks[1],
@@ -1100,7 +1184,7 @@ mod tests {
         // ITIMER_REAL every 20 ms, its SIGALRM pending: 0 left, still armed.
         let real = itimer_area(2);
         buf[real + 8..real + 16].copy_from_slice(&20_000u64.to_le_bytes());
-        let inj = decode_scratch(&buf, 2, 0x5000);
+        let inj = decode_scratch(&buf, 2, 0x5000, vec![]);
         assert_eq!(
             inj.itimers,
             [pb::ITimer {
@@ -1115,7 +1199,7 @@ mod tests {
         for (k, v) in [0u64, 250_000, 1, 500_000].iter().enumerate() {
             buf[it + 8 * k..it + 8 * k + 8].copy_from_slice(&v.to_le_bytes());
         }
-        let inj = decode_scratch(&buf, 2, 0x5000);
+        let inj = decode_scratch(&buf, 2, 0x5000, vec![]);
         assert_eq!(
             inj.itimers,
             [pb::ITimer {
@@ -1127,10 +1211,37 @@ mod tests {
         assert!(pdeath_area(2) >= it + 2 * ITIMERVAL);
         let pd = pdeath_area(2) + 8;
         buf[pd..pd + 4].copy_from_slice(&10i32.to_le_bytes());
-        assert_eq!(decode_scratch(&buf, 2, 0).pdeathsigs, vec![0, 10]);
-        assert!(table_offset(2) as usize >= pd + 8);
+        assert_eq!(decode_scratch(&buf, 2, 0, vec![]).pdeathsigs, vec![0, 10]);
+        // Two POSIX timers: the second every 5 ms with 1.000000002 s left.
+        let pt = posix_area(2);
+        assert!(pt >= pd + 8);
+        for (k, v) in [0u64, 5_000_000, 1, 2].iter().enumerate() {
+            let at = pt + ITIMERSPEC + 8 * k;
+            buf[at..at + 8].copy_from_slice(&v.to_le_bytes());
+        }
+        let timers = vec![
+            pb::PosixTimer {
+                id: 3,
+                ..Default::default()
+            },
+            pb::PosixTimer {
+                id: 9,
+                ..Default::default()
+            },
+        ];
+        let inj = decode_scratch(&buf, 2, 0, timers);
+        assert_eq!(
+            inj.posix_timers
+                .iter()
+                .map(|t| (t.id, t.interval_ns, t.value_ns))
+                .collect::<Vec<_>>(),
+            [(3, 0, 0), (9, 5_000_000, 1_000_000_002)]
+        );
+        assert!(table_offset(2, 2) as usize >= pt + 2 * ITIMERSPEC);
         // A short read never panics.
-        assert_eq!(decode_scratch(&[], 3, 0).clear_child_tid, vec![0, 0, 0]);
+        let inj = decode_scratch(&[], 3, 0, vec![pb::PosixTimer::default()]);
+        assert_eq!(inj.clear_child_tid, vec![0, 0, 0]);
+        assert_eq!(inj.posix_timers[0].value_ns, 0);
     }
 
     #[test]

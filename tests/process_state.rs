@@ -5,8 +5,8 @@
 //! rely on) with a parent-death signal of their own, and whose umask is
 //! 027, reports the same stacks, signals and mask after the move; one with a periodic `ITIMER_REAL` keeps getting its SIGALRMs
 //! and its `ITIMER_VIRTUAL` keeps what it had left; one under seccomp is
-//! refused by name (the restore would lift its sandbox) and runs on, as
-//! is one holding a POSIX timer.
+//! refused by name (the restore would lift its sandbox) and runs on; one
+//! with POSIX timers finds them under the same ids, still ticking.
 //! Without them the restored threads would have no alternate stack, the
 //! page server's umask and no timers. Needs root.
 
@@ -193,19 +193,124 @@ while True:
     time.sleep(0.01)
 "#;
 
-/// A POSIX timer (`timer_create`), never armed, then counts to `argv[1]`.
-const POSIX_TIMER: &str = r#"
-import ctypes, sys, time
+/// Four POSIX timers made with the raw syscalls (the kernel's ids), after
+/// a first one is deleted so the ids start at 1, not at what a fresh
+/// process would be given: A sends SIGUSR1 every 20 ms to the process (a
+/// handler counts), B is never armed, C fires in an hour, D sends SIGUSR2
+/// every 20 ms to the worker thread alone, which takes it with
+/// `sigwaitinfo` and counts those that say they come from a timer
+/// (`SI_TIMER`) and any that do not. Logs `a d bad c_left b_ok ids` every
+/// 10 ms to `argv[1]`.
+const POSIX_TIMERS: &str = r#"
+import ctypes, signal, sys, threading, time
 libc = ctypes.CDLL(None, use_errno=True)
-timer = ctypes.c_void_p()
-assert libc.timer_create(1, None, ctypes.byref(timer)) == 0
+class sigevent(ctypes.Structure):
+    _fields_ = [('value', ctypes.c_void_p), ('signo', ctypes.c_int), ('notify', ctypes.c_int),
+                ('tid', ctypes.c_int), ('pad', ctypes.c_int * 11)]
+class itimerspec(ctypes.Structure):
+    _fields_ = [('interval', ctypes.c_long * 2), ('value', ctypes.c_long * 2)]
+def create(clock, ev):
+    tid = ctypes.c_int(-1)
+    assert libc.syscall(222, clock, ctypes.byref(ev) if ev else None, ctypes.byref(tid)) == 0
+    return tid.value
+def arm(t, every, first):
+    spec = itimerspec((0, every), (int(first), int(first * 1e9) % 1000000000))
+    assert libc.syscall(223, t, 0, ctypes.byref(spec), None) == 0
+def left(t):
+    spec = itimerspec()
+    if libc.syscall(224, t, ctypes.byref(spec)) != 0:
+        return -1.0
+    return spec.value[0] + spec.value[1] / 1e9
+counts = {'a': 0, 'd': 0, 'bad': 0}
+def on_usr1(s, f):
+    counts['a'] += 1
+signal.signal(signal.SIGUSR1, on_usr1)
+signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR2])
+ready = threading.Event()
+worker_tid = []
+def worker():
+    worker_tid.append(threading.get_native_id())
+    ready.set()
+    while True:
+        info = signal.sigwaitinfo([signal.SIGUSR2])
+        if info.si_code == -2:
+            counts['d'] += 1
+        else:
+            counts['bad'] += 1
+threading.Thread(target=worker, daemon=True).start()
+ready.wait()
+gone = create(1, None)
+a = create(1, sigevent(0x1234, signal.SIGUSR1, 0, 0))
+b = create(0, None)
+c = create(7, sigevent(0, signal.SIGUSR1, 1, 0))
+d = create(1, sigevent(0x5678, signal.SIGUSR2, 4, worker_tid[0]))
+assert libc.syscall(226, gone) == 0
+arm(a, 20000000, 0.02)
+arm(c, 0, 3600)
+arm(d, 20000000, 0.02)
 log = open(sys.argv[1], 'a', buffering=1)
-n = 0
 while True:
-    n += 1
-    log.write('%d\n' % n)
+    log.write('%d %d %d %.3f %d %d,%d,%d,%d\n' % (counts['a'], counts['d'], counts['bad'],
+              left(c), left(b) == 0.0, a, b, c, d))
     time.sleep(0.01)
 "#;
+
+/// The fields of the last line of the POSIX timers' log.
+fn posix_log(log: &std::path::Path) -> Option<Vec<String>> {
+    let text = std::fs::read_to_string(log).ok()?;
+    let last = text.lines().rev().find(|l| l.split(' ').count() == 6)?;
+    Some(last.split(' ').map(str::to_owned).collect())
+}
+
+/// The `ID:`, `signal:` and `ClockID:` lines of `/proc/PID/timers`, and
+/// its `notify:` lines without the pid or tid they name.
+fn timers_of(pid: i32) -> Vec<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/timers"))
+        .unwrap()
+        .lines()
+        .map(|l| l.split('.').next().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn posix_timers_keep_their_ids_signals_and_times_across_a_migration() {
+    need_root!();
+    let (_dir, log, src) = logging(POSIX_TIMERS, "posix");
+    let count = |k: usize| posix_log(&log).map_or(0, |f| f[k].parse::<u64>().unwrap());
+    common::wait_until("both timers to tick", Duration::from_secs(10), || {
+        count(0) > 5 && count(1) > 5
+    });
+    let before = posix_log(&log).unwrap();
+    assert_eq!(before[5], "1,2,3,4", "ids after the first was deleted");
+    let listed = timers_of(src.0);
+    assert_eq!(listed.iter().filter(|l| l.starts_with("ID:")).count(), 4);
+
+    let moved = common::migrate_here(src.0).await;
+    assert_eq!(
+        timers_of(moved.report.restored_pid),
+        listed,
+        "the restored process's /proc/PID/timers: ids, signals and values, notify kinds, clocks"
+    );
+    let (a0, d0) = (count(0), count(1));
+    common::wait_until(
+        "the restored timers to tick",
+        Duration::from_secs(10),
+        || count(0) > a0 + 20 && count(1) > d0 + 20,
+    );
+    let after = posix_log(&log).unwrap();
+    assert_eq!(
+        after[2], "0",
+        "every SIGUSR2 the worker took came from its timer"
+    );
+    let c_left: f64 = after[3].parse().unwrap();
+    assert!(
+        3500.0 < c_left && c_left < 3600.0,
+        "the one-hour timer kept what it had left: {c_left} s"
+    );
+    assert_eq!(after[4], "1", "the unarmed timer is there, unarmed");
+    assert_eq!(after[5], "1,2,3,4");
+    moved.server.stop().await;
+}
 
 /// Migrating the python `script` (counting to its `argv[1]`) is refused
 /// with an error that says `why`, and the source counts on, not stopped.
@@ -240,10 +345,4 @@ async fn refused_and_runs_on(script: &str, why: &str) {
 async fn a_process_under_seccomp_is_refused_by_name_and_runs_on() {
     need_root!();
     refused_and_runs_on(SANDBOXED, "1 seccomp filter(s)").await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_process_with_a_posix_timer_is_refused_by_name_and_runs_on() {
-    need_root!();
-    refused_and_runs_on(POSIX_TIMER, "1 POSIX timer(s)").await;
 }

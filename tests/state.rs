@@ -363,6 +363,17 @@ fn captures_files_signal_actions_and_pending_signals_of_python() {
     let p = &tree.processes[0];
     assert_unchanged(&before, &snapshot(pid));
     assert_ne!(p.pending_signals & bit, 0, "SIGUSR1 still pending");
+    // Queued for the process, with the siginfo kill(2) gave it: SIGUSR1,
+    // SI_USER, from this test.
+    let int = |b: &[u8], at: usize| i32::from_ne_bytes(b[at..at + 4].try_into().unwrap());
+    let q = &p.shared_queued_signals;
+    assert_eq!(q.len(), 1, "one signal queued for the process");
+    assert_eq!(q[0].len(), 128);
+    assert_eq!(
+        (int(&q[0], 0), int(&q[0], 8), int(&q[0], 16)),
+        (libc::SIGUSR1, libc::SI_USER, std::process::id() as i32)
+    );
+    assert!(p.threads.iter().all(|t| t.queued_signals.is_empty()));
 
     let reg = fd(p, f);
     assert_eq!(reg.kind, pb::FdKind::Regular as i32, "{reg:?}");

@@ -86,6 +86,12 @@ const ERESTART_RESTARTBLOCK: i64 = 516;
 /// Requests the libc crate does not name (values from the 6.18 uapi
 /// `linux/ptrace.h`).
 const PTRACE_GETSIGMASK: libc::c_uint = 0x420a;
+const PTRACE_PEEKSIGINFO: libc::c_uint = 0x4209;
+/// Of `ptrace_peeksiginfo_args.flags`: the process's shared queue, not the
+/// thread's own.
+const PTRACE_PEEKSIGINFO_SHARED: u32 = 1;
+/// `sizeof(siginfo_t)`.
+pub const SIGINFO_LEN: usize = 128;
 const PTRACE_SETSIGMASK: libc::c_uint = 0x420b;
 const PTRACE_GET_RSEQ_CONFIGURATION: libc::c_uint = 0x420f;
 /// `elf.h`: the regset holding the whole XSAVE area.
@@ -222,6 +228,11 @@ enum Cmd {
     Sigmask {
         tid: i32,
         reply: Reply<u64>,
+    },
+    Queued {
+        tid: i32,
+        shared: bool,
+        reply: Reply<Vec<Vec<u8>>>,
     },
     Rseq {
         tid: i32,
@@ -414,6 +425,16 @@ impl Tracee {
     /// which is the one a rewound thread must get back.
     pub fn sigmask(&self, tid: i32) -> Result<u64, PtraceError> {
         self.call(|reply| Cmd::Sigmask { tid, reply })
+            .unwrap_or(Err(PtraceError::TracerGone))
+    }
+
+    /// The signals queued for stopped thread `tid` (or, `shared`, for its
+    /// whole process), each as the `siginfo_t` it will be delivered with,
+    /// in the order of delivery within each signal (`PTRACE_PEEKSIGINFO`).
+    /// A signal pending without an entry (the kernel could not allocate
+    /// one) is in the pending mask only.
+    pub fn queued_signals(&self, tid: i32, shared: bool) -> Result<Vec<Vec<u8>>, PtraceError> {
+        self.call(|reply| Cmd::Queued { tid, shared, reply })
             .unwrap_or(Err(PtraceError::TracerGone))
     }
 
@@ -717,6 +738,16 @@ impl Worker {
                     let r = self.require_stopped(tid).and_then(|()| {
                         get_sigmask(tid).map_err(|errno| PtraceError::Os {
                             op: "PTRACE_GETSIGMASK",
+                            tid,
+                            errno,
+                        })
+                    });
+                    let _ = reply.send(r);
+                }
+                Cmd::Queued { tid, shared, reply } => {
+                    let r = self.require_stopped(tid).and_then(|()| {
+                        peek_siginfo(tid, shared).map_err(|errno| PtraceError::Os {
+                            op: "PTRACE_PEEKSIGINFO",
                             tid,
                             errno,
                         })
@@ -1774,6 +1805,46 @@ fn get_sigmask(tid: i32) -> Result<u64, Errno> {
         )
     })?;
     Ok(mask)
+}
+
+/// `struct ptrace_peeksiginfo_args`.
+#[repr(C)]
+struct PeekSiginfoArgs {
+    off: u64,
+    flags: u32,
+    nr: i32,
+}
+
+fn peek_siginfo(tid: i32, shared: bool) -> Result<Vec<Vec<u8>>, Errno> {
+    const BATCH: usize = 32;
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; SIGINFO_LEN * BATCH];
+    loop {
+        let args = PeekSiginfoArgs {
+            off: out.len() as u64,
+            flags: if shared { PTRACE_PEEKSIGINFO_SHARED } else { 0 },
+            nr: BATCH as i32,
+        };
+        // SAFETY: `addr` points to the arguments, which the kernel only
+        // reads; `data` to room for `nr` siginfo_t of ours, of which it
+        // writes as many as it returns.
+        let n = check(unsafe {
+            libc::ptrace(
+                PTRACE_PEEKSIGINFO,
+                tid,
+                &args as *const PeekSiginfoArgs,
+                buf.as_mut_ptr(),
+            )
+        })? as usize;
+        out.extend(
+            buf.chunks(SIGINFO_LEN)
+                .take(n.min(BATCH))
+                .map(<[u8]>::to_vec),
+        );
+        if n < BATCH {
+            return Ok(out);
+        }
+    }
 }
 
 fn set_sigmask(tid: i32, mask: u64) -> Result<(), Errno> {
