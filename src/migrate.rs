@@ -458,9 +458,8 @@ fn precheck(pid: i32) -> Result<(), MigrateError> {
     if let Ok(tree) = crate::tree::discover(pid) {
         crate::tree::zombies(&tree).map_err(|e| unsupported(e.to_string()))?;
         // What the restore cannot carry over yet and must not drop
-        // silently: POSIX timers on another process's CPU clock, and a
-        // seccomp sandbox (restoring without it would give the process
-        // what its filters deny it; threads may differ).
+        // silently: POSIX timers on another process's CPU clock, and
+        // seccomp's strict mode (threads may differ).
         for s in tree.iter().filter(|s| s.state != 'Z') {
             let tids = crate::procfs::list_tasks(s.pid).unwrap_or_default();
             if let Err(e) = crate::state::posix_timers(s.pid, &tids) {

@@ -416,17 +416,11 @@ pub struct Status {
 
 impl Status {
     /// Why a process or thread with this status cannot be restored as it
-    /// is, if it runs under seccomp: the restore would lift its sandbox,
-    /// since no filter is carried over yet.
+    /// is, if it runs under seccomp in strict mode (which allows no call
+    /// ferry's restore could be finished by). Filters are carried over.
     pub fn seccomp_refusal(&self) -> Option<String> {
-        match self.seccomp {
-            0 => None,
-            1 => Some("runs in seccomp strict mode".into()),
-            _ => Some(format!(
-                "runs under {} seccomp filter(s), which a restore would lift",
-                self.seccomp_filters.max(1)
-            )),
-        }
+        (self.seccomp == 1)
+            .then(|| "runs in seccomp strict mode, which a restore cannot enter for it".to_string())
     }
 }
 
@@ -1242,10 +1236,10 @@ mod tests {
             .replace("Seccomp_filters:\t0", "Seccomp_filters:\t3");
         let st = parse_status(&filtered).unwrap();
         assert_eq!((st.seccomp, st.seccomp_filters), (2, 3));
-        assert!(st
-            .seccomp_refusal()
-            .unwrap()
-            .contains("3 seccomp filter(s)"));
+        assert_eq!(st.seccomp_refusal(), None, "filters are carried");
+        let strict = STATUS_THREADS.replace("Seccomp:\t0", "Seccomp:\t1");
+        let st = parse_status(&strict).unwrap();
+        assert!(st.seccomp_refusal().unwrap().contains("strict mode"));
     }
 
     #[test]

@@ -91,6 +91,9 @@
 //! **Clocks.** The stub enters a time namespace in which its monotonic and
 //! boot clocks go on from the image's readings (see [`crate::clocks`]).
 //!
+//! **Seccomp.** Each thread's filters are installed from the thread before
+//! its credentials; ferry's calls after that run with seccomp suspended.
+//!
 //! **Timers.** Interval timers and POSIX timers (the latter under the ids
 //! the process was given, `PR_TIMER_CREATE_RESTORE_IDS`) are armed last,
 //! with the time each had left.
@@ -136,7 +139,8 @@ const SS_AUTODISARM: i32 = 1 << 31;
 const ROBUST_LIST_HEAD_SIZE: u64 = 24;
 /// Pages of the gadget: one of code, the rest a scratch data area.
 const GADGET_CODE_PAGES: u64 = 1;
-const GADGET_DATA_PAGES: u64 = 4;
+/// Room for the largest seccomp filter (4096 instructions, 32 KiB).
+const GADGET_DATA_PAGES: u64 = 9;
 /// Distance kept from every other mapping, beyond the stack guard gap.
 const GADGET_MARGIN: u64 = 2 << 20;
 /// `syscall; int3`.
@@ -1625,6 +1629,9 @@ impl Restorer {
         } else {
             Some(self.lazy(lazy)?)
         };
+        // While every thread is still privileged (installing a filter
+        // takes CAP_SYS_ADMIN or no_new_privs).
+        self.seccomp(p, &tids)?;
         // The last privileged step: after it the process may be another
         // user's, which ferry can no longer write into.
         self.creds(p, &tids)?;
@@ -3487,6 +3494,25 @@ impl Restorer {
                     })?;
                 self.own_view(tids[i], &p.threads[i])
             };
+            // A CPU time clock names the process or a thread by its id,
+            // which is a new one here.
+            let clock = match crate::state::cpu_clock_owner(t.clock_id) {
+                None => t.clock_id,
+                Some((_, false)) => crate::state::cpu_clock_of(self.stub.vpid(), t.clock_id),
+                Some((id, true)) => {
+                    let i = p
+                        .threads
+                        .iter()
+                        .position(|th| th.tid == id)
+                        .ok_or_else(|| {
+                            RestoreError::Missing(format!(
+                                "thread {id} whose CPU time POSIX timer {} counts",
+                                t.id
+                            ))
+                        })?;
+                    crate::state::cpu_clock_of(self.own_view(tids[i], &p.threads[i]), t.clock_id)
+                }
+            };
             let mut ev = [0u8; SIGEVENT + 8];
             ev[..8].copy_from_slice(&t.value.to_ne_bytes());
             ev[8..12].copy_from_slice(&t.signo.to_ne_bytes());
@@ -3501,7 +3527,7 @@ impl Restorer {
                     t.clock_id, t.signo, t.notify, t.id
                 ),
                 libc::SYS_timer_create,
-                [t.clock_id as u64, at, at + SIGEVENT as u64, 0, 0, 0],
+                [clock as i64 as u64, at, at + SIGEVENT as u64, 0, 0, 0],
             )?;
         }
         on(self, 0)?;
@@ -3532,6 +3558,57 @@ impl Restorer {
                 libc::SYS_timer_settime,
                 [t.id as u64, 0, at, 0, 0, 0],
             )?;
+        }
+        Ok(())
+    }
+
+    /// Each thread's seccomp filters, oldest first, installed from the
+    /// thread itself. Seccomp is suspended for the stub's threads first:
+    /// ferry's calls still to come (credentials, the end of the restore)
+    /// would otherwise be judged by the process's filters. The process
+    /// runs under them from the moment ferry lets it go.
+    fn seccomp(&mut self, p: &pb::Process, tids: &[i32]) -> Result<()> {
+        const SECCOMP_SET_MODE_FILTER: u64 = 1;
+        /// `sizeof(struct sock_fprog)`: a u16 length, padding, a pointer.
+        const SOCK_FPROG: usize = 16;
+        if p.threads.iter().all(|t| t.seccomp_filters.is_empty()) {
+            return Ok(());
+        }
+        self.stub.suspend_seccomp(&tids[1..])?;
+        let room = (GADGET_DATA_PAGES * page_size()) as usize - SOCK_FPROG;
+        for (t, &tid) in p.threads.iter().zip(tids) {
+            for (k, f) in t.seccomp_filters.iter().enumerate() {
+                let insns = f.program.len() / crate::sys::ptrace::BPF_INSN_LEN;
+                if f.program.len() % crate::sys::ptrace::BPF_INSN_LEN != 0
+                    || insns == 0
+                    || f.program.len() > room
+                {
+                    return Err(unsupported(format!(
+                        "seccomp filter {k} of thread {}: {} bytes",
+                        t.tid,
+                        f.program.len()
+                    )));
+                }
+                let mut b = Vec::with_capacity(SOCK_FPROG + f.program.len());
+                b.extend_from_slice(&(insns as u64).to_ne_bytes());
+                b.extend_from_slice(&(self.data + SOCK_FPROG as u64).to_ne_bytes());
+                b.extend_from_slice(&f.program);
+                let at = self.put(0, &b, "a seccomp filter")?;
+                let ret = self.stub.syscall_in(
+                    tid,
+                    libc::SYS_seccomp,
+                    [SECCOMP_SET_MODE_FILTER, f.flags, at, 0, 0, 0],
+                )?;
+                if (-4095..0).contains(&ret) {
+                    return Err(RestoreError::Syscall {
+                        step: format!(
+                            "seccomp(SECCOMP_SET_MODE_FILTER) of filter {k} ({insns} instructions) in thread {}",
+                            t.tid
+                        ),
+                        errno: Errno::from_raw(-ret as i32),
+                    });
+                }
+            }
         }
         Ok(())
     }

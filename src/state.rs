@@ -126,10 +126,10 @@ pub enum StateError {
         #[source]
         source: io::Error,
     },
-    /// A POSIX timer counts another process's or thread's CPU time
-    /// (`clock_getcpuclockid`), whose id would not hold on the destination.
+    /// A POSIX timer counts another process's CPU time
+    /// (`clock_getcpuclockid`), which does not move with this one.
     #[error(
-        "process {pid}: POSIX timer {id} counts the CPU time of another process or thread \
+        "process {pid}: POSIX timer {id} counts the CPU time of another process \
          (clock {clock}), which is not carried over: not supported yet"
     )]
     PosixTimerClock { pid: i32, id: i32, clock: i32 },
@@ -142,6 +142,16 @@ pub enum StateError {
     /// (see [`procfs::Status::seccomp_refusal`]).
     #[error("thread {tid} of process {pid} {why}: not supported yet")]
     Seccomp { pid: i32, tid: i32, why: String },
+    /// The thread's seccomp filters could not be read (reading them
+    /// takes `CAP_SYS_ADMIN`).
+    #[error("reading the {count} seccomp filter(s) of thread {tid} of process {pid} (needs CAP_SYS_ADMIN): {source}")]
+    SeccompFilters {
+        pid: i32,
+        tid: i32,
+        count: u32,
+        #[source]
+        source: PtraceError,
+    },
     /// Pipe bytes and file contents together exceed [`MAX_FD_DATA`].
     #[error(
         "fd {fd}: {bytes} bytes of pipe or file contents, more than the {MAX_FD_DATA} an image holds in all"
@@ -396,6 +406,21 @@ fn scratch_len(threads: usize, timers: usize) -> u64 {
     bytes.div_ceil(page) * page
 }
 
+/// Whose CPU time clock `clock` counts, if it is one of the ids
+/// `clock_getcpuclockid` and `pthread_getcpuclockid` make (`~id << 3 |
+/// kind`, negative): the pid or tid, and whether it is a thread's.
+pub fn cpu_clock_owner(clock: i32) -> Option<(i32, bool)> {
+    /// `CPUCLOCK_PERTHREAD_MASK`.
+    const PERTHREAD: i32 = 4;
+    (clock < 0).then_some((!(clock >> 3), clock & PERTHREAD != 0))
+}
+
+/// The CPU time clock of kind `clock` (see [`cpu_clock_owner`]) for
+/// process or thread `id`.
+pub fn cpu_clock_of(id: i32, clock: i32) -> i32 {
+    (!id).wrapping_shl(3) | (clock & 7)
+}
+
 /// The POSIX timers of frozen process `pid` as `/proc/PID/timers` lists
 /// them, checked to be ones the restore can make; their times are asked
 /// in the injections. Also [`crate::migrate`]'s look before anything is
@@ -408,8 +433,15 @@ pub(crate) fn posix_timers(pid: i32, tids: &[i32]) -> Result<Vec<pb::PosixTimer>
     }
     let timers = procfs::read_posix_timers(pid)?;
     for t in &timers {
-        // clock_getcpuclockid's ids are negative: `~pid << 3 | kind`.
-        if t.clock_id < 0 {
+        // The CPU time of the process itself or of one of its threads
+        // follows them to their new ids; another process's cannot.
+        if cpu_clock_owner(t.clock_id).is_some_and(|(id, thread)| {
+            if thread {
+                !tids.contains(&id)
+            } else {
+                id != pid
+            }
+        }) {
             return Err(StateError::PosixTimerClock {
                 pid,
                 id: t.id,
@@ -690,12 +722,31 @@ fn capture_thread(
     let rseq = tracee.rseq_config(tid)?;
     let (robust_list, robust_list_len) = ptrace::robust_list(tid)?;
     let status = procfs::read_task_status(pid, tid)?;
-    // Authoritative, at the freeze: a filter installed during the rounds
+    // Authoritative, at the freeze: strict mode entered during the rounds
     // fails the migration here and the source runs on.
     if let Some(why) = status.seccomp_refusal() {
         return Err(StateError::Seccomp { pid, tid, why });
     }
+    let seccomp_filters = if status.seccomp == 0 {
+        Vec::new()
+    } else {
+        tracee
+            .seccomp_filters(tid, status.seccomp_filters)
+            .map_err(|source| StateError::SeccompFilters {
+                pid,
+                tid,
+                count: status.seccomp_filters,
+                source,
+            })?
+            .into_iter()
+            .map(|f| pb::SeccompFilter {
+                program: Bytes::from(f.program),
+                flags: f.flags,
+            })
+            .collect()
+    };
     Ok(pb::Thread {
+        seccomp_filters,
         tid,
         gpregs: Bytes::from(regs_to_bytes(&regs)),
         xstate: Bytes::from(tracee.xstate(tid)?),
@@ -1242,6 +1293,18 @@ mod tests {
         let inj = decode_scratch(&[], 3, 0, vec![pb::PosixTimer::default()]);
         assert_eq!(inj.clear_child_tid, vec![0, 0, 0]);
         assert_eq!(inj.posix_timers[0].value_ns, 0);
+    }
+
+    #[test]
+    fn cpu_clocks_name_their_process_or_thread() {
+        // As python's time.pthread_getcpuclockid and glibc's
+        // clock_getcpuclockid made them for tid 24250 and pid 24248.
+        assert_eq!(cpu_clock_owner(-194002), Some((24250, true)));
+        assert_eq!(cpu_clock_owner(-193982), Some((24247, false)));
+        assert_eq!(cpu_clock_owner(libc::CLOCK_MONOTONIC), None);
+        assert_eq!(cpu_clock_of(24250, -194002), -194002);
+        assert_eq!(cpu_clock_owner(cpu_clock_of(7, -194002)), Some((7, true)));
+        assert_eq!(cpu_clock_owner(cpu_clock_of(9, -193982)), Some((9, false)));
     }
 
     #[test]

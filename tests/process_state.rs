@@ -4,11 +4,13 @@
 //! (`sigaltstack`, which Go's runtime and Rust's stack-overflow handler
 //! rely on) with a parent-death signal of their own, and whose umask is
 //! 027, reports the same stacks, signals and mask after the move; one with a periodic `ITIMER_REAL` keeps getting its SIGALRMs
-//! and its `ITIMER_VIRTUAL` keeps what it had left; one under seccomp is
-//! refused by name (the restore would lift its sandbox) and runs on; one
-//! with POSIX timers finds them under the same ids, still ticking.
+//! and its `ITIMER_VIRTUAL` keeps what it had left; one in a seccomp
+//! sandbox that denies calls ferry injects keeps its two filters, in
+//! order; one with POSIX timers finds them under the same ids, still
+//! ticking, each queued timer signal with its siginfo; one with a timer
+//! on another process's CPU time is refused by name and runs on.
 //! Without them the restored threads would have no alternate stack, the
-//! page server's umask and no timers. Needs root.
+//! page server's umask, no timers and no sandbox. Needs root.
 
 use std::process::Command;
 use std::time::Duration;
@@ -172,26 +174,96 @@ async fn interval_timers_go_on_after_a_migration() {
     moved.server.stop().await;
 }
 
-/// Installs a seccomp filter that allows everything (a sandbox all the
-/// same: the restore cannot put it back), then counts to `argv[1]`.
+/// Two seccomp filters, like a sandboxed service's: the first denies
+/// `uname`, `userfaultfd` and `prctl` with EPERM (Docker's default profile
+/// denies `userfaultfd`, which ferry's dirty tracking injects; ferry's
+/// state capture and restore inject `prctl`), the second `uname` with
+/// EACCES, which wins as the newer. Then logs `n uname_errno uffd_errno`
+/// every 10 ms to `argv[1]`.
 const SANDBOXED: &str = r#"
-import ctypes, sys, time
+import ctypes, os, sys, time
 libc = ctypes.CDLL(None, use_errno=True)
 class sock_filter(ctypes.Structure):
     _fields_ = [('code', ctypes.c_ushort), ('jt', ctypes.c_ubyte), ('jf', ctypes.c_ubyte), ('k', ctypes.c_uint)]
 class sock_fprog(ctypes.Structure):
     _fields_ = [('len', ctypes.c_ushort), ('filter', ctypes.POINTER(sock_filter))]
-allow = (sock_filter * 1)(sock_filter(0x06, 0, 0, 0x7fff0000))
-prog = sock_fprog(1, allow)
+def deny(nrs, errno):
+    insns = [sock_filter(0x20, 0, 0, 0)]
+    for nr in nrs:
+        insns += [sock_filter(0x15, 0, 1, nr), sock_filter(0x06, 0, 0, 0x00050000 | errno)]
+    insns.append(sock_filter(0x06, 0, 0, 0x7fff0000))
+    arr = (sock_filter * len(insns))(*insns)
+    prog = sock_fprog(len(insns), arr)
+    assert libc.syscall(317, 1, 0, ctypes.byref(prog)) == 0
 assert libc.prctl(38, 1, 0, 0, 0) == 0
-assert libc.prctl(22, 2, ctypes.byref(prog), 0, 0) == 0
+deny([63, 323, 157], 1)
+deny([63], 13)
+def errno_of(f):
+    try:
+        f()
+        return 0
+    except OSError as e:
+        return e.errno
+def uffd():
+    if libc.syscall(323, 0) < 0:
+        raise OSError(ctypes.get_errno(), 'userfaultfd')
 log = open(sys.argv[1], 'a', buffering=1)
 n = 0
 while True:
     n += 1
-    log.write('%d\n' % n)
+    log.write('%d %d %d\n' % (n, errno_of(os.uname), errno_of(uffd)))
     time.sleep(0.01)
 "#;
+
+/// `Seccomp:` and `Seccomp_filters:` of `/proc/PID/status`.
+fn seccomp_of(pid: i32) -> Vec<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .filter(|l| l.starts_with("Seccomp"))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sandboxed_process_keeps_its_seccomp_filters_across_a_migration() {
+    need_root!();
+    let (_dir, log, src) = logging(SANDBOXED, "sandboxed");
+    let last = || {
+        std::fs::read_to_string(&log)
+            .ok()
+            .and_then(|t| t.lines().last().map(str::to_owned))
+            .unwrap_or_default()
+    };
+    let n = |l: &str| {
+        l.split(' ')
+            .next()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    common::wait_until("it to log", Duration::from_secs(10), || n(&last()) > 3);
+    let before = last();
+    assert!(before.ends_with(" 13 1"), "sandboxed before: {before}");
+    let status = seccomp_of(src.0);
+    assert_eq!(status, ["Seccomp:\t2", "Seccomp_filters:\t2"]);
+
+    // ferry's injections (userfaultfd, prctl, …) run with the filters
+    // suspended, on both hosts.
+    let moved = common::migrate_here(src.0).await;
+    assert_eq!(seccomp_of(moved.report.restored_pid), status);
+    let at = n(&last());
+    common::wait_until(
+        "the restored process to log",
+        Duration::from_secs(10),
+        || n(&last()) > at + 10,
+    );
+    let after = last();
+    assert!(
+        after.ends_with(" 13 1"),
+        "the same sandbox, the newer filter still first: {after}"
+    );
+    moved.server.stop().await;
+}
 
 /// Four POSIX timers made with the raw syscalls (the kernel's ids), after
 /// a first one is deleted so the ids start at 1, not at what a fresh
@@ -199,8 +271,9 @@ while True:
 /// handler counts), B is never armed, C fires in an hour, D sends SIGUSR2
 /// every 20 ms to the worker thread alone, which takes it with
 /// `sigwaitinfo` and counts those that say they come from a timer
-/// (`SI_TIMER`) and any that do not. Logs `a d bad c_left b_ok ids` every
-/// 10 ms to `argv[1]`.
+/// (`SI_TIMER`) and any that do not; E counts the main thread's CPU time
+/// (its clock names the thread's tid), an hour of it. Logs `a d bad
+/// c_left b_ok ids e_left` every 10 ms to `argv[1]`.
 const POSIX_TIMERS: &str = r#"
 import ctypes, signal, sys, threading, time
 libc = ctypes.CDLL(None, use_errno=True)
@@ -244,31 +317,37 @@ a = create(1, sigevent(0x1234, signal.SIGUSR1, 0, 0))
 b = create(0, None)
 c = create(7, sigevent(0, signal.SIGUSR1, 1, 0))
 d = create(1, sigevent(0x5678, signal.SIGUSR2, 4, worker_tid[0]))
+e = create(time.pthread_getcpuclockid(threading.main_thread().ident), sigevent(0, 0, 1, 0))
 assert libc.syscall(226, gone) == 0
 arm(a, 20000000, 0.02)
 arm(c, 0, 3600)
 arm(d, 20000000, 0.02)
+arm(e, 0, 3600)
 log = open(sys.argv[1], 'a', buffering=1)
 while True:
-    log.write('%d %d %d %.3f %d %d,%d,%d,%d\n' % (counts['a'], counts['d'], counts['bad'],
-              left(c), left(b) == 0.0, a, b, c, d))
+    log.write('%d %d %d %.3f %d %d,%d,%d,%d %.3f\n' % (counts['a'], counts['d'], counts['bad'],
+              left(c), left(b) == 0.0, a, b, c, d, left(e)))
     time.sleep(0.01)
 "#;
 
 /// The fields of the last line of the POSIX timers' log.
 fn posix_log(log: &std::path::Path) -> Option<Vec<String>> {
     let text = std::fs::read_to_string(log).ok()?;
-    let last = text.lines().rev().find(|l| l.split(' ').count() == 6)?;
+    let last = text.lines().rev().find(|l| l.split(' ').count() == 7)?;
     Some(last.split(' ').map(str::to_owned).collect())
 }
 
-/// The `ID:`, `signal:` and `ClockID:` lines of `/proc/PID/timers`, and
-/// its `notify:` lines without the pid or tid they name.
+/// The `ID:`, `signal:` and `ClockID:` lines of `/proc/PID/timers`, its
+/// `notify:` lines without the pid or tid they name, and a thread's CPU
+/// clock (which names its tid) as `cpu`.
 fn timers_of(pid: i32) -> Vec<String> {
     std::fs::read_to_string(format!("/proc/{pid}/timers"))
         .unwrap()
         .lines()
-        .map(|l| l.split('.').next().unwrap().to_owned())
+        .map(|l| match l.strip_prefix("ClockID: -") {
+            Some(_) => "ClockID: cpu".to_owned(),
+            None => l.split('.').next().unwrap().to_owned(),
+        })
         .collect()
 }
 
@@ -283,7 +362,7 @@ async fn posix_timers_keep_their_ids_signals_and_times_across_a_migration() {
     let before = posix_log(&log).unwrap();
     assert_eq!(before[5], "1,2,3,4", "ids after the first was deleted");
     let listed = timers_of(src.0);
-    assert_eq!(listed.iter().filter(|l| l.starts_with("ID:")).count(), 4);
+    assert_eq!(listed.iter().filter(|l| l.starts_with("ID:")).count(), 5);
 
     let moved = common::migrate_here(src.0).await;
     assert_eq!(
@@ -309,7 +388,33 @@ async fn posix_timers_keep_their_ids_signals_and_times_across_a_migration() {
     );
     assert_eq!(after[4], "1", "the unarmed timer is there, unarmed");
     assert_eq!(after[5], "1,2,3,4");
+    let e_left: f64 = after[6].parse().unwrap();
+    assert!(
+        3500.0 < e_left && e_left < 3600.0,
+        "the timer on the main thread's CPU time runs on its new tid: {e_left} s"
+    );
     moved.server.stop().await;
+}
+
+/// A POSIX timer on its parent's CPU time, then counts to `argv[1]`.
+const OTHERS_CPU_CLOCK: &str = r#"
+import ctypes, os, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+clock, timer = ctypes.c_int(), ctypes.c_int()
+assert libc.clock_getcpuclockid(os.getppid(), ctypes.byref(clock)) == 0
+assert libc.syscall(222, clock.value, None, ctypes.byref(timer)) == 0
+log = open(sys.argv[1], 'a', buffering=1)
+n = 0
+while True:
+    n += 1
+    log.write('%d\n' % n)
+    time.sleep(0.01)
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timer_on_another_processs_cpu_time_is_refused_by_name_and_runs_on() {
+    need_root!();
+    refused_and_runs_on(OTHERS_CPU_CLOCK, "counts the CPU time of another process").await;
 }
 
 /// Migrating the python `script` (counting to its `argv[1]`) is refused
@@ -339,10 +444,4 @@ async fn refused_and_runs_on(script: &str, why: &str) {
     });
     assert_ne!(common::proc_state(src.0), 'T', "left stopped");
     server.stop().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_process_under_seccomp_is_refused_by_name_and_runs_on() {
-    need_root!();
-    refused_and_runs_on(SANDBOXED, "1 seccomp filter(s)").await;
 }

@@ -92,6 +92,10 @@ const PTRACE_PEEKSIGINFO: libc::c_uint = 0x4209;
 const PTRACE_PEEKSIGINFO_SHARED: u32 = 1;
 /// `sizeof(siginfo_t)`.
 pub const SIGINFO_LEN: usize = 128;
+const PTRACE_SECCOMP_GET_FILTER: libc::c_uint = 0x420c;
+const PTRACE_GET_SECCOMP_METADATA: libc::c_uint = 0x420d;
+/// `sizeof(struct sock_filter)`: one classic BPF instruction.
+pub const BPF_INSN_LEN: usize = 8;
 const PTRACE_SETSIGMASK: libc::c_uint = 0x420b;
 const PTRACE_GET_RSEQ_CONFIGURATION: libc::c_uint = 0x420f;
 /// `elf.h`: the regset holding the whole XSAVE area.
@@ -233,6 +237,11 @@ enum Cmd {
         tid: i32,
         shared: bool,
         reply: Reply<Vec<Vec<u8>>>,
+    },
+    Seccomp {
+        tid: i32,
+        count: u32,
+        reply: Reply<Vec<SeccompFilter>>,
     },
     Rseq {
         tid: i32,
@@ -435,6 +444,15 @@ impl Tracee {
     /// one) is in the pending mask only.
     pub fn queued_signals(&self, tid: i32, shared: bool) -> Result<Vec<Vec<u8>>, PtraceError> {
         self.call(|reply| Cmd::Queued { tid, shared, reply })
+            .unwrap_or(Err(PtraceError::TracerGone))
+    }
+
+    /// The `count` seccomp filters of stopped thread `tid`, oldest first
+    /// (the order to install them in), each with the flags the kernel
+    /// kept of it (`PTRACE_SECCOMP_GET_FILTER`, `PTRACE_GET_SECCOMP_METADATA`;
+    /// `CAP_SYS_ADMIN`).
+    pub fn seccomp_filters(&self, tid: i32, count: u32) -> Result<Vec<SeccompFilter>, PtraceError> {
+        self.call(|reply| Cmd::Seccomp { tid, count, reply })
             .unwrap_or(Err(PtraceError::TracerGone))
     }
 
@@ -751,6 +769,15 @@ impl Worker {
                             tid,
                             errno,
                         })
+                    });
+                    let _ = reply.send(r);
+                }
+                Cmd::Seccomp { tid, count, reply } => {
+                    let r = self.require_stopped(tid).and_then(|()| {
+                        (0..u64::from(count))
+                            .map(|index| seccomp_filter(tid, index))
+                            .collect::<Result<Vec<_>, _>>()
+                            .map_err(|(op, errno)| PtraceError::Os { op, tid, errno })
                     });
                     let _ = reply.send(r);
                 }
@@ -1232,6 +1259,58 @@ impl Worker {
         args: &[u64; 6],
         block: bool,
     ) -> Result<i64, PtraceError> {
+        self.seccomp_suspended(tid, |w| w.inject_as_is(tid, nr, args, block))
+    }
+
+    /// Runs `f`, which injects into stopped thread `tid`, with the thread's
+    /// seccomp filters suspended (`PTRACE_O_SUSPEND_SECCOMP`): ferry's
+    /// calls are not the process's, and a filter may deny or kill for them
+    /// (Docker's default profile denies `userfaultfd`). The suspension ends
+    /// with the injection: between injections the process runs under its
+    /// filters as before. A ferry that cannot suspend (no `CAP_SYS_ADMIN`,
+    /// or itself under seccomp) goes on where the thread has no filter.
+    fn seccomp_suspended<T>(
+        &mut self,
+        tid: i32,
+        f: impl FnOnce(&mut Self) -> Result<T, PtraceError>,
+    ) -> Result<T, PtraceError> {
+        let os = |errno| PtraceError::Os {
+            op: "PTRACE_SETOPTIONS (PTRACE_O_SUSPEND_SECCOMP)",
+            tid,
+            errno,
+        };
+        let suspended = match set_options(tid, SEIZE_OPTIONS | PTRACE_O_SUSPEND_SECCOMP) {
+            Ok(()) => true,
+            Err(errno) => {
+                let filtered =
+                    std::fs::read_to_string(format!("/proc/{}/task/{tid}/status", self.pid))
+                        .ok()
+                        .and_then(|t| crate::procfs::parse_status(&t).ok())
+                        .is_none_or(|st| st.seccomp != 0);
+                if filtered {
+                    return Err(os(errno));
+                }
+                false
+            }
+        };
+        let r = f(self);
+        if suspended {
+            let back = set_options(tid, SEIZE_OPTIONS).map_err(os);
+            // A thread that died or left its stop keeps no suspension.
+            if r.is_ok() {
+                back?;
+            }
+        }
+        r
+    }
+
+    fn inject_as_is(
+        &mut self,
+        tid: i32,
+        nr: i64,
+        args: &[u64; 6],
+        block: bool,
+    ) -> Result<i64, PtraceError> {
         let os = |op: &'static str| move |errno: Errno| PtraceError::Os { op, tid, errno };
         let mask = get_sigmask(tid).map_err(os("PTRACE_GETSIGMASK"))?;
         for _ in 0..MAX_INJECT_ATTEMPTS {
@@ -1414,9 +1493,18 @@ impl Worker {
         table: u64,
         calls: &[(i64, [u64; 6])],
     ) -> Result<Vec<i64>, PtraceError> {
-        use super::trampoline::BATCH_ENTRY;
         self.alive()?;
         self.require_stopped(tid)?;
+        self.seccomp_suspended(tid, |w| w.syscalls_in_as_is(tid, table, calls))
+    }
+
+    fn syscalls_in_as_is(
+        &mut self,
+        tid: i32,
+        table: u64,
+        calls: &[(i64, [u64; 6])],
+    ) -> Result<Vec<i64>, PtraceError> {
+        use super::trampoline::BATCH_ENTRY;
         if calls.is_empty() {
             return Ok(Vec::new());
         }
@@ -1807,6 +1895,70 @@ fn get_sigmask(tid: i32) -> Result<u64, Errno> {
     Ok(mask)
 }
 
+/// One seccomp filter of a thread.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeccompFilter {
+    /// Its `struct sock_filter` instructions, [`BPF_INSN_LEN`] bytes each.
+    pub program: Vec<u8>,
+    /// `SECCOMP_FILTER_FLAG_*` as the kernel reports them (`_LOG`).
+    pub flags: u64,
+}
+
+/// `struct seccomp_metadata`.
+#[repr(C)]
+struct SeccompMetadata {
+    filter_off: u64,
+    flags: u64,
+}
+
+/// Filter `index` of thread `tid`: 0 is the oldest, the first installed
+/// (the kernel walks `count - index - 1` steps back from the newest).
+fn seccomp_filter(tid: i32, index: u64) -> Result<SeccompFilter, (&'static str, Errno)> {
+    let get = "PTRACE_SECCOMP_GET_FILTER";
+    // SAFETY: with a null `data` the kernel only returns the length.
+    let len = check(unsafe {
+        libc::ptrace(
+            PTRACE_SECCOMP_GET_FILTER,
+            tid,
+            index as *mut libc::c_void,
+            std::ptr::null_mut::<libc::c_void>(),
+        )
+    })
+    .map_err(|e| (get, e))? as usize;
+    let mut program = vec![0u8; len * BPF_INSN_LEN];
+    // SAFETY: `data` points to room for the `len` instructions the kernel
+    // just reported; a filter never changes once installed.
+    let got = check(unsafe {
+        libc::ptrace(
+            PTRACE_SECCOMP_GET_FILTER,
+            tid,
+            index as *mut libc::c_void,
+            program.as_mut_ptr(),
+        )
+    })
+    .map_err(|e| (get, e))? as usize;
+    program.truncate(got.min(len) * BPF_INSN_LEN);
+    let mut md = SeccompMetadata {
+        filter_off: index,
+        flags: 0,
+    };
+    // SAFETY: `addr` is the size of the struct `data` points to, which the
+    // kernel reads (`filter_off`) and writes.
+    check(unsafe {
+        libc::ptrace(
+            PTRACE_GET_SECCOMP_METADATA,
+            tid,
+            std::mem::size_of::<SeccompMetadata>(),
+            &mut md as *mut SeccompMetadata,
+        )
+    })
+    .map_err(|e| ("PTRACE_GET_SECCOMP_METADATA", e))?;
+    Ok(SeccompFilter {
+        program,
+        flags: md.flags,
+    })
+}
+
 /// `struct ptrace_peeksiginfo_args`.
 #[repr(C)]
 struct PeekSiginfoArgs {
@@ -1936,9 +2088,28 @@ fn get_xstate(tid: i32) -> Result<Vec<u8>, Errno> {
     Ok(buf)
 }
 
+/// No `PTRACE_O_EXITKILL`: ferry dying must not kill the target.
+const SEIZE_OPTIONS: usize = libc::PTRACE_O_TRACESYSGOOD as usize;
+/// Seccomp filters are not applied to the tracee's syscalls while set
+/// (`CAP_SYS_ADMIN`); the kernel clears it when the tracer detaches or dies.
+pub(crate) const PTRACE_O_SUSPEND_SECCOMP: usize = 1 << 21;
+
 fn seize_thread(tid: i32) -> Result<(), Errno> {
-    // No PTRACE_O_EXITKILL: ferry dying must not kill the target.
-    ptrace_req(Req::Seize, tid, libc::PTRACE_O_TRACESYSGOOD as usize)
+    ptrace_req(Req::Seize, tid, SEIZE_OPTIONS)
+}
+
+fn set_options(tid: i32, options: usize) -> Result<(), Errno> {
+    // SAFETY: PTRACE_SETOPTIONS reads `data` as an integer; `addr` is
+    // ignored. No memory of ours is accessed.
+    check(unsafe {
+        libc::ptrace(
+            libc::PTRACE_SETOPTIONS,
+            tid,
+            std::ptr::null_mut::<libc::c_void>(),
+            options as *mut libc::c_void,
+        )
+    })
+    .map(drop)
 }
 
 /// What `waitid` reports about one child or tracee.

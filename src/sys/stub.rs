@@ -308,6 +308,9 @@ pub struct Stub {
     /// its first stop (the base of its injections).
     threads: Vec<(i32, user_regs_struct)>,
     tracing_clones: bool,
+    /// Seccomp is suspended for the stub and its threads (see
+    /// [`Stub::suspend_seccomp`]).
+    seccomp_suspended: bool,
     /// ptrace requests must come from the thread that attached.
     _not_send: PhantomData<*const ()>,
 }
@@ -470,6 +473,7 @@ impl Stub {
             alive: true,
             threads: Vec::new(),
             tracing_clones: false,
+            seccomp_suspended: false,
             _not_send: PhantomData,
         };
         let opts = (libc::PTRACE_O_TRACESYSGOOD | libc::PTRACE_O_EXITKILL) as libc::c_ulong;
@@ -647,8 +651,10 @@ impl Stub {
     /// it (from the ptrace event; none if the clone failed).
     fn clone_via(&mut self, regs: user_regs_struct) -> Result<(i64, Option<i32>), StubError> {
         if !self.tracing_clones {
-            let opts =
-                libc::PTRACE_O_TRACESYSGOOD | libc::PTRACE_O_EXITKILL | libc::PTRACE_O_TRACECLONE;
+            let opts = libc::PTRACE_O_TRACESYSGOOD
+                | libc::PTRACE_O_EXITKILL
+                | libc::PTRACE_O_TRACECLONE
+                | self.suspension();
             req::simple(
                 "PTRACE_SETOPTIONS",
                 libc::PTRACE_SETOPTIONS,
@@ -751,7 +757,8 @@ impl Stub {
                 libc::PTRACE_O_TRACECLONE
             } else {
                 0
-            };
+            }
+            | self.suspension();
         let pid = self.pid;
         req::simple(
             "PTRACE_SETOPTIONS",
@@ -792,6 +799,7 @@ impl Stub {
             alive: true,
             threads: Vec::new(),
             tracing_clones: false,
+            seccomp_suspended: false,
             _not_send: PhantomData,
         };
         let st = req::wait(child_pid)?;
@@ -837,6 +845,40 @@ impl Stub {
             xstate: &[],
             sigmask: 0,
         }])
+    }
+
+    /// From here until the stub and `tids` (threads it made) are let go,
+    /// seccomp filters do not apply to their syscalls
+    /// (`PTRACE_O_SUSPEND_SECCOMP`, `CAP_SYS_ADMIN`): filters installed
+    /// while ferry still has calls to inject would judge ferry's calls
+    /// by the process's rules. Detaching ends it.
+    pub fn suspend_seccomp(&mut self, tids: &[i32]) -> Result<(), StubError> {
+        self.seccomp_suspended = true;
+        let opts = libc::PTRACE_O_TRACESYSGOOD
+            | libc::PTRACE_O_EXITKILL
+            | if self.tracing_clones {
+                libc::PTRACE_O_TRACECLONE
+            } else {
+                0
+            }
+            | self.suspension();
+        for &tid in std::iter::once(&self.pid).chain(tids) {
+            req::simple(
+                "PTRACE_SETOPTIONS (PTRACE_O_SUSPEND_SECCOMP)",
+                libc::PTRACE_SETOPTIONS,
+                tid,
+                opts as libc::c_ulong,
+            )?;
+        }
+        Ok(())
+    }
+
+    fn suspension(&self) -> libc::c_int {
+        if self.seccomp_suspended {
+            super::ptrace::PTRACE_O_SUSPEND_SECCOMP as libc::c_int
+        } else {
+            0
+        }
     }
 
     /// Sets the blocked signals of thread `tid` (the stub's or one it made).
