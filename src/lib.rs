@@ -56,6 +56,7 @@ pub mod postcopy;
 pub mod procfs;
 pub mod readygo;
 pub mod restore;
+pub mod sched;
 pub mod shmem;
 pub mod sockets;
 pub mod state;

@@ -145,6 +145,60 @@ const GADGET_DATA_PAGES: u64 = 9;
 const GADGET_MARGIN: u64 = 2 << 20;
 /// `syscall; int3`.
 const GADGET_CODE: [u8; 3] = [0x0f, 0x05, 0xcc];
+/// Each thread's scheduling as the image has it, set by ferry on the
+/// thread's new tid (`CAP_SYS_NICE` for another user's thread or a higher
+/// priority). A CPU pinning is cut to the CPUs online here; pinned to
+/// none of them, the thread runs on any, as the log says.
+fn sched(p: &pb::Process, tids: &[i32]) -> Result<()> {
+    use crate::sys::sched::{self as sys, SchedAttr};
+    let online = crate::sched::online_cpus();
+    for (t, &tid) in p.threads.iter().zip(tids) {
+        let Some(s) = &t.sched else { continue };
+        let step = |what: String| move |errno| RestoreError::Syscall { step: what, errno };
+        let attr = SchedAttr {
+            policy: s.policy,
+            flags: s.flags,
+            nice: s.nice,
+            priority: s.priority,
+            runtime: s.runtime_ns,
+            deadline: s.deadline_ns,
+            period: s.period_ns,
+            ..SchedAttr::default()
+        };
+        sys::set_attr(tid, &attr).map_err(step(format!(
+            "sched_setattr(policy {}, nice {}, priority {}) of thread {} (now {tid})",
+            s.policy, s.nice, s.priority, t.tid
+        )))?;
+        sys::set_ioprio(tid, s.ioprio).map_err(step(format!(
+            "ioprio_set({:#x}) of thread {} (now {tid})",
+            s.ioprio, t.tid
+        )))?;
+        match crate::sched::here(&s.affinity, online.as_deref()) {
+            Some(mask) => sys::set_affinity(tid, &mask).map_err(step(format!(
+                "sched_setaffinity({}) of thread {} (now {tid})",
+                crate::sched::cpu_list(&mask),
+                t.tid
+            )))?,
+            None if !s.affinity.is_empty() => tracing::warn!(
+                tid,
+                "thread {} was pinned to CPUs {}, none of which is online here: it runs on any",
+                t.tid,
+                crate::sched::cpu_list(&s.affinity)
+            ),
+            // Unpinned: every CPU here, not the page server's own mask,
+            // which the stub inherited (a page server under `taskset`).
+            None => {
+                if let Some(all) = &online {
+                    if let Err(e) = sys::set_affinity(tid, all) {
+                        tracing::warn!(tid, "thread {}: sched_setaffinity(any CPU): {e}", t.tid);
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Open flags that must never be replayed: they create or truncate.
 const OPEN_DROP: i32 = libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC | libc::O_CLOEXEC;
 
@@ -1636,7 +1690,9 @@ impl Restorer {
         // user's, which ferry can no longer write into.
         self.creds(p, &tids)?;
         failpoint("creds")?; // failpoint (test only)
-                             // After the credentials, whose change clears it.
+                             // Last: a real-time policy would only make ferry's steps compete.
+        sched(p, &tids)?;
+        // After the credentials, whose change clears it.
         for (t, &tid) in p
             .threads
             .iter()

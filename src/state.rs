@@ -142,6 +142,13 @@ pub enum StateError {
     /// (see [`procfs::Status::seccomp_refusal`]).
     #[error("thread {tid} of process {pid} {why}: not supported yet")]
     Seccomp { pid: i32, tid: i32, why: String },
+    /// A thread's scheduling could not be read.
+    #[error("thread {tid}: {op}: {errno}")]
+    Sched {
+        tid: i32,
+        op: &'static str,
+        errno: nix::errno::Errno,
+    },
     /// The thread's seccomp filters could not be read (reading them
     /// takes `CAP_SYS_ADMIN`).
     #[error("reading the {count} seccomp filter(s) of thread {tid} of process {pid} (needs CAP_SYS_ADMIN): {source}")]
@@ -747,6 +754,7 @@ fn capture_thread(
     };
     Ok(pb::Thread {
         seccomp_filters,
+        sched: Some(thread_sched(tid)?),
         tid,
         gpregs: Bytes::from(regs_to_bytes(&regs)),
         xstate: Bytes::from(tracee.xstate(tid)?),
@@ -767,6 +775,25 @@ fn capture_thread(
         creds: Some(creds.to_pb()),
         // ns_tid: filled by the dump (crate::pidns::record).
         ..Default::default()
+    })
+}
+
+/// How thread `tid` is scheduled (see [`crate::sched`] for its CPU mask).
+fn thread_sched(tid: i32) -> Result<pb::ThreadSched, StateError> {
+    use crate::sys::sched;
+    let err = |op: &'static str| move |errno| StateError::Sched { tid, op, errno };
+    let a = sched::get_attr(tid).map_err(err("sched_getattr"))?;
+    let mask = sched::get_affinity(tid).map_err(err("sched_getaffinity"))?;
+    Ok(pb::ThreadSched {
+        policy: a.policy,
+        flags: a.flags & sched::SCHED_FLAGS_KEPT,
+        nice: a.nice,
+        priority: a.priority,
+        runtime_ns: a.runtime,
+        deadline_ns: a.deadline,
+        period_ns: a.period,
+        ioprio: sched::get_ioprio(tid).map_err(err("ioprio_get"))?,
+        affinity: crate::sched::recorded(&mask, crate::sched::online_cpus().as_deref()),
     })
 }
 

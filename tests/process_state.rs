@@ -115,6 +115,67 @@ async fn alternate_signal_stacks_parent_death_signals_and_the_umask_survive_a_mi
     moved.server.stop().await;
 }
 
+/// The main thread at nice 5, idle-class I/O; a worker under SCHED_BATCH
+/// pinned to the last CPU, best-effort I/O at level 7. Each logs `name
+/// policy nice cpus ioprio` every 10 ms to `argv[1]`, as it reads them.
+const SCHEDULED: &str = r#"
+import ctypes, os, sys, threading, time
+libc = ctypes.CDLL(None, use_errno=True)
+log = open(sys.argv[1], 'a', buffering=1)
+lock = threading.Lock()
+last = max(os.sched_getaffinity(0))
+def run(name, setup):
+    setup()
+    while True:
+        cpus = ','.join(str(c) for c in sorted(os.sched_getaffinity(0)))
+        line = '%s %d %d %s %d\n' % (name, os.sched_getscheduler(0),
+            os.getpriority(os.PRIO_PROCESS, 0), cpus, libc.syscall(252, 1, 0))
+        with lock:
+            log.write(line)
+        time.sleep(0.01)
+def worker():
+    os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    os.sched_setaffinity(0, {last})
+    assert libc.syscall(251, 1, 0, (2 << 13) | 7) == 0
+def main():
+    os.nice(5)
+    assert libc.syscall(251, 1, 0, 3 << 13) == 0
+threading.Thread(target=run, args=('worker', worker), daemon=True).start()
+run('main', main)
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_threads_scheduling_survives_a_migration() {
+    need_root!();
+    let (_dir, log, src) = logging(SCHEDULED, "sched");
+    common::wait_until("both threads to log", Duration::from_secs(10), || {
+        last_of(&log, "main").is_some() && last_of(&log, "worker").is_some()
+    });
+    let before: Vec<String> = ["main", "worker"]
+        .iter()
+        .map(|n| last_of(&log, n).unwrap())
+        .collect();
+    let f: Vec<&str> = before[0].split(' ').collect();
+    assert_eq!((f[1], f[2], f[4]), ("0", "5", "24576"), "{}", before[0]);
+    let f: Vec<&str> = before[1].split(' ').collect();
+    assert_eq!((f[1], f[2], f[4]), ("3", "0", "16391"), "{}", before[1]);
+    assert!(!f[3].contains(','), "the worker is pinned: {}", before[1]);
+
+    let moved = common::migrate_here(src.0).await;
+    let n = lines(&log);
+    common::wait_until(
+        "the restored threads to log",
+        Duration::from_secs(10),
+        || lines(&log) > n + 20,
+    );
+    let after: Vec<String> = ["main", "worker"]
+        .iter()
+        .map(|n| last_of(&log, n).unwrap())
+        .collect();
+    assert_eq!(after, before, "policy nice cpus ioprio of each thread");
+    moved.server.stop().await;
+}
+
 /// A SIGALRM every 20 ms (ITIMER_REAL) counted by a handler, and an
 /// ITIMER_VIRTUAL with an hour of CPU time left, every minute; logs
 /// `ticks virtual_left virtual_interval` every 10 ms to `argv[1]`.

@@ -22,6 +22,8 @@
 //!   in ferry for a restored tree.
 //! - [`pidns`]: `clone3` with `set_tid` and a new pid namespace's pid 1
 //!   (`--keep-pids`).
+//! - [`sched`]: another thread's scheduling attributes, I/O priority and
+//!   CPU affinity, by its tid.
 //! - [`timens`]: a time namespace with chosen clock offsets, for a
 //!   restored process's clocks.
 //! - [`vm`]: reading and writing another process's memory with
@@ -37,6 +39,7 @@ pub mod heap;
 pub mod pagemap;
 pub mod pidns;
 pub mod ptrace;
+pub mod sched;
 pub mod shm;
 pub mod sock;
 pub mod stub;
