@@ -3250,6 +3250,19 @@ impl Restorer {
             }
             Ok(())
         };
+        if !t.comm.is_empty() {
+            // Its own name, which only the thread itself may set.
+            let mut name = [0u8; 16];
+            let n = t.comm.len().min(15);
+            name[..n].copy_from_slice(&t.comm.as_bytes()[..n]);
+            let at = self.put(0, &name, "a thread's name")?;
+            call(
+                self,
+                format!("prctl(PR_SET_NAME, {:?})", t.comm),
+                libc::SYS_prctl,
+                [PR_SET_NAME, at, 0, 0, 0, 0],
+            )?;
+        }
         if let Some(rs) = t.rseq.as_ref().filter(|r| r.addr != 0) {
             call(
                 self,

@@ -755,6 +755,7 @@ fn capture_thread(
     Ok(pb::Thread {
         seccomp_filters,
         sched: Some(thread_sched(tid)?),
+        comm: thread_comm(pid, tid)?,
         tid,
         gpregs: Bytes::from(regs_to_bytes(&regs)),
         xstate: Bytes::from(tracee.xstate(tid)?),
@@ -776,6 +777,16 @@ fn capture_thread(
         // ns_tid: filled by the dump (crate::pidns::record).
         ..Default::default()
     })
+}
+
+/// The name of thread `tid` as the kernel has it (`comm`, raw: the
+/// status file escapes it).
+fn thread_comm(pid: i32, tid: i32) -> Result<String, StateError> {
+    let mut b = read_file(pid, &format!("task/{tid}/comm"))?;
+    if b.last() == Some(&b'\n') {
+        b.pop();
+    }
+    Ok(String::from_utf8_lossy(&b).into_owned())
 }
 
 /// How thread `tid` is scheduled (see [`crate::sched`] for its CPU mask).

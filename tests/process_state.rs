@@ -116,8 +116,9 @@ async fn alternate_signal_stacks_parent_death_signals_and_the_umask_survive_a_mi
 }
 
 /// The main thread at nice 5, idle-class I/O; a worker under SCHED_BATCH
-/// pinned to the last CPU, best-effort I/O at level 7. Each logs `name
-/// policy nice cpus ioprio` every 10 ms to `argv[1]`, as it reads them.
+/// pinned to the last CPU, best-effort I/O at level 7, named
+/// `ferry-worker`. Each logs `name policy nice cpus ioprio comm` every
+/// 10 ms to `argv[1]`, as it reads them.
 const SCHEDULED: &str = r#"
 import ctypes, os, sys, threading, time
 libc = ctypes.CDLL(None, use_errno=True)
@@ -128,8 +129,11 @@ def run(name, setup):
     setup()
     while True:
         cpus = ','.join(str(c) for c in sorted(os.sched_getaffinity(0)))
-        line = '%s %d %d %s %d\n' % (name, os.sched_getscheduler(0),
-            os.getpriority(os.PRIO_PROCESS, 0), cpus, libc.syscall(252, 1, 0))
+        comm = ctypes.create_string_buffer(16)
+        libc.prctl(16, comm)
+        line = '%s %d %d %s %d %s\n' % (name, os.sched_getscheduler(0),
+            os.getpriority(os.PRIO_PROCESS, 0), cpus, libc.syscall(252, 1, 0),
+            comm.value.decode())
         with lock:
             log.write(line)
         time.sleep(0.01)
@@ -137,6 +141,7 @@ def worker():
     os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
     os.sched_setaffinity(0, {last})
     assert libc.syscall(251, 1, 0, (2 << 13) | 7) == 0
+    assert libc.prctl(15, b'ferry-worker') == 0
 def main():
     os.nice(5)
     assert libc.syscall(251, 1, 0, 3 << 13) == 0
@@ -145,7 +150,7 @@ run('main', main)
 "#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn each_threads_scheduling_survives_a_migration() {
+async fn each_threads_scheduling_and_name_survive_a_migration() {
     need_root!();
     let (_dir, log, src) = logging(SCHEDULED, "sched");
     common::wait_until("both threads to log", Duration::from_secs(10), || {
@@ -160,6 +165,7 @@ async fn each_threads_scheduling_survives_a_migration() {
     let f: Vec<&str> = before[1].split(' ').collect();
     assert_eq!((f[1], f[2], f[4]), ("3", "0", "16391"), "{}", before[1]);
     assert!(!f[3].contains(','), "the worker is pinned: {}", before[1]);
+    assert_eq!(f[5], "ferry-worker");
 
     let moved = common::migrate_here(src.0).await;
     let n = lines(&log);
@@ -172,7 +178,7 @@ async fn each_threads_scheduling_survives_a_migration() {
         .iter()
         .map(|n| last_of(&log, n).unwrap())
         .collect();
-    assert_eq!(after, before, "policy nice cpus ioprio of each thread");
+    assert_eq!(after, before, "policy nice cpus ioprio comm of each thread");
     moved.server.stop().await;
 }
 
