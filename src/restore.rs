@@ -145,6 +145,20 @@ const GADGET_DATA_PAGES: u64 = 9;
 const GADGET_MARGIN: u64 = 2 << 20;
 /// `syscall; int3`.
 const GADGET_CODE: [u8; 3] = [0x0f, 0x05, 0xcc];
+/// The `struct itimerval` (`per_sec` 10^6) or `struct itimerspec` (10^9)
+/// that arms a timer of `interval` with `left` to go, both in units of
+/// 1/`per_sec` s. 0 left with an interval: its signal was pending at the
+/// freeze (queued again from the image), after which the kernel would
+/// have re-armed it: armed for one interval.
+fn timer_spec(interval: u64, left: u64, per_sec: u64) -> Vec<u8> {
+    let left = if left == 0 { interval } else { left };
+    [interval, left]
+        .into_iter()
+        .flat_map(|v| [v / per_sec, v % per_sec])
+        .flat_map(u64::to_ne_bytes)
+        .collect()
+}
+
 /// Each thread's scheduling as the image has it, set by ferry on the
 /// thread's new tid (`CAP_SYS_NICE` for another user's thread or a higher
 /// priority). A CPU pinning is cut to the CPUs online here; pinned to
@@ -3499,19 +3513,7 @@ impl Restorer {
         }
         self.posix_timers(p, tids)?;
         for t in &p.itimers {
-            let tv = |us: u64| [us / 1_000_000, us % 1_000_000];
-            // 0 left: its SIGALRM is pending (queued again from the
-            // image), after which the kernel would have re-armed it.
-            let left = if t.value_us == 0 {
-                t.interval_us
-            } else {
-                t.value_us
-            };
-            let v: Vec<u8> = tv(t.interval_us)
-                .into_iter()
-                .chain(tv(left))
-                .flat_map(|w| w.to_ne_bytes())
-                .collect();
+            let v = timer_spec(t.interval_us, t.value_us, 1_000_000);
             let at = self.put(0, &v, "an interval timer")?;
             self.call(
                 format!(
@@ -3605,19 +3607,7 @@ impl Restorer {
             .iter()
             .filter(|t| t.value_ns != 0 || t.interval_ns != 0)
         {
-            let ts = |ns: u64| [ns / 1_000_000_000, ns % 1_000_000_000];
-            // 0 left: its signal is pending (queued again from the image),
-            // after which the kernel would have re-armed it.
-            let left = if t.value_ns == 0 {
-                t.interval_ns
-            } else {
-                t.value_ns
-            };
-            let spec: Vec<u8> = ts(t.interval_ns)
-                .into_iter()
-                .chain(ts(left))
-                .flat_map(u64::to_ne_bytes)
-                .collect();
+            let spec = timer_spec(t.interval_ns, t.value_ns, 1_000_000_000);
             let at = self.put(0, &spec, "an itimerspec")?;
             self.call(
                 format!(
@@ -4057,6 +4047,27 @@ mod tests {
             check(&tree, &img.vmas).unwrap_err().to_string(),
             "fd 5: socket:[123]: not supported yet"
         );
+    }
+
+    #[test]
+    fn timers_are_armed_with_what_they_had_left() {
+        let words = |b: Vec<u8>| -> Vec<u64> {
+            b.chunks(8)
+                .map(|c| u64::from_ne_bytes(c.try_into().unwrap()))
+                .collect()
+        };
+        // Every 5 ms, 1.000000002 s left.
+        assert_eq!(
+            words(timer_spec(5_000_000, 1_000_000_002, 1_000_000_000)),
+            [0, 5_000_000, 1, 2]
+        );
+        // Its signal pending: armed for one interval (20 ms).
+        assert_eq!(
+            words(timer_spec(20_000, 0, 1_000_000)),
+            [0, 20_000, 0, 20_000]
+        );
+        // One-shot, 90 s left.
+        assert_eq!(words(timer_spec(0, 90_000_000, 1_000_000)), [0, 0, 90, 0]);
     }
 
     #[test]

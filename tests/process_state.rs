@@ -78,24 +78,28 @@ fn lines(log: &std::path::Path) -> usize {
     std::fs::read_to_string(log).map_or(0, |t| t.lines().count())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn alternate_signal_stacks_parent_death_signals_and_the_umask_survive_a_migration() {
-    need_root!();
-    let (_dir, log, src) = logging(ALTSTACK, "altstack");
+/// Runs `script`, whose threads `main` and `worker` each log lines that
+/// start with their name and say what they read of themselves; lets
+/// `check` look at their last lines, migrates it, and asserts that each
+/// thread reads the same of itself after the move (`what`).
+async fn threads_read_the_same_after_a_migration(
+    script: &str,
+    name: &str,
+    what: &str,
+    check: impl Fn(&[String]),
+) {
+    let (_dir, log, src) = logging(script, name);
     common::wait_until("both threads to log", Duration::from_secs(10), || {
         last_of(&log, "main").is_some() && last_of(&log, "worker").is_some()
     });
-    let before: Vec<String> = ["main", "worker"]
-        .iter()
-        .map(|n| last_of(&log, n).unwrap())
-        .collect();
-    for l in &before {
-        let f: Vec<&str> = l.split(' ').collect();
-        assert_ne!(f[1], "0", "the thread has an alternate stack: {l}");
-        assert_eq!(f[4], "27", "the umask: {l}");
-        assert_ne!(f[5], "0", "a parent-death signal: {l}");
-    }
-    assert_ne!(before[0], before[1], "each thread has its own");
+    let last = || -> Vec<String> {
+        ["main", "worker"]
+            .iter()
+            .map(|n| last_of(&log, n).unwrap())
+            .collect()
+    };
+    let before = last();
+    check(&before);
 
     let moved = common::migrate_here(src.0).await;
     let n = lines(&log);
@@ -104,15 +108,24 @@ async fn alternate_signal_stacks_parent_death_signals_and_the_umask_survive_a_mi
         Duration::from_secs(10),
         || lines(&log) > n + 20,
     );
-    let after: Vec<String> = ["main", "worker"]
-        .iter()
-        .map(|n| last_of(&log, n).unwrap())
-        .collect();
-    assert_eq!(
-        after, before,
-        "sp flags size umask pdeathsig of each thread"
-    );
+    assert_eq!(last(), before, "{what} of each thread");
     moved.server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alternate_signal_stacks_parent_death_signals_and_the_umask_survive_a_migration() {
+    need_root!();
+    let what = "sp flags size umask pdeathsig";
+    threads_read_the_same_after_a_migration(ALTSTACK, "altstack", what, |before| {
+        for l in before {
+            let f: Vec<&str> = l.split(' ').collect();
+            assert_ne!(f[1], "0", "the thread has an alternate stack: {l}");
+            assert_eq!(f[4], "27", "the umask: {l}");
+            assert_ne!(f[5], "0", "a parent-death signal: {l}");
+        }
+        assert_ne!(before[0], before[1], "each thread has its own");
+    })
+    .await;
 }
 
 /// The main thread at nice 5, idle-class I/O; a worker under SCHED_BATCH
@@ -152,34 +165,16 @@ run('main', main)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_threads_scheduling_and_name_survive_a_migration() {
     need_root!();
-    let (_dir, log, src) = logging(SCHEDULED, "sched");
-    common::wait_until("both threads to log", Duration::from_secs(10), || {
-        last_of(&log, "main").is_some() && last_of(&log, "worker").is_some()
-    });
-    let before: Vec<String> = ["main", "worker"]
-        .iter()
-        .map(|n| last_of(&log, n).unwrap())
-        .collect();
-    let f: Vec<&str> = before[0].split(' ').collect();
-    assert_eq!((f[1], f[2], f[4]), ("0", "5", "24576"), "{}", before[0]);
-    let f: Vec<&str> = before[1].split(' ').collect();
-    assert_eq!((f[1], f[2], f[4]), ("3", "0", "16391"), "{}", before[1]);
-    assert!(!f[3].contains(','), "the worker is pinned: {}", before[1]);
-    assert_eq!(f[5], "ferry-worker");
-
-    let moved = common::migrate_here(src.0).await;
-    let n = lines(&log);
-    common::wait_until(
-        "the restored threads to log",
-        Duration::from_secs(10),
-        || lines(&log) > n + 20,
-    );
-    let after: Vec<String> = ["main", "worker"]
-        .iter()
-        .map(|n| last_of(&log, n).unwrap())
-        .collect();
-    assert_eq!(after, before, "policy nice cpus ioprio comm of each thread");
-    moved.server.stop().await;
+    let what = "policy nice cpus ioprio comm";
+    threads_read_the_same_after_a_migration(SCHEDULED, "sched", what, |before| {
+        let f: Vec<&str> = before[0].split(' ').collect();
+        assert_eq!((f[1], f[2], f[4]), ("0", "5", "24576"), "{}", before[0]);
+        let f: Vec<&str> = before[1].split(' ').collect();
+        assert_eq!((f[1], f[2], f[4]), ("3", "0", "16391"), "{}", before[1]);
+        assert!(!f[3].contains(','), "the worker is pinned: {}", before[1]);
+        assert_eq!(f[5], "ferry-worker");
+    })
+    .await;
 }
 
 /// A SIGALRM every 20 ms (ITIMER_REAL) counted by a handler, and an
