@@ -160,8 +160,8 @@ fn timer_spec(interval: u64, left: u64, per_sec: u64) -> Vec<u8> {
 }
 
 /// Each thread's scheduling as the image has it, set by ferry on the
-/// thread's new tid (`CAP_SYS_NICE` for another user's thread or a higher
-/// priority). A CPU pinning is cut to the CPUs online here; pinned to
+/// thread's new tid while it is still ferry's user's (`CAP_SYS_NICE` for
+/// a higher priority than ferry's). A CPU pinning is cut to the CPUs online here; pinned to
 /// none of them, the thread runs on any, as the log says.
 fn sched(p: &pb::Process, tids: &[i32]) -> Result<()> {
     use crate::sys::sched::{self as sys, SchedAttr};
@@ -1700,13 +1700,14 @@ impl Restorer {
         // While every thread is still privileged (installing a filter
         // takes CAP_SYS_ADMIN or no_new_privs).
         self.seccomp(p, &tids)?;
+        // While the threads are still ferry's user's: another user's
+        // would take CAP_SYS_NICE, which a page server may not hold.
+        sched(p, &tids)?;
         // The last privileged step: after it the process may be another
         // user's, which ferry can no longer write into.
         self.creds(p, &tids)?;
         failpoint("creds")?; // failpoint (test only)
-                             // Last: a real-time policy would only make ferry's steps compete.
-        sched(p, &tids)?;
-        // After the credentials, whose change clears it.
+                             // After the credentials, whose change clears it.
         for (t, &tid) in p
             .threads
             .iter()
