@@ -126,6 +126,10 @@ const ARCH_MAP_VDSO_64: u64 = 0x2003;
 const PR_SET_MM: u64 = 35;
 const PR_SET_MM_MAP: u64 = 14;
 const PR_SET_NAME: u64 = 15;
+const PR_SET_TIMERSLACK: u64 = 29;
+const PR_SET_CHILD_SUBREAPER: u64 = 36;
+const PR_SET_THP_DISABLE: u64 = 41;
+const PR_SET_MDWE: u64 = 65;
 const PR_GET_DUMPABLE: u64 = 3;
 const PR_SET_DUMPABLE: u64 = 4;
 const PR_GET_SECUREBITS: u64 = 27;
@@ -1707,7 +1711,17 @@ impl Restorer {
         // user's, which ferry can no longer write into.
         self.creds(p, &tids)?;
         failpoint("creds")?; // failpoint (test only)
-                             // After the credentials, whose change clears it.
+        if p.mdwe != 0 {
+            // Sticky, and it refuses making memory executable: only once
+            // every mapping is in place (a tree's children are forked
+            // before, and would inherit it).
+            self.call(
+                format!("prctl(PR_SET_MDWE, {:#x})", p.mdwe),
+                libc::SYS_prctl,
+                [PR_SET_MDWE, u64::from(p.mdwe), 0, 0, 0, 0],
+            )?;
+        }
+        // After the credentials, whose change clears it.
         for (t, &tid) in p
             .threads
             .iter()
@@ -3278,6 +3292,14 @@ impl Restorer {
                 [PR_SET_NAME, at, 0, 0, 0, 0],
             )?;
         }
+        if let Some(ns) = t.timer_slack_ns {
+            call(
+                self,
+                format!("prctl(PR_SET_TIMERSLACK, {ns})"),
+                libc::SYS_prctl,
+                [PR_SET_TIMERSLACK, ns, 0, 0, 0, 0],
+            )?;
+        }
         if let Some(rs) = t.rseq.as_ref().filter(|r| r.addr != 0) {
             call(
                 self,
@@ -3693,6 +3715,21 @@ impl Restorer {
                 format!("personality({:#x})", p.personality),
                 libc::SYS_personality,
                 [p.personality as u64, 0, 0, 0, 0, 0],
+            )?;
+        }
+        // Process-wide, as are the umask's below.
+        if p.child_subreaper {
+            self.call(
+                "prctl(PR_SET_CHILD_SUBREAPER, 1)",
+                libc::SYS_prctl,
+                [PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0, 0],
+            )?;
+        }
+        if p.thp_disable {
+            self.call(
+                "prctl(PR_SET_THP_DISABLE, 1)",
+                libc::SYS_prctl,
+                [PR_SET_THP_DISABLE, 1, 0, 0, 0, 0],
             )?;
         }
         if let Some(mask) = p.umask {

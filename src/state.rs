@@ -65,6 +65,10 @@ const PR_GET_TID_ADDRESS: u64 = 40;
 const PR_GET_DUMPABLE: u64 = 3;
 const PR_GET_SECUREBITS: u64 = 27;
 const PR_GET_PDEATHSIG: u64 = 2;
+const PR_GET_TIMERSLACK: u64 = 30;
+const PR_GET_CHILD_SUBREAPER: u64 = 37;
+const PR_GET_THP_DISABLE: u64 = 42;
+const PR_GET_MDWE: u64 = 66;
 /// Size of the kernel's `struct sigaction` on x86_64: handler, flags,
 /// restorer, mask, each 8 bytes.
 const KSIGACTION: usize = 32;
@@ -226,10 +230,12 @@ pub fn capture(pid: i32, tracee: &Tracee) -> Result<pb::ProcessTree, StateError>
         .zip(&injected.clear_child_tid)
         .zip(&injected.securebits)
         .zip(injected.altstacks.iter().zip(&injected.pdeathsigs))
-        .map(|(((&tid, &ctid), &sb), (alt, &pdeathsig))| {
+        .zip(&injected.timer_slack)
+        .map(|((((&tid, &ctid), &sb), (alt, &pdeathsig)), &slack)| {
             capture_thread(pid, tracee, tid, ctid, sb).map(|t| pb::Thread {
                 altstack: Some(*alt),
                 pdeathsig,
+                timer_slack_ns: Some(slack),
                 ..t
             })
         })
@@ -280,6 +286,9 @@ pub fn capture(pid: i32, tracee: &Tracee) -> Result<pb::ProcessTree, StateError>
         dumpable: Some(injected.dumpable),
         umask: status.umask,
         itimers: injected.itimers,
+        child_subreaper: injected.child_subreaper,
+        thp_disable: injected.thp_disable,
+        mdwe: injected.mdwe,
         posix_timers: injected.posix_timers,
         // Pid namespace ids: filled for the whole tree by the dump
         // (crate::pidns::record).
@@ -368,6 +377,12 @@ struct Injected {
     /// One per thread, in the order given.
     securebits: Vec<u32>,
     dumpable: u32,
+    /// One per thread, in the order given, in ns.
+    timer_slack: Vec<u64>,
+    child_subreaper: bool,
+    thp_disable: bool,
+    /// `PR_MDWE_*` flags.
+    mdwe: u32,
 }
 
 /// The signals whose action can be asked for: all but SIGKILL and SIGSTOP,
@@ -393,10 +408,16 @@ fn pdeath_area(threads: usize) -> usize {
     itimer_area(threads) + ITIMERVAL * ITIMERS
 }
 
-/// Where the POSIX timers' `struct itimerspec` answers start: after the
+/// Where the child-subreaper flag (an `int`) lands: after the
 /// parent-death signals.
-fn posix_area(threads: usize) -> usize {
+fn subreaper_slot(threads: usize) -> usize {
     pdeath_area(threads) + 8 * threads
+}
+
+/// Where the POSIX timers' `struct itimerspec` answers start: after the
+/// subreaper flag.
+fn posix_area(threads: usize) -> usize {
+    subreaper_slot(threads) + 8
 }
 
 fn table_offset(threads: usize, timers: usize) -> u64 {
@@ -405,9 +426,9 @@ fn table_offset(threads: usize, timers: usize) -> u64 {
 
 fn scratch_len(threads: usize, timers: usize) -> u64 {
     let page = crate::sys::page_size();
-    // The first thread's batch is the longest: 6 calls, both kinds of
+    // The first thread's batch is the longest: 10 calls, both kinds of
     // timers and the signals.
-    let calls = 6 + ITIMERS + timers + signals().count();
+    let calls = 10 + ITIMERS + timers + signals().count();
     let bytes =
         table_offset(threads, timers) + (calls * crate::sys::trampoline::BATCH_ENTRY) as u64;
     bytes.div_ceil(page) * page
@@ -525,6 +546,7 @@ fn ask(
     // others come back as results.
     let table = scratch + table_offset(tids.len(), timers.len());
     let (mut brk, mut dumpable, mut securebits) = (0, 0, Vec::new());
+    let (mut timer_slack, mut thp_disable, mut mdwe) = (Vec::new(), false, 0);
     for (i, &tid) in tids.iter().enumerate() {
         let slot = scratch + (SIG_AREA + 8 * i) as u64;
         let mut calls = vec![
@@ -562,6 +584,11 @@ fn ask(
                 ],
                 "prctl(PR_GET_PDEATHSIG)".into(),
             ),
+            (
+                libc::SYS_prctl,
+                [PR_GET_TIMERSLACK, 0, 0, 0, 0, 0],
+                "prctl(PR_GET_TIMERSLACK)".into(),
+            ),
         ];
         if i == 0 {
             calls.push((libc::SYS_brk, [0; 6], "brk(0)".into()));
@@ -569,6 +596,28 @@ fn ask(
                 libc::SYS_prctl,
                 [PR_GET_DUMPABLE, 0, 0, 0, 0, 0],
                 "prctl(PR_GET_DUMPABLE)".into(),
+            ));
+            calls.push((
+                libc::SYS_prctl,
+                [
+                    PR_GET_CHILD_SUBREAPER,
+                    scratch + subreaper_slot(tids.len()) as u64,
+                    0,
+                    0,
+                    0,
+                    0,
+                ],
+                "prctl(PR_GET_CHILD_SUBREAPER)".into(),
+            ));
+            calls.push((
+                libc::SYS_prctl,
+                [PR_GET_THP_DISABLE, 0, 0, 0, 0, 0],
+                "prctl(PR_GET_THP_DISABLE)".into(),
+            ));
+            calls.push((
+                libc::SYS_prctl,
+                [PR_GET_MDWE, 0, 0, 0, 0, 0],
+                "prctl(PR_GET_MDWE)".into(),
             ));
             for which in 0..ITIMERS {
                 let at = scratch + (itimer_area(tids.len()) + ITIMERVAL * which) as u64;
@@ -605,8 +654,11 @@ fn ask(
                 "{} injected calls in thread {tid}",
                 calls.len()
             )))?;
-        for ((nr, _, what), &ret) in calls.iter().zip(&results) {
-            if (-4095..0).contains(&ret) {
+        for ((nr, args, what), &ret) in calls.iter().zip(&results) {
+            // PR_GET_MDWE is Linux 6.3's: before it, nothing to carry.
+            let older =
+                *nr == libc::SYS_prctl && args[0] == PR_GET_MDWE && ret == -libc::EINVAL as i64;
+            if (-4095..0).contains(&ret) && !older {
                 return Err(StateError::Inject {
                     what: format!("{what} in thread {tid}"),
                     source: PtraceError::SyscallFailed {
@@ -621,9 +673,12 @@ fn ask(
             u32::try_from(ret).map_err(|_| StateError::Answer { what, ret })
         };
         securebits.push(answer(1)?);
+        timer_slack.push(results[4] as u64);
         if i == 0 {
-            brk = results[4] as u64;
-            dumpable = answer(5)?;
+            brk = results[5] as u64;
+            dumpable = answer(6)?;
+            thp_disable = answer(8)? != 0;
+            mdwe = answer(9).unwrap_or(0);
         }
     }
     let mut buf = vec![0u8; len as usize];
@@ -631,6 +686,9 @@ fn ask(
     Ok(Injected {
         securebits,
         dumpable,
+        timer_slack,
+        thp_disable,
+        mdwe,
         ..decode_scratch(&buf, tids.len(), brk, timers)
     })
 }
@@ -712,6 +770,10 @@ fn decode_scratch(
         sigactions,
         securebits: vec![0; threads],
         dumpable: 0,
+        timer_slack: vec![0; threads],
+        child_subreaper: u64_at(buf, subreaper_slot(threads)) as u32 != 0,
+        thp_disable: false,
+        mdwe: 0,
     }
 }
 
@@ -1301,6 +1363,10 @@ mod tests {
         let pd = pdeath_area(2) + 8;
         buf[pd..pd + 4].copy_from_slice(&10i32.to_le_bytes());
         assert_eq!(decode_scratch(&buf, 2, 0, vec![]).pdeathsigs, vec![0, 10]);
+        assert!(!decode_scratch(&buf, 2, 0, vec![]).child_subreaper);
+        buf[subreaper_slot(2)] = 1;
+        assert!(decode_scratch(&buf, 2, 0, vec![]).child_subreaper);
+        assert!(subreaper_slot(2) >= pd + 8);
         // Two POSIX timers: the second every 5 ms with 1.000000002 s left.
         let pt = posix_area(2);
         assert!(pt >= pd + 8);

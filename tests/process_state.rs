@@ -177,6 +177,47 @@ async fn each_threads_scheduling_and_name_survive_a_migration() {
     .await;
 }
 
+/// The main thread makes its process a child subreaper, without
+/// transparent huge pages, memory-deny-write-execute, timer slack 100 µs;
+/// the worker's timer slack is 777 µs. Each logs `name slack subreaper thp
+/// mdwe` every 10 ms to `argv[1]`, as it reads them.
+const PRCTLS: &str = r#"
+import ctypes, sys, threading, time
+libc = ctypes.CDLL(None, use_errno=True)
+log = open(sys.argv[1], 'a', buffering=1)
+lock = threading.Lock()
+def run(name, setup):
+    setup()
+    while True:
+        sub = ctypes.c_int(-1)
+        libc.prctl(37, ctypes.byref(sub), 0, 0, 0)
+        line = '%s %d %d %d %d\n' % (name, libc.prctl(30, 0, 0, 0, 0), sub.value,
+            libc.prctl(42, 0, 0, 0, 0), libc.prctl(66, 0, 0, 0, 0))
+        with lock:
+            log.write(line)
+        time.sleep(0.01)
+def worker():
+    assert libc.prctl(29, 777000, 0, 0, 0) == 0
+def main():
+    assert libc.prctl(36, 1, 0, 0, 0) == 0
+    assert libc.prctl(41, 1, 0, 0, 0) == 0
+    assert libc.prctl(65, 1, 0, 0, 0) == 0
+    assert libc.prctl(29, 100000, 0, 0, 0) == 0
+    threading.Thread(target=run, args=('worker', worker), daemon=True).start()
+run('main', main)
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subreaper_thp_mdwe_and_timer_slack_survive_a_migration() {
+    need_root!();
+    let what = "slack subreaper thp mdwe";
+    threads_read_the_same_after_a_migration(PRCTLS, "prctls", what, |before| {
+        assert!(before[0].ends_with(" 100000 1 1 1"), "{}", before[0]);
+        assert!(before[1].ends_with(" 777000 1 1 1"), "{}", before[1]);
+    })
+    .await;
+}
+
 /// A SIGALRM every 20 ms (ITIMER_REAL) counted by a handler, and an
 /// ITIMER_VIRTUAL with an hour of CPU time left, every minute; logs
 /// `ticks virtual_left virtual_interval` every 10 ms to `argv[1]`.
