@@ -540,7 +540,8 @@ fn open_store(spec: &str) -> Result<Arc<dyn Store>> {
 /// may only be traced by one holding them all, or this one), killing it
 /// after the commit, reaching files of its in other users' directories
 /// for the pre-flight check, and TCP repair of its connections
-/// (`CAP_NET_ADMIN`).
+/// (`CAP_NET_ADMIN`). `CAP_SYS_ADMIN` is added for a process under
+/// seccomp.
 const SOURCE_CAPS: &str = "sys_ptrace,kill,dac_read_search,net_admin";
 
 /// Drops every capability the command does not need (README, Security).
@@ -563,7 +564,16 @@ fn drop_capabilities(command: &Command) -> Result<()> {
             }
             keep
         }
-        Command::Migrate { .. } => caps::parse_list(SOURCE_CAPS)?,
+        Command::Migrate { pid, .. } => {
+            let mut keep = caps::parse_list(SOURCE_CAPS)?;
+            // Reading seccomp filters and suspending them for ferry's own
+            // injected calls take CAP_SYS_ADMIN: kept only for a sandboxed
+            // process (tree).
+            if ferry::migrate::sandboxed(*pid) {
+                keep |= caps::bit("sys_admin")?;
+            }
+            keep
+        }
         _ => return Ok(()),
     };
     if keep == u64::MAX {

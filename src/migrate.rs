@@ -125,6 +125,22 @@ pub struct MigrateReport {
     pub post_copy: Option<PostCopyReport>,
 }
 
+/// Whether any thread of process `pid` or of its descendants runs under
+/// seccomp, as it looks now: migrating it takes `CAP_SYS_ADMIN` (reading
+/// its filters, suspending them for ferry's injected calls). A process
+/// that is not there is not.
+pub fn sandboxed(pid: i32) -> bool {
+    let Ok(tree) = crate::tree::discover(pid) else {
+        return false;
+    };
+    tree.iter().any(|s| {
+        crate::procfs::list_tasks(s.pid)
+            .unwrap_or_default()
+            .into_iter()
+            .any(|tid| crate::procfs::read_task_status(s.pid, tid).is_ok_and(|st| st.seccomp != 0))
+    })
+}
+
 /// Migrates `opts.pid` to the page server in `opts.dest`, which must run
 /// with `--restore`.
 pub async fn migrate(

@@ -350,10 +350,27 @@ async fn a_sandboxed_process_keeps_its_seccomp_filters_across_a_migration() {
     let status = seccomp_of(src.0);
     assert_eq!(status, ["Seccomp:\t2", "Seccomp_filters:\t2"]);
 
-    // ferry's injections (userfaultfd, prctl, …) run with the filters
-    // suspended, on both hosts.
-    let moved = common::migrate_here(src.0).await;
-    assert_eq!(seccomp_of(moved.report.restored_pid), status);
+    // `ferry migrate` itself, which keeps CAP_SYS_ADMIN for a sandboxed
+    // process (its filters, and their suspension for ferry's injections,
+    // userfaultfd and prctl among them) and drops the rest.
+    let tls = common::certs();
+    let server = common::Server::start_restoring(
+        tls.path(),
+        std::sync::Arc::new(ferry_page_server::store::mem::MemStore::new()),
+    );
+    let out = common::migrate_command(src.0, &server.addr.to_string(), tls.path())
+        .args(["--json", "--log", "debug"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let new = common::restored_pid(&out, "a sandboxed process");
+    let _kill = common::KillOnDrop(new);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("dac_read_search,kill,net_admin,sys_ptrace,sys_admin"),
+        "the source keeps sys_admin for a sandbox: {stderr}"
+    );
+    assert_eq!(seccomp_of(new), status);
     let at = n(&last());
     common::wait_until(
         "the restored process to log",
@@ -365,7 +382,7 @@ async fn a_sandboxed_process_keeps_its_seccomp_filters_across_a_migration() {
         after.ends_with(" 13 1"),
         "the same sandbox, the newer filter still first: {after}"
     );
-    moved.server.stop().await;
+    server.stop().await;
 }
 
 /// Four POSIX timers made with the raw syscalls (the kernel's ids), after
