@@ -400,6 +400,19 @@ pub async fn dump_frozen_with(
     if keep_pids {
         features.push(ferry_proto::FEATURE_KEEP_PIDS.to_string());
     }
+    // What the destination must be able to make, said while the process
+    // runs (the state at the freeze is authoritative).
+    if restore && crate::migrate::sandboxed(pid) {
+        features.push(ferry_proto::FEATURE_SECCOMP.to_string());
+    }
+    if restore
+        && tree
+            .pids()
+            .iter()
+            .any(|&p| crate::procfs::read_posix_timers(p).is_ok_and(|t| !t.is_empty()))
+    {
+        features.push(ferry_proto::FEATURE_POSIX_TIMERS.to_string());
+    }
     let mut sink = Sink::open(
         opts.dest,
         Opening {
@@ -1234,7 +1247,8 @@ impl LocalSink {
     }
 }
 
-fn kernel_release() -> String {
+/// This host's kernel release (`uname -r`).
+pub(crate) fn kernel_release() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|s| s.trim().to_string())
         .unwrap_or_default()

@@ -584,6 +584,25 @@ impl Restorer for LocalRestorer {
                 hello.page_size
             ));
         }
+        let asks = |f: &str| hello.features.iter().any(|x| x == f);
+        if asks(ferry_proto::FEATURE_SECCOMP) {
+            let (eff, _, _) = crate::sys::caps::current().map_err(|e| e.to_string())?;
+            if eff & crate::sys::caps::bit("sys_admin").map_err(|e| e.to_string())? == 0 {
+                return Err(format!(
+                    "{} runs under seccomp: installing its filters needs cap_sys_admin, \
+                     which this page server does not hold (its --caps)",
+                    hello.label
+                ));
+            }
+        }
+        if asks(ferry_proto::FEATURE_POSIX_TIMERS) && !crate::sys::timer_ids_restorable() {
+            return Err(format!(
+                "{} holds POSIX timers: restoring their ids needs Linux 6.15 or later \
+                 (PR_TIMER_CREATE_RESTORE_IDS); this host runs {}",
+                hello.label,
+                crate::dump::kernel_release()
+            ));
+        }
         crate::creds::preflight(&hello.creds, &hello.label)
     }
 

@@ -385,6 +385,43 @@ async fn a_sandboxed_process_keeps_its_seccomp_filters_across_a_migration() {
     server.stop().await;
 }
 
+/// A page server without `CAP_SYS_ADMIN` cannot install a sandbox's
+/// filters: it says so at the handshake, before anything is frozen, and
+/// the source counts on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_server_that_cannot_install_the_filters_refuses_before_the_freeze() {
+    need_root!();
+    let tls = common::certs();
+    let port = common::free_port();
+    let mut ps = common::page_server_command(tls.path(), port)
+        .args(["--restore", "--caps", "checkpoint_restore"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    common::wait_for_server(addr, tls.path()).await;
+    let (_dir, log, src) = logging(SANDBOXED, "refused");
+    let count = || lines(&log);
+    common::wait_until("it to count", Duration::from_secs(10), || count() > 3);
+    let e = ferry::migrate::migrate(
+        common::restore_options(src.0, common::connect(addr, tls.path())),
+        &mut |r| assert!(!r.frozen, "frozen before the refusal"),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        e.to_string().contains("pre-flight") && e.to_string().contains("cap_sys_admin"),
+        "{e}"
+    );
+    let n = count();
+    common::wait_until("it to count on", Duration::from_secs(10), || {
+        count() > n + 5
+    });
+    assert_ne!(common::proc_state(src.0), 'T', "left stopped");
+    let _ = ps.kill();
+    let _ = ps.wait();
+}
+
 /// Four POSIX timers made with the raw syscalls (the kernel's ids), after
 /// a first one is deleted so the ids start at 1, not at what a fresh
 /// process would be given: A sends SIGUSR1 every 20 ms to the process (a

@@ -53,6 +53,16 @@ pub const FEATURE_POST_COPY: &str = "post-copy";
 /// namespace and keeps the process's pids, so it is done cold, at commit.
 pub const FEATURE_KEEP_PIDS: &str = "keep-pids";
 
+/// Hello feature: a thread of the process (tree) runs under seccomp, so
+/// the destination must be able to install its filters (`CAP_SYS_ADMIN`);
+/// one that cannot refuses before anything is frozen. Older page servers
+/// ignore it.
+pub const FEATURE_SECCOMP: &str = "seccomp";
+/// Hello feature: the process (tree) holds POSIX timers, so the
+/// destination's kernel must restore their ids
+/// (`PR_TIMER_CREATE_RESTORE_IDS`, Linux 6.15).
+pub const FEATURE_POSIX_TIMERS: &str = "posix-timers";
+
 /// Batch layer of pages the destination asked for (post-copy).
 pub const LAZY_URGENT_LAYER: u32 = u32::MAX;
 /// Batch layer of pages the source pushes in the background (post-copy).

@@ -69,6 +69,26 @@ pub fn page_size() -> u64 {
     })
 }
 
+/// Whether this kernel can make a POSIX timer under a chosen id
+/// (`PR_TIMER_CREATE_RESTORE_IDS`, Linux 6.15): asking for the mode
+/// fails with EINVAL on older ones.
+pub fn timer_ids_restorable() -> bool {
+    const PR_TIMER_CREATE_RESTORE_IDS: libc::c_int = 77;
+    const GET: libc::c_ulong = 2;
+    // SAFETY: prctl with integer arguments; the GET form only returns the
+    // calling process's mode.
+    let r = unsafe {
+        libc::prctl(
+            PR_TIMER_CREATE_RESTORE_IDS,
+            GET,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+        )
+    };
+    r >= 0
+}
+
 /// Points stdin, stdout and stderr at /dev/null and closes every other
 /// descriptor but `keep`: a process meant to be migrated should hold
 /// nothing a restore cannot recreate (descriptors leak into children from
