@@ -618,6 +618,8 @@ struct Worker {
     /// the injection blocked its signals, its own mask: for teardown in the
     /// middle of an injection.
     injecting: Option<(i32, user_regs_struct, Option<u64>)>,
+    /// The thread whose seccomp is suspended for an injection.
+    suspending: Option<i32>,
 }
 
 impl Worker {
@@ -639,6 +641,7 @@ impl Worker {
             searched: false,
             verified: false,
             injecting: None,
+            suspending: None,
         };
         // The main thread first: its failure is the process's failure.
         match seize_thread(pid) {
@@ -1293,7 +1296,9 @@ impl Worker {
                 false
             }
         };
+        self.suspending = suspended.then_some(tid);
         let r = f(self);
+        self.suspending = None;
         if suspended {
             let back = set_options(tid, SEIZE_OPTIONS).map_err(os);
             // A thread that died or left its stop keeps no suspension.
@@ -1352,8 +1357,18 @@ impl Worker {
                     self.injecting = None;
                     self.verified = false;
                     self.interrupt(tid)?;
+                    // The handler is the process's own code: it runs
+                    // under its filters.
+                    let suspended = self.suspending == Some(tid);
+                    if suspended {
+                        set_options(tid, SEIZE_OPTIONS).map_err(os("PTRACE_SETOPTIONS"))?;
+                    }
                     self.request(tid, Req::Cont, sig as usize, Run::Running)?;
                     self.wait_stopped(tid, Instant::now() + STOP_TIMEOUT)?;
+                    if suspended {
+                        set_options(tid, SEIZE_OPTIONS | PTRACE_O_SUSPEND_SECCOMP)
+                            .map_err(os("PTRACE_SETOPTIONS"))?;
+                    }
                     continue;
                 }
             }
