@@ -177,24 +177,18 @@ pub async fn connect_retrying(c: Connect, s: SenderConfig) -> Client {
 }
 
 /// Waits until a UDP port answers QUIC (the child page server is up), by
-/// trying a client connection.
+/// asking it about a session that does not exist: a `Query` opens no
+/// session, so a try that timed out on a loaded machine leaves nothing
+/// behind (a probe session would, until its idle timeout, and the next
+/// probe with its id was "in use by another connection" every time).
 pub async fn wait_for_server(addr: SocketAddr, tls: &Path) {
     for _ in 0..100 {
         let mut c = connect(addr, tls);
         c.timeout = Duration::from_millis(500);
-        let s = SenderConfig {
-            session: ferry_proto::SessionId([0xee; 16]),
-            page_size: 4096,
-            arch: String::new(),
-            kernel: String::new(),
-            label: "probe".into(),
-            resume: false,
-            features: Vec::new(),
-            creds: Vec::new(),
-            keep_pids_root: 0,
-        };
-        if let Ok(client) = Client::connect(c, s).await {
-            client.abort("probe").await;
+        if Client::query(&c, ferry_proto::SessionId([0xee; 16]))
+            .await
+            .is_ok()
+        {
             return;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
