@@ -180,16 +180,18 @@ pub async fn connect_retrying(c: Connect, s: SenderConfig) -> Client {
 /// asking it about a session that does not exist: a `Query` opens no
 /// session, so a try that timed out on a loaded machine leaves nothing
 /// behind (a probe session would, until its idle timeout, and the next
-/// probe with its id was "in use by another connection" every time).
+/// probe with its id was "in use by another connection" every time). Any
+/// answer past the handshake counts, a refusal too (a page server without
+/// `--restore` takes no queries).
 pub async fn wait_for_server(addr: SocketAddr, tls: &Path) {
+    use ferry::client::ClientError as E;
     for _ in 0..100 {
         let mut c = connect(addr, tls);
         c.timeout = Duration::from_millis(500);
-        if Client::query(&c, ferry_proto::SessionId([0xee; 16]))
-            .await
-            .is_ok()
-        {
-            return;
+        match Client::query(&c, ferry_proto::SessionId([0xee; 16])).await {
+            Ok(_) => return,
+            Err(E::Endpoint(_) | E::Connect { .. } | E::Connection { .. } | E::Timeout(_)) => {}
+            Err(_) => return,
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
